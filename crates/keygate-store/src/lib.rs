@@ -1,0 +1,98 @@
+//! Keygate's storage: one [`Store`] trait, one implementation per database.
+//!
+//! Policy:
+//! - Every change to a consumer or a key is written in the same transaction as its audit event, so
+//!   there is never a change without its audit record, nor a half-written record.
+//! - A database that is busy, locked, full or unreachable is [`StoreError::Unavailable`] (HTTP 503):
+//!   the caller learns that nothing was acknowledged and can retry.
+//! - Times are integers: milliseconds since the Unix epoch, UTC. Secrets are stored only as SHA-256.
+
+mod model;
+mod sqlite;
+
+pub use model::*;
+pub use sqlite::SqliteStore;
+
+use async_trait::async_trait;
+use keygate_core::SecretHash;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot take the request now (busy, locked, disk full, I/O error, pool exhausted).
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    /// A uniqueness rule was broken (for instance a secret hash that already exists).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// Stored data could not be read back (a bug or a hand-edited database).
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    Other(sqlx::Error),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Paging through a listing in id (= creation) order.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    pub after: Option<String>,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub target_id: Option<String>,
+    pub action: Option<String>,
+    /// Newest first; continue with the id of the last event seen.
+    pub before: Option<String>,
+    pub limit: u32,
+}
+
+/// Everything Keygate keeps. Implementations must be safe to share between request handlers.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Applies pending migrations. Safe to call on every start.
+    async fn migrate(&self) -> Result<()>;
+    /// Cheap liveness check of the database, for `/readyz`.
+    async fn ping(&self) -> Result<()>;
+
+    /// Has the bootstrap admin credential been created?
+    async fn is_initialized(&self) -> Result<bool>;
+    /// Creates the system consumer and the bootstrap admin key, once. Returns false, changing
+    /// nothing, if the store was already initialised.
+    async fn initialize(&self, consumer: &Consumer, key: &ApiKey, secret: &KeySecret, audit: &NewAudit)
+    -> Result<bool>;
+
+    async fn insert_consumer(&self, consumer: &Consumer, audit: &NewAudit) -> Result<()>;
+    async fn get_consumer(&self, id: &str) -> Result<Option<Consumer>>;
+    async fn list_consumers(&self, page: &Page) -> Result<Vec<Consumer>>;
+    /// Applies a patch; `None` if there is no such consumer.
+    async fn update_consumer(&self, id: &str, patch: &ConsumerPatch, audit: &NewAudit)
+    -> Result<Option<Consumer>>;
+
+    async fn insert_key(&self, key: &ApiKey, secret: &KeySecret, audit: &NewAudit) -> Result<()>;
+    async fn get_key(&self, id: &str) -> Result<Option<ApiKey>>;
+    async fn list_keys(&self, consumer_id: Option<&str>, page: &Page) -> Result<Vec<ApiKey>>;
+    /// Applies a patch to a key that is not revoked. `None` if the key does not exist or is revoked
+    /// (look it up to tell which).
+    async fn update_key(&self, id: &str, patch: &KeyPatch, audit: &NewAudit) -> Result<Option<ApiKey>>;
+    /// Adds `new_secret` to a key that is not revoked and makes every other live secret of it expire at
+    /// `old_expires_at` (or earlier, if it already expires earlier). False if there is no such live key.
+    async fn rotate_key(
+        &self,
+        id: &str,
+        new_secret: &KeySecret,
+        old_expires_at: i64,
+        audit: &NewAudit,
+    ) -> Result<bool>;
+
+    /// The hashes of every secret of a key, for cache invalidation.
+    async fn key_secret_hashes(&self, key_id: &str) -> Result<Vec<SecretHash>>;
+    /// The hashes of every secret of every key of a consumer, for cache invalidation.
+    async fn consumer_secret_hashes(&self, consumer_id: &str) -> Result<Vec<SecretHash>>;
+    /// The verify path's one read: a secret by its hash, with its key and consumer state.
+    async fn find_secret(&self, hash: &SecretHash) -> Result<Option<SecretRecord>>;
+
+    async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>>;
+}

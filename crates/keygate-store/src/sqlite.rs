@@ -1,0 +1,558 @@
+//! The embedded SQLite store: one file, WAL mode, `synchronous=FULL` so that a write is durable
+//! before Keygate acknowledges it.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use keygate_core::{Environment, SecretHash};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use crate::{
+    ApiKey, AuditEvent, AuditFilter, Consumer, ConsumerPatch, KeyPatch, KeySecret, NewAudit, Page, Result,
+    SecretRecord, Store, StoreError,
+};
+
+/// Migrations, applied in order, each exactly once. Never edit one that has shipped: add a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: consumers, API keys with their secrets, and the audit log.
+    r#"
+    -- Small facts about this installation, e.g. when it was initialised.
+    CREATE TABLE keygate_meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+
+    CREATE TABLE consumers (
+        id         TEXT PRIMARY KEY,
+        name       TEXT NOT NULL,
+        metadata   TEXT NOT NULL,              -- JSON object
+        disabled   INTEGER NOT NULL DEFAULT 0,
+        system     INTEGER NOT NULL DEFAULT 0, -- Keygate's own consumer, holder of admin keys
+        created_at INTEGER NOT NULL,           -- ms since epoch
+        updated_at INTEGER NOT NULL
+    );
+
+    CREATE TABLE api_keys (
+        id          TEXT PRIMARY KEY,
+        consumer_id TEXT NOT NULL REFERENCES consumers(id),
+        name        TEXT NOT NULL,
+        environment TEXT NOT NULL CHECK (environment IN ('live', 'test')),
+        scopes      TEXT NOT NULL,             -- JSON array of strings, sorted
+        metadata    TEXT NOT NULL,             -- JSON object
+        expires_at  INTEGER,
+        disabled    INTEGER NOT NULL DEFAULT 0,
+        revoked_at  INTEGER,                   -- set once, never cleared
+        start       TEXT NOT NULL,             -- visible start of the newest secret
+        created_at  INTEGER NOT NULL,
+        updated_at  INTEGER NOT NULL
+    );
+    CREATE INDEX api_keys_by_consumer ON api_keys (consumer_id, id);
+
+    -- A key has one secret, or more while a rotation's overlap window is open.
+    -- Only SHA-256 of each secret is kept; verify looks secrets up by that hash.
+    CREATE TABLE key_secrets (
+        hash       BLOB PRIMARY KEY,
+        key_id     TEXT NOT NULL REFERENCES api_keys(id),
+        start      TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER                     -- end of the overlap window after a rotation
+    );
+    CREATE INDEX key_secrets_by_key ON key_secrets (key_id);
+
+    -- Append-only. Ids sort by time.
+    CREATE TABLE audit_events (
+        id          TEXT PRIMARY KEY,
+        at          INTEGER NOT NULL,
+        actor       TEXT NOT NULL,
+        action      TEXT NOT NULL,
+        target_type TEXT NOT NULL,
+        target_id   TEXT NOT NULL,
+        ip          TEXT,
+        details     TEXT NOT NULL              -- JSON object; never holds a secret
+    );
+    CREATE INDEX audit_events_by_target ON audit_events (target_id, id);
+    "#,
+];
+
+/// Options for opening the SQLite store.
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// How long a write waits for the database lock before giving up with `Unavailable`.
+    pub busy_timeout: Duration,
+    pub max_connections: u32,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions { busy_timeout: Duration::from_secs(5), max_connections: 8 }
+    }
+}
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file at `path`.
+    pub async fn open(path: &Path, options: &SqliteOptions) -> Result<Self> {
+        let connect = SqliteConnectOptions::from_str("sqlite://")
+            .map_err(StoreError::Other)?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(options.busy_timeout);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(options.max_connections.max(1))
+            .acquire_timeout(options.busy_timeout + Duration::from_secs(1))
+            .connect_with(connect)
+            .await
+            .map_err(map_err)?;
+        Ok(SqliteStore { pool })
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Turns a database error into the store's vocabulary. SQLite's primary result codes are the low
+/// byte of its extended codes: 5 BUSY, 6 LOCKED, 8 READONLY, 10 IOERR, 13 FULL, 14 CANTOPEN,
+/// 19 CONSTRAINT.
+fn map_err(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) => {
+            let code = db.code().and_then(|c| c.parse::<i32>().ok()).unwrap_or(0) & 0xff;
+            match code {
+                5 | 6 | 8 | 10 | 13 | 14 => StoreError::Unavailable(db.message().to_string()),
+                19 => StoreError::Conflict(db.message().to_string()),
+                _ => StoreError::Other(e),
+            }
+        }
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+            StoreError::Unavailable(e.to_string())
+        }
+        _ => StoreError::Other(e),
+    }
+}
+
+fn json_text(v: &serde_json::Value) -> String {
+    v.to_string()
+}
+
+fn parse_json(s: &str, what: &str) -> Result<serde_json::Value> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+fn consumer_from_row(row: &SqliteRow) -> Result<Consumer> {
+    Ok(Consumer {
+        id: row.try_get("id").map_err(map_err)?,
+        name: row.try_get("name").map_err(map_err)?,
+        metadata: parse_json(row.try_get("metadata").map_err(map_err)?, "consumer metadata")?,
+        disabled: row.try_get("disabled").map_err(map_err)?,
+        system: row.try_get("system").map_err(map_err)?,
+        created_at: row.try_get("created_at").map_err(map_err)?,
+        updated_at: row.try_get("updated_at").map_err(map_err)?,
+    })
+}
+
+fn key_from_row(row: &SqliteRow) -> Result<ApiKey> {
+    let env: &str = row.try_get("environment").map_err(map_err)?;
+    let scopes: &str = row.try_get("scopes").map_err(map_err)?;
+    Ok(ApiKey {
+        id: row.try_get("id").map_err(map_err)?,
+        consumer_id: row.try_get("consumer_id").map_err(map_err)?,
+        name: row.try_get("name").map_err(map_err)?,
+        environment: Environment::parse(env)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown environment {env:?}")))?,
+        scopes: serde_json::from_str(scopes).map_err(|e| StoreError::Corrupt(format!("key scopes: {e}")))?,
+        metadata: parse_json(row.try_get("metadata").map_err(map_err)?, "key metadata")?,
+        expires_at: row.try_get("expires_at").map_err(map_err)?,
+        disabled: row.try_get("disabled").map_err(map_err)?,
+        revoked_at: row.try_get("revoked_at").map_err(map_err)?,
+        created_at: row.try_get("created_at").map_err(map_err)?,
+        updated_at: row.try_get("updated_at").map_err(map_err)?,
+        start: row.try_get("start").map_err(map_err)?,
+    })
+}
+
+fn audit_from_row(row: &SqliteRow) -> Result<AuditEvent> {
+    Ok(AuditEvent {
+        id: row.try_get("id").map_err(map_err)?,
+        at: row.try_get("at").map_err(map_err)?,
+        actor: row.try_get("actor").map_err(map_err)?,
+        action: row.try_get("action").map_err(map_err)?,
+        target_type: row.try_get("target_type").map_err(map_err)?,
+        target_id: row.try_get("target_id").map_err(map_err)?,
+        ip: row.try_get("ip").map_err(map_err)?,
+        details: parse_json(row.try_get("details").map_err(map_err)?, "audit details")?,
+    })
+}
+
+fn hash_from_row(row: &SqliteRow) -> Result<SecretHash> {
+    let bytes: &[u8] = row.try_get("hash").map_err(map_err)?;
+    SecretHash::from_slice(bytes).ok_or_else(|| StoreError::Corrupt("secret hash is not 32 bytes".into()))
+}
+
+type Tx<'a> = sqlx::Transaction<'a, sqlx::Sqlite>;
+
+async fn insert_audit(tx: &mut Tx<'_>, a: &NewAudit) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO audit_events (id, at, actor, action, target_type, target_id, ip, details) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&a.id)
+    .bind(a.at)
+    .bind(&a.actor)
+    .bind(&a.action)
+    .bind(&a.target_type)
+    .bind(&a.target_id)
+    .bind(&a.ip)
+    .bind(json_text(&a.details))
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+async fn insert_consumer_tx(tx: &mut Tx<'_>, c: &Consumer) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO consumers (id, name, metadata, disabled, system, created_at, updated_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&c.id)
+    .bind(&c.name)
+    .bind(json_text(&c.metadata))
+    .bind(c.disabled)
+    .bind(c.system)
+    .bind(c.created_at)
+    .bind(c.updated_at)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+async fn insert_key_tx(tx: &mut Tx<'_>, k: &ApiKey, s: &KeySecret) -> Result<()> {
+    let scopes = serde_json::to_string(&k.scopes).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    sqlx::query(
+        "INSERT INTO api_keys (id, consumer_id, name, environment, scopes, metadata, expires_at, disabled, \
+         revoked_at, start, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&k.id)
+    .bind(&k.consumer_id)
+    .bind(&k.name)
+    .bind(k.environment.as_str())
+    .bind(scopes)
+    .bind(json_text(&k.metadata))
+    .bind(k.expires_at)
+    .bind(k.disabled)
+    .bind(k.revoked_at)
+    .bind(&k.start)
+    .bind(k.created_at)
+    .bind(k.updated_at)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    insert_secret_tx(tx, s).await
+}
+
+async fn insert_secret_tx(tx: &mut Tx<'_>, s: &KeySecret) -> Result<()> {
+    sqlx::query("INSERT INTO key_secrets (hash, key_id, start, created_at, expires_at) VALUES (?, ?, ?, ?, ?)")
+        .bind(&s.hash.as_bytes()[..])
+        .bind(&s.key_id)
+        .bind(&s.start)
+        .bind(s.created_at)
+        .bind(s.expires_at)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    Ok(())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn migrate(&self) -> Result<()> {
+        let mut conn = self.pool.acquire().await.map_err(map_err)?;
+        sqlx::raw_sql("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)")
+            .execute(&mut *conn)
+            .await
+            .map_err(map_err)?;
+        let done: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(map_err)?;
+        drop(conn);
+        for (i, sql) in MIGRATIONS.iter().enumerate() {
+            let version = i as i64 + 1;
+            if version <= done {
+                continue;
+            }
+            let mut tx = self.pool.begin().await.map_err(map_err)?;
+            sqlx::raw_sql(*sql).execute(&mut *tx).await.map_err(map_err)?;
+            sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES (?, strftime('%s','now'))")
+                .bind(version)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            tx.commit().await.map_err(map_err)?;
+            tracing::info!(version, "applied database migration");
+        }
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn is_initialized(&self) -> Result<bool> {
+        let row = sqlx::query("SELECT 1 FROM keygate_meta WHERE key = 'initialized_at'")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(row.is_some())
+    }
+
+    async fn initialize(
+        &self,
+        consumer: &Consumer,
+        key: &ApiKey,
+        secret: &KeySecret,
+        audit: &NewAudit,
+    ) -> Result<bool> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        // The INSERT takes the write lock first, so two processes racing to initialise serialise here.
+        let inserted = sqlx::query(
+            "INSERT INTO keygate_meta (key, value) VALUES ('initialized_at', ?) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(consumer.created_at.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?
+        .rows_affected();
+        if inserted == 0 {
+            return Ok(false);
+        }
+        insert_consumer_tx(&mut tx, consumer).await?;
+        insert_key_tx(&mut tx, key, secret).await?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(true)
+    }
+
+    async fn insert_consumer(&self, consumer: &Consumer, audit: &NewAudit) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        insert_consumer_tx(&mut tx, consumer).await?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn get_consumer(&self, id: &str) -> Result<Option<Consumer>> {
+        let row = sqlx::query("SELECT * FROM consumers WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(consumer_from_row).transpose()
+    }
+
+    async fn list_consumers(&self, page: &Page) -> Result<Vec<Consumer>> {
+        let rows = sqlx::query("SELECT * FROM consumers WHERE id > ? ORDER BY id LIMIT ?")
+            .bind(page.after.as_deref().unwrap_or(""))
+            .bind(i64::from(page.limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(consumer_from_row).collect()
+    }
+
+    async fn update_consumer(
+        &self,
+        id: &str,
+        patch: &ConsumerPatch,
+        audit: &NewAudit,
+    ) -> Result<Option<Consumer>> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let row = sqlx::query(
+            "UPDATE consumers SET name = COALESCE(?, name), metadata = COALESCE(?, metadata), \
+             disabled = COALESCE(?, disabled), updated_at = ? WHERE id = ? RETURNING *",
+        )
+        .bind(&patch.name)
+        .bind(patch.metadata.as_ref().map(json_text))
+        .bind(patch.disabled)
+        .bind(patch.updated_at)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let Some(row) = row else { return Ok(None) };
+        let consumer = consumer_from_row(&row)?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(Some(consumer))
+    }
+
+    async fn insert_key(&self, key: &ApiKey, secret: &KeySecret, audit: &NewAudit) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        insert_key_tx(&mut tx, key, secret).await?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn get_key(&self, id: &str) -> Result<Option<ApiKey>> {
+        let row = sqlx::query("SELECT * FROM api_keys WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn list_keys(&self, consumer_id: Option<&str>, page: &Page) -> Result<Vec<ApiKey>> {
+        let after = page.after.as_deref().unwrap_or("");
+        let query = match consumer_id {
+            Some(c) => sqlx::query("SELECT * FROM api_keys WHERE consumer_id = ? AND id > ? ORDER BY id LIMIT ?")
+                .bind(c),
+            None => sqlx::query("SELECT * FROM api_keys WHERE id > ? ORDER BY id LIMIT ?"),
+        };
+        let rows = query
+            .bind(after)
+            .bind(i64::from(page.limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn update_key(&self, id: &str, patch: &KeyPatch, audit: &NewAudit) -> Result<Option<ApiKey>> {
+        let scopes = patch
+            .scopes
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let row = sqlx::query(
+            "UPDATE api_keys SET name = COALESCE(?, name), scopes = COALESCE(?, scopes), \
+             metadata = COALESCE(?, metadata), \
+             expires_at = CASE WHEN ? THEN ? ELSE expires_at END, \
+             disabled = COALESCE(?, disabled), revoked_at = COALESCE(?, revoked_at), updated_at = ? \
+             WHERE id = ? AND revoked_at IS NULL RETURNING *",
+        )
+        .bind(&patch.name)
+        .bind(scopes)
+        .bind(patch.metadata.as_ref().map(json_text))
+        .bind(patch.expires_at.is_some())
+        .bind(patch.expires_at.flatten())
+        .bind(patch.disabled)
+        .bind(patch.revoked_at)
+        .bind(patch.updated_at)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let Some(row) = row else { return Ok(None) };
+        let key = key_from_row(&row)?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(Some(key))
+    }
+
+    async fn rotate_key(
+        &self,
+        id: &str,
+        new_secret: &KeySecret,
+        old_expires_at: i64,
+        audit: &NewAudit,
+    ) -> Result<bool> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let updated = sqlx::query(
+            "UPDATE api_keys SET start = ?, updated_at = ? WHERE id = ? AND revoked_at IS NULL",
+        )
+        .bind(&new_secret.start)
+        .bind(new_secret.created_at)
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?
+        .rows_affected();
+        if updated == 0 {
+            return Ok(false);
+        }
+        sqlx::query(
+            "UPDATE key_secrets SET expires_at = ? WHERE key_id = ? AND (expires_at IS NULL OR expires_at > ?)",
+        )
+        .bind(old_expires_at)
+        .bind(id)
+        .bind(old_expires_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        insert_secret_tx(&mut tx, new_secret).await?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(true)
+    }
+
+    async fn key_secret_hashes(&self, key_id: &str) -> Result<Vec<SecretHash>> {
+        let rows = sqlx::query("SELECT hash FROM key_secrets WHERE key_id = ?")
+            .bind(key_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(hash_from_row).collect()
+    }
+
+    async fn consumer_secret_hashes(&self, consumer_id: &str) -> Result<Vec<SecretHash>> {
+        let rows = sqlx::query(
+            "SELECT s.hash FROM key_secrets s JOIN api_keys k ON k.id = s.key_id WHERE k.consumer_id = ?",
+        )
+        .bind(consumer_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(hash_from_row).collect()
+    }
+
+    async fn find_secret(&self, hash: &SecretHash) -> Result<Option<SecretRecord>> {
+        let row = sqlx::query(
+            "SELECT s.hash AS hash, s.expires_at AS secret_expires_at, c.disabled AS consumer_disabled, k.* \
+             FROM key_secrets s JOIN api_keys k ON k.id = s.key_id JOIN consumers c ON c.id = k.consumer_id \
+             WHERE s.hash = ?",
+        )
+        .bind(&hash.as_bytes()[..])
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let Some(row) = row else { return Ok(None) };
+        Ok(Some(SecretRecord {
+            hash: hash_from_row(&row)?,
+            secret_expires_at: row.try_get("secret_expires_at").map_err(map_err)?,
+            consumer_disabled: row.try_get("consumer_disabled").map_err(map_err)?,
+            key: key_from_row(&row)?,
+        }))
+    }
+
+    async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>> {
+        let rows = sqlx::query(
+            "SELECT * FROM audit_events WHERE (? IS NULL OR target_id = ?) AND (? IS NULL OR action = ?) \
+             AND (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?",
+        )
+        .bind(&filter.target_id)
+        .bind(&filter.target_id)
+        .bind(&filter.action)
+        .bind(&filter.action)
+        .bind(&filter.before)
+        .bind(&filter.before)
+        .bind(i64::from(filter.limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(audit_from_row).collect()
+    }
+}
