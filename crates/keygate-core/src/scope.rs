@@ -21,7 +21,9 @@ pub enum ScopeError {
     Empty,
     #[error("scope is longer than {MAX_SCOPE_LEN} characters")]
     TooLong,
-    #[error("scope {0:?} contains a character outside RFC 6749's scope-token set (no spaces, quotes or backslashes)")]
+    #[error(
+        "scope {0:?} contains a character outside RFC 6749's scope-token set (no spaces, quotes or backslashes)"
+    )]
     BadCharacter(String),
     #[error("at most {MAX_SCOPES} scopes are allowed")]
     TooMany,
@@ -34,8 +36,13 @@ pub fn validate_scope(scope: &str) -> Result<(), ScopeError> {
     if scope.len() > MAX_SCOPE_LEN {
         return Err(ScopeError::TooLong);
     }
-    if !scope.bytes().all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b)) {
-        return Err(ScopeError::BadCharacter(scope.chars().take(MAX_SCOPE_LEN).collect()));
+    if !scope
+        .bytes()
+        .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b))
+    {
+        return Err(ScopeError::BadCharacter(
+            scope.chars().take(MAX_SCOPE_LEN).collect(),
+        ));
     }
     Ok(())
 }
@@ -70,7 +77,9 @@ pub fn covers(granted: &str, required: &str) -> bool {
 
 /// Do the granted scopes cover every required scope?
 pub fn satisfies<S: AsRef<str>>(granted: &[String], required: &[S]) -> bool {
-    required.iter().all(|r| granted.iter().any(|g| covers(g, r.as_ref())))
+    required
+        .iter()
+        .all(|r| granted.iter().any(|g| covers(g, r.as_ref())))
 }
 
 /// The required scopes that the granted ones do not cover.
@@ -95,7 +104,10 @@ mod tests {
         assert!(!satisfies(&granted, &["articles:"]));
         assert!(!satisfies(&granted, &["articlesx"]));
         assert!(satisfies::<&str>(&granted, &[]));
-        assert_eq!(missing(&granted, &["users:write", "articles:x"]), vec!["users:write"]);
+        assert_eq!(
+            missing(&granted, &["users:write", "articles:x"]),
+            vec!["users:write"]
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ mod model;
 mod sqlite;
 
 pub use model::*;
-pub use sqlite::SqliteStore;
+pub use sqlite::{SqliteOptions, SqliteStore};
 
 use async_trait::async_trait;
 use keygate_core::SecretHash;
@@ -59,17 +59,28 @@ pub trait Store: Send + Sync + 'static {
 
     /// Has the bootstrap admin credential been created?
     async fn is_initialized(&self) -> Result<bool>;
+    /// Id of Keygate's own consumer, which holds admin keys (set by [`Store::initialize`]).
+    async fn system_consumer_id(&self) -> Result<Option<String>>;
     /// Creates the system consumer and the bootstrap admin key, once. Returns false, changing
     /// nothing, if the store was already initialised.
-    async fn initialize(&self, consumer: &Consumer, key: &ApiKey, secret: &KeySecret, audit: &NewAudit)
-    -> Result<bool>;
+    async fn initialize(
+        &self,
+        consumer: &Consumer,
+        key: &ApiKey,
+        secret: &KeySecret,
+        audit: &NewAudit,
+    ) -> Result<bool>;
 
     async fn insert_consumer(&self, consumer: &Consumer, audit: &NewAudit) -> Result<()>;
     async fn get_consumer(&self, id: &str) -> Result<Option<Consumer>>;
     async fn list_consumers(&self, page: &Page) -> Result<Vec<Consumer>>;
     /// Applies a patch; `None` if there is no such consumer.
-    async fn update_consumer(&self, id: &str, patch: &ConsumerPatch, audit: &NewAudit)
-    -> Result<Option<Consumer>>;
+    async fn update_consumer(
+        &self,
+        id: &str,
+        patch: &ConsumerPatch,
+        audit: &NewAudit,
+    ) -> Result<Option<Consumer>>;
 
     async fn insert_key(&self, key: &ApiKey, secret: &KeySecret, audit: &NewAudit) -> Result<()>;
     async fn get_key(&self, id: &str) -> Result<Option<ApiKey>>;

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use keygate_core::{Environment, SecretHash};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::{Row, SqlitePool};
 
 use crate::{
@@ -87,7 +89,10 @@ pub struct SqliteOptions {
 
 impl Default for SqliteOptions {
     fn default() -> Self {
-        SqliteOptions { busy_timeout: Duration::from_secs(5), max_connections: 8 }
+        SqliteOptions {
+            busy_timeout: Duration::from_secs(5),
+            max_connections: 8,
+        }
     }
 }
 
@@ -262,15 +267,17 @@ async fn insert_key_tx(tx: &mut Tx<'_>, k: &ApiKey, s: &KeySecret) -> Result<()>
 }
 
 async fn insert_secret_tx(tx: &mut Tx<'_>, s: &KeySecret) -> Result<()> {
-    sqlx::query("INSERT INTO key_secrets (hash, key_id, start, created_at, expires_at) VALUES (?, ?, ?, ?, ?)")
-        .bind(&s.hash.as_bytes()[..])
-        .bind(&s.key_id)
-        .bind(&s.start)
-        .bind(s.created_at)
-        .bind(s.expires_at)
-        .execute(&mut **tx)
-        .await
-        .map_err(map_err)?;
+    sqlx::query(
+        "INSERT INTO key_secrets (hash, key_id, start, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(&s.hash.as_bytes()[..])
+    .bind(&s.key_id)
+    .bind(&s.start)
+    .bind(s.created_at)
+    .bind(s.expires_at)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
     Ok(())
 }
 
@@ -294,11 +301,13 @@ impl Store for SqliteStore {
             }
             let mut tx = self.pool.begin().await.map_err(map_err)?;
             sqlx::raw_sql(*sql).execute(&mut *tx).await.map_err(map_err)?;
-            sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES (?, strftime('%s','now'))")
-                .bind(version)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
+            sqlx::query(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (?, strftime('%s','now'))",
+            )
+            .bind(version)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
             tx.commit().await.map_err(map_err)?;
             tracing::info!(version, "applied database migration");
         }
@@ -306,7 +315,10 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(map_err)?;
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
         Ok(())
     }
 
@@ -316,6 +328,13 @@ impl Store for SqliteStore {
             .await
             .map_err(map_err)?;
         Ok(row.is_some())
+    }
+
+    async fn system_consumer_id(&self) -> Result<Option<String>> {
+        sqlx::query_scalar("SELECT value FROM keygate_meta WHERE key = 'system_consumer_id'")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)
     }
 
     async fn initialize(
@@ -338,6 +357,11 @@ impl Store for SqliteStore {
         if inserted == 0 {
             return Ok(false);
         }
+        sqlx::query("INSERT INTO keygate_meta (key, value) VALUES ('system_consumer_id', ?)")
+            .bind(&consumer.id)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
         insert_consumer_tx(&mut tx, consumer).await?;
         insert_key_tx(&mut tx, key, secret).await?;
         insert_audit(&mut tx, audit).await?;
@@ -416,8 +440,10 @@ impl Store for SqliteStore {
     async fn list_keys(&self, consumer_id: Option<&str>, page: &Page) -> Result<Vec<ApiKey>> {
         let after = page.after.as_deref().unwrap_or("");
         let query = match consumer_id {
-            Some(c) => sqlx::query("SELECT * FROM api_keys WHERE consumer_id = ? AND id > ? ORDER BY id LIMIT ?")
-                .bind(c),
+            Some(c) => {
+                sqlx::query("SELECT * FROM api_keys WHERE consumer_id = ? AND id > ? ORDER BY id LIMIT ?")
+                    .bind(c)
+            }
             None => sqlx::query("SELECT * FROM api_keys WHERE id > ? ORDER BY id LIMIT ?"),
         };
         let rows = query
@@ -471,16 +497,15 @@ impl Store for SqliteStore {
         audit: &NewAudit,
     ) -> Result<bool> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
-        let updated = sqlx::query(
-            "UPDATE api_keys SET start = ?, updated_at = ? WHERE id = ? AND revoked_at IS NULL",
-        )
-        .bind(&new_secret.start)
-        .bind(new_secret.created_at)
-        .bind(id)
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?
-        .rows_affected();
+        let updated =
+            sqlx::query("UPDATE api_keys SET start = ?, updated_at = ? WHERE id = ? AND revoked_at IS NULL")
+                .bind(&new_secret.start)
+                .bind(new_secret.created_at)
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?
+                .rows_affected();
         if updated == 0 {
             return Ok(false);
         }

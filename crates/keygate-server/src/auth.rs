@@ -1,0 +1,100 @@
+//! Who is calling: Keygate's own routes are protected by Keygate credentials.
+//!
+//! An admin route needs a key with `keygate:admin`; `/v1/verify` needs `keygate:verify` (which
+//! `keygate:admin` covers). The credential comes from `Authorization: Bearer <key>` or `X-API-Key`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::HeaderMap;
+use axum::http::request::Parts;
+use keygate_core::{DecisionCode, scope};
+
+use crate::error::{ApiError, ErrorCode};
+use crate::state::AppState;
+use crate::time::now_ms;
+
+/// The credential presented in a request's headers, if any.
+pub fn presented_credential(headers: &HeaderMap) -> Option<&str> {
+    if let Some(v) = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        let v = v.trim();
+        if let Some((scheme, token)) = v.split_once(' ')
+            && scheme.eq_ignore_ascii_case("bearer")
+        {
+            return Some(token.trim());
+        }
+    }
+    headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+}
+
+/// The peer address of the request, if the server recorded one.
+pub fn peer_ip(parts: &Parts) -> Option<String> {
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ci| ci.0.ip().to_string())
+}
+
+/// An authenticated caller: the key it used, and where it called from.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    pub key_id: String,
+    pub ip: Option<String>,
+}
+
+async fn authenticate(parts: &Parts, state: &AppState, permission: &str) -> Result<Actor, ApiError> {
+    let Some(secret) = presented_credential(&parts.headers) else {
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "this route needs a Keygate credential: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+        ));
+    };
+    let decision = state.verifier.verify(secret, &[permission], now_ms()).await?;
+    match (decision.code, decision.key) {
+        (DecisionCode::Valid, Some(key)) => Ok(Actor {
+            key_id: key.key_id.clone(),
+            ip: peer_ip(parts),
+        }),
+        (DecisionCode::InsufficientScope, _) => Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!("the credential is valid but lacks the '{permission}' permission; use an admin key"),
+        )),
+        (code, _) => Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            format!(
+                "the credential in the request header was rejected: {} ({})",
+                code.as_str(),
+                code.message()
+            ),
+        )),
+    }
+}
+
+/// A caller holding `keygate:admin`.
+pub struct AdminCaller(pub Actor);
+
+impl FromRequestParts<Arc<AppState>> for AdminCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+        authenticate(parts, state, scope::ADMIN).await.map(AdminCaller)
+    }
+}
+
+/// A caller holding `keygate:verify` (or admin).
+pub struct VerifyCaller(pub Actor);
+
+impl FromRequestParts<Arc<AppState>> for VerifyCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+        authenticate(parts, state, scope::VERIFY).await.map(VerifyCaller)
+    }
+}

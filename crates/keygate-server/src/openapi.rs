@@ -1,0 +1,45 @@
+//! The OpenAPI document, generated from the handlers' annotations.
+
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::routes::{admin, ops, verify};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Keygate", description = "API keys and API tokens in one self-hosted server."),
+    paths(
+        admin::create_consumer, admin::list_consumers, admin::get_consumer, admin::update_consumer,
+        admin::disable_consumer, admin::enable_consumer,
+        admin::create_key, admin::list_keys, admin::get_key, admin::update_key,
+        admin::disable_key, admin::enable_key, admin::revoke_key, admin::rotate_key,
+        admin::list_audit,
+        verify::verify, verify::forward_auth,
+        ops::healthz, ops::readyz, ops::metrics,
+    ),
+    modifiers(&Security),
+    tags(
+        (name = "consumers", description = "Applications or accounts that call the protected API"),
+        (name = "keys", description = "API keys: create, rotate, disable, revoke"),
+        (name = "verify", description = "Checking credentials"),
+        (name = "audit", description = "Who changed what"),
+        (name = "operations", description = "Health and metrics"),
+    )
+)]
+pub struct ApiDoc;
+
+struct Security;
+
+impl Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-Key"))),
+        );
+    }
+}

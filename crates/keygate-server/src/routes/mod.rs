@@ -1,0 +1,3 @@
+pub mod admin;
+pub mod ops;
+pub mod verify;

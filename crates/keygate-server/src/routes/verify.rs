@@ -1,0 +1,217 @@
+//! `POST /v1/verify` (for services that check credentials themselves) and `GET /v1/auth` (forward-auth
+//! for nginx `auth_request`, Traefik `forwardAuth`, Envoy `ext_authz`).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use keygate_core::{DecisionCode, scope};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::auth::{VerifyCaller, presented_credential};
+use crate::error::{ApiError, ApiJson, ApiResult, ErrorBody};
+use crate::state::AppState;
+use crate::time::now_ms;
+use crate::verify::Decision;
+
+pub fn router() -> axum::Router<Arc<AppState>> {
+    axum::Router::new()
+        .route("/v1/verify", post(verify))
+        .route("/v1/auth", get(forward_auth))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyRequest {
+    /// The credential to check, e.g. an API key `kg_live_…`.
+    pub credential: String,
+    /// Scopes the credential must all carry.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+}
+
+/// A verify decision. `valid` is true only for `VALID`; the other fields are present where they apply.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DecisionView {
+    pub valid: bool,
+    /// One of VALID, MALFORMED, NOT_FOUND, EXPIRED, REVOKED, DISABLED, INSUFFICIENT_SCOPE.
+    pub code: String,
+    /// For invalid decisions: what the code means.
+    pub message: Option<String>,
+    /// `api_key`, whenever the credential was identified.
+    pub kind: Option<String>,
+    pub key_id: Option<String>,
+    pub consumer_id: Option<String>,
+    pub name: Option<String>,
+    /// `live` or `test`.
+    pub environment: Option<String>,
+    pub scopes: Option<Vec<String>>,
+    pub expires_at: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<serde_json::Value>,
+    /// For INSUFFICIENT_SCOPE: the required scopes the credential lacks.
+    pub missing_scopes: Option<Vec<String>>,
+}
+
+fn record(state: &AppState, decision: &Decision, started: Instant) {
+    state
+        .metrics
+        .record_decision(decision.code, started.elapsed().as_secs_f64());
+}
+
+/// Verify a credential. Every decision answers 200; read `valid` and `code`.
+///
+/// The caller needs a credential with the `keygate:verify` permission (admin keys have it).
+#[utoipa::path(post, path = "/v1/verify", tag = "verify", request_body = VerifyRequest,
+    responses((status = 200, body = DecisionView), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn verify(
+    State(state): State<Arc<AppState>>,
+    VerifyCaller(_): VerifyCaller,
+    ApiJson(req): ApiJson<VerifyRequest>,
+) -> ApiResult<Response> {
+    let started = Instant::now();
+    if req.scopes.len() > scope::MAX_SCOPES {
+        return Err(ApiError::invalid(
+            "scopes",
+            format!("at most {} scopes", scope::MAX_SCOPES),
+        ));
+    }
+    let decision = state
+        .verifier
+        .verify(&req.credential, &req.scopes, now_ms())
+        .await?;
+    record(&state, &decision, started);
+    Ok((
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        decision.body(),
+    )
+        .into_response())
+}
+
+/// Required scopes of a forward-auth request: the `X-Keygate-Required-Scopes` header and the `scope`
+/// query parameter (repeatable), each a space- or comma-separated list.
+fn required_scopes(headers: &HeaderMap, uri: &Uri) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut push_list = |list: &str| {
+        out.extend(
+            list.split([' ', ','])
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned),
+        );
+    };
+    for v in headers.get_all("x-keygate-required-scopes") {
+        if let Ok(v) = v.to_str() {
+            push_list(v);
+        }
+    }
+    if let Some(q) = uri.query() {
+        for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+            if k == "scope" || k == "scopes" {
+                push_list(&v);
+            }
+        }
+    }
+    out
+}
+
+fn www_authenticate(error: Option<(&str, &str)>, scope: Option<&str>) -> HeaderValue {
+    let mut v = String::from("Bearer realm=\"keygate\"");
+    if let Some((code, description)) = error {
+        v.push_str(&format!(
+            ", error=\"{code}\", error_description=\"{description}\""
+        ));
+    }
+    if let Some(s) = scope {
+        v.push_str(&format!(", scope=\"{}\"", s.replace(['"', '\\'], "")));
+    }
+    HeaderValue::from_str(&v).unwrap_or_else(|_| HeaderValue::from_static("Bearer realm=\"keygate\""))
+}
+
+/// Forward-auth: 200 with identity headers, or 401/403 with an RFC 6750 `WWW-Authenticate`.
+///
+/// Reads the credential from `X-API-Key` or `Authorization: Bearer`. Required scopes come from the
+/// `X-Keygate-Required-Scopes` header or the `scope` query parameter. On success the response carries
+/// `X-Keygate-Consumer`, `X-Keygate-Key-Id`, `X-Keygate-Scopes` and `X-Keygate-Kind`, for the proxy to
+/// pass upstream.
+#[utoipa::path(get, path = "/v1/auth", tag = "verify",
+    params(("scope" = Option<String>, Query, description = "required scopes, space- or comma-separated; repeatable"),
+           ("X-Keygate-Required-Scopes" = Option<String>, Header, description = "required scopes")),
+    responses((status = 200, description = "valid; identity in X-Keygate-* headers"),
+              (status = 401, body = DecisionView, description = "missing or invalid credential"),
+              (status = 403, body = DecisionView, description = "valid credential without the required scopes")),
+    security(("bearer" = []), ("api_key" = [])))]
+pub async fn forward_auth(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> ApiResult<Response> {
+    let started = Instant::now();
+    let Some(secret) = presented_credential(&headers) else {
+        let mut resp = (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(serde_json::json!({
+                "code": "unauthorized",
+                "message": "send the credential in 'X-API-Key: <key>' or 'Authorization: Bearer <key>'",
+            })),
+        )
+            .into_response();
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, www_authenticate(None, None));
+        return Ok(resp);
+    };
+    let required = required_scopes(&headers, &uri);
+    let decision = state.verifier.verify(secret, &required, now_ms()).await?;
+    record(&state, &decision, started);
+    Ok(forward_auth_response(&decision))
+}
+
+fn forward_auth_response(decision: &Decision) -> Response {
+    let mut resp = match (decision.code, &decision.key) {
+        (DecisionCode::Valid, Some(key)) => {
+            let mut resp = Response::new(Body::empty());
+            let h = resp.headers_mut();
+            for (name, value) in [
+                ("x-keygate-consumer", key.consumer_id.as_str()),
+                ("x-keygate-key-id", key.key_id.as_str()),
+                ("x-keygate-scopes", key.scopes_header.as_str()),
+                ("x-keygate-kind", "api_key"),
+            ] {
+                if let Ok(v) = HeaderValue::from_str(value) {
+                    h.insert(name, v);
+                }
+            }
+            return resp;
+        }
+        (DecisionCode::InsufficientScope, _) => {
+            let mut resp = Response::new(Body::from(decision.body()));
+            *resp.status_mut() = StatusCode::FORBIDDEN;
+            let missing = decision.missing_scopes.join(" ");
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                www_authenticate(
+                    Some(("insufficient_scope", "the credential lacks a required scope")),
+                    Some(&missing),
+                ),
+            );
+            resp
+        }
+        (code, _) => {
+            let mut resp = Response::new(Body::from(decision.body()));
+            *resp.status_mut() = StatusCode::UNAUTHORIZED;
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                www_authenticate(Some(("invalid_token", code.message())), None),
+            );
+            resp
+        }
+    };
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}

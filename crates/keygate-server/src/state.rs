@@ -1,0 +1,205 @@
+//! Shared state of one running server, and how it is opened.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keygate_core::{Environment, PlainSecret, SecretKind, id, scope};
+use keygate_store::{ApiKey, Consumer, KeySecret, NewAudit, SqliteOptions, SqliteStore, Store, StoreError};
+
+use crate::metrics::Metrics;
+use crate::time::now_ms;
+use crate::verify::{CacheConfig, Verifier};
+
+/// Database file name inside the data directory.
+pub const DB_FILE: &str = "keygate.db";
+
+/// Everything a server needs to start, already resolved from defaults, file, environment and flags.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Largest request body accepted, in bytes.
+    pub body_limit: usize,
+    /// Longest time a request may take before it is answered 503.
+    pub request_timeout: Duration,
+    /// How long a write waits for SQLite's lock before answering 503.
+    pub busy_timeout: Duration,
+    pub cache: CacheConfig,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("keygate-data"),
+            body_limit: 64 * 1024,
+            request_timeout: Duration::from_secs(30),
+            busy_timeout: Duration::from_secs(5),
+            cache: CacheConfig::default(),
+        }
+    }
+}
+
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub verifier: Verifier,
+    pub metrics: Metrics,
+    pub config: ServerConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error("cannot open the database in {path}: {source}")]
+    Store { path: PathBuf, source: StoreError },
+    #[error("cannot read random bytes from the operating system: {0}")]
+    Random(getrandom::Error),
+}
+
+/// Opens (creating if needed) the store in the data directory and applies migrations.
+pub async fn open_store(config: &ServerConfig) -> Result<Arc<SqliteStore>, OpenError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| OpenError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let path = config.data_dir.join(DB_FILE);
+    let options = SqliteOptions {
+        busy_timeout: config.busy_timeout,
+        ..SqliteOptions::default()
+    };
+    let store = SqliteStore::open(&path, &options)
+        .await
+        .map_err(|source| OpenError::Store {
+            path: path.clone(),
+            source,
+        })?;
+    store
+        .migrate()
+        .await
+        .map_err(|source| OpenError::Store { path, source })?;
+    Ok(Arc::new(store))
+}
+
+impl AppState {
+    pub fn new(store: Arc<dyn Store>, config: ServerConfig) -> Arc<Self> {
+        let verifier = Verifier::new(store.clone(), &config.cache);
+        Arc::new(AppState {
+            store,
+            verifier,
+            metrics: Metrics::new(),
+            config,
+        })
+    }
+}
+
+fn random<T>(r: Result<T, getrandom::Error>) -> Result<T, OpenError> {
+    r.map_err(OpenError::Random)
+}
+
+/// A new admin key for the system consumer, with its secret.
+fn new_admin_key(
+    consumer_id: &str,
+    name: &str,
+    now: i64,
+) -> Result<(ApiKey, KeySecret, PlainSecret), OpenError> {
+    let secret = random(PlainSecret::generate(SecretKind::ApiKey(Environment::Live)))?;
+    let key = ApiKey {
+        id: random(id::new_id("key", now))?,
+        consumer_id: consumer_id.to_string(),
+        name: name.into(),
+        environment: Environment::Live,
+        scopes: vec![scope::ADMIN.to_string()],
+        metadata: serde_json::json!({}),
+        expires_at: None,
+        disabled: false,
+        revoked_at: None,
+        created_at: now,
+        updated_at: now,
+        start: secret.visible_start(),
+    };
+    let key_secret = KeySecret {
+        hash: secret.hash(),
+        key_id: key.id.clone(),
+        start: key.start.clone(),
+        created_at: now,
+        expires_at: None,
+    };
+    Ok((key, key_secret, secret))
+}
+
+fn local_audit(action: &str, key: &ApiKey, now: i64) -> Result<NewAudit, OpenError> {
+    Ok(NewAudit {
+        id: random(id::new_id("evt", now))?,
+        at: now,
+        actor: "system".into(),
+        action: action.into(),
+        target_type: "key".into(),
+        target_id: key.id.clone(),
+        ip: None,
+        details: serde_json::json!({"consumer_id": key.consumer_id, "name": key.name, "scopes": key.scopes}),
+    })
+}
+
+fn store_err(source: StoreError) -> OpenError {
+    OpenError::Store {
+        path: PathBuf::from(DB_FILE),
+        source,
+    }
+}
+
+/// Creates Keygate's own consumer and the first admin key, once. Returns the admin key's secret if
+/// it was created now, `None` if the store was already initialised.
+pub async fn bootstrap(store: &dyn Store) -> Result<Option<PlainSecret>, OpenError> {
+    if store.is_initialized().await.map_err(store_err)? {
+        return Ok(None);
+    }
+    let now = now_ms();
+    let consumer = Consumer {
+        id: random(id::new_id("cons", now))?,
+        name: "keygate".into(),
+        metadata: serde_json::json!({"description": "Keygate's own consumer; holds admin keys"}),
+        disabled: false,
+        system: true,
+        created_at: now,
+        updated_at: now,
+    };
+    let (key, key_secret, secret) = new_admin_key(&consumer.id, "bootstrap admin", now)?;
+    let audit = local_audit("keygate.initialize", &key, now)?;
+    if store
+        .initialize(&consumer, &key, &key_secret, &audit)
+        .await
+        .map_err(store_err)?
+    {
+        Ok(Some(secret))
+    } else {
+        Ok(None)
+    }
+}
+
+/// A new admin key made by someone with file access to the data directory (`keygate admin-key`),
+/// for when every admin key is lost. Returns the key's id and secret.
+pub async fn create_local_admin_key(
+    store: &dyn Store,
+    name: &str,
+) -> Result<(String, PlainSecret), OpenError> {
+    let consumer_id = store
+        .system_consumer_id()
+        .await
+        .map_err(store_err)?
+        .ok_or_else(|| {
+            store_err(StoreError::Corrupt(
+                "the data directory was never initialised; run `keygate init`".into(),
+            ))
+        })?;
+    let now = now_ms();
+    let (key, key_secret, secret) = new_admin_key(&consumer_id, name, now)?;
+    let audit = local_audit("key.create_local_admin", &key, now)?;
+    store
+        .insert_key(&key, &key_secret, &audit)
+        .await
+        .map_err(store_err)?;
+    Ok((key.id, secret))
+}

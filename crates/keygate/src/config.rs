@@ -1,0 +1,197 @@
+//! Configuration layering: built-in defaults → TOML file (`--config`) → `KEYGATE_*` environment
+//! variables → command-line flags. clap reads flags and environment (a flag wins over its variable);
+//! this module lays them over the file and the defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use keygate_server::ServerConfig;
+use serde::Deserialize;
+
+/// The TOML file. Every field is optional; absent fields keep their defaults.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub log_format: Option<LogFormat>,
+    pub body_limit_bytes: Option<usize>,
+    pub request_timeout_seconds: Option<u64>,
+    pub busy_timeout_ms: Option<u64>,
+    pub cache: Option<CacheFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheFile {
+    pub capacity: Option<u64>,
+    pub ttl_seconds: Option<u64>,
+    pub negative_ttl_seconds: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// What the command line and environment said (clap fills it).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServerArgs {
+    /// TOML configuration file (see `keygate default-config`).
+    #[arg(long, env = "KEYGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "KEYGATE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Directory for the database [default: ./keygate-data].
+    #[arg(long, env = "KEYGATE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Log format on standard error [default: text].
+    #[arg(long, env = "KEYGATE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Largest request body in bytes [default: 65536].
+    #[arg(long, env = "KEYGATE_BODY_LIMIT_BYTES")]
+    pub body_limit_bytes: Option<usize>,
+    /// Longest a request may take, in seconds [default: 30].
+    #[arg(long, env = "KEYGATE_REQUEST_TIMEOUT_SECONDS")]
+    pub request_timeout_seconds: Option<u64>,
+    /// How long a write waits for the database lock, in milliseconds [default: 5000].
+    #[arg(long, env = "KEYGATE_BUSY_TIMEOUT_MS")]
+    pub busy_timeout_ms: Option<u64>,
+    /// Most credentials kept in the verify cache [default: 1000000].
+    #[arg(long, env = "KEYGATE_CACHE_CAPACITY")]
+    pub cache_capacity: Option<u64>,
+}
+
+pub struct Resolved {
+    pub server: ServerConfig,
+    pub log_format: LogFormat,
+}
+
+pub fn resolve(args: &ServerArgs) -> Result<Resolved, String> {
+    let file = match &args.config {
+        Some(path) => read_file(path)?,
+        None => FileConfig::default(),
+    };
+    let mut server = ServerConfig::default();
+    let cache = file.cache.unwrap_or_default();
+    if let Some(v) = args.listen.or(file.listen) {
+        server.listen = v;
+    }
+    if let Some(v) = args.data_dir.clone().or(file.data_dir) {
+        server.data_dir = v;
+    }
+    if let Some(v) = args.body_limit_bytes.or(file.body_limit_bytes) {
+        server.body_limit = v;
+    }
+    if let Some(v) = args.request_timeout_seconds.or(file.request_timeout_seconds) {
+        server.request_timeout = Duration::from_secs(v.max(1));
+    }
+    if let Some(v) = args.busy_timeout_ms.or(file.busy_timeout_ms) {
+        server.busy_timeout = Duration::from_millis(v);
+    }
+    if let Some(v) = args.cache_capacity.or(cache.capacity) {
+        server.cache.capacity = v;
+    }
+    if let Some(v) = cache.ttl_seconds {
+        server.cache.ttl = Duration::from_secs(v.max(1));
+    }
+    if let Some(v) = cache.negative_ttl_seconds {
+        server.cache.negative_ttl = Duration::from_secs(v.max(1));
+    }
+    Ok(Resolved {
+        server,
+        log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+    })
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the config file {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| {
+        format!(
+            "the config file {} is not valid: {e}\nrun `keygate default-config` for an example",
+            path.display()
+        )
+    })
+}
+
+pub const DEFAULT_CONFIG: &str = r#"# Keygate configuration. Every setting is optional; shown here with its default.
+# Precedence: command-line flag > KEYGATE_* environment variable > this file > default.
+
+# Address to listen on. KEYGATE_LISTEN, --listen
+listen = "127.0.0.1:8080"
+
+# Where the SQLite database lives. KEYGATE_DATA_DIR, --data-dir
+data_dir = "keygate-data"
+
+# "text" or "json", on standard error. KEYGATE_LOG_FORMAT, --log-format
+# The log level comes from KEYGATE_LOG (e.g. "info", "keygate_server=debug").
+log_format = "text"
+
+# Largest request body accepted, in bytes. KEYGATE_BODY_LIMIT_BYTES
+body_limit_bytes = 65536
+
+# Longest a request may take before it is answered 503. KEYGATE_REQUEST_TIMEOUT_SECONDS
+request_timeout_seconds = 30
+
+# How long a write waits for the database lock before answering 503. KEYGATE_BUSY_TIMEOUT_MS
+busy_timeout_ms = 5000
+
+[cache]
+# Most credentials kept in the in-memory verify cache. KEYGATE_CACHE_CAPACITY
+capacity = 1000000
+# Longest a cached credential lives before it is read again (changes made through this
+# server take effect at once regardless).
+ttl_seconds = 300
+# Longest a "no such credential" answer is remembered.
+negative_ttl_seconds = 30
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_parses_and_matches_defaults() {
+        let file: FileConfig = toml::from_str(DEFAULT_CONFIG).unwrap();
+        let d = ServerConfig::default();
+        assert_eq!(file.listen, Some(d.listen));
+        assert_eq!(file.data_dir, Some(d.data_dir));
+        assert_eq!(file.body_limit_bytes, Some(d.body_limit));
+        assert_eq!(file.cache.unwrap().capacity, Some(d.cache.capacity));
+    }
+
+    #[test]
+    fn flags_win_over_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:9000\"\ndata_dir = \"/tmp/x\"\n").unwrap();
+        let args = ServerArgs {
+            config: Some(path),
+            listen: Some("127.0.0.1:9001".parse().unwrap()),
+            ..ServerArgs::default()
+        };
+        let r = resolve(&args).unwrap();
+        assert_eq!(r.server.listen.port(), 9001);
+        assert_eq!(r.server.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn bad_file_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.toml");
+        std::fs::write(&path, "lisen = 1\n").unwrap();
+        let err = resolve(&ServerArgs {
+            config: Some(path),
+            ..ServerArgs::default()
+        })
+        .err()
+        .unwrap();
+        assert!(err.contains("default-config"), "{err}");
+    }
+}
