@@ -1,0 +1,179 @@
+//! `TestApp`: a real Keygate server on port 0 with its own data directory.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use keygate_server::{AppState, ServerConfig, bootstrap, launch, open_store};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+pub struct TestApp {
+    pub base: String,
+    pub admin_key: String,
+    pub client: reqwest::Client,
+    pub data_dir: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+pub struct Builder {
+    config: ServerConfig,
+    dir: Option<tempfile::TempDir>,
+    admin_key: Option<String>,
+}
+
+impl Builder {
+    pub fn busy_timeout(mut self, d: Duration) -> Self {
+        self.config.busy_timeout = d;
+        self
+    }
+
+    /// Reuse a data directory (and its admin key) from an earlier server.
+    pub fn data_dir(mut self, dir: &Path, admin_key: &str) -> Self {
+        self.config.data_dir = dir.to_path_buf();
+        self.dir = None;
+        self.admin_key = Some(admin_key.to_string());
+        self
+    }
+
+    pub async fn start(self) -> TestApp {
+        let Builder {
+            mut config,
+            dir,
+            admin_key,
+        } = self;
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        let store = open_store(&config).await.unwrap();
+        let secret = bootstrap(store.as_ref()).await.unwrap();
+        let admin_key = match (secret, admin_key) {
+            (Some(s), _) => s.expose().to_string(),
+            (None, Some(k)) => k,
+            (None, None) => panic!("data directory already initialised but no admin key given"),
+        };
+        let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let data_dir = config.data_dir.clone();
+        let state = AppState::new(store, config);
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(launch(state, listener, async {
+            let _ = rx.await;
+        }));
+        TestApp {
+            base: format!("http://{addr}"),
+            admin_key,
+            client: reqwest::Client::new(),
+            data_dir,
+            _dir: dir,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+}
+
+impl TestApp {
+    pub fn builder() -> Builder {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ServerConfig {
+            data_dir: dir.path().join("data"),
+            ..ServerConfig::default()
+        };
+        Builder {
+            config,
+            dir: Some(dir),
+            admin_key: None,
+        }
+    }
+
+    pub async fn start() -> TestApp {
+        Self::builder().start().await
+    }
+
+    /// Stops the server gracefully and returns its data directory (kept alive by the returned guard).
+    pub async fn stop(mut self) -> (PathBuf, String, Option<tempfile::TempDir>) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+        (self.data_dir.clone(), self.admin_key.clone(), self._dir.take())
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// A request authenticated with the admin key.
+    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        self.call_as(&self.admin_key.clone(), method, path, body).await
+    }
+
+    pub async fn call_as(
+        &self,
+        key: &str,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self.client.request(method, self.url(path)).bearer_auth(key);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, value)
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.call(Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    pub async fn patch(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call(Method::PATCH, path, Some(body)).await
+    }
+
+    pub async fn create_consumer(&self, name: &str) -> String {
+        let (status, body) = self.post("/v1/consumers", json!({"name": name})).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        body["id"].as_str().unwrap().to_string()
+    }
+
+    /// Creates a key and returns (id, secret).
+    pub async fn create_key(&self, consumer_id: &str, scopes: &[&str]) -> (String, String) {
+        self.create_key_with(json!({"consumer_id": consumer_id, "name": "test key", "scopes": scopes}))
+            .await
+    }
+
+    pub async fn create_key_with(&self, body: Value) -> (String, String) {
+        let (status, body) = self.post("/v1/keys", body).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        (
+            body["id"].as_str().unwrap().to_string(),
+            body["key"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// `POST /v1/verify` as the admin; returns the decision.
+    pub async fn verify(&self, credential: &str, scopes: &[&str]) -> Value {
+        let (status, body) = self
+            .post("/v1/verify", json!({"credential": credential, "scopes": scopes}))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    }
+
+    pub async fn verify_code(&self, credential: &str, scopes: &[&str]) -> String {
+        self.verify(credential, scopes).await["code"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+}

@@ -1,0 +1,8 @@
+//! Keygate server integration tests: ONE test binary (link time adds up on 2 cores). Each test drives a
+//! real server on a random port over HTTP, with a real SQLite file in a temporary directory.
+
+mod admin;
+mod bad_input;
+mod helpers;
+mod ops;
+mod verify;

@@ -1,0 +1,127 @@
+//! Health, readiness, metrics, OpenAPI and the docs page.
+
+use reqwest::StatusCode;
+
+use crate::helpers::TestApp;
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let app = TestApp::start().await;
+    let resp = app.client.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn metrics_count_decisions_and_requests() {
+    let app = TestApp::start().await;
+    app.verify("garbage", &[]).await;
+    app.verify("garbage", &[]).await;
+    let admin = app.admin_key.clone();
+    app.verify(&admin, &[]).await;
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("keygate_verify_decisions_total{code=\"MALFORMED\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("keygate_verify_decisions_total{code=\"VALID\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("keygate_verify_duration_seconds_bucket"), "{text}");
+    assert!(
+        text.contains("keygate_http_requests_total{method=\"POST\",route=\"/v1/verify\",status=\"200\"} 3"),
+        "{text}"
+    );
+    assert!(!text.contains(&admin[12..]), "a secret in metrics");
+}
+
+#[tokio::test]
+async fn openapi_covers_every_route_and_docs_work_offline() {
+    let app = TestApp::start().await;
+    let spec: serde_json::Value = app
+        .client
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let paths = spec["paths"].as_object().unwrap();
+    let expected = [
+        ("/v1/consumers", &["post", "get"][..]),
+        ("/v1/consumers/{id}", &["get", "patch"]),
+        ("/v1/consumers/{id}/disable", &["post"]),
+        ("/v1/consumers/{id}/enable", &["post"]),
+        ("/v1/keys", &["post", "get"]),
+        ("/v1/keys/{id}", &["get", "patch"]),
+        ("/v1/keys/{id}/disable", &["post"]),
+        ("/v1/keys/{id}/enable", &["post"]),
+        ("/v1/keys/{id}/revoke", &["post"]),
+        ("/v1/keys/{id}/rotate", &["post"]),
+        ("/v1/audit", &["get"]),
+        ("/v1/verify", &["post"]),
+        ("/v1/auth", &["get"]),
+        ("/healthz", &["get"]),
+        ("/readyz", &["get"]),
+        ("/metrics", &["get"]),
+    ];
+    for (path, methods) in expected {
+        for m in methods {
+            assert!(
+                paths.get(path).and_then(|p| p.get(*m)).is_some(),
+                "{m} {path} missing from the spec"
+            );
+        }
+    }
+    assert_eq!(
+        paths.len(),
+        expected.len(),
+        "the spec lists a route this test does not know"
+    );
+
+    // The docs page and every script and stylesheet it loads come from this server.
+    let html = app
+        .client
+        .get(app.url("/docs/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("swagger"), "{html}");
+    for attr in ["src=\"", "href=\""] {
+        for part in html.split(attr).skip(1) {
+            let target = part.split('"').next().unwrap();
+            assert!(!target.starts_with("http"), "docs load {target} from the network");
+            let url = if target.starts_with('/') {
+                app.url(target)
+            } else {
+                app.url(&format!("/docs/{}", target.trim_start_matches("./")))
+            };
+            let status = app.client.get(&url).send().await.unwrap().status();
+            assert_eq!(status, StatusCode::OK, "{url}");
+        }
+    }
+    let init = app
+        .client
+        .get(app.url("/docs/swagger-initializer.js"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(init.contains("/openapi.json"), "{init}");
+}
