@@ -38,7 +38,14 @@ async fn count_keys(app: &TestApp) -> usize {
 async fn malformed_bodies() {
     let app = TestApp::start().await;
     let json_ct = Some("application/json");
-    let cases: Vec<(&str, Option<&str>, Vec<u8>, StatusCode, &str)> = vec![
+    type Case = (
+        &'static str,
+        Option<&'static str>,
+        Vec<u8>,
+        StatusCode,
+        &'static str,
+    );
+    let cases: Vec<Case> = vec![
         (
             "/v1/consumers",
             json_ct,

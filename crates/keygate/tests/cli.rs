@@ -1,0 +1,547 @@
+//! The `keygate` binary as a user runs it: `init`, `serve` on a random port, and the admin CLI against
+//! it. One test binary for the CLI.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests fail loudly on purpose"
+)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn keygate() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("KEYGATE_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+fn init(dir: &Path) -> String {
+    let out = keygate()
+        .args(["init", "--json", "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["admin_key"].as_str().unwrap().to_string()
+}
+
+struct Server {
+    child: Child,
+    url: String,
+    addr: String,
+    stdout: Arc<Mutex<String>>,
+    stderr_path: PathBuf,
+}
+
+impl Server {
+    fn start(dir: &Path, log_path: &Path) -> Server {
+        let stderr = std::fs::File::create(log_path).unwrap();
+        let mut child = keygate()
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir)
+            .env("KEYGATE_LOG", "trace")
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let collected = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = collected.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.strip_prefix("Keygate listening on ") {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
+                }
+                sink.lock().unwrap().push_str(&line);
+                sink.lock().unwrap().push('\n');
+            }
+        });
+        let url = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("server did not say where it listens");
+        let addr = url.trim_start_matches("http://").to_string();
+        Server {
+            child,
+            url,
+            addr,
+            stdout: collected,
+            stderr_path: log_path.to_path_buf(),
+        }
+    }
+
+    fn cli(&self, admin_key: &str, args: &[&str]) -> Output {
+        keygate()
+            .args(args)
+            .env("KEYGATE_URL", &self.url)
+            .env("KEYGATE_ADMIN_KEY", admin_key)
+            .output()
+            .unwrap()
+    }
+
+    fn json(&self, admin_key: &str, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.cli(admin_key, &all);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// `keygate verify --json`: exit 0 for a valid credential, 4 for any other decision.
+    fn decision(&self, admin_key: &str, args: &[&str]) -> Value {
+        let mut all = vec!["verify", "--json"];
+        all.extend_from_slice(args);
+        let out = self.cli(admin_key, &all);
+        let v: Value =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {}", stderr(&out)));
+        let expected = if v["valid"] == true { 0 } else { 4 };
+        assert_eq!(out.status.code(), Some(expected), "{v}");
+        v
+    }
+
+    /// A raw HTTP/1.1 GET, so the test sends exactly the headers it means to.
+    fn get(&self, path: &str, headers: &[(&str, &str)]) -> String {
+        let mut s = TcpStream::connect(&self.addr).unwrap();
+        let mut req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
+            self.addr
+        );
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes()).unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        resp
+    }
+
+    /// Stops with SIGTERM, as a service manager would, and returns (stdout, stderr).
+    fn stop(mut self) -> (String, String) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let exit = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(exit.success(), "graceful stop exits 0, got {exit}");
+        std::thread::sleep(Duration::from_millis(50));
+        let stdout = self.stdout.lock().unwrap().clone();
+        (stdout, std::fs::read_to_string(&self.stderr_path).unwrap())
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+#[test]
+fn init_prints_the_key_once_and_refuses_a_second_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let key = init(&dir);
+    assert!(key.starts_with("kg_live_"));
+
+    let again = keygate()
+        .args(["init", "--json", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        stderr(&again).contains("already initialised"),
+        "{}",
+        stderr(&again)
+    );
+    assert!(stdout(&again).is_empty());
+
+    let server = Server::start(&dir, &tmp.path().join("log"));
+    let keys = server.json(&key, &["keys", "list"]);
+    assert_eq!(
+        keys["items"].as_array().unwrap().len(),
+        1,
+        "the refused init created no second key"
+    );
+    let (out, _) = server.stop();
+    assert!(
+        !out.contains("Bootstrap admin key"),
+        "an initialised directory prints no new key"
+    );
+}
+
+#[test]
+fn walkthrough_with_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let admin = init(&dir);
+    let s = Server::start(&dir, &tmp.path().join("log"));
+
+    let consumer = s.json(
+        &admin,
+        &[
+            "consumers",
+            "create",
+            "--name",
+            "acme",
+            "--metadata",
+            r#"{"plan":"pro"}"#,
+        ],
+    );
+    let cid = consumer["id"].as_str().unwrap();
+    assert_eq!(consumer["metadata"]["plan"], "pro");
+    let listed = s.cli(&admin, &["consumers", "list"]);
+    assert!(
+        stdout(&listed).contains("NAME") && stdout(&listed).contains("acme"),
+        "{}",
+        stdout(&listed)
+    );
+    assert_eq!(s.json(&admin, &["consumers", "show", cid])["name"], "acme");
+    assert_eq!(
+        s.json(&admin, &["consumers", "update", cid, "--name", "acme2"])["name"],
+        "acme2"
+    );
+
+    let key = s.json(
+        &admin,
+        &[
+            "keys",
+            "create",
+            "--consumer",
+            cid,
+            "--name",
+            "prod",
+            "--scope",
+            "articles:read",
+            "--env",
+            "test",
+        ],
+    );
+    let kid = key["id"].as_str().unwrap().to_string();
+    let secret = key["key"].as_str().unwrap().to_string();
+    assert!(secret.starts_with("kg_test_"));
+    let human = s.cli(&admin, &["keys", "create", "--consumer", cid, "--name", "human"]);
+    assert!(
+        stdout(&human).contains("shown only this once"),
+        "{}",
+        stdout(&human)
+    );
+
+    let listed = s.cli(&admin, &["keys", "list", "--consumer", cid]);
+    assert!(stdout(&listed).contains(&secret[..12]), "{}", stdout(&listed));
+    assert!(!stdout(&listed).contains(&secret), "listing shows a secret");
+    assert_eq!(s.json(&admin, &["keys", "show", &kid])["name"], "prod");
+
+    let ok = s.cli(&admin, &["verify", &secret, "--scope", "articles:read"]);
+    assert_eq!(ok.status.code(), Some(0), "{}", stdout(&ok));
+    assert!(stdout(&ok).starts_with("VALID"));
+    let denied = s.cli(&admin, &["verify", &secret, "--scope", "articles:write"]);
+    assert_eq!(denied.status.code(), Some(4));
+    assert!(stdout(&denied).contains("INSUFFICIENT_SCOPE"));
+
+    s.json(&admin, &["keys", "update", &kid, "--scope", "articles:write"]);
+    assert_eq!(
+        s.cli(&admin, &["verify", &secret, "--scope", "articles:write"])
+            .status
+            .code(),
+        Some(0)
+    );
+    assert_eq!(s.json(&admin, &["keys", "disable", &kid])["status"], "disabled");
+    let d = s.decision(&admin, &[&secret]);
+    assert_eq!(d["code"], "DISABLED");
+    assert_eq!(s.json(&admin, &["keys", "enable", &kid])["status"], "active");
+
+    let rotated = s.json(&admin, &["keys", "rotate", &kid, "--overlap", "0"]);
+    let new_secret = rotated["key"].as_str().unwrap().to_string();
+    assert_eq!(s.decision(&admin, &[&secret])["code"], "EXPIRED");
+    assert_eq!(s.decision(&admin, &[&new_secret])["code"], "VALID");
+    assert_eq!(s.json(&admin, &["keys", "revoke", &kid])["status"], "revoked");
+    assert_eq!(s.cli(&admin, &["verify", &new_secret]).status.code(), Some(4));
+
+    assert_eq!(s.json(&admin, &["consumers", "disable", cid])["disabled"], true);
+    assert_eq!(s.json(&admin, &["consumers", "enable", cid])["disabled"], false);
+
+    let audit = s.json(&admin, &["audit", "--target", &kid]);
+    let actions: Vec<&str> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "key.revoke",
+            "key.rotate",
+            "key.enable",
+            "key.disable",
+            "key.update",
+            "key.create"
+        ]
+    );
+    let human = s.cli(&admin, &["audit"]);
+    assert!(stdout(&human).contains("ACTION"), "{}", stdout(&human));
+
+    // Failures: clear message, non-zero exit.
+    let missing = s.cli(&admin, &["keys", "show", "key_doesnotexist"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        stderr(&missing).contains("no key with id"),
+        "{}",
+        stderr(&missing)
+    );
+    let bad = s.cli(
+        &admin,
+        &[
+            "keys",
+            "create",
+            "--consumer",
+            cid,
+            "--name",
+            "x",
+            "--scope",
+            "has space",
+        ],
+    );
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(stderr(&bad).contains("validation_failed"), "{}", stderr(&bad));
+    let bad_meta = s.cli(
+        &admin,
+        &["consumers", "create", "--name", "x", "--metadata", "{nope"],
+    );
+    assert_eq!(bad_meta.status.code(), Some(1));
+    assert!(stderr(&bad_meta).contains("--metadata"), "{}", stderr(&bad_meta));
+    let no_key = keygate()
+        .args(["keys", "list"])
+        .env("KEYGATE_URL", &s.url)
+        .output()
+        .unwrap();
+    assert_eq!(no_key.status.code(), Some(1));
+    assert!(
+        stderr(&no_key).contains("KEYGATE_ADMIN_KEY"),
+        "{}",
+        stderr(&no_key)
+    );
+    let wrong_key = s.cli("kg_live_wrong", &["keys", "list"]);
+    assert_eq!(wrong_key.status.code(), Some(1));
+    assert!(
+        stderr(&wrong_key).contains("unauthorized"),
+        "{}",
+        stderr(&wrong_key)
+    );
+    let usage = s.cli(&admin, &["keys", "create"]);
+    assert_eq!(usage.status.code(), Some(2));
+    s.stop();
+
+    // The server is gone: exit 3 and a hint.
+    let unreachable = keygate()
+        .args(["consumers", "list"])
+        .env("KEYGATE_URL", "http://127.0.0.1:9")
+        .env("KEYGATE_ADMIN_KEY", &admin)
+        .output()
+        .unwrap();
+    assert_eq!(unreachable.status.code(), Some(3));
+    assert!(
+        stderr(&unreachable).contains("keygate serve"),
+        "{}",
+        stderr(&unreachable)
+    );
+}
+
+#[test]
+fn no_secret_reaches_the_logs_and_data_survives_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let log1 = tmp.path().join("log1");
+    // First start bootstraps and shows the admin key on standard output, once.
+    let s = Server::start(&dir, &log1);
+    std::thread::sleep(Duration::from_millis(100));
+    let out_so_far = s.stdout.lock().unwrap().clone();
+    let admin = out_so_far
+        .split_whitespace()
+        .find(|w| w.starts_with("kg_live_") && w.len() == 46)
+        .expect("bootstrap key on stdout")
+        .to_string();
+
+    let mut secrets = vec![admin.clone()];
+    let c = s.json(&admin, &["consumers", "create", "--name", "acme"]);
+    let cid = c["id"].as_str().unwrap();
+    let k = s.json(
+        &admin,
+        &["keys", "create", "--consumer", cid, "--name", "k", "--scope", "a"],
+    );
+    let kid = k["id"].as_str().unwrap().to_string();
+    secrets.push(k["key"].as_str().unwrap().to_string());
+    let r = s.json(&admin, &["keys", "rotate", &kid, "--overlap", "60"]);
+    secrets.push(r["key"].as_str().unwrap().to_string());
+    let k2 = s.json(&admin, &["keys", "create", "--consumer", cid, "--name", "k2"]);
+    secrets.push(k2["key"].as_str().unwrap().to_string());
+    for secret in &secrets[1..] {
+        s.decision(&admin, &[secret, "--scope", "a"]);
+        let resp = s.get("/v1/auth", &[("X-API-Key", secret)]);
+        assert!(resp.starts_with("HTTP/1.1 "), "{resp}");
+        s.get(
+            "/v1/auth?scope=a",
+            &[("Authorization", &format!("Bearer {secret}"))],
+        );
+    }
+    s.json(&admin, &["keys", "revoke", k2["id"].as_str().unwrap()]);
+    let (stdout1, stderr1) = s.stop();
+
+    // Restart: no new bootstrap key, everything still there.
+    let log2 = tmp.path().join("log2");
+    let s = Server::start(&dir, &log2);
+    assert_eq!(
+        s.decision(&admin, &[&secrets[2], "--scope", "a"])["code"],
+        "VALID"
+    );
+    assert_eq!(s.decision(&admin, &[&secrets[3]])["code"], "REVOKED");
+    let resp = s.get("/v1/auth", &[("X-API-Key", &secrets[2])]);
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let (stdout2, stderr2) = s.stop();
+
+    assert!(
+        stderr1.contains("TRACE") || stderr1.contains("DEBUG"),
+        "the log ran at full verbosity"
+    );
+    assert_eq!(
+        stdout1.matches(&admin).count(),
+        3,
+        "bootstrap key shown once (key, export line, curl line)"
+    );
+    assert!(!stdout2.contains("kg_live_"), "{stdout2}");
+    for secret in &secrets {
+        let body = &secret[12..];
+        assert!(
+            !stderr1.contains(body),
+            "a secret reached the log of the first run"
+        );
+        assert!(
+            !stderr2.contains(body),
+            "a secret reached the log of the second run"
+        );
+    }
+    for secret in &secrets[1..] {
+        assert!(
+            !stdout1.contains(&secret[12..]),
+            "a created secret reached stdout"
+        );
+    }
+}
+
+#[test]
+fn admin_key_recovery_and_config_handling() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let missing = keygate()
+        .args(["admin-key", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(stderr(&missing).contains("keygate init"), "{}", stderr(&missing));
+
+    init(&dir);
+    let out = keygate()
+        .args(["admin-key", "--json", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let recovered: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let recovered = recovered["admin_key"].as_str().unwrap();
+
+    // A config file sets the data directory; the flag sets the port.
+    let config = tmp.path().join("keygate.toml");
+    let default = keygate().arg("default-config").output().unwrap();
+    assert!(default.status.success());
+    let text = stdout(&default).replace(
+        "data_dir = \"keygate-data\"",
+        &format!("data_dir = {:?}", dir.display().to_string()),
+    );
+    std::fs::write(&config, text).unwrap();
+    let log = tmp.path().join("log");
+    let stderr_file = std::fs::File::create(&log).unwrap();
+    let mut child = keygate()
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(stderr_file)
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let url = first
+        .trim()
+        .strip_prefix("Keygate listening on ")
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let out = keygate()
+        .args(["keys", "list", "--json"])
+        .env("KEYGATE_URL", &url)
+        .env("KEYGATE_ADMIN_KEY", recovered)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["items"].as_array().unwrap().len(),
+        2,
+        "bootstrap and recovered admin keys"
+    );
+
+    // A second server on the same port fails clearly.
+    let addr = url.trim_start_matches("http://");
+    let clash = keygate()
+        .args(["serve", "--listen", addr, "--data-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(clash.status.code(), Some(1));
+    assert!(stderr(&clash).contains("--listen"), "{}", stderr(&clash));
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // A broken config file fails clearly.
+    std::fs::write(&config, "listen = 5\n").unwrap();
+    let bad = keygate()
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(stderr(&bad).contains("not valid"), "{}", stderr(&bad));
+}
