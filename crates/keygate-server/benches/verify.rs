@@ -1,1 +1,102 @@
-fn main() {}
+//! In-process micro-benchmarks of the verify hot path. Run: `cargo bench -p keygate-server --bench verify`.
+//!
+//! `sha256_secret` and `hashmap_lookup` are the baselines: the least any verify must do is hash the
+//! secret and probe a table. Compare the other rows with them (docs/BENCHMARKS.md).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark set-up fails loudly")]
+
+use std::collections::HashMap;
+
+use divan::{Bencher, black_box};
+use keygate_core::credential::parse;
+use keygate_core::{Environment, PlainSecret, SecretHash, SecretKind, scope};
+use keygate_server::verify::{CacheConfig, Lookup, Verifier};
+use keygate_server::{ServerConfig, bootstrap, open_store};
+
+fn main() {
+    divan::main();
+}
+
+struct Fixture {
+    verifier: Verifier,
+    valid: String,
+    unknown: String,
+    _dir: tempfile::TempDir,
+}
+
+fn fixture() -> Fixture {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ServerConfig { data_dir: dir.path().to_path_buf(), ..ServerConfig::default() };
+        let store = open_store(&config).await.unwrap();
+        let admin = bootstrap(store.as_ref()).await.unwrap().unwrap();
+        let verifier = Verifier::new(store, &CacheConfig::default());
+        let unknown = PlainSecret::generate(SecretKind::ApiKey(Environment::Live)).unwrap();
+        // Warm both caches, as a running server would be.
+        assert!(verifier.verify(admin.expose(), &[scope::VERIFY], 0).await.unwrap().is_valid());
+        verifier.verify(unknown.expose(), &[] as &[&str], 0).await.unwrap();
+        Fixture { verifier, valid: admin.expose().to_string(), unknown: unknown.expose().to_string(), _dir: dir }
+    })
+}
+
+#[divan::bench]
+fn sha256_secret(b: Bencher) {
+    let s = PlainSecret::generate(SecretKind::ApiKey(Environment::Live)).unwrap();
+    b.bench(|| SecretHash::of(black_box(s.expose())));
+}
+
+#[divan::bench]
+fn hashmap_lookup(b: Bencher) {
+    let s = PlainSecret::generate(SecretKind::ApiKey(Environment::Live)).unwrap();
+    let map: HashMap<SecretHash, u64> = (0..1000u64)
+        .map(|i| (SecretHash::of(&format!("{i}")), i))
+        .chain([(s.hash(), 7)])
+        .collect();
+    b.bench(|| map.get(&SecretHash::of(black_box(s.expose()))).copied());
+}
+
+#[divan::bench]
+fn parse_and_checksum(b: Bencher) {
+    let s = PlainSecret::generate(SecretKind::ApiKey(Environment::Live)).unwrap();
+    b.bench(|| parse(black_box(s.expose())).is_ok());
+}
+
+#[divan::bench]
+fn scope_check(b: Bencher) {
+    let granted: Vec<String> = ["articles:*", "users:read", "billing:read"].map(String::from).to_vec();
+    b.bench(|| scope::satisfies(black_box(&granted), black_box(&["articles:read", "users:read"])));
+}
+
+#[divan::bench]
+fn verify_cached_valid(b: Bencher) {
+    let f = fixture();
+    let required = [scope::VERIFY];
+    b.bench(|| match f.verifier.verify_cached(black_box(&f.valid), &required, 0) {
+        Lookup::Decided(d) => d.body().len(),
+        Lookup::Miss(_) => panic!("not cached"),
+    });
+}
+
+#[divan::bench]
+fn verify_cached_unknown(b: Bencher) {
+    let f = fixture();
+    b.bench(|| match f.verifier.verify_cached(black_box(&f.unknown), &[] as &[&str], 0) {
+        Lookup::Decided(d) => d.body().len(),
+        Lookup::Miss(_) => panic!("not cached"),
+    });
+}
+
+#[divan::bench]
+fn verify_malformed(b: Bencher) {
+    let f = fixture();
+    // Right prefix and length, wrong checksum: the most work a malformed key can cause.
+    let mut garbage = f.valid.clone().into_bytes();
+    garbage[10] = if garbage[10] == b'a' { b'b' } else { b'a' };
+    let garbage = String::from_utf8(garbage).unwrap();
+    b.bench(|| match f.verifier.verify_cached(black_box(&garbage), &[] as &[&str], 0) {
+        Lookup::Decided(d) => d.body().len(),
+        Lookup::Miss(_) => panic!("garbage reached the store"),
+    });
+}
+
