@@ -3,7 +3,11 @@
 //! `sha256_secret` and `hashmap_lookup` are the baselines: the least any verify must do is hash the
 //! secret and probe a table. Compare the other rows with them (docs/BENCHMARKS.md).
 
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark set-up fails loudly")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "benchmark set-up fails loudly"
+)]
 
 use std::collections::HashMap;
 
@@ -25,18 +29,38 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
-        let config = ServerConfig { data_dir: dir.path().to_path_buf(), ..ServerConfig::default() };
+        let config = ServerConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..ServerConfig::default()
+        };
         let store = open_store(&config).await.unwrap();
         let admin = bootstrap(store.as_ref()).await.unwrap().unwrap();
         let verifier = Verifier::new(store, &CacheConfig::default());
         let unknown = PlainSecret::generate(SecretKind::ApiKey(Environment::Live)).unwrap();
         // Warm both caches, as a running server would be.
-        assert!(verifier.verify(admin.expose(), &[scope::VERIFY], 0).await.unwrap().is_valid());
-        verifier.verify(unknown.expose(), &[] as &[&str], 0).await.unwrap();
-        Fixture { verifier, valid: admin.expose().to_string(), unknown: unknown.expose().to_string(), _dir: dir }
+        assert!(
+            verifier
+                .verify(admin.expose(), &[scope::VERIFY], 0)
+                .await
+                .unwrap()
+                .is_valid()
+        );
+        verifier
+            .verify(unknown.expose(), &[] as &[&str], 0)
+            .await
+            .unwrap();
+        Fixture {
+            verifier,
+            valid: admin.expose().to_string(),
+            unknown: unknown.expose().to_string(),
+            _dir: dir,
+        }
     })
 }
 
@@ -64,7 +88,9 @@ fn parse_and_checksum(b: Bencher) {
 
 #[divan::bench]
 fn scope_check(b: Bencher) {
-    let granted: Vec<String> = ["articles:*", "users:read", "billing:read"].map(String::from).to_vec();
+    let granted: Vec<String> = ["articles:*", "users:read", "billing:read"]
+        .map(String::from)
+        .to_vec();
     b.bench(|| scope::satisfies(black_box(&granted), black_box(&["articles:read", "users:read"])));
 }
 
@@ -72,19 +98,23 @@ fn scope_check(b: Bencher) {
 fn verify_cached_valid(b: Bencher) {
     let f = fixture();
     let required = [scope::VERIFY];
-    b.bench(|| match f.verifier.verify_cached(black_box(&f.valid), &required, 0) {
-        Lookup::Decided(d) => d.body().len(),
-        Lookup::Miss(_) => panic!("not cached"),
-    });
+    b.bench(
+        || match f.verifier.verify_cached(black_box(&f.valid), &required, 0) {
+            Lookup::Decided(d) => d.body().len(),
+            Lookup::Miss(_) => panic!("not cached"),
+        },
+    );
 }
 
 #[divan::bench]
 fn verify_cached_unknown(b: Bencher) {
     let f = fixture();
-    b.bench(|| match f.verifier.verify_cached(black_box(&f.unknown), &[] as &[&str], 0) {
-        Lookup::Decided(d) => d.body().len(),
-        Lookup::Miss(_) => panic!("not cached"),
-    });
+    b.bench(
+        || match f.verifier.verify_cached(black_box(&f.unknown), &[] as &[&str], 0) {
+            Lookup::Decided(d) => d.body().len(),
+            Lookup::Miss(_) => panic!("not cached"),
+        },
+    );
 }
 
 #[divan::bench]
@@ -94,9 +124,10 @@ fn verify_malformed(b: Bencher) {
     let mut garbage = f.valid.clone().into_bytes();
     garbage[10] = if garbage[10] == b'a' { b'b' } else { b'a' };
     let garbage = String::from_utf8(garbage).unwrap();
-    b.bench(|| match f.verifier.verify_cached(black_box(&garbage), &[] as &[&str], 0) {
-        Lookup::Decided(d) => d.body().len(),
-        Lookup::Miss(_) => panic!("garbage reached the store"),
-    });
+    b.bench(
+        || match f.verifier.verify_cached(black_box(&garbage), &[] as &[&str], 0) {
+            Lookup::Decided(d) => d.body().len(),
+            Lookup::Miss(_) => panic!("garbage reached the store"),
+        },
+    );
 }
-

@@ -1,0 +1,321 @@
+#!/usr/bin/env python3
+"""Keygate load benchmark: Keygate's HTTP hot paths against an nginx `return 200` baseline, in ONE run.
+
+    python3 bench/load.py                 # full run (about 6 minutes), results as a Markdown table
+    python3 bench/load.py --smoke         # a few seconds per target: checks that the harness works
+
+What it does, on a fresh machine: installs wrk and nginx from Debian's packages if they are missing (as
+root), builds Keygate in release mode, starts it on a temporary data directory and nginx on another port,
+seeds a consumer and keys, then measures each target at 1 and 32 connections for a bounded time,
+alternating targets within each round so that drift hits all of them alike. It prints requests/s, p50,
+p99, p99.9, errors and the ratio to the baseline measured in the same round, and exits non-zero if any
+request failed. Everything runs on loopback and stops by itself.
+"""
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import string
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import zlib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
+
+
+def log(msg):
+    print(f"[load] {msg}", file=sys.stderr, flush=True)
+
+
+def make_secret(prefix="kg_live_"):
+    """A well-formed Keygate secret (right prefix, length and checksum) that no server has issued."""
+    body = "".join(random.choice(BASE62) for _ in range(32))
+    crc = zlib.crc32((prefix + body).encode())
+    checksum = ""
+    for _ in range(6):
+        checksum = BASE62[crc % 62] + checksum
+        crc //= 62
+    return prefix + body + checksum
+
+
+def ensure_tools():
+    missing = [t for t in ("wrk", "nginx") if shutil.which(t) is None and not os.path.exists(f"/usr/sbin/{t}")]
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        sys.exit(f"missing {missing}: install them (apt-get install wrk nginx-light) or run as root")
+    log(f"installing {missing} from Debian's packages")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, stdout=subprocess.DEVNULL)
+    pkgs = ["wrk" if t == "wrk" else "nginx-light" for t in missing]
+    subprocess.run(["apt-get", "install", "-y", "-qq", *pkgs], check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def nginx_bin():
+    return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit(f"{url} did not come up within {timeout}s")
+
+
+def start_nginx(tmp, port):
+    conf = os.path.join(tmp, "nginx.conf")
+    for d in ("client", "proxy", "fastcgi", "uwsgi", "scgi"):
+        os.makedirs(os.path.join(tmp, d), exist_ok=True)
+    with open(conf, "w") as f:
+        f.write(f"""
+worker_processes auto;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/client;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ return 200 "ok"; }}
+    }}
+}}
+""")
+    proc = subprocess.Popen([nginx_bin(), "-c", conf, "-p", tmp], stderr=subprocess.DEVNULL)
+    wait_http(f"http://127.0.0.1:{port}/")
+    return proc
+
+
+class Keygate:
+    def __init__(self, binary, tmp, port):
+        self.data = os.path.join(tmp, "keygate-data")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")}
+        out = subprocess.run([binary, "init", "--json", "--data-dir", self.data], check=True, capture_output=True, env=env)
+        self.admin = json.loads(out.stdout)["admin_key"]
+        env["KEYGATE_LOG"] = "warn"
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            [binary, "serve", "--data-dir", self.data, "--listen", f"127.0.0.1:{port}"],
+            env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "keygate.log"), "w"))
+        wait_http(self.url + "/healthz")
+
+    def api(self, method, path, body=None):
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req.add_header("Authorization", f"Bearer {self.admin}")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(req, timeout=600) as r:
+            return json.loads(r.read())
+
+    def rss_mib(self):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+LUA_DONE = r"""
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'KG_RESULT {"requests":%d,"duration_us":%d,"p50_us":%d,"p99_us":%d,"p999_us":%d,"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d}\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), latency:percentile(99.9),
+    e.connect, e.read, e.write, e.status, e.timeout))
+end
+"""
+
+
+def lua_quote(s):
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_script(tmp, name, method="GET", path="/", headers=None, body=None, keys_file=None, body_template=None):
+    """A wrk script. With keys_file, each request takes the next key from the file (per thread)."""
+    headers = headers or {}
+    hdr = "{" + ", ".join(f"[{lua_quote(k)}] = {lua_quote(v)}" for k, v in headers.items()) + "}"
+    lines = [f"local headers = {hdr}"]
+    if keys_file:
+        lines.append(f"""
+local keys = {{}}
+for line in io.lines({lua_quote(keys_file)}) do keys[#keys + 1] = line end
+local i = math.random(#keys)
+request = function()
+  i = i % #keys + 1
+  return wrk.format({lua_quote(method)}, {lua_quote(path)}, headers, string.format({lua_quote(body_template)}, keys[i]))
+end
+""")
+    else:
+        b = lua_quote(body) if body is not None else "nil"
+        lines.append(f"local req = wrk.format({lua_quote(method)}, {lua_quote(path)}, headers, {b})")
+        lines.append("request = function() return req end")
+    lines.append(LUA_DONE)
+    p = os.path.join(tmp, f"{name}.lua")
+    with open(p, "w") as f:
+        f.write("\n".join(lines))
+    return p
+
+
+def run_wrk(url, script, conns, seconds):
+    threads = 1 if conns == 1 else 2
+    cmd = ["wrk", "-t", str(threads), "-c", str(conns), "-d", f"{seconds}s", "--timeout", "5s", "-s", script, url]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    for line in out.stdout.splitlines():
+        if line.startswith("KG_RESULT "):
+            r = json.loads(line[len("KG_RESULT "):])
+            r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+            r["errors"] = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
+            return r
+    sys.exit(f"wrk printed no result:\n{out.stdout}\n{out.stderr}")
+
+
+def fmt_us(us):
+    return f"{us / 1000:.2f} ms" if us >= 1000 else f"{us} µs"
+
+
+def machine():
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPUs ({model})"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=int, default=10, help="duration of each measurement (default 10)")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds over all targets (default 2); the median is reported")
+    ap.add_argument("--connections", default="1,32", help="comma-separated connection counts (default 1,32)")
+    ap.add_argument("--smoke", action="store_true", help="1-second runs, one round: checks that everything works")
+    ap.add_argument("--no-build", action="store_true", help="use target/release/keygate as it is")
+    ap.add_argument("--json", help="also write the results to this file")
+    args = ap.parse_args()
+    if args.smoke:
+        args.seconds, args.rounds = 1, 1
+    conns_list = [int(c) for c in args.connections.split(",")]
+
+    ensure_tools()
+    binary = os.path.join(ROOT, "target", "release", "keygate")
+    if not args.no_build:
+        log("building Keygate (release)")
+        subprocess.run(["cargo", "build", "--release", "--locked", "-p", "keygate"], cwd=ROOT, check=True)
+
+    tmp = tempfile.mkdtemp(prefix="keygate-load-")
+    nginx = kg = None
+    try:
+        nginx_port, kg_port = free_port(), free_port()
+        nginx = start_nginx(tmp, nginx_port)
+        kg = Keygate(binary, tmp, kg_port)
+        log(f"keygate on {kg.url}, nginx on 127.0.0.1:{nginx_port}; data in {tmp}")
+
+        consumer = kg.api("POST", "/v1/consumers", {"name": "load"})
+        key = kg.api("POST", "/v1/keys", {"consumer_id": consumer["id"], "name": "load", "scopes": ["articles:read"]})
+        secret = key["key"]
+        unknown_file = os.path.join(tmp, "unknown-keys.txt")
+        with open(unknown_file, "w") as f:
+            for _ in range(200_000):
+                f.write(make_secret() + "\n")
+        malformed = secret[:-1] + ("a" if secret[-1] != "a" else "b")
+
+        auth = {"Authorization": f"Bearer {kg.admin}", "Content-Type": "application/json"}
+        targets = [
+            ("nginx return 200 (baseline)", f"http://127.0.0.1:{nginx_port}", write_script(tmp, "nginx")),
+            ("POST /v1/verify, valid key", kg.url, write_script(
+                tmp, "verify_valid", "POST", "/v1/verify", auth,
+                json.dumps({"credential": secret, "scopes": ["articles:read"]}))),
+            ("POST /v1/verify, unknown key (200k distinct)", kg.url, write_script(
+                tmp, "verify_unknown", "POST", "/v1/verify", auth, keys_file=unknown_file,
+                body_template='{"credential":"%s"}')),
+            ("POST /v1/verify, malformed key", kg.url, write_script(
+                tmp, "verify_malformed", "POST", "/v1/verify", auth, json.dumps({"credential": malformed}))),
+            ("GET /v1/auth, valid key", kg.url, write_script(
+                tmp, "auth_valid", "GET", "/v1/auth?scope=articles:read", {"X-API-Key": secret})),
+        ]
+
+        results = {}  # (target, conns) -> list of runs
+        for rnd in range(args.rounds):
+            for conns in conns_list:
+                baseline = None
+                for name, url, script in targets:
+                    r = run_wrk(url, script, conns, args.seconds)
+                    if baseline is None:
+                        baseline = r["rps"]
+                    r["ratio"] = r["rps"] / baseline if baseline else float("nan")
+                    results.setdefault((name, conns), []).append(r)
+                    log(f"round {rnd + 1} c={conns:<3} {name:<46} {r['rps']:>9.0f} req/s  "
+                        f"p99 {fmt_us(r['p99_us'])}  ratio {r['ratio']:.2f}  errors {r['errors']}")
+        rss = kg.rss_mib()
+
+        print(f"\nMachine: {machine()}; {args.rounds} round(s) of {args.seconds} s per target; "
+              f"wrk on the same machine; Keygate RSS after the run: {rss:.0f} MiB\n")
+        print("| target | conns | req/s | p50 | p99 | p99.9 | errors | vs baseline |")
+        print("|---|---|---|---|---|---|---|---|")
+        failed = False
+        summary = []
+        for conns in conns_list:
+            for name, _, _ in targets:
+                runs = results[(name, conns)]
+                med = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
+                ratio = statistics.median(r["ratio"] for r in runs)
+                errors = sum(r["errors"] for r in runs)
+                failed |= errors > 0
+                print(f"| {name} | {conns} | {med['rps']:,.0f} | {fmt_us(med['p50_us'])} | {fmt_us(med['p99_us'])} | "
+                      f"{fmt_us(med['p999_us'])} | {errors} | {ratio:.2f}× |")
+                summary.append({"target": name, "connections": conns, "rps": med["rps"], "p50_us": med["p50_us"],
+                                "p99_us": med["p99_us"], "p999_us": med["p999_us"], "errors": errors, "ratio": ratio})
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"machine": machine(), "rss_mib": rss, "results": summary}, f, indent=2)
+        if failed:
+            print("\nFAILED: some requests errored (see the errors column)", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        if kg:
+            kg.stop()
+        if nginx:
+            nginx.terminate()
+            nginx.wait(timeout=10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
