@@ -180,7 +180,9 @@ end
 """)
     else:
         b = lua_quote(body) if body is not None else "nil"
-        lines.append(f"local req = wrk.format({lua_quote(method)}, {lua_quote(path)}, headers, {b})")
+        # Built in init(): only then does wrk know the Host header to add.
+        lines.append("local req")
+        lines.append(f"init = function(args) req = wrk.format({lua_quote(method)}, {lua_quote(path)}, headers, {b}) end")
         lines.append("request = function() return req end")
     lines.append(LUA_DONE)
     p = os.path.join(tmp, f"{name}.lua")
@@ -281,7 +283,9 @@ def main():
                     r["ratio"] = r["rps"] / baseline if baseline else float("nan")
                     results.setdefault((name, conns), []).append(r)
                     log(f"round {rnd + 1} c={conns:<3} {name:<46} {r['rps']:>9.0f} req/s  "
-                        f"p99 {fmt_us(r['p99_us'])}  ratio {r['ratio']:.2f}  errors {r['errors']}")
+                        f"p99 {fmt_us(r['p99_us'])}  ratio {r['ratio']:.2f}  errors {r['errors']} "
+                        f"(connect {r['connect']}, read {r['read']}, write {r['write']}, "
+                        f"non-2xx {r['status']}, timeout {r['timeout']})")
         rss = kg.rss_mib()
 
         print(f"\nMachine: {machine()}; {args.rounds} round(s) of {args.seconds} s per target; "

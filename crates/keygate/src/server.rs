@@ -21,6 +21,14 @@ fn init_logging(format: LogFormat) {
     };
 }
 
+/// Prints to stdout, ignoring a closed stdout: a server must not die because nobody reads its banner.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 fn fail(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("error: {message}");
     ExitCode::from(1)
@@ -56,11 +64,11 @@ pub async fn serve(args: &ServerArgs) -> ExitCode {
         }
     };
     let addr = listener.local_addr().unwrap_or(config.listen);
-    println!(
+    say!(
         "Keygate listening on http://{addr} (data in {})",
         config.data_dir.display()
     );
-    println!("API docs: http://{addr}/docs");
+    say!("API docs: http://{addr}/docs");
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "keygate started");
     let state = AppState::new(store.clone(), config);
     let result = launch(state, listener, shutdown_signal()).await;
@@ -76,7 +84,7 @@ pub async fn serve(args: &ServerArgs) -> ExitCode {
 
 fn print_bootstrap(config: &ServerConfig, secret: &PlainSecret) {
     // The one time the bootstrap secret is shown. It goes to standard output, never to the log.
-    println!(
+    say!(
         "\nKeygate initialised {dir}.\n\
          Bootstrap admin key (shown only this once; store it now):\n\n    {key}\n\n\
          Use it with the CLI:   export KEYGATE_ADMIN_KEY={key}\n\
@@ -135,14 +143,14 @@ pub async fn init(args: &ServerArgs, json: bool) -> ExitCode {
     match result {
         Ok(Some(secret)) => {
             if json {
-                println!("{}", serde_json::json!({"admin_key": secret.expose()}));
+                say!("{}", serde_json::json!({"admin_key": secret.expose()}));
             } else {
-                println!("Initialised {}.", config.data_dir.display());
-                println!(
+                say!("Initialised {}.", config.data_dir.display());
+                say!(
                     "Bootstrap admin key (shown only this once; store it now):\n\n    {}\n",
                     secret.expose()
                 );
-                println!(
+                say!(
                     "Start the server with `keygate serve --data-dir {}`.",
                     config.data_dir.display()
                 );
@@ -191,9 +199,9 @@ pub async fn admin_key(args: &ServerArgs, name: &str, json: bool) -> ExitCode {
     match result {
         Ok((id, secret)) => {
             if json {
-                println!("{}", serde_json::json!({"id": id, "admin_key": secret.expose()}));
+                say!("{}", serde_json::json!({"id": id, "admin_key": secret.expose()}));
             } else {
-                println!(
+                say!(
                     "New admin key {id} (shown only this once):\n\n    {}\n",
                     secret.expose()
                 );

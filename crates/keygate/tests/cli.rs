@@ -497,10 +497,12 @@ fn admin_key_recovery_and_config_handling() {
         .stderr(stderr_file)
         .spawn()
         .unwrap();
+    // Read the first line, then close the pipe: a server whose stdout goes away must keep serving.
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
     let mut first = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
+    reader.read_line(&mut first).unwrap();
+    drop(reader);
+    std::thread::sleep(Duration::from_millis(100));
     let url = first
         .trim()
         .strip_prefix("Keygate listening on ")
