@@ -131,10 +131,7 @@ pub fn visible_start(secret: &str) -> String {
     let body = &secret[body_start..];
     // Show at most a quarter of the body, so a short imported secret never shows most of itself.
     let shown = VISIBLE_LEN.min(body.chars().count() / 4);
-    let end = body
-        .char_indices()
-        .nth(shown)
-        .map_or(secret.len(), |(i, _)| body_start + i);
+    let end = body.char_indices().nth(shown).map_or(secret.len(), |(i, _)| body_start + i);
     secret[..end].to_string()
 }
 
@@ -219,11 +216,7 @@ pub fn parse(secret: &str) -> Result<ParsedSecret, CredentialError> {
     }
     let bytes = secret.as_bytes();
     let (head, checksum) = bytes.split_at(bytes.len() - CHECKSUM_LEN);
-    if !head[prefix.len()..]
-        .iter()
-        .chain(checksum)
-        .all(u8::is_ascii_alphanumeric)
-    {
+    if !head[prefix.len()..].iter().chain(checksum).all(u8::is_ascii_alphanumeric) {
         return Err(CredentialError::BadCharacter);
     }
     let mut expected = [0u8; CHECKSUM_LEN];
@@ -284,15 +277,9 @@ mod tests {
         assert_ne!(a, b);
         assert!(a.expose().starts_with("kg_live_"));
         assert_eq!(a.expose().len(), 8 + RANDOM_LEN + CHECKSUM_LEN);
-        assert_eq!(
-            parse(a.expose()).unwrap().kind,
-            SecretKind::ApiKey(Environment::Live)
-        );
+        assert_eq!(parse(a.expose()).unwrap().kind, SecretKind::ApiKey(Environment::Live));
         let t = PlainSecret::generate(SecretKind::ApiKey(Environment::Test)).unwrap();
-        assert_eq!(
-            parse(t.expose()).unwrap().kind,
-            SecretKind::ApiKey(Environment::Test)
-        );
+        assert_eq!(parse(t.expose()).unwrap().kind, SecretKind::ApiKey(Environment::Test));
     }
 
     #[test]

@@ -20,10 +20,16 @@ pub enum DecisionCode {
     Disabled,
     /// The credential is good but lacks a required scope.
     InsufficientScope,
+    /// The request comes from an address outside the key's allow-list.
+    IpNotAllowed,
+    /// A rate limit of the key is exhausted; `rate_limit.reset` says when it frees up.
+    RateLimited,
+    /// The key's quota is used up.
+    QuotaExceeded,
 }
 
 impl DecisionCode {
-    pub const ALL: [DecisionCode; 7] = [
+    pub const ALL: [DecisionCode; 10] = [
         DecisionCode::Valid,
         DecisionCode::Malformed,
         DecisionCode::NotFound,
@@ -31,6 +37,9 @@ impl DecisionCode {
         DecisionCode::Revoked,
         DecisionCode::Disabled,
         DecisionCode::InsufficientScope,
+        DecisionCode::IpNotAllowed,
+        DecisionCode::RateLimited,
+        DecisionCode::QuotaExceeded,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -42,12 +51,19 @@ impl DecisionCode {
             DecisionCode::Revoked => "REVOKED",
             DecisionCode::Disabled => "DISABLED",
             DecisionCode::InsufficientScope => "INSUFFICIENT_SCOPE",
+            DecisionCode::IpNotAllowed => "IP_NOT_ALLOWED",
+            DecisionCode::RateLimited => "RATE_LIMITED",
+            DecisionCode::QuotaExceeded => "QUOTA_EXCEEDED",
         }
     }
 
     /// A stable small index, for per-code counters.
     pub fn index(self) -> usize {
         self as usize
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == s)
     }
 
     /// A sentence for people reading a decision.
@@ -60,6 +76,11 @@ impl DecisionCode {
             DecisionCode::Revoked => "the credential has been revoked",
             DecisionCode::Disabled => "the credential or its consumer is disabled",
             DecisionCode::InsufficientScope => "the credential lacks a required scope",
+            DecisionCode::IpNotAllowed => {
+                "the request comes from an address the credential may not be used from"
+            }
+            DecisionCode::RateLimited => "the credential's rate limit is exhausted; retry after the reset",
+            DecisionCode::QuotaExceeded => "the credential's quota is used up",
         }
     }
 }

@@ -7,6 +7,7 @@
 pub mod credential;
 pub mod decision;
 pub mod id;
+pub mod limits;
 pub mod scope;
 pub mod validate;
 

@@ -36,13 +36,8 @@ pub fn validate_scope(scope: &str) -> Result<(), ScopeError> {
     if scope.len() > MAX_SCOPE_LEN {
         return Err(ScopeError::TooLong);
     }
-    if !scope
-        .bytes()
-        .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b))
-    {
-        return Err(ScopeError::BadCharacter(
-            scope.chars().take(MAX_SCOPE_LEN).collect(),
-        ));
+    if !scope.bytes().all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b)) {
+        return Err(ScopeError::BadCharacter(scope.chars().take(MAX_SCOPE_LEN).collect()));
     }
     Ok(())
 }
@@ -77,18 +72,12 @@ pub fn covers(granted: &str, required: &str) -> bool {
 
 /// Do the granted scopes cover every required scope?
 pub fn satisfies<S: AsRef<str>>(granted: &[String], required: &[S]) -> bool {
-    required
-        .iter()
-        .all(|r| granted.iter().any(|g| covers(g, r.as_ref())))
+    required.iter().all(|r| granted.iter().any(|g| covers(g, r.as_ref())))
 }
 
 /// The required scopes that the granted ones do not cover.
 pub fn missing<'a, S: AsRef<str>>(granted: &[String], required: &'a [S]) -> Vec<&'a str> {
-    required
-        .iter()
-        .map(AsRef::as_ref)
-        .filter(|r| !granted.iter().any(|g| covers(g, r)))
-        .collect()
+    required.iter().map(AsRef::as_ref).filter(|r| !granted.iter().any(|g| covers(g, r))).collect()
 }
 
 #[cfg(test)]
@@ -104,10 +93,7 @@ mod tests {
         assert!(!satisfies(&granted, &["articles:"]));
         assert!(!satisfies(&granted, &["articlesx"]));
         assert!(satisfies::<&str>(&granted, &[]));
-        assert_eq!(
-            missing(&granted, &["users:write", "articles:x"]),
-            vec!["users:write"]
-        );
+        assert_eq!(missing(&granted, &["users:write", "articles:x"]), vec!["users:write"]);
     }
 
     #[test]

@@ -3,19 +3,17 @@
 //! `sha256_secret` and `hashmap_lookup` are the baselines: the least any verify must do is hash the
 //! secret and probe a table. Compare the other rows with them (docs/BENCHMARKS.md).
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "benchmark set-up fails loudly"
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark set-up fails loudly")]
 
 use std::collections::HashMap;
 
 use divan::{Bencher, black_box};
 use keygate_core::credential::parse;
+use keygate_core::limits::{Quota, RateLimit};
 use keygate_core::{Environment, PlainSecret, SecretHash, SecretKind, scope};
-use keygate_server::verify::{CacheConfig, Lookup, Verifier};
+use keygate_server::verify::{CacheConfig, Context, Lookup, Verifier};
 use keygate_server::{ServerConfig, bootstrap, open_store};
+use keygate_store::{ApiKey, KeySecret, NewAudit, Store};
 
 fn main() {
     divan::main();
@@ -24,40 +22,68 @@ fn main() {
 struct Fixture {
     verifier: Verifier,
     valid: String,
+    /// A key with two rate limits and a quota, none of which run out during the benchmark.
+    limited: String,
     unknown: String,
     _dir: tempfile::TempDir,
 }
 
 fn fixture() -> Fixture {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
-        let config = ServerConfig {
-            data_dir: dir.path().to_path_buf(),
-            ..ServerConfig::default()
-        };
+        let config = ServerConfig { data_dir: dir.path().to_path_buf(), ..ServerConfig::default() };
         let store = open_store(&config).await.unwrap();
         let admin = bootstrap(store.as_ref()).await.unwrap().unwrap();
-        let verifier = Verifier::new(store, &CacheConfig::default());
+        let limited = PlainSecret::generate(SecretKind::ApiKey(Environment::Live)).unwrap();
+        let consumer = store.system_consumer_id().await.unwrap().unwrap();
+        let mut key = ApiKey::new(
+            "key_limited".into(),
+            consumer,
+            "limited".into(),
+            Environment::Live,
+            vec![scope::VERIFY.into()],
+            serde_json::json!({}),
+            None,
+            limited.visible_start(),
+            0,
+        );
+        key.rate_limits = Some(vec![
+            RateLimit { name: "per_second".into(), limit: 1_000_000_000, window_seconds: 1 },
+            RateLimit { name: "per_day".into(), limit: 1_000_000_000, window_seconds: 86_400 },
+        ]);
+        key.quota = Some(Quota { remaining: 1_000_000_000, refill: None });
+        let secret = KeySecret {
+            hash: limited.hash(),
+            key_id: key.id.clone(),
+            start: key.start.clone(),
+            created_at: 0,
+            expires_at: None,
+        };
+        let audit = NewAudit {
+            id: "evt_bench".into(),
+            at: 0,
+            actor: "bench".into(),
+            action: "key.create".into(),
+            target_type: "key".into(),
+            target_id: key.id.clone(),
+            ip: None,
+            details: serde_json::json!({}),
+        };
+        store.insert_key(&key, &secret, &audit).await.unwrap();
+        let verifier = Verifier::new(store.clone(), &CacheConfig::default());
+        verifier.known.follow(store.as_ref()).await.unwrap();
+        assert!(
+            verifier.verify(limited.expose(), &[scope::VERIFY], Context::at(0)).await.unwrap().is_valid()
+        );
         let unknown = PlainSecret::generate(SecretKind::ApiKey(Environment::Live)).unwrap();
         // Warm both caches, as a running server would be.
-        assert!(
-            verifier
-                .verify(admin.expose(), &[scope::VERIFY], 0)
-                .await
-                .unwrap()
-                .is_valid()
-        );
-        verifier
-            .verify(unknown.expose(), &[] as &[&str], 0)
-            .await
-            .unwrap();
+        assert!(verifier.verify(admin.expose(), &[scope::VERIFY], Context::at(0)).await.unwrap().is_valid());
+        verifier.verify(unknown.expose(), &[] as &[&str], Context::at(0)).await.unwrap();
         Fixture {
             verifier,
             valid: admin.expose().to_string(),
+            limited: limited.expose().to_string(),
             unknown: unknown.expose().to_string(),
             _dir: dir,
         }
@@ -73,10 +99,8 @@ fn sha256_secret(b: Bencher) {
 #[divan::bench]
 fn hashmap_lookup(b: Bencher) {
     let s = PlainSecret::generate(SecretKind::ApiKey(Environment::Live)).unwrap();
-    let map: HashMap<SecretHash, u64> = (0..1000u64)
-        .map(|i| (SecretHash::of(&format!("{i}")), i))
-        .chain([(s.hash(), 7)])
-        .collect();
+    let map: HashMap<SecretHash, u64> =
+        (0..1000u64).map(|i| (SecretHash::of(&format!("{i}")), i)).chain([(s.hash(), 7)]).collect();
     b.bench(|| map.get(&SecretHash::of(black_box(s.expose()))).copied());
 }
 
@@ -88,9 +112,7 @@ fn parse_and_checksum(b: Bencher) {
 
 #[divan::bench]
 fn scope_check(b: Bencher) {
-    let granted: Vec<String> = ["articles:*", "users:read", "billing:read"]
-        .map(String::from)
-        .to_vec();
+    let granted: Vec<String> = ["articles:*", "users:read", "billing:read"].map(String::from).to_vec();
     b.bench(|| scope::satisfies(black_box(&granted), black_box(&["articles:read", "users:read"])));
 }
 
@@ -98,23 +120,30 @@ fn scope_check(b: Bencher) {
 fn verify_cached_valid(b: Bencher) {
     let f = fixture();
     let required = [scope::VERIFY];
-    b.bench(
-        || match f.verifier.verify_cached(black_box(&f.valid), &required, 0) {
-            Lookup::Decided(d) => d.body().len(),
-            Lookup::Miss(_) => panic!("not cached"),
-        },
-    );
+    b.bench(|| match f.verifier.verify_cached(black_box(&f.valid), &required, Context::at(0)) {
+        Lookup::Decided(d) => d.body().len(),
+        Lookup::Miss(_) => panic!("not cached"),
+    });
+}
+
+/// Rate limits, quota and usage counting on: the goal is within 10% of `verify_cached_valid`.
+#[divan::bench]
+fn verify_cached_limited(b: Bencher) {
+    let f = fixture();
+    let required = [scope::VERIFY];
+    b.bench(|| match f.verifier.verify_cached(black_box(&f.limited), &required, Context::at(1)) {
+        Lookup::Decided(d) => d.body().len(),
+        Lookup::Miss(_) => panic!("not cached"),
+    });
 }
 
 #[divan::bench]
 fn verify_cached_unknown(b: Bencher) {
     let f = fixture();
-    b.bench(
-        || match f.verifier.verify_cached(black_box(&f.unknown), &[] as &[&str], 0) {
-            Lookup::Decided(d) => d.body().len(),
-            Lookup::Miss(_) => panic!("not cached"),
-        },
-    );
+    b.bench(|| match f.verifier.verify_cached(black_box(&f.unknown), &[] as &[&str], Context::at(0)) {
+        Lookup::Decided(d) => d.body().len(),
+        Lookup::Miss(_) => panic!("not cached"),
+    });
 }
 
 #[divan::bench]
@@ -124,10 +153,8 @@ fn verify_malformed(b: Bencher) {
     let mut garbage = f.valid.clone().into_bytes();
     garbage[10] = if garbage[10] == b'a' { b'b' } else { b'a' };
     let garbage = String::from_utf8(garbage).unwrap();
-    b.bench(
-        || match f.verifier.verify_cached(black_box(&garbage), &[] as &[&str], 0) {
-            Lookup::Decided(d) => d.body().len(),
-            Lookup::Miss(_) => panic!("garbage reached the store"),
-        },
-    );
+    b.bench(|| match f.verifier.verify_cached(black_box(&garbage), &[] as &[&str], Context::at(0)) {
+        Lookup::Decided(d) => d.body().len(),
+        Lookup::Miss(_) => panic!("garbage reached the store"),
+    });
 }

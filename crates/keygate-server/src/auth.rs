@@ -3,7 +3,7 @@
 //! An admin route needs a key with `keygate:admin`; `/v1/verify` needs `keygate:verify` (which
 //! `keygate:admin` covers). The credential comes from `Authorization: Bearer <key>` or `X-API-Key`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, FromRequestParts};
@@ -11,16 +11,15 @@ use axum::http::HeaderMap;
 use axum::http::request::Parts;
 use keygate_core::{DecisionCode, scope};
 
+use crate::client::client_ip;
 use crate::error::{ApiError, ErrorCode};
 use crate::state::AppState;
 use crate::time::now_ms;
+use crate::verify::Context;
 
 /// The credential presented in a request's headers, if any.
 pub fn presented_credential(headers: &HeaderMap) -> Option<&str> {
-    if let Some(v) = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
+    if let Some(v) = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
         let v = v.trim();
         if let Some((scheme, token)) = v.split_once(' ')
             && scheme.eq_ignore_ascii_case("bearer")
@@ -28,52 +27,64 @@ pub fn presented_credential(headers: &HeaderMap) -> Option<&str> {
             return Some(token.trim());
         }
     }
-    headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
+    headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim)
 }
 
 /// The peer address of the request, if the server recorded one.
-pub fn peer_ip(parts: &Parts) -> Option<String> {
-    parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|ci| ci.0.ip().to_string())
+pub fn peer_ip(parts: &Parts) -> Option<IpAddr> {
+    parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|ci| ci.0.ip())
+}
+
+/// The client's address: the peer, or behind a trusted proxy the address it forwarded.
+pub struct ClientIp(pub Option<IpAddr>);
+
+impl FromRequestParts<Arc<AppState>> for ClientIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+        Ok(ClientIp(client_ip(peer_ip(parts), &parts.headers, &state.config.trusted_proxies)))
+    }
 }
 
 /// An authenticated caller: the key it used, and where it called from.
 #[derive(Debug, Clone)]
 pub struct Actor {
     pub key_id: String,
-    pub ip: Option<String>,
+    pub ip: Option<IpAddr>,
 }
 
 async fn authenticate(parts: &Parts, state: &AppState, permission: &str) -> Result<Actor, ApiError> {
+    let ip = client_ip(peer_ip(parts), &parts.headers, &state.config.trusted_proxies);
+    let now = now_ms();
+    if let Some(retry) = state.throttle.blocked(ip, now) {
+        return Err(ApiError::throttled(retry));
+    }
     let Some(secret) = presented_credential(&parts.headers) else {
         return Err(ApiError::new(
             ErrorCode::Unauthorized,
             "this route needs a Keygate credential: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
         ));
     };
-    let decision = state.verifier.verify(secret, &[permission], now_ms()).await?;
+    let decision = state.verifier.verify(secret, &[permission], Context { ip, cost: 0, now_ms: now }).await?;
     match (decision.code, decision.key) {
-        (DecisionCode::Valid, Some(key)) => Ok(Actor {
-            key_id: key.key_id.clone(),
-            ip: peer_ip(parts),
-        }),
+        (DecisionCode::Valid, Some(key)) => Ok(Actor { key_id: key.key_id.clone(), ip }),
         (DecisionCode::InsufficientScope, _) => Err(ApiError::new(
             ErrorCode::Forbidden,
             format!("the credential is valid but lacks the '{permission}' permission; use an admin key"),
         )),
-        (code, _) => Err(ApiError::new(
-            ErrorCode::Unauthorized,
-            format!(
-                "the credential in the request header was rejected: {} ({})",
-                code.as_str(),
-                code.message()
-            ),
-        )),
+        (code, _) => {
+            if matches!(code, DecisionCode::Malformed | DecisionCode::NotFound) {
+                state.throttle.record_failure(ip, now);
+            }
+            Err(ApiError::new(
+                ErrorCode::Unauthorized,
+                format!(
+                    "the credential in the request header was rejected: {} ({})",
+                    code.as_str(),
+                    code.message()
+                ),
+            ))
+        }
     }
 }
 

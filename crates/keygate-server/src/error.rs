@@ -41,6 +41,8 @@ pub enum ErrorCode {
     UnsupportedMediaType,
     /// 422: a field has a value Keygate cannot accept; `field` names it.
     ValidationFailed,
+    /// 429: this address made too many failed credential checks; retry after `Retry-After` seconds.
+    TooManyFailures,
     /// 503: the database is busy, locked, full or unreachable; nothing was changed. Retry later.
     StorageUnavailable,
     /// 500: a bug. The response carries no detail; the server log has it.
@@ -61,6 +63,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::ValidationFailed => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::TooManyFailures => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::StorageUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -81,17 +84,15 @@ pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
     pub field: Option<String>,
+    /// Seconds, for `Retry-After`.
+    pub retry_after: Option<u64>,
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ApiError {
-            code,
-            message: message.into(),
-            field: None,
-        }
+        ApiError { code, message: message.into(), field: None, retry_after: None }
     }
 
     pub fn invalid(field: &str, message: impl std::fmt::Display) -> Self {
@@ -99,6 +100,7 @@ impl ApiError {
             code: ErrorCode::ValidationFailed,
             message: format!("{field}: {message}"),
             field: Some(field.into()),
+            retry_after: None,
         }
     }
 
@@ -108,12 +110,21 @@ impl ApiError {
         ApiError::new(ErrorCode::NotFound, format!("no {what} with id {shown:?}"))
     }
 
+    /// 429 for an address that spent its failed-attempt budget.
+    pub fn throttled(retry_after_ms: i64) -> Self {
+        let secs = (retry_after_ms.max(0) as u64).div_ceil(1000).max(1);
+        ApiError {
+            retry_after: Some(secs),
+            ..ApiError::new(
+                ErrorCode::TooManyFailures,
+                format!("too many failed credential checks from this address; retry in {secs} s"),
+            )
+        }
+    }
+
     pub fn internal(context: &str, err: impl std::fmt::Display) -> Self {
         tracing::error!(error = %err, "{context}");
-        ApiError::new(
-            ErrorCode::Internal,
-            "internal error; the server log has the details",
-        )
+        ApiError::new(ErrorCode::Internal, "internal error; the server log has the details")
     }
 }
 
@@ -129,10 +140,7 @@ impl From<StoreError> for ApiError {
             }
             StoreError::Conflict(detail) => {
                 tracing::warn!(%detail, "store conflict");
-                ApiError::new(
-                    ErrorCode::Conflict,
-                    "the request conflicts with stored data; retry it",
-                )
+                ApiError::new(ErrorCode::Conflict, "the request conflicts with stored data; retry it")
             }
             other => ApiError::internal("store error", other),
         }
@@ -142,24 +150,24 @@ impl From<StoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.code.status();
-        let body = ErrorBody {
-            code: self.code,
-            message: self.message,
-            field: self.field,
-        };
+        let retry_after = self.retry_after;
+        let body = ErrorBody { code: self.code, message: self.message, field: self.field };
         let mut resp = (status, axum::Json(body)).into_response();
         let headers = resp.headers_mut();
         match self.code {
             ErrorCode::Unauthorized => {
-                headers.insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer realm=\"keygate\""),
-                );
+                headers
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"keygate\""));
             }
             ErrorCode::StorageUnavailable => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
+        }
+        if let Some(secs) = retry_after
+            && let Ok(v) = HeaderValue::from_str(&secs.to_string())
+        {
+            headers.insert(header::RETRY_AFTER, v);
         }
         resp
     }
@@ -185,19 +193,17 @@ where
 
 fn json_rejection(r: JsonRejection) -> ApiError {
     match r {
-        JsonRejection::JsonSyntaxError(e) => ApiError::new(
-            ErrorCode::MalformedJson,
-            format!("the body is not valid JSON: {}", e.body_text()),
-        ),
+        JsonRejection::JsonSyntaxError(e) => {
+            ApiError::new(ErrorCode::MalformedJson, format!("the body is not valid JSON: {}", e.body_text()))
+        }
         JsonRejection::JsonDataError(e) => ApiError::new(ErrorCode::InvalidRequest, e.body_text()),
         JsonRejection::MissingJsonContentType(_) => ApiError::new(
             ErrorCode::UnsupportedMediaType,
             "send the body as JSON with the header 'Content-Type: application/json'",
         ),
-        other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
-            ErrorCode::PayloadTooLarge,
-            "the body is larger than the server accepts",
-        ),
+        other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::new(ErrorCode::PayloadTooLarge, "the body is larger than the server accepts")
+        }
         other => ApiError::new(ErrorCode::InvalidRequest, other.body_text()),
     }
 }

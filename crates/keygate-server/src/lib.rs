@@ -2,10 +2,12 @@
 //! [`launch`] on a listener they bound themselves (tests bind port 0).
 
 pub mod auth;
+pub mod client;
 pub mod error;
 pub mod metrics;
 pub mod openapi;
 pub mod routes;
+pub mod runtime;
 pub mod state;
 pub mod time;
 pub mod verify;
@@ -38,15 +40,9 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
         .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::ApiDoc::openapi()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            count_requests,
-        ))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests))
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(TimeoutLayer::with_status_code(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            timeout,
-        ))
+        .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::SERVICE_UNAVAILABLE, timeout))
         .layer(CatchPanicLayer::custom(panic_response))
         .with_state(state)
 }
@@ -56,27 +52,17 @@ async fn not_found() -> ApiError {
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError::new(
-        ErrorCode::MethodNotAllowed,
-        "this route does not take this method; see /docs for the API",
-    )
+    ApiError::new(ErrorCode::MethodNotAllowed, "this route does not take this method; see /docs for the API")
 }
 
 fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     tracing::error!("a request handler panicked");
-    ApiError::new(
-        ErrorCode::Internal,
-        "internal error; the server log has the details",
-    )
-    .into_response()
+    ApiError::new(ErrorCode::Internal, "internal error; the server log has the details").into_response()
 }
 
 async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let method = req.method().clone();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned());
+    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
     let resp = next.run(req).await;
     state.metrics.record_request(
         method.as_str(),
@@ -86,14 +72,66 @@ async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: 
     resp
 }
 
-/// Serves `state` on `listener` until `shutdown` completes, then finishes in-flight requests.
+/// Serves `state` on `listener` until `shutdown` completes, then finishes in-flight requests and
+/// flushes pending usage. Background work (usage flusher, known-hash follower, retention) runs while
+/// serving.
 pub async fn launch(
     state: Arc<AppState>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = app(state);
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown)
-        .await
+    if let Err(e) = state.verifier.known.follow(state.store.as_ref()).await {
+        tracing::warn!(error = %e, "could not load the known secret hashes; verify reads the store until it can");
+    }
+    let background = tokio::spawn(background(state.clone()));
+    let result =
+        axum::serve(listener, app(state.clone()).into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(shutdown)
+            .await;
+    background.abort();
+    final_flush(&state).await;
+    result
+}
+
+async fn background(state: Arc<AppState>) {
+    let mut flush = tokio::time::interval(state.config.flush_interval);
+    let mut follow = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut retention = tokio::time::interval(std::time::Duration::from_secs(600));
+    for t in [&mut flush, &mut follow, &mut retention] {
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    }
+    loop {
+        tokio::select! {
+            _ = flush.tick() => {
+                if let Err(e) = state.flush().await {
+                    tracing::warn!(error = %e, "usage flush failed; the counts are kept and retried");
+                }
+            }
+            _ = follow.tick() => {
+                if let Err(e) = state.verifier.known.follow(state.store.as_ref()).await {
+                    tracing::warn!(error = %e, "following new secrets failed; retrying");
+                }
+            }
+            _ = retention.tick() => {
+                match state.expire_usage(time::now_ms()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(deleted = n, "expired old usage buckets"),
+                    Err(e) => tracing::warn!(error = %e, "usage retention failed; retrying later"),
+                }
+            }
+        }
+    }
+}
+
+async fn final_flush(state: &AppState) {
+    for attempt in 1..=5u64 {
+        match state.flush().await {
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, "final usage flush failed");
+                tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
+            }
+        }
+    }
+    tracing::error!("usage since the last successful flush could not be written");
 }

@@ -6,8 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keygate_core::{Environment, PlainSecret, SecretKind, id, scope};
-use keygate_store::{ApiKey, Consumer, KeySecret, NewAudit, SqliteOptions, SqliteStore, Store, StoreError};
+use keygate_store::{
+    ApiKey, Consumer, Granularity, KeySecret, NewAudit, SqliteOptions, SqliteStore, Store, StoreError,
+};
 
+use crate::client::FailureThrottle;
 use crate::metrics::Metrics;
 use crate::time::now_ms;
 use crate::verify::{CacheConfig, Verifier};
@@ -27,6 +30,31 @@ pub struct ServerConfig {
     /// How long a write waits for SQLite's lock before answering 503.
     pub busy_timeout: Duration,
     pub cache: CacheConfig,
+    /// Peers whose `X-Forwarded-For` / `Forwarded` headers are believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Failed credential checks an address may make per minute before it gets 429 (0: no limit).
+    pub failures_per_minute: u64,
+    /// How often usage counts, last-used times and quotas are written to the database.
+    pub flush_interval: Duration,
+    pub retention: Retention,
+}
+
+/// How long usage buckets of each size are kept.
+#[derive(Debug, Clone)]
+pub struct Retention {
+    pub minute: Duration,
+    pub hour: Duration,
+    pub day: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            minute: Duration::from_secs(48 * 3600),
+            hour: Duration::from_secs(90 * 86_400),
+            day: Duration::from_secs(2 * 365 * 86_400),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -38,6 +66,10 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(30),
             busy_timeout: Duration::from_secs(5),
             cache: CacheConfig::default(),
+            trusted_proxies: Vec::new(),
+            failures_per_minute: 100,
+            flush_interval: Duration::from_secs(1),
+            retention: Retention::default(),
         }
     }
 }
@@ -46,6 +78,7 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub verifier: Verifier,
     pub metrics: Metrics,
+    pub throttle: FailureThrottle,
     pub config: ServerConfig,
 }
 
@@ -61,37 +94,38 @@ pub enum OpenError {
 
 /// Opens (creating if needed) the store in the data directory and applies migrations.
 pub async fn open_store(config: &ServerConfig) -> Result<Arc<SqliteStore>, OpenError> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| OpenError::DataDir {
-        path: config.data_dir.clone(),
-        source,
-    })?;
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|source| OpenError::DataDir { path: config.data_dir.clone(), source })?;
     let path = config.data_dir.join(DB_FILE);
-    let options = SqliteOptions {
-        busy_timeout: config.busy_timeout,
-        ..SqliteOptions::default()
-    };
+    let options = SqliteOptions { busy_timeout: config.busy_timeout, ..SqliteOptions::default() };
     let store = SqliteStore::open(&path, &options)
         .await
-        .map_err(|source| OpenError::Store {
-            path: path.clone(),
-            source,
-        })?;
-    store
-        .migrate()
-        .await
-        .map_err(|source| OpenError::Store { path, source })?;
+        .map_err(|source| OpenError::Store { path: path.clone(), source })?;
+    store.migrate().await.map_err(|source| OpenError::Store { path, source })?;
     Ok(Arc::new(store))
 }
 
 impl AppState {
     pub fn new(store: Arc<dyn Store>, config: ServerConfig) -> Arc<Self> {
         let verifier = Verifier::new(store.clone(), &config.cache);
-        Arc::new(AppState {
-            store,
-            verifier,
-            metrics: Metrics::new(),
-            config,
-        })
+        let throttle = FailureThrottle::new(config.failures_per_minute);
+        Arc::new(AppState { store, verifier, metrics: Metrics::new(), throttle, config })
+    }
+
+    /// Writes pending usage counts, last-used times and quotas now.
+    pub async fn flush(&self) -> Result<usize, StoreError> {
+        self.verifier.runtimes.flush(self.store.as_ref(), now_ms()).await
+    }
+
+    /// Deletes usage buckets older than the retention of their size.
+    pub async fn expire_usage(&self, now: i64) -> Result<u64, StoreError> {
+        let r = &self.config.retention;
+        let before = [
+            (Granularity::Minute, now - r.minute.as_millis() as i64),
+            (Granularity::Hour, now - r.hour.as_millis() as i64),
+            (Granularity::Day, now - r.day.as_millis() as i64),
+        ];
+        self.store.expire_usage(&before).await
     }
 }
 
@@ -106,20 +140,17 @@ fn new_admin_key(
     now: i64,
 ) -> Result<(ApiKey, KeySecret, PlainSecret), OpenError> {
     let secret = random(PlainSecret::generate(SecretKind::ApiKey(Environment::Live)))?;
-    let key = ApiKey {
-        id: random(id::new_id("key", now))?,
-        consumer_id: consumer_id.to_string(),
-        name: name.into(),
-        environment: Environment::Live,
-        scopes: vec![scope::ADMIN.to_string()],
-        metadata: serde_json::json!({}),
-        expires_at: None,
-        disabled: false,
-        revoked_at: None,
-        created_at: now,
-        updated_at: now,
-        start: secret.visible_start(),
-    };
+    let key = ApiKey::new(
+        random(id::new_id("key", now))?,
+        consumer_id.to_string(),
+        name.into(),
+        Environment::Live,
+        vec![scope::ADMIN.to_string()],
+        serde_json::json!({}),
+        None,
+        secret.visible_start(),
+        now,
+    );
     let key_secret = KeySecret {
         hash: secret.hash(),
         key_id: key.id.clone(),
@@ -144,10 +175,7 @@ fn local_audit(action: &str, key: &ApiKey, now: i64) -> Result<NewAudit, OpenErr
 }
 
 fn store_err(source: StoreError) -> OpenError {
-    OpenError::Store {
-        path: PathBuf::from(DB_FILE),
-        source,
-    }
+    OpenError::Store { path: PathBuf::from(DB_FILE), source }
 }
 
 /// Creates Keygate's own consumer and the first admin key, once. Returns the admin key's secret if
@@ -163,16 +191,13 @@ pub async fn bootstrap(store: &dyn Store) -> Result<Option<PlainSecret>, OpenErr
         metadata: serde_json::json!({"description": "Keygate's own consumer; holds admin keys"}),
         disabled: false,
         system: true,
+        rate_limits: None,
         created_at: now,
         updated_at: now,
     };
     let (key, key_secret, secret) = new_admin_key(&consumer.id, "bootstrap admin", now)?;
     let audit = local_audit("keygate.initialize", &key, now)?;
-    if store
-        .initialize(&consumer, &key, &key_secret, &audit)
-        .await
-        .map_err(store_err)?
-    {
+    if store.initialize(&consumer, &key, &key_secret, &audit).await.map_err(store_err)? {
         Ok(Some(secret))
     } else {
         Ok(None)
@@ -185,21 +210,12 @@ pub async fn create_local_admin_key(
     store: &dyn Store,
     name: &str,
 ) -> Result<(String, PlainSecret), OpenError> {
-    let consumer_id = store
-        .system_consumer_id()
-        .await
-        .map_err(store_err)?
-        .ok_or_else(|| {
-            store_err(StoreError::Corrupt(
-                "the data directory was never initialised; run `keygate init`".into(),
-            ))
-        })?;
+    let consumer_id = store.system_consumer_id().await.map_err(store_err)?.ok_or_else(|| {
+        store_err(StoreError::Corrupt("the data directory was never initialised; run `keygate init`".into()))
+    })?;
     let now = now_ms();
     let (key, key_secret, secret) = new_admin_key(&consumer_id, name, now)?;
     let audit = local_audit("key.create_local_admin", &key, now)?;
-    store
-        .insert_key(&key, &key_secret, &audit)
-        .await
-        .map_err(store_err)?;
+    store.insert_key(&key, &key_secret, &audit).await.map_err(store_err)?;
     Ok((key.id, secret))
 }

@@ -1,30 +1,41 @@
 //! The hot path: deciding whether a presented credential is good.
 //!
 //! ```text
-//! parse prefix + checksum (no I/O) → SHA-256 → cache (positive and negative entries)
-//! → on a miss: one indexed store read, then cache → revoked / disabled / expired / scopes → decision
+//! parse prefix + checksum (no I/O) → SHA-256 → positive cache
+//! → known-hash filter (unknown secrets stop here, no I/O) → negative cache → one store read, cached
+//! → revoked / disabled / expired / IP / scopes → rate limits + quota (one lock, all or nothing)
+//! → usage counters (memory) → decision
 //! ```
 //!
 //! Policy:
 //! - No database write happens here, and a cached credential costs no I/O at all.
-//! - The positive cache holds everything a decision needs, including the JSON body of the `VALID`
-//!   decision, serialised once when the entry is filled; `MALFORMED` and `NOT_FOUND` bodies are static.
+//! - The positive cache holds everything a decision needs, including the JSON of the `VALID` decision,
+//!   serialised once when the entry is filled; `MALFORMED` and `NOT_FOUND` bodies are static.
 //! - Every change to a key or consumer invalidates the affected entries on this node before the admin
 //!   call returns, so revocation takes effect for the very next request. Expiry, including the end of a
-//!   rotation's overlap window, is checked against the clock on every request, so it needs no
-//!   invalidation. A TTL bounds how long an entry can live at all, as a safety net.
-//! - The cache is keyed by SHA-256 of the secret. A hash-table probe on a SHA-256 digest leaks nothing
-//!   useful about the secret; the stored hash is still compared in constant time on the miss path.
+//!   rotation's overlap window, is checked against the clock on every request. A TTL bounds how long an
+//!   entry can live at all, as a safety net.
+//! - The known-hash filter holds a 64-bit fingerprint of every stored secret's hash. A secret whose
+//!   fingerprint is absent cannot exist, so floods of random keys never reach the store. Strings without
+//!   a Keygate prefix can only be imported keys: absent from the filter they are `MALFORMED`.
+//! - The cache is keyed by SHA-256 of the secret. A hash-table probe on a digest leaks nothing useful
+//!   about the secret; the stored hash is compared in constant time on the miss path.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use bytes::Bytes;
-use keygate_core::credential;
+use bytes::{BufMut, Bytes, BytesMut};
+use keygate_core::credential::{self, CredentialError};
+use keygate_core::limits::{RateLimit, ip_allowed};
 use keygate_core::{DecisionCode, SecretHash, scope};
 use keygate_store::{SecretRecord, Store, StoreError};
 use moka::sync::Cache;
 use serde::Serialize;
+
+use crate::runtime::{KeyRuntime, RateLimitState, Registry};
 
 /// Sizing of the verify caches.
 #[derive(Debug, Clone)]
@@ -59,10 +70,17 @@ pub struct CachedKey {
     pub revoked: bool,
     /// The key or its consumer is disabled.
     pub disabled: bool,
-    /// The complete JSON body of this key's `VALID` decision.
+    /// Effective rate limits: the key's own, or else its consumer's.
+    pub limits: Vec<RateLimit>,
+    pub allowed_ips: Option<Vec<ipnet::IpNet>>,
+    pub has_quota: bool,
+    /// The `VALID` decision's JSON without its closing brace, for appending live fields.
+    pub valid_prefix: Bytes,
+    /// The complete `VALID` body, for keys without limits or quota.
     pub valid_body: Bytes,
     /// Scopes joined by spaces, for the forward-auth header.
     pub scopes_header: String,
+    pub runtime: Arc<KeyRuntime>,
 }
 
 /// A verify decision. `key` is set whenever the credential was identified.
@@ -72,6 +90,24 @@ pub struct Decision {
     pub key: Option<Arc<CachedKey>>,
     /// Required scopes the key lacks, for `INSUFFICIENT_SCOPE`.
     pub missing_scopes: Vec<String>,
+    pub rate_limit: Option<RateLimitState>,
+    pub quota_remaining: Option<u64>,
+}
+
+/// The request-dependent inputs of a decision.
+#[derive(Debug, Clone, Copy)]
+pub struct Context {
+    /// The end client's address, for IP allow-lists and last-used tracking.
+    pub ip: Option<IpAddr>,
+    /// How many units of rate limit and quota this request uses (default 1).
+    pub cost: u64,
+    pub now_ms: i64,
+}
+
+impl Context {
+    pub fn at(now_ms: i64) -> Self {
+        Context { ip: None, cost: 1, now_ms }
+    }
 }
 
 /// The cached fast path either decides, or says which hash to read from the store.
@@ -108,6 +144,30 @@ struct InvalidBody<'a> {
     consumer_id: Option<&'a str>,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     missing_scopes: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rate_limit: Option<RateLimitView<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    quota: Option<QuotaView>,
+}
+
+#[derive(Serialize)]
+struct RateLimitView<'a> {
+    name: &'a str,
+    limit: u64,
+    remaining: u64,
+    /// When the limit is fully available again, ms since the epoch.
+    reset: i64,
+}
+
+#[derive(Serialize)]
+struct QuotaView {
+    remaining: u64,
+}
+
+impl<'a> From<&'a RateLimitState> for RateLimitView<'a> {
+    fn from(r: &'a RateLimitState) -> Self {
+        RateLimitView { name: &r.name, limit: r.limit, remaining: r.remaining, reset: r.reset_ms }
+    }
 }
 
 const MALFORMED_BODY: &[u8] =
@@ -116,11 +176,11 @@ const NOT_FOUND_BODY: &[u8] = br#"{"valid":false,"code":"NOT_FOUND","message":"n
 
 impl Decision {
     fn bare(code: DecisionCode) -> Self {
-        Decision {
-            code,
-            key: None,
-            missing_scopes: Vec::new(),
-        }
+        Decision { code, key: None, missing_scopes: Vec::new(), rate_limit: None, quota_remaining: None }
+    }
+
+    fn about(code: DecisionCode, key: Arc<CachedKey>) -> Self {
+        Decision { key: Some(key), ..Decision::bare(code) }
     }
 
     pub fn is_valid(&self) -> bool {
@@ -130,7 +190,23 @@ impl Decision {
     /// The JSON body of this decision, as `/v1/verify` answers it.
     pub fn body(&self) -> Bytes {
         match (self.code, &self.key) {
-            (DecisionCode::Valid, Some(k)) => k.valid_body.clone(),
+            (DecisionCode::Valid, Some(k)) => {
+                if self.rate_limit.is_none() && self.quota_remaining.is_none() {
+                    return k.valid_body.clone();
+                }
+                let mut b = BytesMut::with_capacity(k.valid_prefix.len() + 160);
+                b.put_slice(&k.valid_prefix);
+                if let Some(r) = &self.rate_limit {
+                    b.put_slice(b",\"rate_limit\":");
+                    // Plain numbers and a validated name: serialising cannot fail.
+                    let _ = serde_json::to_writer((&mut b).writer(), &RateLimitView::from(r));
+                }
+                if let Some(q) = self.quota_remaining {
+                    b.put_slice(format!(",\"quota\":{{\"remaining\":{q}}}").as_bytes());
+                }
+                b.put_u8(b'}');
+                b.freeze()
+            }
             (DecisionCode::Malformed, _) => Bytes::from_static(MALFORMED_BODY),
             (DecisionCode::NotFound, _) => Bytes::from_static(NOT_FOUND_BODY),
             (code, key) => {
@@ -142,8 +218,9 @@ impl Decision {
                     key_id: key.as_ref().map(|k| k.key_id.as_str()),
                     consumer_id: key.as_ref().map(|k| k.consumer_id.as_str()),
                     missing_scopes: &self.missing_scopes,
+                    rate_limit: self.rate_limit.as_ref().map(RateLimitView::from),
+                    quota: self.quota_remaining.map(|remaining| QuotaView { remaining }),
                 };
-                // Serialising plain strings cannot fail; fall back to the bare code if it ever does.
                 serde_json::to_vec(&body).map(Bytes::from).unwrap_or_else(|_| {
                     Bytes::from(format!(r#"{{"valid":false,"code":"{}"}}"#, code.as_str()))
                 })
@@ -152,38 +229,102 @@ impl Decision {
     }
 }
 
+/// Fingerprints of every stored secret hash, loaded at start and followed as secrets are added.
+#[derive(Debug, Default)]
+pub struct KnownHashes {
+    set: RwLock<HashSet<u64>>,
+    /// Sequence number of the newest secret seen in the store.
+    seq: AtomicI64,
+    ready: AtomicBool,
+}
+
+fn fingerprint(h: &SecretHash) -> u64 {
+    let b = h.as_bytes();
+    u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+}
+
+impl KnownHashes {
+    /// `None` until the first load finished: then nothing can be ruled out.
+    pub fn may_contain(&self, h: &SecretHash) -> Option<bool> {
+        if !self.ready.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(self.set.read().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&fingerprint(h)))
+    }
+
+    pub fn insert(&self, h: &SecretHash) {
+        self.set.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(fingerprint(h));
+    }
+
+    pub fn len(&self) -> usize {
+        self.set.read().unwrap_or_else(std::sync::PoisonError::into_inner).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Reads every secret added to the store since the last call (all of them the first time).
+    pub async fn follow(&self, store: &dyn Store) -> Result<usize, StoreError> {
+        let mut added = 0;
+        loop {
+            let rows = store.secret_hashes_after(self.seq.load(Ordering::Acquire), 50_000).await?;
+            let Some(&(last, _)) = rows.last() else { break };
+            {
+                let mut set = self.set.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+                for (_, h) in &rows {
+                    set.insert(fingerprint(h));
+                }
+            }
+            added += rows.len();
+            self.seq.store(last, Ordering::Release);
+        }
+        self.ready.store(true, Ordering::Release);
+        Ok(added)
+    }
+}
+
 pub struct Verifier {
     store: Arc<dyn Store>,
     positive: Cache<SecretHash, Arc<CachedKey>>,
     negative: Cache<SecretHash, ()>,
+    pub known: KnownHashes,
+    pub runtimes: Registry,
 }
 
 impl Verifier {
     pub fn new(store: Arc<dyn Store>, config: &CacheConfig) -> Self {
         Verifier {
             store,
-            positive: Cache::builder()
-                .max_capacity(config.capacity)
-                .time_to_live(config.ttl)
-                .build(),
+            positive: Cache::builder().max_capacity(config.capacity).time_to_live(config.ttl).build(),
             negative: Cache::builder()
                 .max_capacity((config.capacity / 4).max(1024))
                 .time_to_live(config.negative_ttl)
                 .build(),
+            known: KnownHashes::default(),
+            runtimes: Registry::default(),
         }
     }
 
     /// The in-memory part of verify: decides without I/O, or names the hash to look up.
-    pub fn verify_cached<S: AsRef<str>>(&self, secret: &str, required: &[S], now_ms: i64) -> Lookup {
-        if credential::parse(secret).is_err() {
-            return Lookup::Decided(Decision::bare(DecisionCode::Malformed));
-        }
+    pub fn verify_cached<S: AsRef<str>>(&self, secret: &str, required: &[S], ctx: Context) -> Lookup {
+        let keygate_format = match credential::parse(secret) {
+            Ok(_) => true,
+            Err(CredentialError::UnknownPrefix) => false,
+            Err(_) => return Lookup::Decided(Decision::bare(DecisionCode::Malformed)),
+        };
         let hash = SecretHash::of(secret);
         if let Some(key) = self.positive.get(&hash) {
-            return Lookup::Decided(decide(key, required, now_ms));
+            return Lookup::Decided(decide(key, required, ctx));
+        }
+        let absent = if keygate_format { DecisionCode::NotFound } else { DecisionCode::Malformed };
+        match self.known.may_contain(&hash) {
+            Some(false) => return Lookup::Decided(Decision::bare(absent)),
+            None if !keygate_format => return Lookup::Decided(Decision::bare(absent)),
+            _ => {}
         }
         if self.negative.contains_key(&hash) {
-            return Lookup::Decided(Decision::bare(DecisionCode::NotFound));
+            return Lookup::Decided(Decision::bare(absent));
         }
         Lookup::Miss(hash)
     }
@@ -193,21 +334,26 @@ impl Verifier {
         &self,
         secret: &str,
         required: &[S],
-        now_ms: i64,
+        ctx: Context,
     ) -> Result<Decision, StoreError> {
-        let hash = match self.verify_cached(secret, required, now_ms) {
+        let hash = match self.verify_cached(secret, required, ctx) {
             Lookup::Decided(d) => return Ok(d),
             Lookup::Miss(hash) => hash,
         };
         match self.store.find_secret(&hash).await? {
             Some(record) if record.hash.ct_eq(&hash) => {
-                let key = Arc::new(cached_key(&record));
+                let key = Arc::new(self.cached_key(&record));
                 self.positive.insert(hash, key.clone());
-                Ok(decide(key, required, now_ms))
+                Ok(decide(key, required, ctx))
             }
             _ => {
                 self.negative.insert(hash, ());
-                Ok(Decision::bare(DecisionCode::NotFound))
+                let code = if credential::parse(secret).is_ok() {
+                    DecisionCode::NotFound
+                } else {
+                    DecisionCode::Malformed
+                };
+                Ok(Decision::bare(code))
             }
         }
     }
@@ -219,63 +365,85 @@ impl Verifier {
             self.negative.invalidate(h);
         }
     }
+
+    /// A secret was just stored on this node: make it known at once.
+    pub fn added(&self, hashes: &[SecretHash]) {
+        for h in hashes {
+            self.known.insert(h);
+        }
+        self.invalidate(hashes);
+    }
+
+    fn cached_key(&self, r: &SecretRecord) -> CachedKey {
+        let k = &r.key;
+        let expires_at = match (k.expires_at, r.secret_expires_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let body = ValidBody {
+            valid: true,
+            code: DecisionCode::Valid,
+            kind: "api_key",
+            key_id: &k.id,
+            consumer_id: &k.consumer_id,
+            name: &k.name,
+            environment: k.environment.as_str(),
+            scopes: &k.scopes,
+            expires_at: expires_at.map(crate::time::rfc3339),
+            metadata: &k.metadata,
+        };
+        let valid_body = serde_json::to_vec(&body).map(Bytes::from).unwrap_or_default();
+        let valid_prefix = valid_body.slice(..valid_body.len().saturating_sub(1));
+        let allowed_ips = k.allowed_ips.as_ref().map(|list| {
+            // Stored lists were validated on the way in; an unparsable entry allows nothing.
+            list.iter()
+                .filter_map(|e| keygate_core::limits::parse_allowed_ips(std::slice::from_ref(e)).ok())
+                .flatten()
+                .collect()
+        });
+        CachedKey {
+            hash: r.hash,
+            key_id: k.id.clone(),
+            consumer_id: k.consumer_id.clone(),
+            scopes: k.scopes.clone(),
+            expires_at,
+            revoked: k.revoked_at.is_some(),
+            disabled: k.disabled || r.consumer_disabled,
+            limits: k.rate_limits.clone().or_else(|| r.consumer_rate_limits.clone()).unwrap_or_default(),
+            allowed_ips,
+            has_quota: k.quota.is_some(),
+            valid_prefix,
+            valid_body,
+            scopes_header: k.scopes.join(" "),
+            runtime: self.runtimes.get_or_create(k),
+        }
+    }
 }
 
-fn decide<S: AsRef<str>>(key: Arc<CachedKey>, required: &[S], now_ms: i64) -> Decision {
+fn decide<S: AsRef<str>>(key: Arc<CachedKey>, required: &[S], ctx: Context) -> Decision {
     let code = if key.revoked {
         DecisionCode::Revoked
     } else if key.disabled {
         DecisionCode::Disabled
-    } else if key.expires_at.is_some_and(|t| t <= now_ms) {
+    } else if key.expires_at.is_some_and(|t| t <= ctx.now_ms) {
         DecisionCode::Expired
+    } else if key.allowed_ips.as_ref().is_some_and(|r| !ctx.ip.is_some_and(|ip| ip_allowed(r, ip))) {
+        DecisionCode::IpNotAllowed
     } else if !scope::satisfies(&key.scopes, required) {
-        let missing = scope::missing(&key.scopes, required)
-            .into_iter()
-            .map(str::to_owned)
-            .collect();
-        return Decision {
-            code: DecisionCode::InsufficientScope,
-            key: Some(key),
-            missing_scopes: missing,
-        };
-    } else {
+        let missing = scope::missing(&key.scopes, required).into_iter().map(str::to_owned).collect();
+        key.runtime.record(DecisionCode::InsufficientScope, ctx.now_ms, ctx.ip);
+        return Decision { missing_scopes: missing, ..Decision::about(DecisionCode::InsufficientScope, key) };
+    } else if key.limits.is_empty() && !key.has_quota {
         DecisionCode::Valid
+    } else {
+        let admission = key.runtime.admit(&key.limits, ctx.cost, ctx.now_ms);
+        key.runtime.record(admission.code, ctx.now_ms, ctx.ip);
+        return Decision {
+            rate_limit: admission.rate_limit,
+            quota_remaining: admission.quota_remaining,
+            ..Decision::about(admission.code, key)
+        };
     };
-    Decision {
-        code,
-        key: Some(key),
-        missing_scopes: Vec::new(),
-    }
-}
-
-fn cached_key(r: &SecretRecord) -> CachedKey {
-    let k = &r.key;
-    let expires_at = match (k.expires_at, r.secret_expires_at) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
-    let body = ValidBody {
-        valid: true,
-        code: DecisionCode::Valid,
-        kind: "api_key",
-        key_id: &k.id,
-        consumer_id: &k.consumer_id,
-        name: &k.name,
-        environment: k.environment.as_str(),
-        scopes: &k.scopes,
-        expires_at: expires_at.map(crate::time::rfc3339),
-        metadata: &k.metadata,
-    };
-    let valid_body = serde_json::to_vec(&body).map(Bytes::from).unwrap_or_default();
-    CachedKey {
-        hash: r.hash,
-        key_id: k.id.clone(),
-        consumer_id: k.consumer_id.clone(),
-        scopes: k.scopes.clone(),
-        expires_at,
-        revoked: k.revoked_at.is_some(),
-        disabled: k.disabled || r.consumer_disabled,
-        valid_body,
-        scopes_header: k.scopes.join(" "),
-    }
+    key.runtime.record(code, ctx.now_ms, ctx.ip);
+    Decision::about(code, key)
 }

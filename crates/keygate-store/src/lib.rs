@@ -106,4 +106,18 @@ pub trait Store: Send + Sync + 'static {
     async fn find_secret(&self, hash: &SecretHash) -> Result<Option<SecretRecord>>;
 
     async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>>;
+
+    /// Inserts imported keys and their audit events in one transaction: all or none.
+    async fn import_keys(&self, keys: &[(ApiKey, KeySecret)], audits: &[NewAudit]) -> Result<()>;
+    /// Which of these secret hashes are already stored.
+    async fn existing_hashes(&self, hashes: &[SecretHash]) -> Result<Vec<SecretHash>>;
+    /// Secret hashes in insertion order after `seq`, with their sequence numbers (for the known-hash
+    /// filter: loaded at start, then followed).
+    async fn secret_hashes_after(&self, seq: i64, limit: u32) -> Result<Vec<(i64, SecretHash)>>;
+
+    /// Writes a batch of usage counts, last-used times and quota states, in one transaction.
+    async fn flush_usage(&self, batch: &[KeyUsage]) -> Result<()>;
+    async fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>>;
+    /// Deletes usage buckets of each granularity older than its time. Returns how many.
+    async fn expire_usage(&self, before: &[(Granularity, i64)]) -> Result<u64>;
 }

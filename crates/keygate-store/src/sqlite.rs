@@ -13,9 +13,12 @@ use sqlx::sqlite::{
 use sqlx::{Row, SqlitePool};
 
 use crate::{
-    ApiKey, AuditEvent, AuditFilter, Consumer, ConsumerPatch, KeyPatch, KeySecret, NewAudit, Page, Result,
-    SecretRecord, Store, StoreError,
+    ApiKey, AuditEvent, AuditFilter, Consumer, ConsumerPatch, Granularity, KeyPatch, KeySecret, KeyUsage,
+    NewAudit, Page, Result, SecretRecord, Store, StoreError, UsageQuery, UsageRow,
 };
+use keygate_core::limits::Quota;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 /// Migrations, applied in order, each exactly once. Never edit one that has shipped: add a new one.
 const MIGRATIONS: &[&str] = &[
@@ -77,6 +80,33 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX audit_events_by_target ON audit_events (target_id, id);
     "#,
+    // 2: usage controls (rate limits, quotas, IP allow-lists), usage analytics, imported keys.
+    r#"
+    ALTER TABLE consumers ADD COLUMN rate_limits TEXT;   -- JSON array: the plan keys inherit; NULL = none
+    ALTER TABLE api_keys ADD COLUMN rate_limits TEXT;    -- JSON array; NULL = inherit the consumer's
+    ALTER TABLE api_keys ADD COLUMN allowed_ips TEXT;    -- JSON array of CIDRs; NULL = from anywhere
+    ALTER TABLE api_keys ADD COLUMN quota_remaining INTEGER;   -- NULL = no quota
+    ALTER TABLE api_keys ADD COLUMN quota_refill TEXT;         -- JSON object or NULL
+    ALTER TABLE api_keys ADD COLUMN quota_refilled_at INTEGER; -- ms; refills count from here
+    ALTER TABLE api_keys ADD COLUMN last_used_at INTEGER;
+    ALTER TABLE api_keys ADD COLUMN last_used_ip TEXT;
+    ALTER TABLE api_keys ADD COLUMN imported INTEGER NOT NULL DEFAULT 0;
+
+    -- Verify counts per key, outcome code and time bucket. Written by the batch flusher (never on the
+    -- verify path): minute rows, plus hour and day roll-ups updated in the same transaction. Old rows
+    -- are deleted by the retention job, per granularity.
+    CREATE TABLE usage_buckets (
+        key_id       TEXT NOT NULL,
+        consumer_id  TEXT NOT NULL,
+        granularity  TEXT NOT NULL CHECK (granularity IN ('minute', 'hour', 'day')),
+        bucket_start INTEGER NOT NULL,         -- ms since epoch, start of the bucket
+        code         TEXT NOT NULL,            -- decision code
+        count        INTEGER NOT NULL,
+        PRIMARY KEY (key_id, granularity, bucket_start, code)
+    );
+    CREATE INDEX usage_by_consumer ON usage_buckets (consumer_id, granularity, bucket_start);
+    CREATE INDEX usage_by_age ON usage_buckets (granularity, bucket_start);
+    "#,
 ];
 
 /// Options for opening the SQLite store.
@@ -89,10 +119,7 @@ pub struct SqliteOptions {
 
 impl Default for SqliteOptions {
     fn default() -> Self {
-        SqliteOptions {
-            busy_timeout: Duration::from_secs(5),
-            max_connections: 8,
-        }
+        SqliteOptions { busy_timeout: Duration::from_secs(5), max_connections: 8 }
     }
 }
 
@@ -153,6 +180,15 @@ fn parse_json(s: &str, what: &str) -> Result<serde_json::Value> {
     serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
 }
 
+fn opt_json<T: Serialize>(v: &Option<T>) -> Result<Option<String>> {
+    v.as_ref().map(|v| serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))).transpose()
+}
+
+fn parse_opt<T: DeserializeOwned>(row: &SqliteRow, col: &str) -> Result<Option<T>> {
+    let text: Option<&str> = row.try_get(col).map_err(map_err)?;
+    text.map(|t| serde_json::from_str(t).map_err(|e| StoreError::Corrupt(format!("{col}: {e}")))).transpose()
+}
+
 fn consumer_from_row(row: &SqliteRow) -> Result<Consumer> {
     Ok(Consumer {
         id: row.try_get("id").map_err(map_err)?,
@@ -160,6 +196,7 @@ fn consumer_from_row(row: &SqliteRow) -> Result<Consumer> {
         metadata: parse_json(row.try_get("metadata").map_err(map_err)?, "consumer metadata")?,
         disabled: row.try_get("disabled").map_err(map_err)?,
         system: row.try_get("system").map_err(map_err)?,
+        rate_limits: parse_opt(row, "rate_limits")?,
         created_at: row.try_get("created_at").map_err(map_err)?,
         updated_at: row.try_get("updated_at").map_err(map_err)?,
     })
@@ -182,6 +219,18 @@ fn key_from_row(row: &SqliteRow) -> Result<ApiKey> {
         created_at: row.try_get("created_at").map_err(map_err)?,
         updated_at: row.try_get("updated_at").map_err(map_err)?,
         start: row.try_get("start").map_err(map_err)?,
+        rate_limits: parse_opt(row, "rate_limits")?,
+        allowed_ips: parse_opt(row, "allowed_ips")?,
+        quota: match row.try_get::<Option<i64>, _>("quota_remaining").map_err(map_err)? {
+            Some(remaining) => {
+                Some(Quota { remaining: remaining.max(0) as u64, refill: parse_opt(row, "quota_refill")? })
+            }
+            None => None,
+        },
+        quota_refilled_at: row.try_get("quota_refilled_at").map_err(map_err)?,
+        last_used_at: row.try_get("last_used_at").map_err(map_err)?,
+        last_used_ip: row.try_get("last_used_ip").map_err(map_err)?,
+        imported: row.try_get("imported").map_err(map_err)?,
     })
 }
 
@@ -226,14 +275,15 @@ async fn insert_audit(tx: &mut Tx<'_>, a: &NewAudit) -> Result<()> {
 
 async fn insert_consumer_tx(tx: &mut Tx<'_>, c: &Consumer) -> Result<()> {
     sqlx::query(
-        "INSERT INTO consumers (id, name, metadata, disabled, system, created_at, updated_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO consumers (id, name, metadata, disabled, system, rate_limits, created_at, updated_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(&c.id)
     .bind(&c.name)
     .bind(json_text(&c.metadata))
     .bind(c.disabled)
     .bind(c.system)
+    .bind(opt_json(&c.rate_limits)?)
     .bind(c.created_at)
     .bind(c.updated_at)
     .execute(&mut **tx)
@@ -246,7 +296,8 @@ async fn insert_key_tx(tx: &mut Tx<'_>, k: &ApiKey, s: &KeySecret) -> Result<()>
     let scopes = serde_json::to_string(&k.scopes).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     sqlx::query(
         "INSERT INTO api_keys (id, consumer_id, name, environment, scopes, metadata, expires_at, disabled, \
-         revoked_at, start, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         revoked_at, start, created_at, updated_at, rate_limits, allowed_ips, quota_remaining, quota_refill, \
+         quota_refilled_at, imported) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(&k.id)
     .bind(&k.consumer_id)
@@ -260,6 +311,12 @@ async fn insert_key_tx(tx: &mut Tx<'_>, k: &ApiKey, s: &KeySecret) -> Result<()>
     .bind(&k.start)
     .bind(k.created_at)
     .bind(k.updated_at)
+    .bind(opt_json(&k.rate_limits)?)
+    .bind(opt_json(&k.allowed_ips)?)
+    .bind(k.quota.as_ref().map(|q| q.remaining as i64))
+    .bind(opt_json(&k.quota.as_ref().and_then(|q| q.refill.clone()))?)
+    .bind(k.quota.as_ref().map(|_| k.quota_refilled_at.unwrap_or(k.created_at)))
+    .bind(k.imported)
     .execute(&mut **tx)
     .await
     .map_err(map_err)?;
@@ -315,10 +372,7 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map_err(map_err)?;
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(map_err)?;
         Ok(())
     }
 
@@ -404,11 +458,14 @@ impl Store for SqliteStore {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
         let row = sqlx::query(
             "UPDATE consumers SET name = COALESCE(?, name), metadata = COALESCE(?, metadata), \
-             disabled = COALESCE(?, disabled), updated_at = ? WHERE id = ? RETURNING *",
+             disabled = COALESCE(?, disabled), rate_limits = CASE WHEN ? THEN ? ELSE rate_limits END, \
+             updated_at = ? WHERE id = ? RETURNING *",
         )
         .bind(&patch.name)
         .bind(patch.metadata.as_ref().map(json_text))
         .bind(patch.disabled)
+        .bind(patch.rate_limits.is_some())
+        .bind(opt_json(&patch.rate_limits.clone().flatten())?)
         .bind(patch.updated_at)
         .bind(id)
         .fetch_optional(&mut *tx)
@@ -446,12 +503,8 @@ impl Store for SqliteStore {
             }
             None => sqlx::query("SELECT * FROM api_keys WHERE id > ? ORDER BY id LIMIT ?"),
         };
-        let rows = query
-            .bind(after)
-            .bind(i64::from(page.limit))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(map_err)?;
+        let rows =
+            query.bind(after).bind(i64::from(page.limit)).fetch_all(&self.pool).await.map_err(map_err)?;
         rows.iter().map(key_from_row).collect()
     }
 
@@ -467,7 +520,13 @@ impl Store for SqliteStore {
             "UPDATE api_keys SET name = COALESCE(?, name), scopes = COALESCE(?, scopes), \
              metadata = COALESCE(?, metadata), \
              expires_at = CASE WHEN ? THEN ? ELSE expires_at END, \
-             disabled = COALESCE(?, disabled), revoked_at = COALESCE(?, revoked_at), updated_at = ? \
+             disabled = COALESCE(?, disabled), revoked_at = COALESCE(?, revoked_at), \
+             rate_limits = CASE WHEN ? THEN ? ELSE rate_limits END, \
+             allowed_ips = CASE WHEN ? THEN ? ELSE allowed_ips END, \
+             quota_remaining = CASE WHEN ? THEN ? ELSE quota_remaining END, \
+             quota_refill = CASE WHEN ? THEN ? ELSE quota_refill END, \
+             quota_refilled_at = CASE WHEN ? THEN ? ELSE quota_refilled_at END, \
+             updated_at = ? \
              WHERE id = ? AND revoked_at IS NULL RETURNING *",
         )
         .bind(&patch.name)
@@ -477,6 +536,16 @@ impl Store for SqliteStore {
         .bind(patch.expires_at.flatten())
         .bind(patch.disabled)
         .bind(patch.revoked_at)
+        .bind(patch.rate_limits.is_some())
+        .bind(opt_json(&patch.rate_limits.clone().flatten())?)
+        .bind(patch.allowed_ips.is_some())
+        .bind(opt_json(&patch.allowed_ips.clone().flatten())?)
+        .bind(patch.quota.is_some())
+        .bind(patch.quota.as_ref().and_then(|q| q.as_ref()).map(|q| q.remaining as i64))
+        .bind(patch.quota.is_some())
+        .bind(opt_json(&patch.quota.as_ref().and_then(|q| q.as_ref()).and_then(|q| q.refill.clone()))?)
+        .bind(patch.quota.is_some())
+        .bind(patch.quota.as_ref().and_then(|q| q.as_ref()).map(|_| patch.updated_at))
         .bind(patch.updated_at)
         .bind(id)
         .fetch_optional(&mut *tx)
@@ -546,7 +615,8 @@ impl Store for SqliteStore {
 
     async fn find_secret(&self, hash: &SecretHash) -> Result<Option<SecretRecord>> {
         let row = sqlx::query(
-            "SELECT s.hash AS hash, s.expires_at AS secret_expires_at, c.disabled AS consumer_disabled, k.* \
+            "SELECT s.hash AS hash, s.expires_at AS secret_expires_at, c.disabled AS consumer_disabled, \
+             c.rate_limits AS consumer_rate_limits, k.* \
              FROM key_secrets s JOIN api_keys k ON k.id = s.key_id JOIN consumers c ON c.id = k.consumer_id \
              WHERE s.hash = ?",
         )
@@ -559,8 +629,140 @@ impl Store for SqliteStore {
             hash: hash_from_row(&row)?,
             secret_expires_at: row.try_get("secret_expires_at").map_err(map_err)?,
             consumer_disabled: row.try_get("consumer_disabled").map_err(map_err)?,
+            consumer_rate_limits: parse_opt(&row, "consumer_rate_limits")?,
             key: key_from_row(&row)?,
         }))
+    }
+
+    async fn import_keys(&self, keys: &[(ApiKey, KeySecret)], audits: &[NewAudit]) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        for (key, secret) in keys {
+            insert_key_tx(&mut tx, key, secret).await?;
+        }
+        for a in audits {
+            insert_audit(&mut tx, a).await?;
+        }
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn existing_hashes(&self, hashes: &[SecretHash]) -> Result<Vec<SecretHash>> {
+        let mut found = Vec::new();
+        for chunk in hashes.chunks(500) {
+            let placeholders = vec!["?"; chunk.len()].join(",");
+            let sql = format!("SELECT hash FROM key_secrets WHERE hash IN ({placeholders})");
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for h in chunk {
+                q = q.bind(&h.as_bytes()[..]);
+            }
+            let rows = q.fetch_all(&self.pool).await.map_err(map_err)?;
+            for row in &rows {
+                found.push(hash_from_row(row)?);
+            }
+        }
+        Ok(found)
+    }
+
+    async fn secret_hashes_after(&self, seq: i64, limit: u32) -> Result<Vec<(i64, SecretHash)>> {
+        let rows =
+            sqlx::query("SELECT rowid AS seq, hash FROM key_secrets WHERE rowid > ? ORDER BY rowid LIMIT ?")
+                .bind(seq)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(map_err)?;
+        rows.iter().map(|r| Ok((r.try_get("seq").map_err(map_err)?, hash_from_row(r)?))).collect()
+    }
+
+    async fn flush_usage(&self, batch: &[KeyUsage]) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        for u in batch {
+            for (code, count) in &u.counts {
+                for g in Granularity::ALL {
+                    sqlx::query(
+                        "INSERT INTO usage_buckets (key_id, consumer_id, granularity, bucket_start, code, count) \
+                         VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key_id, granularity, bucket_start, code) \
+                         DO UPDATE SET count = count + excluded.count",
+                    )
+                    .bind(&u.key_id)
+                    .bind(&u.consumer_id)
+                    .bind(g.as_str())
+                    .bind(g.bucket(u.at))
+                    .bind(*code)
+                    .bind(*count as i64)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                }
+            }
+            if let Some((at, ip)) = &u.last_used {
+                sqlx::query("UPDATE api_keys SET last_used_at = ?, last_used_ip = ? WHERE id = ?")
+                    .bind(at)
+                    .bind(ip)
+                    .bind(&u.key_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+            }
+            if let Some((remaining, refilled_at)) = u.quota {
+                // Only while the key still has a quota: an admin may have removed it meanwhile.
+                sqlx::query(
+                    "UPDATE api_keys SET quota_remaining = ?, quota_refilled_at = ? \
+                     WHERE id = ? AND quota_remaining IS NOT NULL",
+                )
+                .bind(remaining as i64)
+                .bind(refilled_at)
+                .bind(&u.key_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            }
+        }
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn usage(&self, q: &UsageQuery) -> Result<Vec<UsageRow>> {
+        let rows = sqlx::query(
+            "SELECT bucket_start, code, SUM(count) AS count FROM usage_buckets \
+             WHERE granularity = ? AND bucket_start >= ? AND bucket_start < ? \
+             AND (? IS NULL OR key_id = ?) AND (? IS NULL OR consumer_id = ?) \
+             GROUP BY bucket_start, code ORDER BY bucket_start, code",
+        )
+        .bind(q.granularity.as_str())
+        .bind(q.granularity.bucket(q.from))
+        .bind(q.to)
+        .bind(&q.key_id)
+        .bind(&q.key_id)
+        .bind(&q.consumer_id)
+        .bind(&q.consumer_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok(UsageRow {
+                    bucket_start: r.try_get("bucket_start").map_err(map_err)?,
+                    code: r.try_get("code").map_err(map_err)?,
+                    count: r.try_get("count").map_err(map_err)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn expire_usage(&self, before: &[(Granularity, i64)]) -> Result<u64> {
+        let mut deleted = 0;
+        for (g, t) in before {
+            deleted += sqlx::query("DELETE FROM usage_buckets WHERE granularity = ? AND bucket_start < ?")
+                .bind(g.as_str())
+                .bind(t)
+                .execute(&self.pool)
+                .await
+                .map_err(map_err)?
+                .rows_affected();
+        }
+        Ok(deleted)
     }
 
     async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>> {

@@ -17,11 +17,7 @@ const EXIT_UNREACHABLE: u8 = 3;
 const EXIT_INVALID: u8 = 4;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "keygate",
-    version,
-    about = "API keys and API tokens in one self-hosted server"
-)]
+#[command(name = "keygate", version, about = "API keys and API tokens in one self-hosted server")]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -93,12 +89,7 @@ enum Command {
 #[derive(Debug, Clone, Args)]
 struct ClientArgs {
     /// URL of the Keygate server.
-    #[arg(
-        long,
-        env = "KEYGATE_URL",
-        default_value = "http://127.0.0.1:8080",
-        global = true
-    )]
+    #[arg(long, env = "KEYGATE_URL", default_value = "http://127.0.0.1:8080", global = true)]
     url: String,
     /// Admin key (prefer the KEYGATE_ADMIN_KEY variable: flags show up in process lists).
     #[arg(long, env = "KEYGATE_ADMIN_KEY", hide_env_values = true, global = true)]
@@ -213,10 +204,7 @@ struct Failure {
 
 impl Failure {
     fn new(message: impl Into<String>) -> Self {
-        Failure {
-            code: EXIT_ERROR,
-            message: message.into(),
-        }
+        Failure { code: EXIT_ERROR, message: message.into() }
     }
 }
 
@@ -258,12 +246,7 @@ impl Client {
             .timeout(std::time::Duration::from_secs(30))
             .build()
             .map_err(|e| Failure::new(format!("cannot build the HTTP client: {e}")))?;
-        Ok(Client {
-            http,
-            base: args.url.trim_end_matches('/').to_string(),
-            admin_key,
-            json: args.json,
-        })
+        Ok(Client { http, base: args.url.trim_end_matches('/').to_string(), admin_key, json: args.json })
     }
 
     async fn call(
@@ -274,11 +257,7 @@ impl Client {
         body: Option<Value>,
     ) -> Result<Value, Failure> {
         let url = format!("{}{path}", self.base);
-        let mut req = self
-            .http
-            .request(method, &url)
-            .bearer_auth(&self.admin_key)
-            .query(query);
+        let mut req = self.http.request(method, &url).bearer_auth(&self.admin_key).query(query);
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -290,32 +269,22 @@ impl Client {
             ),
         })?;
         let status = resp.status();
-        let text = resp
-            .text()
-            .await
-            .map_err(|e| Failure::new(format!("reading the response failed: {e}")))?;
+        let text =
+            resp.text().await.map_err(|e| Failure::new(format!("reading the response failed: {e}")))?;
         let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         if status.is_success() {
             return Ok(value);
         }
         let code = value.get("code").and_then(Value::as_str).unwrap_or("unknown");
-        let message = value
-            .get("message")
-            .and_then(Value::as_str)
-            .unwrap_or("no message");
-        Err(Failure::new(format!(
-            "{message} (code {code}, HTTP {})",
-            status.as_u16()
-        )))
+        let message = value.get("message").and_then(Value::as_str).unwrap_or("no message");
+        Err(Failure::new(format!("{message} (code {code}, HTTP {})", status.as_u16())))
     }
 }
 
 fn parse_metadata(s: Option<String>) -> Result<Option<Value>, Failure> {
     s.map(|s| {
         serde_json::from_str::<Value>(&s).map_err(|e| {
-            Failure::new(format!(
-                "--metadata must be a JSON object, e.g. '{{\"plan\":\"pro\"}}': {e}"
-            ))
+            Failure::new(format!("--metadata must be a JSON object, e.g. '{{\"plan\":\"pro\"}}': {e}"))
         })
     })
     .transpose()
@@ -325,11 +294,7 @@ async fn run_client(command: Command) -> Result<ExitCode, Failure> {
     match command {
         Command::Consumers { command, client } => consumers(Client::new(client)?, command).await,
         Command::Keys { command, client } => keys(Client::new(client)?, command).await,
-        Command::Verify {
-            credential,
-            scopes,
-            client,
-        } => {
+        Command::Verify { credential, scopes, client } => {
             let c = Client::new(client)?;
             let d = c
                 .call(
@@ -345,18 +310,9 @@ async fn run_client(command: Command) -> Result<ExitCode, Failure> {
             } else {
                 print_decision(&d);
             }
-            Ok(if valid {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(EXIT_INVALID)
-            })
+            Ok(if valid { ExitCode::SUCCESS } else { ExitCode::from(EXIT_INVALID) })
         }
-        Command::Audit {
-            target,
-            action,
-            limit,
-            client,
-        } => {
+        Command::Audit { target, action, limit, client } => {
             let c = Client::new(client)?;
             let mut q = vec![("limit", limit.to_string())];
             q.extend(target.map(|t| ("target_id", t)));
@@ -398,21 +354,13 @@ async fn consumers(c: Client, cmd: ConsumersCmd) -> Result<ExitCode, Failure> {
             output(&c, &v, |v| {
                 table(
                     items(v),
-                    &[
-                        ("ID", "id"),
-                        ("NAME", "name"),
-                        ("DISABLED", "disabled"),
-                        ("CREATED", "created_at"),
-                    ],
+                    &[("ID", "id"), ("NAME", "name"), ("DISABLED", "disabled"), ("CREATED", "created_at")],
                 );
                 print_next(v);
             });
             return Ok(ExitCode::SUCCESS);
         }
-        ConsumersCmd::Show { id } => {
-            c.call(Method::GET, &format!("/v1/consumers/{id}"), &[], None)
-                .await?
-        }
+        ConsumersCmd::Show { id } => c.call(Method::GET, &format!("/v1/consumers/{id}"), &[], None).await?,
         ConsumersCmd::Update { id, name, metadata } => {
             let mut body = json!({});
             if let Some(n) = name {
@@ -421,16 +369,13 @@ async fn consumers(c: Client, cmd: ConsumersCmd) -> Result<ExitCode, Failure> {
             if let Some(m) = parse_metadata(metadata)? {
                 body["metadata"] = m;
             }
-            c.call(Method::PATCH, &format!("/v1/consumers/{id}"), &[], Some(body))
-                .await?
+            c.call(Method::PATCH, &format!("/v1/consumers/{id}"), &[], Some(body)).await?
         }
         ConsumersCmd::Disable { id } => {
-            c.call(Method::POST, &format!("/v1/consumers/{id}/disable"), &[], None)
-                .await?
+            c.call(Method::POST, &format!("/v1/consumers/{id}/disable"), &[], None).await?
         }
         ConsumersCmd::Enable { id } => {
-            c.call(Method::POST, &format!("/v1/consumers/{id}/enable"), &[], None)
-                .await?
+            c.call(Method::POST, &format!("/v1/consumers/{id}/enable"), &[], None).await?
         }
     };
     output(&c, &v, print_object);
@@ -439,14 +384,7 @@ async fn consumers(c: Client, cmd: ConsumersCmd) -> Result<ExitCode, Failure> {
 
 async fn keys(c: Client, cmd: KeysCmd) -> Result<ExitCode, Failure> {
     let v = match cmd {
-        KeysCmd::Create {
-            consumer,
-            name,
-            scopes,
-            expires_at,
-            environment,
-            metadata,
-        } => {
+        KeysCmd::Create { consumer, name, scopes, expires_at, environment, metadata } => {
             let mut body =
                 json!({"consumer_id": consumer, "name": name, "scopes": scopes, "environment": environment});
             if let Some(t) = expires_at {
@@ -459,11 +397,7 @@ async fn keys(c: Client, cmd: KeysCmd) -> Result<ExitCode, Failure> {
             output(&c, &v, print_secret);
             return Ok(ExitCode::SUCCESS);
         }
-        KeysCmd::List {
-            consumer,
-            limit,
-            after,
-        } => {
+        KeysCmd::List { consumer, limit, after } => {
             let mut q = vec![("limit", limit.to_string())];
             q.extend(consumer.map(|c| ("consumer_id", c)));
             q.extend(after.map(|a| ("after", a)));
@@ -485,14 +419,7 @@ async fn keys(c: Client, cmd: KeysCmd) -> Result<ExitCode, Failure> {
             return Ok(ExitCode::SUCCESS);
         }
         KeysCmd::Show { id } => c.call(Method::GET, &format!("/v1/keys/{id}"), &[], None).await?,
-        KeysCmd::Update {
-            id,
-            name,
-            scopes,
-            metadata,
-            expires_at,
-            no_expiry,
-        } => {
+        KeysCmd::Update { id, name, scopes, metadata, expires_at, no_expiry } => {
             let mut body = json!({});
             if let Some(n) = name {
                 body["name"] = json!(n);
@@ -508,21 +435,11 @@ async fn keys(c: Client, cmd: KeysCmd) -> Result<ExitCode, Failure> {
             } else if let Some(t) = expires_at {
                 body["expires_at"] = json!(t);
             }
-            c.call(Method::PATCH, &format!("/v1/keys/{id}"), &[], Some(body))
-                .await?
+            c.call(Method::PATCH, &format!("/v1/keys/{id}"), &[], Some(body)).await?
         }
-        KeysCmd::Disable { id } => {
-            c.call(Method::POST, &format!("/v1/keys/{id}/disable"), &[], None)
-                .await?
-        }
-        KeysCmd::Enable { id } => {
-            c.call(Method::POST, &format!("/v1/keys/{id}/enable"), &[], None)
-                .await?
-        }
-        KeysCmd::Revoke { id } => {
-            c.call(Method::POST, &format!("/v1/keys/{id}/revoke"), &[], None)
-                .await?
-        }
+        KeysCmd::Disable { id } => c.call(Method::POST, &format!("/v1/keys/{id}/disable"), &[], None).await?,
+        KeysCmd::Enable { id } => c.call(Method::POST, &format!("/v1/keys/{id}/enable"), &[], None).await?,
+        KeysCmd::Revoke { id } => c.call(Method::POST, &format!("/v1/keys/{id}/revoke"), &[], None).await?,
         KeysCmd::Rotate { id, overlap } => {
             let v = c
                 .call(
@@ -552,10 +469,7 @@ fn output(c: &Client, v: &Value, human: impl FnOnce(&Value)) {
 }
 
 fn items(v: &Value) -> &[Value] {
-    v.get("items")
-        .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or(&[])
+    v.get("items").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[])
 }
 
 fn cell(v: &Value) -> String {
@@ -574,31 +488,15 @@ fn table(rows: &[Value], columns: &[(&str, &str)]) {
     }
     let cells: Vec<Vec<String>> = rows
         .iter()
-        .map(|r| {
-            columns
-                .iter()
-                .map(|(_, f)| cell(r.get(*f).unwrap_or(&Value::Null)))
-                .collect()
-        })
+        .map(|r| columns.iter().map(|(_, f)| cell(r.get(*f).unwrap_or(&Value::Null))).collect())
         .collect();
     let widths: Vec<usize> = columns
         .iter()
         .enumerate()
-        .map(|(i, (h, _))| {
-            cells
-                .iter()
-                .map(|r| r[i].chars().count())
-                .max()
-                .unwrap_or(0)
-                .max(h.len())
-        })
+        .map(|(i, (h, _))| cells.iter().map(|r| r[i].chars().count()).max().unwrap_or(0).max(h.len()))
         .collect();
     let line = |vals: Vec<&str>| {
-        let parts: Vec<String> = vals
-            .iter()
-            .zip(&widths)
-            .map(|(v, w)| format!("{v:<w$}"))
-            .collect();
+        let parts: Vec<String> = vals.iter().zip(&widths).map(|(v, w)| format!("{v:<w$}")).collect();
         println!("{}", parts.join("  ").trim_end());
     };
     line(columns.iter().map(|(h, _)| *h).collect());
@@ -630,11 +528,7 @@ fn print_object(v: &Value) {
 
 fn print_secret(v: &Value) {
     let mut rest = v.clone();
-    let secret = rest
-        .as_object_mut()
-        .and_then(|o| o.remove("key"))
-        .map(|k| cell(&k))
-        .unwrap_or_default();
+    let secret = rest.as_object_mut().and_then(|o| o.remove("key")).map(|k| cell(&k)).unwrap_or_default();
     print_object(&rest);
     println!("\nSecret (shown only this once; store it now):\n\n    {secret}\n");
 }
@@ -643,14 +537,7 @@ fn print_decision(d: &Value) {
     let code = d.get("code").and_then(Value::as_str).unwrap_or("?");
     if d.get("valid").and_then(Value::as_bool).unwrap_or(false) {
         println!("VALID");
-        for f in [
-            "key_id",
-            "consumer_id",
-            "name",
-            "environment",
-            "scopes",
-            "expires_at",
-        ] {
+        for f in ["key_id", "consumer_id", "name", "environment", "scopes", "expires_at"] {
             if let Some(v) = d.get(f) {
                 println!("  {f:<12} {}", cell(v));
             }

@@ -103,10 +103,7 @@ pub fn resolve(args: &ServerArgs) -> Result<Resolved, String> {
     if let Some(v) = cache.negative_ttl_seconds {
         server.cache.negative_ttl = Duration::from_secs(v.max(1));
     }
-    Ok(Resolved {
-        server,
-        log_format: args.log_format.or(file.log_format).unwrap_or_default(),
-    })
+    Ok(Resolved { server, log_format: args.log_format.or(file.log_format).unwrap_or_default() })
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, String> {
@@ -186,12 +183,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k.toml");
         std::fs::write(&path, "lisen = 1\n").unwrap();
-        let err = resolve(&ServerArgs {
-            config: Some(path),
-            ..ServerArgs::default()
-        })
-        .err()
-        .unwrap();
+        let err = resolve(&ServerArgs { config: Some(path), ..ServerArgs::default() }).err().unwrap();
         assert!(err.contains("default-config"), "{err}");
     }
 }

@@ -12,9 +12,7 @@ use crate::config::{LogFormat, ServerArgs, resolve};
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("KEYGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
@@ -44,9 +42,7 @@ pub async fn serve(args: &ServerArgs) -> ExitCode {
     let store = match open_store(&config).await {
         Ok(s) => s,
         Err(e) => {
-            return fail(format!(
-                "{e}\ncheck that --data-dir points to a writable directory"
-            ));
+            return fail(format!("{e}\ncheck that --data-dir points to a writable directory"));
         }
     };
     match bootstrap(store.as_ref()).await {
@@ -64,10 +60,7 @@ pub async fn serve(args: &ServerArgs) -> ExitCode {
         }
     };
     let addr = listener.local_addr().unwrap_or(config.listen);
-    say!(
-        "Keygate listening on http://{addr} (data in {})",
-        config.data_dir.display()
-    );
+    say!("Keygate listening on http://{addr} (data in {})", config.data_dir.display());
     say!("API docs: http://{addr}/docs");
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "keygate started");
     let state = AppState::new(store.clone(), config);
@@ -150,17 +143,13 @@ pub async fn init(args: &ServerArgs, json: bool) -> ExitCode {
                     "Bootstrap admin key (shown only this once; store it now):\n\n    {}\n",
                     secret.expose()
                 );
-                say!(
-                    "Start the server with `keygate serve --data-dir {}`.",
-                    config.data_dir.display()
-                );
+                say!("Start the server with `keygate serve --data-dir {}`.", config.data_dir.display());
             }
             ExitCode::SUCCESS
         }
-        Ok(None) => fail(format!(
-            "{} was initialised by another process just now",
-            config.data_dir.display()
-        )),
+        Ok(None) => {
+            fail(format!("{} was initialised by another process just now", config.data_dir.display()))
+        }
         Err(e) => fail(e),
     }
 }
@@ -201,10 +190,7 @@ pub async fn admin_key(args: &ServerArgs, name: &str, json: bool) -> ExitCode {
             if json {
                 say!("{}", serde_json::json!({"id": id, "admin_key": secret.expose()}));
             } else {
-                say!(
-                    "New admin key {id} (shown only this once):\n\n    {}\n",
-                    secret.expose()
-                );
+                say!("New admin key {id} (shown only this once):\n\n    {}\n", secret.expose());
             }
             ExitCode::SUCCESS
         }

@@ -1,11 +1,7 @@
 //! The `keygate` binary as a user runs it: `init`, `serve` on a random port, and the admin CLI against
 //! it. One test binary for the CLI.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests fail loudly on purpose"
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly on purpose")]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -27,11 +23,7 @@ fn keygate() -> Command {
 }
 
 fn init(dir: &Path) -> String {
-    let out = keygate()
-        .args(["init", "--json", "--data-dir"])
-        .arg(dir)
-        .output()
-        .unwrap();
+    let out = keygate().args(["init", "--json", "--data-dir"]).arg(dir).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     v["admin_key"].as_str().unwrap().to_string()
@@ -70,17 +62,9 @@ impl Server {
                 sink.lock().unwrap().push('\n');
             }
         });
-        let url = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("server did not say where it listens");
+        let url = rx.recv_timeout(Duration::from_secs(60)).expect("server did not say where it listens");
         let addr = url.trim_start_matches("http://").to_string();
-        Server {
-            child,
-            url,
-            addr,
-            stdout: collected,
-            stderr_path: log_path.to_path_buf(),
-        }
+        Server { child, url, addr, stdout: collected, stderr_path: log_path.to_path_buf() }
     }
 
     fn cli(&self, admin_key: &str, args: &[&str]) -> Output {
@@ -96,11 +80,7 @@ impl Server {
         let mut all = args.to_vec();
         all.push("--json");
         let out = self.cli(admin_key, &all);
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
     }
@@ -120,10 +100,7 @@ impl Server {
     /// A raw HTTP/1.1 GET, so the test sends exactly the headers it means to.
     fn get(&self, path: &str, headers: &[(&str, &str)]) -> String {
         let mut s = TcpStream::connect(&self.addr).unwrap();
-        let mut req = format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
-            self.addr
-        );
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", self.addr);
         for (k, v) in headers {
             req.push_str(&format!("{k}: {v}\r\n"));
         }
@@ -136,10 +113,7 @@ impl Server {
 
     /// Stops with SIGTERM, as a service manager would, and returns (stdout, stderr).
     fn stop(mut self) -> (String, String) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
         assert!(status.success());
         let deadline = Instant::now() + Duration::from_secs(30);
         let exit = loop {
@@ -171,31 +145,16 @@ fn init_prints_the_key_once_and_refuses_a_second_time() {
     let key = init(&dir);
     assert!(key.starts_with("kg_live_"));
 
-    let again = keygate()
-        .args(["init", "--json", "--data-dir"])
-        .arg(&dir)
-        .output()
-        .unwrap();
+    let again = keygate().args(["init", "--json", "--data-dir"]).arg(&dir).output().unwrap();
     assert_eq!(again.status.code(), Some(1));
-    assert!(
-        stderr(&again).contains("already initialised"),
-        "{}",
-        stderr(&again)
-    );
+    assert!(stderr(&again).contains("already initialised"), "{}", stderr(&again));
     assert!(stdout(&again).is_empty());
 
     let server = Server::start(&dir, &tmp.path().join("log"));
     let keys = server.json(&key, &["keys", "list"]);
-    assert_eq!(
-        keys["items"].as_array().unwrap().len(),
-        1,
-        "the refused init created no second key"
-    );
+    assert_eq!(keys["items"].as_array().unwrap().len(), 1, "the refused init created no second key");
     let (out, _) = server.stop();
-    assert!(
-        !out.contains("Bootstrap admin key"),
-        "an initialised directory prints no new key"
-    );
+    assert!(!out.contains("Bootstrap admin key"), "an initialised directory prints no new key");
 }
 
 #[test]
@@ -205,55 +164,24 @@ fn walkthrough_with_the_cli() {
     let admin = init(&dir);
     let s = Server::start(&dir, &tmp.path().join("log"));
 
-    let consumer = s.json(
-        &admin,
-        &[
-            "consumers",
-            "create",
-            "--name",
-            "acme",
-            "--metadata",
-            r#"{"plan":"pro"}"#,
-        ],
-    );
+    let consumer =
+        s.json(&admin, &["consumers", "create", "--name", "acme", "--metadata", r#"{"plan":"pro"}"#]);
     let cid = consumer["id"].as_str().unwrap();
     assert_eq!(consumer["metadata"]["plan"], "pro");
     let listed = s.cli(&admin, &["consumers", "list"]);
-    assert!(
-        stdout(&listed).contains("NAME") && stdout(&listed).contains("acme"),
-        "{}",
-        stdout(&listed)
-    );
+    assert!(stdout(&listed).contains("NAME") && stdout(&listed).contains("acme"), "{}", stdout(&listed));
     assert_eq!(s.json(&admin, &["consumers", "show", cid])["name"], "acme");
-    assert_eq!(
-        s.json(&admin, &["consumers", "update", cid, "--name", "acme2"])["name"],
-        "acme2"
-    );
+    assert_eq!(s.json(&admin, &["consumers", "update", cid, "--name", "acme2"])["name"], "acme2");
 
     let key = s.json(
         &admin,
-        &[
-            "keys",
-            "create",
-            "--consumer",
-            cid,
-            "--name",
-            "prod",
-            "--scope",
-            "articles:read",
-            "--env",
-            "test",
-        ],
+        &["keys", "create", "--consumer", cid, "--name", "prod", "--scope", "articles:read", "--env", "test"],
     );
     let kid = key["id"].as_str().unwrap().to_string();
     let secret = key["key"].as_str().unwrap().to_string();
     assert!(secret.starts_with("kg_test_"));
     let human = s.cli(&admin, &["keys", "create", "--consumer", cid, "--name", "human"]);
-    assert!(
-        stdout(&human).contains("shown only this once"),
-        "{}",
-        stdout(&human)
-    );
+    assert!(stdout(&human).contains("shown only this once"), "{}", stdout(&human));
 
     let listed = s.cli(&admin, &["keys", "list", "--consumer", cid]);
     assert!(stdout(&listed).contains(&secret[..12]), "{}", stdout(&listed));
@@ -268,12 +196,7 @@ fn walkthrough_with_the_cli() {
     assert!(stdout(&denied).contains("INSUFFICIENT_SCOPE"));
 
     s.json(&admin, &["keys", "update", &kid, "--scope", "articles:write"]);
-    assert_eq!(
-        s.cli(&admin, &["verify", &secret, "--scope", "articles:write"])
-            .status
-            .code(),
-        Some(0)
-    );
+    assert_eq!(s.cli(&admin, &["verify", &secret, "--scope", "articles:write"]).status.code(), Some(0));
     assert_eq!(s.json(&admin, &["keys", "disable", &kid])["status"], "disabled");
     let d = s.decision(&admin, &[&secret]);
     assert_eq!(d["code"], "DISABLED");
@@ -290,22 +213,11 @@ fn walkthrough_with_the_cli() {
     assert_eq!(s.json(&admin, &["consumers", "enable", cid])["disabled"], false);
 
     let audit = s.json(&admin, &["audit", "--target", &kid]);
-    let actions: Vec<&str> = audit["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["action"].as_str().unwrap())
-        .collect();
+    let actions: Vec<&str> =
+        audit["items"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
     assert_eq!(
         actions,
-        [
-            "key.revoke",
-            "key.rotate",
-            "key.enable",
-            "key.disable",
-            "key.update",
-            "key.create"
-        ]
+        ["key.revoke", "key.rotate", "key.enable", "key.disable", "key.update", "key.create"]
     );
     let human = s.cli(&admin, &["audit"]);
     assert!(stdout(&human).contains("ACTION"), "{}", stdout(&human));
@@ -313,50 +225,19 @@ fn walkthrough_with_the_cli() {
     // Failures: clear message, non-zero exit.
     let missing = s.cli(&admin, &["keys", "show", "key_doesnotexist"]);
     assert_eq!(missing.status.code(), Some(1));
-    assert!(
-        stderr(&missing).contains("no key with id"),
-        "{}",
-        stderr(&missing)
-    );
-    let bad = s.cli(
-        &admin,
-        &[
-            "keys",
-            "create",
-            "--consumer",
-            cid,
-            "--name",
-            "x",
-            "--scope",
-            "has space",
-        ],
-    );
+    assert!(stderr(&missing).contains("no key with id"), "{}", stderr(&missing));
+    let bad = s.cli(&admin, &["keys", "create", "--consumer", cid, "--name", "x", "--scope", "has space"]);
     assert_eq!(bad.status.code(), Some(1));
     assert!(stderr(&bad).contains("validation_failed"), "{}", stderr(&bad));
-    let bad_meta = s.cli(
-        &admin,
-        &["consumers", "create", "--name", "x", "--metadata", "{nope"],
-    );
+    let bad_meta = s.cli(&admin, &["consumers", "create", "--name", "x", "--metadata", "{nope"]);
     assert_eq!(bad_meta.status.code(), Some(1));
     assert!(stderr(&bad_meta).contains("--metadata"), "{}", stderr(&bad_meta));
-    let no_key = keygate()
-        .args(["keys", "list"])
-        .env("KEYGATE_URL", &s.url)
-        .output()
-        .unwrap();
+    let no_key = keygate().args(["keys", "list"]).env("KEYGATE_URL", &s.url).output().unwrap();
     assert_eq!(no_key.status.code(), Some(1));
-    assert!(
-        stderr(&no_key).contains("KEYGATE_ADMIN_KEY"),
-        "{}",
-        stderr(&no_key)
-    );
+    assert!(stderr(&no_key).contains("KEYGATE_ADMIN_KEY"), "{}", stderr(&no_key));
     let wrong_key = s.cli("kg_live_wrong", &["keys", "list"]);
     assert_eq!(wrong_key.status.code(), Some(1));
-    assert!(
-        stderr(&wrong_key).contains("unauthorized"),
-        "{}",
-        stderr(&wrong_key)
-    );
+    assert!(stderr(&wrong_key).contains("unauthorized"), "{}", stderr(&wrong_key));
     let usage = s.cli(&admin, &["keys", "create"]);
     assert_eq!(usage.status.code(), Some(2));
     s.stop();
@@ -369,11 +250,7 @@ fn walkthrough_with_the_cli() {
         .output()
         .unwrap();
     assert_eq!(unreachable.status.code(), Some(3));
-    assert!(
-        stderr(&unreachable).contains("keygate serve"),
-        "{}",
-        stderr(&unreachable)
-    );
+    assert!(stderr(&unreachable).contains("keygate serve"), "{}", stderr(&unreachable));
 }
 
 #[test]
@@ -394,10 +271,7 @@ fn no_secret_reaches_the_logs_and_data_survives_a_restart() {
     let mut secrets = vec![admin.clone()];
     let c = s.json(&admin, &["consumers", "create", "--name", "acme"]);
     let cid = c["id"].as_str().unwrap();
-    let k = s.json(
-        &admin,
-        &["keys", "create", "--consumer", cid, "--name", "k", "--scope", "a"],
-    );
+    let k = s.json(&admin, &["keys", "create", "--consumer", cid, "--name", "k", "--scope", "a"]);
     let kid = k["id"].as_str().unwrap().to_string();
     secrets.push(k["key"].as_str().unwrap().to_string());
     let r = s.json(&admin, &["keys", "rotate", &kid, "--overlap", "60"]);
@@ -408,10 +282,7 @@ fn no_secret_reaches_the_logs_and_data_survives_a_restart() {
         s.decision(&admin, &[secret, "--scope", "a"]);
         let resp = s.get("/v1/auth", &[("X-API-Key", secret)]);
         assert!(resp.starts_with("HTTP/1.1 "), "{resp}");
-        s.get(
-            "/v1/auth?scope=a",
-            &[("Authorization", &format!("Bearer {secret}"))],
-        );
+        s.get("/v1/auth?scope=a", &[("Authorization", &format!("Bearer {secret}"))]);
     }
     s.json(&admin, &["keys", "revoke", k2["id"].as_str().unwrap()]);
     let (stdout1, stderr1) = s.stop();
@@ -419,41 +290,22 @@ fn no_secret_reaches_the_logs_and_data_survives_a_restart() {
     // Restart: no new bootstrap key, everything still there.
     let log2 = tmp.path().join("log2");
     let s = Server::start(&dir, &log2);
-    assert_eq!(
-        s.decision(&admin, &[&secrets[2], "--scope", "a"])["code"],
-        "VALID"
-    );
+    assert_eq!(s.decision(&admin, &[&secrets[2], "--scope", "a"])["code"], "VALID");
     assert_eq!(s.decision(&admin, &[&secrets[3]])["code"], "REVOKED");
     let resp = s.get("/v1/auth", &[("X-API-Key", &secrets[2])]);
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     let (stdout2, stderr2) = s.stop();
 
-    assert!(
-        stderr1.contains("TRACE") || stderr1.contains("DEBUG"),
-        "the log ran at full verbosity"
-    );
-    assert_eq!(
-        stdout1.matches(&admin).count(),
-        3,
-        "bootstrap key shown once (key, export line, curl line)"
-    );
+    assert!(stderr1.contains("TRACE") || stderr1.contains("DEBUG"), "the log ran at full verbosity");
+    assert_eq!(stdout1.matches(&admin).count(), 3, "bootstrap key shown once (key, export line, curl line)");
     assert!(!stdout2.contains("kg_live_"), "{stdout2}");
     for secret in &secrets {
         let body = &secret[12..];
-        assert!(
-            !stderr1.contains(body),
-            "a secret reached the log of the first run"
-        );
-        assert!(
-            !stderr2.contains(body),
-            "a secret reached the log of the second run"
-        );
+        assert!(!stderr1.contains(body), "a secret reached the log of the first run");
+        assert!(!stderr2.contains(body), "a secret reached the log of the second run");
     }
     for secret in &secrets[1..] {
-        assert!(
-            !stdout1.contains(&secret[12..]),
-            "a created secret reached stdout"
-        );
+        assert!(!stdout1.contains(&secret[12..]), "a created secret reached stdout");
     }
 }
 
@@ -461,20 +313,12 @@ fn no_secret_reaches_the_logs_and_data_survives_a_restart() {
 fn admin_key_recovery_and_config_handling() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
-    let missing = keygate()
-        .args(["admin-key", "--data-dir"])
-        .arg(&dir)
-        .output()
-        .unwrap();
+    let missing = keygate().args(["admin-key", "--data-dir"]).arg(&dir).output().unwrap();
     assert_eq!(missing.status.code(), Some(1));
     assert!(stderr(&missing).contains("keygate init"), "{}", stderr(&missing));
 
     init(&dir);
-    let out = keygate()
-        .args(["admin-key", "--json", "--data-dir"])
-        .arg(&dir)
-        .output()
-        .unwrap();
+    let out = keygate().args(["admin-key", "--json", "--data-dir"]).arg(&dir).output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let recovered: Value = serde_json::from_slice(&out.stdout).unwrap();
     let recovered = recovered["admin_key"].as_str().unwrap();
@@ -483,10 +327,8 @@ fn admin_key_recovery_and_config_handling() {
     let config = tmp.path().join("keygate.toml");
     let default = keygate().arg("default-config").output().unwrap();
     assert!(default.status.success());
-    let text = stdout(&default).replace(
-        "data_dir = \"keygate-data\"",
-        &format!("data_dir = {:?}", dir.display().to_string()),
-    );
+    let text = stdout(&default)
+        .replace("data_dir = \"keygate-data\"", &format!("data_dir = {:?}", dir.display().to_string()));
     std::fs::write(&config, text).unwrap();
     let log = tmp.path().join("log");
     let stderr_file = std::fs::File::create(&log).unwrap();
@@ -519,19 +361,11 @@ fn admin_key_recovery_and_config_handling() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(
-        v["items"].as_array().unwrap().len(),
-        2,
-        "bootstrap and recovered admin keys"
-    );
+    assert_eq!(v["items"].as_array().unwrap().len(), 2, "bootstrap and recovered admin keys");
 
     // A second server on the same port fails clearly.
     let addr = url.trim_start_matches("http://");
-    let clash = keygate()
-        .args(["serve", "--listen", addr, "--data-dir"])
-        .arg(&dir)
-        .output()
-        .unwrap();
+    let clash = keygate().args(["serve", "--listen", addr, "--data-dir"]).arg(&dir).output().unwrap();
     assert_eq!(clash.status.code(), Some(1));
     assert!(stderr(&clash).contains("--listen"), "{}", stderr(&clash));
     let _ = child.kill();
@@ -539,11 +373,7 @@ fn admin_key_recovery_and_config_handling() {
 
     // A broken config file fails clearly.
     std::fs::write(&config, "listen = 5\n").unwrap();
-    let bad = keygate()
-        .args(["serve", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let bad = keygate().args(["serve", "--config"]).arg(&config).output().unwrap();
     assert_eq!(bad.status.code(), Some(1));
     assert!(stderr(&bad).contains("not valid"), "{}", stderr(&bad));
 }

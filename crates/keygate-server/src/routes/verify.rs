@@ -1,6 +1,7 @@
 //! `POST /v1/verify` (for services that check credentials themselves) and `GET /v1/auth` (forward-auth
 //! for nginx `auth_request`, Traefik `forwardAuth`, Envoy `ext_authz`).
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,16 +14,14 @@ use keygate_core::{DecisionCode, scope};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::auth::{VerifyCaller, presented_credential};
+use crate::auth::{ClientIp, VerifyCaller, presented_credential};
 use crate::error::{ApiError, ApiJson, ApiResult, ErrorBody};
 use crate::state::AppState;
 use crate::time::now_ms;
-use crate::verify::Decision;
+use crate::verify::{Context, Decision};
 
 pub fn router() -> axum::Router<Arc<AppState>> {
-    axum::Router::new()
-        .route("/v1/verify", post(verify))
-        .route("/v1/auth", get(forward_auth))
+    axum::Router::new().route("/v1/verify", post(verify)).route("/v1/auth", get(forward_auth))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -33,7 +32,15 @@ pub struct VerifyRequest {
     /// Scopes the credential must all carry.
     #[serde(default)]
     pub scopes: Vec<String>,
+    /// Units of rate limit and quota this request uses (default 1; 0 checks without consuming).
+    pub cost: Option<u64>,
+    /// The end client's IP address, for IP allow-lists, last-used tracking and brute-force throttling.
+    /// Without it, the address of the caller of this endpoint is used.
+    pub ip: Option<String>,
 }
+
+/// Largest `cost` of one verify.
+pub const MAX_COST: u64 = 1_000_000;
 
 /// A verify decision. `valid` is true only for `VALID`; the other fields are present where they apply.
 #[derive(Debug, Serialize, ToSchema)]
@@ -56,12 +63,17 @@ pub struct DecisionView {
     pub metadata: Option<serde_json::Value>,
     /// For INSUFFICIENT_SCOPE: the required scopes the credential lacks.
     pub missing_scopes: Option<Vec<String>>,
+    /// The most restrictive rate limit: `{"name", "limit", "remaining", "reset"}` (reset: Unix ms
+    /// when the limit is fully available again).
+    #[schema(value_type = Option<Object>)]
+    pub rate_limit: Option<serde_json::Value>,
+    /// `{"remaining": N}` for keys with a quota.
+    #[schema(value_type = Option<Object>)]
+    pub quota: Option<serde_json::Value>,
 }
 
 fn record(state: &AppState, decision: &Decision, started: Instant) {
-    state
-        .metrics
-        .record_decision(decision.code, started.elapsed().as_secs_f64());
+    state.metrics.record_decision(decision.code, started.elapsed().as_secs_f64());
 }
 
 /// Verify a credential. Every decision answers 200; read `valid` and `code`.
@@ -72,25 +84,38 @@ fn record(state: &AppState, decision: &Decision, started: Instant) {
     security(("bearer" = [])))]
 pub async fn verify(
     State(state): State<Arc<AppState>>,
-    VerifyCaller(_): VerifyCaller,
+    VerifyCaller(caller): VerifyCaller,
     ApiJson(req): ApiJson<VerifyRequest>,
 ) -> ApiResult<Response> {
     let started = Instant::now();
     if req.scopes.len() > scope::MAX_SCOPES {
-        return Err(ApiError::invalid(
-            "scopes",
-            format!("at most {} scopes", scope::MAX_SCOPES),
-        ));
+        return Err(ApiError::invalid("scopes", format!("at most {} scopes", scope::MAX_SCOPES)));
     }
-    let decision = state
-        .verifier
-        .verify(&req.credential, &req.scopes, now_ms())
-        .await?;
+    let cost = req.cost.unwrap_or(1);
+    if cost > MAX_COST {
+        return Err(ApiError::invalid("cost", format!("must be at most {MAX_COST}")));
+    }
+    let end_client = match req.ip.as_deref() {
+        Some(ip) => Some(
+            ip.trim()
+                .parse::<IpAddr>()
+                .map_err(|_| ApiError::invalid("ip", "must be an IPv4 or IPv6 address"))?,
+        ),
+        None => None,
+    };
+    let now = now_ms();
+    // Only an end client named in the request is throttled: the caller itself is a trusted gateway
+    // that speaks for many clients.
+    if let Some(retry) = state.throttle.blocked(end_client, now) {
+        return Err(ApiError::throttled(retry));
+    }
+    let ctx = Context { ip: end_client.or(caller.ip), cost, now_ms: now };
+    let decision = state.verifier.verify(&req.credential, &req.scopes, ctx).await?;
+    if matches!(decision.code, DecisionCode::Malformed | DecisionCode::NotFound) {
+        state.throttle.record_failure(end_client, now);
+    }
     record(&state, &decision, started);
-    Ok((
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
-        decision.body(),
-    )
+    Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], decision.body())
         .into_response())
 }
 
@@ -99,11 +124,7 @@ pub async fn verify(
 fn required_scopes(headers: &HeaderMap, uri: &Uri) -> Vec<String> {
     let mut out = Vec::new();
     let mut push_list = |list: &str| {
-        out.extend(
-            list.split([' ', ','])
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned),
-        );
+        out.extend(list.split([' ', ',']).filter(|s| !s.is_empty()).map(str::to_owned));
     };
     for v in headers.get_all("x-keygate-required-scopes") {
         if let Ok(v) = v.to_str() {
@@ -123,9 +144,7 @@ fn required_scopes(headers: &HeaderMap, uri: &Uri) -> Vec<String> {
 fn www_authenticate(error: Option<(&str, &str)>, scope: Option<&str>) -> HeaderValue {
     let mut v = String::from("Bearer realm=\"keygate\"");
     if let Some((code, description)) = error {
-        v.push_str(&format!(
-            ", error=\"{code}\", error_description=\"{description}\""
-        ));
+        v.push_str(&format!(", error=\"{code}\", error_description=\"{description}\""));
     }
     if let Some(s) = scope {
         v.push_str(&format!(", scope=\"{}\"", s.replace(['"', '\\'], "")));
@@ -133,25 +152,32 @@ fn www_authenticate(error: Option<(&str, &str)>, scope: Option<&str>) -> HeaderV
     HeaderValue::from_str(&v).unwrap_or_else(|_| HeaderValue::from_static("Bearer realm=\"keygate\""))
 }
 
-/// Forward-auth: 200 with identity headers, or 401/403 with an RFC 6750 `WWW-Authenticate`.
+/// Forward-auth: 200 with identity headers, or 401/403/429 with an RFC 6750 `WWW-Authenticate`.
 ///
 /// Reads the credential from `X-API-Key` or `Authorization: Bearer`. Required scopes come from the
 /// `X-Keygate-Required-Scopes` header or the `scope` query parameter. On success the response carries
 /// `X-Keygate-Consumer`, `X-Keygate-Key-Id`, `X-Keygate-Scopes` and `X-Keygate-Kind`, for the proxy to
-/// pass upstream.
+/// pass upstream. Keys with rate limits get `RateLimit-Limit`, `RateLimit-Remaining` and
+/// `RateLimit-Reset` (seconds); a rate-limited request is 429 with `Retry-After`.
 #[utoipa::path(get, path = "/v1/auth", tag = "verify",
     params(("scope" = Option<String>, Query, description = "required scopes, space- or comma-separated; repeatable"),
            ("X-Keygate-Required-Scopes" = Option<String>, Header, description = "required scopes")),
     responses((status = 200, description = "valid; identity in X-Keygate-* headers"),
               (status = 401, body = DecisionView, description = "missing or invalid credential"),
-              (status = 403, body = DecisionView, description = "valid credential without the required scopes")),
+              (status = 403, body = DecisionView, description = "valid credential without the required scopes, or from a disallowed address"),
+              (status = 429, body = DecisionView, description = "rate limit or quota exhausted, or too many failed attempts")),
     security(("bearer" = []), ("api_key" = [])))]
 pub async fn forward_auth(
     State(state): State<Arc<AppState>>,
+    ClientIp(ip): ClientIp,
     headers: HeaderMap,
     uri: Uri,
 ) -> ApiResult<Response> {
     let started = Instant::now();
+    let now = now_ms();
+    if let Some(retry) = state.throttle.blocked(ip, now) {
+        return Err(ApiError::throttled(retry));
+    }
     let Some(secret) = presented_credential(&headers) else {
         let mut resp = (
             StatusCode::UNAUTHORIZED,
@@ -161,31 +187,34 @@ pub async fn forward_auth(
             })),
         )
             .into_response();
-        resp.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, www_authenticate(None, None));
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, www_authenticate(None, None));
         return Ok(resp);
     };
     let required = required_scopes(&headers, &uri);
-    let decision = state.verifier.verify(secret, &required, now_ms()).await?;
+    let decision = state.verifier.verify(secret, &required, Context { ip, cost: 1, now_ms: now }).await?;
+    if matches!(decision.code, DecisionCode::Malformed | DecisionCode::NotFound) {
+        state.throttle.record_failure(ip, now);
+    }
     record(&state, &decision, started);
-    Ok(forward_auth_response(&decision))
+    Ok(forward_auth_response(&decision, now))
 }
 
-fn forward_auth_response(decision: &Decision) -> Response {
+fn set_header(h: &mut HeaderMap, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        h.insert(name, v);
+    }
+}
+
+fn forward_auth_response(decision: &Decision, now: i64) -> Response {
     let mut resp = match (decision.code, &decision.key) {
         (DecisionCode::Valid, Some(key)) => {
             let mut resp = Response::new(Body::empty());
             let h = resp.headers_mut();
-            for (name, value) in [
-                ("x-keygate-consumer", key.consumer_id.as_str()),
-                ("x-keygate-key-id", key.key_id.as_str()),
-                ("x-keygate-scopes", key.scopes_header.as_str()),
-                ("x-keygate-kind", "api_key"),
-            ] {
-                if let Ok(v) = HeaderValue::from_str(value) {
-                    h.insert(name, v);
-                }
-            }
+            set_header(h, "x-keygate-consumer", &key.consumer_id);
+            set_header(h, "x-keygate-key-id", &key.key_id);
+            set_header(h, "x-keygate-scopes", &key.scopes_header);
+            h.insert("x-keygate-kind", HeaderValue::from_static("api_key"));
+            rate_limit_headers(h, decision, now);
             return resp;
         }
         (DecisionCode::InsufficientScope, _) => {
@@ -201,6 +230,17 @@ fn forward_auth_response(decision: &Decision) -> Response {
             );
             resp
         }
+        (DecisionCode::IpNotAllowed, _) => {
+            let mut resp = Response::new(Body::from(decision.body()));
+            *resp.status_mut() = StatusCode::FORBIDDEN;
+            resp
+        }
+        (DecisionCode::RateLimited | DecisionCode::QuotaExceeded, _) => {
+            let mut resp = Response::new(Body::from(decision.body()));
+            *resp.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+            rate_limit_headers(resp.headers_mut(), decision, now);
+            resp
+        }
         (code, _) => {
             let mut resp = Response::new(Body::from(decision.body()));
             *resp.status_mut() = StatusCode::UNAUTHORIZED;
@@ -211,7 +251,19 @@ fn forward_auth_response(decision: &Decision) -> Response {
             resp
         }
     };
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
+}
+
+/// `RateLimit-*` headers (seconds until the limit is whole again), and `Retry-After` when denied.
+fn rate_limit_headers(h: &mut HeaderMap, decision: &Decision, now: i64) {
+    let Some(r) = &decision.rate_limit else { return };
+    let reset_secs = ((r.reset_ms - now).max(0) as u64).div_ceil(1000);
+    set_header(h, "ratelimit-limit", &r.limit.to_string());
+    set_header(h, "ratelimit-remaining", &r.remaining.to_string());
+    set_header(h, "ratelimit-reset", &reset_secs.to_string());
+    if decision.code == DecisionCode::RateLimited {
+        let retry = (r.retry_after_ms.max(0) as u64).div_ceil(1000).max(1);
+        set_header(h, "retry-after", &retry.to_string());
+    }
 }

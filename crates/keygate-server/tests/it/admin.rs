@@ -10,12 +10,7 @@ use crate::helpers::TestApp;
 #[tokio::test]
 async fn consumer_lifecycle() {
     let app = TestApp::start().await;
-    let (status, c) = app
-        .post(
-            "/v1/consumers",
-            json!({"name": "acme", "metadata": {"plan": "pro"}}),
-        )
-        .await;
+    let (status, c) = app.post("/v1/consumers", json!({"name": "acme", "metadata": {"plan": "pro"}})).await;
     assert_eq!(status, StatusCode::CREATED);
     let id = c["id"].as_str().unwrap();
     assert!(id.starts_with("cons_"));
@@ -26,22 +21,15 @@ async fn consumer_lifecycle() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(got["name"], "acme");
 
-    let (status, updated) = app
-        .patch(&format!("/v1/consumers/{id}"), json!({"name": "acme inc"}))
-        .await;
+    let (status, updated) = app.patch(&format!("/v1/consumers/{id}"), json!({"name": "acme inc"})).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(updated["name"], "acme inc");
-    assert_eq!(
-        updated["metadata"]["plan"], "pro",
-        "metadata untouched by a name change"
-    );
+    assert_eq!(updated["metadata"]["plan"], "pro", "metadata untouched by a name change");
 
     let (status, disabled) = app.post(&format!("/v1/consumers/{id}/disable"), json!({})).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(disabled["disabled"], true);
-    let (status, body) = app
-        .post("/v1/keys", json!({"consumer_id": id, "name": "k", "scopes": []}))
-        .await;
+    let (status, body) = app.post("/v1/keys", json!({"consumer_id": id, "name": "k", "scopes": []})).await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(body["code"], "consumer_disabled");
     let (_, enabled) = app.post(&format!("/v1/consumers/{id}/enable"), json!({})).await;
@@ -49,18 +37,9 @@ async fn consumer_lifecycle() {
 
     // The system consumer (holder of the admin key) cannot be disabled.
     let (_, list) = app.get("/v1/consumers").await;
-    let system = list["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["system"] == true)
-        .unwrap();
-    let (status, body) = app
-        .post(
-            &format!("/v1/consumers/{}/disable", system["id"].as_str().unwrap()),
-            json!({}),
-        )
-        .await;
+    let system = list["items"].as_array().unwrap().iter().find(|c| c["system"] == true).unwrap();
+    let (status, body) =
+        app.post(&format!("/v1/consumers/{}/disable", system["id"].as_str().unwrap()), json!({})).await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(body["code"], "conflict");
 }
@@ -80,11 +59,7 @@ async fn listings_page_in_creation_order() {
     let items2 = page2["items"].as_array().unwrap();
     // 5 created + the system consumer = 6.
     assert_eq!(items2.len(), 3);
-    let all: Vec<&str> = items1
-        .iter()
-        .chain(items2)
-        .map(|c| c["id"].as_str().unwrap())
-        .collect();
+    let all: Vec<&str> = items1.iter().chain(items2).map(|c| c["id"].as_str().unwrap()).collect();
     let mut sorted = all.clone();
     sorted.sort();
     assert_eq!(all, sorted);
@@ -108,11 +83,7 @@ async fn key_secret_is_shown_once_and_never_listed() {
     let secret = created["key"].as_str().unwrap();
     let id = created["id"].as_str().unwrap();
     assert!(secret.starts_with("kg_test_"), "{secret}");
-    assert_eq!(
-        created["scopes"],
-        json!(["a:write", "b:read"]),
-        "scopes are sorted and deduplicated"
-    );
+    assert_eq!(created["scopes"], json!(["a:write", "b:read"]), "scopes are sorted and deduplicated");
     assert_eq!(created["environment"], "test");
     assert_eq!(created["start"].as_str().unwrap(), &secret[..12]);
 
@@ -121,19 +92,12 @@ async fn key_secret_is_shown_once_and_never_listed() {
     let (_, mine) = app.get(&format!("/v1/keys?consumer_id={consumer}")).await;
     for body in [&one, &all, &mine] {
         let text = body.to_string();
-        assert!(
-            !text.contains(&secret[12..]),
-            "a listing shows the secret: {text}"
-        );
+        assert!(!text.contains(&secret[12..]), "a listing shows the secret: {text}");
         assert!(!text.contains("\"key\":"), "a listing has a key field: {text}");
     }
     assert_eq!(one["metadata"]["team"], "data");
     assert_eq!(mine["items"].as_array().unwrap().len(), 1);
-    assert_eq!(
-        all["items"].as_array().unwrap().len(),
-        2,
-        "the bootstrap admin key and this one"
-    );
+    assert_eq!(all["items"].as_array().unwrap().len(), 2, "the bootstrap admin key and this one");
 }
 
 #[tokio::test]
@@ -142,10 +106,7 @@ async fn updates_take_effect_on_the_next_verify() {
     let consumer = app.create_consumer("acme").await;
     let (id, secret) = app.create_key(&consumer, &["articles:read"]).await;
     assert_eq!(app.verify_code(&secret, &["articles:read"]).await, "VALID");
-    assert_eq!(
-        app.verify_code(&secret, &["articles:write"]).await,
-        "INSUFFICIENT_SCOPE"
-    );
+    assert_eq!(app.verify_code(&secret, &["articles:write"]).await, "INSUFFICIENT_SCOPE");
 
     let (status, updated) = app
         .patch(
@@ -156,10 +117,7 @@ async fn updates_take_effect_on_the_next_verify() {
     assert_eq!(status, StatusCode::OK, "{updated}");
     assert_eq!(updated["name"], "renamed");
     // The cached VALID decision must not survive the scope change.
-    assert_eq!(
-        app.verify_code(&secret, &["articles:read"]).await,
-        "INSUFFICIENT_SCOPE"
-    );
+    assert_eq!(app.verify_code(&secret, &["articles:read"]).await, "INSUFFICIENT_SCOPE");
     let d = app.verify(&secret, &["articles:write"]).await;
     assert_eq!(d["code"], "VALID");
     assert_eq!(d["name"], "renamed");
@@ -175,13 +133,9 @@ async fn updates_take_effect_on_the_next_verify() {
 
     // Expiry set and cleared.
     let soon = chrono_like_in(Duration::from_secs(3600));
-    let (_, k) = app
-        .patch(&format!("/v1/keys/{id}"), json!({"expires_at": soon}))
-        .await;
+    let (_, k) = app.patch(&format!("/v1/keys/{id}"), json!({"expires_at": soon})).await;
     assert!(k["expires_at"].is_string());
-    let (_, k) = app
-        .patch(&format!("/v1/keys/{id}"), json!({"expires_at": null}))
-        .await;
+    let (_, k) = app.patch(&format!("/v1/keys/{id}"), json!({"expires_at": null})).await;
     assert!(k["expires_at"].is_null());
 }
 
@@ -208,11 +162,7 @@ async fn revocation_is_immediate_and_permanent() {
     for (method, path, body) in [
         (Method::POST, format!("/v1/keys/{id}/enable"), None),
         (Method::POST, format!("/v1/keys/{id}/rotate"), None),
-        (
-            Method::PATCH,
-            format!("/v1/keys/{id}"),
-            Some(json!({"name": "x"})),
-        ),
+        (Method::PATCH, format!("/v1/keys/{id}"), Some(json!({"name": "x"}))),
     ] {
         let (status, body) = app.call(method, &path, body).await;
         assert_eq!(status, StatusCode::CONFLICT, "{path}: {body}");
@@ -227,11 +177,9 @@ async fn disabling_a_consumer_disables_its_keys_at_once() {
     let consumer = app.create_consumer("acme").await;
     let (_, secret) = app.create_key(&consumer, &[]).await;
     assert_eq!(app.verify_code(&secret, &[]).await, "VALID");
-    app.post(&format!("/v1/consumers/{consumer}/disable"), json!({}))
-        .await;
+    app.post(&format!("/v1/consumers/{consumer}/disable"), json!({})).await;
     assert_eq!(app.verify_code(&secret, &[]).await, "DISABLED");
-    app.post(&format!("/v1/consumers/{consumer}/enable"), json!({}))
-        .await;
+    app.post(&format!("/v1/consumers/{consumer}/enable"), json!({})).await;
     assert_eq!(app.verify_code(&secret, &[]).await, "VALID");
 }
 
@@ -243,9 +191,7 @@ async fn rotation_with_and_without_overlap() {
     assert_eq!(app.verify_code(&old, &[]).await, "VALID");
 
     // Overlap: both secrets work until the window ends.
-    let (status, rotated) = app
-        .post(&format!("/v1/keys/{id}/rotate"), json!({"overlap_seconds": 1}))
-        .await;
+    let (status, rotated) = app.post(&format!("/v1/keys/{id}/rotate"), json!({"overlap_seconds": 1})).await;
     assert_eq!(status, StatusCode::OK, "{rotated}");
     let new = rotated["key"].as_str().unwrap().to_string();
     assert_ne!(new, old);
@@ -261,20 +207,14 @@ async fn rotation_with_and_without_overlap() {
     assert_eq!(app.verify_code(&new, &[]).await, "VALID");
 
     // Window 0: the previous secret stops at once; with no body the overlap is 0 too.
-    let (status, rotated) = app
-        .call(Method::POST, &format!("/v1/keys/{id}/rotate"), None)
-        .await;
+    let (status, rotated) = app.call(Method::POST, &format!("/v1/keys/{id}/rotate"), None).await;
     assert_eq!(status, StatusCode::OK, "{rotated}");
     let newest = rotated["key"].as_str().unwrap().to_string();
     assert_eq!(app.verify_code(&new, &[]).await, "EXPIRED");
     assert_eq!(app.verify_code(&newest, &[]).await, "VALID");
 
-    let (status, body) = app
-        .post(
-            &format!("/v1/keys/{id}/rotate"),
-            json!({"overlap_seconds": 99_999_999}),
-        )
-        .await;
+    let (status, body) =
+        app.post(&format!("/v1/keys/{id}/rotate"), json!({"overlap_seconds": 99_999_999})).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(body["field"], "overlap_seconds");
 }
@@ -283,22 +223,14 @@ async fn rotation_with_and_without_overlap() {
 async fn every_change_leaves_an_audit_event() {
     let app = TestApp::start().await;
     let consumer = app.create_consumer("acme").await;
-    app.patch(
-        &format!("/v1/consumers/{consumer}"),
-        json!({"metadata": {"x": 1}}),
-    )
-    .await;
-    app.post(&format!("/v1/consumers/{consumer}/disable"), json!({}))
-        .await;
-    app.post(&format!("/v1/consumers/{consumer}/enable"), json!({}))
-        .await;
+    app.patch(&format!("/v1/consumers/{consumer}"), json!({"metadata": {"x": 1}})).await;
+    app.post(&format!("/v1/consumers/{consumer}/disable"), json!({})).await;
+    app.post(&format!("/v1/consumers/{consumer}/enable"), json!({})).await;
     let (id, secret) = app.create_key(&consumer, &["a"]).await;
     app.patch(&format!("/v1/keys/{id}"), json!({"name": "n"})).await;
     app.post(&format!("/v1/keys/{id}/disable"), json!({})).await;
     app.post(&format!("/v1/keys/{id}/enable"), json!({})).await;
-    let (_, rotated) = app
-        .post(&format!("/v1/keys/{id}/rotate"), json!({"overlap_seconds": 0}))
-        .await;
+    let (_, rotated) = app.post(&format!("/v1/keys/{id}/rotate"), json!({"overlap_seconds": 0})).await;
     app.post(&format!("/v1/keys/{id}/revoke"), json!({})).await;
 
     let (status, log) = app.get("/v1/audit?limit=1000").await;
@@ -322,11 +254,8 @@ async fn every_change_leaves_an_audit_event() {
     }
     // Newest first; the admin key is the actor; the source IP is recorded.
     assert_eq!(actions[0], "key.revoke");
-    let admin_key_id = events
-        .iter()
-        .find(|e| e["action"] == "keygate.initialize")
-        .unwrap()["target_id"]
-        .clone();
+    let admin_key_id =
+        events.iter().find(|e| e["action"] == "keygate.initialize").unwrap()["target_id"].clone();
     for e in events.iter().filter(|e| e["action"] != "keygate.initialize") {
         assert_eq!(e["actor"], admin_key_id, "{e}");
         assert_eq!(e["ip"], "127.0.0.1", "{e}");
@@ -353,8 +282,7 @@ async fn data_survives_a_restart() {
     let consumer = app.create_consumer("acme").await;
     let (id, secret) = app.create_key(&consumer, &["a"]).await;
     let (revoked_id, revoked) = app.create_key(&consumer, &[]).await;
-    app.post(&format!("/v1/keys/{revoked_id}/revoke"), json!({}))
-        .await;
+    app.post(&format!("/v1/keys/{revoked_id}/revoke"), json!({})).await;
     let (dir, admin_key, guard) = app.stop().await;
 
     let app = TestApp::builder().data_dir(&dir, &admin_key).start().await;

@@ -14,11 +14,7 @@ async fn raw(
     content_type: Option<&str>,
     body: Vec<u8>,
 ) -> (StatusCode, Value) {
-    let mut req = app
-        .client
-        .request(method, app.url(path))
-        .bearer_auth(&app.admin_key)
-        .body(body);
+    let mut req = app.client.request(method, app.url(path)).bearer_auth(&app.admin_key).body(body);
     if let Some(ct) = content_type {
         req = req.header("content-type", ct);
     }
@@ -28,45 +24,18 @@ async fn raw(
 }
 
 async fn count_keys(app: &TestApp) -> usize {
-    app.get("/v1/keys?limit=1000").await.1["items"]
-        .as_array()
-        .unwrap()
-        .len()
+    app.get("/v1/keys?limit=1000").await.1["items"].as_array().unwrap().len()
 }
 
 #[tokio::test]
 async fn malformed_bodies() {
     let app = TestApp::start().await;
     let json_ct = Some("application/json");
-    type Case = (
-        &'static str,
-        Option<&'static str>,
-        Vec<u8>,
-        StatusCode,
-        &'static str,
-    );
+    type Case = (&'static str, Option<&'static str>, Vec<u8>, StatusCode, &'static str);
     let cases: Vec<Case> = vec![
-        (
-            "/v1/consumers",
-            json_ct,
-            b"{not json".to_vec(),
-            StatusCode::BAD_REQUEST,
-            "malformed_json",
-        ),
-        (
-            "/v1/consumers",
-            json_ct,
-            b"".to_vec(),
-            StatusCode::BAD_REQUEST,
-            "malformed_json",
-        ),
-        (
-            "/v1/consumers",
-            json_ct,
-            br#"{"name": 5}"#.to_vec(),
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-        ),
+        ("/v1/consumers", json_ct, b"{not json".to_vec(), StatusCode::BAD_REQUEST, "malformed_json"),
+        ("/v1/consumers", json_ct, b"".to_vec(), StatusCode::BAD_REQUEST, "malformed_json"),
+        ("/v1/consumers", json_ct, br#"{"name": 5}"#.to_vec(), StatusCode::BAD_REQUEST, "invalid_request"),
         (
             "/v1/consumers",
             json_ct,
@@ -74,20 +43,8 @@ async fn malformed_bodies() {
             StatusCode::BAD_REQUEST,
             "invalid_request",
         ),
-        (
-            "/v1/consumers",
-            json_ct,
-            br#"{}"#.to_vec(),
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-        ),
-        (
-            "/v1/consumers",
-            json_ct,
-            br#"[1,2]"#.to_vec(),
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-        ),
+        ("/v1/consumers", json_ct, br#"{}"#.to_vec(), StatusCode::BAD_REQUEST, "invalid_request"),
+        ("/v1/consumers", json_ct, br#"[1,2]"#.to_vec(), StatusCode::BAD_REQUEST, "invalid_request"),
         (
             "/v1/consumers",
             None,
@@ -140,19 +97,13 @@ async fn malformed_bodies() {
     }
     // Nothing was created by any of them.
     let (_, list) = app.get("/v1/consumers").await;
-    assert_eq!(
-        list["items"].as_array().unwrap().len(),
-        1,
-        "only the system consumer"
-    );
+    assert_eq!(list["items"].as_array().unwrap().len(), 1, "only the system consumer");
 }
 
 #[tokio::test]
 async fn oversized_body_is_413() {
     let app = TestApp::start().await;
-    let big = json!({"name": "x", "metadata": {"blob": "y".repeat(100 * 1024)}})
-        .to_string()
-        .into_bytes();
+    let big = json!({"name": "x", "metadata": {"blob": "y".repeat(100 * 1024)}}).to_string().into_bytes();
     let (status, err) = raw(&app, Method::POST, "/v1/consumers", Some("application/json"), big).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(err["code"], "payload_too_large");
@@ -174,10 +125,7 @@ async fn invalid_values_name_their_field() {
         (key(json!({"scopes": ["has space"]})), "scopes"),
         (key(json!({"scopes": [""]})), "scopes"),
         (key(json!({"scopes": ["x".repeat(200)]})), "scopes"),
-        (
-            key(json!({"scopes": (0..101).map(|i| format!("s{i}")).collect::<Vec<_>>()})),
-            "scopes",
-        ),
+        (key(json!({"scopes": (0..101).map(|i| format!("s{i}")).collect::<Vec<_>>()})), "scopes"),
         (key(json!({"expires_at": "2001-01-01T00:00:00Z"})), "expires_at"),
         (key(json!({"expires_at": "tomorrow"})), "expires_at"),
         (key(json!({"metadata": [1, 2]})), "metadata"),
@@ -192,9 +140,7 @@ async fn invalid_values_name_their_field() {
         assert_eq!(err["code"], "validation_failed", "{err}");
         assert_eq!(err["field"], field, "{err}");
     }
-    let (status, err) = app
-        .post("/v1/keys", key(json!({"consumer_id": "cons_nope"})))
-        .await;
+    let (status, err) = app.post("/v1/keys", key(json!({"consumer_id": "cons_nope"}))).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(err["field"], "consumer_id");
     assert_eq!(count_keys(&app).await, before, "no rejected request wrote a key");
@@ -204,28 +150,16 @@ async fn invalid_values_name_their_field() {
     let (id, _) = app.create_key(&consumer, &[]).await;
     let (status, err) = app.patch(&format!("/v1/keys/{id}"), json!({})).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
-    let (status, err) = app
-        .patch(&format!("/v1/keys/{id}"), json!({"scopes": ["bad scope"]}))
-        .await;
-    assert_eq!(
-        (status, err["field"].as_str()),
-        (StatusCode::UNPROCESSABLE_ENTITY, Some("scopes"))
-    );
-    let (status, _) = app
-        .patch(&format!("/v1/consumers/{consumer}"), json!({"metadata": "x"}))
-        .await;
+    let (status, err) = app.patch(&format!("/v1/keys/{id}"), json!({"scopes": ["bad scope"]})).await;
+    assert_eq!((status, err["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("scopes")));
+    let (status, _) = app.patch(&format!("/v1/consumers/{consumer}"), json!({"metadata": "x"})).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
 }
 
 #[tokio::test]
 async fn unknown_ids_routes_methods_and_queries() {
     let app = TestApp::start().await;
-    for path in [
-        "/v1/keys/key_nope",
-        "/v1/consumers/cons_nope",
-        "/v1/keys/%2e%2e%2fetc",
-        "/v1/nothing",
-    ] {
+    for path in ["/v1/keys/key_nope", "/v1/consumers/cons_nope", "/v1/keys/%2e%2e%2fetc", "/v1/nothing"] {
         let (status, err) = app.get(path).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
         assert_eq!(err["code"], "not_found", "{path}");
@@ -256,23 +190,15 @@ async fn unknown_ids_routes_methods_and_queries() {
 #[tokio::test]
 async fn locked_database_answers_503_and_loses_nothing() {
     use sqlx::Connection;
-    let app = TestApp::builder()
-        .busy_timeout(Duration::from_millis(200))
-        .start()
-        .await;
+    let app = TestApp::builder().busy_timeout(Duration::from_millis(200)).start().await;
     let consumer = app.create_consumer("acme").await;
     let (_, secret) = app.create_key(&consumer, &[]).await;
     assert_eq!(app.verify_code(&secret, &[]).await, "VALID");
 
     // Another process holds the write lock.
     let path = app.data_dir.join("keygate.db");
-    let mut other = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
-        .await
-        .unwrap();
-    sqlx::raw_sql("BEGIN EXCLUSIVE")
-        .execute(&mut other)
-        .await
-        .unwrap();
+    let mut other = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display())).await.unwrap();
+    sqlx::raw_sql("BEGIN EXCLUSIVE").execute(&mut other).await.unwrap();
 
     let (status, err) = app.post("/v1/consumers", json!({"name": "while locked"})).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{err}");
@@ -285,15 +211,8 @@ async fn locked_database_answers_503_and_loses_nothing() {
     let (status, _) = app.post("/v1/consumers", json!({"name": "after"})).await;
     assert_eq!(status, StatusCode::CREATED);
     let (_, list) = app.get("/v1/consumers").await;
-    let names: Vec<&str> = list["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["name"].as_str().unwrap())
-        .collect();
+    let names: Vec<&str> =
+        list["items"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
     assert!(names.contains(&"after"));
-    assert!(
-        !names.contains(&"while locked"),
-        "the refused request wrote nothing"
-    );
+    assert!(!names.contains(&"while locked"), "the refused request wrote nothing");
 }

@@ -39,11 +39,7 @@ impl Builder {
     }
 
     pub async fn start(self) -> TestApp {
-        let Builder {
-            mut config,
-            dir,
-            admin_key,
-        } = self;
+        let Builder { mut config, dir, admin_key } = self;
         config.listen = "127.0.0.1:0".parse().unwrap();
         let store = open_store(&config).await.unwrap();
         let secret = bootstrap(store.as_ref()).await.unwrap();
@@ -75,15 +71,8 @@ impl Builder {
 impl TestApp {
     pub fn builder() -> Builder {
         let dir = tempfile::tempdir().unwrap();
-        let config = ServerConfig {
-            data_dir: dir.path().join("data"),
-            ..ServerConfig::default()
-        };
-        Builder {
-            config,
-            dir: Some(dir),
-            admin_key: None,
-        }
+        let config = ServerConfig { data_dir: dir.path().join("data"), ..ServerConfig::default() };
+        Builder { config, dir: Some(dir), admin_key: None }
     }
 
     pub async fn start() -> TestApp {
@@ -148,32 +137,24 @@ impl TestApp {
 
     /// Creates a key and returns (id, secret).
     pub async fn create_key(&self, consumer_id: &str, scopes: &[&str]) -> (String, String) {
-        self.create_key_with(json!({"consumer_id": consumer_id, "name": "test key", "scopes": scopes}))
-            .await
+        self.create_key_with(json!({"consumer_id": consumer_id, "name": "test key", "scopes": scopes})).await
     }
 
     pub async fn create_key_with(&self, body: Value) -> (String, String) {
         let (status, body) = self.post("/v1/keys", body).await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
-        (
-            body["id"].as_str().unwrap().to_string(),
-            body["key"].as_str().unwrap().to_string(),
-        )
+        (body["id"].as_str().unwrap().to_string(), body["key"].as_str().unwrap().to_string())
     }
 
     /// `POST /v1/verify` as the admin; returns the decision.
     pub async fn verify(&self, credential: &str, scopes: &[&str]) -> Value {
-        let (status, body) = self
-            .post("/v1/verify", json!({"credential": credential, "scopes": scopes}))
-            .await;
+        let (status, body) =
+            self.post("/v1/verify", json!({"credential": credential, "scopes": scopes})).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         body
     }
 
     pub async fn verify_code(&self, credential: &str, scopes: &[&str]) -> String {
-        self.verify(credential, scopes).await["code"]
-            .as_str()
-            .unwrap()
-            .to_string()
+        self.verify(credential, scopes).await["code"].as_str().unwrap().to_string()
     }
 }

@@ -1,11 +1,7 @@
 //! Keygate server integration tests: ONE test binary (link time adds up on 2 cores). Each test drives a
 //! real server on a random port over HTTP, with a real SQLite file in a temporary directory.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests fail loudly on purpose"
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly on purpose")]
 
 mod admin;
 mod bad_input;

@@ -20,23 +20,9 @@ async fn metrics_count_decisions_and_requests() {
     app.verify("garbage", &[]).await;
     let admin = app.admin_key.clone();
     app.verify(&admin, &[]).await;
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        text.contains("keygate_verify_decisions_total{code=\"MALFORMED\"} 2"),
-        "{text}"
-    );
-    assert!(
-        text.contains("keygate_verify_decisions_total{code=\"VALID\"} 1"),
-        "{text}"
-    );
+    let text = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("keygate_verify_decisions_total{code=\"MALFORMED\"} 2"), "{text}");
+    assert!(text.contains("keygate_verify_decisions_total{code=\"VALID\"} 1"), "{text}");
     assert!(text.contains("keygate_verify_duration_seconds_bucket"), "{text}");
     assert!(
         text.contains("keygate_http_requests_total{method=\"POST\",route=\"/v1/verify\",status=\"200\"} 3"),
@@ -48,15 +34,8 @@ async fn metrics_count_decisions_and_requests() {
 #[tokio::test]
 async fn openapi_covers_every_route_and_docs_work_offline() {
     let app = TestApp::start().await;
-    let spec: serde_json::Value = app
-        .client
-        .get(app.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let spec: serde_json::Value =
+        app.client.get(app.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
     let paths = spec["paths"].as_object().unwrap();
     let expected = [
         ("/v1/consumers", &["post", "get"][..]),
@@ -78,28 +57,13 @@ async fn openapi_covers_every_route_and_docs_work_offline() {
     ];
     for (path, methods) in expected {
         for m in methods {
-            assert!(
-                paths.get(path).and_then(|p| p.get(*m)).is_some(),
-                "{m} {path} missing from the spec"
-            );
+            assert!(paths.get(path).and_then(|p| p.get(*m)).is_some(), "{m} {path} missing from the spec");
         }
     }
-    assert_eq!(
-        paths.len(),
-        expected.len(),
-        "the spec lists a route this test does not know"
-    );
+    assert_eq!(paths.len(), expected.len(), "the spec lists a route this test does not know");
 
     // The docs page and every script and stylesheet it loads come from this server.
-    let html = app
-        .client
-        .get(app.url("/docs/"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let html = app.client.get(app.url("/docs/")).send().await.unwrap().text().await.unwrap();
     assert!(html.contains("swagger"), "{html}");
     for attr in ["src=\"", "href=\""] {
         for part in html.split(attr).skip(1) {
@@ -114,14 +78,7 @@ async fn openapi_covers_every_route_and_docs_work_offline() {
             assert_eq!(status, StatusCode::OK, "{url}");
         }
     }
-    let init = app
-        .client
-        .get(app.url("/docs/swagger-initializer.js"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let init =
+        app.client.get(app.url("/docs/swagger-initializer.js")).send().await.unwrap().text().await.unwrap();
     assert!(init.contains("/openapi.json"), "{init}");
 }

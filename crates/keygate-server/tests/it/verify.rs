@@ -36,10 +36,7 @@ async fn every_decision_code() {
     let mut typo = secret.clone().into_bytes();
     let last = typo.len() - 10;
     typo[last] = if typo[last] == b'a' { b'b' } else { b'a' };
-    assert_eq!(
-        app.verify_code(&String::from_utf8(typo).unwrap(), &[]).await,
-        "MALFORMED"
-    );
+    assert_eq!(app.verify_code(&String::from_utf8(typo).unwrap(), &[]).await, "MALFORMED");
 
     // Well-formed but unknown: a real secret from another server.
     let other = TestApp::start().await;
@@ -78,32 +75,17 @@ async fn verify_needs_a_caller_with_the_verify_permission() {
     let (_, verifier) = app.create_key(&consumer, &["keygate:verify"]).await;
     let body = json!({"credential": plain, "scopes": []});
 
-    let resp = app
-        .client
-        .post(app.url("/v1/verify"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let resp = app.client.post(app.url("/v1/verify")).json(&body).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
-    assert!(
-        resp.headers()["www-authenticate"]
-            .to_str()
-            .unwrap()
-            .starts_with("Bearer")
-    );
+    assert!(resp.headers()["www-authenticate"].to_str().unwrap().starts_with("Bearer"));
     let err: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(err["code"], "unauthorized");
 
-    let (status, err) = app
-        .call_as(&plain, Method::POST, "/v1/verify", Some(body.clone()))
-        .await;
+    let (status, err) = app.call_as(&plain, Method::POST, "/v1/verify", Some(body.clone())).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert_eq!(err["code"], "forbidden");
 
-    let (status, err) = app
-        .call_as("kg_live_garbage", Method::POST, "/v1/verify", Some(body.clone()))
-        .await;
+    let (status, err) = app.call_as("kg_live_garbage", Method::POST, "/v1/verify", Some(body.clone())).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert!(err["message"].as_str().unwrap().contains("MALFORMED"));
 
@@ -133,9 +115,7 @@ async fn verify_needs_a_caller_with_the_verify_permission() {
 async fn forward_auth() {
     let app = TestApp::start().await;
     let consumer = app.create_consumer("acme").await;
-    let (id, secret) = app
-        .create_key(&consumer, &["articles:read", "articles:write"])
-        .await;
+    let (id, secret) = app.create_key(&consumer, &["articles:read", "articles:write"]).await;
     let get = |builder: reqwest::RequestBuilder| async move { builder.send().await.unwrap() };
 
     // X-API-Key, no scopes required.
@@ -171,18 +151,9 @@ async fn forward_auth() {
     assert_eq!(resp.headers()["www-authenticate"], "Bearer realm=\"keygate\"");
 
     // Bad credential: 401 invalid_token.
-    let resp = get(app
-        .client
-        .get(app.url("/v1/auth"))
-        .header("X-API-Key", "kg_live_nope"))
-    .await;
+    let resp = get(app.client.get(app.url("/v1/auth")).header("X-API-Key", "kg_live_nope")).await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
-    assert!(
-        resp.headers()["www-authenticate"]
-            .to_str()
-            .unwrap()
-            .contains("error=\"invalid_token\"")
-    );
+    assert!(resp.headers()["www-authenticate"].to_str().unwrap().contains("error=\"invalid_token\""));
     let d: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(d["code"], "MALFORMED");
 

@@ -1,0 +1,355 @@
+//! Per-key state that changes on every verify: rate-limit cells, quota, usage counters, last use.
+//!
+//! Policy:
+//! - The verify path never writes to the database. It updates this in-memory state; a flusher writes
+//!   the changes in one batch transaction every `flush_interval` (1 s by default) and on graceful
+//!   shutdown. A crash loses at most one interval of usage counts and quota consumption.
+//! - On this node the in-memory quota is the truth; the database copy is at most one interval behind.
+//!   Admin quota changes write both.
+//! - Checks are all-or-nothing: every rate limit and the quota are checked under the key's one lock,
+//!   and state is committed only if all allow the request, so a rejected verify consumes nothing.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use keygate_core::DecisionCode;
+use keygate_core::limits::{Gcra, LimitCheck, Quota, RateLimit, Refill, apply_refills};
+use keygate_store::{ApiKey, KeyUsage, Store, StoreError};
+
+const CODES: usize = DecisionCode::ALL.len();
+
+/// Quota as the verify path keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaState {
+    pub remaining: u64,
+    pub refill: Option<Refill>,
+    pub refilled_at: i64,
+}
+
+impl QuotaState {
+    pub fn from_config(q: &Quota, refilled_at: i64) -> Self {
+        QuotaState { remaining: q.remaining, refill: q.refill.clone(), refilled_at }
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    cells: Vec<(String, Gcra)>,
+    quota: Option<QuotaState>,
+    quota_dirty: bool,
+}
+
+/// The live state of one key on this node.
+#[derive(Debug)]
+pub struct KeyRuntime {
+    pub key_id: String,
+    pub consumer_id: String,
+    state: Mutex<State>,
+    counts: [AtomicU64; CODES],
+    /// Last valid use, ms; updated at most once a second so that the hot path rarely takes a lock.
+    last_used_ms: AtomicI64,
+    last_used_ip: Mutex<Option<IpAddr>>,
+    last_used_dirty: AtomicBool,
+    dirty: AtomicBool,
+    dirty_list: Arc<Mutex<Vec<Arc<KeyRuntime>>>>,
+}
+
+/// The most restrictive rate limit of a check, as decisions report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitState {
+    pub name: String,
+    pub limit: u64,
+    pub remaining: u64,
+    /// When the limit is fully available again, ms since the epoch.
+    pub reset_ms: i64,
+    /// For a denied request: how long until it would be allowed.
+    pub retry_after_ms: i64,
+}
+
+/// Result of checking (and, if allowed, consuming) rate limits and quota.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    pub code: DecisionCode,
+    pub rate_limit: Option<RateLimitState>,
+    pub quota_remaining: Option<u64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding this lock cannot leave the plain data inconsistent; keep serving.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl KeyRuntime {
+    /// Checks every limit and the quota; consumes only if all allow. Counts nothing.
+    pub fn admit(&self, limits: &[RateLimit], cost: u64, now_ms: i64) -> Admission {
+        let mut st = lock(&self.state);
+        let mut denied: Option<(DecisionCode, RateLimitState)> = None;
+        let mut tightest: Option<RateLimitState> = None;
+        let mut nexts: Vec<(usize, Gcra)> = Vec::with_capacity(limits.len());
+        for limit in limits {
+            let idx = match st.cells.iter().position(|(n, _)| *n == limit.name) {
+                Some(i) => i,
+                None => {
+                    st.cells.push((limit.name.clone(), Gcra::default()));
+                    st.cells.len() - 1
+                }
+            };
+            let c: LimitCheck = st.cells[idx].1.check(limit, now_ms, cost);
+            let view = RateLimitState {
+                name: limit.name.clone(),
+                limit: limit.limit,
+                remaining: c.remaining,
+                reset_ms: c.reset_ms,
+                retry_after_ms: c.retry_after_ms,
+            };
+            if !c.allowed {
+                if denied.as_ref().is_none_or(|(_, d)| view.retry_after_ms > d.retry_after_ms) {
+                    denied = Some((DecisionCode::RateLimited, view));
+                }
+                continue;
+            }
+            if tightest.as_ref().is_none_or(|t| view.remaining < t.remaining) {
+                tightest = Some(view);
+            }
+            nexts.push((idx, c.next));
+        }
+        if let Some((code, view)) = denied {
+            let quota_remaining = st.quota.as_ref().map(|q| q.remaining);
+            return Admission { code, rate_limit: Some(view), quota_remaining };
+        }
+        if let Some(q) = st.quota.as_mut()
+            && let Some(refill) = q.refill.clone()
+            && apply_refills(&mut q.remaining, &mut q.refilled_at, &refill, now_ms)
+        {
+            st.quota_dirty = true;
+        }
+        if let Some(q) = st.quota.as_mut() {
+            if q.remaining < cost {
+                let remaining = q.remaining;
+                return Admission {
+                    code: DecisionCode::QuotaExceeded,
+                    rate_limit: tightest,
+                    quota_remaining: Some(remaining),
+                };
+            }
+            q.remaining -= cost;
+            st.quota_dirty = true;
+        }
+        for (idx, next) in nexts {
+            st.cells[idx].1 = next;
+        }
+        Admission {
+            code: DecisionCode::Valid,
+            rate_limit: tightest,
+            quota_remaining: st.quota.as_ref().map(|q| q.remaining),
+        }
+    }
+
+    /// Counts a decision about this key, and for a valid one remembers when and from where.
+    pub fn record(self: &Arc<Self>, code: DecisionCode, now_ms: i64, ip: Option<IpAddr>) {
+        self.counts[code.index()].fetch_add(1, Ordering::Relaxed);
+        if code == DecisionCode::Valid {
+            let prev = self.last_used_ms.load(Ordering::Relaxed);
+            if now_ms - prev >= 1000
+                && self
+                    .last_used_ms
+                    .compare_exchange(prev, now_ms, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+            {
+                *lock(&self.last_used_ip) = ip;
+                self.last_used_dirty.store(true, Ordering::Release);
+            }
+        }
+        self.mark_dirty();
+    }
+
+    fn mark_dirty(self: &Arc<Self>) {
+        if !self.dirty.load(Ordering::Relaxed) && !self.dirty.swap(true, Ordering::AcqRel) {
+            lock(&self.dirty_list).push(self.clone());
+        }
+    }
+
+    pub fn quota(&self) -> Option<QuotaState> {
+        lock(&self.state).quota.clone()
+    }
+
+    /// Replaces the quota (admin set, top-up, reset). The flusher writes it within one interval.
+    pub fn set_quota(self: &Arc<Self>, quota: Option<QuotaState>) {
+        {
+            let mut st = lock(&self.state);
+            st.quota = quota;
+            st.quota_dirty = true;
+        }
+        self.mark_dirty();
+    }
+
+    /// Applies `f` to the quota under the lock, returning its result (for read-modify-write changes).
+    pub fn update_quota<R>(self: &Arc<Self>, now_ms: i64, f: impl FnOnce(&mut QuotaState) -> R) -> Option<R> {
+        let r = {
+            let mut st = lock(&self.state);
+            let q = st.quota.as_mut()?;
+            if let Some(refill) = q.refill.clone() {
+                apply_refills(&mut q.remaining, &mut q.refilled_at, &refill, now_ms);
+            }
+            let r = f(q);
+            st.quota_dirty = true;
+            r
+        };
+        self.mark_dirty();
+        Some(r)
+    }
+
+    pub fn last_used(&self) -> Option<(i64, Option<IpAddr>)> {
+        let t = self.last_used_ms.load(Ordering::Acquire);
+        (t > 0).then(|| (t, *lock(&self.last_used_ip)))
+    }
+
+    /// Takes what changed since the last flush.
+    fn take(&self, now_ms: i64) -> KeyUsage {
+        self.dirty.store(false, Ordering::Release);
+        let counts = DecisionCode::ALL
+            .iter()
+            .filter_map(|c| {
+                let n = self.counts[c.index()].swap(0, Ordering::AcqRel);
+                (n > 0).then_some((c.as_str(), n))
+            })
+            .collect();
+        let last_used = if self.last_used_dirty.swap(false, Ordering::AcqRel) {
+            self.last_used().map(|(t, ip)| (t, ip.map(|i| i.to_string())))
+        } else {
+            None
+        };
+        let mut st = lock(&self.state);
+        let quota = if std::mem::take(&mut st.quota_dirty) {
+            st.quota.as_ref().map(|q| (q.remaining, q.refilled_at))
+        } else {
+            None
+        };
+        KeyUsage {
+            key_id: self.key_id.clone(),
+            consumer_id: self.consumer_id.clone(),
+            at: now_ms,
+            counts,
+            last_used,
+            quota,
+        }
+    }
+
+    /// Puts back what a failed flush took, so that nothing is lost.
+    fn restore(self: &Arc<Self>, u: &KeyUsage) {
+        for (code, n) in &u.counts {
+            if let Some(c) = DecisionCode::parse(code) {
+                self.counts[c.index()].fetch_add(*n, Ordering::AcqRel);
+            }
+        }
+        if u.last_used.is_some() {
+            self.last_used_dirty.store(true, Ordering::Release);
+        }
+        lock(&self.state).quota_dirty |= u.quota.is_some();
+        self.mark_dirty();
+    }
+}
+
+/// All key runtimes of this node.
+#[derive(Debug, Default)]
+pub struct Registry {
+    map: Mutex<HashMap<String, Arc<KeyRuntime>>>,
+    dirty: Arc<Mutex<Vec<Arc<KeyRuntime>>>>,
+}
+
+impl Registry {
+    /// The runtime of a key, created from its stored state on first use.
+    pub fn get_or_create(&self, key: &ApiKey) -> Arc<KeyRuntime> {
+        let mut map = lock(&self.map);
+        if let Some(rt) = map.get(&key.id) {
+            return rt.clone();
+        }
+        let state = State {
+            quota: key
+                .quota
+                .as_ref()
+                .map(|q| QuotaState::from_config(q, key.quota_refilled_at.unwrap_or(key.created_at))),
+            ..State::default()
+        };
+        let rt = Arc::new(KeyRuntime {
+            key_id: key.id.clone(),
+            consumer_id: key.consumer_id.clone(),
+            state: Mutex::new(state),
+            counts: Default::default(),
+            last_used_ms: AtomicI64::new(key.last_used_at.unwrap_or(0)),
+            last_used_ip: Mutex::new(key.last_used_ip.as_deref().and_then(|i| i.parse().ok())),
+            last_used_dirty: AtomicBool::new(false),
+            dirty: AtomicBool::new(false),
+            dirty_list: self.dirty.clone(),
+        });
+        map.insert(key.id.clone(), rt.clone());
+        rt
+    }
+
+    pub fn get(&self, key_id: &str) -> Option<Arc<KeyRuntime>> {
+        lock(&self.map).get(key_id).cloned()
+    }
+
+    /// Writes every pending change in one transaction. On failure nothing is lost: the changes are put
+    /// back and go out with the next flush.
+    pub async fn flush(&self, store: &dyn Store, now_ms: i64) -> Result<usize, StoreError> {
+        let dirty = std::mem::take(&mut *lock(&self.dirty));
+        if dirty.is_empty() {
+            return Ok(0);
+        }
+        let batch: Vec<KeyUsage> = dirty.iter().map(|rt| rt.take(now_ms)).collect();
+        match store.flush_usage(&batch).await {
+            Ok(()) => Ok(batch.len()),
+            Err(e) => {
+                for (rt, u) in dirty.iter().zip(&batch) {
+                    rt.restore(u);
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rt(quota: Option<u64>) -> Arc<KeyRuntime> {
+        let reg = Registry::default();
+        let mut key = ApiKey::new(
+            "key_1".into(),
+            "cons_1".into(),
+            "k".into(),
+            keygate_core::Environment::Live,
+            vec![],
+            serde_json::json!({}),
+            None,
+            "kg".into(),
+            0,
+        );
+        key.quota = quota.map(|remaining| Quota { remaining, refill: None });
+        reg.get_or_create(&key)
+    }
+
+    #[test]
+    fn rejected_checks_consume_nothing() {
+        let r = rt(Some(5));
+        let limits = vec![RateLimit { name: "a".into(), limit: 2, window_seconds: 60 }];
+        assert_eq!(r.admit(&limits, 1, 0).code, DecisionCode::Valid);
+        assert_eq!(r.admit(&limits, 1, 0).code, DecisionCode::Valid);
+        let denied = r.admit(&limits, 1, 0);
+        assert_eq!(denied.code, DecisionCode::RateLimited);
+        assert_eq!(denied.quota_remaining, Some(3), "a rate-limited request takes no quota");
+        // A second, looser limit: the request over the quota consumes no rate-limit cell.
+        let loose = vec![RateLimit { name: "b".into(), limit: 100, window_seconds: 60 }];
+        let over = r.admit(&loose, 4, 0);
+        assert_eq!(over.code, DecisionCode::QuotaExceeded);
+        assert_eq!(over.quota_remaining, Some(3));
+        let ok = r.admit(&loose, 3, 0);
+        assert_eq!(ok.code, DecisionCode::Valid);
+        assert_eq!(ok.rate_limit.unwrap().remaining, 97, "the failed request left the cell untouched");
+        assert_eq!(ok.quota_remaining, Some(0));
+    }
+}
