@@ -89,6 +89,9 @@ impl FailureThrottle {
         let c = g.check(limit, now_ms, 1);
         if c.allowed {
             *g = c.next;
+            if !c.next.check(limit, now_ms, 1).allowed {
+                tracing::warn!(%ip, "throttling an address after repeated failed credential checks");
+            }
         }
     }
 }

@@ -35,6 +35,8 @@ pub enum ErrorCode {
     ConsumerDisabled,
     /// 409: the request conflicts with Keygate's own objects (e.g. disabling the system consumer).
     Conflict,
+    /// 409: a key with this secret already exists (import).
+    DuplicateKey,
     /// 413: the body is larger than the configured limit.
     PayloadTooLarge,
     /// 415: the body must be `application/json`.
@@ -59,7 +61,10 @@ impl ErrorCode {
             ErrorCode::Forbidden => StatusCode::FORBIDDEN,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ErrorCode::KeyRevoked | ErrorCode::ConsumerDisabled | ErrorCode::Conflict => StatusCode::CONFLICT,
+            ErrorCode::KeyRevoked
+            | ErrorCode::ConsumerDisabled
+            | ErrorCode::Conflict
+            | ErrorCode::DuplicateKey => StatusCode::CONFLICT,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::ValidationFailed => StatusCode::UNPROCESSABLE_ENTITY,

@@ -35,6 +35,8 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
     let timeout = state.config.request_timeout;
     axum::Router::new()
         .merge(routes::admin::router())
+        .merge(routes::import::router())
+        .merge(routes::usage::router())
         .merge(routes::verify::router())
         .merge(routes::ops::router())
         .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::ApiDoc::openapi()))

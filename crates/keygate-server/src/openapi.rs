@@ -3,7 +3,7 @@
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{admin, ops, verify};
+use crate::routes::{admin, import, ops, usage, verify};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -12,7 +12,8 @@ use crate::routes::{admin, ops, verify};
         admin::create_consumer, admin::list_consumers, admin::get_consumer, admin::update_consumer,
         admin::disable_consumer, admin::enable_consumer,
         admin::create_key, admin::list_keys, admin::get_key, admin::update_key,
-        admin::disable_key, admin::enable_key, admin::revoke_key, admin::rotate_key,
+        admin::disable_key, admin::enable_key, admin::revoke_key, admin::rotate_key, admin::change_quota,
+        import::import_keys, usage::key_usage, usage::consumer_usage,
         admin::list_audit,
         verify::verify, verify::forward_auth,
         ops::healthz, ops::readyz, ops::metrics,
@@ -22,6 +23,7 @@ use crate::routes::{admin, ops, verify};
         (name = "consumers", description = "Applications or accounts that call the protected API"),
         (name = "keys", description = "API keys: create, rotate, disable, revoke"),
         (name = "verify", description = "Checking credentials"),
+        (name = "usage", description = "Verify counts per key and consumer over time"),
         (name = "audit", description = "Who changed what"),
         (name = "operations", description = "Health and metrics"),
     )

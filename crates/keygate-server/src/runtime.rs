@@ -36,7 +36,9 @@ impl QuotaState {
 
 #[derive(Debug, Default)]
 struct State {
-    cells: Vec<(String, Gcra)>,
+    /// One GCRA cell per limit. A cell belongs to a limit's name *and* size, so that changing a limit
+    /// starts it afresh instead of reading old state at the new rate.
+    cells: Vec<(RateLimit, Gcra)>,
     quota: Option<QuotaState>,
     quota_dirty: bool,
 }
@@ -89,10 +91,12 @@ impl KeyRuntime {
         let mut tightest: Option<RateLimitState> = None;
         let mut nexts: Vec<(usize, Gcra)> = Vec::with_capacity(limits.len());
         for limit in limits {
-            let idx = match st.cells.iter().position(|(n, _)| *n == limit.name) {
+            let idx = match st.cells.iter().position(|(l, _)| l == limit) {
                 Some(i) => i,
                 None => {
-                    st.cells.push((limit.name.clone(), Gcra::default()));
+                    // Cells of limits that are gone are dropped when a new one appears.
+                    st.cells.retain(|(l, _)| limits.contains(l));
+                    st.cells.push((limit.clone(), Gcra::default()));
                     st.cells.len() - 1
                 }
             };

@@ -108,8 +108,10 @@ pub struct KeyPatch {
     pub rate_limits: Option<Option<Vec<RateLimit>>>,
     /// `Some(None)`: usable from anywhere again.
     pub allowed_ips: Option<Option<Vec<String>>>,
-    /// `Some(None)`: no quota. Setting a quota also restarts its refill clock at `updated_at`.
+    /// `Some(None)`: no quota. Setting a quota also sets its refill clock, to `quota_refilled_at` or
+    /// else `updated_at`.
     pub quota: Option<Option<Quota>>,
+    pub quota_refilled_at: Option<i64>,
     pub updated_at: i64,
 }
 

@@ -545,7 +545,13 @@ impl Store for SqliteStore {
         .bind(patch.quota.is_some())
         .bind(opt_json(&patch.quota.as_ref().and_then(|q| q.as_ref()).and_then(|q| q.refill.clone()))?)
         .bind(patch.quota.is_some())
-        .bind(patch.quota.as_ref().and_then(|q| q.as_ref()).map(|_| patch.updated_at))
+        .bind(
+            patch
+                .quota
+                .as_ref()
+                .and_then(|q| q.as_ref())
+                .map(|_| patch.quota_refilled_at.unwrap_or(patch.updated_at)),
+        )
         .bind(patch.updated_at)
         .bind(id)
         .fetch_optional(&mut *tx)

@@ -71,6 +71,22 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Show verify counts of a key (or with --consumer, of a consumer) as a small chart.
+    Usage {
+        /// Key id (or consumer id with --consumer).
+        id: String,
+        /// The id is a consumer's.
+        #[arg(long)]
+        consumer: bool,
+        /// minute, hour or day.
+        #[arg(long, default_value = "hour")]
+        granularity: String,
+        /// How far back, e.g. 60m, 24h, 30d.
+        #[arg(long, default_value = "24h")]
+        since: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Show the audit log, newest first.
     Audit {
         /// Only events about this consumer or key id.
@@ -108,6 +124,9 @@ enum ConsumersCmd {
         /// A JSON object.
         #[arg(long)]
         metadata: Option<String>,
+        /// The plan's rate limit NAME:LIMIT/SECONDS, inherited by keys without their own (repeatable).
+        #[arg(long = "rate-limit")]
+        rate_limits: Vec<String>,
     },
     /// List consumers.
     List {
@@ -118,13 +137,19 @@ enum ConsumersCmd {
     },
     /// Show one consumer.
     Show { id: String },
-    /// Change a consumer's name or metadata.
+    /// Change a consumer's name, metadata or plan.
     Update {
         id: String,
         #[arg(long)]
         name: Option<String>,
         #[arg(long)]
         metadata: Option<String>,
+        /// Replace the plan's rate limits (repeatable).
+        #[arg(long = "rate-limit")]
+        rate_limits: Vec<String>,
+        /// Remove the plan's rate limits.
+        #[arg(long, conflicts_with = "rate_limits")]
+        no_rate_limits: bool,
     },
     /// Disable a consumer: all its keys stop verifying.
     Disable { id: String },
@@ -153,6 +178,14 @@ enum KeysCmd {
         /// A JSON object.
         #[arg(long)]
         metadata: Option<String>,
+        /// A rate limit NAME:LIMIT/SECONDS, e.g. per_minute:100/60 (repeatable).
+        #[arg(long = "rate-limit")]
+        rate_limits: Vec<String>,
+        #[command(flatten)]
+        quota: QuotaArgs,
+        /// An address or CIDR range the key may be used from (repeatable).
+        #[arg(long = "allow-ip")]
+        allowed_ips: Vec<String>,
     },
     /// List keys (never their secrets).
     List {
@@ -181,7 +214,38 @@ enum KeysCmd {
         /// Remove the expiry.
         #[arg(long)]
         no_expiry: bool,
+        /// A rate limit NAME:LIMIT/SECONDS, e.g. per_minute:100/60 (repeatable).
+        #[arg(long = "rate-limit")]
+        rate_limits: Vec<String>,
+        #[command(flatten)]
+        quota: QuotaArgs,
+        /// An address or CIDR range the key may be used from (repeatable).
+        #[arg(long = "allow-ip")]
+        allowed_ips: Vec<String>,
+        /// Drop the key's own rate limits and use its consumer's.
+        #[arg(long, conflicts_with = "rate_limits")]
+        inherit_rate_limits: bool,
+        /// Remove the quota.
+        #[arg(long)]
+        no_quota: bool,
+        /// Remove the IP allow-list.
+        #[arg(long, conflicts_with = "allowed_ips")]
+        any_ip: bool,
     },
+    /// Set, top up or reset a key's quota.
+    Quota {
+        id: String,
+        #[arg(long, conflicts_with_all = ["add", "reset"])]
+        set: Option<u64>,
+        #[arg(long, conflicts_with = "reset")]
+        add: Option<u64>,
+        /// Back to the refill amount.
+        #[arg(long)]
+        reset: bool,
+    },
+    /// Import existing keys from a JSON file: an array of keys, or {"keys": [...]}, each with
+    /// consumer_id, name, scopes and the key as "key" (plaintext) or "sha256".
+    Import { file: std::path::PathBuf },
     /// Disable a key.
     Disable { id: String },
     /// Enable a disabled key.
@@ -194,6 +258,82 @@ enum KeysCmd {
         #[arg(long, default_value_t = 0)]
         overlap: u64,
     },
+}
+
+#[derive(Debug, Clone, Args)]
+struct QuotaArgs {
+    /// Give the key a quota of N uses.
+    #[arg(long = "quota")]
+    quota: Option<u64>,
+    /// Refill the quota to this amount…
+    #[arg(long, requires = "quota")]
+    refill_amount: Option<u64>,
+    /// …every N seconds,
+    #[arg(long, requires = "refill_amount", conflicts_with_all = ["refill_daily", "refill_monthly"])]
+    refill_every: Option<u64>,
+    /// …daily at 00:00 UTC,
+    #[arg(long, requires = "refill_amount", conflicts_with = "refill_monthly")]
+    refill_daily: bool,
+    /// …or monthly on this day (1-31) at 00:00 UTC.
+    #[arg(long, requires = "refill_amount")]
+    refill_monthly: Option<u32>,
+}
+
+impl QuotaArgs {
+    fn to_json(&self) -> Result<Option<Value>, Failure> {
+        let Some(remaining) = self.quota else { return Ok(None) };
+        let refill = match self.refill_amount {
+            None => Value::Null,
+            Some(amount) => {
+                if let Some(s) = self.refill_every {
+                    json!({"amount": amount, "interval_seconds": s})
+                } else if self.refill_daily {
+                    json!({"amount": amount, "schedule": "daily"})
+                } else if let Some(d) = self.refill_monthly {
+                    json!({"amount": amount, "schedule": "monthly", "day_of_month": d})
+                } else {
+                    return Err(Failure::new(
+                        "--refill-amount needs --refill-every SECONDS, --refill-daily or --refill-monthly DAY",
+                    ));
+                }
+            }
+        };
+        Ok(Some(json!({"remaining": remaining, "refill": refill})))
+    }
+}
+
+/// `per_minute:100/60` → `{"name": "per_minute", "limit": 100, "window_seconds": 60}`.
+fn parse_rate_limits(specs: &[String]) -> Result<Vec<Value>, Failure> {
+    specs
+        .iter()
+        .map(|spec| {
+            let bad = || {
+                Failure::new(format!(
+                    "--rate-limit {spec:?}: write NAME:LIMIT/SECONDS, e.g. per_minute:100/60"
+                ))
+            };
+            let (name, rest) = spec.split_once(':').ok_or_else(bad)?;
+            let (limit, window) = rest.split_once('/').ok_or_else(bad)?;
+            let limit: u64 = limit.trim().parse().map_err(|_| bad())?;
+            let window: u64 = window.trim().trim_end_matches('s').parse().map_err(|_| bad())?;
+            Ok(json!({"name": name.trim(), "limit": limit, "window_seconds": window}))
+        })
+        .collect()
+}
+
+/// `90s`, `60m`, `24h`, `30d` → milliseconds.
+fn parse_span(s: &str) -> Result<i64, Failure> {
+    let bad = || Failure::new(format!("--since {s:?}: write a number and s, m, h or d, e.g. 24h"));
+    let (n, unit) = s.split_at(s.len().saturating_sub(1));
+    let n: i64 = n.parse().map_err(|_| bad())?;
+    let ms = match unit {
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(bad()),
+    };
+    Ok(n.saturating_mul(ms))
 }
 
 /// What went wrong, with the exit code it maps to.
@@ -312,6 +452,20 @@ async fn run_client(command: Command) -> Result<ExitCode, Failure> {
             }
             Ok(if valid { ExitCode::SUCCESS } else { ExitCode::from(EXIT_INVALID) })
         }
+        Command::Usage { id, consumer, granularity, since, client } => {
+            let c = Client::new(client)?;
+            let now = chrono::Utc::now();
+            let from = now - chrono::Duration::milliseconds(parse_span(&since)?);
+            let q = vec![
+                ("granularity", granularity),
+                ("from", from.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+            ];
+            let path =
+                if consumer { format!("/v1/consumers/{id}/usage") } else { format!("/v1/keys/{id}/usage") };
+            let v = c.call(Method::GET, &path, &q, None).await?;
+            output(&c, &v, print_usage);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Audit { target, action, limit, client } => {
             let c = Client::new(client)?;
             let mut q = vec![("limit", limit.to_string())];
@@ -340,10 +494,13 @@ async fn run_client(command: Command) -> Result<ExitCode, Failure> {
 
 async fn consumers(c: Client, cmd: ConsumersCmd) -> Result<ExitCode, Failure> {
     let v = match cmd {
-        ConsumersCmd::Create { name, metadata } => {
+        ConsumersCmd::Create { name, metadata, rate_limits } => {
             let mut body = json!({"name": name});
             if let Some(m) = parse_metadata(metadata)? {
                 body["metadata"] = m;
+            }
+            if !rate_limits.is_empty() {
+                body["rate_limits"] = json!(parse_rate_limits(&rate_limits)?);
             }
             c.call(Method::POST, "/v1/consumers", &[], Some(body)).await?
         }
@@ -361,8 +518,13 @@ async fn consumers(c: Client, cmd: ConsumersCmd) -> Result<ExitCode, Failure> {
             return Ok(ExitCode::SUCCESS);
         }
         ConsumersCmd::Show { id } => c.call(Method::GET, &format!("/v1/consumers/{id}"), &[], None).await?,
-        ConsumersCmd::Update { id, name, metadata } => {
+        ConsumersCmd::Update { id, name, metadata, rate_limits, no_rate_limits } => {
             let mut body = json!({});
+            if no_rate_limits {
+                body["rate_limits"] = Value::Null;
+            } else if !rate_limits.is_empty() {
+                body["rate_limits"] = json!(parse_rate_limits(&rate_limits)?);
+            }
             if let Some(n) = name {
                 body["name"] = json!(n);
             }
@@ -384,9 +546,28 @@ async fn consumers(c: Client, cmd: ConsumersCmd) -> Result<ExitCode, Failure> {
 
 async fn keys(c: Client, cmd: KeysCmd) -> Result<ExitCode, Failure> {
     let v = match cmd {
-        KeysCmd::Create { consumer, name, scopes, expires_at, environment, metadata } => {
+        KeysCmd::Create {
+            consumer,
+            name,
+            scopes,
+            expires_at,
+            environment,
+            metadata,
+            rate_limits,
+            quota,
+            allowed_ips,
+        } => {
             let mut body =
                 json!({"consumer_id": consumer, "name": name, "scopes": scopes, "environment": environment});
+            if !rate_limits.is_empty() {
+                body["rate_limits"] = json!(parse_rate_limits(&rate_limits)?);
+            }
+            if let Some(q) = quota.to_json()? {
+                body["quota"] = q;
+            }
+            if !allowed_ips.is_empty() {
+                body["allowed_ips"] = json!(allowed_ips);
+            }
             if let Some(t) = expires_at {
                 body["expires_at"] = json!(t);
             }
@@ -419,8 +600,36 @@ async fn keys(c: Client, cmd: KeysCmd) -> Result<ExitCode, Failure> {
             return Ok(ExitCode::SUCCESS);
         }
         KeysCmd::Show { id } => c.call(Method::GET, &format!("/v1/keys/{id}"), &[], None).await?,
-        KeysCmd::Update { id, name, scopes, metadata, expires_at, no_expiry } => {
+        KeysCmd::Update {
+            id,
+            name,
+            scopes,
+            metadata,
+            expires_at,
+            no_expiry,
+            rate_limits,
+            quota,
+            allowed_ips,
+            inherit_rate_limits,
+            no_quota,
+            any_ip,
+        } => {
             let mut body = json!({});
+            if inherit_rate_limits {
+                body["rate_limits"] = Value::Null;
+            } else if !rate_limits.is_empty() {
+                body["rate_limits"] = json!(parse_rate_limits(&rate_limits)?);
+            }
+            if no_quota {
+                body["quota"] = Value::Null;
+            } else if let Some(q) = quota.to_json()? {
+                body["quota"] = q;
+            }
+            if any_ip {
+                body["allowed_ips"] = Value::Null;
+            } else if !allowed_ips.is_empty() {
+                body["allowed_ips"] = json!(allowed_ips);
+            }
             if let Some(n) = name {
                 body["name"] = json!(n);
             }
@@ -440,6 +649,16 @@ async fn keys(c: Client, cmd: KeysCmd) -> Result<ExitCode, Failure> {
         KeysCmd::Disable { id } => c.call(Method::POST, &format!("/v1/keys/{id}/disable"), &[], None).await?,
         KeysCmd::Enable { id } => c.call(Method::POST, &format!("/v1/keys/{id}/enable"), &[], None).await?,
         KeysCmd::Revoke { id } => c.call(Method::POST, &format!("/v1/keys/{id}/revoke"), &[], None).await?,
+        KeysCmd::Quota { id, set, add, reset } => {
+            let body = match (set, add, reset) {
+                (Some(n), None, false) => json!({"set": n}),
+                (None, Some(n), false) => json!({"add": n}),
+                (None, None, true) => json!({"reset": true}),
+                _ => return Err(Failure::new("give one of --set N, --add N or --reset")),
+            };
+            c.call(Method::POST, &format!("/v1/keys/{id}/quota"), &[], Some(body)).await?
+        }
+        KeysCmd::Import { file } => return import(&c, &file).await,
         KeysCmd::Rotate { id, overlap } => {
             let v = c
                 .call(
@@ -457,8 +676,88 @@ async fn keys(c: Client, cmd: KeysCmd) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Sends a file of keys in chunks of 10,000, reporting progress on stderr.
+async fn import(c: &Client, file: &std::path::Path) -> Result<ExitCode, Failure> {
+    const CHUNK: usize = 10_000;
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| Failure::new(format!("cannot read {}: {e}", file.display())))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Failure::new(format!("{} is not JSON: {e}", file.display())))?;
+    let keys = match v {
+        Value::Array(a) => a,
+        Value::Object(mut o) => match o.remove("keys") {
+            Some(Value::Array(a)) => a,
+            _ => return Err(Failure::new("the file must be a JSON array of keys or {\"keys\": [...]}")),
+        },
+        _ => return Err(Failure::new("the file must be a JSON array of keys or {\"keys\": [...]}")),
+    };
+    let total = keys.len();
+    let (mut imported, mut failed) = (0u64, 0u64);
+    let mut results = Vec::new();
+    for (n, chunk) in keys.chunks(CHUNK).enumerate() {
+        let r = c.call(Method::POST, "/v1/keys/import", &[], Some(json!({"keys": chunk}))).await?;
+        imported += r["imported"].as_u64().unwrap_or(0);
+        failed += r["failed"].as_u64().unwrap_or(0);
+        for mut item in r["results"].as_array().cloned().unwrap_or_default() {
+            // Indexes relative to the whole file.
+            if let Some(i) = item["index"].as_u64() {
+                item["index"] = json!(i + (n * CHUNK) as u64);
+            }
+            results.push(item);
+        }
+        if !c.json {
+            eprintln!("imported {}/{total} (failed {failed})", ((n + 1) * CHUNK).min(total));
+        }
+    }
+    if c.json {
+        println!("{}", json!({"imported": imported, "failed": failed, "results": results}));
+    } else {
+        println!("{imported} imported, {failed} failed");
+        for r in results.iter().filter(|r| r.get("error").is_some()) {
+            println!(
+                "  key #{}: {} ({})",
+                r["index"],
+                r["error"]["message"].as_str().unwrap_or(""),
+                r["error"]["code"].as_str().unwrap_or("")
+            );
+        }
+    }
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(EXIT_ERROR) })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Human output
+
+fn print_usage(v: &Value) {
+    let buckets = v["buckets"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    println!(
+        "{} verifies from {} to {} ({} buckets)",
+        v["total"],
+        v["from"].as_str().unwrap_or("?"),
+        v["to"].as_str().unwrap_or("?"),
+        v["granularity"].as_str().unwrap_or("?")
+    );
+    if let Some(codes) = v["codes"].as_object() {
+        let parts: Vec<String> = codes.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        println!("by outcome: {}", if parts.is_empty() { "-".into() } else { parts.join(", ") });
+    }
+    let max = buckets.iter().filter_map(|b| b["total"].as_i64()).max().unwrap_or(0).max(1);
+    for b in buckets {
+        let total = b["total"].as_i64().unwrap_or(0);
+        let valid = b["codes"]["VALID"].as_i64().unwrap_or(0);
+        let width = (total * 40 / max).max(i64::from(total > 0)) as usize;
+        let valid_width = if total > 0 { (valid * width as i64 / total) as usize } else { 0 };
+        println!(
+            "{}  {}{} {total}",
+            b["start"].as_str().unwrap_or("?"),
+            "█".repeat(valid_width),
+            "░".repeat(width - valid_width)
+        );
+    }
+    if !buckets.is_empty() {
+        println!("(█ valid, ░ rejected)");
+    }
+}
 
 fn output(c: &Client, v: &Value, human: impl FnOnce(&Value)) {
     if c.json {

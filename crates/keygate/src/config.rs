@@ -19,7 +19,19 @@ pub struct FileConfig {
     pub body_limit_bytes: Option<usize>,
     pub request_timeout_seconds: Option<u64>,
     pub busy_timeout_ms: Option<u64>,
+    pub trusted_proxies: Option<Vec<String>>,
+    pub failures_per_minute: Option<u64>,
+    pub flush_interval_ms: Option<u64>,
     pub cache: Option<CacheFile>,
+    pub usage: Option<UsageFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageFile {
+    pub minute_retention_hours: Option<u64>,
+    pub hour_retention_days: Option<u64>,
+    pub day_retention_days: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -65,6 +77,17 @@ pub struct ServerArgs {
     /// Most credentials kept in the verify cache [default: 1000000].
     #[arg(long, env = "KEYGATE_CACHE_CAPACITY")]
     pub cache_capacity: Option<u64>,
+    /// A proxy whose X-Forwarded-For is trusted: address or CIDR (repeatable; the variable takes a
+    /// comma-separated list) [default: none].
+    #[arg(long = "trusted-proxy", env = "KEYGATE_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Option<Vec<String>>,
+    /// Failed credential checks per minute an address may make before it gets 429; 0 = no limit
+    /// [default: 100].
+    #[arg(long, env = "KEYGATE_FAILURES_PER_MINUTE")]
+    pub failures_per_minute: Option<u64>,
+    /// How often usage counts and quotas are written to the database, in ms [default: 1000].
+    #[arg(long, env = "KEYGATE_FLUSH_INTERVAL_MS")]
+    pub flush_interval_ms: Option<u64>,
 }
 
 pub struct Resolved {
@@ -103,6 +126,28 @@ pub fn resolve(args: &ServerArgs) -> Result<Resolved, String> {
     if let Some(v) = cache.negative_ttl_seconds {
         server.cache.negative_ttl = Duration::from_secs(v.max(1));
     }
+    if let Some(list) = args.trusted_proxies.clone().or(file.trusted_proxies) {
+        let list: Vec<String> =
+            list.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        server.trusted_proxies =
+            keygate_core::limits::parse_allowed_ips(&list).map_err(|e| format!("trusted proxies: {e}"))?;
+    }
+    if let Some(v) = args.failures_per_minute.or(file.failures_per_minute) {
+        server.failures_per_minute = v;
+    }
+    if let Some(v) = args.flush_interval_ms.or(file.flush_interval_ms) {
+        server.flush_interval = Duration::from_millis(v.clamp(10, 60_000));
+    }
+    let usage = file.usage.unwrap_or_default();
+    if let Some(h) = usage.minute_retention_hours {
+        server.retention.minute = Duration::from_secs(h.max(1) * 3600);
+    }
+    if let Some(d) = usage.hour_retention_days {
+        server.retention.hour = Duration::from_secs(d.max(1) * 86_400);
+    }
+    if let Some(d) = usage.day_retention_days {
+        server.retention.day = Duration::from_secs(d.max(1) * 86_400);
+    }
     Ok(Resolved { server, log_format: args.log_format.or(file.log_format).unwrap_or_default() })
 }
 
@@ -139,6 +184,24 @@ request_timeout_seconds = 30
 # How long a write waits for the database lock before answering 503. KEYGATE_BUSY_TIMEOUT_MS
 busy_timeout_ms = 5000
 
+# Proxies (addresses or CIDR ranges) whose X-Forwarded-For / Forwarded headers name the real client,
+# e.g. ["127.0.0.1", "10.0.0.0/8"]. Empty: the peer address is the client. KEYGATE_TRUSTED_PROXIES
+trusted_proxies = []
+
+# Failed credential checks (malformed or unknown keys, failed admin logins) one address may make per
+# minute before it is answered 429. 0 turns this off. KEYGATE_FAILURES_PER_MINUTE
+failures_per_minute = 100
+
+# How often usage counts, last-used times and quota state are written to the database, in ms.
+# A crash loses at most this much of them; a graceful stop loses nothing. KEYGATE_FLUSH_INTERVAL_MS
+flush_interval_ms = 1000
+
+[usage]
+# How long usage buckets are kept, per bucket size.
+minute_retention_hours = 48
+hour_retention_days = 90
+day_retention_days = 730
+
 [cache]
 # Most credentials kept in the in-memory verify cache. KEYGATE_CACHE_CAPACITY
 capacity = 1000000
@@ -161,6 +224,9 @@ mod tests {
         assert_eq!(file.data_dir, Some(d.data_dir));
         assert_eq!(file.body_limit_bytes, Some(d.body_limit));
         assert_eq!(file.cache.unwrap().capacity, Some(d.cache.capacity));
+        assert_eq!(file.failures_per_minute, Some(d.failures_per_minute));
+        assert_eq!(file.flush_interval_ms, Some(d.flush_interval.as_millis() as u64));
+        assert_eq!(file.usage.unwrap().minute_retention_hours, Some(d.retention.minute.as_secs() / 3600));
     }
 
     #[test]

@@ -40,6 +40,7 @@ pub fn router() -> axum::Router<Arc<AppState>> {
         .route("/v1/keys/{id}/enable", post(enable_key))
         .route("/v1/keys/{id}/revoke", post(revoke_key))
         .route("/v1/keys/{id}/rotate", post(rotate_key))
+        .route("/v1/keys/{id}/quota", post(change_quota))
         .route("/v1/audit", get(list_audit))
 }
 
@@ -721,7 +722,8 @@ async fn patch_key(
         ));
     };
     if let (Some(quota), Some(rt)) = (&patch.quota, state.verifier.runtimes.get(id)) {
-        rt.set_quota(quota.as_ref().map(|q| QuotaState::from_config(q, patch.updated_at)));
+        let refilled_at = patch.quota_refilled_at.unwrap_or(patch.updated_at);
+        rt.set_quota(quota.as_ref().map(|q| QuotaState::from_config(q, refilled_at)));
     }
     invalidate_key(state, id).await?;
     Ok(Json(key_view(state, key, patch.updated_at)))
@@ -903,6 +905,74 @@ pub async fn rotate_key(
         previous_expires_at: Some(rfc3339(old_expires_at)),
         view: key_view(&state, key, now),
     }))
+}
+
+/// Set, top up or reset a key's quota, on this node at once.
+#[utoipa::path(post, path = "/v1/keys/{id}/quota", tag = "keys", params(("id" = String, Path)),
+    request_body = QuotaChange,
+    responses((status = 200, body = KeyView), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn change_quota(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(actor): AdminCaller,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<QuotaChange>,
+) -> ApiResult<Json<KeyView>> {
+    let reset = req.reset == Some(true);
+    if [req.set.is_some(), req.add.is_some(), reset].iter().filter(|b| **b).count() != 1 {
+        return Err(ApiError::invalid("quota", "send exactly one of set, add or reset: true"));
+    }
+    let limit = keygate_core::limits::MAX_LIMIT;
+    if req.set.or(req.add).is_some_and(|n| n > limit) {
+        return Err(ApiError::invalid("quota", format!("must be at most {limit}")));
+    }
+    let key = load_key(&state, &id).await?;
+    if key.revoked_at.is_some() {
+        return Err(ApiError::new(ErrorCode::KeyRevoked, "the key is revoked; revocation is permanent"));
+    }
+    let Some(config) = key.quota.clone() else {
+        return Err(ApiError::invalid("quota", "the key has no quota; give it one with PATCH /v1/keys/{id}"));
+    };
+    if reset && config.refill.is_none() {
+        return Err(ApiError::invalid("quota", "the quota has no refill amount to reset to; use set"));
+    }
+    let now = now_ms();
+    let runtime = state.verifier.runtimes.get_or_create(&key);
+    let (before, after, refilled_at) = runtime
+        .update_quota(now, |q| {
+            let before = q.remaining;
+            if let Some(n) = req.set {
+                q.remaining = n;
+            } else if let Some(n) = req.add {
+                q.remaining = q.remaining.saturating_add(n).min(limit);
+            } else if let Some(r) = &q.refill {
+                q.remaining = r.amount;
+                q.refilled_at = now;
+            }
+            (before, q.remaining, q.refilled_at)
+        })
+        .ok_or_else(|| ApiError::invalid("quota", "the key has no quota"))?;
+    let action = if reset {
+        "reset"
+    } else if req.add.is_some() {
+        "add"
+    } else {
+        "set"
+    };
+    let details = json!({"change": action, "amount": req.set.or(req.add), "before": before, "after": after});
+    let audit = audit(&actor, now, "key.quota", "key", &id, details)?;
+    let patch = KeyPatch {
+        quota: Some(Some(Quota { remaining: after, refill: config.refill })),
+        quota_refilled_at: Some(refilled_at),
+        updated_at: now,
+        ..KeyPatch::default()
+    };
+    let key =
+        state.store.update_key(&id, &patch, &audit).await?.ok_or_else(|| {
+            ApiError::new(ErrorCode::KeyRevoked, "the key is revoked; revocation is permanent")
+        })?;
+    invalidate_key(&state, &id).await?;
+    Ok(Json(key_view(&state, key, now)))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,3 +1,5 @@
 pub mod admin;
+pub mod import;
 pub mod ops;
+pub mod usage;
 pub mod verify;

@@ -12,6 +12,7 @@ pub struct TestApp {
     pub base: String,
     pub admin_key: String,
     pub client: reqwest::Client,
+    pub state: std::sync::Arc<AppState>,
     pub data_dir: PathBuf,
     _dir: Option<tempfile::TempDir>,
     shutdown: Option<oneshot::Sender<()>>,
@@ -27,6 +28,16 @@ pub struct Builder {
 impl Builder {
     pub fn busy_timeout(mut self, d: Duration) -> Self {
         self.config.busy_timeout = d;
+        self
+    }
+
+    pub fn trusted_proxies(mut self, list: &[&str]) -> Self {
+        self.config.trusted_proxies = list.iter().map(|s| s.parse().unwrap()).collect();
+        self
+    }
+
+    pub fn failures_per_minute(mut self, n: u64) -> Self {
+        self.config.failures_per_minute = n;
         self
     }
 
@@ -53,13 +64,14 @@ impl Builder {
         let data_dir = config.data_dir.clone();
         let state = AppState::new(store, config);
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(launch(state, listener, async {
+        let task = tokio::spawn(launch(state.clone(), listener, async {
             let _ = rx.await;
         }));
         TestApp {
             base: format!("http://{addr}"),
             admin_key,
             client: reqwest::Client::new(),
+            state,
             data_dir,
             _dir: dir,
             shutdown: Some(tx),

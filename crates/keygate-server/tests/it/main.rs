@@ -6,5 +6,7 @@
 mod admin;
 mod bad_input;
 mod helpers;
+mod import;
+mod limits;
 mod ops;
 mod verify;

@@ -1,0 +1,249 @@
+//! Bulk import of existing keys, so that moving to Keygate does not mean rotating every key.
+//!
+//! Keys come as plaintext (hashed here, never stored) or as SHA-256 hashes. Each item is validated on
+//! its own; the valid ones are written in one transaction, the invalid ones are reported by index and
+//! write nothing. Imported keys verify like native ones, also without Keygate's prefix and checksum.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::routing::post;
+use keygate_core::credential::{self, visible_start};
+use keygate_core::limits::{Quota, RateLimit};
+use keygate_core::{Environment, SecretHash, SecretKind};
+use keygate_store::{ApiKey, Consumer, KeySecret};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use utoipa::ToSchema;
+
+use crate::auth::AdminCaller;
+use crate::error::{ApiError, ApiJson, ApiResult, ErrorBody, ErrorCode};
+use crate::routes::admin::{
+    audit, check_expiry, check_ips, check_metadata, check_name, check_quota, check_rate_limits, check_scopes,
+    new_id,
+};
+use crate::state::AppState;
+use crate::time::now_ms;
+
+/// Most keys in one import request.
+pub const MAX_IMPORT: usize = 10_000;
+/// Body limit of the import route (the rest of the API keeps the smaller default).
+pub const IMPORT_BODY_LIMIT: usize = 16 * 1024 * 1024;
+
+pub fn router() -> axum::Router<Arc<AppState>> {
+    axum::Router::new()
+        .route("/v1/keys/import", post(import_keys))
+        .layer(DefaultBodyLimit::max(IMPORT_BODY_LIMIT))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImportRequest {
+    /// 1 to 10,000 keys.
+    pub keys: Vec<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportItem {
+    consumer_id: String,
+    name: String,
+    #[serde(default)]
+    scopes: Vec<String>,
+    /// The key in plaintext (hashed on arrival)…
+    key: Option<String>,
+    /// …or its SHA-256, 64 hex digits.
+    sha256: Option<String>,
+    expires_at: Option<String>,
+    environment: Option<Environment>,
+    metadata: Option<Value>,
+    rate_limits: Option<Vec<RateLimit>>,
+    quota: Option<Quota>,
+    allowed_ips: Option<Vec<String>>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ImportResult {
+    /// Position in the request's `keys`.
+    pub index: usize,
+    /// The new key's id, if imported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ImportResponse {
+    pub imported: usize,
+    pub failed: usize,
+    /// One per request item, in order.
+    pub results: Vec<ImportResult>,
+}
+
+/// Shortest plaintext key accepted: shorter secrets are guessable.
+const MIN_KEY_LEN: usize = 16;
+const MAX_KEY_LEN: usize = 512;
+
+fn check_plaintext(key: &str) -> ApiResult<()> {
+    if key.len() < MIN_KEY_LEN || key.len() > MAX_KEY_LEN {
+        return Err(ApiError::invalid("key", format!("must be {MIN_KEY_LEN} to {MAX_KEY_LEN} characters")));
+    }
+    if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::invalid("key", "must be printable ASCII without spaces"));
+    }
+    Ok(())
+}
+
+struct Prepared {
+    key: ApiKey,
+    secret: KeySecret,
+}
+
+fn prepare(item: ImportItem, consumers: &HashMap<String, Consumer>, now: i64) -> ApiResult<Prepared> {
+    check_name(&item.name)?;
+    let scopes = check_scopes(item.scopes)?;
+    let expires_at = item.expires_at.as_deref().map(|t| check_expiry(t, now)).transpose()?;
+    let metadata = item.metadata.unwrap_or_else(|| json!({}));
+    check_metadata(&metadata)?;
+    if let Some(l) = &item.rate_limits {
+        check_rate_limits(l)?;
+    }
+    if let Some(q) = &item.quota {
+        check_quota(q)?;
+    }
+    let allowed_ips = item.allowed_ips.as_deref().map(check_ips).transpose()?;
+    let (hash, start, env_from_key) = match (item.key, item.sha256) {
+        (Some(plain), None) => {
+            check_plaintext(&plain)?;
+            let env = match credential::parse(&plain) {
+                Ok(p) => match p.kind {
+                    SecretKind::ApiKey(env) => Some(env),
+                },
+                Err(_) => None,
+            };
+            (SecretHash::of(&plain), visible_start(&plain), env)
+        }
+        (None, Some(hex)) => {
+            let hash = SecretHash::from_hex(hex.trim())
+                .ok_or_else(|| ApiError::invalid("sha256", "must be 64 hexadecimal digits"))?;
+            (hash, format!("sha256:{}", &hash.to_hex()[..8]), None)
+        }
+        _ => return Err(ApiError::invalid("key", "give exactly one of key (plaintext) or sha256")),
+    };
+    let consumer = consumers.get(&item.consumer_id).ok_or_else(|| ApiError {
+        field: Some("consumer_id".into()),
+        ..ApiError::not_found("consumer", &item.consumer_id)
+    })?;
+    if consumer.disabled {
+        return Err(ApiError::new(ErrorCode::ConsumerDisabled, "the consumer is disabled"));
+    }
+    let environment = env_from_key.or(item.environment).unwrap_or(Environment::Live);
+    let mut key = ApiKey::new(
+        new_id("key", now)?,
+        consumer.id.clone(),
+        item.name,
+        environment,
+        scopes,
+        metadata,
+        expires_at,
+        start,
+        now,
+    );
+    key.rate_limits = item.rate_limits;
+    key.quota_refilled_at = item.quota.as_ref().map(|_| now);
+    key.quota = item.quota;
+    key.allowed_ips = allowed_ips;
+    key.imported = true;
+    let secret = KeySecret {
+        hash,
+        key_id: key.id.clone(),
+        start: key.start.clone(),
+        created_at: now,
+        expires_at: None,
+    };
+    Ok(Prepared { key, secret })
+}
+
+fn failure(index: usize, e: ApiError) -> ImportResult {
+    ImportResult {
+        index,
+        id: None,
+        error: Some(ErrorBody { code: e.code, message: e.message, field: e.field }),
+    }
+}
+
+/// Import existing keys in bulk, as plaintext or SHA-256 hashes, with a result per item.
+#[utoipa::path(post, path = "/v1/keys/import", tag = "keys", request_body = ImportRequest,
+    responses((status = 200, body = ImportResponse), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn import_keys(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(actor): AdminCaller,
+    ApiJson(req): ApiJson<ImportRequest>,
+) -> ApiResult<Json<ImportResponse>> {
+    if req.keys.is_empty() || req.keys.len() > MAX_IMPORT {
+        return Err(ApiError::invalid("keys", format!("must hold 1 to {MAX_IMPORT} keys")));
+    }
+    let now = now_ms();
+    // Parse every item; look up each distinct consumer once.
+    let items: Vec<Result<ImportItem, ApiError>> = req
+        .keys
+        .into_iter()
+        .map(|v| {
+            serde_json::from_value(v).map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e.to_string()))
+        })
+        .collect();
+    let mut consumers = HashMap::new();
+    for item in items.iter().flatten() {
+        if !consumers.contains_key(&item.consumer_id)
+            && let Some(c) = state.store.get_consumer(&item.consumer_id).await?
+        {
+            consumers.insert(c.id.clone(), c);
+        }
+    }
+    let mut results: Vec<Option<ImportResult>> = Vec::new();
+    let mut prepared: Vec<(usize, Prepared)> = Vec::new();
+    let mut seen = HashSet::new();
+    for (index, item) in items.into_iter().enumerate() {
+        match item.and_then(|i| prepare(i, &consumers, now)) {
+            Ok(p) if !seen.insert(p.secret.hash) => {
+                results.push(Some(failure(index, duplicate("the same key appears earlier in this request"))));
+            }
+            Ok(p) => {
+                results.push(None);
+                prepared.push((index, p));
+            }
+            Err(e) => results.push(Some(failure(index, e))),
+        }
+    }
+    // Keys that already exist, natively or from an earlier import.
+    let hashes: Vec<SecretHash> = prepared.iter().map(|(_, p)| p.secret.hash).collect();
+    let existing: HashSet<SecretHash> = state.store.existing_hashes(&hashes).await?.into_iter().collect();
+    let (taken, fresh): (Vec<_>, Vec<_>) =
+        prepared.into_iter().partition(|(_, p)| existing.contains(&p.secret.hash));
+    for (index, _) in taken {
+        results[index] = Some(failure(index, duplicate("a key with this secret already exists")));
+    }
+    let mut audits = Vec::with_capacity(fresh.len());
+    for (_, p) in &fresh {
+        let details = json!({"consumer_id": p.key.consumer_id, "name": p.key.name, "scopes": p.key.scopes, "start": p.key.start});
+        audits.push(audit(&actor, now, "key.import", "key", &p.key.id, details)?);
+    }
+    let rows: Vec<(ApiKey, KeySecret)> =
+        fresh.iter().map(|(_, p)| (p.key.clone(), p.secret.clone())).collect();
+    state.store.import_keys(&rows, &audits).await?;
+    state.verifier.added(&rows.iter().map(|(_, s)| s.hash).collect::<Vec<_>>());
+    for (index, p) in fresh {
+        results[index] = Some(ImportResult { index, id: Some(p.key.id), error: None });
+    }
+    let results: Vec<ImportResult> = results.into_iter().flatten().collect();
+    let failed = results.iter().filter(|r| r.error.is_some()).count();
+    Ok(Json(ImportResponse { imported: results.len() - failed, failed, results }))
+}
+
+fn duplicate(message: &str) -> ApiError {
+    ApiError { field: Some("key".into()), ..ApiError::new(ErrorCode::DuplicateKey, message) }
+}
