@@ -377,3 +377,83 @@ fn admin_key_recovery_and_config_handling() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(stderr(&bad).contains("not valid"), "{}", stderr(&bad));
 }
+
+#[test]
+fn usage_controls_import_and_usage_from_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let admin = init(&dir);
+    let s = Server::start(&dir, &tmp.path().join("log"));
+    let c = s.json(&admin, &["consumers", "create", "--name", "acme", "--rate-limit", "plan:1000/60"]);
+    let cid = c["id"].as_str().unwrap();
+    assert_eq!(c["rate_limits"][0]["limit"], 1000);
+
+    let k = s.json(
+        &admin,
+        &[
+            "keys",
+            "create",
+            "--consumer",
+            cid,
+            "--name",
+            "metered",
+            "--rate-limit",
+            "per_minute:100/60",
+            "--quota",
+            "3",
+            "--refill-amount",
+            "3",
+            "--refill-daily",
+            "--allow-ip",
+            "127.0.0.0/8",
+            "--allow-ip",
+            "2001:db8::/32",
+        ],
+    );
+    let kid = k["id"].as_str().unwrap().to_string();
+    let secret = k["key"].as_str().unwrap().to_string();
+    assert_eq!(k["quota"]["refill"]["schedule"], "daily");
+    assert_eq!(k["allowed_ips"], serde_json::json!(["127.0.0.0/8", "2001:db8::/32"]));
+    let d = s.decision(&admin, &[&secret]);
+    assert_eq!(d["quota"]["remaining"], 2, "{d}");
+    assert_eq!(d["rate_limit"]["name"], "per_minute");
+
+    assert_eq!(s.json(&admin, &["keys", "quota", &kid, "--add", "10"])["quota"]["remaining"], 12);
+    assert_eq!(s.json(&admin, &["keys", "quota", &kid, "--reset"])["quota"]["remaining"], 3);
+    assert_eq!(s.json(&admin, &["keys", "quota", &kid, "--set", "1"])["quota"]["remaining"], 1);
+    s.decision(&admin, &[&secret]);
+    assert_eq!(s.decision(&admin, &[&secret])["code"], "QUOTA_EXCEEDED");
+    let updated =
+        s.json(&admin, &["keys", "update", &kid, "--no-quota", "--any-ip", "--inherit-rate-limits"]);
+    assert!(
+        updated["quota"].is_null() && updated["allowed_ips"].is_null() && updated["rate_limits"].is_null()
+    );
+    assert_eq!(s.decision(&admin, &[&secret])["rate_limit"]["name"], "plan");
+    let bad = s.cli(&admin, &["keys", "create", "--consumer", cid, "--name", "x", "--rate-limit", "fast"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(stderr(&bad).contains("NAME:LIMIT/SECONDS"), "{}", stderr(&bad));
+
+    // Import from a file, with progress and per-item errors.
+    let file = tmp.path().join("keys.json");
+    let keys: Vec<Value> = (0..25)
+        .map(|i| serde_json::json!({"consumer_id": cid, "name": format!("old-{i}"), "key": format!("legacy_key_{i:016}")}))
+        .chain([serde_json::json!({"consumer_id": cid, "name": "too short", "key": "abc"})])
+        .collect();
+    std::fs::write(&file, serde_json::to_string(&keys).unwrap()).unwrap();
+    let out = s.cli(&admin, &["keys", "import", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "one item failed");
+    assert!(stdout(&out).contains("25 imported, 1 failed"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("key #25"), "{}", stdout(&out));
+    assert_eq!(s.decision(&admin, &["legacy_key_0000000000000007"])["code"], "VALID");
+
+    // Usage as a chart and as JSON.
+    let chart = s.cli(&admin, &["usage", &kid, "--granularity", "minute", "--since", "1h"]);
+    assert!(chart.status.success(), "{}", stderr(&chart));
+    assert!(stdout(&chart).contains("█"), "{}", stdout(&chart));
+    assert!(stdout(&chart).contains("QUOTA_EXCEEDED 1"), "{}", stdout(&chart));
+    let u = s.json(&admin, &["usage", cid, "--consumer", "--granularity", "day", "--since", "2d"]);
+    assert!(u["total"].as_i64().unwrap() >= 5, "{u}");
+    let bad = s.cli(&admin, &["usage", &kid, "--since", "soon"]);
+    assert_eq!(bad.status.code(), Some(1));
+    s.stop();
+}
