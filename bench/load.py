@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Keygate load benchmark: Keygate's HTTP hot paths against an nginx `return 200` baseline, in ONE run.
 
-    python3 bench/load.py                 # full run (about 6 minutes), results as a Markdown table
+    python3 bench/load.py                 # full run (about 8 minutes), results as Markdown tables
     python3 bench/load.py --smoke         # a few seconds per target: checks that the harness works
+    python3 bench/load.py --scale 1000,1000000   # also: verify with that many stored keys
 
 What it does, on a fresh machine: installs wrk and nginx from Debian's packages if they are missing (as
 root), builds Keygate in release mode, starts it on a temporary data directory and nginx on another port,
@@ -133,6 +134,16 @@ class Keygate:
         with urllib.request.urlopen(req, timeout=600) as r:
             return json.loads(r.read())
 
+    def import_keys(self, consumer_id, secrets, chunk=10_000):
+        for i in range(0, len(secrets), chunk):
+            body = {"keys": [{"consumer_id": consumer_id, "name": f"k{i + j}", "key": s}
+                             for j, s in enumerate(secrets[i:i + chunk])]}
+            r = self.api("POST", "/v1/keys/import", body)
+            if r["failed"]:
+                sys.exit(f"import failed for {r['failed']} keys: {r['results'][:3]}")
+            if (i // chunk) % 10 == 9 or i + chunk >= len(secrets):
+                log(f"imported {min(i + chunk, len(secrets)):,}/{len(secrets):,} keys")
+
     def rss_mib(self):
         with open(f"/proc/{self.proc.pid}/status") as f:
             for line in f:
@@ -204,6 +215,44 @@ def run_wrk(url, script, conns, seconds):
     sys.exit(f"wrk printed no result:\n{out.stdout}\n{out.stderr}")
 
 
+def measure_scale(binary, tmp, n, seconds, rounds):
+    """A fresh Keygate with n stored keys (seeded through the bulk import), then verify load."""
+    sub = tempfile.mkdtemp(prefix=f"scale-{n}-", dir=tmp)
+    kg = Keygate(binary, sub, free_port())
+    try:
+        consumer = kg.api("POST", "/v1/consumers", {"name": "scale"})
+        secrets = [make_secret() for _ in range(n)]
+        started = time.time()
+        kg.import_keys(consumer["id"], secrets)
+        seed_seconds = time.time() - started
+        rss_seeded = kg.rss_mib()
+        pool = os.path.join(sub, "valid.txt")
+        with open(pool, "w") as f:
+            f.write("\n".join(random.sample(secrets, min(n, 100_000))) + "\n")
+        unknown = os.path.join(sub, "unknown.txt")
+        with open(unknown, "w") as f:
+            f.write("\n".join(make_secret() for _ in range(100_000)) + "\n")
+        auth = {"Authorization": f"Bearer {kg.admin}", "Content-Type": "application/json"}
+        valid_script = write_script(sub, "valid", "POST", "/v1/verify", auth, keys_file=pool,
+                                    body_template='{"credential":"%s"}')
+        unknown_script = write_script(sub, "unknown", "POST", "/v1/verify", auth, keys_file=unknown,
+                                      body_template='{"credential":"%s"}')
+        runs = {"valid": [], "unknown": []}
+        for _ in range(rounds):
+            runs["valid"].append(run_wrk(kg.url, valid_script, 32, seconds))
+            runs["unknown"].append(run_wrk(kg.url, unknown_script, 32, seconds))
+        med = {k: sorted(v, key=lambda r: r["rps"])[len(v) // 2] for k, v in runs.items()}
+        errors = sum(r["errors"] for v in runs.values() for r in v)
+        result = {"keys": n, "valid_rps": med["valid"]["rps"], "valid_p99_us": med["valid"]["p99_us"],
+                  "unknown_rps": med["unknown"]["rps"], "unknown_p99_us": med["unknown"]["p99_us"],
+                  "rss_seeded_mib": rss_seeded, "rss_mib": kg.rss_mib(), "seed_seconds": seed_seconds, "errors": errors}
+        log(f"scale {n:,}: valid {result['valid_rps']:,.0f} req/s, unknown {result['unknown_rps']:,.0f} req/s, "
+            f"RSS {result['rss_mib']:.0f} MiB, errors {errors}")
+        return result
+    finally:
+        kg.stop()
+
+
 def fmt_us(us):
     return f"{us / 1000:.2f} ms" if us >= 1000 else f"{us} µs"
 
@@ -229,6 +278,7 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="1-second runs, one round: checks that everything works")
     ap.add_argument("--no-build", action="store_true", help="use target/release/keygate as it is")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--scale", default="", help="comma-separated stored-key counts to measure verify at, e.g. 1000,1000000")
     args = ap.parse_args()
     if args.smoke:
         args.seconds, args.rounds = 1, 1
@@ -251,6 +301,11 @@ def main():
         consumer = kg.api("POST", "/v1/consumers", {"name": "load"})
         key = kg.api("POST", "/v1/keys", {"consumer_id": consumer["id"], "name": "load", "scopes": ["articles:read"]})
         secret = key["key"]
+        limited = kg.api("POST", "/v1/keys", {
+            "consumer_id": consumer["id"], "name": "limited", "scopes": ["articles:read"],
+            "rate_limits": [{"name": "per_second", "limit": 1_000_000_000, "window_seconds": 1},
+                            {"name": "per_day", "limit": 1_000_000_000, "window_seconds": 86_400}],
+            "quota": {"remaining": 1_000_000_000}})["key"]
         unknown_file = os.path.join(tmp, "unknown-keys.txt")
         with open(unknown_file, "w") as f:
             for _ in range(200_000):
@@ -260,9 +315,13 @@ def main():
         auth = {"Authorization": f"Bearer {kg.admin}", "Content-Type": "application/json"}
         targets = [
             ("nginx return 200 (baseline)", f"http://127.0.0.1:{nginx_port}", write_script(tmp, "nginx")),
+            ("GET /healthz (Keygate's HTTP floor)", kg.url, write_script(tmp, "healthz", "GET", "/healthz")),
             ("POST /v1/verify, valid key", kg.url, write_script(
                 tmp, "verify_valid", "POST", "/v1/verify", auth,
                 json.dumps({"credential": secret, "scopes": ["articles:read"]}))),
+            ("POST /v1/verify, valid key + 2 rate limits + quota", kg.url, write_script(
+                tmp, "verify_limited", "POST", "/v1/verify", auth,
+                json.dumps({"credential": limited, "scopes": ["articles:read"]}))),
             ("POST /v1/verify, unknown key (200k distinct)", kg.url, write_script(
                 tmp, "verify_unknown", "POST", "/v1/verify", auth, keys_file=unknown_file,
                 body_template='{"credential":"%s"}')),
@@ -305,9 +364,23 @@ def main():
                       f"{fmt_us(med['p999_us'])} | {errors} | {ratio:.2f}× |")
                 summary.append({"target": name, "connections": conns, "rps": med["rps"], "p50_us": med["p50_us"],
                                 "p99_us": med["p99_us"], "p999_us": med["p999_us"], "errors": errors, "ratio": ratio})
+        kg.stop()
+        kg = None
+        scale = []
+        for n in [int(x) for x in args.scale.split(",") if x.strip()]:
+            scale.append(measure_scale(binary, tmp, n, args.seconds, args.rounds))
+            failed |= scale[-1]["errors"] > 0
+        if scale:
+            print("\nVerify at scale: POST /v1/verify, 32 connections, each request a random one of up to "
+                  "100,000 of the stored keys (so the cache fills as the run goes), and unknown keys.\n")
+            print("| stored keys | valid req/s | valid p99 | unknown req/s | unknown p99 | RSS after seeding | RSS after run | seed time |")
+            print("|---|---|---|---|---|---|---|---|")
+            for r in scale:
+                print(f"| {r['keys']:,} | {r['valid_rps']:,.0f} | {fmt_us(r['valid_p99_us'])} | {r['unknown_rps']:,.0f} | "
+                      f"{fmt_us(r['unknown_p99_us'])} | {r['rss_seeded_mib']:.0f} MiB | {r['rss_mib']:.0f} MiB | {r['seed_seconds']:.0f} s |")
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"machine": machine(), "rss_mib": rss, "results": summary}, f, indent=2)
+                json.dump({"machine": machine(), "rss_mib": rss, "results": summary, "scale": scale}, f, indent=2)
         if failed:
             print("\nFAILED: some requests errored (see the errors column)", file=sys.stderr)
             return 1

@@ -3,6 +3,9 @@
 //!
 //! Labels never carry secrets or ids: only decision codes, route templates, methods and statuses.
 
+use std::collections::HashMap;
+use std::sync::RwLock;
+
 use keygate_core::DecisionCode;
 use metrics::{Counter, Histogram, Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
@@ -17,6 +20,8 @@ pub struct Metrics {
     handle: PrometheusHandle,
     decisions: Vec<Counter>,
     verify_seconds: Histogram,
+    /// route → (method, status, counter); a handful of entries per route.
+    requests: RwLock<HashMap<String, Vec<(String, u16, Counter)>>>,
 }
 
 impl Metrics {
@@ -36,7 +41,7 @@ impl Metrics {
             .collect();
         let verify_seconds =
             recorder.register_histogram(&Key::from_static_name("keygate_verify_duration_seconds"), &METADATA);
-        Metrics { recorder, handle, decisions, verify_seconds }
+        Metrics { recorder, handle, decisions, verify_seconds, requests: RwLock::default() }
     }
 
     pub fn record_decision(&self, code: DecisionCode, seconds: f64) {
@@ -46,7 +51,18 @@ impl Metrics {
         self.verify_seconds.record(seconds);
     }
 
+    /// Counts a request. The counter handle of each (route, method, status) is registered once and
+    /// then found under a read lock without allocating: this runs on every request.
     pub fn record_request(&self, method: &str, route: &str, status: u16) {
+        {
+            let routes = self.requests.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some((_, _, c)) =
+                routes.get(route).and_then(|v| v.iter().find(|(m, s, _)| *s == status && m == method))
+            {
+                c.increment(1);
+                return;
+            }
+        }
         let key = Key::from_parts(
             "keygate_http_requests_total",
             vec![
@@ -55,7 +71,10 @@ impl Metrics {
                 Label::new("status", status.to_string()),
             ],
         );
-        self.recorder.register_counter(&key, &METADATA).increment(1);
+        let counter = self.recorder.register_counter(&key, &METADATA);
+        counter.increment(1);
+        let mut routes = self.requests.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        routes.entry(route.to_owned()).or_default().push((method.to_owned(), status, counter));
     }
 
     /// Prometheus text exposition format.

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use keygate_core::DecisionCode;
-use keygate_core::limits::{Gcra, LimitCheck, Quota, RateLimit, Refill, apply_refills};
+use keygate_core::limits::{Gcra, LimitCheck, MAX_RATE_LIMITS, Quota, RateLimit, Refill, apply_refills};
 use keygate_store::{ApiKey, KeyUsage, Store, StoreError};
 
 const CODES: usize = DecisionCode::ALL.len();
@@ -61,7 +61,8 @@ pub struct KeyRuntime {
 /// The most restrictive rate limit of a check, as decisions report it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RateLimitState {
-    pub name: String,
+    /// Which of the key's limits (an index into them).
+    pub index: usize,
     pub limit: u64,
     pub remaining: u64,
     /// When the limit is fully available again, ms since the epoch.
@@ -89,20 +90,23 @@ impl KeyRuntime {
         let mut st = lock(&self.state);
         let mut denied: Option<(DecisionCode, RateLimitState)> = None;
         let mut tightest: Option<RateLimitState> = None;
-        let mut nexts: Vec<(usize, Gcra)> = Vec::with_capacity(limits.len());
-        for limit in limits {
-            let idx = match st.cells.iter().position(|(l, _)| l == limit) {
-                Some(i) => i,
-                None => {
-                    // Cells of limits that are gone are dropped when a new one appears.
-                    st.cells.retain(|(l, _)| limits.contains(l));
+        // New cell states, committed only if everything allows the request. No allocation: keys have
+        // at most MAX_RATE_LIMITS limits.
+        let mut nexts = [(usize::MAX, Gcra::default()); MAX_RATE_LIMITS];
+        if limits.iter().any(|limit| !st.cells.iter().any(|(l, _)| l == limit)) {
+            // The limits changed: drop cells of limits that are gone, start new ones empty.
+            st.cells.retain(|(l, _)| limits.contains(l));
+            for limit in limits {
+                if !st.cells.iter().any(|(l, _)| l == limit) {
                     st.cells.push((limit.clone(), Gcra::default()));
-                    st.cells.len() - 1
                 }
-            };
+            }
+        }
+        for (index, limit) in limits.iter().enumerate().take(MAX_RATE_LIMITS) {
+            let Some(idx) = st.cells.iter().position(|(l, _)| l == limit) else { continue };
             let c: LimitCheck = st.cells[idx].1.check(limit, now_ms, cost);
             let view = RateLimitState {
-                name: limit.name.clone(),
+                index,
                 limit: limit.limit,
                 remaining: c.remaining,
                 reset_ms: c.reset_ms,
@@ -117,7 +121,7 @@ impl KeyRuntime {
             if tightest.as_ref().is_none_or(|t| view.remaining < t.remaining) {
                 tightest = Some(view);
             }
-            nexts.push((idx, c.next));
+            nexts[index] = (idx, c.next);
         }
         if let Some((code, view)) = denied {
             let quota_remaining = st.quota.as_ref().map(|q| q.remaining);
@@ -141,8 +145,10 @@ impl KeyRuntime {
             q.remaining -= cost;
             st.quota_dirty = true;
         }
-        for (idx, next) in nexts {
-            st.cells[idx].1 = next;
+        for (idx, next) in nexts.into_iter().take(limits.len()) {
+            if let Some(cell) = st.cells.get_mut(idx) {
+                cell.1 = next;
+            }
         }
         Admission {
             code: DecisionCode::Valid,

@@ -164,9 +164,10 @@ struct QuotaView {
     remaining: u64,
 }
 
-impl<'a> From<&'a RateLimitState> for RateLimitView<'a> {
-    fn from(r: &'a RateLimitState) -> Self {
-        RateLimitView { name: &r.name, limit: r.limit, remaining: r.remaining, reset: r.reset_ms }
+impl<'a> RateLimitView<'a> {
+    fn new(r: &RateLimitState, limits: &'a [RateLimit]) -> Self {
+        let name = limits.get(r.index).map_or("", |l| l.name.as_str());
+        RateLimitView { name, limit: r.limit, remaining: r.remaining, reset: r.reset_ms }
     }
 }
 
@@ -199,10 +200,12 @@ impl Decision {
                 if let Some(r) = &self.rate_limit {
                     b.put_slice(b",\"rate_limit\":");
                     // Plain numbers and a validated name: serialising cannot fail.
-                    let _ = serde_json::to_writer((&mut b).writer(), &RateLimitView::from(r));
+                    let _ = serde_json::to_writer((&mut b).writer(), &RateLimitView::new(r, &k.limits));
                 }
                 if let Some(q) = self.quota_remaining {
-                    b.put_slice(format!(",\"quota\":{{\"remaining\":{q}}}").as_bytes());
+                    b.put_slice(b",\"quota\":{\"remaining\":");
+                    b.put_slice(itoa::Buffer::new().format(q).as_bytes());
+                    b.put_u8(b'}');
                 }
                 b.put_u8(b'}');
                 b.freeze()
@@ -218,7 +221,10 @@ impl Decision {
                     key_id: key.as_ref().map(|k| k.key_id.as_str()),
                     consumer_id: key.as_ref().map(|k| k.consumer_id.as_str()),
                     missing_scopes: &self.missing_scopes,
-                    rate_limit: self.rate_limit.as_ref().map(RateLimitView::from),
+                    rate_limit: match (&self.rate_limit, key) {
+                        (Some(r), Some(k)) => Some(RateLimitView::new(r, &k.limits)),
+                        _ => None,
+                    },
                     quota: self.quota_remaining.map(|remaining| QuotaView { remaining }),
                 };
                 serde_json::to_vec(&body).map(Bytes::from).unwrap_or_else(|_| {
