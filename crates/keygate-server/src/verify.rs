@@ -372,12 +372,20 @@ impl Verifier {
         }
     }
 
-    /// A secret was just stored on this node: make it known at once.
+    /// Secrets were just stored on this node: make them known at once. A new secret cannot be in the
+    /// positive cache; a "not found" for it is forgotten. (Only touching entries that exist matters
+    /// for bulk imports: every invalidation is work queued inside the cache.)
     pub fn added(&self, hashes: &[SecretHash]) {
+        let mut set = self.known.set.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         for h in hashes {
-            self.known.insert(h);
+            set.insert(fingerprint(h));
         }
-        self.invalidate(hashes);
+        drop(set);
+        for h in hashes {
+            if self.negative.contains_key(h) {
+                self.negative.invalidate(h);
+            }
+        }
     }
 
     fn cached_key(&self, r: &SecretRecord) -> CachedKey {
