@@ -53,13 +53,7 @@ fn fixture() -> Fixture {
             RateLimit { name: "per_day".into(), limit: 1_000_000_000, window_seconds: 86_400 },
         ]);
         key.quota = Some(Quota { remaining: 1_000_000_000, refill: None });
-        let secret = KeySecret {
-            hash: limited.hash(),
-            key_id: key.id.clone(),
-            start: key.start.clone(),
-            created_at: 0,
-            expires_at: None,
-        };
+        let secret = KeySecret::new(limited.hash(), &key.id, &key.start, 0);
         let audit = NewAudit {
             id: "evt_bench".into(),
             at: 0,

@@ -15,13 +15,15 @@ const VERIFY_BUCKETS: &[f64] =
 
 static METADATA: Metadata<'static> = Metadata::new("keygate", Level::INFO, Some("keygate_server"));
 
+/// route → (method, status, counter); a handful of entries per route.
+type RequestCounters = HashMap<String, Vec<(String, u16, Counter)>>;
+
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     decisions: Vec<Counter>,
     verify_seconds: Histogram,
-    /// route → (method, status, counter); a handful of entries per route.
-    requests: RwLock<HashMap<String, Vec<(String, u16, Counter)>>>,
+    requests: RwLock<RequestCounters>,
 }
 
 impl Metrics {

@@ -151,13 +151,7 @@ fn new_admin_key(
         secret.visible_start(),
         now,
     );
-    let key_secret = KeySecret {
-        hash: secret.hash(),
-        key_id: key.id.clone(),
-        start: key.start.clone(),
-        created_at: now,
-        expires_at: None,
-    };
+    let key_secret = KeySecret::new(secret.hash(), &key.id, &key.start, now);
     Ok((key, key_secret, secret))
 }
 

@@ -126,6 +126,19 @@ pub struct KeySecret {
     pub expires_at: Option<i64>,
 }
 
+impl KeySecret {
+    /// A live secret of `key_id`, shown to people as `start`.
+    pub fn new(hash: SecretHash, key_id: &str, start: &str, now: i64) -> Self {
+        KeySecret {
+            hash,
+            key_id: key_id.to_string(),
+            start: start.to_string(),
+            created_at: now,
+            expires_at: None,
+        }
+    }
+}
+
 /// What the verify path needs to decide about one presented secret.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SecretRecord {

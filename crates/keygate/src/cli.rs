@@ -130,10 +130,8 @@ enum ConsumersCmd {
     },
     /// List consumers.
     List {
-        #[arg(long, default_value_t = 100)]
-        limit: u32,
-        #[arg(long)]
-        after: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
     },
     /// Show one consumer.
     Show { id: String },
@@ -192,10 +190,8 @@ enum KeysCmd {
         /// Only keys of this consumer.
         #[arg(long)]
         consumer: Option<String>,
-        #[arg(long, default_value_t = 100)]
-        limit: u32,
-        #[arg(long)]
-        after: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
     },
     /// Show one key.
     Show { id: String },
@@ -258,6 +254,24 @@ enum KeysCmd {
         #[arg(long, default_value_t = 0)]
         overlap: u64,
     },
+}
+
+#[derive(Debug, Clone, Args)]
+struct PageArgs {
+    /// Page size (1-1000).
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+    /// Continue after this id (printed at the end of the previous page).
+    #[arg(long)]
+    after: Option<String>,
+}
+
+impl PageArgs {
+    fn query(self) -> Vec<(&'static str, String)> {
+        let mut q = vec![("limit", self.limit.to_string())];
+        q.extend(self.after.map(|a| ("after", a)));
+        q
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -504,9 +518,8 @@ async fn consumers(c: Client, cmd: ConsumersCmd) -> Result<ExitCode, Failure> {
             }
             c.call(Method::POST, "/v1/consumers", &[], Some(body)).await?
         }
-        ConsumersCmd::List { limit, after } => {
-            let mut q = vec![("limit", limit.to_string())];
-            q.extend(after.map(|a| ("after", a)));
+        ConsumersCmd::List { page } => {
+            let q = page.query();
             let v = c.call(Method::GET, "/v1/consumers", &q, None).await?;
             output(&c, &v, |v| {
                 table(
@@ -578,10 +591,9 @@ async fn keys(c: Client, cmd: KeysCmd) -> Result<ExitCode, Failure> {
             output(&c, &v, print_secret);
             return Ok(ExitCode::SUCCESS);
         }
-        KeysCmd::List { consumer, limit, after } => {
-            let mut q = vec![("limit", limit.to_string())];
+        KeysCmd::List { consumer, page } => {
+            let mut q = page.query();
             q.extend(consumer.map(|c| ("consumer_id", c)));
-            q.extend(after.map(|a| ("after", a)));
             let v = c.call(Method::GET, "/v1/keys", &q, None).await?;
             output(&c, &v, |v| {
                 table(

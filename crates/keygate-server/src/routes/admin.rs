@@ -655,13 +655,7 @@ pub async fn create_key(
     key.quota = req.quota;
     key.allowed_ips = allowed_ips;
     key.quota_refilled_at = key.quota.as_ref().map(|_| now);
-    let key_secret = KeySecret {
-        hash: secret.hash(),
-        key_id: key.id.clone(),
-        start: key.start.clone(),
-        created_at: now,
-        expires_at: None,
-    };
+    let key_secret = KeySecret::new(secret.hash(), &key.id, &key.start, now);
     let details = json!({
         "consumer_id": key.consumer_id, "name": key.name, "scopes": key.scopes,
         "environment": environment.as_str(), "expires_at": expires_at.map(rfc3339), "start": key.start,
@@ -882,13 +876,7 @@ pub async fn rotate_key(
     let old_expires_at = now + (req.overlap_seconds as i64) * 1000;
     let secret = PlainSecret::generate(SecretKind::ApiKey(key.environment))
         .map_err(|e| ApiError::internal("random source failed", e))?;
-    let new_secret = KeySecret {
-        hash: secret.hash(),
-        key_id: key.id.clone(),
-        start: secret.visible_start(),
-        created_at: now,
-        expires_at: None,
-    };
+    let new_secret = KeySecret::new(secret.hash(), &key.id, &secret.visible_start(), now);
     let details = json!({"overlap_seconds": req.overlap_seconds, "start": new_secret.start, "previous_start": key.start});
     let audit = audit(&actor, now, "key.rotate", "key", &id, details)?;
     if !state.store.rotate_key(&id, &new_secret, old_expires_at, &audit).await? {

@@ -157,13 +157,7 @@ fn prepare(item: ImportItem, consumers: &HashMap<String, Consumer>, now: i64) ->
     key.quota = item.quota;
     key.allowed_ips = allowed_ips;
     key.imported = true;
-    let secret = KeySecret {
-        hash,
-        key_id: key.id.clone(),
-        start: key.start.clone(),
-        created_at: now,
-        expires_at: None,
-    };
+    let secret = KeySecret::new(hash, &key.id, &key.start, now);
     Ok(Prepared { key, secret })
 }
 
