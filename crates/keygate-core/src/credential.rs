@@ -52,19 +52,27 @@ impl Environment {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SecretKind {
     ApiKey(Environment),
+    /// An opaque OAuth access token (`kgat_`).
+    AccessToken,
+    /// An OAuth client secret (`kgcs_`).
+    ClientSecret,
 }
 
 impl SecretKind {
     /// Every prefix Keygate issues. Order matters only for readability: no prefix is a prefix of another.
-    const ALL: [(SecretKind, &'static str); 2] = [
+    const ALL: [(SecretKind, &'static str); 4] = [
         (SecretKind::ApiKey(Environment::Live), "kg_live_"),
         (SecretKind::ApiKey(Environment::Test), "kg_test_"),
+        (SecretKind::AccessToken, "kgat_"),
+        (SecretKind::ClientSecret, "kgcs_"),
     ];
 
     pub fn prefix(self) -> &'static str {
         match self {
             SecretKind::ApiKey(Environment::Live) => "kg_live_",
             SecretKind::ApiKey(Environment::Test) => "kg_test_",
+            SecretKind::AccessToken => "kgat_",
+            SecretKind::ClientSecret => "kgcs_",
         }
     }
 }
@@ -280,6 +288,11 @@ mod tests {
         assert_eq!(parse(a.expose()).unwrap().kind, SecretKind::ApiKey(Environment::Live));
         let t = PlainSecret::generate(SecretKind::ApiKey(Environment::Test)).unwrap();
         assert_eq!(parse(t.expose()).unwrap().kind, SecretKind::ApiKey(Environment::Test));
+        for kind in [SecretKind::AccessToken, SecretKind::ClientSecret] {
+            let s = PlainSecret::generate(kind).unwrap();
+            assert!(s.expose().starts_with(kind.prefix()));
+            assert_eq!(parse(s.expose()).unwrap().kind, kind);
+        }
     }
 
     #[test]

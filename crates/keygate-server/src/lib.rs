@@ -5,6 +5,7 @@ pub mod auth;
 pub mod client;
 pub mod error;
 pub mod metrics;
+pub mod oauth;
 pub mod openapi;
 pub mod routes;
 pub mod runtime;
@@ -38,6 +39,8 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
         .merge(routes::import::router())
         .merge(routes::usage::router())
         .merge(routes::verify::router())
+        .merge(routes::clients::router())
+        .merge(oauth::router())
         .merge(routes::ops::router())
         .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::ApiDoc::openapi()))
         .fallback(not_found)
@@ -85,6 +88,14 @@ pub async fn launch(
     if let Err(e) = state.verifier.known.follow(state.store.as_ref()).await {
         tracing::warn!(error = %e, "could not load the known secret hashes; verify reads the store until it can");
     }
+    if state.config.issuer.is_none()
+        && let Ok(addr) = listener.local_addr()
+    {
+        state.oauth.set_issuer(format!("http://{addr}"));
+    }
+    if let Err(e) = state.oauth.load(state.store.as_ref(), time::now_ms()).await {
+        return Err(std::io::Error::other(format!("cannot load OAuth signing keys and clients: {e}")));
+    }
     let background = tokio::spawn(background(state.clone()));
     let result =
         axum::serve(listener, app(state.clone()).into_make_service_with_connect_info::<SocketAddr>())
@@ -99,7 +110,8 @@ async fn background(state: Arc<AppState>) {
     let mut flush = tokio::time::interval(state.config.flush_interval);
     let mut follow = tokio::time::interval(std::time::Duration::from_secs(1));
     let mut retention = tokio::time::interval(std::time::Duration::from_secs(600));
-    for t in [&mut flush, &mut follow, &mut retention] {
+    let mut keys = tokio::time::interval(std::time::Duration::from_secs(60));
+    for t in [&mut flush, &mut follow, &mut retention, &mut keys] {
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     }
     loop {
@@ -114,7 +126,23 @@ async fn background(state: Arc<AppState>) {
                     tracing::warn!(error = %e, "following new secrets failed; retrying");
                 }
             }
+            _ = keys.tick() => {
+                let now = time::now_ms();
+                state.oauth.prune(now);
+                let every = state.config.key_rotation_interval.as_millis() as i64;
+                let newest = state.oauth.keys.records().iter().map(|k| k.active_from).max().unwrap_or(now);
+                if every > 0 && now - newest >= every {
+                    let ahead = state.config.key_publish_ahead.as_millis() as i64;
+                    match state.oauth.keys.rotate(state.store.as_ref(), state.oauth.alg, now, ahead, None).await {
+                        Ok(k) => tracing::info!(kid = %k.kid, "rotated the JWT signing key on schedule"),
+                        Err(e) => tracing::warn!(error = %e, "scheduled signing-key rotation failed; retrying"),
+                    }
+                }
+            }
             _ = retention.tick() => {
+                if let Err(e) = state.store.expire_tokens(time::now_ms()).await {
+                    tracing::warn!(error = %e, "expiring old tokens failed; retrying later");
+                }
                 match state.expire_usage(time::now_ms()).await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(deleted = n, "expired old usage buckets"),

@@ -79,6 +79,14 @@ impl Metrics {
         routes.entry(route.to_owned()).or_default().push((method.to_owned(), status, counter));
     }
 
+    pub fn record_grant(&self, format: &str) {
+        let key = Key::from_parts(
+            "keygate_oauth_tokens_issued_total",
+            vec![Label::new("format", format.to_owned())],
+        );
+        self.recorder.register_counter(&key, &METADATA).increment(1);
+    }
+
     /// Prometheus text exposition format.
     pub fn render(&self) -> String {
         self.handle.render()

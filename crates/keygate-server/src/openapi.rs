@@ -3,7 +3,7 @@
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{admin, import, ops, usage, verify};
+use crate::routes::{admin, clients, import, ops, usage, verify};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -14,6 +14,9 @@ use crate::routes::{admin, import, ops, usage, verify};
         admin::create_key, admin::list_keys, admin::get_key, admin::update_key,
         admin::disable_key, admin::enable_key, admin::revoke_key, admin::rotate_key, admin::change_quota,
         import::import_keys, usage::key_usage, usage::consumer_usage,
+        clients::create_client, clients::list_clients, clients::get_client, clients::update_client,
+        clients::disable_client, clients::enable_client, clients::revoke_tokens, clients::delete_client,
+        clients::rotate_secret, clients::list_signing_keys, clients::rotate_signing_key,
         admin::list_audit,
         verify::verify, verify::forward_auth,
         ops::healthz, ops::readyz, ops::metrics,
@@ -23,6 +26,7 @@ use crate::routes::{admin, import, ops, usage, verify};
         (name = "consumers", description = "Applications or accounts that call the protected API"),
         (name = "keys", description = "API keys: create, rotate, disable, revoke"),
         (name = "verify", description = "Checking credentials"),
+        (name = "clients", description = "OAuth 2 clients and JWT signing keys (tokens: /oauth2/*, see /.well-known/oauth-authorization-server)"),
         (name = "usage", description = "Verify counts per key and consumer over time"),
         (name = "audit", description = "Who changed what"),
         (name = "operations", description = "Health and metrics"),

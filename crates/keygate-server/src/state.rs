@@ -7,11 +7,14 @@ use std::time::Duration;
 
 use keygate_core::{Environment, PlainSecret, SecretKind, id, scope};
 use keygate_store::{
-    ApiKey, Consumer, Granularity, KeySecret, NewAudit, SqliteOptions, SqliteStore, Store, StoreError,
+    ApiKey, Backend, Consumer, Granularity, KeySecret, NewAudit, SqliteOptions, SqliteStore, Store,
+    StoreError,
 };
 
 use crate::client::FailureThrottle;
 use crate::metrics::Metrics;
+use crate::oauth::keys::KeyAlg;
+use crate::oauth::tokens::OAuth;
 use crate::time::now_ms;
 use crate::verify::{CacheConfig, Verifier};
 
@@ -37,6 +40,13 @@ pub struct ServerConfig {
     /// How often usage counts, last-used times and quotas are written to the database.
     pub flush_interval: Duration,
     pub retention: Retention,
+    /// The OAuth issuer URL; `None`: `http://<the address actually listened on>`.
+    pub issuer: Option<String>,
+    pub signing_alg: KeyAlg,
+    /// How long a new signing key is published before it signs.
+    pub key_publish_ahead: Duration,
+    /// Automatic signing-key rotation interval; zero turns it off.
+    pub key_rotation_interval: Duration,
 }
 
 /// How long usage buckets of each size are kept.
@@ -70,13 +80,18 @@ impl Default for ServerConfig {
             failures_per_minute: 100,
             flush_interval: Duration::from_secs(1),
             retention: Retention::default(),
+            issuer: None,
+            signing_alg: KeyAlg::EdDsa,
+            key_publish_ahead: Duration::from_secs(600),
+            key_rotation_interval: Duration::from_secs(30 * 86_400),
         }
     }
 }
 
 pub struct AppState {
-    pub store: Arc<dyn Store>,
+    pub store: Arc<dyn Backend>,
     pub verifier: Verifier,
+    pub oauth: OAuth,
     pub metrics: Metrics,
     pub throttle: FailureThrottle,
     pub config: ServerConfig,
@@ -106,10 +121,28 @@ pub async fn open_store(config: &ServerConfig) -> Result<Arc<SqliteStore>, OpenE
 }
 
 impl AppState {
-    pub fn new(store: Arc<dyn Store>, config: ServerConfig) -> Arc<Self> {
+    pub fn new(store: Arc<dyn Backend>, config: ServerConfig) -> Arc<Self> {
         let verifier = Verifier::new(store.clone(), &config.cache);
         let throttle = FailureThrottle::new(config.failures_per_minute);
-        Arc::new(AppState { store, verifier, metrics: Metrics::new(), throttle, config })
+        let issuer = config.issuer.clone().unwrap_or_else(|| format!("http://{}", config.listen));
+        let oauth = OAuth::new(issuer.trim_end_matches('/').to_string(), config.signing_alg);
+        Arc::new(AppState { store, verifier, oauth, metrics: Metrics::new(), throttle, config })
+    }
+
+    /// Every scope some client may be granted (discovery's `scopes_supported`).
+    pub async fn oauth_scopes(&self) -> Vec<String> {
+        let mut scopes = std::collections::BTreeSet::new();
+        let mut after = None;
+        while let Ok(page) =
+            self.store.list_clients(&keygate_store::Page { after: after.clone(), limit: 1000 }).await
+        {
+            scopes.extend(page.iter().flat_map(|c| c.scopes.iter().cloned()));
+            match page.last() {
+                Some(c) if page.len() == 1000 => after = Some(c.id.clone()),
+                _ => break,
+            }
+        }
+        scopes.into_iter().collect()
     }
 
     /// Writes pending usage counts, last-used times and quotas now.

@@ -35,6 +35,7 @@ use keygate_store::{SecretRecord, Store, StoreError};
 use moka::sync::Cache;
 use serde::Serialize;
 
+use crate::oauth::tokens::TokenInfo;
 use crate::runtime::{KeyRuntime, RateLimitState, Registry};
 
 /// Sizing of the verify caches.
@@ -92,6 +93,26 @@ pub struct Decision {
     pub missing_scopes: Vec<String>,
     pub rate_limit: Option<RateLimitState>,
     pub quota_remaining: Option<u64>,
+    /// Set when the credential was an access token that verified.
+    pub token: Option<Arc<TokenInfo>>,
+}
+
+#[derive(Serialize)]
+struct TokenBody<'a> {
+    valid: bool,
+    code: DecisionCode,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<&'static str>,
+    kind: &'static str,
+    token_format: &'a str,
+    client_id: &'a str,
+    consumer_id: &'a str,
+    sub: &'a str,
+    scopes: &'a [String],
+    aud: &'a [String],
+    expires_at: String,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    missing_scopes: &'a [String],
 }
 
 /// The request-dependent inputs of a decision.
@@ -176,8 +197,23 @@ const MALFORMED_BODY: &[u8] =
 const NOT_FOUND_BODY: &[u8] = br#"{"valid":false,"code":"NOT_FOUND","message":"no such credential exists"}"#;
 
 impl Decision {
-    fn bare(code: DecisionCode) -> Self {
-        Decision { code, key: None, missing_scopes: Vec::new(), rate_limit: None, quota_remaining: None }
+    pub fn bare(code: DecisionCode) -> Self {
+        Decision {
+            code,
+            key: None,
+            missing_scopes: Vec::new(),
+            rate_limit: None,
+            quota_remaining: None,
+            token: None,
+        }
+    }
+
+    /// A decision about an access token that verified: valid, or lacking scopes.
+    pub fn for_token<S: AsRef<str>>(token: Arc<TokenInfo>, required: &[S]) -> Self {
+        let missing: Vec<String> =
+            scope::missing(&token.scopes, required).into_iter().map(str::to_owned).collect();
+        let code = if missing.is_empty() { DecisionCode::Valid } else { DecisionCode::InsufficientScope };
+        Decision { missing_scopes: missing, token: Some(token), ..Decision::bare(code) }
     }
 
     fn about(code: DecisionCode, key: Arc<CachedKey>) -> Self {
@@ -190,6 +226,30 @@ impl Decision {
 
     /// The JSON body of this decision, as `/v1/verify` answers it.
     pub fn body(&self) -> Bytes {
+        if let Some(t) = &self.token {
+            let body = TokenBody {
+                valid: self.code == DecisionCode::Valid,
+                code: self.code,
+                message: (self.code != DecisionCode::Valid).then(|| self.code.message()),
+                kind: "access_token",
+                token_format: t.format,
+                client_id: &t.client_id,
+                consumer_id: &t.consumer_id,
+                sub: &t.subject,
+                scopes: &t.scopes,
+                aud: &t.audiences,
+                expires_at: crate::time::rfc3339(t.expires_at),
+                missing_scopes: &self.missing_scopes,
+            };
+            return serde_json::to_vec(&body).map(Bytes::from).unwrap_or_default();
+        }
+        if self.code != DecisionCode::Valid && self.key.is_none() && self.token.is_none() {
+            match self.code {
+                DecisionCode::Malformed => return Bytes::from_static(MALFORMED_BODY),
+                DecisionCode::NotFound => return Bytes::from_static(NOT_FOUND_BODY),
+                _ => {}
+            }
+        }
         match (self.code, &self.key) {
             (DecisionCode::Valid, Some(k)) => {
                 if self.rate_limit.is_none() && self.quota_remaining.is_none() {

@@ -8,9 +8,12 @@
 //! - Times are integers: milliseconds since the Unix epoch, UTC. Secrets are stored only as SHA-256.
 
 mod model;
+mod oauth;
 mod sqlite;
+mod sqlite_oauth;
 
 pub use model::*;
+pub use oauth::*;
 pub use sqlite::{SqliteOptions, SqliteStore};
 
 use async_trait::async_trait;
@@ -49,7 +52,11 @@ pub struct AuditFilter {
     pub limit: u32,
 }
 
-/// Everything Keygate keeps. Implementations must be safe to share between request handlers.
+/// Everything Keygate keeps: API keys ([`Store`]) and OAuth ([`OAuthStore`]).
+pub trait Backend: Store + OAuthStore {}
+impl<T: Store + OAuthStore> Backend for T {}
+
+/// Everything Keygate keeps about consumers and API keys. Implementations must be safe to share between request handlers.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Applies pending migrations. Safe to call on every start.

@@ -107,6 +107,67 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX usage_by_consumer ON usage_buckets (consumer_id, granularity, bucket_start);
     CREATE INDEX usage_by_age ON usage_buckets (granularity, bucket_start);
     "#,
+    // 3: OAuth 2: clients and their secrets, signing keys, opaque access tokens, revoked JWT ids.
+    r#"
+    CREATE TABLE oauth_clients (
+        id                     TEXT PRIMARY KEY,     -- the client_id
+        consumer_id            TEXT NOT NULL REFERENCES consumers(id),
+        name                   TEXT NOT NULL,
+        grant_types            TEXT NOT NULL,        -- JSON array
+        scopes                 TEXT NOT NULL,        -- JSON array: scopes it may be granted
+        audiences              TEXT NOT NULL,        -- JSON array: resources it may ask for
+        token_format           TEXT NOT NULL CHECK (token_format IN ('jwt', 'opaque')),
+        token_lifetime_seconds INTEGER NOT NULL,
+        confidential           INTEGER NOT NULL,
+        disabled               INTEGER NOT NULL DEFAULT 0,
+        tokens_revoked_before  INTEGER,              -- ms; tokens issued earlier are revoked
+        secret_start           TEXT,
+        created_at             INTEGER NOT NULL,
+        updated_at             INTEGER NOT NULL
+    );
+    CREATE INDEX oauth_clients_by_consumer ON oauth_clients (consumer_id);
+
+    -- Client secrets are random and high-entropy, so SHA-256 suffices (as for API keys).
+    CREATE TABLE client_secrets (
+        hash       BLOB PRIMARY KEY,
+        client_id  TEXT NOT NULL REFERENCES oauth_clients(id) ON DELETE CASCADE,
+        start      TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER                           -- end of a rotation's overlap window
+    );
+    CREATE INDEX client_secrets_by_client ON client_secrets (client_id);
+
+    CREATE TABLE signing_keys (
+        kid           TEXT PRIMARY KEY,
+        alg           TEXT NOT NULL,
+        private_der   BLOB NOT NULL,                 -- PKCS#8; protect the data directory
+        public_jwk    TEXT NOT NULL,
+        created_at    INTEGER NOT NULL,
+        active_from   INTEGER NOT NULL,
+        retired_at    INTEGER,
+        publish_until INTEGER
+    );
+
+    CREATE TABLE access_tokens (
+        hash       BLOB PRIMARY KEY,
+        jti        TEXT NOT NULL UNIQUE,
+        client_id  TEXT NOT NULL REFERENCES oauth_clients(id) ON DELETE CASCADE,
+        subject    TEXT NOT NULL,
+        scopes     TEXT NOT NULL,
+        audiences  TEXT NOT NULL,
+        issued_at  INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        revoked_at INTEGER
+    );
+    CREATE INDEX access_tokens_by_expiry ON access_tokens (expires_at);
+
+    CREATE TABLE revoked_jtis (
+        jti        TEXT PRIMARY KEY,
+        client_id  TEXT NOT NULL,
+        expires_at INTEGER NOT NULL,
+        revoked_at INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// Options for opening the SQLite store.
@@ -124,7 +185,7 @@ impl Default for SqliteOptions {
 }
 
 pub struct SqliteStore {
-    pool: SqlitePool,
+    pub(crate) pool: SqlitePool,
 }
 
 impl SqliteStore {
@@ -155,7 +216,7 @@ impl SqliteStore {
 /// Turns a database error into the store's vocabulary. SQLite's primary result codes are the low
 /// byte of its extended codes: 5 BUSY, 6 LOCKED, 8 READONLY, 10 IOERR, 13 FULL, 14 CANTOPEN,
 /// 19 CONSTRAINT.
-fn map_err(e: sqlx::Error) -> StoreError {
+pub(crate) fn map_err(e: sqlx::Error) -> StoreError {
     match &e {
         sqlx::Error::Database(db) => {
             let code = db.code().and_then(|c| c.parse::<i32>().ok()).unwrap_or(0) & 0xff;
@@ -180,7 +241,7 @@ fn parse_json(s: &str, what: &str) -> Result<serde_json::Value> {
     serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
 }
 
-fn opt_json<T: Serialize>(v: &Option<T>) -> Result<Option<String>> {
+pub(crate) fn opt_json<T: Serialize>(v: &Option<T>) -> Result<Option<String>> {
     v.as_ref().map(|v| serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))).transpose()
 }
 
@@ -247,14 +308,14 @@ fn audit_from_row(row: &SqliteRow) -> Result<AuditEvent> {
     })
 }
 
-fn hash_from_row(row: &SqliteRow) -> Result<SecretHash> {
+pub(crate) fn hash_from_row(row: &SqliteRow) -> Result<SecretHash> {
     let bytes: &[u8] = row.try_get("hash").map_err(map_err)?;
     SecretHash::from_slice(bytes).ok_or_else(|| StoreError::Corrupt("secret hash is not 32 bytes".into()))
 }
 
-type Tx<'a> = sqlx::Transaction<'a, sqlx::Sqlite>;
+pub(crate) type Tx<'a> = sqlx::Transaction<'a, sqlx::Sqlite>;
 
-async fn insert_audit(tx: &mut Tx<'_>, a: &NewAudit) -> Result<()> {
+pub(crate) async fn insert_audit(tx: &mut Tx<'_>, a: &NewAudit) -> Result<()> {
     sqlx::query(
         "INSERT INTO audit_events (id, at, actor, action, target_type, target_id, ip, details) \
          VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

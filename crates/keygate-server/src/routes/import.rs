@@ -118,10 +118,14 @@ fn prepare(item: ImportItem, consumers: &HashMap<String, Consumer>, now: i64) ->
     let (hash, start, env_from_key) = match (item.key, item.sha256) {
         (Some(plain), None) => {
             check_plaintext(&plain)?;
-            let env = match credential::parse(&plain) {
-                Ok(p) => match p.kind {
-                    SecretKind::ApiKey(env) => Some(env),
-                },
+            let env = match credential::parse(&plain).map(|p| p.kind) {
+                Ok(SecretKind::ApiKey(env)) => Some(env),
+                Ok(SecretKind::AccessToken | SecretKind::ClientSecret) => {
+                    return Err(ApiError::invalid(
+                        "key",
+                        "this is a Keygate access token or client secret, not an API key",
+                    ));
+                }
                 Err(_) => None,
             };
             (SecretHash::of(&plain), visible_start(&plain), env)

@@ -1,4 +1,5 @@
 pub mod admin;
+pub mod clients;
 pub mod import;
 pub mod ops;
 pub mod usage;

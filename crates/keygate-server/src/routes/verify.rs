@@ -16,6 +16,7 @@ use utoipa::ToSchema;
 
 use crate::auth::{ClientIp, VerifyCaller, presented_credential};
 use crate::error::{ApiError, ApiJson, ApiResult, ErrorBody};
+use crate::oauth::tokens::looks_like_jwt;
 use crate::state::AppState;
 use crate::time::now_ms;
 use crate::verify::{Context, Decision};
@@ -37,6 +38,28 @@ pub struct VerifyRequest {
     /// The end client's IP address, for IP allow-lists, last-used tracking and brute-force throttling.
     /// Without it, the address of the caller of this endpoint is used.
     pub ip: Option<String>,
+    /// For access tokens: a resource the token's audience must include.
+    pub audience: Option<String>,
+}
+
+/// Decides about any credential: API keys through the key verifier, access tokens (JWT or `kgat_`)
+/// through the OAuth verifier.
+pub async fn decide<S: AsRef<str>>(
+    state: &AppState,
+    credential: &str,
+    required: &[S],
+    ctx: Context,
+    audience: Option<&str>,
+) -> Result<Decision, keygate_store::StoreError> {
+    if looks_like_jwt(credential) || credential.starts_with("kgat_") {
+        return Ok(
+            match state.oauth.verify(state.store.as_ref(), credential, audience, ctx.now_ms).await? {
+                Ok(info) => Decision::for_token(info, required),
+                Err(code) => Decision::bare(code),
+            },
+        );
+    }
+    state.verifier.verify(credential, required, ctx).await
 }
 
 /// Largest `cost` of one verify.
@@ -110,7 +133,7 @@ pub async fn verify(
         return Err(ApiError::throttled(retry));
     }
     let ctx = Context { ip: end_client.or(caller.ip), cost, now_ms: now };
-    let decision = state.verifier.verify(&req.credential, &req.scopes, ctx).await?;
+    let decision = decide(&state, &req.credential, &req.scopes, ctx, req.audience.as_deref()).await?;
     if matches!(decision.code, DecisionCode::Malformed | DecisionCode::NotFound) {
         state.throttle.record_failure(end_client, now);
     }
@@ -191,7 +214,11 @@ pub async fn forward_auth(
         return Ok(resp);
     };
     let required = required_scopes(&headers, &uri);
-    let decision = state.verifier.verify(secret, &required, Context { ip, cost: 1, now_ms: now }).await?;
+    let audience = uri.query().and_then(|q| {
+        form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "audience").map(|(_, v)| v.into_owned())
+    });
+    let decision =
+        decide(&state, secret, &required, Context { ip, cost: 1, now_ms: now }, audience.as_deref()).await?;
     if matches!(decision.code, DecisionCode::Malformed | DecisionCode::NotFound) {
         state.throttle.record_failure(ip, now);
     }
@@ -206,6 +233,16 @@ fn set_header(h: &mut HeaderMap, name: &'static str, value: &str) {
 }
 
 fn forward_auth_response(decision: &Decision, now: i64) -> Response {
+    if let (DecisionCode::Valid, Some(t)) = (decision.code, &decision.token) {
+        let mut resp = Response::new(Body::empty());
+        let h = resp.headers_mut();
+        set_header(h, "x-keygate-consumer", &t.consumer_id);
+        set_header(h, "x-keygate-client", &t.client_id);
+        set_header(h, "x-keygate-subject", &t.subject);
+        set_header(h, "x-keygate-scopes", &t.scopes.join(" "));
+        h.insert("x-keygate-kind", HeaderValue::from_static("access_token"));
+        return resp;
+    }
     let mut resp = match (decision.code, &decision.key) {
         (DecisionCode::Valid, Some(key)) => {
             let mut resp = Response::new(Body::empty());

@@ -8,5 +8,6 @@ mod bad_input;
 mod helpers;
 mod import;
 mod limits;
+mod oauth;
 mod ops;
 mod verify;

@@ -1,0 +1,218 @@
+//! JWT signing keys: generated and stored by Keygate, published in the JWKS, rotated in stages.
+//!
+//! Policy:
+//! - A new key is published `publish_ahead` before it signs, so verifiers that cache the JWKS have it
+//!   before they see its first token.
+//! - The key it replaces stops signing then, and stays published until every token it signed has expired
+//!   (its retirement plus the longest token lifetime).
+//! - Ed25519 (EdDSA) by default; ES256 selectable. Private keys are PKCS#8 in the database: protect the
+//!   data directory as you would the keys themselves.
+
+use std::sync::RwLock;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
+use keygate_store::{OAuthStore, SigningKey, StoreError};
+use serde_json::{Value, json};
+
+/// Longest access-token lifetime, and so how long a retired key stays published.
+pub const MAX_TOKEN_LIFETIME_SECONDS: i64 = 86_400;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyAlg {
+    EdDsa,
+    Es256,
+}
+
+impl KeyAlg {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "EdDSA" => Some(KeyAlg::EdDsa),
+            "ES256" => Some(KeyAlg::Es256),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyAlg::EdDsa => "EdDSA",
+            KeyAlg::Es256 => "ES256",
+        }
+    }
+
+    pub fn algorithm(self) -> Algorithm {
+        match self {
+            KeyAlg::EdDsa => Algorithm::EdDSA,
+            KeyAlg::Es256 => Algorithm::ES256,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot generate a key: {0}")]
+    Generate(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A key ready to sign or verify.
+pub struct LoadedKey {
+    pub record: SigningKey,
+    pub alg: KeyAlg,
+    pub encoding: EncodingKey,
+    pub decoding: DecodingKey,
+}
+
+fn load(record: SigningKey) -> Result<LoadedKey, KeyError> {
+    let bad = |what: &str| KeyError::Generate(format!("stored key {} has a bad {what}", record.kid));
+    let alg = KeyAlg::parse(&record.alg).ok_or_else(|| bad("algorithm"))?;
+    let jwk_str = |k: &str| record.public_jwk.get(k).and_then(Value::as_str).ok_or_else(|| bad(k));
+    let (encoding, decoding) = match alg {
+        KeyAlg::EdDsa => (
+            EncodingKey::from_ed_der(&record.private_der),
+            DecodingKey::from_ed_components(jwk_str("x")?).map_err(|_| bad("public key"))?,
+        ),
+        KeyAlg::Es256 => (
+            EncodingKey::from_ec_der(&record.private_der),
+            DecodingKey::from_ec_components(jwk_str("x")?, jwk_str("y")?).map_err(|_| bad("public key"))?,
+        ),
+    };
+    Ok(LoadedKey { record, alg, encoding, decoding })
+}
+
+/// Makes a new key pair; the key id is random.
+pub fn generate(alg: KeyAlg, now: i64, active_from: i64) -> Result<SigningKey, KeyError> {
+    let gen_err = |e: &dyn std::fmt::Display| KeyError::Generate(e.to_string());
+    let kid = keygate_core::credential::random_base62(16).map_err(|e| gen_err(&e))?;
+    let (der, jwk) = match alg {
+        KeyAlg::EdDsa => {
+            use ed25519_dalek::pkcs8::EncodePrivateKey;
+            let mut seed = [0u8; 32];
+            getrandom::fill(&mut seed).map_err(|e| gen_err(&e))?;
+            let sk = ed25519_dalek::SigningKey::from_bytes(&seed);
+            let der = sk.to_pkcs8_der().map_err(|e| gen_err(&e))?.as_bytes().to_vec();
+            let x = URL_SAFE_NO_PAD.encode(sk.verifying_key().as_bytes());
+            (der, json!({"kty": "OKP", "crv": "Ed25519", "x": x}))
+        }
+        KeyAlg::Es256 => {
+            use p256::pkcs8::EncodePrivateKey;
+            let sk = loop {
+                let mut bytes = [0u8; 32];
+                getrandom::fill(&mut bytes).map_err(|e| gen_err(&e))?;
+                // A random 256-bit value is a valid scalar with overwhelming probability.
+                if let Ok(sk) = p256::ecdsa::SigningKey::from_slice(&bytes) {
+                    break sk;
+                }
+            };
+            let der = sk.to_pkcs8_der().map_err(|e| gen_err(&e))?.as_bytes().to_vec();
+            let point = sk.verifying_key().to_encoded_point(false);
+            let (Some(x), Some(y)) = (point.x(), point.y()) else {
+                return Err(KeyError::Generate("P-256 point without coordinates".into()));
+            };
+            (
+                der,
+                json!({"kty": "EC", "crv": "P-256", "x": URL_SAFE_NO_PAD.encode(x), "y": URL_SAFE_NO_PAD.encode(y)}),
+            )
+        }
+    };
+    let mut jwk = jwk;
+    jwk["kid"] = json!(kid);
+    jwk["alg"] = json!(alg.as_str());
+    jwk["use"] = json!("sig");
+    Ok(SigningKey {
+        kid,
+        alg: alg.as_str().into(),
+        private_der: der,
+        public_jwk: jwk,
+        created_at: now,
+        active_from,
+        retired_at: None,
+        publish_until: None,
+    })
+}
+
+pub struct SigningKeys {
+    keys: RwLock<Vec<std::sync::Arc<LoadedKey>>>,
+}
+
+impl Default for SigningKeys {
+    fn default() -> Self {
+        SigningKeys { keys: RwLock::new(Vec::new()) }
+    }
+}
+
+impl SigningKeys {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<std::sync::Arc<LoadedKey>>> {
+        self.keys.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Loads the stored keys; creates the first one if there is none.
+    pub async fn load(&self, store: &dyn OAuthStore, alg: KeyAlg, now: i64) -> Result<(), KeyError> {
+        let mut records = store.list_signing_keys().await?;
+        if records.is_empty() {
+            let first = generate(alg, now, now)?;
+            store.insert_signing_key(&first, None).await?;
+            records.push(first);
+        }
+        let loaded = records.into_iter().map(load).collect::<Result<Vec<_>, _>>()?;
+        *self.keys.write().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            loaded.into_iter().map(std::sync::Arc::new).collect();
+        Ok(())
+    }
+
+    /// The key that signs now: the newest one whose time has come and that is not retired.
+    pub fn signer(&self, now: i64) -> Option<std::sync::Arc<LoadedKey>> {
+        self.read()
+            .iter()
+            .filter(|k| k.record.active_from <= now && k.record.retired_at.is_none_or(|r| r > now))
+            .max_by_key(|k| k.record.active_from)
+            .cloned()
+    }
+
+    pub fn by_kid(&self, kid: &str, now: i64) -> Option<std::sync::Arc<LoadedKey>> {
+        self.read()
+            .iter()
+            .find(|k| k.record.kid == kid && k.record.publish_until.is_none_or(|t| t > now))
+            .cloned()
+    }
+
+    /// The published keys: pending, active, and retired ones whose tokens may still be alive.
+    pub fn jwks(&self, now: i64) -> Value {
+        let keys: Vec<Value> = self
+            .read()
+            .iter()
+            .filter(|k| k.record.publish_until.is_none_or(|t| t > now))
+            .map(|k| k.record.public_jwk.clone())
+            .collect();
+        json!({ "keys": keys })
+    }
+
+    pub fn records(&self) -> Vec<SigningKey> {
+        self.read().iter().map(|k| k.record.clone()).collect()
+    }
+
+    /// Starts a rotation: a new key, published now and signing from `now + publish_ahead_ms`; the keys
+    /// signing until then retire at that moment and stay published until their tokens have expired.
+    pub async fn rotate(
+        &self,
+        store: &dyn OAuthStore,
+        alg: KeyAlg,
+        now: i64,
+        publish_ahead_ms: i64,
+        audit: Option<&keygate_store::NewAudit>,
+    ) -> Result<SigningKey, KeyError> {
+        let active_from = now + publish_ahead_ms.max(0);
+        let new = generate(alg, now, active_from)?;
+        store.insert_signing_key(&new, audit).await?;
+        for k in self.records() {
+            if k.retired_at.is_none_or(|r| r > active_from) && k.kid != new.kid {
+                let publish_until = active_from + MAX_TOKEN_LIFETIME_SECONDS * 1000;
+                store.retire_signing_key(&k.kid, active_from, publish_until).await?;
+            }
+        }
+        self.load(store, alg, now).await?;
+        Ok(new)
+    }
+}

@@ -1,0 +1,428 @@
+//! Access tokens: issuing them (JWT per RFC 9068, or opaque), and deciding about presented ones.
+//!
+//! Policy:
+//! - A JWT verifies with no I/O: signature against a published key, `typ: at+jwt`, algorithm pinned by
+//!   the key (so `alg: none` or a switched algorithm never verifies), issuer, expiry and not-before, then
+//!   the in-memory revocation state: revoked `jti`s (kept until the token would have expired anyway), the
+//!   client's "revoked before" time, and whether the client is disabled or deleted.
+//! - An opaque token (`kgat_…`) is stored as SHA-256 with its claims and looked up (cached).
+//! - Revocation takes effect on the next request on this node.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use jsonwebtoken::{Header, Validation};
+use keygate_core::{DecisionCode, PlainSecret, SecretHash, SecretKind, scope};
+use keygate_store::{AccessTokenRecord, OAuthClient, OAuthStore, StoreError};
+use moka::sync::Cache;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::keys::{KeyAlg, SigningKeys};
+
+/// What the verify path needs to know about a client without I/O.
+#[derive(Debug, Clone)]
+pub struct ClientState {
+    pub consumer_id: String,
+    pub disabled: bool,
+    pub tokens_revoked_before: Option<i64>,
+}
+
+/// RFC 9068 access-token claims.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AtClaims {
+    pub iss: String,
+    pub sub: String,
+    pub aud: Value,
+    pub exp: i64,
+    pub iat: i64,
+    pub nbf: i64,
+    pub jti: String,
+    pub client_id: String,
+    #[serde(default)]
+    pub scope: String,
+}
+
+/// A presented access token that verified (before the scope check).
+#[derive(Debug, Clone)]
+pub struct TokenInfo {
+    /// `jwt` or `opaque`.
+    pub format: &'static str,
+    pub jti: String,
+    pub client_id: String,
+    pub consumer_id: String,
+    pub subject: String,
+    pub scopes: Vec<String>,
+    pub audiences: Vec<String>,
+    pub issued_at: i64,
+    pub expires_at: i64,
+}
+
+/// An issued token.
+pub struct Issued {
+    pub access_token: String,
+    pub expires_in: i64,
+    pub scope: String,
+}
+
+pub struct OAuth {
+    pub keys: SigningKeys,
+    pub alg: KeyAlg,
+    issuer: RwLock<String>,
+    clients: RwLock<HashMap<String, ClientState>>,
+    revoked: RwLock<HashMap<String, i64>>,
+    opaque: Cache<SecretHash, Arc<AccessTokenRecord>>,
+    /// Client secret hash → client and the secret's expiry.
+    secrets: Cache<SecretHash, Arc<(OAuthClient, Option<i64>)>>,
+}
+
+fn audiences(v: &Value) -> Vec<String> {
+    match v {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(a) => a.iter().filter_map(Value::as_str).map(str::to_owned).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn lock_read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn lock_write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Does this string look like a JWT (three base64url segments, a JSON header)?
+pub fn looks_like_jwt(s: &str) -> bool {
+    s.starts_with("eyJ") && s.bytes().filter(|b| *b == b'.').count() == 2
+}
+
+impl OAuth {
+    pub fn new(issuer: String, alg: KeyAlg) -> Self {
+        OAuth {
+            keys: SigningKeys::default(),
+            alg,
+            issuer: RwLock::new(issuer),
+            clients: RwLock::new(HashMap::new()),
+            revoked: RwLock::new(HashMap::new()),
+            opaque: Cache::builder().max_capacity(1_000_000).time_to_live(Duration::from_secs(300)).build(),
+            secrets: Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(300)).build(),
+        }
+    }
+
+    pub fn issuer(&self) -> String {
+        lock_read(&self.issuer).clone()
+    }
+
+    pub fn set_issuer(&self, issuer: String) {
+        *lock_write(&self.issuer) = issuer;
+    }
+
+    /// Loads signing keys, clients and revoked token ids at start.
+    pub async fn load(&self, store: &dyn OAuthStore, now: i64) -> Result<(), super::keys::KeyError> {
+        self.keys.load(store, self.alg, now).await?;
+        let mut after = None;
+        loop {
+            let page = keygate_store::Page { after: after.clone(), limit: 1000 };
+            let clients = store.list_clients(&page).await?;
+            for c in &clients {
+                self.client_changed(c);
+            }
+            match clients.last() {
+                Some(c) if clients.len() == 1000 => after = Some(c.id.clone()),
+                _ => break,
+            }
+        }
+        let ids = store.revoked_jtis(now).await?;
+        lock_write(&self.revoked).extend(ids);
+        Ok(())
+    }
+
+    /// Keeps the in-memory client state in step with an admin change.
+    pub fn client_changed(&self, c: &OAuthClient) {
+        lock_write(&self.clients).insert(
+            c.id.clone(),
+            ClientState {
+                consumer_id: c.consumer_id.clone(),
+                disabled: c.disabled,
+                tokens_revoked_before: c.tokens_revoked_before,
+            },
+        );
+        self.secrets.invalidate_all();
+        self.opaque.invalidate_all();
+    }
+
+    pub fn client_deleted(&self, id: &str) {
+        lock_write(&self.clients).remove(id);
+        self.secrets.invalidate_all();
+        self.opaque.invalidate_all();
+    }
+
+    /// Authenticates a client by id and secret. `None` for any failure, without saying which.
+    pub async fn authenticate_client(
+        &self,
+        store: &dyn OAuthStore,
+        client_id: &str,
+        secret: &str,
+        now: i64,
+    ) -> Result<Option<OAuthClient>, StoreError> {
+        if !matches!(keygate_core::credential::parse(secret).map(|p| p.kind), Ok(SecretKind::ClientSecret)) {
+            return Ok(None);
+        }
+        let hash = SecretHash::of(secret);
+        let found = match self.secrets.get(&hash) {
+            Some(f) => Some(f),
+            None => match store.find_client_secret(&hash).await? {
+                Some(f) => {
+                    let f = Arc::new(f);
+                    self.secrets.insert(hash, f.clone());
+                    Some(f)
+                }
+                None => None,
+            },
+        };
+        Ok(found.and_then(|f| {
+            let (client, expires) = &*f;
+            let ok = client.id.as_bytes() == client_id.as_bytes()
+                && !client.disabled
+                && expires.is_none_or(|t| t > now);
+            ok.then(|| client.clone())
+        }))
+    }
+
+    /// Issues an access token for a client (client credentials: the subject is the client).
+    pub async fn issue(
+        &self,
+        store: &dyn OAuthStore,
+        client: &OAuthClient,
+        scopes: &[String],
+        audiences: &[String],
+        now: i64,
+    ) -> Result<Issued, IssueError> {
+        let lifetime = client.token_lifetime_seconds.clamp(1, super::keys::MAX_TOKEN_LIFETIME_SECONDS);
+        let expires_at = now + lifetime * 1000;
+        let jti =
+            keygate_core::credential::random_base62(22).map_err(|e| IssueError::Internal(e.to_string()))?;
+        let scope = scopes.join(" ");
+        let access_token = if client.token_format == "opaque" {
+            let secret = PlainSecret::generate(SecretKind::AccessToken)
+                .map_err(|e| IssueError::Internal(e.to_string()))?;
+            let record = AccessTokenRecord {
+                hash: secret.hash(),
+                jti,
+                client_id: client.id.clone(),
+                subject: client.id.clone(),
+                scopes: scopes.to_vec(),
+                audiences: audiences.to_vec(),
+                issued_at: now,
+                expires_at,
+                revoked_at: None,
+            };
+            store.insert_access_token(&record).await.map_err(IssueError::Store)?;
+            self.opaque.insert(record.hash, Arc::new(record));
+            secret.expose().to_string()
+        } else {
+            let key = self
+                .keys
+                .signer(now)
+                .ok_or_else(|| IssueError::Internal("no signing key is active".into()))?;
+            let mut header = Header::new(key.alg.algorithm());
+            header.typ = Some("at+jwt".into());
+            header.kid = Some(key.record.kid.clone());
+            let aud = match audiences {
+                [one] => Value::String(one.clone()),
+                many => Value::Array(many.iter().cloned().map(Value::String).collect()),
+            };
+            let claims = AtClaims {
+                iss: self.issuer(),
+                sub: client.id.clone(),
+                aud,
+                exp: expires_at / 1000,
+                iat: now / 1000,
+                nbf: now / 1000,
+                jti,
+                client_id: client.id.clone(),
+                scope: scope.clone(),
+            };
+            jsonwebtoken::encode(&header, &claims, &key.encoding)
+                .map_err(|e| IssueError::Internal(e.to_string()))?
+        };
+        Ok(Issued { access_token, expires_in: lifetime, scope })
+    }
+
+    /// Decides about a presented token. `Err` only for store trouble; every rejection is a code.
+    pub async fn verify(
+        &self,
+        store: &dyn OAuthStore,
+        token: &str,
+        audience: Option<&str>,
+        now: i64,
+    ) -> Result<Result<Arc<TokenInfo>, DecisionCode>, StoreError> {
+        let info = if looks_like_jwt(token) {
+            match self.verify_jwt(token, now) {
+                Ok(i) => i,
+                Err(code) => return Ok(Err(code)),
+            }
+        } else {
+            match keygate_core::credential::parse(token).map(|p| p.kind) {
+                Ok(SecretKind::AccessToken) => {}
+                _ => return Ok(Err(DecisionCode::Malformed)),
+            }
+            let hash = SecretHash::of(token);
+            let record = match self.opaque.get(&hash) {
+                Some(r) => r,
+                None => match store.find_access_token(&hash).await? {
+                    Some(r) => {
+                        let r = Arc::new(r);
+                        self.opaque.insert(hash, r.clone());
+                        r
+                    }
+                    None => return Ok(Err(DecisionCode::NotFound)),
+                },
+            };
+            if record.revoked_at.is_some() {
+                return Ok(Err(DecisionCode::Revoked));
+            }
+            if record.expires_at <= now {
+                return Ok(Err(DecisionCode::Expired));
+            }
+            TokenInfo {
+                format: "opaque",
+                jti: record.jti.clone(),
+                client_id: record.client_id.clone(),
+                consumer_id: String::new(),
+                subject: record.subject.clone(),
+                scopes: record.scopes.clone(),
+                audiences: record.audiences.clone(),
+                issued_at: record.issued_at,
+                expires_at: record.expires_at,
+            }
+        };
+        // Client state: disabled or deleted clients' tokens stop working; "revoke all" cut-off.
+        let mut info = info;
+        {
+            let clients = lock_read(&self.clients);
+            let Some(client) = clients.get(&info.client_id) else { return Ok(Err(DecisionCode::Revoked)) };
+            if client.disabled {
+                return Ok(Err(DecisionCode::Disabled));
+            }
+            if client.tokens_revoked_before.is_some_and(|t| info.issued_at < t) {
+                return Ok(Err(DecisionCode::Revoked));
+            }
+            info.consumer_id = client.consumer_id.clone();
+        }
+        if lock_read(&self.revoked).contains_key(&info.jti) {
+            return Ok(Err(DecisionCode::Revoked));
+        }
+        if let Some(aud) = audience
+            && !info.audiences.iter().any(|a| a == aud)
+        {
+            return Ok(Err(DecisionCode::NotFound));
+        }
+        Ok(Ok(Arc::new(info)))
+    }
+
+    fn verify_jwt(&self, token: &str, now: i64) -> Result<TokenInfo, DecisionCode> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| DecisionCode::Malformed)?;
+        if header.typ.as_deref().map(str::to_ascii_lowercase).as_deref() != Some("at+jwt") {
+            return Err(DecisionCode::Malformed);
+        }
+        let kid = header.kid.ok_or(DecisionCode::Malformed)?;
+        let key = self.keys.by_kid(&kid, now).ok_or(DecisionCode::NotFound)?;
+        // The algorithm comes from our key, never from the token.
+        let mut validation = Validation::new(key.alg.algorithm());
+        validation.set_issuer(&[self.issuer()]);
+        validation.validate_aud = false;
+        validation.validate_nbf = true;
+        validation.leeway = 0;
+        validation.set_required_spec_claims(&["exp", "iss", "sub", "iat", "jti", "aud", "nbf"]);
+        let data = jsonwebtoken::decode::<AtClaims>(token, &key.decoding, &validation).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind;
+            match e.kind() {
+                ErrorKind::ExpiredSignature => DecisionCode::Expired,
+                ErrorKind::ImmatureSignature => DecisionCode::NotFound,
+                _ => DecisionCode::Malformed,
+            }
+        })?;
+        let c = data.claims;
+        if c.exp * 1000 <= now {
+            return Err(DecisionCode::Expired);
+        }
+        Ok(TokenInfo {
+            format: "jwt",
+            jti: c.jti,
+            client_id: c.client_id,
+            consumer_id: String::new(),
+            subject: c.sub,
+            scopes: c.scope.split(' ').filter(|s| !s.is_empty()).map(str::to_owned).collect(),
+            audiences: audiences(&c.aud),
+            issued_at: c.iat * 1000,
+            expires_at: c.exp * 1000,
+        })
+    }
+
+    /// Revokes a presented token if it is one of ours and (when `client_id` is given) that client's.
+    /// Unknown and malformed tokens are ignored, as RFC 7009 asks.
+    pub async fn revoke(
+        &self,
+        store: &dyn OAuthStore,
+        token: &str,
+        client_id: Option<&str>,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        if looks_like_jwt(token) {
+            // Only tokens we signed: a forged one must not fill the revocation list.
+            let Ok(info) = self.verify_jwt(token, now) else { return Ok(false) };
+            if client_id.is_some_and(|c| c != info.client_id) {
+                return Ok(false);
+            }
+            store.revoke_jti(&info.jti, &info.client_id, info.expires_at, now).await?;
+            lock_write(&self.revoked).insert(info.jti, info.expires_at);
+            return Ok(true);
+        }
+        if !matches!(keygate_core::credential::parse(token).map(|p| p.kind), Ok(SecretKind::AccessToken)) {
+            return Ok(false);
+        }
+        let hash = SecretHash::of(token);
+        if let Some(cid) = client_id
+            && let Some(r) = store.find_access_token(&hash).await?
+            && r.client_id != cid
+        {
+            return Ok(false);
+        }
+        let revoked = store.revoke_access_token(&hash, now).await?.is_some();
+        self.opaque.invalidate(&hash);
+        Ok(revoked)
+    }
+
+    /// Forgets revoked ids of tokens that have expired anyway.
+    pub fn prune(&self, now: i64) {
+        lock_write(&self.revoked).retain(|_, exp| *exp > now);
+    }
+
+    /// Granted scopes: requested ∩ allowed, or all allowed when none are requested.
+    pub fn grant_scopes(client: &OAuthClient, requested: Option<&str>) -> Result<Vec<String>, String> {
+        let Some(requested) = requested.map(str::trim).filter(|s| !s.is_empty()) else {
+            return Ok(client.scopes.clone());
+        };
+        let mut granted = Vec::new();
+        for s in requested.split(' ').filter(|s| !s.is_empty()) {
+            if scope::validate_scope(s).is_err() || !client.scopes.iter().any(|a| scope::covers(a, s)) {
+                return Err(format!("the client may not have the scope {s:?}"));
+            }
+            if !granted.iter().any(|g| g == s) {
+                granted.push(s.to_string());
+            }
+        }
+        Ok(granted)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    #[error(transparent)]
+    Store(StoreError),
+    #[error("{0}")]
+    Internal(String),
+}

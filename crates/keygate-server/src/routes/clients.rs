@@ -1,0 +1,502 @@
+//! Admin API for OAuth clients and JWT signing keys.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use keygate_core::{PlainSecret, SecretKind};
+use keygate_store::{ClientPatch, KeySecret, OAuthClient};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::ToSchema;
+
+use crate::auth::AdminCaller;
+use crate::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, ErrorCode};
+use crate::oauth::keys::{KeyAlg, MAX_TOKEN_LIFETIME_SECONDS};
+use crate::routes::admin::{
+    MAX_OVERLAP_SECONDS, PageQuery, audit, check_name, check_scopes, load_consumer, new_id, page,
+};
+use crate::state::AppState;
+use crate::time::{now_ms, rfc3339};
+
+pub fn router() -> axum::Router<Arc<AppState>> {
+    axum::Router::new()
+        .route("/v1/clients", post(create_client).get(list_clients))
+        .route("/v1/clients/{id}", get(get_client).patch(update_client).delete(delete_client))
+        .route("/v1/clients/{id}/disable", post(disable_client))
+        .route("/v1/clients/{id}/enable", post(enable_client))
+        .route("/v1/clients/{id}/rotate-secret", post(rotate_secret))
+        .route("/v1/clients/{id}/revoke-tokens", post(revoke_tokens))
+        .route("/v1/signing-keys", get(list_signing_keys))
+        .route("/v1/signing-keys/rotate", post(rotate_signing_key))
+}
+
+const GRANTS: &[&str] = &["client_credentials"];
+const DEFAULT_LIFETIME: i64 = 3600;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ClientView {
+    pub client_id: String,
+    pub consumer_id: String,
+    pub name: String,
+    pub grant_types: Vec<String>,
+    pub scopes: Vec<String>,
+    pub audiences: Vec<String>,
+    /// `jwt` or `opaque`.
+    pub token_format: String,
+    pub token_lifetime_seconds: i64,
+    pub confidential: bool,
+    pub disabled: bool,
+    /// Visible start of the newest client secret.
+    pub secret_start: Option<String>,
+    pub tokens_revoked_before: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<OAuthClient> for ClientView {
+    fn from(c: OAuthClient) -> Self {
+        ClientView {
+            client_id: c.id,
+            consumer_id: c.consumer_id,
+            name: c.name,
+            grant_types: c.grant_types,
+            scopes: c.scopes,
+            audiences: c.audiences,
+            token_format: c.token_format,
+            token_lifetime_seconds: c.token_lifetime_seconds,
+            confidential: c.confidential,
+            disabled: c.disabled,
+            secret_start: c.secret_start,
+            tokens_revoked_before: c.tokens_revoked_before.map(rfc3339),
+            created_at: rfc3339(c.created_at),
+            updated_at: rfc3339(c.updated_at),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ClientWithSecret {
+    /// Shown this once; Keygate keeps only its SHA-256.
+    pub client_secret: Option<String>,
+    /// After a rotation: when the previous secret stops working.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous_expires_at: Option<String>,
+    #[serde(flatten)]
+    pub client: ClientView,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ClientList {
+    pub items: Vec<ClientView>,
+    pub next_after: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateClient {
+    pub consumer_id: String,
+    pub name: String,
+    /// Default: `["client_credentials"]`.
+    pub grant_types: Option<Vec<String>>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Resources (RFC 8707) the client may ask tokens for; they become the token's `aud`.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// `jwt` (default) or `opaque`.
+    pub token_format: Option<String>,
+    /// 1 to 86400 (default 3600).
+    pub token_lifetime_seconds: Option<i64>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateClient {
+    pub name: Option<String>,
+    pub grant_types: Option<Vec<String>>,
+    pub scopes: Option<Vec<String>>,
+    pub audiences: Option<Vec<String>>,
+    pub token_format: Option<String>,
+    pub token_lifetime_seconds: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotateSecret {
+    /// How long the old secret keeps working, in seconds (0 ends it at once).
+    #[serde(default)]
+    pub overlap_seconds: u64,
+}
+
+fn check_grants(g: &[String]) -> ApiResult<()> {
+    if g.is_empty() || g.iter().any(|x| !GRANTS.contains(&x.as_str())) {
+        return Err(ApiError::invalid(
+            "grant_types",
+            format!("supported grant types: {}", GRANTS.join(", ")),
+        ));
+    }
+    Ok(())
+}
+
+fn check_format(f: &str) -> ApiResult<()> {
+    if f == "jwt" || f == "opaque" {
+        Ok(())
+    } else {
+        Err(ApiError::invalid("token_format", "must be jwt or opaque"))
+    }
+}
+
+fn check_lifetime(s: i64) -> ApiResult<()> {
+    if (1..=MAX_TOKEN_LIFETIME_SECONDS).contains(&s) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid("token_lifetime_seconds", format!("must be 1 to {MAX_TOKEN_LIFETIME_SECONDS}")))
+    }
+}
+
+fn check_audiences(a: &[String]) -> ApiResult<()> {
+    if a.len() > 20 || a.iter().any(|x| x.is_empty() || x.len() > 512 || x.chars().any(char::is_control)) {
+        return Err(ApiError::invalid("audiences", "at most 20 non-empty URIs of up to 512 characters"));
+    }
+    Ok(())
+}
+
+async fn load_client(state: &AppState, id: &str) -> ApiResult<OAuthClient> {
+    state.store.get_client(id).await?.ok_or_else(|| ApiError::not_found("client", id))
+}
+
+/// Register an OAuth client. The `client_secret` is in the response this one time only.
+#[utoipa::path(post, path = "/v1/clients", tag = "clients", request_body = CreateClient,
+    responses((status = 201, body = ClientWithSecret), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create_client(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(actor): AdminCaller,
+    ApiJson(req): ApiJson<CreateClient>,
+) -> ApiResult<(StatusCode, Json<ClientWithSecret>)> {
+    check_name(&req.name)?;
+    let grants = req.grant_types.unwrap_or_else(|| vec!["client_credentials".into()]);
+    check_grants(&grants)?;
+    let scopes = check_scopes(req.scopes)?;
+    check_audiences(&req.audiences)?;
+    let format = req.token_format.unwrap_or_else(|| "jwt".into());
+    check_format(&format)?;
+    let lifetime = req.token_lifetime_seconds.unwrap_or(DEFAULT_LIFETIME);
+    check_lifetime(lifetime)?;
+    let consumer = load_consumer(&state, &req.consumer_id)
+        .await
+        .map_err(|e| ApiError { field: Some("consumer_id".into()), ..e })?;
+    if consumer.disabled {
+        return Err(ApiError::new(ErrorCode::ConsumerDisabled, "the consumer is disabled; enable it first"));
+    }
+    let now = now_ms();
+    let secret = PlainSecret::generate(SecretKind::ClientSecret)
+        .map_err(|e| ApiError::internal("random source failed", e))?;
+    let id = new_id("kgc", now)?;
+    let client = OAuthClient {
+        id: id.clone(),
+        consumer_id: consumer.id,
+        name: req.name,
+        grant_types: grants,
+        scopes,
+        audiences: req.audiences,
+        token_format: format,
+        token_lifetime_seconds: lifetime,
+        confidential: true,
+        disabled: false,
+        tokens_revoked_before: None,
+        secret_start: Some(secret.visible_start()),
+        created_at: now,
+        updated_at: now,
+    };
+    let key_secret = KeySecret::new(secret.hash(), &id, &secret.visible_start(), now);
+    let details = json!({"consumer_id": client.consumer_id, "name": client.name, "scopes": client.scopes,
+        "audiences": client.audiences, "token_format": client.token_format});
+    let audit = audit(&actor, now, "client.create", "client", &id, details)?;
+    state.store.insert_client(&client, Some(&key_secret), &audit).await?;
+    state.oauth.client_changed(&client);
+    Ok((
+        StatusCode::CREATED,
+        Json(ClientWithSecret {
+            client_secret: Some(secret.expose().to_string()),
+            previous_expires_at: None,
+            client: client.into(),
+        }),
+    ))
+}
+
+/// List OAuth clients (never their secrets).
+#[utoipa::path(get, path = "/v1/clients", tag = "clients", params(PageQuery),
+    responses((status = 200, body = ClientList), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list_clients(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(_): AdminCaller,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> ApiResult<Json<ClientList>> {
+    let page = page(q.after, q.limit)?;
+    let items = state.store.list_clients(&page).await?;
+    let next_after =
+        (items.len() == page.limit as usize).then(|| items.last().map(|c| c.id.clone())).flatten();
+    Ok(Json(ClientList { items: items.into_iter().map(Into::into).collect(), next_after }))
+}
+
+/// Get one OAuth client.
+#[utoipa::path(get, path = "/v1/clients/{id}", tag = "clients", params(("id" = String, Path)),
+    responses((status = 200, body = ClientView), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn get_client(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(_): AdminCaller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ClientView>> {
+    Ok(Json(load_client(&state, &id).await?.into()))
+}
+
+async fn patch_client(
+    state: &AppState,
+    actor: &crate::auth::Actor,
+    id: &str,
+    patch: ClientPatch,
+    action: &str,
+    details: serde_json::Value,
+) -> ApiResult<Json<ClientView>> {
+    let audit = audit(actor, patch.updated_at, action, "client", id, details)?;
+    let client = state
+        .store
+        .update_client(id, &patch, &audit)
+        .await?
+        .ok_or_else(|| ApiError::not_found("client", id))?;
+    state.oauth.client_changed(&client);
+    Ok(Json(client.into()))
+}
+
+/// Change a client's name, grants, scopes, audiences, token format or lifetime.
+#[utoipa::path(patch, path = "/v1/clients/{id}", tag = "clients", params(("id" = String, Path)),
+    request_body = UpdateClient,
+    responses((status = 200, body = ClientView), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn update_client(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(actor): AdminCaller,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<UpdateClient>,
+) -> ApiResult<Json<ClientView>> {
+    if let Some(n) = &req.name {
+        check_name(n)?;
+    }
+    if let Some(g) = &req.grant_types {
+        check_grants(g)?;
+    }
+    let scopes = req.scopes.map(check_scopes).transpose()?;
+    if let Some(a) = &req.audiences {
+        check_audiences(a)?;
+    }
+    if let Some(f) = &req.token_format {
+        check_format(f)?;
+    }
+    if let Some(l) = req.token_lifetime_seconds {
+        check_lifetime(l)?;
+    }
+    let details = json!({"name": req.name, "scopes": scopes, "audiences": req.audiences, "token_format": req.token_format});
+    let patch = ClientPatch {
+        name: req.name,
+        grant_types: req.grant_types,
+        scopes,
+        audiences: req.audiences,
+        token_format: req.token_format,
+        token_lifetime_seconds: req.token_lifetime_seconds,
+        updated_at: now_ms(),
+        ..ClientPatch::default()
+    };
+    patch_client(&state, &actor, &id, patch, "client.update", details).await
+}
+
+/// Disable a client: it gets no tokens, and its tokens stop verifying.
+#[utoipa::path(post, path = "/v1/clients/{id}/disable", tag = "clients", params(("id" = String, Path)),
+    responses((status = 200, body = ClientView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn disable_client(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(actor): AdminCaller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ClientView>> {
+    let patch = ClientPatch { disabled: Some(true), updated_at: now_ms(), ..ClientPatch::default() };
+    patch_client(&state, &actor, &id, patch, "client.disable", json!({})).await
+}
+
+/// Enable a disabled client.
+#[utoipa::path(post, path = "/v1/clients/{id}/enable", tag = "clients", params(("id" = String, Path)),
+    responses((status = 200, body = ClientView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn enable_client(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(actor): AdminCaller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ClientView>> {
+    let patch = ClientPatch { disabled: Some(false), updated_at: now_ms(), ..ClientPatch::default() };
+    patch_client(&state, &actor, &id, patch, "client.enable", json!({})).await
+}
+
+/// Revoke every token issued to a client so far.
+#[utoipa::path(post, path = "/v1/clients/{id}/revoke-tokens", tag = "clients", params(("id" = String, Path)),
+    responses((status = 200, body = ClientView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn revoke_tokens(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(actor): AdminCaller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ClientView>> {
+    // Tokens carry issue times in whole seconds: the cut-off is the next whole second, so that a token
+    // issued in this same second is revoked too.
+    let now = now_ms();
+    let cutoff = (now / 1000 + 1) * 1000;
+    let patch =
+        ClientPatch { tokens_revoked_before: Some(cutoff), updated_at: now, ..ClientPatch::default() };
+    patch_client(&state, &actor, &id, patch, "client.revoke_tokens", json!({})).await
+}
+
+/// Delete a client, its secrets and its tokens.
+#[utoipa::path(delete, path = "/v1/clients/{id}", tag = "clients", params(("id" = String, Path)),
+    responses((status = 204), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn delete_client(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(actor): AdminCaller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let now = now_ms();
+    let audit = audit(&actor, now, "client.delete", "client", &id, json!({}))?;
+    if !state.store.delete_client(&id, &audit).await? {
+        return Err(ApiError::not_found("client", &id));
+    }
+    state.oauth.client_deleted(&id);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Rotate a client's secret; the old one keeps working for `overlap_seconds`.
+#[utoipa::path(post, path = "/v1/clients/{id}/rotate-secret", tag = "clients", params(("id" = String, Path)),
+    request_body = RotateSecret,
+    responses((status = 200, body = ClientWithSecret), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn rotate_secret(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(actor): AdminCaller,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<RotateSecret>,
+) -> ApiResult<Json<ClientWithSecret>> {
+    if req.overlap_seconds > MAX_OVERLAP_SECONDS {
+        return Err(ApiError::invalid("overlap_seconds", "must be at most 30 days"));
+    }
+    let now = now_ms();
+    let secret = PlainSecret::generate(SecretKind::ClientSecret)
+        .map_err(|e| ApiError::internal("random source failed", e))?;
+    let new = KeySecret::new(secret.hash(), &id, &secret.visible_start(), now);
+    let old_expires_at = now + req.overlap_seconds as i64 * 1000;
+    let audit = audit(
+        &actor,
+        now,
+        "client.rotate_secret",
+        "client",
+        &id,
+        json!({"overlap_seconds": req.overlap_seconds}),
+    )?;
+    if !state.store.rotate_client_secret(&id, &new, old_expires_at, &audit).await? {
+        return Err(ApiError::not_found("client", &id));
+    }
+    let client = load_client(&state, &id).await?;
+    state.oauth.client_changed(&client);
+    Ok(Json(ClientWithSecret {
+        client_secret: Some(secret.expose().to_string()),
+        previous_expires_at: Some(rfc3339(old_expires_at)),
+        client: client.into(),
+    }))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SigningKeyView {
+    pub kid: String,
+    pub alg: String,
+    /// `pending` (published, not yet signing), `active`, `retired` (published, not signing) or `expired`.
+    pub status: &'static str,
+    pub active_from: String,
+    pub retired_at: Option<String>,
+    pub publish_until: Option<String>,
+}
+
+fn key_views(state: &AppState) -> Vec<SigningKeyView> {
+    let now = now_ms();
+    let signer = state.oauth.keys.signer(now).map(|k| k.record.kid.clone());
+    state
+        .oauth
+        .keys
+        .records()
+        .into_iter()
+        .map(|k| SigningKeyView {
+            status: if signer.as_deref() == Some(k.kid.as_str()) {
+                "active"
+            } else if k.active_from > now {
+                "pending"
+            } else if k.publish_until.is_some_and(|t| t <= now) {
+                "expired"
+            } else {
+                "retired"
+            },
+            kid: k.kid,
+            alg: k.alg,
+            active_from: rfc3339(k.active_from),
+            retired_at: k.retired_at.map(rfc3339),
+            publish_until: k.publish_until.map(rfc3339),
+        })
+        .collect()
+}
+
+/// The JWT signing keys and their stage.
+#[utoipa::path(get, path = "/v1/signing-keys", tag = "clients",
+    responses((status = 200, body = Vec<SigningKeyView>), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn list_signing_keys(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(_): AdminCaller,
+) -> Json<Vec<SigningKeyView>> {
+    Json(key_views(&state))
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotateSigningKey {
+    /// Seconds the new key is published before it signs (default: the configured value).
+    pub publish_ahead_seconds: Option<u64>,
+    /// `EdDSA` or `ES256` (default: the configured algorithm).
+    pub alg: Option<String>,
+}
+
+/// Start a signing-key rotation: a new key is published now and signs after `publish_ahead_seconds`.
+#[utoipa::path(post, path = "/v1/signing-keys/rotate", tag = "clients", request_body = RotateSigningKey,
+    responses((status = 200, body = Vec<SigningKeyView>), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn rotate_signing_key(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(actor): AdminCaller,
+    ApiJson(req): ApiJson<RotateSigningKey>,
+) -> ApiResult<Json<Vec<SigningKeyView>>> {
+    let alg = match req.alg.as_deref() {
+        None => state.oauth.alg,
+        Some(a) => KeyAlg::parse(a).ok_or_else(|| ApiError::invalid("alg", "must be EdDSA or ES256"))?,
+    };
+    let ahead = req
+        .publish_ahead_seconds
+        .map_or(state.config.key_publish_ahead.as_millis() as i64, |s| (s.min(30 * 86_400) * 1000) as i64);
+    let now = now_ms();
+    let audit = audit(
+        &actor,
+        now,
+        "signing_key.rotate",
+        "signing_key",
+        "-",
+        json!({"alg": alg.as_str(), "publish_ahead_ms": ahead}),
+    )?;
+    state.oauth.keys.rotate(state.store.as_ref(), alg, now, ahead, Some(&audit)).await.map_err(
+        |e| match e {
+            crate::oauth::keys::KeyError::Store(s) => ApiError::from(s),
+            other => ApiError::internal("signing key rotation failed", other),
+        },
+    )?;
+    Ok(Json(key_views(&state)))
+}

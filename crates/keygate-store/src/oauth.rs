@@ -1,0 +1,123 @@
+//! OAuth 2 storage: clients and their secrets, signing keys, opaque access tokens and revoked JWT ids.
+
+use async_trait::async_trait;
+use keygate_core::SecretHash;
+use serde_json::Value;
+
+use crate::{KeySecret, NewAudit, Page, Result};
+
+/// A registered application that obtains tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OAuthClient {
+    /// The `client_id`.
+    pub id: String,
+    pub consumer_id: String,
+    pub name: String,
+    pub grant_types: Vec<String>,
+    /// Scopes the client may be granted.
+    pub scopes: Vec<String>,
+    /// Resources (audiences) the client may ask tokens for.
+    pub audiences: Vec<String>,
+    /// `jwt` or `opaque`.
+    pub token_format: String,
+    pub token_lifetime_seconds: i64,
+    pub confidential: bool,
+    pub disabled: bool,
+    /// Tokens issued before this time (ms) are revoked ("revoke all tokens of a client").
+    pub tokens_revoked_before: Option<i64>,
+    /// Visible start of the newest client secret.
+    pub secret_start: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ClientPatch {
+    pub name: Option<String>,
+    pub grant_types: Option<Vec<String>>,
+    pub scopes: Option<Vec<String>>,
+    pub audiences: Option<Vec<String>>,
+    pub token_format: Option<String>,
+    pub token_lifetime_seconds: Option<i64>,
+    pub disabled: Option<bool>,
+    pub tokens_revoked_before: Option<i64>,
+    pub updated_at: i64,
+}
+
+/// A JWT signing key. The private key is PKCS#8 DER.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SigningKey {
+    pub kid: String,
+    /// `EdDSA` or `ES256`.
+    pub alg: String,
+    pub private_der: Vec<u8>,
+    /// The public key as a JWK (published in the JWKS).
+    pub public_jwk: Value,
+    pub created_at: i64,
+    /// Signs from this time on; published before it, so verifiers have it before its first token.
+    pub active_from: i64,
+    /// Stops signing at this time (a newer key took over).
+    pub retired_at: Option<i64>,
+    /// Leaves the JWKS at this time, when every token it signed has expired.
+    pub publish_until: Option<i64>,
+}
+
+/// An opaque access token as stored (its secret only as SHA-256).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessTokenRecord {
+    pub hash: SecretHash,
+    pub jti: String,
+    pub client_id: String,
+    pub subject: String,
+    pub scopes: Vec<String>,
+    pub audiences: Vec<String>,
+    pub issued_at: i64,
+    pub expires_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+#[async_trait]
+pub trait OAuthStore: Send + Sync + 'static {
+    /// Inserts a client and (for confidential clients) its first secret, with the audit event.
+    async fn insert_client(
+        &self,
+        client: &OAuthClient,
+        secret: Option<&KeySecret>,
+        audit: &NewAudit,
+    ) -> Result<()>;
+    async fn get_client(&self, id: &str) -> Result<Option<OAuthClient>>;
+    async fn list_clients(&self, page: &Page) -> Result<Vec<OAuthClient>>;
+    async fn update_client(
+        &self,
+        id: &str,
+        patch: &ClientPatch,
+        audit: &NewAudit,
+    ) -> Result<Option<OAuthClient>>;
+    /// Deletes a client, its secrets and its opaque tokens. False if there was none.
+    async fn delete_client(&self, id: &str, audit: &NewAudit) -> Result<bool>;
+    /// Adds a secret and makes the others expire at `old_expires_at`. False if there is no such client.
+    async fn rotate_client_secret(
+        &self,
+        id: &str,
+        secret: &KeySecret,
+        old_expires_at: i64,
+        audit: &NewAudit,
+    ) -> Result<bool>;
+    /// A client by one of its secrets' hashes, with that secret's expiry.
+    async fn find_client_secret(&self, hash: &SecretHash) -> Result<Option<(OAuthClient, Option<i64>)>>;
+
+    async fn insert_access_token(&self, token: &AccessTokenRecord) -> Result<()>;
+    async fn find_access_token(&self, hash: &SecretHash) -> Result<Option<AccessTokenRecord>>;
+    /// Marks an opaque token revoked; returns it if it existed.
+    async fn revoke_access_token(&self, hash: &SecretHash, at: i64) -> Result<Option<AccessTokenRecord>>;
+    /// Remembers a revoked JWT id until its token expires.
+    async fn revoke_jti(&self, jti: &str, client_id: &str, expires_at: i64, at: i64) -> Result<()>;
+    /// Revoked JWT ids of tokens not yet expired at `now`.
+    async fn revoked_jtis(&self, now: i64) -> Result<Vec<(String, i64)>>;
+    /// Drops expired tokens and revoked ids. Returns how many rows went.
+    async fn expire_tokens(&self, now: i64) -> Result<u64>;
+
+    async fn insert_signing_key(&self, key: &SigningKey, audit: Option<&NewAudit>) -> Result<()>;
+    async fn list_signing_keys(&self) -> Result<Vec<SigningKey>>;
+    async fn retire_signing_key(&self, kid: &str, retired_at: i64, publish_until: i64) -> Result<()>;
+}

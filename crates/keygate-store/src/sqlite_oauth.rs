@@ -1,0 +1,371 @@
+//! The SQLite implementation of [`OAuthStore`].
+
+use async_trait::async_trait;
+use keygate_core::SecretHash;
+use sqlx::Row;
+use sqlx::sqlite::SqliteRow;
+
+use crate::oauth::{AccessTokenRecord, ClientPatch, OAuthClient, OAuthStore, SigningKey};
+use crate::sqlite::{hash_from_row, insert_audit, map_err};
+use crate::{KeySecret, NewAudit, Page, Result, SqliteStore, StoreError};
+
+fn json_list(row: &SqliteRow, col: &str) -> Result<Vec<String>> {
+    let text: &str = row.try_get(col).map_err(map_err)?;
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{col}: {e}")))
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn client_from_row(row: &SqliteRow) -> Result<OAuthClient> {
+    Ok(OAuthClient {
+        id: row.try_get("id").map_err(map_err)?,
+        consumer_id: row.try_get("consumer_id").map_err(map_err)?,
+        name: row.try_get("name").map_err(map_err)?,
+        grant_types: json_list(row, "grant_types")?,
+        scopes: json_list(row, "scopes")?,
+        audiences: json_list(row, "audiences")?,
+        token_format: row.try_get("token_format").map_err(map_err)?,
+        token_lifetime_seconds: row.try_get("token_lifetime_seconds").map_err(map_err)?,
+        confidential: row.try_get("confidential").map_err(map_err)?,
+        disabled: row.try_get("disabled").map_err(map_err)?,
+        tokens_revoked_before: row.try_get("tokens_revoked_before").map_err(map_err)?,
+        secret_start: row.try_get("secret_start").map_err(map_err)?,
+        created_at: row.try_get("created_at").map_err(map_err)?,
+        updated_at: row.try_get("updated_at").map_err(map_err)?,
+    })
+}
+
+fn token_from_row(row: &SqliteRow) -> Result<AccessTokenRecord> {
+    Ok(AccessTokenRecord {
+        hash: hash_from_row(row)?,
+        jti: row.try_get("jti").map_err(map_err)?,
+        client_id: row.try_get("client_id").map_err(map_err)?,
+        subject: row.try_get("subject").map_err(map_err)?,
+        scopes: json_list(row, "scopes")?,
+        audiences: json_list(row, "audiences")?,
+        issued_at: row.try_get("issued_at").map_err(map_err)?,
+        expires_at: row.try_get("expires_at").map_err(map_err)?,
+        revoked_at: row.try_get("revoked_at").map_err(map_err)?,
+    })
+}
+
+fn signing_key_from_row(row: &SqliteRow) -> Result<SigningKey> {
+    let jwk: &str = row.try_get("public_jwk").map_err(map_err)?;
+    Ok(SigningKey {
+        kid: row.try_get("kid").map_err(map_err)?,
+        alg: row.try_get("alg").map_err(map_err)?,
+        private_der: row.try_get("private_der").map_err(map_err)?,
+        public_jwk: serde_json::from_str(jwk).map_err(|e| StoreError::Corrupt(format!("public_jwk: {e}")))?,
+        created_at: row.try_get("created_at").map_err(map_err)?,
+        active_from: row.try_get("active_from").map_err(map_err)?,
+        retired_at: row.try_get("retired_at").map_err(map_err)?,
+        publish_until: row.try_get("publish_until").map_err(map_err)?,
+    })
+}
+
+async fn insert_client_secret(tx: &mut crate::sqlite::Tx<'_>, s: &KeySecret) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO client_secrets (hash, client_id, start, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(&s.hash.as_bytes()[..])
+    .bind(&s.key_id)
+    .bind(&s.start)
+    .bind(s.created_at)
+    .bind(s.expires_at)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+#[async_trait]
+impl OAuthStore for SqliteStore {
+    async fn insert_client(
+        &self,
+        c: &OAuthClient,
+        secret: Option<&KeySecret>,
+        audit: &NewAudit,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        sqlx::query(
+            "INSERT INTO oauth_clients (id, consumer_id, name, grant_types, scopes, audiences, token_format, \
+             token_lifetime_seconds, confidential, disabled, tokens_revoked_before, secret_start, created_at, \
+             updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&c.id)
+        .bind(&c.consumer_id)
+        .bind(&c.name)
+        .bind(to_json(&c.grant_types)?)
+        .bind(to_json(&c.scopes)?)
+        .bind(to_json(&c.audiences)?)
+        .bind(&c.token_format)
+        .bind(c.token_lifetime_seconds)
+        .bind(c.confidential)
+        .bind(c.disabled)
+        .bind(c.tokens_revoked_before)
+        .bind(&c.secret_start)
+        .bind(c.created_at)
+        .bind(c.updated_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        if let Some(s) = secret {
+            insert_client_secret(&mut tx, s).await?;
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn get_client(&self, id: &str) -> Result<Option<OAuthClient>> {
+        let row = sqlx::query("SELECT * FROM oauth_clients WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(client_from_row).transpose()
+    }
+
+    async fn list_clients(&self, page: &Page) -> Result<Vec<OAuthClient>> {
+        let rows = sqlx::query("SELECT * FROM oauth_clients WHERE id > ? ORDER BY id LIMIT ?")
+            .bind(page.after.as_deref().unwrap_or(""))
+            .bind(i64::from(page.limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(client_from_row).collect()
+    }
+
+    async fn update_client(
+        &self,
+        id: &str,
+        p: &ClientPatch,
+        audit: &NewAudit,
+    ) -> Result<Option<OAuthClient>> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let row = sqlx::query(
+            "UPDATE oauth_clients SET name = COALESCE(?, name), grant_types = COALESCE(?, grant_types), \
+             scopes = COALESCE(?, scopes), audiences = COALESCE(?, audiences), \
+             token_format = COALESCE(?, token_format), \
+             token_lifetime_seconds = COALESCE(?, token_lifetime_seconds), disabled = COALESCE(?, disabled), \
+             tokens_revoked_before = COALESCE(?, tokens_revoked_before), updated_at = ? \
+             WHERE id = ? RETURNING *",
+        )
+        .bind(&p.name)
+        .bind(p.grant_types.as_ref().map(to_json).transpose()?)
+        .bind(p.scopes.as_ref().map(to_json).transpose()?)
+        .bind(p.audiences.as_ref().map(to_json).transpose()?)
+        .bind(&p.token_format)
+        .bind(p.token_lifetime_seconds)
+        .bind(p.disabled)
+        .bind(p.tokens_revoked_before)
+        .bind(p.updated_at)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let Some(row) = row else { return Ok(None) };
+        let client = client_from_row(&row)?;
+        if p.tokens_revoked_before.is_some() {
+            sqlx::query("UPDATE access_tokens SET revoked_at = ? WHERE client_id = ? AND revoked_at IS NULL")
+                .bind(p.updated_at)
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(Some(client))
+    }
+
+    async fn delete_client(&self, id: &str, audit: &NewAudit) -> Result<bool> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        for sql in [
+            "DELETE FROM client_secrets WHERE client_id = ?",
+            "DELETE FROM access_tokens WHERE client_id = ?",
+        ] {
+            sqlx::query(sql).bind(id).execute(&mut *tx).await.map_err(map_err)?;
+        }
+        let deleted = sqlx::query("DELETE FROM oauth_clients WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
+        if deleted == 0 {
+            return Ok(false);
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(true)
+    }
+
+    async fn rotate_client_secret(
+        &self,
+        id: &str,
+        secret: &KeySecret,
+        old_expires_at: i64,
+        audit: &NewAudit,
+    ) -> Result<bool> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let updated = sqlx::query("UPDATE oauth_clients SET secret_start = ?, updated_at = ? WHERE id = ?")
+            .bind(&secret.start)
+            .bind(secret.created_at)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
+        if updated == 0 {
+            return Ok(false);
+        }
+        sqlx::query(
+            "UPDATE client_secrets SET expires_at = ? WHERE client_id = ? AND (expires_at IS NULL OR expires_at > ?)",
+        )
+        .bind(old_expires_at)
+        .bind(id)
+        .bind(old_expires_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        insert_client_secret(&mut tx, secret).await?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(true)
+    }
+
+    async fn find_client_secret(&self, hash: &SecretHash) -> Result<Option<(OAuthClient, Option<i64>)>> {
+        let row = sqlx::query(
+            "SELECT s.expires_at AS secret_expires_at, c.* FROM client_secrets s \
+             JOIN oauth_clients c ON c.id = s.client_id WHERE s.hash = ?",
+        )
+        .bind(&hash.as_bytes()[..])
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let Some(row) = row else { return Ok(None) };
+        Ok(Some((client_from_row(&row)?, row.try_get("secret_expires_at").map_err(map_err)?)))
+    }
+
+    async fn insert_access_token(&self, t: &AccessTokenRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO access_tokens (hash, jti, client_id, subject, scopes, audiences, issued_at, expires_at, \
+             revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&t.hash.as_bytes()[..])
+        .bind(&t.jti)
+        .bind(&t.client_id)
+        .bind(&t.subject)
+        .bind(to_json(&t.scopes)?)
+        .bind(to_json(&t.audiences)?)
+        .bind(t.issued_at)
+        .bind(t.expires_at)
+        .bind(t.revoked_at)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn find_access_token(&self, hash: &SecretHash) -> Result<Option<AccessTokenRecord>> {
+        let row = sqlx::query("SELECT * FROM access_tokens WHERE hash = ?")
+            .bind(&hash.as_bytes()[..])
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(token_from_row).transpose()
+    }
+
+    async fn revoke_access_token(&self, hash: &SecretHash, at: i64) -> Result<Option<AccessTokenRecord>> {
+        let row = sqlx::query(
+            "UPDATE access_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE hash = ? RETURNING *",
+        )
+        .bind(at)
+        .bind(&hash.as_bytes()[..])
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        row.as_ref().map(token_from_row).transpose()
+    }
+
+    async fn revoke_jti(&self, jti: &str, client_id: &str, expires_at: i64, at: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO revoked_jtis (jti, client_id, expires_at, revoked_at) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (jti) DO NOTHING",
+        )
+        .bind(jti)
+        .bind(client_id)
+        .bind(expires_at)
+        .bind(at)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn revoked_jtis(&self, now: i64) -> Result<Vec<(String, i64)>> {
+        let rows = sqlx::query("SELECT jti, expires_at FROM revoked_jtis WHERE expires_at > ?")
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("jti").map_err(map_err)?, r.try_get("expires_at").map_err(map_err)?)))
+            .collect()
+    }
+
+    async fn expire_tokens(&self, now: i64) -> Result<u64> {
+        let mut n = 0;
+        for sql in [
+            "DELETE FROM access_tokens WHERE expires_at < ?",
+            "DELETE FROM revoked_jtis WHERE expires_at < ?",
+        ] {
+            n += sqlx::query(sql).bind(now).execute(&self.pool).await.map_err(map_err)?.rows_affected();
+        }
+        Ok(n)
+    }
+
+    async fn insert_signing_key(&self, k: &SigningKey, audit: Option<&NewAudit>) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        sqlx::query(
+            "INSERT INTO signing_keys (kid, alg, private_der, public_jwk, created_at, active_from, retired_at, \
+             publish_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&k.kid)
+        .bind(&k.alg)
+        .bind(&k.private_der)
+        .bind(k.public_jwk.to_string())
+        .bind(k.created_at)
+        .bind(k.active_from)
+        .bind(k.retired_at)
+        .bind(k.publish_until)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        if let Some(a) = audit {
+            insert_audit(&mut tx, a).await?;
+        }
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn list_signing_keys(&self) -> Result<Vec<SigningKey>> {
+        let rows = sqlx::query("SELECT * FROM signing_keys ORDER BY active_from")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(signing_key_from_row).collect()
+    }
+
+    async fn retire_signing_key(&self, kid: &str, retired_at: i64, publish_until: i64) -> Result<()> {
+        sqlx::query("UPDATE signing_keys SET retired_at = ?, publish_until = ? WHERE kid = ?")
+            .bind(retired_at)
+            .bind(publish_until)
+            .bind(kid)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+}
