@@ -61,6 +61,20 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Manage OAuth 2 clients: applications that obtain access tokens.
+    Clients {
+        #[command(subcommand)]
+        command: ClientsCmd,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List or rotate the JWT signing keys.
+    SigningKeys {
+        #[command(subcommand)]
+        command: SigningKeysCmd,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Verify a credential, as your API would. Exit code 0 if valid, 4 if not.
     Verify {
         /// The credential to check.
@@ -256,6 +270,84 @@ enum KeysCmd {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum ClientsCmd {
+    /// Register a client; its secret is printed this once.
+    Create {
+        /// Consumer id.
+        #[arg(long)]
+        consumer: String,
+        #[arg(long)]
+        name: String,
+        /// A scope the client may be granted (repeatable).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// An allowed grant type (repeatable) [default: client_credentials].
+        #[arg(long = "grant")]
+        grants: Vec<String>,
+        /// A resource (audience) the client may ask tokens for (repeatable).
+        #[arg(long = "audience")]
+        audiences: Vec<String>,
+        /// jwt or opaque.
+        #[arg(long, default_value = "jwt")]
+        token_format: String,
+        /// Access-token lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        lifetime: i64,
+    },
+    /// List clients (never their secrets).
+    List {
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// Show one client.
+    Show { id: String },
+    /// Change a client's name, scopes, audiences, token format or lifetime.
+    Update {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Replace the scopes (repeatable).
+        #[arg(long = "scope")]
+        scopes: Option<Vec<String>>,
+        /// Replace the audiences (repeatable).
+        #[arg(long = "audience")]
+        audiences: Option<Vec<String>>,
+        #[arg(long)]
+        token_format: Option<String>,
+        #[arg(long)]
+        lifetime: Option<i64>,
+    },
+    /// Disable a client: no new tokens, and its tokens stop verifying.
+    Disable { id: String },
+    /// Enable a disabled client.
+    Enable { id: String },
+    /// Delete a client, its secrets and its tokens.
+    Delete { id: String },
+    /// Rotate the client secret; the old one works for --overlap seconds more.
+    RotateSecret {
+        id: String,
+        #[arg(long, default_value_t = 0)]
+        overlap: u64,
+    },
+    /// Revoke every token issued to the client so far.
+    RevokeTokens { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum SigningKeysCmd {
+    /// List the signing keys and their stage (pending, active, retired).
+    List,
+    /// Start a rotation: the new key is published now and signs after --publish-ahead seconds.
+    Rotate {
+        #[arg(long)]
+        publish_ahead: Option<u64>,
+        /// EdDSA or ES256.
+        #[arg(long)]
+        alg: Option<String>,
+    },
+}
+
 #[derive(Debug, Clone, Args)]
 struct PageArgs {
     /// Page size (1-1000).
@@ -448,6 +540,37 @@ async fn run_client(command: Command) -> Result<ExitCode, Failure> {
     match command {
         Command::Consumers { command, client } => consumers(Client::new(client)?, command).await,
         Command::Keys { command, client } => keys(Client::new(client)?, command).await,
+        Command::Clients { command, client } => clients(Client::new(client)?, command).await,
+        Command::SigningKeys { command, client } => {
+            let c = Client::new(client)?;
+            let v = match command {
+                SigningKeysCmd::List => c.call(Method::GET, "/v1/signing-keys", &[], None).await?,
+                SigningKeysCmd::Rotate { publish_ahead, alg } => {
+                    let mut body = json!({});
+                    if let Some(s) = publish_ahead {
+                        body["publish_ahead_seconds"] = json!(s);
+                    }
+                    if let Some(a) = alg {
+                        body["alg"] = json!(a);
+                    }
+                    c.call(Method::POST, "/v1/signing-keys/rotate", &[], Some(body)).await?
+                }
+            };
+            output(&c, &v, |v| {
+                let rows = v.as_array().map(Vec::as_slice).unwrap_or(&[]);
+                table(
+                    rows,
+                    &[
+                        ("KID", "kid"),
+                        ("ALG", "alg"),
+                        ("STATUS", "status"),
+                        ("SIGNS FROM", "active_from"),
+                        ("PUBLISHED UNTIL", "publish_until"),
+                    ],
+                );
+            });
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Verify { credential, scopes, client } => {
             let c = Client::new(client)?;
             let d = c
@@ -735,6 +858,93 @@ async fn import(c: &Client, file: &std::path::Path) -> Result<ExitCode, Failure>
         }
     }
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(EXIT_ERROR) })
+}
+
+async fn clients(c: Client, cmd: ClientsCmd) -> Result<ExitCode, Failure> {
+    let v = match cmd {
+        ClientsCmd::Create { consumer, name, scopes, grants, audiences, token_format, lifetime } => {
+            let grants = if grants.is_empty() { vec!["client_credentials".to_string()] } else { grants };
+            let body = json!({"consumer_id": consumer, "name": name, "scopes": scopes, "grant_types": grants,
+                "audiences": audiences, "token_format": token_format, "token_lifetime_seconds": lifetime});
+            let v = c.call(Method::POST, "/v1/clients", &[], Some(body)).await?;
+            output(&c, &v, print_client_secret);
+            return Ok(ExitCode::SUCCESS);
+        }
+        ClientsCmd::List { page } => {
+            let v = c.call(Method::GET, "/v1/clients", &page.query(), None).await?;
+            output(&c, &v, |v| {
+                table(
+                    items(v),
+                    &[
+                        ("CLIENT ID", "client_id"),
+                        ("NAME", "name"),
+                        ("FORMAT", "token_format"),
+                        ("SCOPES", "scopes"),
+                        ("DISABLED", "disabled"),
+                    ],
+                );
+                print_next(v);
+            });
+            return Ok(ExitCode::SUCCESS);
+        }
+        ClientsCmd::Show { id } => c.call(Method::GET, &format!("/v1/clients/{id}"), &[], None).await?,
+        ClientsCmd::Update { id, name, scopes, audiences, token_format, lifetime } => {
+            let mut body = json!({});
+            if let Some(n) = name {
+                body["name"] = json!(n);
+            }
+            if let Some(s) = scopes {
+                body["scopes"] = json!(s);
+            }
+            if let Some(a) = audiences {
+                body["audiences"] = json!(a);
+            }
+            if let Some(f) = token_format {
+                body["token_format"] = json!(f);
+            }
+            if let Some(l) = lifetime {
+                body["token_lifetime_seconds"] = json!(l);
+            }
+            c.call(Method::PATCH, &format!("/v1/clients/{id}"), &[], Some(body)).await?
+        }
+        ClientsCmd::Disable { id } => {
+            c.call(Method::POST, &format!("/v1/clients/{id}/disable"), &[], None).await?
+        }
+        ClientsCmd::Enable { id } => {
+            c.call(Method::POST, &format!("/v1/clients/{id}/enable"), &[], None).await?
+        }
+        ClientsCmd::RevokeTokens { id } => {
+            c.call(Method::POST, &format!("/v1/clients/{id}/revoke-tokens"), &[], None).await?
+        }
+        ClientsCmd::Delete { id } => {
+            c.call(Method::DELETE, &format!("/v1/clients/{id}"), &[], None).await?;
+            let v = json!({"deleted": id});
+            output(&c, &v, |_| println!("deleted {id}"));
+            return Ok(ExitCode::SUCCESS);
+        }
+        ClientsCmd::RotateSecret { id, overlap } => {
+            let v = c
+                .call(
+                    Method::POST,
+                    &format!("/v1/clients/{id}/rotate-secret"),
+                    &[],
+                    Some(json!({"overlap_seconds": overlap})),
+                )
+                .await?;
+            output(&c, &v, print_client_secret);
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    output(&c, &v, print_object);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_client_secret(v: &Value) {
+    let mut rest = v.clone();
+    let secret =
+        rest.as_object_mut().and_then(|o| o.remove("client_secret")).map(|k| cell(&k)).unwrap_or_default();
+    print_object(&rest);
+    println!("\nClient secret (shown only this once; store it now):\n\n    {secret}\n");
 }
 
 // ---------------------------------------------------------------------------------------------

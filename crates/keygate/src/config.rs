@@ -22,8 +22,18 @@ pub struct FileConfig {
     pub trusted_proxies: Option<Vec<String>>,
     pub failures_per_minute: Option<u64>,
     pub flush_interval_ms: Option<u64>,
+    pub issuer: Option<String>,
+    pub oauth: Option<OAuthFile>,
     pub cache: Option<CacheFile>,
     pub usage: Option<UsageFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuthFile {
+    pub signing_alg: Option<String>,
+    pub key_publish_ahead_seconds: Option<u64>,
+    pub key_rotation_days: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -88,6 +98,9 @@ pub struct ServerArgs {
     /// How often usage counts and quotas are written to the database, in ms [default: 1000].
     #[arg(long, env = "KEYGATE_FLUSH_INTERVAL_MS")]
     pub flush_interval_ms: Option<u64>,
+    /// The OAuth issuer URL, as clients reach this server [default: http://<listen address>].
+    #[arg(long, env = "KEYGATE_ISSUER")]
+    pub issuer: Option<String>,
 }
 
 pub struct Resolved {
@@ -137,6 +150,23 @@ pub fn resolve(args: &ServerArgs) -> Result<Resolved, String> {
     }
     if let Some(v) = args.flush_interval_ms.or(file.flush_interval_ms) {
         server.flush_interval = Duration::from_millis(v.clamp(10, 60_000));
+    }
+    if let Some(iss) = args.issuer.clone().or(file.issuer) {
+        if !(iss.starts_with("http://") || iss.starts_with("https://")) {
+            return Err(format!("issuer {iss:?} must be an http:// or https:// URL"));
+        }
+        server.issuer = Some(iss.trim_end_matches('/').to_string());
+    }
+    let oauth = file.oauth.unwrap_or_default();
+    if let Some(a) = oauth.signing_alg {
+        server.signing_alg = keygate_server::oauth::keys::KeyAlg::parse(&a)
+            .ok_or_else(|| format!("oauth.signing_alg {a:?} must be EdDSA or ES256"))?;
+    }
+    if let Some(s) = oauth.key_publish_ahead_seconds {
+        server.key_publish_ahead = Duration::from_secs(s);
+    }
+    if let Some(d) = oauth.key_rotation_days {
+        server.key_rotation_interval = Duration::from_secs(d * 86_400);
     }
     let usage = file.usage.unwrap_or_default();
     if let Some(h) = usage.minute_retention_hours {
@@ -195,6 +225,18 @@ failures_per_minute = 100
 # How often usage counts, last-used times and quota state are written to the database, in ms.
 # A crash loses at most this much of them; a graceful stop loses nothing. KEYGATE_FLUSH_INTERVAL_MS
 flush_interval_ms = 1000
+
+# The OAuth issuer URL: what clients use to reach this server, and the "iss" of its tokens.
+# Default: http://<the address it listens on>. KEYGATE_ISSUER, --issuer
+# issuer = "https://auth.example.com"
+
+[oauth]
+# JWT signing algorithm for new keys: "EdDSA" (Ed25519) or "ES256".
+signing_alg = "EdDSA"
+# A new signing key is published this long before it signs, so verifiers caching the JWKS have it.
+key_publish_ahead_seconds = 600
+# Rotate the signing key automatically this often; 0 turns it off.
+key_rotation_days = 30
 
 [usage]
 # How long usage buckets are kept, per bucket size.

@@ -457,3 +457,81 @@ fn usage_controls_import_and_usage_from_the_cli() {
     assert_eq!(bad.status.code(), Some(1));
     s.stop();
 }
+
+#[test]
+fn clients_from_the_cli_and_python_interop_with_authlib_and_pyjwt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let admin = init(&dir);
+    let s = Server::start(&dir, &tmp.path().join("log"));
+    let consumer = s.json(&admin, &["consumers", "create", "--name", "partner"]);
+    let cid = consumer["id"].as_str().unwrap();
+    // The interface scripts rely on.
+    let c = s.json(
+        &admin,
+        &[
+            "clients",
+            "create",
+            "--consumer",
+            cid,
+            "--name",
+            "etl",
+            "--scope",
+            "articles:read",
+            "--scope",
+            "articles:write",
+            "--grant",
+            "client_credentials",
+            "--token-format",
+            "jwt",
+            "--audience",
+            "https://api.example.com",
+        ],
+    );
+    let client_id = c["client_id"].as_str().unwrap().to_string();
+    let client_secret = c["client_secret"].as_str().unwrap().to_string();
+    assert!(client_secret.starts_with("kgcs_"));
+    let listed = s.cli(&admin, &["clients", "list"]);
+    assert!(stdout(&listed).contains(&client_id) && !stdout(&listed).contains(&client_secret));
+    assert_eq!(s.json(&admin, &["clients", "show", &client_id])["name"], "etl");
+    assert_eq!(
+        s.json(&admin, &["clients", "update", &client_id, "--lifetime", "600"])["token_lifetime_seconds"],
+        600
+    );
+    let keys = s.json(&admin, &["signing-keys", "list"]);
+    assert_eq!(keys[0]["status"], "active");
+    let rotated = s.json(&admin, &["signing-keys", "rotate", "--publish-ahead", "0"]);
+    assert_eq!(rotated.as_array().unwrap().len(), 2);
+
+    let pip = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "authlib",
+            "pyjwt[crypto]",
+            "requests",
+        ])
+        .output()
+        .unwrap();
+    assert!(pip.status.success(), "pip install failed: {}", stderr(&pip));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/interop/oauth_interop.py");
+    let run = Command::new("python3")
+        .arg(script)
+        .env("ISSUER", &s.url)
+        .env("CLIENT_ID", &client_id)
+        .env("CLIENT_SECRET", &client_secret)
+        .env("AUDIENCE", "https://api.example.com")
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}{}", stdout(&run), stderr(&run));
+    assert!(stdout(&run).contains("interop: ok"));
+
+    assert_eq!(s.json(&admin, &["clients", "disable", &client_id])["disabled"], true);
+    assert_eq!(s.json(&admin, &["clients", "delete", &client_id])["deleted"], client_id.as_str());
+    let gone = s.cli(&admin, &["clients", "show", &client_id]);
+    assert_eq!(gone.status.code(), Some(1));
+    s.stop();
+}

@@ -428,3 +428,62 @@ async fn client_admin_validation_and_secret_rotation() {
     let (_, audit) = app.get(&format!("/v1/audit?target_id={}", c.id)).await;
     assert_eq!(audit["items"].as_array().unwrap().len(), 3);
 }
+
+/// The `oauth2` crate, a real OAuth 2 client library, gets a token with client credentials.
+#[tokio::test]
+async fn the_oauth2_crate_gets_tokens() {
+    use oauth2::basic::BasicClient;
+    use oauth2::{AuthType, ClientId, ClientSecret, Scope, TokenResponse, TokenUrl};
+
+    let app = TestApp::start().await;
+    let consumer = app.create_consumer("p").await;
+    let c = client(
+        &app,
+        json!({"consumer_id": consumer, "name": "lib", "scopes": ["reports:read", "reports:write"]}),
+    )
+    .await;
+    let http = reqwest::Client::new();
+    // oauth2 takes any async function from an http::Request to an http::Response.
+    let send = |req: oauth2::HttpRequest| {
+        let http = http.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            let resp = http
+                .request(parts.method, parts.uri.to_string())
+                .headers(parts.headers)
+                .body(body)
+                .send()
+                .await?;
+            let mut builder = oauth2::http::Response::builder().status(resp.status());
+            for (k, v) in resp.headers() {
+                builder = builder.header(k, v);
+            }
+            let bytes = resp.bytes().await?;
+            Ok::<_, reqwest::Error>(builder.body(bytes.to_vec()).unwrap())
+        }
+    };
+    for auth in [AuthType::BasicAuth, AuthType::RequestBody] {
+        let oc = BasicClient::new(ClientId::new(c.id.clone()))
+            .set_client_secret(ClientSecret::new(c.secret.clone()))
+            .set_token_uri(TokenUrl::new(app.url("/oauth2/token")).unwrap())
+            .set_auth_type(auth);
+        let token = oc
+            .exchange_client_credentials()
+            .add_scope(Scope::new("reports:read".into()))
+            .request_async(&send)
+            .await
+            .unwrap();
+        assert_eq!(token.scopes().unwrap()[0].as_str(), "reports:read");
+        assert!(token.expires_in().unwrap().as_secs() > 3000);
+        let d = app.verify(token.access_token().secret(), &["reports:read"]).await;
+        assert_eq!(d["code"], "VALID", "{d}");
+        // A scope the client may not have is an RFC error the library understands.
+        let err = oc
+            .exchange_client_credentials()
+            .add_scope(Scope::new("admin".into()))
+            .request_async(&send)
+            .await
+            .unwrap_err();
+        assert!(format!("{err:?}").contains("invalid_scope"), "{err:?}");
+    }
+}
