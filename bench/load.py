@@ -14,6 +14,7 @@ request failed. Everything runs on loopback and stops by itself.
 """
 
 import argparse
+import base64
 import json
 import os
 import random
@@ -234,6 +235,19 @@ def measure_scale(binary, tmp, n, seconds, rounds):
         with open(unknown, "w") as f:
             f.write("\n".join(make_secret() for _ in range(100_000)) + "\n")
         auth = {"Authorization": f"Bearer {kg.admin}", "Content-Type": "application/json"}
+        form = "application/x-www-form-urlencoded"
+
+        def oauth_client(fmt):
+            c = kg.api("POST", "/v1/clients", {"consumer_id": consumer["id"], "name": f"load-{fmt}",
+                                               "scopes": ["articles:read"], "token_format": fmt})
+            basic = base64.b64encode(f"{c['client_id']}:{c['client_secret']}".encode()).decode()
+            return {"Authorization": f"Basic {basic}", "Content-Type": form}
+
+        jwt_client, opaque_client = oauth_client("jwt"), oauth_client("opaque")
+        req = urllib.request.Request(kg.url + "/oauth2/token", data=b"grant_type=client_credentials",
+                                     headers=jwt_client, method="POST")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            jwt_token = json.loads(r.read())["access_token"]
         valid_script = write_script(sub, "valid", "POST", "/v1/verify", auth, keys_file=pool,
                                     body_template='{"credential":"%s"}')
         unknown_script = write_script(sub, "unknown", "POST", "/v1/verify", auth, keys_file=unknown,
@@ -315,6 +329,19 @@ def main():
         malformed = secret[:-1] + ("a" if secret[-1] != "a" else "b")
 
         auth = {"Authorization": f"Bearer {kg.admin}", "Content-Type": "application/json"}
+        form = "application/x-www-form-urlencoded"
+
+        def oauth_client(fmt):
+            c = kg.api("POST", "/v1/clients", {"consumer_id": consumer["id"], "name": f"load-{fmt}",
+                                               "scopes": ["articles:read"], "token_format": fmt})
+            basic = base64.b64encode(f"{c['client_id']}:{c['client_secret']}".encode()).decode()
+            return {"Authorization": f"Basic {basic}", "Content-Type": form}
+
+        jwt_client, opaque_client = oauth_client("jwt"), oauth_client("opaque")
+        req = urllib.request.Request(kg.url + "/oauth2/token", data=b"grant_type=client_credentials",
+                                     headers=jwt_client, method="POST")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            jwt_token = json.loads(r.read())["access_token"]
         targets = [
             ("nginx return 200 (baseline)", f"http://127.0.0.1:{nginx_port}", write_script(tmp, "nginx")),
             ("GET /healthz (Keygate's HTTP floor)", kg.url, write_script(tmp, "healthz", "GET", "/healthz")),
@@ -331,6 +358,15 @@ def main():
                 tmp, "verify_malformed", "POST", "/v1/verify", auth, json.dumps({"credential": malformed}))),
             ("GET /v1/auth, valid key", kg.url, write_script(
                 tmp, "auth_valid", "GET", "/v1/auth?scope=articles:read", {"X-API-Key": secret})),
+            ("POST /v1/verify, JWT access token", kg.url, write_script(
+                tmp, "verify_jwt", "POST", "/v1/verify", auth,
+                json.dumps({"credential": jwt_token, "scopes": ["articles:read"]}))),
+            ("POST /oauth2/token, client credentials, JWT", kg.url, write_script(
+                tmp, "token_jwt", "POST", "/oauth2/token", jwt_client, "grant_type=client_credentials")),
+            ("POST /oauth2/token, client credentials, opaque", kg.url, write_script(
+                tmp, "token_opaque", "POST", "/oauth2/token", opaque_client, "grant_type=client_credentials")),
+            ("POST /oauth2/introspect, JWT", kg.url, write_script(
+                tmp, "introspect", "POST", "/oauth2/introspect", jwt_client, f"token={jwt_token}")),
         ]
 
         results = {}  # (target, conns) -> list of runs

@@ -84,6 +84,78 @@ fn fixture() -> Fixture {
     })
 }
 
+struct JwtFixture {
+    oauth: keygate_server::oauth::tokens::OAuth,
+    client: keygate_store::OAuthClient,
+    token: String,
+    rt: tokio::runtime::Runtime,
+    store: std::sync::Arc<keygate_store::SqliteStore>,
+    _dir: tempfile::TempDir,
+}
+
+fn jwt_fixture(alg: keygate_server::oauth::keys::KeyAlg) -> JwtFixture {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (oauth, store) = rt.block_on(async {
+        let config = ServerConfig { data_dir: dir.path().to_path_buf(), ..ServerConfig::default() };
+        let store = open_store(&config).await.unwrap();
+        let oauth = keygate_server::oauth::tokens::OAuth::new("http://127.0.0.1:8080".into(), alg);
+        oauth.load(store.as_ref(), 0).await.unwrap();
+        (oauth, store)
+    });
+    let client = keygate_store::OAuthClient {
+        id: "kgc_bench".into(),
+        consumer_id: "cons_bench".into(),
+        name: "bench".into(),
+        grant_types: vec!["client_credentials".into()],
+        scopes: vec!["articles:read".into()],
+        audiences: vec!["https://api.example.com".into()],
+        token_format: "jwt".into(),
+        token_lifetime_seconds: 3600,
+        confidential: true,
+        disabled: false,
+        tokens_revoked_before: None,
+        secret_start: None,
+        created_at: 0,
+        updated_at: 0,
+    };
+    oauth.client_changed(&client);
+    let now = keygate_server::time::now_ms();
+    let token = rt
+        .block_on(oauth.issue(store.as_ref(), &client, &client.scopes, &client.audiences, now))
+        .unwrap()
+        .access_token;
+    JwtFixture { oauth, client, token, rt, store, _dir: dir }
+}
+
+/// Issue (sign) an EdDSA access token, as the token endpoint does after authenticating the client.
+#[divan::bench]
+fn jwt_sign_eddsa(b: Bencher) {
+    let f = jwt_fixture(keygate_server::oauth::keys::KeyAlg::EdDsa);
+    let now = keygate_server::time::now_ms();
+    b.bench(|| {
+        f.rt.block_on(f.oauth.issue(f.store.as_ref(), &f.client, &f.client.scopes, &f.client.audiences, now))
+            .unwrap()
+            .access_token
+            .len()
+    });
+}
+
+/// Verify an EdDSA access token offline (signature, typ, issuer, times), the goal is ≤ 50 µs.
+#[divan::bench]
+fn jwt_verify_eddsa(b: Bencher) {
+    let f = jwt_fixture(keygate_server::oauth::keys::KeyAlg::EdDsa);
+    let now = keygate_server::time::now_ms();
+    b.bench(|| f.oauth.verify_jwt(black_box(&f.token), now).is_ok());
+}
+
+#[divan::bench]
+fn jwt_verify_es256(b: Bencher) {
+    let f = jwt_fixture(keygate_server::oauth::keys::KeyAlg::Es256);
+    let now = keygate_server::time::now_ms();
+    b.bench(|| f.oauth.verify_jwt(black_box(&f.token), now).is_ok());
+}
+
 #[divan::bench]
 fn sha256_secret(b: Bencher) {
     let s = PlainSecret::generate(SecretKind::ApiKey(Environment::Live)).unwrap();

@@ -96,6 +96,7 @@ pub async fn launch(
     if let Err(e) = state.oauth.load(state.store.as_ref(), time::now_ms()).await {
         return Err(std::io::Error::other(format!("cannot load OAuth signing keys and clients: {e}")));
     }
+    state.oauth.start(state.store.clone());
     let background = tokio::spawn(background(state.clone()));
     let result =
         axum::serve(listener, app(state.clone()).into_make_service_with_connect_info::<SocketAddr>())

@@ -106,7 +106,8 @@ pub trait OAuthStore: Send + Sync + 'static {
     /// A client by one of its secrets' hashes, with that secret's expiry.
     async fn find_client_secret(&self, hash: &SecretHash) -> Result<Option<(OAuthClient, Option<i64>)>>;
 
-    async fn insert_access_token(&self, token: &AccessTokenRecord) -> Result<()>;
+    /// Inserts opaque tokens in one transaction (the token endpoint group-commits them).
+    async fn insert_access_tokens(&self, tokens: &[AccessTokenRecord]) -> Result<()>;
     async fn find_access_token(&self, hash: &SecretHash) -> Result<Option<AccessTokenRecord>>;
     /// Marks an opaque token revoked; returns it if it existed.
     async fn revoke_access_token(&self, hash: &SecretHash, at: i64) -> Result<Option<AccessTokenRecord>>;

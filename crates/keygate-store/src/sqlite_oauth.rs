@@ -249,24 +249,27 @@ impl OAuthStore for SqliteStore {
         Ok(Some((client_from_row(&row)?, row.try_get("secret_expires_at").map_err(map_err)?)))
     }
 
-    async fn insert_access_token(&self, t: &AccessTokenRecord) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO access_tokens (hash, jti, client_id, subject, scopes, audiences, issued_at, expires_at, \
-             revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&t.hash.as_bytes()[..])
-        .bind(&t.jti)
-        .bind(&t.client_id)
-        .bind(&t.subject)
-        .bind(to_json(&t.scopes)?)
-        .bind(to_json(&t.audiences)?)
-        .bind(t.issued_at)
-        .bind(t.expires_at)
-        .bind(t.revoked_at)
-        .execute(&self.pool)
-        .await
-        .map_err(map_err)?;
-        Ok(())
+    async fn insert_access_tokens(&self, tokens: &[AccessTokenRecord]) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        for t in tokens {
+            sqlx::query(
+                "INSERT INTO access_tokens (hash, jti, client_id, subject, scopes, audiences, issued_at, \
+                 expires_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&t.hash.as_bytes()[..])
+            .bind(&t.jti)
+            .bind(&t.client_id)
+            .bind(&t.subject)
+            .bind(to_json(&t.scopes)?)
+            .bind(to_json(&t.audiences)?)
+            .bind(t.issued_at)
+            .bind(t.expires_at)
+            .bind(t.revoked_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        tx.commit().await.map_err(map_err)
     }
 
     async fn find_access_token(&self, hash: &SecretHash) -> Result<Option<AccessTokenRecord>> {

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use jsonwebtoken::{Header, Validation};
+use jsonwebtoken::Validation;
 use keygate_core::{DecisionCode, PlainSecret, SecretHash, SecretKind, scope};
 use keygate_store::{AccessTokenRecord, OAuthClient, OAuthStore, StoreError};
 use moka::sync::Cache;
@@ -73,8 +73,65 @@ pub struct OAuth {
     clients: RwLock<HashMap<String, ClientState>>,
     revoked: RwLock<HashMap<String, i64>>,
     opaque: Cache<SecretHash, Arc<AccessTokenRecord>>,
+    /// JWTs whose signature verified, by SHA-256 of the token: a client presents the same token many
+    /// times, and the signature check is the only expensive step. Expiry, revocation and client state
+    /// are still checked on every request.
+    verified_jwts: Cache<SecretHash, Arc<TokenInfo>>,
     /// Client secret hash → client and the secret's expiry.
     secrets: Cache<SecretHash, Arc<(OAuthClient, Option<i64>)>>,
+    writer: GroupCommit,
+}
+
+type Pending = (AccessTokenRecord, tokio::sync::oneshot::Sender<Result<(), StoreError>>);
+
+/// Group commit of opaque tokens: each request waits until its token is durable, but the tokens of
+/// concurrent requests share one transaction (and one fsync). One at a time, a request would wait
+/// for a whole commit of its own; under load that capped issuance at a few thousand per second.
+struct GroupCommit {
+    queue: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<Pending>>>,
+}
+
+impl GroupCommit {
+    async fn write(&self, store: &dyn OAuthStore, record: AccessTokenRecord) -> Result<(), StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sender = self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        match sender {
+            Some(s) => {
+                if let Err(tokio::sync::mpsc::error::SendError((record, _))) = s.send((record, tx)) {
+                    return store.insert_access_tokens(&[record]).await;
+                }
+                rx.await.unwrap_or_else(|_| Err(StoreError::Unavailable("the token writer stopped".into())))
+            }
+            // Not started (e.g. in benchmarks): write directly.
+            None => store.insert_access_tokens(&[record]).await,
+        }
+    }
+
+    /// Starts the writer task for a store that lives as long as the server.
+    fn start(&self, store: Arc<dyn OAuthStore>) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Pending>();
+        *self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tx);
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < 1000 {
+                    match rx.try_recv() {
+                        Ok(p) => batch.push(p),
+                        Err(_) => break,
+                    }
+                }
+                let records: Vec<AccessTokenRecord> = batch.iter().map(|(r, _)| r.clone()).collect();
+                let result = store.insert_access_tokens(&records).await;
+                for (_, reply) in batch {
+                    let r = match &result {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(StoreError::Unavailable(e.to_string())),
+                    };
+                    let _ = reply.send(r);
+                }
+            }
+        });
+    }
 }
 
 fn audiences(v: &Value) -> Vec<String> {
@@ -108,7 +165,17 @@ impl OAuth {
             revoked: RwLock::new(HashMap::new()),
             opaque: Cache::builder().max_capacity(1_000_000).time_to_live(Duration::from_secs(300)).build(),
             secrets: Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(300)).build(),
+            verified_jwts: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(300))
+                .build(),
+            writer: GroupCommit { queue: std::sync::Mutex::new(None) },
         }
+    }
+
+    /// Starts background work (the token group-commit writer); call once, inside the runtime.
+    pub fn start(&self, store: Arc<dyn OAuthStore>) {
+        self.writer.start(store);
     }
 
     pub fn issuer(&self) -> String {
@@ -155,6 +222,7 @@ impl OAuth {
 
     pub fn client_deleted(&self, id: &str) {
         lock_write(&self.clients).remove(id);
+        self.verified_jwts.invalidate_all();
         self.secrets.invalidate_all();
         self.opaque.invalidate_all();
     }
@@ -219,7 +287,7 @@ impl OAuth {
                 expires_at,
                 revoked_at: None,
             };
-            store.insert_access_token(&record).await.map_err(IssueError::Store)?;
+            self.writer.write(store, record.clone()).await.map_err(IssueError::Store)?;
             self.opaque.insert(record.hash, Arc::new(record));
             secret.expose().to_string()
         } else {
@@ -227,9 +295,7 @@ impl OAuth {
                 .keys
                 .signer(now)
                 .ok_or_else(|| IssueError::Internal("no signing key is active".into()))?;
-            let mut header = Header::new(key.alg.algorithm());
-            header.typ = Some("at+jwt".into());
-            header.kid = Some(key.record.kid.clone());
+
             let aud = match audiences {
                 [one] => Value::String(one.clone()),
                 many => Value::Array(many.iter().cloned().map(Value::String).collect()),
@@ -245,8 +311,7 @@ impl OAuth {
                 client_id: client.id.clone(),
                 scope: scope.clone(),
             };
-            jsonwebtoken::encode(&header, &claims, &key.encoding)
-                .map_err(|e| IssueError::Internal(e.to_string()))?
+            key.sign_jwt(&claims).map_err(|e| IssueError::Internal(e.to_string()))?
         };
         Ok(Issued { access_token, expires_in: lifetime, scope })
     }
@@ -260,10 +325,22 @@ impl OAuth {
         now: i64,
     ) -> Result<Result<Arc<TokenInfo>, DecisionCode>, StoreError> {
         let info = if looks_like_jwt(token) {
-            match self.verify_jwt(token, now) {
-                Ok(i) => i,
-                Err(code) => return Ok(Err(code)),
+            let hash = SecretHash::of(token);
+            let info = match self.verified_jwts.get(&hash) {
+                Some(info) => info,
+                None => match self.verify_jwt(token, now) {
+                    Ok(i) => {
+                        let i = Arc::new(i);
+                        self.verified_jwts.insert(hash, i.clone());
+                        i
+                    }
+                    Err(code) => return Ok(Err(code)),
+                },
+            };
+            if info.expires_at <= now {
+                return Ok(Err(DecisionCode::Expired));
             }
+            TokenInfo::clone(&info)
         } else {
             match keygate_core::credential::parse(token).map(|p| p.kind) {
                 Ok(SecretKind::AccessToken) => {}
@@ -323,7 +400,8 @@ impl OAuth {
         Ok(Ok(Arc::new(info)))
     }
 
-    fn verify_jwt(&self, token: &str, now: i64) -> Result<TokenInfo, DecisionCode> {
+    /// Signature, header and time checks of a JWT access token: no I/O.
+    pub fn verify_jwt(&self, token: &str, now: i64) -> Result<TokenInfo, DecisionCode> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| DecisionCode::Malformed)?;
         if header.typ.as_deref().map(str::to_ascii_lowercase).as_deref() != Some("at+jwt") {
             return Err(DecisionCode::Malformed);
