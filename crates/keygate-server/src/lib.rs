@@ -91,6 +91,9 @@ pub async fn launch(
     if state.config.issuer.is_none()
         && let Ok(addr) = listener.local_addr()
     {
+        if addr.ip().is_unspecified() {
+            tracing::warn!(%addr, "listening on all interfaces without an issuer URL: set `issuer` (KEYGATE_ISSUER) to the URL clients use, or OAuth discovery and token validation will name an address they cannot reach");
+        }
         state.oauth.set_issuer(format!("http://{addr}"));
     }
     if let Err(e) = state.oauth.load(state.store.as_ref(), time::now_ms()).await {
@@ -111,7 +114,10 @@ async fn background(state: Arc<AppState>) {
     let mut flush = tokio::time::interval(state.config.flush_interval);
     let mut follow = tokio::time::interval(std::time::Duration::from_secs(1));
     let mut retention = tokio::time::interval(std::time::Duration::from_secs(600));
-    let mut keys = tokio::time::interval(std::time::Duration::from_secs(60));
+    // Signing keys are checked often enough for the configured rotation interval, at most once a minute.
+    let key_check = (state.config.key_rotation_interval / 4)
+        .clamp(std::time::Duration::from_millis(100), std::time::Duration::from_secs(60));
+    let mut keys = tokio::time::interval(key_check);
     for t in [&mut flush, &mut follow, &mut retention, &mut keys] {
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     }

@@ -36,6 +36,12 @@ impl Builder {
         self
     }
 
+    pub fn key_rotation(mut self, every: Duration, publish_ahead: Duration) -> Self {
+        self.config.key_rotation_interval = every;
+        self.config.key_publish_ahead = publish_ahead;
+        self
+    }
+
     pub fn failures_per_minute(mut self, n: u64) -> Self {
         self.config.failures_per_minute = n;
         self

@@ -311,6 +311,27 @@ async fn tampered_forged_and_expired_jwts_are_rejected() {
         .unwrap()
         .to_string();
     assert_ne!(app.verify_code(&foreign, &[]).await, "VALID");
+    // Signed with our own key but naming another issuer, or not yet valid: rejected too.
+    let key = app.state.oauth.keys.signer(keygate_server::time::now_ms()).unwrap();
+    let mut claims = jwt_part(&at, 1);
+    claims["iss"] = json!("https://evil.example");
+    claims["jti"] = json!("forged-1");
+    let wrong_iss = key.sign_jwt(&claims).unwrap();
+    let mut claims = jwt_part(&at, 1);
+    claims["nbf"] = json!(claims["nbf"].as_i64().unwrap() + 3600);
+    claims["jti"] = json!("forged-2");
+    let not_yet = key.sign_jwt(&claims).unwrap();
+    let mut claims = jwt_part(&at, 1);
+    claims["jti"] = json!("forged-3");
+    let resigned = key.sign_jwt(&claims).unwrap();
+    assert_eq!(app.verify_code(&resigned, &[]).await, "VALID", "the control: same claims, our issuer");
+    for bad in [&wrong_iss, &not_yet] {
+        assert_ne!(app.verify_code(bad, &[]).await, "VALID", "{}", jwt_part(bad, 1));
+    }
+    // Wrong audience when the caller names the one it serves.
+    let (_, d) =
+        app.post("/v1/verify", json!({"credential": resigned, "audience": "https://other.example"})).await;
+    assert_ne!(d["code"], "VALID");
     // Expired.
     tokio::time::sleep(Duration::from_millis(2100)).await;
     assert_eq!(app.verify_code(&at, &[]).await, "EXPIRED");
@@ -486,4 +507,20 @@ async fn the_oauth2_crate_gets_tokens() {
             .unwrap_err();
         assert!(format!("{err:?}").contains("invalid_scope"), "{err:?}");
     }
+}
+
+#[tokio::test]
+async fn signing_keys_rotate_on_a_schedule() {
+    let app = TestApp::builder().key_rotation(Duration::from_secs(1), Duration::ZERO).start().await;
+    let first: Value =
+        app.client.get(app.url("/.well-known/jwks.json")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(first["keys"].as_array().unwrap().len(), 1);
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    let later: Value =
+        app.client.get(app.url("/.well-known/jwks.json")).send().await.unwrap().json().await.unwrap();
+    assert!(later["keys"].as_array().unwrap().len() >= 2, "{later}");
+    let (_, keys) = app.get("/v1/signing-keys").await;
+    let active: Vec<&Value> = keys.as_array().unwrap().iter().filter(|k| k["status"] == "active").collect();
+    assert_eq!(active.len(), 1, "{keys}");
+    assert_ne!(active[0]["kid"], first["keys"][0]["kid"]);
 }
