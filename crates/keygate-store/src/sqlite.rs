@@ -315,6 +315,33 @@ pub(crate) fn hash_from_row(row: &SqliteRow) -> Result<SecretHash> {
 
 pub(crate) type Tx<'a> = sqlx::Transaction<'a, sqlx::Sqlite>;
 
+/// One row by id, mapped; `sql` selects with a single `?` for the id.
+pub(crate) async fn fetch_by_id<T>(
+    pool: &SqlitePool,
+    sql: &'static str,
+    id: &str,
+    map: fn(&SqliteRow) -> Result<T>,
+) -> Result<Option<T>> {
+    let row = sqlx::query(sql).bind(id).fetch_optional(pool).await.map_err(map_err)?;
+    row.as_ref().map(map).transpose()
+}
+
+/// A page of rows in id order; `sql` takes `?` for the id to start after and `?` for the limit.
+pub(crate) async fn fetch_page<T>(
+    pool: &SqlitePool,
+    sql: &'static str,
+    page: &Page,
+    map: fn(&SqliteRow) -> Result<T>,
+) -> Result<Vec<T>> {
+    let rows = sqlx::query(sql)
+        .bind(page.after.as_deref().unwrap_or(""))
+        .bind(i64::from(page.limit))
+        .fetch_all(pool)
+        .await
+        .map_err(map_err)?;
+    rows.iter().map(map).collect()
+}
+
 pub(crate) async fn insert_audit(tx: &mut Tx<'_>, a: &NewAudit) -> Result<()> {
     sqlx::query(
         "INSERT INTO audit_events (id, at, actor, action, target_type, target_id, ip, details) \
@@ -492,22 +519,12 @@ impl Store for SqliteStore {
     }
 
     async fn get_consumer(&self, id: &str) -> Result<Option<Consumer>> {
-        let row = sqlx::query("SELECT * FROM consumers WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(map_err)?;
-        row.as_ref().map(consumer_from_row).transpose()
+        fetch_by_id(&self.pool, "SELECT * FROM consumers WHERE id = ?", id, consumer_from_row).await
     }
 
     async fn list_consumers(&self, page: &Page) -> Result<Vec<Consumer>> {
-        let rows = sqlx::query("SELECT * FROM consumers WHERE id > ? ORDER BY id LIMIT ?")
-            .bind(page.after.as_deref().unwrap_or(""))
-            .bind(i64::from(page.limit))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(map_err)?;
-        rows.iter().map(consumer_from_row).collect()
+        let sql = "SELECT * FROM consumers WHERE id > ? ORDER BY id LIMIT ?";
+        fetch_page(&self.pool, sql, page, consumer_from_row).await
     }
 
     async fn update_consumer(
@@ -547,12 +564,7 @@ impl Store for SqliteStore {
     }
 
     async fn get_key(&self, id: &str) -> Result<Option<ApiKey>> {
-        let row = sqlx::query("SELECT * FROM api_keys WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(map_err)?;
-        row.as_ref().map(key_from_row).transpose()
+        fetch_by_id(&self.pool, "SELECT * FROM api_keys WHERE id = ?", id, key_from_row).await
     }
 
     async fn list_keys(&self, consumer_id: Option<&str>, page: &Page) -> Result<Vec<ApiKey>> {

@@ -6,7 +6,7 @@ use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 
 use crate::oauth::{AccessTokenRecord, ClientPatch, OAuthClient, OAuthStore, SigningKey};
-use crate::sqlite::{hash_from_row, insert_audit, map_err};
+use crate::sqlite::{fetch_by_id, fetch_page, hash_from_row, insert_audit, map_err};
 use crate::{KeySecret, NewAudit, Page, Result, SqliteStore, StoreError};
 
 fn json_list(row: &SqliteRow, col: &str) -> Result<Vec<String>> {
@@ -119,22 +119,12 @@ impl OAuthStore for SqliteStore {
     }
 
     async fn get_client(&self, id: &str) -> Result<Option<OAuthClient>> {
-        let row = sqlx::query("SELECT * FROM oauth_clients WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(map_err)?;
-        row.as_ref().map(client_from_row).transpose()
+        fetch_by_id(&self.pool, "SELECT * FROM oauth_clients WHERE id = ?", id, client_from_row).await
     }
 
     async fn list_clients(&self, page: &Page) -> Result<Vec<OAuthClient>> {
-        let rows = sqlx::query("SELECT * FROM oauth_clients WHERE id > ? ORDER BY id LIMIT ?")
-            .bind(page.after.as_deref().unwrap_or(""))
-            .bind(i64::from(page.limit))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(map_err)?;
-        rows.iter().map(client_from_row).collect()
+        let sql = "SELECT * FROM oauth_clients WHERE id > ? ORDER BY id LIMIT ?";
+        fetch_page(&self.pool, sql, page, client_from_row).await
     }
 
     async fn update_client(

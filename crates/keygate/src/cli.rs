@@ -939,14 +939,6 @@ async fn clients(c: Client, cmd: ClientsCmd) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_client_secret(v: &Value) {
-    let mut rest = v.clone();
-    let secret =
-        rest.as_object_mut().and_then(|o| o.remove("client_secret")).map(|k| cell(&k)).unwrap_or_default();
-    print_object(&rest);
-    println!("\nClient secret (shown only this once; store it now):\n\n    {secret}\n");
-}
-
 // ---------------------------------------------------------------------------------------------
 // Human output
 
@@ -1047,11 +1039,20 @@ fn print_object(v: &Value) {
     }
 }
 
-fn print_secret(v: &Value) {
+/// Prints an object whose `field` holds a secret shown this once: the rest first, the secret last.
+fn print_with_secret(v: &Value, field: &str, label: &str) {
     let mut rest = v.clone();
-    let secret = rest.as_object_mut().and_then(|o| o.remove("key")).map(|k| cell(&k)).unwrap_or_default();
+    let secret = rest.as_object_mut().and_then(|o| o.remove(field)).map(|k| cell(&k)).unwrap_or_default();
     print_object(&rest);
-    println!("\nSecret (shown only this once; store it now):\n\n    {secret}\n");
+    println!("\n{label} (shown only this once; store it now):\n\n    {secret}\n");
+}
+
+fn print_secret(v: &Value) {
+    print_with_secret(v, "key", "Secret");
+}
+
+fn print_client_secret(v: &Value) {
+    print_with_secret(v, "client_secret", "Client secret");
 }
 
 fn print_decision(d: &Value) {

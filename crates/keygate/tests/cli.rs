@@ -533,5 +533,11 @@ fn clients_from_the_cli_and_python_interop_with_authlib_and_pyjwt() {
     assert_eq!(s.json(&admin, &["clients", "delete", &client_id])["deleted"], client_id.as_str());
     let gone = s.cli(&admin, &["clients", "show", &client_id]);
     assert_eq!(gone.status.code(), Some(1));
-    s.stop();
+    let (out, log) = s.stop();
+    // The server ran at trace level while Python authenticated with the secret and handled its tokens.
+    assert!(
+        !log.contains(&client_secret[10..]) && !out.contains(&client_secret[10..]),
+        "a client secret reached the log"
+    );
+    assert!(!log.contains("eyJ"), "a JWT reached the log");
 }
