@@ -411,18 +411,26 @@ async fn insert_key_tx(tx: &mut Tx<'_>, k: &ApiKey, s: &KeySecret) -> Result<()>
     insert_secret_tx(tx, s).await
 }
 
+/// Secrets of keys and of OAuth clients have the same shape; only the table differs.
+pub(crate) const INSERT_KEY_SECRET: &str =
+    "INSERT INTO key_secrets (hash, key_id, start, created_at, expires_at) VALUES (?, ?, ?, ?, ?)";
+pub(crate) const INSERT_CLIENT_SECRET: &str =
+    "INSERT INTO client_secrets (hash, client_id, start, created_at, expires_at) VALUES (?, ?, ?, ?, ?)";
+
 async fn insert_secret_tx(tx: &mut Tx<'_>, s: &KeySecret) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO key_secrets (hash, key_id, start, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
-    )
-    .bind(&s.hash.as_bytes()[..])
-    .bind(&s.key_id)
-    .bind(&s.start)
-    .bind(s.created_at)
-    .bind(s.expires_at)
-    .execute(&mut **tx)
-    .await
-    .map_err(map_err)?;
+    insert_secret_row(tx, INSERT_KEY_SECRET, s).await
+}
+
+pub(crate) async fn insert_secret_row(tx: &mut Tx<'_>, sql: &'static str, s: &KeySecret) -> Result<()> {
+    sqlx::query(sql)
+        .bind(&s.hash.as_bytes()[..])
+        .bind(&s.key_id)
+        .bind(&s.start)
+        .bind(s.created_at)
+        .bind(s.expires_at)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
     Ok(())
 }
 

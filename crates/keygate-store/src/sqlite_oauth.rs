@@ -6,7 +6,9 @@ use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 
 use crate::oauth::{AccessTokenRecord, ClientPatch, OAuthClient, OAuthStore, SigningKey};
-use crate::sqlite::{fetch_by_id, fetch_page, hash_from_row, insert_audit, map_err};
+use crate::sqlite::{
+    INSERT_CLIENT_SECRET, fetch_by_id, fetch_page, hash_from_row, insert_audit, insert_secret_row, map_err,
+};
 use crate::{KeySecret, NewAudit, Page, Result, SqliteStore, StoreError};
 
 fn json_list(row: &SqliteRow, col: &str) -> Result<Vec<String>> {
@@ -66,18 +68,7 @@ fn signing_key_from_row(row: &SqliteRow) -> Result<SigningKey> {
 }
 
 async fn insert_client_secret(tx: &mut crate::sqlite::Tx<'_>, s: &KeySecret) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO client_secrets (hash, client_id, start, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
-    )
-    .bind(&s.hash.as_bytes()[..])
-    .bind(&s.key_id)
-    .bind(&s.start)
-    .bind(s.created_at)
-    .bind(s.expires_at)
-    .execute(&mut **tx)
-    .await
-    .map_err(map_err)?;
-    Ok(())
+    insert_secret_row(tx, INSERT_CLIENT_SECRET, s).await
 }
 
 #[async_trait]
