@@ -243,13 +243,6 @@ impl Decision {
             };
             return serde_json::to_vec(&body).map(Bytes::from).unwrap_or_default();
         }
-        if self.code != DecisionCode::Valid && self.key.is_none() && self.token.is_none() {
-            match self.code {
-                DecisionCode::Malformed => return Bytes::from_static(MALFORMED_BODY),
-                DecisionCode::NotFound => return Bytes::from_static(NOT_FOUND_BODY),
-                _ => {}
-            }
-        }
         match (self.code, &self.key) {
             (DecisionCode::Valid, Some(k)) => {
                 if self.rate_limit.is_none() && self.quota_remaining.is_none() {
@@ -318,16 +311,12 @@ impl KnownHashes {
         Some(self.set.read().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&fingerprint(h)))
     }
 
-    pub fn insert(&self, h: &SecretHash) {
-        self.set.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(fingerprint(h));
-    }
-
-    pub fn len(&self) -> usize {
-        self.set.read().unwrap_or_else(std::sync::PoisonError::into_inner).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// Makes secrets known at once (they were just stored on this node).
+    pub fn insert(&self, hashes: &[SecretHash]) {
+        let mut set = self.set.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for h in hashes {
+            set.insert(fingerprint(h));
+        }
     }
 
     /// Reads every secret added to the store since the last call (all of them the first time).
@@ -436,11 +425,7 @@ impl Verifier {
     /// positive cache; a "not found" for it is forgotten. (Only touching entries that exist matters
     /// for bulk imports: every invalidation is work queued inside the cache.)
     pub fn added(&self, hashes: &[SecretHash]) {
-        let mut set = self.known.set.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        for h in hashes {
-            set.insert(fingerprint(h));
-        }
-        drop(set);
+        self.known.insert(hashes);
         for h in hashes {
             if self.negative.contains_key(h) {
                 self.negative.invalidate(h);
