@@ -106,11 +106,6 @@ impl PlainSecret {
         Ok(PlainSecret(s))
     }
 
-    /// Wraps a string that is known to be a secret (for instance one read from a request).
-    pub fn from_string(s: String) -> Self {
-        PlainSecret(s)
-    }
-
     /// The secret itself. Call only to hand it to its owner or to hash it.
     pub fn expose(&self) -> &str {
         &self.0
@@ -132,15 +127,60 @@ impl std::fmt::Debug for PlainSecret {
     }
 }
 
-/// The visible start of any secret string: everything up to and including the last `_` of its prefix
-/// plus [`VISIBLE_LEN`] characters (for secrets without a prefix, just the first characters).
+/// Longest visible start of a secret that is not in Keygate's format (an imported key).
+pub const FOREIGN_VISIBLE_MAX: usize = 8;
+
+/// The visible start of any secret string, for people to recognise it in listings and audit events.
+///
+/// - A Keygate secret shows its prefix and [`VISIBLE_LEN`] characters: the prefix is public, and 4 of
+///   its 32 random characters leave ~166 bits unknown.
+/// - Any other (imported) secret shows at most [`FOREIGN_VISIBLE_MAX`] characters, or its vendor prefix
+///   (the longest start ending in `_` within those characters, e.g. `sk_live_`) if that is shorter, and
+///   never more than a quarter of the secret.
 pub fn visible_start(secret: &str) -> String {
-    let body_start = secret.rfind('_').map_or(0, |i| i + 1);
-    let body = &secret[body_start..];
-    // Show at most a quarter of the body, so a short imported secret never shows most of itself.
-    let shown = VISIBLE_LEN.min(body.chars().count() / 4);
-    let end = body.char_indices().nth(shown).map_or(secret.len(), |(i, _)| body_start + i);
-    secret[..end].to_string()
+    if let Ok(p) = parse(secret) {
+        return secret[..p.kind.prefix().len() + VISIBLE_LEN].to_string();
+    }
+    let vendor =
+        secret.char_indices().take(FOREIGN_VISIBLE_MAX).filter(|(_, c)| *c == '_').map(|(i, _)| i + 1).last();
+    let shown = vendor.unwrap_or(FOREIGN_VISIBLE_MAX).min(secret.chars().count() / 4);
+    secret.chars().take(shown).collect()
+}
+
+/// Shortest plaintext key accepted for import: shorter secrets are guessable.
+pub const MIN_IMPORT_LEN: usize = 16;
+/// Longest plaintext key accepted for import.
+pub const MAX_IMPORT_LEN: usize = 512;
+
+/// Why a plaintext key cannot be imported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ImportKeyError {
+    #[error("must be {MIN_IMPORT_LEN} to {MAX_IMPORT_LEN} characters")]
+    Length,
+    #[error("must be printable ASCII without spaces")]
+    Character,
+    #[error("starts with a Keygate prefix but is not a well-formed Keygate key ({0}); it could never verify")]
+    BrokenKeygateKey(CredentialError),
+    #[error("this is a Keygate access token or client secret, not an API key")]
+    NotAnApiKey,
+}
+
+/// Classifies a plaintext key offered for import: a Keygate API key (with its environment), or a
+/// foreign key (`None`). A string with a Keygate prefix that fails the format checks is refused: it
+/// would be parsed as `MALFORMED` on every verify and so could never work.
+pub fn classify_import(key: &str) -> Result<Option<Environment>, ImportKeyError> {
+    if key.len() < MIN_IMPORT_LEN || key.len() > MAX_IMPORT_LEN {
+        return Err(ImportKeyError::Length);
+    }
+    if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ImportKeyError::Character);
+    }
+    match parse(key) {
+        Ok(ParsedSecret { kind: SecretKind::ApiKey(env) }) => Ok(Some(env)),
+        Ok(_) => Err(ImportKeyError::NotAnApiKey),
+        Err(CredentialError::UnknownPrefix) => Ok(None),
+        Err(e) => Err(ImportKeyError::BrokenKeygateKey(e)),
+    }
 }
 
 /// SHA-256 of a secret: the only form in which secrets are stored.
@@ -343,5 +383,32 @@ mod tests {
         assert_eq!(v.len(), 8 + VISIBLE_LEN);
         assert!(s.expose().starts_with(&v));
         assert_eq!(visible_start("é"), "");
+    }
+
+    #[test]
+    fn imported_keys_show_a_short_start() {
+        // The review's example: everything up to the last '_' used to be shown.
+        assert_eq!(visible_start("9f8e7d6c5b4a39281706f5e4_v2"), "9f8e7d");
+        assert_eq!(visible_start("sk_live_4eC39HqLyjWDarjtT1zdp7dc"), "sk_live_");
+        assert_eq!(visible_start("ghp_16C7e42F292c6912E7710c838347Ae178B4a"), "ghp_");
+        assert_eq!(visible_start("0123456789abcdef"), "0123");
+        for s in ["9f8e7d6c5b4a39281706f5e4_v2", "abcdefghijklmnopqrstuvwxyz", "a_b_c_d_e_f_g_h_i_j"] {
+            assert!(visible_start(s).len() * 4 <= s.len(), "{s}");
+        }
+    }
+
+    #[test]
+    fn import_classification() {
+        let k = PlainSecret::generate(SecretKind::ApiKey(Environment::Test)).unwrap();
+        assert_eq!(classify_import(k.expose()), Ok(Some(Environment::Test)));
+        assert_eq!(classify_import("sk_live_4eC39HqLyjWDarjtT1zdp7dc"), Ok(None));
+        assert_eq!(classify_import("short"), Err(ImportKeyError::Length));
+        assert_eq!(classify_import("has a space in it ok"), Err(ImportKeyError::Character));
+        let mut broken = k.expose().to_string();
+        broken.pop();
+        broken.push(if k.expose().ends_with('a') { 'b' } else { 'a' });
+        assert!(matches!(classify_import(&broken), Err(ImportKeyError::BrokenKeygateKey(_))));
+        let t = PlainSecret::generate(SecretKind::AccessToken).unwrap();
+        assert_eq!(classify_import(t.expose()), Err(ImportKeyError::NotAnApiKey));
     }
 }

@@ -100,7 +100,10 @@ fn jwt_fixture(alg: keygate_server::oauth::keys::KeyAlg) -> JwtFixture {
         let config = ServerConfig { data_dir: dir.path().to_path_buf(), ..ServerConfig::default() };
         let store = open_store(&config).await.unwrap();
         let oauth = keygate_server::oauth::tokens::OAuth::new("http://127.0.0.1:8080".into(), alg);
-        oauth.load(store.as_ref(), 0).await.unwrap();
+        let master =
+            keygate_server::seal::MasterKey::from_base64("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+                .unwrap();
+        oauth.load(store.as_ref(), std::sync::Arc::new(master), 0).await.unwrap();
         (oauth, store)
     });
     let client = keygate_store::OAuthClient {
@@ -119,6 +122,16 @@ fn jwt_fixture(alg: keygate_server::oauth::keys::KeyAlg) -> JwtFixture {
         created_at: 0,
         updated_at: 0,
     };
+    oauth.consumer_changed(&keygate_store::Consumer {
+        id: "cons_bench".into(),
+        name: "bench".into(),
+        metadata: serde_json::json!({}),
+        disabled: false,
+        system: false,
+        rate_limits: None,
+        created_at: 0,
+        updated_at: 0,
+    });
     oauth.client_changed(&client);
     let now = keygate_server::time::now_ms();
     let token = rt

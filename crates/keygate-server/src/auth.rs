@@ -56,15 +56,13 @@ pub struct Actor {
 async fn authenticate(parts: &Parts, state: &AppState, permission: &str) -> Result<Actor, ApiError> {
     let ip = client_ip(peer_ip(parts), &parts.headers, &state.config.trusted_proxies);
     let now = now_ms();
-    if let Some(retry) = state.throttle.blocked(ip, now) {
-        return Err(ApiError::throttled(retry));
-    }
     let Some(secret) = presented_credential(&parts.headers) else {
         return Err(ApiError::new(
             ErrorCode::Unauthorized,
             "this route needs a Keygate credential: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
         ));
     };
+    // The credential first: one that verifies is never refused for its address's earlier failures.
     let decision = state.verifier.verify(secret, &[permission], Context { ip, cost: 0, now_ms: now }).await?;
     match (decision.code, decision.key) {
         (DecisionCode::Valid, Some(key)) => Ok(Actor { key_id: key.key_id.clone(), ip }),
@@ -74,6 +72,9 @@ async fn authenticate(parts: &Parts, state: &AppState, permission: &str) -> Resu
         )),
         (code, _) => {
             if matches!(code, DecisionCode::Malformed | DecisionCode::NotFound) {
+                if let Some(retry) = state.throttle.blocked(ip, now) {
+                    return Err(ApiError::throttled(retry));
+                }
                 state.throttle.record_failure(ip, now);
             }
             Err(ApiError::new(
@@ -85,6 +86,20 @@ async fn authenticate(parts: &Parts, state: &AppState, permission: &str) -> Resu
                 ),
             ))
         }
+    }
+}
+
+/// A caller holding `keygate:metrics` (or admin), when the configuration asks for one.
+pub struct MetricsCaller;
+
+impl FromRequestParts<Arc<AppState>> for MetricsCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+        if state.config.metrics_need_auth() {
+            authenticate(parts, state, scope::METRICS).await?;
+        }
+        Ok(MetricsCaller)
     }
 }
 

@@ -2,12 +2,15 @@
 //! of addresses that keep presenting bad credentials.
 //!
 //! Policy:
-//! - The client IP is the peer address, unless the peer is a configured trusted proxy: then it is the
-//!   right-most address in `X-Forwarded-For` that is not itself a trusted proxy (or `Forwarded: for=`).
-//!   Headers from untrusted peers are ignored, so clients cannot choose their own address.
-//! - An address that produces more than `failures_per_minute` failed credential checks (`MALFORMED`,
-//!   `NOT_FOUND`, failed admin authentication) is refused with 429 until its budget recovers. Callers
-//!   that present good credentials never spend from the budget, so they are never slowed.
+//! - The client IP is the peer address, unless the peer is a configured trusted proxy: then it is what
+//!   `X-Forwarded-For` and `Forwarded` say, read by one parser that fails closed
+//!   (`keygate_core::forwarded`). Headers from untrusted peers are ignored.
+//! - Every endpoint that checks a credential counts its failures (`MALFORMED`, `NOT_FOUND`, a failed
+//!   client authentication) against the address. The credential is checked first: once an address has
+//!   spent its `failures_per_minute`, its *failed* checks get 429 until the budget recovers, while a
+//!   credential that verifies is never refused for its address's failures (an address may be shared by
+//!   many clients behind NAT or a proxy). The throttle limits load and log noise from guessing; what
+//!   makes guessing hopeless is the secrets' entropy (~190 bits).
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -15,43 +18,22 @@ use std::time::Duration;
 
 use axum::http::HeaderMap;
 use ipnet::IpNet;
-use keygate_core::limits::{Gcra, RateLimit, ip_allowed};
+use keygate_core::limits::{Gcra, RateLimit};
 use moka::sync::Cache;
 
-/// The client's address as far as it can be trusted.
+/// The client's address as far as it can be trusted (the rules are in `keygate_core::forwarded`).
 pub fn client_ip(peer: Option<IpAddr>, headers: &HeaderMap, trusted: &[IpNet]) -> Option<IpAddr> {
+    let values = |name: &'static str| headers.get_all(name).into_iter().filter_map(|v| v.to_str().ok());
     let peer = peer?;
-    if trusted.is_empty() || !ip_allowed(trusted, peer) {
+    if trusted.is_empty() {
         return Some(peer);
     }
-    let mut chain: Vec<IpAddr> = Vec::new();
-    for v in headers.get_all("x-forwarded-for") {
-        if let Ok(v) = v.to_str() {
-            chain.extend(v.split(',').filter_map(|s| s.trim().parse::<IpAddr>().ok()));
-        }
-    }
-    if chain.is_empty() {
-        for v in headers.get_all("forwarded") {
-            if let Ok(v) = v.to_str() {
-                chain.extend(v.split([',', ';']).filter_map(forwarded_for));
-            }
-        }
-    }
-    // Walk from the nearest hop outwards; the first untrusted address is the client.
-    Some(chain.iter().rev().find(|ip| !ip_allowed(trusted, **ip)).or(chain.first()).copied().unwrap_or(peer))
-}
-
-/// `for=192.0.2.1`, `for="[2001:db8::1]:4711"` (RFC 7239).
-fn forwarded_for(part: &str) -> Option<IpAddr> {
-    let (k, v) = part.trim().split_once('=')?;
-    if !k.trim().eq_ignore_ascii_case("for") {
-        return None;
-    }
-    let v = v.trim().trim_matches('"');
-    if let Some(rest) = v.strip_prefix('[') {
-        return rest.split(']').next()?.parse().ok();
-    }
-    v.parse().ok().or_else(|| v.rsplit_once(':').and_then(|(h, _)| h.parse().ok()))
+    // A header value that is not visible ASCII cannot be parsed: it counts as an unknown hop.
+    let opaque = |name: &'static str| headers.get_all(name).into_iter().any(|v| v.to_str().is_err());
+    let xff: Vec<&str> =
+        values("x-forwarded-for").chain(opaque("x-forwarded-for").then_some("unknown")).collect();
+    let fwd: Vec<&str> = values("forwarded").chain(opaque("forwarded").then_some("for=unknown")).collect();
+    Some(keygate_core::forwarded::client_address(peer, xff, fwd, trusted))
 }
 
 /// Per-address budget of failed credential checks.
@@ -114,14 +96,15 @@ mod tests {
         let peer: IpAddr = "127.0.0.1".parse().unwrap();
         let h = headers(&[("x-forwarded-for", "198.51.100.1, 203.0.113.5, 10.1.1.1")]);
         assert_eq!(client_ip(Some(peer), &h, &trusted), Some("203.0.113.5".parse().unwrap()));
-        // The same header from an untrusted peer is ignored.
         let outsider: IpAddr = "192.0.2.9".parse().unwrap();
         assert_eq!(client_ip(Some(outsider), &h, &trusted), Some(outsider));
-        // No proxies configured: the peer.
         assert_eq!(client_ip(Some(peer), &h, &[]), Some(peer));
-        let h = headers(&[("forwarded", "for=\"[2001:db8::7]:4711\";proto=https")]);
-        assert_eq!(client_ip(Some(peer), &h, &trusted), Some("2001:db8::7".parse().unwrap()));
-        assert_eq!(client_ip(Some(peer), &HeaderMap::new(), &trusted), Some(peer));
+        // The review's spoof: the proxy maintains Forwarded, the attacker adds X-Forwarded-For.
+        let h = headers(&[("forwarded", "for=198.51.100.7"), ("x-forwarded-for", "203.0.113.99")]);
+        assert_eq!(client_ip(Some(peer), &h, &trusted), Some(peer));
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", axum::http::HeaderValue::from_bytes(b"203.0.113.5, \xff").unwrap());
+        assert_eq!(client_ip(Some(peer), &h, &trusted), Some(peer), "a non-ASCII hop fails closed");
     }
 
     #[test]

@@ -2,13 +2,16 @@
 //! [`launch`] on a listener they bound themselves (tests bind port 0).
 
 pub mod auth;
+pub mod cache;
 pub mod client;
 pub mod error;
+pub mod fsmode;
 pub mod metrics;
 pub mod oauth;
 pub mod openapi;
 pub mod routes;
 pub mod runtime;
+pub mod seal;
 pub mod state;
 pub mod time;
 pub mod verify;
@@ -70,7 +73,7 @@ async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: 
     let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
     let resp = next.run(req).await;
     state.metrics.record_request(
-        method.as_str(),
+        metrics::method_label(&method),
         route.as_deref().unwrap_or("unmatched"),
         resp.status().as_u16(),
     );
@@ -96,7 +99,16 @@ pub async fn launch(
         }
         state.oauth.set_issuer(format!("http://{addr}"));
     }
-    if let Err(e) = state.oauth.load(state.store.as_ref(), time::now_ms()).await {
+    let master = match seal::MasterKey::open(&state.config.master_key, &state.config.data_dir) {
+        Ok((key, created)) => {
+            if let Some(path) = created {
+                tracing::warn!(path = %path.display(), "generated a new master key, which seals the JWT signing keys; back it up apart from the data directory: without it they cannot be opened");
+            }
+            Arc::new(key)
+        }
+        Err(e) => return Err(std::io::Error::other(format!("cannot load the master key: {e}"))),
+    };
+    if let Err(e) = state.oauth.load(state.store.as_ref(), master, time::now_ms()).await {
         return Err(std::io::Error::other(format!("cannot load OAuth signing keys and clients: {e}")));
     }
     state.oauth.start(state.store.clone());
@@ -137,7 +149,7 @@ async fn background(state: Arc<AppState>) {
                 let now = time::now_ms();
                 state.oauth.prune(now);
                 let every = state.config.key_rotation_interval.as_millis() as i64;
-                let newest = state.oauth.keys.records().iter().map(|k| k.active_from).max().unwrap_or(now);
+                let newest = state.oauth.keys.records().iter().filter(|k| k.revoked_at.is_none()).map(|k| k.active_from).max().unwrap_or(now);
                 if every > 0 && now - newest >= every {
                     let ahead = state.config.key_publish_ahead.as_millis() as i64;
                     match state.oauth.keys.rotate(state.store.as_ref(), state.oauth.alg, now, ahead, None).await {

@@ -1,7 +1,9 @@
 //! Prometheus metrics, kept per server instance (no global recorder), so that several servers in one
 //! process — as in the tests — do not mix their numbers.
 //!
-//! Labels never carry secrets or ids: only decision codes, route templates, methods and statuses.
+//! Labels never carry secrets, ids or anything a client can vary at will: decision codes, route templates
+//! (or `unmatched`), standard methods (or `other`), status codes and token formats. Every label set is
+//! bounded by the code, not by the traffic.
 
 use std::collections::HashMap;
 use std::sync::RwLock;
@@ -14,6 +16,24 @@ const VERIFY_BUCKETS: &[f64] =
     &[0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.05, 0.25];
 
 static METADATA: Metadata<'static> = Metadata::new("keygate", Level::INFO, Some("keygate_server"));
+
+/// The method as a metrics label: one of the standard methods, else `other`. Methods are chosen by the
+/// client, and each distinct label value would be a new series kept forever.
+pub fn method_label(m: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
 
 /// route → (method, status, counter); a handful of entries per route.
 type RequestCounters = HashMap<String, Vec<(String, u16, Counter)>>;
@@ -55,7 +75,7 @@ impl Metrics {
 
     /// Counts a request. The counter handle of each (route, method, status) is registered once and
     /// then found under a read lock without allocating: this runs on every request.
-    pub fn record_request(&self, method: &str, route: &str, status: u16) {
+    pub fn record_request(&self, method: &'static str, route: &str, status: u16) {
         {
             let routes = self.requests.read().unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some((_, _, c)) =
@@ -79,7 +99,7 @@ impl Metrics {
         routes.entry(route.to_owned()).or_default().push((method.to_owned(), status, counter));
     }
 
-    pub fn record_grant(&self, format: &str) {
+    pub fn record_grant(&self, format: &'static str) {
         let key = Key::from_parts(
             "keygate_oauth_tokens_issued_total",
             vec![Label::new("format", format.to_owned())],

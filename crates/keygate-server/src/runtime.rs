@@ -86,7 +86,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl KeyRuntime {
     /// Checks every limit and the quota; consumes only if all allow. Counts nothing.
+    ///
+    /// A check with `cost` 0 consumes nothing, but answers what a spending call would get: denied when a
+    /// limit or the quota could not take one more unit.
     pub fn admit(&self, limits: &[RateLimit], cost: u64, now_ms: i64) -> Admission {
+        let probe = cost.max(1);
         let mut st = lock(&self.state);
         let mut denied: Option<(DecisionCode, RateLimitState)> = None;
         let mut tightest: Option<RateLimitState> = None;
@@ -104,7 +108,7 @@ impl KeyRuntime {
         }
         for (index, limit) in limits.iter().enumerate().take(MAX_RATE_LIMITS) {
             let Some(idx) = st.cells.iter().position(|(l, _)| l == limit) else { continue };
-            let c: LimitCheck = st.cells[idx].1.check(limit, now_ms, cost);
+            let c: LimitCheck = st.cells[idx].1.check(limit, now_ms, probe);
             let view = RateLimitState {
                 index,
                 limit: limit.limit,
@@ -134,7 +138,7 @@ impl KeyRuntime {
             st.quota_dirty = true;
         }
         if let Some(q) = st.quota.as_mut() {
-            if q.remaining < cost {
+            if q.remaining < probe {
                 let remaining = q.remaining;
                 return Admission {
                     code: DecisionCode::QuotaExceeded,
@@ -144,6 +148,13 @@ impl KeyRuntime {
             }
             q.remaining -= cost;
             st.quota_dirty = true;
+        }
+        if cost == 0 {
+            return Admission {
+                code: DecisionCode::Valid,
+                rate_limit: tightest.map(|t| RateLimitState { remaining: t.remaining + 1, ..t }),
+                quota_remaining: st.quota.as_ref().map(|q| q.remaining),
+            };
         }
         for (idx, next) in nexts.into_iter().take(limits.len()) {
             if let Some(cell) = st.cells.get_mut(idx) {
@@ -295,6 +306,28 @@ impl Registry {
             dirty_list: self.dirty.clone(),
         });
         map.insert(key.id.clone(), rt.clone());
+        rt
+    }
+
+    /// The runtime that counts an OAuth client's tokens against its consumer's plan (keyed by the client
+    /// id; it has no quota). Created on first use.
+    pub fn for_client(&self, client_id: &str, consumer_id: &str) -> Arc<KeyRuntime> {
+        let mut map = lock(&self.map);
+        if let Some(rt) = map.get(client_id) {
+            return rt.clone();
+        }
+        let rt = Arc::new(KeyRuntime {
+            key_id: client_id.to_string(),
+            consumer_id: consumer_id.to_string(),
+            state: Mutex::new(State::default()),
+            counts: Default::default(),
+            last_used_ms: AtomicI64::new(0),
+            last_used_ip: Mutex::new(None),
+            last_used_dirty: AtomicBool::new(false),
+            dirty: AtomicBool::new(false),
+            dirty_list: self.dirty.clone(),
+        });
+        map.insert(client_id.to_string(), rt.clone());
         rt
     }
 

@@ -47,6 +47,13 @@ pub struct ServerConfig {
     pub key_publish_ahead: Duration,
     /// Automatic signing-key rotation interval; zero turns it off.
     pub key_rotation_interval: Duration,
+    /// The key that seals signing keys at rest (never stored in the data directory).
+    pub master_key: crate::seal::MasterKeySource,
+    /// Does `/metrics` need a credential with `keygate:metrics`? `None`: only when not listening on
+    /// loopback.
+    pub metrics_auth: Option<bool>,
+    /// List every client's scopes in discovery's `scopes_supported`.
+    pub publish_scopes: bool,
 }
 
 /// How long usage buckets of each size are kept.
@@ -84,6 +91,9 @@ impl Default for ServerConfig {
             signing_alg: KeyAlg::EdDsa,
             key_publish_ahead: Duration::from_secs(600),
             key_rotation_interval: Duration::from_secs(30 * 86_400),
+            master_key: crate::seal::MasterKeySource::default(),
+            metrics_auth: None,
+            publish_scopes: true,
         }
     }
 }
@@ -97,9 +107,19 @@ pub struct AppState {
     pub config: ServerConfig,
 }
 
+impl ServerConfig {
+    /// Whether `/metrics` needs a credential, after the default (on unless listening on loopback).
+    pub fn metrics_need_auth(&self) -> bool {
+        self.metrics_auth.unwrap_or(!self.listen.ip().is_loopback())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("cannot create the data directory {path}: {source}")]
+    #[error(
+        "cannot create or secure the data directory {path}: {source}\n\
+         it must be a directory this account owns; Keygate keeps it private (mode 0700)"
+    )]
     DataDir { path: PathBuf, source: std::io::Error },
     #[error("cannot open the database in {path}: {source}")]
     Store { path: PathBuf, source: StoreError },
@@ -107,11 +127,18 @@ pub enum OpenError {
     Random(getrandom::Error),
 }
 
-/// Opens (creating if needed) the store in the data directory and applies migrations.
+/// Opens (creating if needed) the store in the data directory and applies migrations. The directory is
+/// made private (0700) and the database files 0600, before SQLite creates any of them.
 pub async fn open_store(config: &ServerConfig) -> Result<Arc<SqliteStore>, OpenError> {
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|source| OpenError::DataDir { path: config.data_dir.clone(), source })?;
+    let dir_err = |source| OpenError::DataDir { path: config.data_dir.clone(), source };
+    if let Some(old) = crate::fsmode::make_private_dir(&config.data_dir).map_err(dir_err)? {
+        tracing::warn!(dir = %config.data_dir.display(), old_mode = format!("{old:o}"),
+            "the data directory was readable by other accounts; its mode is now 700");
+    }
     let path = config.data_dir.join(DB_FILE);
+    for (file, old) in crate::fsmode::prepare_database_files(&path).map_err(dir_err)? {
+        tracing::warn!(%file, old_mode = format!("{old:o}"), "a database file was readable by other accounts; its mode is now 600");
+    }
     let options = SqliteOptions { busy_timeout: config.busy_timeout, ..SqliteOptions::default() };
     let store = SqliteStore::open(&path, &options)
         .await
@@ -127,22 +154,6 @@ impl AppState {
         let issuer = config.issuer.clone().unwrap_or_else(|| format!("http://{}", config.listen));
         let oauth = OAuth::new(issuer.trim_end_matches('/').to_string(), config.signing_alg);
         Arc::new(AppState { store, verifier, oauth, metrics: Metrics::new(), throttle, config })
-    }
-
-    /// Every scope some client may be granted (discovery's `scopes_supported`).
-    pub async fn oauth_scopes(&self) -> Vec<String> {
-        let mut scopes = std::collections::BTreeSet::new();
-        let mut after = None;
-        while let Ok(page) =
-            self.store.list_clients(&keygate_store::Page { after: after.clone(), limit: 1000 }).await
-        {
-            scopes.extend(page.iter().flat_map(|c| c.scopes.iter().cloned()));
-            match page.last() {
-                Some(c) if page.len() == 1000 => after = Some(c.id.clone()),
-                _ => break,
-            }
-        }
-        scopes.into_iter().collect()
     }
 
     /// Writes pending usage counts, last-used times and quotas now.

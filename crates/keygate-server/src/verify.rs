@@ -35,6 +35,7 @@ use keygate_store::{SecretRecord, Store, StoreError};
 use moka::sync::Cache;
 use serde::Serialize;
 
+use crate::cache::{GuardedCache, Ticket};
 use crate::oauth::tokens::TokenInfo;
 use crate::runtime::{KeyRuntime, RateLimitState, Registry};
 
@@ -95,6 +96,8 @@ pub struct Decision {
     pub quota_remaining: Option<u64>,
     /// Set when the credential was an access token that verified.
     pub token: Option<Arc<TokenInfo>>,
+    /// For access tokens: the consumer's plan that `rate_limit` indexes into.
+    pub token_limits: Option<Arc<Vec<RateLimit>>>,
 }
 
 #[derive(Serialize)]
@@ -113,6 +116,8 @@ struct TokenBody<'a> {
     expires_at: String,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     missing_scopes: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rate_limit: Option<RateLimitView<'a>>,
 }
 
 /// The request-dependent inputs of a decision.
@@ -205,6 +210,7 @@ impl Decision {
             rate_limit: None,
             quota_remaining: None,
             token: None,
+            token_limits: None,
         }
     }
 
@@ -240,6 +246,10 @@ impl Decision {
                 aud: &t.audiences,
                 expires_at: crate::time::rfc3339(t.expires_at),
                 missing_scopes: &self.missing_scopes,
+                rate_limit: match (&self.rate_limit, &self.token_limits) {
+                    (Some(r), Some(l)) => Some(RateLimitView::new(r, l)),
+                    _ => None,
+                },
             };
             return serde_json::to_vec(&body).map(Bytes::from).unwrap_or_default();
         }
@@ -292,7 +302,8 @@ impl Decision {
 #[derive(Debug, Default)]
 pub struct KnownHashes {
     set: RwLock<HashSet<u64>>,
-    /// Sequence number of the newest secret seen in the store.
+    /// Change number of the newest secret seen in the store (assigned in commit order: see
+    /// `Store::secret_changes_after`).
     seq: AtomicI64,
     ready: AtomicBool,
 }
@@ -323,7 +334,7 @@ impl KnownHashes {
     pub async fn follow(&self, store: &dyn Store) -> Result<usize, StoreError> {
         let mut added = 0;
         loop {
-            let rows = store.secret_hashes_after(self.seq.load(Ordering::Acquire), 50_000).await?;
+            let rows = store.secret_changes_after(self.seq.load(Ordering::Acquire), 50_000).await?;
             let Some(&(last, _)) = rows.last() else { break };
             {
                 let mut set = self.set.write().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -341,8 +352,8 @@ impl KnownHashes {
 
 pub struct Verifier {
     store: Arc<dyn Store>,
-    positive: Cache<SecretHash, Arc<CachedKey>>,
-    negative: Cache<SecretHash, ()>,
+    positive: GuardedCache<SecretHash, Arc<CachedKey>>,
+    negative: GuardedCache<SecretHash, ()>,
     pub known: KnownHashes,
     pub runtimes: Registry,
 }
@@ -351,11 +362,15 @@ impl Verifier {
     pub fn new(store: Arc<dyn Store>, config: &CacheConfig) -> Self {
         Verifier {
             store,
-            positive: Cache::builder().max_capacity(config.capacity).time_to_live(config.ttl).build(),
-            negative: Cache::builder()
-                .max_capacity((config.capacity / 4).max(1024))
-                .time_to_live(config.negative_ttl)
-                .build(),
+            positive: GuardedCache::new(
+                Cache::builder().max_capacity(config.capacity).time_to_live(config.ttl).build(),
+            ),
+            negative: GuardedCache::new(
+                Cache::builder()
+                    .max_capacity((config.capacity / 4).max(1024))
+                    .time_to_live(config.negative_ttl)
+                    .build(),
+            ),
             known: KnownHashes::default(),
             runtimes: Registry::default(),
         }
@@ -395,46 +410,63 @@ impl Verifier {
             Lookup::Decided(d) => return Ok(d),
             Lookup::Miss(hash) => hash,
         };
-        match self.store.find_secret(&hash).await? {
+        let ticket = self.ticket();
+        let record = self.store.find_secret(&hash).await?;
+        Ok(self.complete_miss(ticket, secret, hash, record, required, ctx))
+    }
+
+    /// Taken before a miss reads the store (see [`GuardedCache`]).
+    pub fn ticket(&self) -> (Ticket, Ticket) {
+        (self.positive.ticket(), self.negative.ticket())
+    }
+
+    /// Decides from what a miss read, and caches it unless an invalidation came in between (then the
+    /// request gets its answer, and the next one reads the store again).
+    pub fn complete_miss<S: AsRef<str>>(
+        &self,
+        ticket: (Ticket, Ticket),
+        secret: &str,
+        hash: SecretHash,
+        record: Option<SecretRecord>,
+        required: &[S],
+        ctx: Context,
+    ) -> Decision {
+        match record {
             Some(record) if record.hash.ct_eq(&hash) => {
                 let key = Arc::new(self.cached_key(&record));
-                self.positive.insert(hash, key.clone());
-                Ok(decide(key, required, ctx))
+                self.positive.insert_if_current(ticket.0, hash, key.clone());
+                decide(key, required, ctx)
             }
             _ => {
-                self.negative.insert(hash, ());
+                self.negative.insert_if_current(ticket.1, hash, ());
                 let code = if credential::parse(secret).is_ok() {
                     DecisionCode::NotFound
                 } else {
                     DecisionCode::Malformed
                 };
-                Ok(Decision::bare(code))
+                Decision::bare(code)
             }
         }
     }
 
     /// Forgets what is cached about these secrets; the next verify reads the store.
     pub fn invalidate(&self, hashes: &[SecretHash]) {
-        for h in hashes {
-            self.positive.invalidate(h);
-            self.negative.invalidate(h);
-        }
+        self.positive.invalidate(hashes);
+        self.negative.invalidate(hashes);
     }
 
     /// Secrets were just stored on this node: make them known at once. A new secret cannot be in the
-    /// positive cache; a "not found" for it is forgotten. (Only touching entries that exist matters
-    /// for bulk imports: every invalidation is work queued inside the cache.)
+    /// positive cache; a "not found" for it is forgotten, and a miss that read the store before it was
+    /// written will not cache one.
     pub fn added(&self, hashes: &[SecretHash]) {
         self.known.insert(hashes);
-        for h in hashes {
-            if self.negative.contains_key(h) {
-                self.negative.invalidate(h);
-            }
-        }
+        self.negative.invalidate(hashes);
     }
 
     fn cached_key(&self, r: &SecretRecord) -> CachedKey {
         let k = &r.key;
+        // Scopes stored before today's rules (e.g. with a comma) grant nothing and reach no header.
+        let scopes = scope::usable_only(&k.scopes);
         let expires_at = match (k.expires_at, r.secret_expires_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -447,7 +479,7 @@ impl Verifier {
             consumer_id: &k.consumer_id,
             name: &k.name,
             environment: k.environment.as_str(),
-            scopes: &k.scopes,
+            scopes: &scopes,
             expires_at: expires_at.map(crate::time::rfc3339),
             metadata: &k.metadata,
         };
@@ -464,7 +496,8 @@ impl Verifier {
             hash: r.hash,
             key_id: k.id.clone(),
             consumer_id: k.consumer_id.clone(),
-            scopes: k.scopes.clone(),
+            scopes_header: scopes.join(" "),
+            scopes,
             expires_at,
             revoked: k.revoked_at.is_some(),
             disabled: k.disabled || r.consumer_disabled,
@@ -473,7 +506,6 @@ impl Verifier {
             has_quota: k.quota.is_some(),
             valid_prefix,
             valid_body,
-            scopes_header: k.scopes.join(" "),
             runtime: self.runtimes.get_or_create(k),
         }
     }

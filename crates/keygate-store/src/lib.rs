@@ -118,9 +118,14 @@ pub trait Store: Send + Sync + 'static {
     async fn import_keys(&self, keys: &[(ApiKey, KeySecret)], audits: &[NewAudit]) -> Result<()>;
     /// Which of these secret hashes are already stored.
     async fn existing_hashes(&self, hashes: &[SecretHash]) -> Result<Vec<SecretHash>>;
-    /// Secret hashes in insertion order after `seq`, with their sequence numbers (for the known-hash
-    /// filter: loaded at start, then followed).
-    async fn secret_hashes_after(&self, seq: i64, limit: u32) -> Result<Vec<(i64, SecretHash)>>;
+    /// Key-secret hashes with a change number above `seq`, in change-number order, with their change
+    /// numbers (for the known-hash filter: loaded at start, then followed).
+    ///
+    /// Contract: change numbers are assigned in **commit order**. Once a reader has seen change number N,
+    /// no secret committed later gets a number at or below N, so following "everything after the last
+    /// number seen" never skips a row, with any number of concurrent writers or nodes. (Row ids and
+    /// sequences do not promise this: a transaction can take a lower id and commit after a higher one.)
+    async fn secret_changes_after(&self, seq: i64, limit: u32) -> Result<Vec<(i64, SecretHash)>>;
 
     /// Writes a batch of usage counts, last-used times and quota states, in one transaction.
     async fn flush_usage(&self, batch: &[KeyUsage]) -> Result<()>;

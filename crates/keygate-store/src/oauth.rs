@@ -44,12 +44,14 @@ pub struct ClientPatch {
     pub updated_at: i64,
 }
 
-/// A JWT signing key. The private key is PKCS#8 DER.
+/// A JWT signing key. The private key is stored sealed (encrypted by the server with its master key);
+/// the store keeps whatever bytes it is given.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SigningKey {
     pub kid: String,
     /// `EdDSA` or `ES256`.
     pub alg: String,
+    /// The sealed private key (older databases: PKCS#8 DER in clear, sealed on the next start).
     pub private_der: Vec<u8>,
     /// The public key as a JWK (published in the JWKS).
     pub public_jwk: Value,
@@ -60,6 +62,8 @@ pub struct SigningKey {
     pub retired_at: Option<i64>,
     /// Leaves the JWKS at this time, when every token it signed has expired.
     pub publish_until: Option<i64>,
+    /// Emergency revocation: unpublished at once, and no token it signed verifies.
+    pub revoked_at: Option<i64>,
 }
 
 /// An opaque access token as stored (its secret only as SHA-256).
@@ -121,4 +125,8 @@ pub trait OAuthStore: Send + Sync + 'static {
     async fn insert_signing_key(&self, key: &SigningKey, audit: Option<&NewAudit>) -> Result<()>;
     async fn list_signing_keys(&self) -> Result<Vec<SigningKey>>;
     async fn retire_signing_key(&self, kid: &str, retired_at: i64, publish_until: i64) -> Result<()>;
+    /// Replaces a key's stored private key bytes (sealing keys stored in clear by older versions).
+    async fn reseal_signing_key(&self, kid: &str, sealed: &[u8]) -> Result<()>;
+    /// Emergency revocation of a key, with its audit event. False if there is no such unrevoked key.
+    async fn revoke_signing_key(&self, kid: &str, at: i64, audit: &NewAudit) -> Result<bool>;
 }

@@ -168,6 +168,27 @@ const MIGRATIONS: &[&str] = &[
         revoked_at INTEGER NOT NULL
     );
     "#,
+    // 4: hardening. A change number per key secret, assigned in commit order (the known-hash filter
+    // follows it); emergency revocation of signing keys; shorter visible starts of imported keys.
+    r#"
+    -- Assigned as MAX(seq) + 1 inside the writing transaction. SQLite has one writer at a time and a
+    -- transaction's first write takes the write lock until commit, so seq order is commit order and a
+    -- follower that has read up to N never later finds a new row at or below N.
+    ALTER TABLE key_secrets ADD COLUMN seq INTEGER;
+    UPDATE key_secrets SET seq = rowid;
+    CREATE UNIQUE INDEX key_secrets_by_seq ON key_secrets (seq);
+
+    -- Set by an emergency revocation: the key leaves the JWKS and its tokens stop verifying at once.
+    ALTER TABLE signing_keys ADD COLUMN revoked_at INTEGER;
+
+    -- Imported keys used to show everything up to their last '_'. Keep at most 4 characters (imported
+    -- plaintext keys have at least 16, so that is never more than a quarter), here and in their audit events.
+    UPDATE api_keys SET start = substr(start, 1, 4) WHERE imported = 1 AND start NOT LIKE 'sha256:%';
+    UPDATE key_secrets SET start = (SELECT k.start FROM api_keys k WHERE k.id = key_secrets.key_id)
+        WHERE key_id IN (SELECT id FROM api_keys WHERE imported = 1);
+    UPDATE audit_events SET details = json_set(details, '$.start', substr(json_extract(details, '$.start'), 1, 4))
+        WHERE action = 'key.import' AND json_extract(details, '$.start') NOT LIKE 'sha256:%';
+    "#,
 ];
 
 /// Options for opening the SQLite store.
@@ -412,8 +433,8 @@ async fn insert_key_tx(tx: &mut Tx<'_>, k: &ApiKey, s: &KeySecret) -> Result<()>
 }
 
 /// Secrets of keys and of OAuth clients have the same shape; only the table differs.
-pub(crate) const INSERT_KEY_SECRET: &str =
-    "INSERT INTO key_secrets (hash, key_id, start, created_at, expires_at) VALUES (?, ?, ?, ?, ?)";
+pub(crate) const INSERT_KEY_SECRET: &str = "INSERT INTO key_secrets (hash, key_id, start, created_at, expires_at, seq) \
+     VALUES (?, ?, ?, ?, ?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM key_secrets))";
 pub(crate) const INSERT_CLIENT_SECRET: &str =
     "INSERT INTO client_secrets (hash, client_id, start, created_at, expires_at) VALUES (?, ?, ?, ?, ?)";
 
@@ -749,14 +770,13 @@ impl Store for SqliteStore {
         Ok(found)
     }
 
-    async fn secret_hashes_after(&self, seq: i64, limit: u32) -> Result<Vec<(i64, SecretHash)>> {
-        let rows =
-            sqlx::query("SELECT rowid AS seq, hash FROM key_secrets WHERE rowid > ? ORDER BY rowid LIMIT ?")
-                .bind(seq)
-                .bind(i64::from(limit))
-                .fetch_all(&self.pool)
-                .await
-                .map_err(map_err)?;
+    async fn secret_changes_after(&self, seq: i64, limit: u32) -> Result<Vec<(i64, SecretHash)>> {
+        let rows = sqlx::query("SELECT seq, hash FROM key_secrets WHERE seq > ? ORDER BY seq LIMIT ?")
+            .bind(seq)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
         rows.iter().map(|r| Ok((r.try_get("seq").map_err(map_err)?, hash_from_row(r)?))).collect()
     }
 

@@ -64,6 +64,7 @@ fn signing_key_from_row(row: &SqliteRow) -> Result<SigningKey> {
         active_from: row.try_get("active_from").map_err(map_err)?,
         retired_at: row.try_get("retired_at").map_err(map_err)?,
         publish_until: row.try_get("publish_until").map_err(map_err)?,
+        revoked_at: row.try_get("revoked_at").map_err(map_err)?,
     })
 }
 
@@ -351,5 +352,32 @@ impl OAuthStore for SqliteStore {
             .await
             .map_err(map_err)?;
         Ok(())
+    }
+
+    async fn reseal_signing_key(&self, kid: &str, sealed: &[u8]) -> Result<()> {
+        sqlx::query("UPDATE signing_keys SET private_der = ? WHERE kid = ?")
+            .bind(sealed)
+            .bind(kid)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn revoke_signing_key(&self, kid: &str, at: i64, audit: &NewAudit) -> Result<bool> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let done = sqlx::query("UPDATE signing_keys SET revoked_at = ? WHERE kid = ? AND revoked_at IS NULL")
+            .bind(at)
+            .bind(kid)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .rows_affected()
+            > 0;
+        if done {
+            insert_audit(&mut tx, audit).await?;
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(done)
     }
 }

@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use crate::config::{DEFAULT_CONFIG, ServerArgs};
 
 const EXIT_ERROR: u8 = 1;
+const EXIT_USAGE: u8 = 2;
 const EXIT_UNREACHABLE: u8 = 3;
 const EXIT_INVALID: u8 = 4;
 
@@ -336,8 +337,14 @@ enum ClientsCmd {
 
 #[derive(Debug, Subcommand)]
 enum SigningKeysCmd {
-    /// List the signing keys and their stage (pending, active, retired).
+    /// List the signing keys and their stage (pending, active, retired, expired, revoked).
     List,
+    /// Emergency revocation of a compromised key: it leaves the JWKS now, no token it signed verifies
+    /// from the next request on, and if it was signing a new key takes over at once.
+    Revoke {
+        /// The key id (`kid`), as `signing-keys list` shows it.
+        kid: String,
+    },
     /// Start a rotation: the new key is published now and signs after --publish-ahead seconds.
     Rotate {
         #[arg(long)]
@@ -545,6 +552,17 @@ async fn run_client(command: Command) -> Result<ExitCode, Failure> {
             let c = Client::new(client)?;
             let v = match command {
                 SigningKeysCmd::List => c.call(Method::GET, "/v1/signing-keys", &[], None).await?,
+                SigningKeysCmd::Revoke { kid } => {
+                    if kid.is_empty() || !kid.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                        return Err(Failure {
+                            code: EXIT_USAGE,
+                            message: format!(
+                                "{kid:?} is not a signing key id; `keygate signing-keys list` shows them"
+                            ),
+                        });
+                    }
+                    c.call(Method::POST, &format!("/v1/signing-keys/{kid}/revoke"), &[], None).await?
+                }
                 SigningKeysCmd::Rotate { publish_ahead, alg } => {
                     let mut body = json!({});
                     if let Some(s) = publish_ahead {

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use keygate_server::ServerConfig;
+use keygate_server::seal::MasterKeySource;
 use serde::Deserialize;
 
 /// The TOML file. Every field is optional; absent fields keep their defaults.
@@ -23,6 +24,8 @@ pub struct FileConfig {
     pub failures_per_minute: Option<u64>,
     pub flush_interval_ms: Option<u64>,
     pub issuer: Option<String>,
+    pub master_key_file: Option<PathBuf>,
+    pub metrics_auth: Option<bool>,
     pub oauth: Option<OAuthFile>,
     pub cache: Option<CacheFile>,
     pub usage: Option<UsageFile>,
@@ -34,6 +37,7 @@ pub struct OAuthFile {
     pub signing_alg: Option<String>,
     pub key_publish_ahead_seconds: Option<u64>,
     pub key_rotation_days: Option<u64>,
+    pub publish_scopes: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -101,6 +105,15 @@ pub struct ServerArgs {
     /// The OAuth issuer URL, as clients reach this server [default: http://<listen address>].
     #[arg(long, env = "KEYGATE_ISSUER")]
     pub issuer: Option<String>,
+    /// File holding the master key that seals JWT signing keys at rest; created (mode 0600) if missing.
+    /// Keep it outside the data directory. KEYGATE_MASTER_KEY (base64 of 32 bytes) takes precedence
+    /// [default: keygate.master-key beside --config, else <data-dir>.master-key beside the data directory].
+    #[arg(long, env = "KEYGATE_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
+    /// Require a credential with keygate:metrics (admin keys have it) for /metrics
+    /// [default: true unless listening on loopback].
+    #[arg(long, env = "KEYGATE_METRICS_AUTH")]
+    pub metrics_auth: Option<bool>,
 }
 
 pub struct Resolved {
@@ -157,7 +170,27 @@ pub fn resolve(args: &ServerArgs) -> Result<Resolved, String> {
         }
         server.issuer = Some(iss.trim_end_matches('/').to_string());
     }
+    server.master_key =
+        match std::env::var("KEYGATE_MASTER_KEY") {
+            Ok(k) if !k.trim().is_empty() => MasterKeySource::Inline(k),
+            _ => match args.master_key_file.clone().or(file.master_key_file) {
+                Some(p) => MasterKeySource::File(p),
+                None => match &args.config {
+                    Some(c) => MasterKeySource::File(c.parent().map_or_else(
+                        || PathBuf::from("keygate.master-key"),
+                        |d| d.join("keygate.master-key"),
+                    )),
+                    None => MasterKeySource::BesideDataDir,
+                },
+            },
+        };
+    if let Some(m) = args.metrics_auth.or(file.metrics_auth) {
+        server.metrics_auth = Some(m);
+    }
     let oauth = file.oauth.unwrap_or_default();
+    if let Some(p) = oauth.publish_scopes {
+        server.publish_scopes = p;
+    }
     if let Some(a) = oauth.signing_alg {
         server.signing_alg = keygate_server::oauth::keys::KeyAlg::parse(&a)
             .ok_or_else(|| format!("oauth.signing_alg {a:?} must be EdDSA or ES256"))?;
@@ -226,6 +259,17 @@ failures_per_minute = 100
 # A crash loses at most this much of them; a graceful stop loses nothing. KEYGATE_FLUSH_INTERVAL_MS
 flush_interval_ms = 1000
 
+# The master key that seals the JWT signing keys in the database (XChaCha20-Poly1305). Created, mode
+# 0600, if missing. Keep it OUTSIDE the data directory and back it up apart from it: a copy of the data
+# directory alone then does not reveal the signing keys. KEYGATE_MASTER_KEY (base64 of 32 random bytes)
+# takes precedence over the file. Default: keygate.master-key beside this file, or, without a config
+# file, <data_dir>.master-key beside the data directory. KEYGATE_MASTER_KEY_FILE, --master-key-file
+# master_key_file = "/etc/keygate/master.key"
+
+# Require a credential with the keygate:metrics permission (admin keys have it) to read /metrics.
+# Default: on, unless Keygate listens on a loopback address. KEYGATE_METRICS_AUTH, --metrics-auth
+# metrics_auth = true
+
 # The OAuth issuer URL: what clients use to reach this server, and the "iss" of its tokens.
 # Default: http://<the address it listens on>. KEYGATE_ISSUER, --issuer
 # issuer = "https://auth.example.com"
@@ -237,6 +281,9 @@ signing_alg = "EdDSA"
 key_publish_ahead_seconds = 600
 # Rotate the signing key automatically this often; 0 turns it off.
 key_rotation_days = 30
+# List every client's scopes in the discovery document's scopes_supported. Turn off to keep one
+# tenant's scopes from being visible to everyone.
+publish_scopes = true
 
 [usage]
 # How long usage buckets are kept, per bucket size.
@@ -269,6 +316,7 @@ mod tests {
         assert_eq!(file.failures_per_minute, Some(d.failures_per_minute));
         assert_eq!(file.flush_interval_ms, Some(d.flush_interval.as_millis() as u64));
         assert_eq!(file.usage.unwrap().minute_retention_hours, Some(d.retention.minute.as_secs() / 3600));
+        assert_eq!(file.oauth.unwrap().publish_scopes, Some(d.publish_scopes));
     }
 
     #[test]

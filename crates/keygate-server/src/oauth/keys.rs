@@ -5,10 +5,15 @@
 //!   before they see its first token.
 //! - The key it replaces stops signing then, and stays published until every token it signed has expired
 //!   (its retirement plus the longest token lifetime).
-//! - Ed25519 (EdDSA) by default; ES256 selectable. Private keys are PKCS#8 in the database: protect the
-//!   data directory as you would the keys themselves.
+//! - Ed25519 (EdDSA) by default; ES256 selectable. Private keys are PKCS#8, sealed with the master key
+//!   (`crate::seal`) before they reach the database; keys stored in clear by older versions are sealed
+//!   at the next start.
+//! - Emergency revocation: a revoked key leaves the JWKS at once and nothing it signed verifies; if it was
+//!   signing, a new key takes over immediately (no publish-ahead: the old one must not sign another token).
 
-use std::sync::RwLock;
+use std::sync::{Arc, OnceLock, RwLock};
+
+use crate::seal::{MasterKey, SealError};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -55,6 +60,10 @@ pub enum KeyError {
     Generate(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("signing key {kid}: {source}")]
+    Seal { kid: String, source: SealError },
+    #[error("no master key is loaded")]
+    NoMasterKey,
 }
 
 /// A key ready to sign or verify.
@@ -98,6 +107,7 @@ impl LoadedKey {
     }
 }
 
+/// Parses a key record whose `private_der` is the PKCS#8 in clear (already unsealed).
 fn load(record: SigningKey) -> Result<LoadedKey, KeyError> {
     let bad = |what: &str| KeyError::Generate(format!("stored key {} has a bad {what}", record.kid));
     let alg = KeyAlg::parse(&record.alg).ok_or_else(|| bad("algorithm"))?;
@@ -125,6 +135,8 @@ fn load(record: SigningKey) -> Result<LoadedKey, KeyError> {
     };
     let header = json!({"alg": alg.as_str(), "typ": "at+jwt", "kid": record.kid});
     let encoded_header = URL_SAFE_NO_PAD.encode(header.to_string());
+    // The clear key stays only inside `signer`; the record keeps no copy.
+    let record = SigningKey { private_der: Vec::new(), ..record };
     Ok(LoadedKey { record, alg, decoding, signer, encoded_header })
 }
 
@@ -176,17 +188,18 @@ pub fn generate(alg: KeyAlg, now: i64, active_from: i64) -> Result<SigningKey, K
         active_from,
         retired_at: None,
         publish_until: None,
+        revoked_at: None,
     })
 }
 
+#[derive(Default)]
 pub struct SigningKeys {
     keys: RwLock<Vec<std::sync::Arc<LoadedKey>>>,
+    master: OnceLock<Arc<MasterKey>>,
 }
 
-impl Default for SigningKeys {
-    fn default() -> Self {
-        SigningKeys { keys: RwLock::new(Vec::new()) }
-    }
+fn live(k: &LoadedKey) -> bool {
+    k.record.revoked_at.is_none()
 }
 
 impl SigningKeys {
@@ -194,14 +207,59 @@ impl SigningKeys {
         self.keys.read().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Loads the stored keys; creates the first one if there is none.
-    pub async fn load(&self, store: &dyn OAuthStore, alg: KeyAlg, now: i64) -> Result<(), KeyError> {
-        let mut records = store.list_signing_keys().await?;
-        if records.is_empty() {
-            let first = generate(alg, now, now)?;
-            store.insert_signing_key(&first, None).await?;
-            records.push(first);
+    /// Sets the master key that seals and opens private keys (once; later calls keep the first).
+    pub fn set_master(&self, master: Arc<MasterKey>) {
+        let _ = self.master.set(master);
+    }
+
+    fn master(&self) -> Result<&MasterKey, KeyError> {
+        self.master.get().map(|m| m.as_ref()).ok_or(KeyError::NoMasterKey)
+    }
+
+    /// Seals a new key and stores it.
+    async fn insert(
+        &self,
+        store: &dyn OAuthStore,
+        key: &SigningKey,
+        audit: Option<&keygate_store::NewAudit>,
+    ) -> Result<(), KeyError> {
+        let sealed = self
+            .master()?
+            .seal(key.kid.as_bytes(), &key.private_der)
+            .map_err(|source| KeyError::Seal { kid: key.kid.clone(), source })?;
+        store.insert_signing_key(&SigningKey { private_der: sealed, ..key.clone() }, audit).await?;
+        Ok(())
+    }
+
+    /// Opens a stored key; one stored in clear (by an older version) is sealed in the store now.
+    async fn open(&self, store: &dyn OAuthStore, record: SigningKey) -> Result<SigningKey, KeyError> {
+        let master = self.master()?;
+        let seal_err = |source| KeyError::Seal { kid: record.kid.clone(), source };
+        if MasterKey::is_sealed(&record.private_der) {
+            let der = master.unseal(record.kid.as_bytes(), &record.private_der).map_err(seal_err)?;
+            return Ok(SigningKey { private_der: der, ..record });
         }
+        let sealed = master.seal(record.kid.as_bytes(), &record.private_der).map_err(seal_err)?;
+        store.reseal_signing_key(&record.kid, &sealed).await?;
+        tracing::info!(kid = %record.kid, "sealed a signing key that was stored in clear");
+        Ok(record)
+    }
+
+    /// Loads the stored keys; creates the first one if there is no usable one.
+    pub async fn load(&self, store: &dyn OAuthStore, alg: KeyAlg, now: i64) -> Result<(), KeyError> {
+        let mut opened = Vec::new();
+        for r in store.list_signing_keys().await? {
+            opened.push(self.open(store, r).await?);
+        }
+        if !opened.iter().any(|k| k.revoked_at.is_none()) {
+            let first = generate(alg, now, now)?;
+            self.insert(store, &first, None).await?;
+            opened.push(first);
+        }
+        self.replace(opened)
+    }
+
+    fn replace(&self, records: Vec<SigningKey>) -> Result<(), KeyError> {
         let loaded = records.into_iter().map(load).collect::<Result<Vec<_>, _>>()?;
         *self.keys.write().unwrap_or_else(std::sync::PoisonError::into_inner) =
             loaded.into_iter().map(std::sync::Arc::new).collect();
@@ -212,7 +270,7 @@ impl SigningKeys {
     pub fn signer(&self, now: i64) -> Option<std::sync::Arc<LoadedKey>> {
         self.read()
             .iter()
-            .filter(|k| k.record.active_from <= now && k.record.retired_at.is_none_or(|r| r > now))
+            .filter(|k| live(k) && k.record.active_from <= now && k.record.retired_at.is_none_or(|r| r > now))
             .max_by_key(|k| k.record.active_from)
             .cloned()
     }
@@ -220,7 +278,7 @@ impl SigningKeys {
     pub fn by_kid(&self, kid: &str, now: i64) -> Option<std::sync::Arc<LoadedKey>> {
         self.read()
             .iter()
-            .find(|k| k.record.kid == kid && k.record.publish_until.is_none_or(|t| t > now))
+            .find(|k| k.record.kid == kid && live(k) && k.record.publish_until.is_none_or(|t| t > now))
             .cloned()
     }
 
@@ -229,7 +287,7 @@ impl SigningKeys {
         let keys: Vec<Value> = self
             .read()
             .iter()
-            .filter(|k| k.record.publish_until.is_none_or(|t| t > now))
+            .filter(|k| live(k) && k.record.publish_until.is_none_or(|t| t > now))
             .map(|k| k.record.public_jwk.clone())
             .collect();
         json!({ "keys": keys })
@@ -251,14 +309,35 @@ impl SigningKeys {
     ) -> Result<SigningKey, KeyError> {
         let active_from = now + publish_ahead_ms.max(0);
         let new = generate(alg, now, active_from)?;
-        store.insert_signing_key(&new, audit).await?;
+        self.insert(store, &new, audit).await?;
         for k in self.records() {
-            if k.retired_at.is_none_or(|r| r > active_from) && k.kid != new.kid {
+            if k.revoked_at.is_none() && k.retired_at.is_none_or(|r| r > active_from) && k.kid != new.kid {
                 let publish_until = active_from + MAX_TOKEN_LIFETIME_SECONDS * 1000;
                 store.retire_signing_key(&k.kid, active_from, publish_until).await?;
             }
         }
         self.load(store, alg, now).await?;
-        Ok(new)
+        Ok(SigningKey { private_der: Vec::new(), ..new })
+    }
+
+    /// Emergency revocation: `kid` leaves the JWKS now and no token it signed verifies. If no live key
+    /// is signing afterwards, a new one signs at once. False if there is no such unrevoked key.
+    pub async fn revoke(
+        &self,
+        store: &dyn OAuthStore,
+        kid: &str,
+        alg: KeyAlg,
+        now: i64,
+        audit: &keygate_store::NewAudit,
+    ) -> Result<bool, KeyError> {
+        if !store.revoke_signing_key(kid, now, audit).await? {
+            return Ok(false);
+        }
+        self.load(store, alg, now).await?;
+        if self.signer(now).is_none() {
+            // Retire pending keys' wait: a fresh key signs from now.
+            self.rotate(store, alg, now, 0, None).await?;
+        }
+        Ok(true)
     }
 }

@@ -8,7 +8,6 @@
 pub mod keys;
 pub mod tokens;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Json;
@@ -95,8 +94,8 @@ impl IntoResponse for OAuthError {
     }
 }
 
-/// A form body: each parameter with all its values.
-struct Form(HashMap<String, Vec<String>>);
+/// A form body, after checking its content type (the parsing rules are in `keygate_core::oauth`).
+struct Form(keygate_core::oauth::Form);
 
 impl Form {
     fn parse(headers: &HeaderMap, body: &[u8]) -> Result<Form, OAuthError> {
@@ -107,27 +106,16 @@ impl Form {
                 "send parameters as application/x-www-form-urlencoded",
             ));
         }
-        let mut map: HashMap<String, Vec<String>> = HashMap::new();
-        for (k, v) in form_urlencoded::parse(body) {
-            map.entry(k.into_owned()).or_default().push(v.into_owned());
-        }
-        Ok(Form(map))
+        Ok(Form(keygate_core::oauth::Form::parse(body)))
     }
 
     /// A parameter that may appear at most once (RFC 6749 section 3.2).
     fn one(&self, name: &str) -> Result<Option<&str>, OAuthError> {
-        match self.0.get(name).map(Vec::as_slice) {
-            None => Ok(None),
-            Some([v]) => Ok(Some(v.as_str())),
-            Some(_) => Err(OAuthError::new(
-                "invalid_request",
-                format!("the parameter {name} appears more than once"),
-            )),
-        }
+        self.0.one(name).map_err(|e| OAuthError::new("invalid_request", e.to_string()))
     }
 
     fn all(&self, name: &str) -> &[String] {
-        self.0.get(name).map(Vec::as_slice).unwrap_or(&[])
+        self.0.all(name)
     }
 }
 
@@ -173,6 +161,25 @@ fn no_store(mut resp: Response) -> Response {
     resp
 }
 
+/// A failed credential check: 429 `slow_down` once the address has spent its failure budget, else
+/// `failure` (and the failure is counted). Good credentials never get here, so an address shared with an
+/// attacker (NAT, a proxy) still works for callers whose credentials verify.
+fn failed_check(state: &AppState, ip: Option<std::net::IpAddr>, now: i64, failure: OAuthError) -> OAuthError {
+    if let Some(retry) = state.throttle.blocked(ip, now) {
+        return OAuthError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            error: "slow_down",
+            description: format!(
+                "too many failed attempts; retry in {} s",
+                (retry.max(0) as u64).div_ceil(1000)
+            ),
+            basic_challenge: false,
+        };
+    }
+    state.throttle.record_failure(ip, now);
+    failure
+}
+
 /// Authenticates the client of a request, throttling failures per address.
 async fn authenticate(
     state: &AppState,
@@ -182,23 +189,9 @@ async fn authenticate(
     now: i64,
 ) -> Result<Option<keygate_store::OAuthClient>, OAuthError> {
     let Some((id, secret, basic)) = client_credentials(headers, form)? else { return Ok(None) };
-    if let Some(retry) = state.throttle.blocked(ip, now) {
-        return Err(OAuthError {
-            status: StatusCode::TOO_MANY_REQUESTS,
-            error: "slow_down",
-            description: format!(
-                "too many failed attempts; retry in {} s",
-                (retry.max(0) as u64).div_ceil(1000)
-            ),
-            basic_challenge: false,
-        });
-    }
     match state.oauth.authenticate_client(state.store.as_ref(), &id, &secret, now).await? {
         Some(c) => Ok(Some(c)),
-        None => {
-            state.throttle.record_failure(ip, now);
-            Err(OAuthError::invalid_client(basic))
-        }
+        None => Err(failed_check(state, ip, now, OAuthError::invalid_client(basic))),
     }
 }
 
@@ -255,7 +248,7 @@ pub async fn token(
             }
         },
     )?;
-    state.metrics.record_grant(&client.token_format);
+    state.metrics.record_grant(if client.token_format == "opaque" { "opaque" } else { "jwt" });
     Ok(no_store(
         Json(json!({
             "access_token": issued.access_token,
@@ -267,26 +260,59 @@ pub async fn token(
     ))
 }
 
-/// Who may introspect or revoke: a client, or a Keygate credential with the verify permission.
-async fn caller_may_inspect(
+/// Who is asking to introspect or revoke a token.
+enum Inspector {
+    /// An OAuth client: only tokens issued to it.
+    Client(String),
+    /// A Keygate credential with the needed permission: any token.
+    Keygate,
+}
+
+impl Inspector {
+    fn may_see(&self, token_client_id: &str) -> bool {
+        match self {
+            Inspector::Client(id) => id == token_client_id,
+            Inspector::Keygate => true,
+        }
+    }
+}
+
+/// Authenticates the caller of introspection or revocation: a client (which may act on its own tokens),
+/// or a Keygate credential holding `permission` (`keygate:introspect` for introspection,
+/// `keygate:admin` for revoking others' tokens). Every failed credential counts against the address.
+async fn inspector(
     state: &AppState,
     headers: &HeaderMap,
     form: &Form,
     ip: Option<std::net::IpAddr>,
     now: i64,
-) -> Result<Option<String>, OAuthError> {
+    permission: &str,
+) -> Result<Inspector, OAuthError> {
     if let Some(client) = authenticate(state, headers, form, ip, now).await? {
-        return Ok(Some(client.id));
+        return Ok(Inspector::Client(client.id));
     }
     let credential = presented_credential(headers).ok_or_else(|| OAuthError::invalid_client(false))?;
-    let d = state
-        .verifier
-        .verify(credential, &[keygate_core::scope::VERIFY], Context { ip, cost: 0, now_ms: now })
-        .await?;
-    if d.is_valid() { Ok(None) } else { Err(OAuthError::invalid_client(false)) }
+    let d = state.verifier.verify(credential, &[permission], Context { ip, cost: 0, now_ms: now }).await?;
+    match d.code {
+        keygate_core::DecisionCode::Valid => Ok(Inspector::Keygate),
+        keygate_core::DecisionCode::InsufficientScope => Err(OAuthError {
+            status: StatusCode::FORBIDDEN,
+            error: "insufficient_scope",
+            description: format!(
+                "the credential is valid but lacks the '{permission}' permission; a client may only act on its own tokens"
+            ),
+            basic_challenge: false,
+        }),
+        keygate_core::DecisionCode::Malformed | keygate_core::DecisionCode::NotFound => {
+            Err(failed_check(state, ip, now, OAuthError::invalid_client(false)))
+        }
+        _ => Err(OAuthError::invalid_client(false)),
+    }
 }
 
-/// RFC 7662 token introspection.
+/// RFC 7662 token introspection. A client sees only its own tokens (others are `{"active": false}`); a
+/// resource server that must introspect every client's tokens uses a Keygate credential with
+/// `keygate:introspect`.
 pub async fn introspect(
     State(state): State<Arc<AppState>>,
     ClientIp(ip): ClientIp,
@@ -295,13 +321,14 @@ pub async fn introspect(
 ) -> Result<Response, OAuthError> {
     let now = now_ms();
     let form = Form::parse(&headers, &body)?;
-    caller_may_inspect(&state, &headers, &form, ip, now).await?;
+    let caller = inspector(&state, &headers, &form, ip, now, keygate_core::scope::INTROSPECT).await?;
     let token = form.one("token")?.ok_or_else(|| OAuthError::new("invalid_request", "token is missing"))?;
     let body = match state.oauth.verify(state.store.as_ref(), token, None, now).await? {
-        Ok(info) => json!({
+        Ok(info) if caller.may_see(&info.client_id) => json!({
             "active": true,
             "scope": info.scopes.join(" "),
             "client_id": info.client_id,
+            "consumer_id": info.consumer_id,
             "sub": info.subject,
             "aud": if info.audiences.len() == 1 { Value::String(info.audiences[0].clone()) } else { json!(info.audiences) },
             "iss": state.oauth.issuer(),
@@ -310,12 +337,13 @@ pub async fn introspect(
             "jti": info.jti,
             "token_type": "Bearer",
         }),
-        Err(_) => json!({"active": false}),
+        _ => json!({"active": false}),
     };
     Ok(no_store(Json(body).into_response()))
 }
 
-/// RFC 7009 token revocation: 200 also for unknown tokens.
+/// RFC 7009 token revocation: 200 also for unknown tokens. A client revokes only its own tokens; others'
+/// need a Keygate admin credential.
 pub async fn revoke(
     State(state): State<Arc<AppState>>,
     ClientIp(ip): ClientIp,
@@ -324,17 +352,37 @@ pub async fn revoke(
 ) -> Result<Response, OAuthError> {
     let now = now_ms();
     let form = Form::parse(&headers, &body)?;
-    let client = caller_may_inspect(&state, &headers, &form, ip, now).await?;
+    let caller = inspector(&state, &headers, &form, ip, now, keygate_core::scope::ADMIN).await?;
     let token = form.one("token")?.ok_or_else(|| OAuthError::new("invalid_request", "token is missing"))?;
-    state.oauth.revoke(state.store.as_ref(), token, client.as_deref(), now).await?;
+    let client = match &caller {
+        Inspector::Client(id) => Some(id.as_str()),
+        Inspector::Keygate => None,
+    };
+    state.oauth.revoke(state.store.as_ref(), token, client, now).await?;
     Ok(no_store(StatusCode::OK.into_response()))
 }
 
-/// RFC 8414 authorization server metadata.
-pub async fn discovery(State(state): State<Arc<AppState>>) -> Response {
+/// RFC 8414 authorization server metadata. Built once and kept until a client changes (it lists the
+/// scopes clients may be granted, unless `publish_scopes` is off).
+pub async fn discovery(State(state): State<Arc<AppState>>) -> Result<Response, OAuthError> {
+    if let Some(doc) = state.oauth.discovery.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    {
+        return Ok(Json(doc.as_ref()).into_response());
+    }
+    let doc = Arc::new(discovery_document(&state).await?);
+    *state.oauth.discovery.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(doc.clone());
+    Ok(Json(doc.as_ref()).into_response())
+}
+
+async fn discovery_document(state: &AppState) -> Result<Value, OAuthError> {
     let iss = state.oauth.issuer();
-    let scopes = state.oauth_scopes().await;
-    Json(json!({
+    let mut scopes = std::collections::BTreeSet::new();
+    if state.config.publish_scopes {
+        for c in tokens::all_clients(state.store.as_ref()).await? {
+            scopes.extend(c.scopes);
+        }
+    }
+    let mut doc = json!({
         "issuer": iss,
         "token_endpoint": format!("{iss}/oauth2/token"),
         "introspection_endpoint": format!("{iss}/oauth2/introspect"),
@@ -345,10 +393,12 @@ pub async fn discovery(State(state): State<Arc<AppState>>) -> Response {
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
         "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "bearer"],
         "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "bearer"],
-        "scopes_supported": scopes,
         "access_token_signing_alg_values_supported": [state.oauth.alg.as_str()],
-    }))
-    .into_response()
+    });
+    if state.config.publish_scopes {
+        doc["scopes_supported"] = json!(scopes);
+    }
+    Ok(doc)
 }
 
 /// The published signing keys.

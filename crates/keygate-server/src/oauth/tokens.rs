@@ -7,19 +7,23 @@
 //!   client's "revoked before" time, and whether the client is disabled or deleted.
 //! - An opaque token (`kgat_…`) is stored as SHA-256 with its claims and looked up (cached).
 //! - Revocation takes effect on the next request on this node.
+//! - A client's tokens live under its consumer: a disabled consumer's clients cannot authenticate and
+//!   their tokens answer `DISABLED`; the consumer's plan (rate limits) applies to them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use jsonwebtoken::Validation;
+use keygate_core::limits::RateLimit;
+pub use keygate_core::oauth::AtClaims;
 use keygate_core::{DecisionCode, PlainSecret, SecretHash, SecretKind, scope};
-use keygate_store::{AccessTokenRecord, OAuthClient, OAuthStore, StoreError};
+use keygate_store::{AccessTokenRecord, Backend, Consumer, OAuthClient, OAuthStore, StoreError};
 use moka::sync::Cache;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::keys::{KeyAlg, SigningKeys};
+use crate::cache::GuardedCache;
 
 /// What the verify path needs to know about a client without I/O.
 #[derive(Debug, Clone)]
@@ -29,19 +33,18 @@ pub struct ClientState {
     pub tokens_revoked_before: Option<i64>,
 }
 
-/// RFC 9068 access-token claims.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AtClaims {
-    pub iss: String,
-    pub sub: String,
-    pub aud: Value,
-    pub exp: i64,
-    pub iat: i64,
-    pub nbf: i64,
-    pub jti: String,
-    pub client_id: String,
-    #[serde(default)]
-    pub scope: String,
+/// What the token path needs to know about a consumer that holds clients.
+#[derive(Debug, Clone)]
+pub struct ConsumerState {
+    pub disabled: bool,
+    /// The consumer's plan; its clients' tokens count against it (one cell set per client).
+    pub limits: Arc<Vec<RateLimit>>,
+}
+
+impl From<&Consumer> for ConsumerState {
+    fn from(c: &Consumer) -> Self {
+        ConsumerState { disabled: c.disabled, limits: Arc::new(c.rate_limits.clone().unwrap_or_default()) }
+    }
 }
 
 /// A presented access token that verified (before the scope check).
@@ -71,15 +74,19 @@ pub struct OAuth {
     pub alg: KeyAlg,
     issuer: RwLock<String>,
     clients: RwLock<HashMap<String, ClientState>>,
+    /// Consumers that hold clients.
+    consumers: RwLock<HashMap<String, ConsumerState>>,
     revoked: RwLock<HashMap<String, i64>>,
-    opaque: Cache<SecretHash, Arc<AccessTokenRecord>>,
+    opaque: GuardedCache<SecretHash, Arc<AccessTokenRecord>>,
     /// JWTs whose signature verified, by SHA-256 of the token: a client presents the same token many
     /// times, and the signature check is the only expensive step. Expiry, revocation and client state
     /// are still checked on every request.
-    verified_jwts: Cache<SecretHash, Arc<TokenInfo>>,
+    verified_jwts: GuardedCache<SecretHash, Arc<TokenInfo>>,
     /// Client secret hash → client and the secret's expiry.
-    secrets: Cache<SecretHash, Arc<(OAuthClient, Option<i64>)>>,
+    secrets: GuardedCache<SecretHash, Arc<(OAuthClient, Option<i64>)>>,
     writer: GroupCommit,
+    /// Discovery metadata, built on first request and dropped on every client change.
+    pub discovery: RwLock<Option<Arc<Value>>>,
 }
 
 type Pending = (AccessTokenRecord, tokio::sync::oneshot::Sender<Result<(), StoreError>>);
@@ -134,14 +141,6 @@ impl GroupCommit {
     }
 }
 
-fn audiences(v: &Value) -> Vec<String> {
-    match v {
-        Value::String(s) => vec![s.clone()],
-        Value::Array(a) => a.iter().filter_map(Value::as_str).map(str::to_owned).collect(),
-        _ => Vec::new(),
-    }
-}
-
 fn lock_read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     l.read().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -162,14 +161,19 @@ impl OAuth {
             alg,
             issuer: RwLock::new(issuer),
             clients: RwLock::new(HashMap::new()),
+            consumers: RwLock::new(HashMap::new()),
             revoked: RwLock::new(HashMap::new()),
-            opaque: Cache::builder().max_capacity(1_000_000).time_to_live(Duration::from_secs(300)).build(),
-            secrets: Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(300)).build(),
-            verified_jwts: Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(Duration::from_secs(300))
-                .build(),
+            opaque: GuardedCache::new(
+                Cache::builder().max_capacity(1_000_000).time_to_live(Duration::from_secs(300)).build(),
+            ),
+            secrets: GuardedCache::new(
+                Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(300)).build(),
+            ),
+            verified_jwts: GuardedCache::new(
+                Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(300)).build(),
+            ),
             writer: GroupCommit { queue: std::sync::Mutex::new(None) },
+            discovery: RwLock::new(None),
         }
     }
 
@@ -186,24 +190,40 @@ impl OAuth {
         *lock_write(&self.issuer) = issuer;
     }
 
-    /// Loads signing keys, clients and revoked token ids at start.
-    pub async fn load(&self, store: &dyn OAuthStore, now: i64) -> Result<(), super::keys::KeyError> {
+    /// Loads signing keys (opening them with the master key), clients, their consumers and revoked
+    /// token ids at start.
+    pub async fn load(
+        &self,
+        store: &dyn Backend,
+        master: Arc<crate::seal::MasterKey>,
+        now: i64,
+    ) -> Result<(), super::keys::KeyError> {
+        self.keys.set_master(master);
         self.keys.load(store, self.alg, now).await?;
-        let mut after = None;
-        loop {
-            let page = keygate_store::Page { after: after.clone(), limit: 1000 };
-            let clients = store.list_clients(&page).await?;
-            for c in &clients {
-                self.client_changed(c);
+        for c in all_clients(store).await? {
+            if !lock_read(&self.consumers).contains_key(&c.consumer_id)
+                && let Some(consumer) = store.get_consumer(&c.consumer_id).await?
+            {
+                self.consumer_changed(&consumer);
             }
-            match clients.last() {
-                Some(c) if clients.len() == 1000 => after = Some(c.id.clone()),
-                _ => break,
-            }
+            self.client_changed(&c);
         }
         let ids = store.revoked_jtis(now).await?;
         lock_write(&self.revoked).extend(ids);
         Ok(())
+    }
+
+    /// Keeps the consumer state of the token path in step with an admin change (disable, enable, plan).
+    /// Only consumers that hold clients matter here, but recording any is harmless and keeps callers
+    /// simple.
+    pub fn consumer_changed(&self, c: &Consumer) {
+        lock_write(&self.consumers).insert(c.id.clone(), ConsumerState::from(c));
+        self.secrets.invalidate_all();
+    }
+
+    /// The state of a client's consumer; `None` if unknown (then its tokens do not verify).
+    pub fn consumer(&self, consumer_id: &str) -> Option<ConsumerState> {
+        lock_read(&self.consumers).get(consumer_id).cloned()
     }
 
     /// Keeps the in-memory client state in step with an admin change.
@@ -218,6 +238,7 @@ impl OAuth {
         );
         self.secrets.invalidate_all();
         self.opaque.invalidate_all();
+        *lock_write(&self.discovery) = None;
     }
 
     pub fn client_deleted(&self, id: &str) {
@@ -225,6 +246,12 @@ impl OAuth {
         self.verified_jwts.invalidate_all();
         self.secrets.invalidate_all();
         self.opaque.invalidate_all();
+        *lock_write(&self.discovery) = None;
+    }
+
+    /// A signing key was revoked: forget every verified JWT (those it signed must be checked again).
+    pub fn signing_key_revoked(&self) {
+        self.verified_jwts.invalidate_all();
     }
 
     /// Authenticates a client by id and secret. `None` for any failure, without saying which.
@@ -241,19 +268,24 @@ impl OAuth {
         let hash = SecretHash::of(secret);
         let found = match self.secrets.get(&hash) {
             Some(f) => Some(f),
-            None => match store.find_client_secret(&hash).await? {
-                Some(f) => {
-                    let f = Arc::new(f);
-                    self.secrets.insert(hash, f.clone());
-                    Some(f)
+            None => {
+                let ticket = self.secrets.ticket();
+                match store.find_client_secret(&hash).await? {
+                    Some(f) => {
+                        let f = Arc::new(f);
+                        self.secrets.insert_if_current(ticket, hash, f.clone());
+                        Some(f)
+                    }
+                    None => None,
                 }
-                None => None,
-            },
+            }
         };
         Ok(found.and_then(|f| {
             let (client, expires) = &*f;
+            let consumer_enabled = self.consumer(&client.consumer_id).is_some_and(|c| !c.disabled);
             let ok = client.id.as_bytes() == client_id.as_bytes()
                 && !client.disabled
+                && consumer_enabled
                 && expires.is_none_or(|t| t > now);
             ok.then(|| client.clone())
         }))
@@ -288,7 +320,7 @@ impl OAuth {
                 revoked_at: None,
             };
             self.writer.write(store, record.clone()).await.map_err(IssueError::Store)?;
-            self.opaque.insert(record.hash, Arc::new(record));
+            self.opaque.insert_new(record.hash, Arc::new(record));
             secret.expose().to_string()
         } else {
             let key = self
@@ -305,11 +337,13 @@ impl OAuth {
                 sub: client.id.clone(),
                 aud,
                 exp: expires_at / 1000,
-                iat: now / 1000,
-                nbf: now / 1000,
+                iat: now.div_euclid(1000),
+                nbf: now.div_euclid(1000),
                 jti,
                 client_id: client.id.clone(),
+                consumer_id: Some(client.consumer_id.clone()),
                 scope: scope.clone(),
+                kg_iat: Some(now),
             };
             key.sign_jwt(&claims).map_err(|e| IssueError::Internal(e.to_string()))?
         };
@@ -328,14 +362,17 @@ impl OAuth {
             let hash = SecretHash::of(token);
             let info = match self.verified_jwts.get(&hash) {
                 Some(info) => info,
-                None => match self.verify_jwt(token, now) {
-                    Ok(i) => {
-                        let i = Arc::new(i);
-                        self.verified_jwts.insert(hash, i.clone());
-                        i
+                None => {
+                    let ticket = self.verified_jwts.ticket();
+                    match self.verify_jwt(token, now) {
+                        Ok(i) => {
+                            let i = Arc::new(i);
+                            self.verified_jwts.insert_if_current(ticket, hash, i.clone());
+                            i
+                        }
+                        Err(code) => return Ok(Err(code)),
                     }
-                    Err(code) => return Ok(Err(code)),
-                },
+                }
             };
             if info.expires_at <= now {
                 return Ok(Err(DecisionCode::Expired));
@@ -349,14 +386,17 @@ impl OAuth {
             let hash = SecretHash::of(token);
             let record = match self.opaque.get(&hash) {
                 Some(r) => r,
-                None => match store.find_access_token(&hash).await? {
-                    Some(r) => {
-                        let r = Arc::new(r);
-                        self.opaque.insert(hash, r.clone());
-                        r
+                None => {
+                    let ticket = self.opaque.ticket();
+                    match store.find_access_token(&hash).await? {
+                        Some(r) => {
+                            let r = Arc::new(r);
+                            self.opaque.insert_if_current(ticket, hash, r.clone());
+                            r
+                        }
+                        None => return Ok(Err(DecisionCode::NotFound)),
                     }
-                    None => return Ok(Err(DecisionCode::NotFound)),
-                },
+                }
             };
             if record.revoked_at.is_some() {
                 return Ok(Err(DecisionCode::Revoked));
@@ -370,7 +410,7 @@ impl OAuth {
                 client_id: record.client_id.clone(),
                 consumer_id: String::new(),
                 subject: record.subject.clone(),
-                scopes: record.scopes.clone(),
+                scopes: scope::usable_only(&record.scopes),
                 audiences: record.audiences.clone(),
                 issued_at: record.issued_at,
                 expires_at: record.expires_at,
@@ -381,7 +421,7 @@ impl OAuth {
         {
             let clients = lock_read(&self.clients);
             let Some(client) = clients.get(&info.client_id) else { return Ok(Err(DecisionCode::Revoked)) };
-            if client.disabled {
+            if client.disabled || self.consumer(&client.consumer_id).is_none_or(|c| c.disabled) {
                 return Ok(Err(DecisionCode::Disabled));
             }
             if client.tokens_revoked_before.is_some_and(|t| info.issued_at < t) {
@@ -424,19 +464,19 @@ impl OAuth {
             }
         })?;
         let c = data.claims;
-        if c.exp * 1000 <= now {
+        if c.exp.saturating_mul(1000) <= now {
             return Err(DecisionCode::Expired);
         }
         Ok(TokenInfo {
             format: "jwt",
+            scopes: c.scopes(),
+            audiences: c.audiences(),
+            issued_at: c.issued_at_ms(),
+            expires_at: c.exp.saturating_mul(1000),
             jti: c.jti,
             client_id: c.client_id,
             consumer_id: String::new(),
             subject: c.sub,
-            scopes: c.scope.split(' ').filter(|s| !s.is_empty()).map(str::to_owned).collect(),
-            audiences: audiences(&c.aud),
-            issued_at: c.iat * 1000,
-            expires_at: c.exp * 1000,
         })
     }
 
@@ -470,7 +510,7 @@ impl OAuth {
             return Ok(false);
         }
         let revoked = store.revoke_access_token(&hash, now).await?.is_some();
-        self.opaque.invalidate(&hash);
+        self.opaque.invalidate([&hash]);
         Ok(revoked)
     }
 
@@ -503,4 +543,20 @@ pub enum IssueError {
     Store(StoreError),
     #[error("{0}")]
     Internal(String),
+}
+
+/// Every registered client, page by page.
+pub async fn all_clients(store: &dyn OAuthStore) -> Result<Vec<OAuthClient>, StoreError> {
+    const PAGE: u32 = 1000;
+    let mut out = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.list_clients(&keygate_store::Page { after: after.clone(), limit: PAGE }).await?;
+        let full = page.len() == PAGE as usize;
+        after = page.last().map(|c| c.id.clone());
+        out.extend(page);
+        if !full {
+            return Ok(out);
+        }
+    }
 }

@@ -561,8 +561,9 @@ async fn set_consumer(
         .update_consumer(id, &patch, &audit)
         .await?
         .ok_or_else(|| ApiError::not_found("consumer", id))?;
-    // Keys cache their consumer's state and plan.
+    // Keys cache their consumer's state and plan; the token path keeps them for the consumer's clients.
     if patch.disabled.is_some() || patch.rate_limits.is_some() {
+        state.oauth.consumer_changed(&consumer);
         let hashes = state.store.consumer_secret_hashes(id).await?;
         state.verifier.invalidate(&hashes);
     }

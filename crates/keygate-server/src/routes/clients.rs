@@ -31,6 +31,7 @@ pub fn router() -> axum::Router<Arc<AppState>> {
         .route("/v1/clients/{id}/revoke-tokens", post(revoke_tokens))
         .route("/v1/signing-keys", get(list_signing_keys))
         .route("/v1/signing-keys/rotate", post(rotate_signing_key))
+        .route("/v1/signing-keys/{kid}/revoke", post(revoke_signing_key))
 }
 
 const GRANTS: &[&str] = &["client_credentials"];
@@ -196,6 +197,7 @@ pub async fn create_client(
     let secret = PlainSecret::generate(SecretKind::ClientSecret)
         .map_err(|e| ApiError::internal("random source failed", e))?;
     let id = new_id("kgc", now)?;
+    let consumer_state = consumer.clone();
     let client = OAuthClient {
         id: id.clone(),
         consumer_id: consumer.id,
@@ -217,6 +219,7 @@ pub async fn create_client(
         "audiences": client.audiences, "token_format": client.token_format});
     let audit = audit(&actor, now, "client.create", "client", &id, details)?;
     state.store.insert_client(&client, Some(&key_secret), &audit).await?;
+    state.oauth.consumer_changed(&consumer_state);
     state.oauth.client_changed(&client);
     Ok((
         StatusCode::CREATED,
@@ -347,12 +350,10 @@ pub async fn revoke_tokens(
     AdminCaller(actor): AdminCaller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<ClientView>> {
-    // Tokens carry issue times in whole seconds: the cut-off is the next whole second, so that a token
-    // issued in this same second is revoked too.
+    // Tokens carry their issue time in milliseconds (JWTs in `kg_iat`): the cut-off is exactly now, so
+    // a token issued after this call is never caught by it.
     let now = now_ms();
-    let cutoff = (now / 1000 + 1) * 1000;
-    let patch =
-        ClientPatch { tokens_revoked_before: Some(cutoff), updated_at: now, ..ClientPatch::default() };
+    let patch = ClientPatch { tokens_revoked_before: Some(now), updated_at: now, ..ClientPatch::default() };
     patch_client(&state, &actor, &id, patch, "client.revoke_tokens", json!({})).await
 }
 
@@ -415,7 +416,8 @@ pub async fn rotate_secret(
 pub struct SigningKeyView {
     pub kid: String,
     pub alg: String,
-    /// `pending` (published, not yet signing), `active`, `retired` (published, not signing) or `expired`.
+    /// `pending` (published, not yet signing), `active`, `retired` (published, not signing), `expired`
+    /// or `revoked` (emergency revocation: unpublished, its tokens do not verify).
     pub status: &'static str,
     pub active_from: String,
     pub retired_at: Option<String>,
@@ -431,7 +433,9 @@ fn key_views(state: &AppState) -> Vec<SigningKeyView> {
         .records()
         .into_iter()
         .map(|k| SigningKeyView {
-            status: if signer.as_deref() == Some(k.kid.as_str()) {
+            status: if k.revoked_at.is_some() {
+                "revoked"
+            } else if signer.as_deref() == Some(k.kid.as_str()) {
                 "active"
             } else if k.active_from > now {
                 "pending"
@@ -498,5 +502,31 @@ pub async fn rotate_signing_key(
             other => ApiError::internal("signing key rotation failed", other),
         },
     )?;
+    Ok(Json(key_views(&state)))
+}
+
+/// Emergency revocation of a signing key (for example after its key material leaked): it leaves the JWKS
+/// now and no token it signed verifies from the next request on; if it was signing, a new key signs at
+/// once. Services that validate JWTs offline drop it when they next fetch the JWKS.
+#[utoipa::path(post, path = "/v1/signing-keys/{kid}/revoke", tag = "clients", params(("kid" = String, Path)),
+    responses((status = 200, body = Vec<SigningKeyView>), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn revoke_signing_key(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(actor): AdminCaller,
+    Path(kid): Path<String>,
+) -> ApiResult<Json<Vec<SigningKeyView>>> {
+    let now = now_ms();
+    let audit = audit(&actor, now, "signing_key.revoke", "signing_key", &kid, json!({}))?;
+    let revoked =
+        state.oauth.keys.revoke(state.store.as_ref(), &kid, state.oauth.alg, now, &audit).await.map_err(
+            |e| match e {
+                crate::oauth::keys::KeyError::Store(s) => ApiError::from(s),
+                other => ApiError::internal("signing key revocation failed", other),
+            },
+        )?;
+    if !revoked {
+        return Err(ApiError::not_found("signing key", &kid));
+    }
+    state.oauth.signing_key_revoked();
     Ok(Json(key_views(&state)))
 }

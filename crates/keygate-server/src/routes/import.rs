@@ -12,7 +12,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::routing::post;
 use keygate_core::credential::{self, visible_start};
 use keygate_core::limits::{Quota, RateLimit};
-use keygate_core::{Environment, SecretHash, SecretKind};
+use keygate_core::{Environment, SecretHash};
 use keygate_store::{ApiKey, Consumer, KeySecret};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -83,20 +83,6 @@ pub struct ImportResponse {
     pub results: Vec<ImportResult>,
 }
 
-/// Shortest plaintext key accepted: shorter secrets are guessable.
-const MIN_KEY_LEN: usize = 16;
-const MAX_KEY_LEN: usize = 512;
-
-fn check_plaintext(key: &str) -> ApiResult<()> {
-    if key.len() < MIN_KEY_LEN || key.len() > MAX_KEY_LEN {
-        return Err(ApiError::invalid("key", format!("must be {MIN_KEY_LEN} to {MAX_KEY_LEN} characters")));
-    }
-    if !key.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(ApiError::invalid("key", "must be printable ASCII without spaces"));
-    }
-    Ok(())
-}
-
 struct Prepared {
     key: ApiKey,
     secret: KeySecret,
@@ -117,17 +103,7 @@ fn prepare(item: ImportItem, consumers: &HashMap<String, Consumer>, now: i64) ->
     let allowed_ips = item.allowed_ips.as_deref().map(check_ips).transpose()?;
     let (hash, start, env_from_key) = match (item.key, item.sha256) {
         (Some(plain), None) => {
-            check_plaintext(&plain)?;
-            let env = match credential::parse(&plain).map(|p| p.kind) {
-                Ok(SecretKind::ApiKey(env)) => Some(env),
-                Ok(SecretKind::AccessToken | SecretKind::ClientSecret) => {
-                    return Err(ApiError::invalid(
-                        "key",
-                        "this is a Keygate access token or client secret, not an API key",
-                    ));
-                }
-                Err(_) => None,
-            };
+            let env = credential::classify_import(&plain).map_err(|e| ApiError::invalid("key", e))?;
             (SecretHash::of(&plain), visible_start(&plain), env)
         }
         (None, Some(hex)) => {

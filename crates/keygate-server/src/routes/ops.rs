@@ -38,9 +38,11 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-/// Prometheus metrics in text format.
-#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text")))]
-pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+/// Prometheus metrics in text format. With `metrics_auth` on (the default when not listening on
+/// loopback) the caller needs a credential with `keygate:metrics` (admin keys have it).
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text"), (status = 401, description = "metrics_auth is on and no valid credential was sent")))]
+pub async fn metrics(State(state): State<Arc<AppState>>, _: crate::auth::MetricsCaller) -> Response {
     ([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], state.metrics.render())
         .into_response()
 }

@@ -52,14 +52,33 @@ pub async fn decide<S: AsRef<str>>(
     audience: Option<&str>,
 ) -> Result<Decision, keygate_store::StoreError> {
     if looks_like_jwt(credential) || credential.starts_with("kgat_") {
-        return Ok(
-            match state.oauth.verify(state.store.as_ref(), credential, audience, ctx.now_ms).await? {
-                Ok(info) => Decision::for_token(info, required),
-                Err(code) => Decision::bare(code),
-            },
-        );
+        let info = match state.oauth.verify(state.store.as_ref(), credential, audience, ctx.now_ms).await? {
+            Ok(info) => info,
+            Err(code) => return Ok(Decision::bare(code)),
+        };
+        let mut decision = Decision::for_token(info.clone(), required);
+        // Tokens count against their consumer's plan as its keys do: one set of cells per client.
+        if let Some(plan) = state.oauth.consumer(&info.consumer_id).map(|c| c.limits)
+            && !plan.is_empty()
+        {
+            let runtime = state.verifier.runtimes.for_client(&info.client_id, &info.consumer_id);
+            if decision.is_valid() {
+                let admission = runtime.admit(&plan, ctx.cost, ctx.now_ms);
+                decision.code = admission.code;
+                decision.rate_limit = admission.rate_limit;
+            }
+            runtime.record(decision.code, ctx.now_ms, ctx.ip);
+            decision.token_limits = Some(plan);
+        }
+        return Ok(decision);
     }
     state.verifier.verify(credential, required, ctx).await
+}
+
+/// Did this decision fail to identify any credential (a guess, a typo)? Those count against the
+/// address's failure budget.
+fn is_failure(d: &Decision) -> bool {
+    matches!(d.code, DecisionCode::Malformed | DecisionCode::NotFound)
 }
 
 /// Largest `cost` of one verify.
@@ -114,6 +133,9 @@ pub async fn verify(
     if req.scopes.len() > scope::MAX_SCOPES {
         return Err(ApiError::invalid("scopes", format!("at most {} scopes", scope::MAX_SCOPES)));
     }
+    if let Some(e) = req.scopes.iter().find_map(|s| scope::validate_scope(s).err()) {
+        return Err(ApiError::invalid("scopes", e));
+    }
     let cost = req.cost.unwrap_or(1);
     if cost > MAX_COST {
         return Err(ApiError::invalid("cost", format!("must be at most {MAX_COST}")));
@@ -127,14 +149,14 @@ pub async fn verify(
         None => None,
     };
     let now = now_ms();
-    // Only an end client named in the request is throttled: the caller itself is a trusted gateway
-    // that speaks for many clients.
-    if let Some(retry) = state.throttle.blocked(end_client, now) {
-        return Err(ApiError::throttled(retry));
-    }
     let ctx = Context { ip: end_client.or(caller.ip), cost, now_ms: now };
     let decision = decide(&state, &req.credential, &req.scopes, ctx, req.audience.as_deref()).await?;
-    if matches!(decision.code, DecisionCode::Malformed | DecisionCode::NotFound) {
+    // Only an end client named in the request is throttled: the caller itself is a trusted gateway
+    // that speaks for many clients. Only failed checks are refused once the budget is spent.
+    if is_failure(&decision) {
+        if let Some(retry) = state.throttle.blocked(end_client, now) {
+            return Err(ApiError::throttled(retry));
+        }
         state.throttle.record_failure(end_client, now);
     }
     record(&state, &decision, started);
@@ -198,9 +220,6 @@ pub async fn forward_auth(
 ) -> ApiResult<Response> {
     let started = Instant::now();
     let now = now_ms();
-    if let Some(retry) = state.throttle.blocked(ip, now) {
-        return Err(ApiError::throttled(retry));
-    }
     let Some(secret) = presented_credential(&headers) else {
         let mut resp = (
             StatusCode::UNAUTHORIZED,
@@ -219,7 +238,10 @@ pub async fn forward_auth(
     });
     let decision =
         decide(&state, secret, &required, Context { ip, cost: 1, now_ms: now }, audience.as_deref()).await?;
-    if matches!(decision.code, DecisionCode::Malformed | DecisionCode::NotFound) {
+    if is_failure(&decision) {
+        if let Some(retry) = state.throttle.blocked(ip, now) {
+            return Err(ApiError::throttled(retry));
+        }
         state.throttle.record_failure(ip, now);
     }
     record(&state, &decision, started);
@@ -241,6 +263,7 @@ fn forward_auth_response(decision: &Decision, now: i64) -> Response {
         set_header(h, "x-keygate-subject", &t.subject);
         set_header(h, "x-keygate-scopes", &t.scopes.join(" "));
         h.insert("x-keygate-kind", HeaderValue::from_static("access_token"));
+        rate_limit_headers(h, decision, now);
         return resp;
     }
     let mut resp = match (decision.code, &decision.key) {
