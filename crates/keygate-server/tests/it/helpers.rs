@@ -42,6 +42,11 @@ impl Builder {
         self
     }
 
+    pub fn config(mut self, f: impl FnOnce(&mut ServerConfig)) -> Self {
+        f(&mut self.config);
+        self
+    }
+
     pub fn failures_per_minute(mut self, n: u64) -> Self {
         self.config.failures_per_minute = n;
         self

@@ -5,6 +5,7 @@
 
 mod admin;
 mod bad_input;
+mod hardening;
 mod helpers;
 mod import;
 mod limits;

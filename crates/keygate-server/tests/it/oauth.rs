@@ -10,12 +10,12 @@ use serde_json::{Value, json};
 
 use crate::helpers::TestApp;
 
-struct Client {
-    id: String,
-    secret: String,
+pub struct Client {
+    pub id: String,
+    pub secret: String,
 }
 
-async fn client(app: &TestApp, body: Value) -> Client {
+pub async fn client(app: &TestApp, body: Value) -> Client {
     let (status, c) = app.post("/v1/clients", body).await;
     assert_eq!(status, StatusCode::CREATED, "{c}");
     Client {
@@ -24,7 +24,7 @@ async fn client(app: &TestApp, body: Value) -> Client {
     }
 }
 
-async fn token_request(app: &TestApp, c: &Client, form: &[(&str, &str)]) -> reqwest::Response {
+pub async fn token_request(app: &TestApp, c: &Client, form: &[(&str, &str)]) -> reqwest::Response {
     app.client
         .post(app.url("/oauth2/token"))
         .basic_auth(&c.id, Some(&c.secret))
@@ -34,19 +34,21 @@ async fn token_request(app: &TestApp, c: &Client, form: &[(&str, &str)]) -> reqw
         .unwrap()
 }
 
-async fn get_token(app: &TestApp, c: &Client, form: &[(&str, &str)]) -> Value {
+pub async fn get_token(app: &TestApp, c: &Client, form: &[(&str, &str)]) -> Value {
     let resp = token_request(app, c, form).await;
-    assert_eq!(resp.status(), StatusCode::OK);
+    let status = resp.status();
     assert_eq!(resp.headers()["cache-control"], "no-store");
-    resp.json().await.unwrap()
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body
 }
 
-fn jwt_part(token: &str, i: usize) -> Value {
+pub fn jwt_part(token: &str, i: usize) -> Value {
     let part = token.split('.').nth(i).unwrap();
     serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).unwrap()).unwrap()
 }
 
-async fn introspect(app: &TestApp, c: &Client, token: &str) -> Value {
+pub async fn introspect(app: &TestApp, c: &Client, token: &str) -> Value {
     let resp = app
         .client
         .post(app.url("/oauth2/introspect"))
