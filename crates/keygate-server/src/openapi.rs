@@ -3,11 +3,16 @@
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
+use crate::oauth;
 use crate::routes::{admin, clients, import, ops, usage, verify};
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Keygate", description = "API keys and API tokens in one self-hosted server."),
+    info(title = "Keygate", description = "API keys and API tokens in one self-hosted server.\n\n\
+Keygate's own permissions are scopes of Keygate keys: `keygate:admin` (every admin route; covers all \
+`keygate:` scopes), `keygate:verify` (`POST /v1/verify`), `keygate:introspect` (introspect any client's \
+tokens; a client may always introspect its own), `keygate:metrics` (`/metrics` when `metrics_auth` is on). \
+Revoking another client's tokens needs `keygate:admin`."),
     paths(
         admin::create_consumer, admin::list_consumers, admin::get_consumer, admin::update_consumer,
         admin::disable_consumer, admin::enable_consumer,
@@ -16,7 +21,8 @@ use crate::routes::{admin, clients, import, ops, usage, verify};
         import::import_keys, usage::key_usage, usage::consumer_usage,
         clients::create_client, clients::list_clients, clients::get_client, clients::update_client,
         clients::disable_client, clients::enable_client, clients::revoke_tokens, clients::delete_client,
-        clients::rotate_secret, clients::list_signing_keys, clients::rotate_signing_key,
+        clients::rotate_secret, clients::list_signing_keys, clients::rotate_signing_key, clients::revoke_signing_key,
+        oauth::token, oauth::introspect, oauth::revoke, oauth::discovery, oauth::jwks,
         admin::list_audit,
         verify::verify, verify::forward_auth,
         ops::healthz, ops::readyz, ops::metrics,
@@ -29,6 +35,7 @@ use crate::routes::{admin, clients, import, ops, usage, verify};
         (name = "clients", description = "OAuth 2 clients and JWT signing keys (tokens: /oauth2/*, see /.well-known/oauth-authorization-server)"),
         (name = "usage", description = "Verify counts per key and consumer over time"),
         (name = "audit", description = "Who changed what"),
+        (name = "oauth2", description = "OAuth 2 authorization server endpoints (RFC 6749 error shapes)"),
         (name = "operations", description = "Health and metrics"),
     )
 )]

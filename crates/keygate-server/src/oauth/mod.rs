@@ -196,6 +196,8 @@ async fn authenticate(
 }
 
 /// The token endpoint: `grant_type=client_credentials`.
+#[utoipa::path(post, path = "/oauth2/token", tag = "oauth2", request_body(content = String, content_type = "application/x-www-form-urlencoded", description = "grant_type=client_credentials[&scope=…][&resource=…]; client authentication by HTTP Basic or client_id/client_secret"),
+    responses((status = 200, description = "an access token (RFC 6749 section 5.1)"), (status = "4XX", description = "RFC 6749 section 5.2 error: invalid_request, invalid_client (401), invalid_grant, unauthorized_client, unsupported_grant_type, invalid_scope, invalid_target; slow_down (429) after repeated failed client authentication")))]
 pub async fn token(
     State(state): State<Arc<AppState>>,
     ClientIp(ip): ClientIp,
@@ -313,6 +315,9 @@ async fn inspector(
 /// RFC 7662 token introspection. A client sees only its own tokens (others are `{"active": false}`); a
 /// resource server that must introspect every client's tokens uses a Keygate credential with
 /// `keygate:introspect`.
+#[utoipa::path(post, path = "/oauth2/introspect", tag = "oauth2", request_body(content = String, content_type = "application/x-www-form-urlencoded", description = "token=…; the caller is a client (its own tokens only) or a Keygate credential with keygate:introspect (any token)"),
+    responses((status = 200, description = "RFC 7662 response; exactly {\"active\": false} for anything inactive or not the calling client's"), (status = 401, description = "invalid_client"), (status = 403, description = "insufficient_scope: a Keygate credential without keygate:introspect"), (status = 429, description = "slow_down")),
+    security(("bearer" = [])))]
 pub async fn introspect(
     State(state): State<Arc<AppState>>,
     ClientIp(ip): ClientIp,
@@ -344,6 +349,9 @@ pub async fn introspect(
 
 /// RFC 7009 token revocation: 200 also for unknown tokens. A client revokes only its own tokens; others'
 /// need a Keygate admin credential.
+#[utoipa::path(post, path = "/oauth2/revoke", tag = "oauth2", request_body(content = String, content_type = "application/x-www-form-urlencoded", description = "token=…; the caller is a client (its own tokens only) or a Keygate credential with keygate:admin (any token)"),
+    responses((status = 200, description = "revoked, or nothing to revoke (RFC 7009)"), (status = 401, description = "invalid_client"), (status = 403, description = "insufficient_scope: a Keygate credential without keygate:admin"), (status = 429, description = "slow_down")),
+    security(("bearer" = [])))]
 pub async fn revoke(
     State(state): State<Arc<AppState>>,
     ClientIp(ip): ClientIp,
@@ -364,6 +372,8 @@ pub async fn revoke(
 
 /// RFC 8414 authorization server metadata. Built once and kept until a client changes (it lists the
 /// scopes clients may be granted, unless `publish_scopes` is off).
+#[utoipa::path(get, path = "/.well-known/oauth-authorization-server", tag = "oauth2",
+    responses((status = 200, description = "RFC 8414 metadata"), (status = 503, description = "temporarily_unavailable: the database did not answer")))]
 pub async fn discovery(State(state): State<Arc<AppState>>) -> Result<Response, OAuthError> {
     if let Some(doc) = state.oauth.discovery.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     {
@@ -402,6 +412,7 @@ async fn discovery_document(state: &AppState) -> Result<Value, OAuthError> {
 }
 
 /// The published signing keys.
+#[utoipa::path(get, path = "/.well-known/jwks.json", tag = "oauth2", responses((status = 200, description = "the published signing keys (RFC 7517)")))]
 pub async fn jwks(State(state): State<Arc<AppState>>) -> Response {
     let mut resp = Json(state.oauth.keys.jwks(now_ms())).into_response();
     resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=60"));
