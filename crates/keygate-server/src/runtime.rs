@@ -395,4 +395,19 @@ mod tests {
         assert_eq!(ok.rate_limit.unwrap().remaining, 97, "the failed request left the cell untouched");
         assert_eq!(ok.quota_remaining, Some(0));
     }
+
+    #[test]
+    fn a_zero_cost_check_answers_like_a_spending_call_and_consumes_nothing() {
+        let r = rt(None);
+        let limits = vec![RateLimit { name: "a".into(), limit: 1, window_seconds: 60 }];
+        let probe = r.admit(&limits, 0, 0);
+        assert_eq!(probe.code, DecisionCode::Valid);
+        assert_eq!(probe.rate_limit.unwrap().remaining, 1, "nothing consumed");
+        assert_eq!(r.admit(&limits, 1, 0).code, DecisionCode::Valid);
+        assert_eq!(
+            r.admit(&limits, 0, 0).code,
+            DecisionCode::RateLimited,
+            "a spending call would be refused"
+        );
+    }
 }
