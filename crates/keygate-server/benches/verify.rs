@@ -129,6 +129,7 @@ fn jwt_fixture(alg: keygate_server::oauth::keys::KeyAlg) -> JwtFixture {
         disabled: false,
         system: false,
         rate_limits: None,
+        external_id: None,
         created_at: 0,
         updated_at: 0,
     });

@@ -77,10 +77,20 @@ async fn authenticate(parts: &Parts, state: &AppState, permission: &str) -> Resu
                 }
                 state.throttle.record_failure(ip, now);
             }
+            // A known key that no longer works: say how to get back in.
+            let recover = if matches!(
+                code,
+                DecisionCode::Revoked | DecisionCode::Disabled | DecisionCode::Expired
+            ) && permission == scope::ADMIN
+            {
+                "; if no admin key works any more, make a new one on the server with `keygate admin-key --data-dir <data dir>`"
+            } else {
+                ""
+            };
             Err(ApiError::new(
                 ErrorCode::Unauthorized,
                 format!(
-                    "the credential in the request header was rejected: {} ({})",
+                    "the credential in the request header was rejected: {} ({}){recover}",
                     code.as_str(),
                     code.message()
                 ),

@@ -16,7 +16,7 @@ pub mod state;
 pub mod time;
 pub mod verify;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -33,19 +33,43 @@ pub use state::{AppState, ServerConfig, bootstrap, open_store};
 
 use crate::error::{ApiError, ErrorCode};
 
+/// Which routes a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// Everything (one listener, the default).
+    All,
+    /// What API consumers reach: verify, forward-auth, OAuth 2, discovery, JWKS, health.
+    Public,
+    /// What operators reach: the admin API, `/metrics`, the docs, health.
+    Admin,
+}
+
 /// Builds the complete router for a state.
 pub fn app(state: Arc<AppState>) -> axum::Router {
+    app_for(state, Surface::All)
+}
+
+/// Builds the router of one surface.
+pub fn app_for(state: Arc<AppState>, surface: Surface) -> axum::Router {
     let body_limit = state.config.body_limit;
     let timeout = state.config.request_timeout;
-    axum::Router::new()
-        .merge(routes::admin::router())
-        .merge(routes::import::router())
-        .merge(routes::usage::router())
-        .merge(routes::verify::router())
-        .merge(routes::clients::router())
-        .merge(oauth::router())
+    let public = || axum::Router::new().merge(routes::verify::router()).merge(oauth::router());
+    let admin = || {
+        axum::Router::new()
+            .merge(routes::admin::router())
+            .merge(routes::import::router())
+            .merge(routes::usage::router())
+            .merge(routes::clients::router())
+            .merge(routes::ops::metrics_router())
+            .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::ApiDoc::openapi()))
+    };
+    let routes = match surface {
+        Surface::All => public().merge(admin()),
+        Surface::Public => public(),
+        Surface::Admin => admin(),
+    };
+    routes
         .merge(routes::ops::router())
-        .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::ApiDoc::openapi()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests))
@@ -68,15 +92,19 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     ApiError::new(ErrorCode::Internal, "internal error; the server log has the details").into_response()
 }
 
+/// Counts every request in the metrics and logs one line for it at `info` (target `keygate::access`):
+/// method, route template (never the path itself: it may hold ids), status and latency. Never a header,
+/// a query or a body, so never a secret. Turn it off with `KEYGATE_LOG=info,keygate::access=warn`.
 async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let method = req.method().clone();
+    let started = std::time::Instant::now();
+    let method = metrics::method_label(req.method());
     let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
     let resp = next.run(req).await;
-    state.metrics.record_request(
-        metrics::method_label(&method),
-        route.as_deref().unwrap_or("unmatched"),
-        resp.status().as_u16(),
-    );
+    let route = route.as_deref().unwrap_or("unmatched");
+    let status = resp.status().as_u16();
+    state.metrics.record_request(method, route, status);
+    tracing::info!(target: "keygate::access", method, route, status,
+        latency_us = started.elapsed().as_micros() as u64, "request");
     resp
 }
 
@@ -86,6 +114,17 @@ async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: 
 pub async fn launch(
     state: Arc<AppState>,
     listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    launch_split(state, listener, None, shutdown).await
+}
+
+/// Like [`launch`], with an optional second listener for the admin surface: then `listener` serves
+/// only the public surface.
+pub async fn launch_split(
+    state: Arc<AppState>,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     if let Err(e) = state.verifier.known.follow(state.store.as_ref()).await {
@@ -113,10 +152,35 @@ pub async fn launch(
     }
     state.oauth.start(state.store.clone());
     let background = tokio::spawn(background(state.clone()));
-    let result =
-        axum::serve(listener, app(state.clone()).into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(shutdown)
-            .await;
+    let result = match admin {
+        None => {
+            axum::serve(listener, app(state.clone()).into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        Some(admin) => {
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let wait = move || {
+                let mut stopped = stopped.clone();
+                async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                }
+            };
+            let public_app = app_for(state.clone(), Surface::Public);
+            let admin_app = app_for(state.clone(), Surface::Admin);
+            let public =
+                axum::serve(listener, public_app.into_make_service_with_connect_info::<SocketAddr>())
+                    .with_graceful_shutdown(wait());
+            let admin = axum::serve(admin, admin_app.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(wait());
+            let trigger = async move {
+                shutdown.await;
+                let _ = stop.send(true);
+            };
+            let (a, b, ()) = tokio::join!(public.into_future(), admin.into_future(), trigger);
+            a.and(b)
+        }
+    };
     background.abort();
     final_flush(&state).await;
     result

@@ -69,6 +69,25 @@ pub struct RateLimitState {
     pub reset_ms: i64,
     /// For a denied request: how long until it would be allowed.
     pub retry_after_ms: i64,
+    /// When the check was made, ms since the epoch.
+    pub checked_at_ms: i64,
+}
+
+impl RateLimitState {
+    /// Whether this state describes a denial.
+    pub fn denied(&self) -> bool {
+        self.retry_after_ms > 0
+    }
+
+    /// The one moment every signal names, in whole seconds from the check: for a denial, when the
+    /// request would be allowed (at least 1); otherwise when the limit is whole again.
+    pub fn reset_seconds(&self) -> u64 {
+        if self.denied() {
+            (self.retry_after_ms as u64).div_ceil(1000).max(1)
+        } else {
+            ((self.reset_ms - self.checked_at_ms).max(0) as u64).div_ceil(1000)
+        }
+    }
 }
 
 /// Result of checking (and, if allowed, consuming) rate limits and quota.
@@ -114,7 +133,8 @@ impl KeyRuntime {
                 limit: limit.limit,
                 remaining: c.remaining,
                 reset_ms: c.reset_ms,
-                retry_after_ms: c.retry_after_ms,
+                retry_after_ms: if c.allowed { 0 } else { c.retry_after_ms.max(1) },
+                checked_at_ms: now_ms,
             };
             if !c.allowed {
                 if denied.as_ref().is_none_or(|(_, d)| view.retry_after_ms > d.retry_after_ms) {

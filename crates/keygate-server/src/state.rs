@@ -54,6 +54,11 @@ pub struct ServerConfig {
     pub metrics_auth: Option<bool>,
     /// List every client's scopes in discovery's `scopes_supported`.
     pub publish_scopes: bool,
+    /// Refuse a consumer name that another consumer has.
+    pub unique_consumer_names: bool,
+    /// A second listener for the admin API, `/metrics` and the docs; the main listener then serves only
+    /// verify, forward-auth, OAuth and health. `None`: one listener serves everything.
+    pub admin_listen: Option<SocketAddr>,
 }
 
 /// How long usage buckets of each size are kept.
@@ -94,6 +99,8 @@ impl Default for ServerConfig {
             master_key: crate::seal::MasterKeySource::default(),
             metrics_auth: None,
             publish_scopes: true,
+            unique_consumer_names: false,
+            admin_listen: None,
         }
     }
 }
@@ -230,6 +237,7 @@ pub async fn bootstrap(store: &dyn Store) -> Result<Option<PlainSecret>, OpenErr
         disabled: false,
         system: true,
         rate_limits: None,
+        external_id: None,
         created_at: now,
         updated_at: now,
     };

@@ -161,7 +161,7 @@ struct ValidBody<'a> {
 struct InvalidBody<'a> {
     valid: bool,
     code: DecisionCode,
-    message: &'static str,
+    message: std::borrow::Cow<'static, str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     kind: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -181,8 +181,9 @@ struct RateLimitView<'a> {
     name: &'a str,
     limit: u64,
     remaining: u64,
-    /// When the limit is fully available again, ms since the epoch.
-    reset: i64,
+    /// Seconds until the next request is allowed (denied), or until the limit is whole again (allowed):
+    /// the same number as the `RateLimit-Reset` header, and as `Retry-After` on a denial.
+    reset: u64,
 }
 
 #[derive(Serialize)]
@@ -193,7 +194,7 @@ struct QuotaView {
 impl<'a> RateLimitView<'a> {
     fn new(r: &RateLimitState, limits: &'a [RateLimit]) -> Self {
         let name = limits.get(r.index).map_or("", |l| l.name.as_str());
-        RateLimitView { name, limit: r.limit, remaining: r.remaining, reset: r.reset_ms }
+        RateLimitView { name, limit: r.limit, remaining: r.remaining, reset: r.reset_seconds() }
     }
 }
 
@@ -276,10 +277,23 @@ impl Decision {
             (DecisionCode::Malformed, _) => Bytes::from_static(MALFORMED_BODY),
             (DecisionCode::NotFound, _) => Bytes::from_static(NOT_FOUND_BODY),
             (code, key) => {
+                let message = match (code, &self.rate_limit, key) {
+                    (DecisionCode::RateLimited, Some(r), Some(k)) => match k.limits.get(r.index) {
+                        Some(l) => std::borrow::Cow::Owned(format!(
+                            "the rate limit '{}' ({} per {} s) is used up; retry in {} s",
+                            l.name,
+                            l.limit,
+                            l.window_seconds,
+                            r.reset_seconds()
+                        )),
+                        None => code.message().into(),
+                    },
+                    _ => code.message().into(),
+                };
                 let body = InvalidBody {
                     valid: false,
                     code,
-                    message: code.message(),
+                    message,
                     kind: key.as_ref().map(|_| "api_key"),
                     key_id: key.as_ref().map(|k| k.key_id.as_str()),
                     consumer_id: key.as_ref().map(|k| k.consumer_id.as_str()),

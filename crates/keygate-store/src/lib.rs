@@ -81,6 +81,8 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_consumer(&self, consumer: &Consumer, audit: &NewAudit) -> Result<()>;
     async fn get_consumer(&self, id: &str) -> Result<Option<Consumer>>;
     async fn list_consumers(&self, page: &Page) -> Result<Vec<Consumer>>;
+    /// A consumer by external id or by name.
+    async fn find_consumer(&self, by: ConsumerLookup<'_>) -> Result<Option<Consumer>>;
     /// Applies a patch; `None` if there is no such consumer.
     async fn update_consumer(
         &self,
@@ -104,6 +106,10 @@ pub trait Store: Send + Sync + 'static {
         old_expires_at: i64,
         audit: &NewAudit,
     ) -> Result<bool>;
+
+    /// Up to `limit` keys that can use the admin API now: `keygate:admin` scope, not revoked, disabled or
+    /// expired at `now`, consumer enabled. As `(key id, consumer id)`.
+    async fn working_admin_keys(&self, now: i64, limit: u32) -> Result<Vec<(String, String)>>;
 
     /// The hashes of every secret of a key, for cache invalidation.
     async fn key_secret_hashes(&self, key_id: &str) -> Result<Vec<SecretHash>>;

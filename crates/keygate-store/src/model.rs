@@ -14,8 +14,18 @@ pub struct Consumer {
     pub system: bool,
     /// The plan: rate limits that keys without their own inherit.
     pub rate_limits: Option<Vec<RateLimit>>,
+    /// The API provider's own id for this account; unique when set.
+    pub external_id: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
+}
+
+/// How to find one consumer other than by id.
+#[derive(Debug, Clone, Copy)]
+pub enum ConsumerLookup<'a> {
+    ExternalId(&'a str),
+    /// The oldest consumer with exactly this name.
+    Name(&'a str),
 }
 
 #[derive(Debug, Clone, Default)]
@@ -25,6 +35,8 @@ pub struct ConsumerPatch {
     pub disabled: Option<bool>,
     /// `Some(None)` removes the plan's rate limits.
     pub rate_limits: Option<Option<Vec<RateLimit>>>,
+    /// `Some(None)` removes the external id.
+    pub external_id: Option<Option<String>>,
     pub updated_at: i64,
 }
 
@@ -241,4 +253,6 @@ pub struct AuditEvent {
     pub target_id: String,
     pub ip: Option<String>,
     pub details: Value,
+    /// The name of the actor's key, if the actor is a key that still exists.
+    pub actor_name: Option<String>,
 }

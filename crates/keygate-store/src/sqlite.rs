@@ -13,8 +13,8 @@ use sqlx::sqlite::{
 use sqlx::{Row, SqlitePool};
 
 use crate::{
-    ApiKey, AuditEvent, AuditFilter, Consumer, ConsumerPatch, Granularity, KeyPatch, KeySecret, KeyUsage,
-    NewAudit, Page, Result, SecretRecord, Store, StoreError, UsageQuery, UsageRow,
+    ApiKey, AuditEvent, AuditFilter, Consumer, ConsumerLookup, ConsumerPatch, Granularity, KeyPatch,
+    KeySecret, KeyUsage, NewAudit, Page, Result, SecretRecord, Store, StoreError, UsageQuery, UsageRow,
 };
 use keygate_core::limits::Quota;
 use serde::Serialize;
@@ -189,6 +189,12 @@ const MIGRATIONS: &[&str] = &[
     UPDATE audit_events SET details = json_set(details, '$.start', substr(json_extract(details, '$.start'), 1, 4))
         WHERE action = 'key.import' AND json_extract(details, '$.start') NOT LIKE 'sha256:%';
     "#,
+    // 5: the provider's own account id on consumers, unique when set; name look-ups.
+    r#"
+    ALTER TABLE consumers ADD COLUMN external_id TEXT;
+    CREATE UNIQUE INDEX consumers_by_external_id ON consumers (external_id) WHERE external_id IS NOT NULL;
+    CREATE INDEX consumers_by_name ON consumers (name);
+    "#,
 ];
 
 /// Options for opening the SQLite store.
@@ -279,6 +285,7 @@ fn consumer_from_row(row: &SqliteRow) -> Result<Consumer> {
         disabled: row.try_get("disabled").map_err(map_err)?,
         system: row.try_get("system").map_err(map_err)?,
         rate_limits: parse_opt(row, "rate_limits")?,
+        external_id: row.try_get("external_id").map_err(map_err)?,
         created_at: row.try_get("created_at").map_err(map_err)?,
         updated_at: row.try_get("updated_at").map_err(map_err)?,
     })
@@ -326,6 +333,7 @@ fn audit_from_row(row: &SqliteRow) -> Result<AuditEvent> {
         target_id: row.try_get("target_id").map_err(map_err)?,
         ip: row.try_get("ip").map_err(map_err)?,
         details: parse_json(row.try_get("details").map_err(map_err)?, "audit details")?,
+        actor_name: row.try_get("actor_name").map_err(map_err)?,
     })
 }
 
@@ -384,8 +392,8 @@ pub(crate) async fn insert_audit(tx: &mut Tx<'_>, a: &NewAudit) -> Result<()> {
 
 async fn insert_consumer_tx(tx: &mut Tx<'_>, c: &Consumer) -> Result<()> {
     sqlx::query(
-        "INSERT INTO consumers (id, name, metadata, disabled, system, rate_limits, created_at, updated_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO consumers (id, name, metadata, disabled, system, rate_limits, external_id, created_at, \
+         updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(&c.id)
     .bind(&c.name)
@@ -393,6 +401,7 @@ async fn insert_consumer_tx(tx: &mut Tx<'_>, c: &Consumer) -> Result<()> {
     .bind(c.disabled)
     .bind(c.system)
     .bind(opt_json(&c.rate_limits)?)
+    .bind(&c.external_id)
     .bind(c.created_at)
     .bind(c.updated_at)
     .execute(&mut **tx)
@@ -556,6 +565,28 @@ impl Store for SqliteStore {
         fetch_page(&self.pool, sql, page, consumer_from_row).await
     }
 
+    async fn working_admin_keys(&self, now: i64, limit: u32) -> Result<Vec<(String, String)>> {
+        sqlx::query_as(
+            "SELECT k.id, k.consumer_id FROM api_keys k JOIN consumers c ON c.id = k.consumer_id \
+             WHERE k.revoked_at IS NULL AND k.disabled = 0 AND c.disabled = 0 \
+             AND (k.expires_at IS NULL OR k.expires_at > ?) \
+             AND EXISTS (SELECT 1 FROM json_each(k.scopes) WHERE value = 'keygate:admin') ORDER BY k.id LIMIT ?",
+        )
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)
+    }
+
+    async fn find_consumer(&self, by: ConsumerLookup<'_>) -> Result<Option<Consumer>> {
+        let (sql, value) = match by {
+            ConsumerLookup::ExternalId(v) => ("SELECT * FROM consumers WHERE external_id = ?", v),
+            ConsumerLookup::Name(v) => ("SELECT * FROM consumers WHERE name = ? ORDER BY id LIMIT 1", v),
+        };
+        fetch_by_id(&self.pool, sql, value, consumer_from_row).await
+    }
+
     async fn update_consumer(
         &self,
         id: &str,
@@ -566,13 +597,15 @@ impl Store for SqliteStore {
         let row = sqlx::query(
             "UPDATE consumers SET name = COALESCE(?, name), metadata = COALESCE(?, metadata), \
              disabled = COALESCE(?, disabled), rate_limits = CASE WHEN ? THEN ? ELSE rate_limits END, \
-             updated_at = ? WHERE id = ? RETURNING *",
+             external_id = CASE WHEN ? THEN ? ELSE external_id END, updated_at = ? WHERE id = ? RETURNING *",
         )
         .bind(&patch.name)
         .bind(patch.metadata.as_ref().map(json_text))
         .bind(patch.disabled)
         .bind(patch.rate_limits.is_some())
         .bind(opt_json(&patch.rate_limits.clone().flatten())?)
+        .bind(patch.external_id.is_some())
+        .bind(patch.external_id.clone().flatten())
         .bind(patch.updated_at)
         .bind(id)
         .fetch_optional(&mut *tx)
@@ -874,8 +907,9 @@ impl Store for SqliteStore {
 
     async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>> {
         let rows = sqlx::query(
-            "SELECT * FROM audit_events WHERE (? IS NULL OR target_id = ?) AND (? IS NULL OR action = ?) \
-             AND (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?",
+            "SELECT e.*, k.name AS actor_name FROM audit_events e LEFT JOIN api_keys k ON k.id = e.actor \
+             WHERE (? IS NULL OR e.target_id = ?) AND (? IS NULL OR e.action = ?) \
+             AND (? IS NULL OR e.id < ?) ORDER BY e.id DESC LIMIT ?",
         )
         .bind(&filter.target_id)
         .bind(&filter.target_id)
@@ -928,6 +962,7 @@ mod tests {
             disabled: false,
             system: false,
             rate_limits: None,
+            external_id: None,
             created_at: 0,
             updated_at: 0,
         };

@@ -26,6 +26,8 @@ pub struct FileConfig {
     pub issuer: Option<String>,
     pub master_key_file: Option<PathBuf>,
     pub metrics_auth: Option<bool>,
+    pub admin_listen: Option<SocketAddr>,
+    pub unique_consumer_names: Option<bool>,
     pub oauth: Option<OAuthFile>,
     pub cache: Option<CacheFile>,
     pub usage: Option<UsageFile>,
@@ -62,6 +64,23 @@ pub enum LogFormat {
     #[default]
     Text,
     Json,
+}
+
+/// The data directory, for commands that work on it directly (`init`, `admin-key`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DataDirArgs {
+    /// TOML configuration file (see `keygate default-config`); only its data_dir is used here.
+    #[arg(long, env = "KEYGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Directory of the database [default: ./keygate-data].
+    #[arg(long, env = "KEYGATE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl DataDirArgs {
+    pub fn server_args(&self) -> ServerArgs {
+        ServerArgs { config: self.config.clone(), data_dir: self.data_dir.clone(), ..ServerArgs::default() }
+    }
 }
 
 /// What the command line and environment said (clap fills it).
@@ -114,6 +133,13 @@ pub struct ServerArgs {
     /// [default: true unless listening on loopback].
     #[arg(long, env = "KEYGATE_METRICS_AUTH")]
     pub metrics_auth: Option<bool>,
+    /// A second address for the admin API, /metrics and the docs; the --listen address then serves
+    /// only verify, forward-auth, OAuth and health [default: none, one listener serves everything].
+    #[arg(long, env = "KEYGATE_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Refuse a consumer name another consumer already has [default: false].
+    #[arg(long, env = "KEYGATE_UNIQUE_CONSUMER_NAMES")]
+    pub unique_consumer_names: Option<bool>,
 }
 
 pub struct Resolved {
@@ -186,6 +212,13 @@ pub fn resolve(args: &ServerArgs) -> Result<Resolved, String> {
         };
     if let Some(m) = args.metrics_auth.or(file.metrics_auth) {
         server.metrics_auth = Some(m);
+    }
+    server.admin_listen = args.admin_listen.or(file.admin_listen);
+    if server.admin_listen.is_some_and(|a| a == server.listen && a.port() != 0) {
+        return Err("admin_listen must differ from listen".into());
+    }
+    if let Some(u) = args.unique_consumer_names.or(file.unique_consumer_names) {
+        server.unique_consumer_names = u;
     }
     let oauth = file.oauth.unwrap_or_default();
     if let Some(p) = oauth.publish_scopes {
@@ -270,6 +303,15 @@ flush_interval_ms = 1000
 # Default: on, unless Keygate listens on a loopback address. KEYGATE_METRICS_AUTH, --metrics-auth
 # metrics_auth = true
 
+# A second listener for the admin API (/v1/* except /v1/verify and /v1/auth), /metrics and the docs.
+# When set, `listen` serves only what API consumers need: /v1/verify, /v1/auth, /oauth2/*, discovery,
+# JWKS and health. Production layout: listen on the public interface, admin_listen on a private one.
+# KEYGATE_ADMIN_LISTEN, --admin-listen
+# admin_listen = "127.0.0.1:8081"
+
+# Refuse a consumer name that another consumer already has. KEYGATE_UNIQUE_CONSUMER_NAMES
+unique_consumer_names = false
+
 # The OAuth issuer URL: what clients use to reach this server, and the "iss" of its tokens.
 # Default: http://<the address it listens on>. KEYGATE_ISSUER, --issuer
 # issuer = "https://auth.example.com"
@@ -317,6 +359,7 @@ mod tests {
         assert_eq!(file.flush_interval_ms, Some(d.flush_interval.as_millis() as u64));
         assert_eq!(file.usage.unwrap().minute_retention_hours, Some(d.retention.minute.as_secs() / 3600));
         assert_eq!(file.oauth.unwrap().publish_scopes, Some(d.publish_scopes));
+        assert_eq!(file.unique_consumer_names, Some(d.unique_consumer_names));
     }
 
     #[test]

@@ -2,17 +2,79 @@
 
 use std::process::ExitCode;
 
+use std::io::{IsTerminal, Read, Seek, Write};
+use std::path::Path;
+
 use keygate_core::PlainSecret;
 use keygate_server::state::DB_FILE;
-use keygate_server::{AppState, ServerConfig, bootstrap, launch, open_store};
+use keygate_server::{AppState, ServerConfig, bootstrap, launch_split, open_store};
 use keygate_store::Store;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{LogFormat, ServerArgs, resolve};
+use crate::config::{DataDirArgs, LogFormat, ServerArgs, resolve};
+
+/// The lock file inside a data directory: held by the one server that uses the directory.
+const LOCK_FILE: &str = "keygate.lock";
+
+/// An exclusive advisory lock on a data directory, held while the process lives. Its file names the
+/// holder (`pid …`) and where it serves (`admin http://…`), for whoever finds it locked.
+struct DataDirLock {
+    file: std::fs::File,
+}
+
+enum Locked {
+    Acquired(DataDirLock),
+    /// Someone else holds it: what its lock file says.
+    Held(String),
+}
+
+impl DataDirLock {
+    fn acquire(dir: &Path) -> Result<Locked, String> {
+        keygate_server::fsmode::make_private_dir(dir)
+            .map_err(|e| format!("cannot create or secure the data directory {}: {e}", dir.display()))?;
+        let path = dir.join(LOCK_FILE);
+        let mut options = std::fs::OpenOptions::new();
+        options.read(true).write(true).create(true).truncate(false);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let mut file = options.open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {
+                let _ = file.set_len(0);
+                let _ = writeln!(file, "pid {}", std::process::id());
+                let _ = file.flush();
+                Ok(Locked::Acquired(DataDirLock { file }))
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                Ok(Locked::Held(holder))
+            }
+            Err(std::fs::TryLockError::Error(e)) => Err(format!("cannot lock {}: {e}", path.display())),
+        }
+    }
+
+    /// Records where the admin API answers, for `keygate admin-key`.
+    fn record_admin_url(&mut self, url: &str) {
+        let _ = self.file.seek(std::io::SeekFrom::End(0));
+        let _ = writeln!(self.file, "admin {url}");
+        let _ = self.file.flush();
+    }
+}
+
+fn holder_pid(holder: &str) -> &str {
+    holder.lines().find_map(|l| l.strip_prefix("pid ")).unwrap_or("unknown")
+}
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("KEYGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
@@ -39,6 +101,19 @@ pub async fn serve(args: &ServerArgs) -> ExitCode {
     };
     init_logging(resolved.log_format);
     let config = resolved.server;
+    let mut lock = match DataDirLock::acquire(&config.data_dir) {
+        Ok(Locked::Acquired(lock)) => lock,
+        Ok(Locked::Held(holder)) => {
+            return fail(format!(
+                "another Keygate server (process {}) is using {}; one data directory serves one process.\n\
+                 stop it first, or, to run several nodes, give each its own data directory on PostgreSQL \
+                 (see the README's operations section)",
+                holder_pid(&holder),
+                config.data_dir.display()
+            ));
+        }
+        Err(e) => return fail(e),
+    };
     let store = match open_store(&config).await {
         Ok(s) => s,
         Err(e) => {
@@ -60,11 +135,28 @@ pub async fn serve(args: &ServerArgs) -> ExitCode {
         }
     };
     let addr = listener.local_addr().unwrap_or(config.listen);
+    let admin = match config.admin_listen {
+        None => None,
+        Some(a) => match tokio::net::TcpListener::bind(a).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                return fail(format!(
+                    "cannot listen on {a} (admin): {e}\npass another address with --admin-listen HOST:PORT"
+                ));
+            }
+        },
+    };
     say!("Keygate listening on http://{addr} (data in {})", config.data_dir.display());
-    say!("API docs: http://{addr}/docs");
-    tracing::info!(%addr, data_dir = %config.data_dir.display(), "keygate started");
+    let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok()).unwrap_or(addr);
+    if admin.is_some() {
+        say!("Admin API listening on http://{admin_addr}");
+    }
+    say!("API docs: http://{admin_addr}/docs");
+    lock.record_admin_url(&format!("http://{}", loopback_if_unspecified(admin_addr)));
+    tracing::info!(%addr, %admin_addr, data_dir = %config.data_dir.display(), "keygate started");
     let state = AppState::new(store.clone(), config);
-    let result = launch(state, listener, shutdown_signal()).await;
+    let result = launch_split(state, listener, admin, shutdown_signal()).await;
+    drop(lock);
     store.close().await;
     match result {
         Ok(()) => {
@@ -111,8 +203,20 @@ async fn shutdown_signal() {
     tracing::info!("shutting down: finishing in-flight requests");
 }
 
-pub async fn init(args: &ServerArgs, json: bool) -> ExitCode {
-    let config = match resolve(args) {
+fn loopback_if_unspecified(a: std::net::SocketAddr) -> std::net::SocketAddr {
+    match a.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            std::net::SocketAddr::from(([127, 0, 0, 1], a.port()))
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
+        }
+        _ => a,
+    }
+}
+
+pub async fn init(args: &DataDirArgs, json: bool) -> ExitCode {
+    let config = match resolve(&args.server_args()) {
         Ok(r) => r.server,
         Err(e) => return fail(e),
     };
@@ -167,8 +271,8 @@ async fn already_initialized(config: &ServerConfig) -> bool {
 
 /// `keygate admin-key`: a new admin key written straight into the database, for when every admin key
 /// is lost. Needs file access to the data directory, which is the trust boundary here.
-pub async fn admin_key(args: &ServerArgs, name: &str, json: bool) -> ExitCode {
-    let config = match resolve(args) {
+pub async fn admin_key(args: &DataDirArgs, name: &str, json: bool) -> ExitCode {
+    let config = match resolve(&args.server_args()) {
         Ok(r) => r.server,
         Err(e) => return fail(e),
     };
@@ -183,8 +287,26 @@ pub async fn admin_key(args: &ServerArgs, name: &str, json: bool) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
+    // With a server running on this directory, the key is written here and that server picks it up
+    // (it follows new secrets every second): wait until it accepts the key, so that the key this
+    // command prints works at once.
+    let running = match DataDirLock::acquire(&config.data_dir) {
+        Ok(Locked::Held(holder)) => Some(holder),
+        _ => None,
+    };
     let result = keygate_server::state::create_local_admin_key(store.as_ref(), name).await;
     store.close().await;
+    if let (Ok((_, secret)), Some(holder)) = (&result, &running) {
+        let url = holder.lines().find_map(|l| l.strip_prefix("admin ")).map(str::trim);
+        match url {
+            Some(url) if wait_until_accepted(url, secret).await => {}
+            _ => eprintln!(
+                "warning: a server (process {}) is running on this directory; the new key works there within \
+                 a few seconds",
+                holder_pid(holder)
+            ),
+        }
+    }
     match result {
         Ok((id, secret)) => {
             if json {
@@ -196,4 +318,19 @@ pub async fn admin_key(args: &ServerArgs, name: &str, json: bool) -> ExitCode {
         }
         Err(e) => fail(e),
     }
+}
+
+/// Asks the running server until it accepts `secret` as an admin key (at most ~5 s).
+async fn wait_until_accepted(url: &str, secret: &PlainSecret) -> bool {
+    let Ok(http) = reqwest::Client::builder().timeout(std::time::Duration::from_secs(2)).build() else {
+        return false;
+    };
+    for _ in 0..50 {
+        let resp = http.get(format!("{url}/v1/signing-keys")).bearer_auth(secret.expose()).send().await;
+        if resp.is_ok_and(|r| r.status().is_success()) {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    false
 }

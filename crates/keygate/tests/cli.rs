@@ -223,14 +223,14 @@ fn walkthrough_with_the_cli() {
     assert!(stdout(&human).contains("ACTION"), "{}", stdout(&human));
 
     // Failures: clear message, non-zero exit.
-    let missing = s.cli(&admin, &["keys", "show", "key_doesnotexist"]);
+    let missing = s.cli(&admin, &["keys", "show", "key_000000000000AAAAAAAAAAAA"]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(stderr(&missing).contains("no key with id"), "{}", stderr(&missing));
     let bad = s.cli(&admin, &["keys", "create", "--consumer", cid, "--name", "x", "--scope", "has space"]);
     assert_eq!(bad.status.code(), Some(1));
     assert!(stderr(&bad).contains("validation_failed"), "{}", stderr(&bad));
     let bad_meta = s.cli(&admin, &["consumers", "create", "--name", "x", "--metadata", "{nope"]);
-    assert_eq!(bad_meta.status.code(), Some(1));
+    assert_eq!(bad_meta.status.code(), Some(2), "bad usage is caught by the CLI");
     assert!(stderr(&bad_meta).contains("--metadata"), "{}", stderr(&bad_meta));
     let no_key = keygate().args(["keys", "list"]).env("KEYGATE_URL", &s.url).output().unwrap();
     assert_eq!(no_key.status.code(), Some(1));
@@ -363,11 +363,32 @@ fn admin_key_recovery_and_config_handling() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["items"].as_array().unwrap().len(), 2, "bootstrap and recovered admin keys");
 
-    // A second server on the same port fails clearly.
+    // A second server on the same data directory refuses, naming the first; on the same port (another
+    // directory) it fails clearly too.
+    let twin = keygate().args(["serve", "--listen", "127.0.0.1:0", "--data-dir"]).arg(&dir).output().unwrap();
+    assert_eq!(twin.status.code(), Some(1));
+    let msg = stderr(&twin);
+    assert!(msg.contains(&format!("process {}", child.id())) && msg.contains("PostgreSQL"), "{msg}");
     let addr = url.trim_start_matches("http://");
-    let clash = keygate().args(["serve", "--listen", addr, "--data-dir"]).arg(&dir).output().unwrap();
+    let clash = keygate()
+        .args(["serve", "--listen", addr, "--data-dir"])
+        .arg(tmp.path().join("other"))
+        .output()
+        .unwrap();
     assert_eq!(clash.status.code(), Some(1));
     assert!(stderr(&clash).contains("--listen"), "{}", stderr(&clash));
+
+    // `admin-key` while the server runs: the key it prints works at once.
+    let out = keygate().args(["admin-key", "--json", "--data-dir"]).arg(&dir).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let fresh: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed = keygate()
+        .args(["keys", "list", "--json"])
+        .env("KEYGATE_URL", &url)
+        .env("KEYGATE_ADMIN_KEY", fresh["admin_key"].as_str().unwrap())
+        .output()
+        .unwrap();
+    assert!(listed.status.success(), "the new admin key works immediately: {}", stderr(&listed));
     let _ = child.kill();
     let _ = child.wait();
 
@@ -430,8 +451,8 @@ fn usage_controls_import_and_usage_from_the_cli() {
     );
     assert_eq!(s.decision(&admin, &[&secret])["rate_limit"]["name"], "plan");
     let bad = s.cli(&admin, &["keys", "create", "--consumer", cid, "--name", "x", "--rate-limit", "fast"]);
-    assert_eq!(bad.status.code(), Some(1));
-    assert!(stderr(&bad).contains("NAME:LIMIT/SECONDS"), "{}", stderr(&bad));
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("NAME:LIMIT/WINDOW"), "{}", stderr(&bad));
 
     // Import from a file, with progress and per-item errors.
     let file = tmp.path().join("keys.json");
@@ -442,8 +463,9 @@ fn usage_controls_import_and_usage_from_the_cli() {
     std::fs::write(&file, serde_json::to_string(&keys).unwrap()).unwrap();
     let out = s.cli(&admin, &["keys", "import", file.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1), "one item failed");
-    assert!(stdout(&out).contains("25 imported, 1 failed"), "{}", stdout(&out));
-    assert!(stdout(&out).contains("key #25"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("25 of 26 imported, 1 failed"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("key #25: not imported"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("key #0: imported as key_"), "new ids are listed: {}", stdout(&out));
     assert_eq!(s.decision(&admin, &["legacy_key_0000000000000007"])["code"], "VALID");
 
     // Usage as a chart and as JSON.
@@ -454,7 +476,12 @@ fn usage_controls_import_and_usage_from_the_cli() {
     let u = s.json(&admin, &["usage", cid, "--consumer", "--granularity", "day", "--since", "2d"]);
     assert!(u["total"].as_i64().unwrap() >= 5, "{u}");
     let bad = s.cli(&admin, &["usage", &kid, "--since", "soon"]);
-    assert_eq!(bad.status.code(), Some(1));
+    assert_eq!(bad.status.code(), Some(2));
+    let bad = s.cli(&admin, &["usage", &kid, "--granularity", "fortnight"]);
+    assert_eq!(bad.status.code(), Some(2));
+    let hint = s.cli(&admin, &["usage", cid]);
+    assert_eq!(hint.status.code(), Some(2));
+    assert!(stderr(&hint).contains("--consumer"), "{}", stderr(&hint));
     s.stop();
 }
 
@@ -540,4 +567,239 @@ fn clients_from_the_cli_and_python_interop_with_authlib_and_pyjwt() {
         "a client secret reached the log"
     );
     assert!(!log.contains("eyJ"), "a JWT reached the log");
+}
+
+/// Runs the CLI with `input` on standard input.
+fn with_stdin(mut cmd: Command, input: &str) -> Output {
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn the_cli_without_rough_edges() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let admin = init(&dir);
+    let s = Server::start(&dir, &tmp.path().join("log"));
+    let cid = s.json(&admin, &["consumers", "create", "--name", "acme", "--external-id", "cust-42"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(s.json(&admin, &["consumers", "show", "--external-id", "cust-42"])["id"], cid.as_str());
+
+    // Ids are checked by their prefix and never climb out of their path segment.
+    for bad in ["../consumers/".to_string() + &cid, "../consumers".into(), "key_..%2F..".into()] {
+        let out = s.cli(&admin, &["keys", "disable", &bad]);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {}", stderr(&out));
+    }
+    assert_eq!(s.json(&admin, &["consumers", "show", &cid])["disabled"], false, "nothing was disabled");
+    let (kid, secret) = {
+        let k = s.json(
+            &admin,
+            &[
+                "keys",
+                "create",
+                "--consumer",
+                &cid,
+                "--name",
+                "k",
+                "--expires-in",
+                "30d",
+                "--rate-limit",
+                "per_second:10/1s",
+                "--quota",
+                "5",
+                "--allow-ip",
+                "203.0.113.0/24",
+            ],
+        );
+        (k["id"].as_str().unwrap().to_string(), k["key"].as_str().unwrap().to_string())
+    };
+    // A secret pasted where an id belongs: said so, and not echoed.
+    let pasted = s.cli(&admin, &["keys", "show", &secret]);
+    assert_eq!(pasted.status.code(), Some(2));
+    assert!(
+        stderr(&pasted).contains("secret") && !stderr(&pasted).contains(&secret[8..]),
+        "{}",
+        stderr(&pasted)
+    );
+
+    // Human output: id first, limits and quotas as typed.
+    let created = s.cli(
+        &admin,
+        &["keys", "create", "--consumer", &cid, "--name", "human", "--expires-at", "2031-01-31"],
+    );
+    let text = stdout(&created);
+    assert!(text.starts_with("Created key key_"), "{text}");
+    assert!(text.contains("2031-01-31T00:00:00") && text.contains("shown only this once"), "{text}");
+    let shown = stdout(&s.cli(&admin, &["keys", "show", &kid]));
+    assert!(shown.contains("per_second:10/1s") && shown.contains("5 left"), "{shown}");
+
+    // verify: the secret from standard input, with --ip and --cost.
+    let mut cmd = keygate();
+    cmd.args(["verify", "-", "--ip", "203.0.113.7", "--cost", "0", "--json"])
+        .env("KEYGATE_URL", &s.url)
+        .env("KEYGATE_ADMIN_KEY", &admin);
+    let out = with_stdin(cmd, &format!("{secret}\n"));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let d: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((d["code"].as_str(), d["quota"]["remaining"].as_u64()), (Some("VALID"), Some(5)));
+    assert_eq!(s.decision(&admin, &[&secret, "--ip", "198.51.100.1"])["code"], "IP_NOT_ALLOWED");
+
+    // Durations everywhere: rotation overlap.
+    let rotated = s.json(&admin, &["keys", "rotate", &kid, "--overlap", "1h"]);
+    assert!(rotated["previous_expires_at"].is_string(), "{rotated}");
+    assert_eq!(s.decision(&admin, &[&secret, "--ip", "203.0.113.7"])["code"], "VALID", "old secret overlaps");
+    let help = stdout(&keygate().args(["keys", "rotate", "--help"]).output().unwrap());
+    assert!(help.contains("[default: 0]") && help.contains("confirm"), "{help}");
+
+    // Global options before or after the command; --help documents every argument.
+    let before = keygate()
+        .args(["--json", "--url", &s.url, "consumers", "list"])
+        .env("KEYGATE_ADMIN_KEY", &admin)
+        .output()
+        .unwrap();
+    assert!(before.status.success() && serde_json::from_slice::<Value>(&before.stdout).is_ok());
+    let help = stdout(&keygate().args(["keys", "create", "--help"]).output().unwrap());
+    assert!(help.contains("Global options") && help.contains("--expires-in <DURATION>"), "{help}");
+    let grant_help = stdout(&keygate().args(["clients", "create", "--help"]).output().unwrap());
+    assert!(grant_help.contains("client_credentials"), "{grant_help}");
+    let init_help = stdout(&keygate().args(["init", "--help"]).output().unwrap());
+    assert!(!init_help.contains("--cache-capacity"), "init shows only what it uses: {init_help}");
+
+    // A closed pipe ends the output quietly.
+    for _ in 0..30 {
+        s.json(&admin, &["consumers", "create", "--name", "filler"]);
+    }
+    let mut child = keygate()
+        .args(["audit"])
+        .env("KEYGATE_URL", &s.url)
+        .env("KEYGATE_ADMIN_KEY", &admin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(first.contains("ACTION"));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+
+    // Audit: actor names and details, paged with --before.
+    let page = stdout(&s.cli(&admin, &["audit", "--limit", "2"]));
+    assert!(page.contains("bootstrap admin (key_"), "{page}");
+    assert!(page.contains("name=filler"), "{page}");
+    let older = page.lines().find_map(|l| l.strip_prefix("(older: --before ")).unwrap().trim_end_matches(')');
+    let next = s.json(&admin, &["audit", "--limit", "2", "--before", older]);
+    assert_eq!(next["items"].as_array().unwrap().len(), 2);
+
+    // Connection errors say what is wrong.
+    let no_scheme = keygate()
+        .args(["consumers", "list"])
+        .env("KEYGATE_URL", s.url.trim_start_matches("http://"))
+        .env("KEYGATE_ADMIN_KEY", &admin)
+        .output()
+        .unwrap();
+    assert_eq!(no_scheme.status.code(), Some(2));
+    assert!(stderr(&no_scheme).contains("no scheme"), "{}", stderr(&no_scheme));
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let other_url = format!("http://{}", other.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in other.incoming().take(1) {
+            let mut stream = stream.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let _ = stream.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-type: text/html\r\ncontent-length: 9\r\nconnection: close\r\n\r\n<h1>x</h1");
+        }
+    });
+    let wrong = keygate()
+        .args(["consumers", "list"])
+        .env("KEYGATE_URL", &other_url)
+        .env("KEYGATE_ADMIN_KEY", &admin)
+        .output()
+        .unwrap();
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(stderr(&wrong).contains("not Keygate's"), "{}", stderr(&wrong));
+
+    // `keygate token`: a client gets a token from the command line.
+    let c = s.json(
+        &admin,
+        &["clients", "create", "--consumer", &cid, "--name", "etl", "--scope", "r", "--lifetime", "10m"],
+    );
+    let mut cmd = keygate();
+    cmd.args(["token", "--client-id", c["client_id"].as_str().unwrap(), "--client-secret-stdin", "--json"])
+        .env("KEYGATE_URL", &s.url);
+    let out = with_stdin(cmd, c["client_secret"].as_str().unwrap());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let t: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(t["expires_in"], 600);
+    assert_eq!(s.decision(&admin, &[t["access_token"].as_str().unwrap(), "--scope", "r"])["code"], "VALID");
+
+    // The last admin key cannot be revoked; the message says how to recover.
+    let admin_id = s.json(&admin, &["keys", "list"])["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "bootstrap admin")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let refused = s.cli(&admin, &["keys", "revoke", &admin_id]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(stderr(&refused).contains("last admin key") && stderr(&refused).contains("keygate admin-key"));
+    let (_, log) = s.stop();
+    // Logs: no colour codes when stderr is a file; one line per request with the route template.
+    assert!(!log.contains('\u{1b}'), "ANSI escape codes in a log file");
+    assert!(log.contains("keygate::access") && log.contains("route=\"/v1/keys/{id}\""), "no access log line");
+    assert!(!log.contains(&secret[12..]), "a secret reached the log");
+}
+
+#[test]
+fn separate_admin_listener() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let admin = init(&dir);
+    let mut child = keygate()
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut public = String::new();
+    let mut admin_url = String::new();
+    while public.is_empty() || admin_url.is_empty() {
+        let line = lines.next().unwrap().unwrap();
+        if let Some(rest) = line.strip_prefix("Keygate listening on ") {
+            public = rest.split_whitespace().next().unwrap().to_string();
+        }
+        if let Some(rest) = line.strip_prefix("Admin API listening on ") {
+            admin_url = rest.trim().to_string();
+        }
+    }
+    let run = |url: &str, args: &[&str]| {
+        keygate().args(args).env("KEYGATE_URL", url).env("KEYGATE_ADMIN_KEY", &admin).output().unwrap()
+    };
+    // Admin routes answer on the admin listener only; verify on the public one.
+    assert!(run(&admin_url, &["consumers", "list"]).status.success());
+    let on_public = run(&public, &["consumers", "list"]);
+    assert_eq!(on_public.status.code(), Some(1));
+    assert!(stderr(&on_public).contains("not_found"), "{}", stderr(&on_public));
+    assert_eq!(run(&public, &["verify", &admin, "--json"]).status.code(), Some(0));
+    let metrics = |url: &str| {
+        let addr = url.trim_start_matches("http://");
+        let mut s = TcpStream::connect(addr).unwrap();
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        resp
+    };
+    assert!(metrics(&public).starts_with("HTTP/1.1 404"));
+    assert!(metrics(&admin_url).starts_with("HTTP/1.1 200"));
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -11,7 +11,8 @@ use keygate_core::limits::{Quota, RateLimit, parse_allowed_ips, validate_quota, 
 use keygate_core::validate::{validate_metadata, validate_name};
 use keygate_core::{Environment, PlainSecret, SecretKind, id, scope};
 use keygate_store::{
-    ApiKey, AuditEvent, AuditFilter, Consumer, ConsumerPatch, KeyPatch, KeySecret, NewAudit, Page,
+    ApiKey, AuditEvent, AuditFilter, Consumer, ConsumerLookup, ConsumerPatch, KeyPatch, KeySecret, NewAudit,
+    Page,
 };
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Value, json};
@@ -59,6 +60,8 @@ pub struct ConsumerView {
     /// The plan: rate limits for keys that set none of their own.
     #[schema(value_type = Option<Vec<Object>>)]
     pub rate_limits: Option<Vec<RateLimit>>,
+    /// Your own id for this account (unique).
+    pub external_id: Option<String>,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -72,6 +75,7 @@ impl From<Consumer> for ConsumerView {
             disabled: c.disabled,
             system: c.system,
             rate_limits: c.rate_limits,
+            external_id: c.external_id,
             created_at: rfc3339(c.created_at),
             updated_at: rfc3339(c.updated_at),
         }
@@ -194,6 +198,8 @@ pub struct AuditView {
     pub at: String,
     /// Id of the key that made the change, or `system`.
     pub actor: String,
+    /// The name of that key, while it exists.
+    pub actor_name: Option<String>,
     pub action: String,
     pub target_type: String,
     pub target_id: String,
@@ -208,6 +214,7 @@ impl From<AuditEvent> for AuditView {
             id: e.id,
             at: rfc3339(e.at),
             actor: e.actor,
+            actor_name: e.actor_name,
             action: e.action,
             target_type: e.target_type,
             target_id: e.target_id,
@@ -237,6 +244,8 @@ pub struct CreateConsumer {
     /// The plan: `[{"name", "limit", "window_seconds"}]`, inherited by keys without their own.
     #[schema(value_type = Option<Vec<Object>>)]
     pub rate_limits: Option<Vec<RateLimit>>,
+    /// Your own id for this account (e.g. your customer id), unique among consumers; 1–200 characters.
+    pub external_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -249,6 +258,10 @@ pub struct UpdateConsumer {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<Vec<Object>>)]
     pub rate_limits: Option<Option<Vec<RateLimit>>>,
+    /// `null` removes the external id.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    pub external_id: Option<Option<String>>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -332,6 +345,17 @@ pub struct PageQuery {
     pub after: Option<String>,
     /// Page size, 1–1000 (default 100).
     pub limit: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerListQuery {
+    /// Continue after this id (the previous page's `next_after`).
+    pub after: Option<String>,
+    /// Page size, 1–1000 (default 100).
+    pub limit: Option<u32>,
+    /// Only the consumer with this external id (at most one).
+    pub external_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -439,6 +463,77 @@ pub async fn load_key(state: &AppState, id: &str) -> ApiResult<ApiKey> {
     state.store.get_key(id).await?.ok_or_else(|| ApiError::not_found("key", id))
 }
 
+pub fn check_external_id(e: &str) -> ApiResult<()> {
+    if e.is_empty() || e.chars().count() > 200 || e.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            "external_id",
+            "must be 1 to 200 characters without control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// External ids are unique; names too when `unique_consumer_names` is on. Checked before writing for a
+/// clear message; the database's unique index decides races ([`unique_violation`]).
+async fn check_unique_consumer(
+    state: &AppState,
+    this: Option<&str>,
+    name: Option<&str>,
+    external_id: Option<&str>,
+) -> ApiResult<()> {
+    let taken = |c: &Option<Consumer>| c.as_ref().is_some_and(|c| Some(c.id.as_str()) != this);
+    if let Some(e) = external_id
+        && taken(&state.store.find_consumer(ConsumerLookup::ExternalId(e)).await?)
+    {
+        return Err(ApiError {
+            field: Some("external_id".into()),
+            ..ApiError::new(ErrorCode::Conflict, "another consumer has this external_id")
+        });
+    }
+    if state.config.unique_consumer_names
+        && let Some(n) = name
+        && taken(&state.store.find_consumer(ConsumerLookup::Name(n)).await?)
+    {
+        return Err(ApiError {
+            field: Some("name".into()),
+            ..ApiError::new(
+                ErrorCode::Conflict,
+                "another consumer has this name (this installation requires unique consumer names)",
+            )
+        });
+    }
+    Ok(())
+}
+
+fn unique_violation(e: keygate_store::StoreError) -> ApiError {
+    match e {
+        keygate_store::StoreError::Conflict(_) => ApiError {
+            field: Some("external_id".into()),
+            ..ApiError::new(ErrorCode::Conflict, "another consumer has this external_id")
+        },
+        other => other.into(),
+    }
+}
+
+pub fn key_revoked() -> ApiError {
+    ApiError::new(ErrorCode::KeyRevoked, "the key is revoked; revocation is permanent, create a new key")
+}
+
+/// Refuses a change after which no key could use the admin API. `stays` says which of today's working
+/// admin keys (id, consumer id) still work after the change.
+async fn keep_an_admin_key(state: &AppState, now: i64, stays: impl Fn(&str, &str) -> bool) -> ApiResult<()> {
+    let working = state.store.working_admin_keys(now, 1000).await?;
+    if working.iter().any(|(k, c)| stays(k, c)) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        ErrorCode::Conflict,
+        "this would leave no working admin key: this is the last admin key; create another first \
+         (keygate keys create --consumer <system consumer> --scope keygate:admin) or use `keygate admin-key` \
+         on the server",
+    ))
+}
+
 /// Drops every cached verify entry of a key, so the next verify sees the change.
 async fn invalidate_key(state: &AppState, key_id: &str) -> ApiResult<()> {
     let hashes = state.store.key_secret_hashes(key_id).await?;
@@ -464,6 +559,10 @@ pub async fn create_consumer(
     if let Some(limits) = &req.rate_limits {
         check_rate_limits(limits)?;
     }
+    if let Some(e) = &req.external_id {
+        check_external_id(e)?;
+    }
+    check_unique_consumer(&state, None, Some(&req.name), req.external_id.as_deref()).await?;
     let now = now_ms();
     let consumer = Consumer {
         id: new_id("cons", now)?,
@@ -472,24 +571,32 @@ pub async fn create_consumer(
         disabled: false,
         system: false,
         rate_limits: req.rate_limits,
+        external_id: req.external_id,
         created_at: now,
         updated_at: now,
     };
-    let audit =
-        audit(&actor, now, "consumer.create", "consumer", &consumer.id, json!({"name": consumer.name}))?;
-    state.store.insert_consumer(&consumer, &audit).await?;
+    let details = json!({"name": consumer.name, "external_id": consumer.external_id});
+    let audit = audit(&actor, now, "consumer.create", "consumer", &consumer.id, details)?;
+    state.store.insert_consumer(&consumer, &audit).await.map_err(unique_violation)?;
     Ok((StatusCode::CREATED, Json(consumer.into())))
 }
 
-/// List consumers in creation order.
-#[utoipa::path(get, path = "/v1/consumers", tag = "consumers", params(PageQuery),
+/// List consumers in creation order, or find one by `external_id`.
+#[utoipa::path(get, path = "/v1/consumers", tag = "consumers", params(ConsumerListQuery),
     responses((status = 200, body = ConsumerList), (status = "4XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn list_consumers(
     State(state): State<Arc<AppState>>,
     AdminCaller(_): AdminCaller,
-    ApiQuery(q): ApiQuery<PageQuery>,
+    ApiQuery(q): ApiQuery<ConsumerListQuery>,
 ) -> ApiResult<Json<ConsumerList>> {
+    if let Some(e) = &q.external_id {
+        let found = state.store.find_consumer(ConsumerLookup::ExternalId(e)).await?;
+        return Ok(Json(ConsumerList {
+            items: found.into_iter().map(Into::into).collect(),
+            next_after: None,
+        }));
+    }
     let page = page(q.after, q.limit)?;
     let items = state.store.list_consumers(&page).await?;
     let next_after = next_cursor(&items, page.limit, |c| &c.id);
@@ -519,12 +626,23 @@ pub async fn update_consumer(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<UpdateConsumer>,
 ) -> ApiResult<Json<ConsumerView>> {
-    if req.name.is_none() && req.metadata.is_none() && req.rate_limits.is_none() {
+    if req.name.is_none() && req.metadata.is_none() && req.rate_limits.is_none() && req.external_id.is_none()
+    {
         return Err(ApiError::new(
             ErrorCode::ValidationFailed,
-            "the update changes nothing; send name, metadata or rate_limits",
+            "the update changes nothing; send name, metadata, rate_limits or external_id",
         ));
     }
+    if let Some(Some(e)) = &req.external_id {
+        check_external_id(e)?;
+    }
+    check_unique_consumer(
+        &state,
+        Some(&id),
+        req.name.as_deref(),
+        req.external_id.clone().flatten().as_deref(),
+    )
+    .await?;
     if let Some(Some(limits)) = &req.rate_limits {
         check_rate_limits(limits)?;
     }
@@ -535,13 +653,14 @@ pub async fn update_consumer(
         check_metadata(metadata)?;
     }
     let now = now_ms();
-    let details =
-        json!({"name": req.name, "metadata_changed": req.metadata.is_some(), "rate_limits": req.rate_limits});
+    let details = json!({"name": req.name, "metadata_changed": req.metadata.is_some(),
+        "rate_limits": req.rate_limits, "external_id": req.external_id});
     let patch = ConsumerPatch {
         name: req.name,
         metadata: req.metadata,
         disabled: None,
         rate_limits: req.rate_limits,
+        external_id: req.external_id,
         updated_at: now,
     };
     set_consumer(&state, &actor, &id, patch, "consumer.update", details).await
@@ -559,7 +678,8 @@ async fn set_consumer(
     let consumer = state
         .store
         .update_consumer(id, &patch, &audit)
-        .await?
+        .await
+        .map_err(unique_violation)?
         .ok_or_else(|| ApiError::not_found("consumer", id))?;
     // Keys cache their consumer's state and plan; the token path keeps them for the consumer's clients.
     if patch.disabled.is_some() || patch.rate_limits.is_some() {
@@ -586,7 +706,9 @@ pub async fn disable_consumer(
             "the system consumer holds the admin keys and cannot be disabled; disable or revoke single keys instead",
         ));
     }
-    let patch = ConsumerPatch { disabled: Some(true), updated_at: now_ms(), ..ConsumerPatch::default() };
+    let now = now_ms();
+    keep_an_admin_key(&state, now, |_, consumer_id| consumer_id != id).await?;
+    let patch = ConsumerPatch { disabled: Some(true), updated_at: now, ..ConsumerPatch::default() };
     set_consumer(&state, &actor, &id, patch, "consumer.disable", json!({})).await
 }
 
@@ -708,14 +830,19 @@ async fn patch_key(
     action: &str,
     details: Value,
 ) -> ApiResult<Json<KeyView>> {
+    let current = load_key(state, id).await?;
+    if current.revoked_at.is_some() {
+        return Err(key_revoked());
+    }
+    let loses_admin = patch.revoked_at.is_some()
+        || patch.disabled == Some(true)
+        || patch.scopes.as_ref().is_some_and(|s| !s.iter().any(|s| s == scope::ADMIN));
+    if loses_admin && current.scopes.iter().any(|s| s == scope::ADMIN) {
+        keep_an_admin_key(state, patch.updated_at, |key_id, _| key_id != id).await?;
+    }
     let audit = audit(actor, patch.updated_at, action, "key", id, details)?;
-    let Some(key) = state.store.update_key(id, &patch, &audit).await? else {
-        load_key(state, id).await?;
-        return Err(ApiError::new(
-            ErrorCode::KeyRevoked,
-            "the key is revoked; revocation is permanent, create a new key",
-        ));
-    };
+    // `None` here means a concurrent revoke won the race.
+    let Some(key) = state.store.update_key(id, &patch, &audit).await? else { return Err(key_revoked()) };
     if let (Some(quota), Some(rt)) = (&patch.quota, state.verifier.runtimes.get(id)) {
         let refilled_at = patch.quota_refilled_at.unwrap_or(patch.updated_at);
         rt.set_quota(quota.as_ref().map(|q| QuotaState::from_config(q, refilled_at)));
@@ -827,13 +954,13 @@ pub async fn revoke_key(
     Path(id): Path<String>,
 ) -> ApiResult<Json<KeyView>> {
     let now = now_ms();
-    let patch = KeyPatch { revoked_at: Some(now), updated_at: now, ..KeyPatch::default() };
-    match patch_key(&state, &actor, &id, patch, "key.revoke", json!({})).await {
-        Err(ApiError { code: ErrorCode::KeyRevoked, .. }) => {
-            Ok(Json(key_view(&state, load_key(&state, &id).await?, now)))
-        }
-        other => other,
+    // Revoking twice answers like the first time.
+    let key = load_key(&state, &id).await?;
+    if key.revoked_at.is_some() {
+        return Ok(Json(key_view(&state, key, now)));
     }
+    let patch = KeyPatch { revoked_at: Some(now), updated_at: now, ..KeyPatch::default() };
+    patch_key(&state, &actor, &id, patch, "key.revoke", json!({})).await
 }
 
 /// Rotate a key: a new secret now, the old one working until the overlap window ends.
@@ -867,10 +994,7 @@ pub async fn rotate_key(
     }
     let key = load_key(&state, &id).await?;
     if key.revoked_at.is_some() {
-        return Err(ApiError::new(
-            ErrorCode::KeyRevoked,
-            "the key is revoked; revocation is permanent, create a new key",
-        ));
+        return Err(key_revoked());
     }
     let now = now_ms();
     // `overlap_seconds` is at most 30 days, so this cannot overflow.
@@ -881,10 +1005,7 @@ pub async fn rotate_key(
     let details = json!({"overlap_seconds": req.overlap_seconds, "start": new_secret.start, "previous_start": key.start});
     let audit = audit(&actor, now, "key.rotate", "key", &id, details)?;
     if !state.store.rotate_key(&id, &new_secret, old_expires_at, &audit).await? {
-        return Err(ApiError::new(
-            ErrorCode::KeyRevoked,
-            "the key is revoked; revocation is permanent, create a new key",
-        ));
+        return Err(key_revoked());
     }
     invalidate_key(&state, &id).await?;
     state.verifier.added(&[new_secret.hash]);
@@ -917,7 +1038,7 @@ pub async fn change_quota(
     }
     let key = load_key(&state, &id).await?;
     if key.revoked_at.is_some() {
-        return Err(ApiError::new(ErrorCode::KeyRevoked, "the key is revoked; revocation is permanent"));
+        return Err(key_revoked());
     }
     let Some(config) = key.quota.clone() else {
         return Err(ApiError::invalid("quota", "the key has no quota; give it one with PATCH /v1/keys/{id}"));
@@ -956,10 +1077,7 @@ pub async fn change_quota(
         updated_at: now,
         ..KeyPatch::default()
     };
-    let key =
-        state.store.update_key(&id, &patch, &audit).await?.ok_or_else(|| {
-            ApiError::new(ErrorCode::KeyRevoked, "the key is revoked; revocation is permanent")
-        })?;
+    let key = state.store.update_key(&id, &patch, &audit).await?.ok_or_else(key_revoked)?;
     invalidate_key(&state, &id).await?;
     Ok(Json(key_view(&state, key, now)))
 }

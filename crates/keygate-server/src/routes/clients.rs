@@ -34,7 +34,8 @@ pub fn router() -> axum::Router<Arc<AppState>> {
         .route("/v1/signing-keys/{kid}/revoke", post(revoke_signing_key))
 }
 
-const GRANTS: &[&str] = &["client_credentials"];
+/// Grant types a client may be allowed.
+pub const GRANTS: &[&str] = &["client_credentials"];
 const DEFAULT_LIFETIME: i64 = 3600;
 
 #[derive(Debug, Serialize, ToSchema)]

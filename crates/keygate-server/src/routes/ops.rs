@@ -11,11 +11,14 @@ use serde_json::json;
 
 use crate::state::AppState;
 
+/// Health, on every listener.
 pub fn router() -> axum::Router<Arc<AppState>> {
-    axum::Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+    axum::Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz))
+}
+
+/// Metrics, on the admin listener.
+pub fn metrics_router() -> axum::Router<Arc<AppState>> {
+    axum::Router::new().route("/metrics", get(metrics))
 }
 
 /// Liveness: the process answers.

@@ -245,7 +245,7 @@ pub async fn forward_auth(
         state.throttle.record_failure(ip, now);
     }
     record(&state, &decision, started);
-    Ok(forward_auth_response(&decision, now))
+    Ok(forward_auth_response(&decision))
 }
 
 fn set_header(h: &mut HeaderMap, name: &'static str, value: &str) {
@@ -254,7 +254,7 @@ fn set_header(h: &mut HeaderMap, name: &'static str, value: &str) {
     }
 }
 
-fn forward_auth_response(decision: &Decision, now: i64) -> Response {
+fn forward_auth_response(decision: &Decision) -> Response {
     if let (DecisionCode::Valid, Some(t)) = (decision.code, &decision.token) {
         let mut resp = Response::new(Body::empty());
         let h = resp.headers_mut();
@@ -263,7 +263,7 @@ fn forward_auth_response(decision: &Decision, now: i64) -> Response {
         set_header(h, "x-keygate-subject", &t.subject);
         set_header(h, "x-keygate-scopes", &t.scopes.join(" "));
         h.insert("x-keygate-kind", HeaderValue::from_static("access_token"));
-        rate_limit_headers(h, decision, now);
+        rate_limit_headers(h, decision);
         return resp;
     }
     let mut resp = match (decision.code, &decision.key) {
@@ -274,7 +274,7 @@ fn forward_auth_response(decision: &Decision, now: i64) -> Response {
             set_header(h, "x-keygate-key-id", &key.key_id);
             set_header(h, "x-keygate-scopes", &key.scopes_header);
             h.insert("x-keygate-kind", HeaderValue::from_static("api_key"));
-            rate_limit_headers(h, decision, now);
+            rate_limit_headers(h, decision);
             return resp;
         }
         (DecisionCode::InsufficientScope, _) => {
@@ -298,7 +298,7 @@ fn forward_auth_response(decision: &Decision, now: i64) -> Response {
         (DecisionCode::RateLimited | DecisionCode::QuotaExceeded, _) => {
             let mut resp = Response::new(Body::from(decision.body()));
             *resp.status_mut() = StatusCode::TOO_MANY_REQUESTS;
-            rate_limit_headers(resp.headers_mut(), decision, now);
+            rate_limit_headers(resp.headers_mut(), decision);
             resp
         }
         (code, _) => {
@@ -315,15 +315,15 @@ fn forward_auth_response(decision: &Decision, now: i64) -> Response {
     resp
 }
 
-/// `RateLimit-*` headers (seconds until the limit is whole again), and `Retry-After` when denied.
-fn rate_limit_headers(h: &mut HeaderMap, decision: &Decision, now: i64) {
+/// `RateLimit-*` headers and, when denied, `Retry-After`: all name the same moment as the JSON `reset`
+/// ([`crate::runtime::RateLimitState::reset_seconds`]).
+fn rate_limit_headers(h: &mut HeaderMap, decision: &Decision) {
     let Some(r) = &decision.rate_limit else { return };
-    let reset_secs = ((r.reset_ms - now).max(0) as u64).div_ceil(1000);
+    let reset = r.reset_seconds().to_string();
     set_header(h, "ratelimit-limit", &r.limit.to_string());
     set_header(h, "ratelimit-remaining", &r.remaining.to_string());
-    set_header(h, "ratelimit-reset", &reset_secs.to_string());
+    set_header(h, "ratelimit-reset", &reset);
     if decision.code == DecisionCode::RateLimited {
-        let retry = (r.retry_after_ms.max(0) as u64).div_ceil(1000).max(1);
-        set_header(h, "retry-after", &retry.to_string());
+        set_header(h, "retry-after", &reset);
     }
 }

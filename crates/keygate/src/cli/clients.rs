@@ -1,0 +1,208 @@
+//! `keygate clients …`
+
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use reqwest::Method;
+use serde_json::json;
+
+use super::CliResult;
+use super::args::{self, PageArgs};
+use super::http::Client;
+use super::output::{cell, emit, field, items, output, print_next, print_object, print_secret, table};
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Register a client; its secret is printed this once.
+    Create {
+        /// The consumer that owns the client (cons_…).
+        #[arg(long, value_parser = args::Quiet(args::consumer_id))]
+        consumer: String,
+        /// A name people recognise.
+        #[arg(long)]
+        name: String,
+        /// A scope the client may be granted (repeatable).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// A grant type the client may use (repeatable).
+        #[arg(long = "grant", default_value = "client_credentials",
+            value_parser = clap::builder::PossibleValuesParser::new(keygate_server::routes::clients::GRANTS))]
+        grants: Vec<String>,
+        /// A resource (audience URI) the client may ask tokens for (repeatable) [default: the issuer].
+        #[arg(long = "audience")]
+        audiences: Vec<String>,
+        /// Access-token format: a signed JWT, or an opaque kgat_ token looked up on verify.
+        #[arg(long, default_value = "jwt", value_parser = ["jwt", "opaque"])]
+        token_format: String,
+        /// Access-token lifetime, e.g. 1h (1s to 24h).
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = args::duration_secs)]
+        lifetime: u64,
+    },
+    /// List clients (never their secrets).
+    List {
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// Show one client.
+    Show {
+        /// The client's id (kgc_…).
+        #[arg(value_parser = args::Quiet(args::client_id))]
+        id: String,
+    },
+    /// Change a client's name, scopes, audiences, token format or lifetime.
+    Update {
+        /// The client's id (kgc_…).
+        #[arg(value_parser = args::Quiet(args::client_id))]
+        id: String,
+        /// New name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Replace the scopes (repeatable).
+        #[arg(long = "scope")]
+        scopes: Option<Vec<String>>,
+        /// Replace the audiences (repeatable).
+        #[arg(long = "audience")]
+        audiences: Option<Vec<String>>,
+        /// jwt or opaque.
+        #[arg(long, value_parser = ["jwt", "opaque"])]
+        token_format: Option<String>,
+        /// Access-token lifetime, e.g. 15m.
+        #[arg(long, value_name = "DURATION", value_parser = args::duration_secs)]
+        lifetime: Option<u64>,
+    },
+    /// Disable a client: no new tokens, and its tokens stop verifying.
+    Disable {
+        /// The client's id (kgc_…).
+        #[arg(value_parser = args::Quiet(args::client_id))]
+        id: String,
+    },
+    /// Enable a disabled client.
+    Enable {
+        /// The client's id (kgc_…).
+        #[arg(value_parser = args::Quiet(args::client_id))]
+        id: String,
+    },
+    /// Delete a client, its secrets and its tokens.
+    Delete {
+        /// The client's id (kgc_…).
+        #[arg(value_parser = args::Quiet(args::client_id))]
+        id: String,
+    },
+    /// Rotate the client secret; the old one keeps working for --overlap.
+    RotateSecret {
+        /// The client's id (kgc_…).
+        #[arg(value_parser = args::Quiet(args::client_id))]
+        id: String,
+        /// How long the old secret keeps working, e.g. 1h (default 0: it stops now).
+        #[arg(long, value_name = "DURATION", default_value = "0", value_parser = args::duration_secs)]
+        overlap: u64,
+    },
+    /// Revoke every token issued to the client until now (tokens issued later keep working).
+    RevokeTokens {
+        /// The client's id (kgc_…).
+        #[arg(value_parser = args::Quiet(args::client_id))]
+        id: String,
+    },
+}
+
+pub async fn run(c: &Client, cmd: Cmd) -> CliResult {
+    match cmd {
+        Cmd::Create { consumer, name, scopes, grants, audiences, token_format, lifetime } => {
+            let body = json!({"consumer_id": consumer, "name": name, "scopes": scopes, "grant_types": grants,
+                "audiences": audiences, "token_format": token_format, "token_lifetime_seconds": lifetime});
+            let v = c.call(Method::POST, &["v1", "clients"], &[], Some(body)).await?;
+            output(c, &v, |v| {
+                emit(format!(
+                    "Created client {} ({}; {} tokens; scopes: {})",
+                    cell(&v["client_id"]),
+                    cell(&v["name"]),
+                    cell(&v["token_format"]),
+                    cell(&v["scopes"])
+                ));
+                print_secret("Client secret", &v["client_secret"]);
+            });
+        }
+        Cmd::List { page } => {
+            let v = c.call(Method::GET, &["v1", "clients"], &page.query(), None).await?;
+            output(c, &v, |v| {
+                table(
+                    items(v),
+                    &[
+                        ("CLIENT ID", &field("client_id")),
+                        ("NAME", &field("name")),
+                        ("FORMAT", &field("token_format")),
+                        ("SCOPES", &field("scopes")),
+                        ("DISABLED", &field("disabled")),
+                    ],
+                );
+                print_next(v);
+            });
+        }
+        Cmd::Show { id } => {
+            let v = c.call(Method::GET, &["v1", "clients", &id], &[], None).await?;
+            output(c, &v, print_object);
+        }
+        Cmd::Update { id, name, scopes, audiences, token_format, lifetime } => {
+            let mut body = json!({});
+            if let Some(n) = name {
+                body["name"] = json!(n);
+            }
+            if let Some(s) = scopes {
+                body["scopes"] = json!(s);
+            }
+            if let Some(a) = audiences {
+                body["audiences"] = json!(a);
+            }
+            if let Some(f) = token_format {
+                body["token_format"] = json!(f);
+            }
+            if let Some(l) = lifetime {
+                body["token_lifetime_seconds"] = json!(l);
+            }
+            let v = c.call(Method::PATCH, &["v1", "clients", &id], &[], Some(body)).await?;
+            output(c, &v, |v| {
+                emit(format!("Updated client {id}"));
+                print_object(v);
+            });
+        }
+        Cmd::Disable { id } => {
+            let v = c.call(Method::POST, &["v1", "clients", &id, "disable"], &[], None).await?;
+            output(c, &v, |_| {
+                emit(format!("Disabled client {id}: no new tokens, and its tokens stop working"))
+            });
+        }
+        Cmd::Enable { id } => {
+            let v = c.call(Method::POST, &["v1", "clients", &id, "enable"], &[], None).await?;
+            output(c, &v, |_| emit(format!("Enabled client {id}")));
+        }
+        Cmd::RevokeTokens { id } => {
+            let v = c.call(Method::POST, &["v1", "clients", &id, "revoke-tokens"], &[], None).await?;
+            output(c, &v, |_| {
+                emit(format!("Revoked every token of {id} issued until now"));
+                emit("(services that validate JWTs offline cannot see this; see docs/SECURITY.md)");
+            });
+        }
+        Cmd::Delete { id } => {
+            c.call(Method::DELETE, &["v1", "clients", &id], &[], None).await?;
+            output(c, &json!({"deleted": id}), |_| emit(format!("Deleted client {id}")));
+        }
+        Cmd::RotateSecret { id, overlap } => {
+            let v = c
+                .call(
+                    Method::POST,
+                    &["v1", "clients", &id, "rotate-secret"],
+                    &[],
+                    Some(json!({"overlap_seconds": overlap})),
+                )
+                .await?;
+            output(c, &v, |v| {
+                emit(format!("Rotated the secret of client {id}"));
+                if overlap > 0 {
+                    emit(format!("The old secret keeps working until {}.", cell(&v["previous_expires_at"])));
+                }
+                print_secret("New client secret", &v["client_secret"]);
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

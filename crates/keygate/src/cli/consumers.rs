@@ -1,0 +1,180 @@
+//! `keygate consumers …`
+
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use super::CliResult;
+use super::args::{self, PageArgs};
+use super::http::Client;
+use super::output::{emit, field, output, print_next, print_object, table};
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Create a consumer.
+    Create {
+        /// A name people recognise, up to 200 characters.
+        #[arg(long)]
+        name: String,
+        /// Free-form JSON object returned with every verify, e.g. '{"plan":"pro"}'.
+        #[arg(long, value_parser = args::metadata)]
+        metadata: Option<Value>,
+        /// The plan: a rate limit NAME:LIMIT/WINDOW (e.g. per_minute:600/1m) that keys without their own
+        /// inherit (repeatable).
+        #[arg(long = "rate-limit", value_name = "NAME:LIMIT/WINDOW", value_parser = args::rate_limit)]
+        rate_limits: Vec<Value>,
+        /// Your own id for this account (unique), to find it again with `consumers show --external-id`.
+        #[arg(long)]
+        external_id: Option<String>,
+    },
+    /// List consumers, oldest first.
+    List {
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// Show one consumer, by id or by --external-id.
+    Show {
+        /// The consumer's id (cons_…).
+        #[arg(value_parser = args::Quiet(args::consumer_id), required_unless_present = "external_id")]
+        id: Option<String>,
+        /// Find the consumer by your own id instead.
+        #[arg(long, conflicts_with = "id")]
+        external_id: Option<String>,
+    },
+    /// Change a consumer's name, metadata, plan or external id.
+    Update {
+        /// The consumer's id (cons_…).
+        #[arg(value_parser = args::Quiet(args::consumer_id))]
+        id: String,
+        /// New name.
+        #[arg(long)]
+        name: Option<String>,
+        /// New metadata (a JSON object; replaces the old one).
+        #[arg(long, value_parser = args::metadata)]
+        metadata: Option<Value>,
+        /// Replace the plan's rate limits, NAME:LIMIT/WINDOW (repeatable).
+        #[arg(long = "rate-limit", value_name = "NAME:LIMIT/WINDOW", value_parser = args::rate_limit)]
+        rate_limits: Vec<Value>,
+        /// Remove the plan's rate limits.
+        #[arg(long, conflicts_with = "rate_limits")]
+        no_rate_limits: bool,
+        /// New external id.
+        #[arg(long, conflicts_with = "no_external_id")]
+        external_id: Option<String>,
+        /// Remove the external id.
+        #[arg(long)]
+        no_external_id: bool,
+    },
+    /// Disable a consumer: its keys, clients and tokens stop working until it is enabled.
+    Disable {
+        /// The consumer's id (cons_…).
+        #[arg(value_parser = args::Quiet(args::consumer_id))]
+        id: String,
+    },
+    /// Enable a disabled consumer.
+    Enable {
+        /// The consumer's id (cons_…).
+        #[arg(value_parser = args::Quiet(args::consumer_id))]
+        id: String,
+    },
+}
+
+pub async fn run(c: &Client, cmd: Cmd) -> CliResult {
+    match cmd {
+        Cmd::Create { name, metadata, rate_limits, external_id } => {
+            let mut body = json!({"name": name});
+            if let Some(m) = metadata {
+                body["metadata"] = m;
+            }
+            if !rate_limits.is_empty() {
+                body["rate_limits"] = json!(rate_limits);
+            }
+            if let Some(e) = external_id {
+                body["external_id"] = json!(e);
+            }
+            let v = c.call(Method::POST, &["v1", "consumers"], &[], Some(body)).await?;
+            output(c, &v, |v| {
+                emit(format!(
+                    "Created consumer {} ({})",
+                    v["id"].as_str().unwrap_or("?"),
+                    v["name"].as_str().unwrap_or("")
+                ));
+                emit(format!(
+                    "Give it a key:  keygate keys create --consumer {} --name production",
+                    v["id"].as_str().unwrap_or("?")
+                ));
+            });
+        }
+        Cmd::List { page } => {
+            let v = c.call(Method::GET, &["v1", "consumers"], &page.query(), None).await?;
+            output(c, &v, |v| {
+                table(
+                    super::output::items(v),
+                    &[
+                        ("ID", &field("id")),
+                        ("NAME", &field("name")),
+                        ("EXTERNAL ID", &field("external_id")),
+                        ("DISABLED", &field("disabled")),
+                        ("CREATED", &field("created_at")),
+                    ],
+                );
+                print_next(v);
+            });
+        }
+        Cmd::Show { id, external_id } => {
+            let v = match (id, external_id) {
+                (Some(id), _) => c.call(Method::GET, &["v1", "consumers", &id], &[], None).await?,
+                (None, Some(e)) => {
+                    let list = c
+                        .call(Method::GET, &["v1", "consumers"], &[("external_id", e.clone())], None)
+                        .await?;
+                    match super::output::items(&list).first() {
+                        Some(found) => found.clone(),
+                        None => {
+                            return Err(super::Failure::new(format!("no consumer has the external id {e:?}")));
+                        }
+                    }
+                }
+                (None, None) => return Err(super::Failure::usage("give a consumer id or --external-id")),
+            };
+            output(c, &v, print_object);
+        }
+        Cmd::Update { id, name, metadata, rate_limits, no_rate_limits, external_id, no_external_id } => {
+            let mut body = json!({});
+            if no_rate_limits {
+                body["rate_limits"] = Value::Null;
+            } else if !rate_limits.is_empty() {
+                body["rate_limits"] = json!(rate_limits);
+            }
+            if let Some(n) = name {
+                body["name"] = json!(n);
+            }
+            if let Some(m) = metadata {
+                body["metadata"] = m;
+            }
+            if no_external_id {
+                body["external_id"] = Value::Null;
+            } else if let Some(e) = external_id {
+                body["external_id"] = json!(e);
+            }
+            let v = c.call(Method::PATCH, &["v1", "consumers", &id], &[], Some(body)).await?;
+            output(c, &v, |v| {
+                emit(format!("Updated consumer {id}"));
+                print_object(v);
+            });
+        }
+        Cmd::Disable { id } => {
+            let v = c.call(Method::POST, &["v1", "consumers", &id, "disable"], &[], None).await?;
+            output(c, &v, |_| {
+                emit(format!("Disabled consumer {id}: its keys, clients and tokens stop working"))
+            });
+        }
+        Cmd::Enable { id } => {
+            let v = c.call(Method::POST, &["v1", "consumers", &id, "enable"], &[], None).await?;
+            output(c, &v, |_| emit(format!("Enabled consumer {id}")));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

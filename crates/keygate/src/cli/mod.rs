@@ -1,0 +1,164 @@
+//! Command-line interface. `serve`, `init` and `admin-key` work on a data directory; every other
+//! command talks to a running server over HTTP (`KEYGATE_URL`, `KEYGATE_ADMIN_KEY`), and `--json` prints
+//! the server's JSON for scripts.
+//!
+//! Exit codes: 0 success (for `verify`: the credential is valid); 1 error (the message says what to
+//! do); 2 bad usage; 3 the server cannot be reached; 4 `verify` answered that the credential is not valid.
+//!
+//! Layout: `args` (shared arguments and value parsers: ids, durations, times, rate limits), `http` (the
+//! admin client: URL handling, encoded path segments, error mapping), `output` (stdout that survives a
+//! closed pipe, tables, confirmations), and one module per command group.
+
+mod args;
+mod clients;
+mod consumers;
+mod http;
+mod keys;
+mod output;
+mod reports;
+mod signing_keys;
+mod verify;
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{DEFAULT_CONFIG, DataDirArgs, ServerArgs};
+
+pub const EXIT_ERROR: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_UNREACHABLE: u8 = 3;
+pub const EXIT_INVALID: u8 = 4;
+
+#[derive(Debug, Parser)]
+#[command(name = "keygate", version, about = "API keys and API tokens in one self-hosted server")]
+pub struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options every command accepts, before or after the command's name.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Global options")]
+pub struct GlobalArgs {
+    /// URL of the Keygate server, with its scheme (http:// or https://).
+    #[arg(long, env = "KEYGATE_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    pub url: String,
+    /// Admin key. Prefer the KEYGATE_ADMIN_KEY variable (flags show up in process lists), or `-` to read
+    /// it from standard input.
+    #[arg(long, env = "KEYGATE_ADMIN_KEY", hide_env_values = true, global = true)]
+    pub admin_key: Option<String>,
+    /// Print JSON instead of tables and sentences (for scripts).
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server (creates and initialises the data directory on first start).
+    Serve(ServerArgs),
+    /// Create and initialise a data directory without serving; prints the bootstrap admin key.
+    Init(DataDirArgs),
+    /// Write a new admin key straight into a data directory (when every admin key is lost). With a
+    /// server running on it, waits until that server accepts the new key.
+    AdminKey {
+        #[command(flatten)]
+        dir: DataDirArgs,
+        /// Name of the new key.
+        #[arg(long, default_value = "local admin")]
+        name: String,
+    },
+    /// Print an example configuration file with every setting and its default.
+    DefaultConfig,
+    #[command(flatten)]
+    Remote(Remote),
+}
+
+/// The commands that talk to a running server.
+#[derive(Debug, Subcommand)]
+pub enum Remote {
+    /// Manage consumers: the applications or accounts that call your API.
+    Consumers {
+        #[command(subcommand)]
+        command: consumers::Cmd,
+    },
+    /// Manage API keys.
+    Keys {
+        #[command(subcommand)]
+        command: keys::Cmd,
+    },
+    /// Manage OAuth 2 clients: applications that obtain access tokens.
+    Clients {
+        #[command(subcommand)]
+        command: clients::Cmd,
+    },
+    /// List, rotate or revoke the JWT signing keys.
+    SigningKeys {
+        #[command(subcommand)]
+        command: signing_keys::Cmd,
+    },
+    /// Verify a credential, as your API would. Exit code 0 if valid, 4 if not.
+    Verify(verify::VerifyArgs),
+    /// Get an access token with the client credentials grant, as an application would.
+    Token(verify::TokenArgs),
+    /// Show verify counts of a key (or with --consumer, of a consumer) as a small chart.
+    Usage(reports::UsageArgs),
+    /// Show the audit log, newest first.
+    Audit(reports::AuditArgs),
+}
+
+pub async fn run(cli: Cli) -> ExitCode {
+    let Cli { global, command } = cli;
+    match command {
+        Command::Serve(args) => crate::server::serve(&args).await,
+        Command::Init(dir) => crate::server::init(&dir, global.json).await,
+        Command::AdminKey { dir, name } => crate::server::admin_key(&dir, &name, global.json).await,
+        Command::DefaultConfig => {
+            output::emit(DEFAULT_CONFIG.trim_end());
+            ExitCode::SUCCESS
+        }
+        Command::Remote(remote) => match run_remote(global, remote).await {
+            Ok(code) => code,
+            Err(f) => {
+                eprintln!("error: {}", f.message);
+                ExitCode::from(f.code)
+            }
+        },
+    }
+}
+
+async fn run_remote(global: GlobalArgs, remote: Remote) -> Result<ExitCode, Failure> {
+    let c = http::Client::new(global)?;
+    match remote {
+        Remote::Consumers { command } => consumers::run(&c, command).await,
+        Remote::Keys { command } => keys::run(&c, command).await,
+        Remote::Clients { command } => clients::run(&c, command).await,
+        Remote::SigningKeys { command } => signing_keys::run(&c, command).await,
+        Remote::Verify(a) => verify::verify(&c, a).await,
+        Remote::Token(a) => verify::token(&c, a).await,
+        Remote::Usage(a) => reports::usage(&c, a).await,
+        Remote::Audit(a) => reports::audit(&c, a).await,
+    }
+}
+
+/// What went wrong, with the exit code it maps to.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(message: impl Into<String>) -> Self {
+        Failure { code: EXIT_ERROR, message: message.into() }
+    }
+
+    /// Bad usage (exit code 2): the command line itself is wrong.
+    pub fn usage(message: impl Into<String>) -> Self {
+        Failure { code: EXIT_USAGE, message: message.into() }
+    }
+}
+
+pub type CliResult = Result<ExitCode, Failure>;
