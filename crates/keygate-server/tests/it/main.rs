@@ -10,5 +10,6 @@ mod helpers;
 mod import;
 mod limits;
 mod oauth;
+mod operations;
 mod ops;
 mod verify;

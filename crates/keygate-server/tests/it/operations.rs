@@ -1,0 +1,83 @@
+//! Operations behaviour a new user meets (issue 16): the last admin key, rate-limit signals, consumers'
+//! external ids, and the separate admin surface.
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::helpers::TestApp;
+
+#[tokio::test]
+async fn the_last_admin_key_cannot_be_revoked_disabled_or_demoted() {
+    let app = TestApp::start().await;
+    let (_, keys) = app.get("/v1/keys").await;
+    let bootstrap = keys["items"][0]["id"].as_str().unwrap().to_string();
+    for (path, body) in [
+        (format!("/v1/keys/{bootstrap}/revoke"), None),
+        (format!("/v1/keys/{bootstrap}/disable"), None),
+    ] {
+        let (status, e) = app.call(Method::POST, &path, body).await;
+        assert_eq!((status, e["code"].as_str()), (StatusCode::CONFLICT, Some("conflict")), "{path}");
+        assert!(e["message"].as_str().unwrap().contains("keygate admin-key"), "{e}");
+    }
+    let (status, _) = app.patch(&format!("/v1/keys/{bootstrap}"), json!({"scopes": ["keygate:verify"]})).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+
+    // With a second admin key elsewhere, the first may go; that consumer then cannot be disabled.
+    let ops = app.create_consumer("ops team").await;
+    let (_, second) = app.create_key(&ops, &["keygate:admin"]).await;
+    let (status, _) = app.post(&format!("/v1/keys/{bootstrap}/revoke"), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, e) = app.call_as(&second, Method::POST, &format!("/v1/consumers/{ops}/disable"), None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{e}");
+    // The revoked key is told how to recover.
+    let (status, e) = app.get("/v1/keys").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(e["message"].as_str().unwrap().contains("keygate admin-key"), "{e}");
+}
+
+#[tokio::test]
+async fn rate_limit_signals_name_one_moment_and_the_limit() {
+    let app = TestApp::start().await;
+    let consumer = app.create_consumer("acme").await;
+    let (_, key) = app
+        .create_key_with(json!({"consumer_id": consumer, "name": "k",
+            "rate_limits": [{"name": "burst", "limit": 1, "window_seconds": 60}]}))
+        .await;
+    let auth = || app.client.get(app.url("/v1/auth")).header("X-API-Key", &key).send();
+    let ok = auth().await.unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    assert_eq!(ok.headers()["ratelimit-remaining"], "0");
+    let reset: u64 = ok.headers()["ratelimit-reset"].to_str().unwrap().parse().unwrap();
+    assert!((59..=60).contains(&reset), "{reset}");
+    let denied = auth().await.unwrap();
+    assert_eq!(denied.status(), StatusCode::TOO_MANY_REQUESTS);
+    let h = denied.headers().clone();
+    let body: Value = denied.json().await.unwrap();
+    assert_eq!(h["retry-after"], h["ratelimit-reset"]);
+    assert_eq!(body["rate_limit"]["reset"].to_string(), h["retry-after"].to_str().unwrap());
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("'burst'") && message.contains("1 per 60 s"), "{message}");
+}
+
+#[tokio::test]
+async fn consumers_have_unique_external_ids_and_optionally_unique_names() {
+    let app = TestApp::start().await;
+    let (status, c) = app.post("/v1/consumers", json!({"name": "acme", "external_id": "cust-1"})).await;
+    assert_eq!(status, StatusCode::CREATED, "{c}");
+    let id = c["id"].as_str().unwrap();
+    let (_, found) = app.get("/v1/consumers?external_id=cust-1").await;
+    assert_eq!(found["items"][0]["id"], id);
+    let (_, none) = app.get("/v1/consumers?external_id=nobody").await;
+    assert_eq!(none["items"], json!([]));
+    let (status, e) = app.post("/v1/consumers", json!({"name": "other", "external_id": "cust-1"})).await;
+    assert_eq!((status, e["field"].as_str()), (StatusCode::CONFLICT, Some("external_id")));
+    let (status, _) = app.post("/v1/consumers", json!({"name": "acme"})).await;
+    assert_eq!(status, StatusCode::CREATED, "names may repeat by default");
+    let (status, c) = app.patch(&format!("/v1/consumers/{id}"), json!({"external_id": null})).await;
+    assert_eq!((status, &c["external_id"]), (StatusCode::OK, &Value::Null));
+
+    let strict = TestApp::builder().config(|c| c.unique_consumer_names = true).start().await;
+    strict.create_consumer("acme").await;
+    let (status, e) = strict.post("/v1/consumers", json!({"name": "acme"})).await;
+    assert_eq!((status, e["field"].as_str()), (StatusCode::CONFLICT, Some("name")));
+}
