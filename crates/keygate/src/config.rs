@@ -226,7 +226,7 @@ pub fn resolve(args: &ServerArgs) -> Result<Resolved, String> {
     }
     if let Some(a) = oauth.signing_alg {
         server.signing_alg = keygate_server::oauth::keys::KeyAlg::parse(&a)
-            .ok_or_else(|| format!("oauth.signing_alg {a:?} must be EdDSA or ES256"))?;
+            .ok_or_else(|| format!("oauth.signing_alg {a:?} must be EdDSA, ES256 or RS256"))?;
     }
     if let Some(s) = oauth.key_publish_ahead_seconds {
         server.key_publish_ahead = Duration::from_secs(s);
@@ -317,7 +317,8 @@ unique_consumer_names = false
 # issuer = "https://auth.example.com"
 
 [oauth]
-# JWT signing algorithm for new keys: "EdDSA" (Ed25519) or "ES256".
+# JWT signing algorithm for new keys: "EdDSA" (Ed25519), "ES256" or "RS256" (RSA 2048, for gateways that
+# accept only RSA).
 signing_alg = "EdDSA"
 # A new signing key is published this long before it signs, so verifiers caching the JWKS have it.
 key_publish_ahead_seconds = 600

@@ -5,7 +5,8 @@
 //!   before they see its first token.
 //! - The key it replaces stops signing then, and stays published until every token it signed has expired
 //!   (its retirement plus the longest token lifetime).
-//! - Ed25519 (EdDSA) by default; ES256 selectable. Private keys are PKCS#8, sealed with the master key
+//! - Ed25519 (EdDSA) by default; ES256 and RS256 (RSA 2048, for gateways and cloud JWT authorizers that
+//!   accept only RSA) selectable. Private keys are PKCS#8, sealed with the master key
 //!   (`crate::seal`) before they reach the database; keys stored in clear by older versions are sealed
 //!   at the next start.
 //! - Emergency revocation: a revoked key leaves the JWKS at once and nothing it signed verifies; if it was
@@ -28,6 +29,7 @@ pub const MAX_TOKEN_LIFETIME_SECONDS: i64 = 86_400;
 pub enum KeyAlg {
     EdDsa,
     Es256,
+    Rs256,
 }
 
 impl KeyAlg {
@@ -35,6 +37,7 @@ impl KeyAlg {
         match s {
             "EdDSA" => Some(KeyAlg::EdDsa),
             "ES256" => Some(KeyAlg::Es256),
+            "RS256" => Some(KeyAlg::Rs256),
             _ => None,
         }
     }
@@ -43,6 +46,7 @@ impl KeyAlg {
         match self {
             KeyAlg::EdDsa => "EdDSA",
             KeyAlg::Es256 => "ES256",
+            KeyAlg::Rs256 => "RS256",
         }
     }
 
@@ -50,6 +54,7 @@ impl KeyAlg {
         match self {
             KeyAlg::EdDsa => Algorithm::EdDSA,
             KeyAlg::Es256 => Algorithm::ES256,
+            KeyAlg::Rs256 => Algorithm::RS256,
         }
     }
 }
@@ -81,6 +86,7 @@ pub struct LoadedKey {
 enum Signer {
     Ed(Box<ed25519_dalek::SigningKey>),
     Es(Box<p256::ecdsa::SigningKey>),
+    Rs(Box<rsa::pkcs1v15::SigningKey<sha2::Sha256>>),
 }
 
 impl LoadedKey {
@@ -99,6 +105,10 @@ impl LoadedKey {
                 use p256::ecdsa::signature::Signer as _;
                 let sig: p256::ecdsa::Signature = k.sign(out.as_bytes());
                 sig.to_bytes().to_vec()
+            }
+            Signer::Rs(k) => {
+                use rsa::signature::{SignatureEncoding as _, Signer as _};
+                k.sign(out.as_bytes()).to_vec()
             }
         };
         out.push('.');
@@ -130,6 +140,14 @@ fn load(record: SigningKey) -> Result<LoadedKey, KeyError> {
                 Signer::Es(Box::new(sk)),
                 DecodingKey::from_ec_components(jwk_str("x")?, jwk_str("y")?)
                     .map_err(|_| bad("public key"))?,
+            )
+        }
+        KeyAlg::Rs256 => {
+            use rsa::pkcs8::DecodePrivateKey;
+            let sk = rsa::RsaPrivateKey::from_pkcs8_der(&record.private_der).map_err(|_| bad("private key"))?;
+            (
+                Signer::Rs(Box::new(rsa::pkcs1v15::SigningKey::<sha2::Sha256>::new(sk))),
+                DecodingKey::from_rsa_components(jwk_str("n")?, jwk_str("e")?).map_err(|_| bad("public key"))?,
             )
         }
     };
@@ -173,6 +191,15 @@ pub fn generate(alg: KeyAlg, now: i64, active_from: i64) -> Result<SigningKey, K
                 der,
                 json!({"kty": "EC", "crv": "P-256", "x": URL_SAFE_NO_PAD.encode(x), "y": URL_SAFE_NO_PAD.encode(y)}),
             )
+        }
+        KeyAlg::Rs256 => {
+            use rsa::pkcs8::EncodePrivateKey;
+            use rsa::traits::PublicKeyParts;
+            let sk = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).map_err(|e| gen_err(&e))?;
+            let der = sk.to_pkcs8_der().map_err(|e| gen_err(&e))?.as_bytes().to_vec();
+            let n = URL_SAFE_NO_PAD.encode(sk.n().to_bytes_be());
+            let e = URL_SAFE_NO_PAD.encode(sk.e().to_bytes_be());
+            (der, json!({"kty": "RSA", "n": n, "e": e}))
         }
     };
     let mut jwk = jwk;

@@ -469,7 +469,7 @@ pub async fn list_signing_keys(
 pub struct RotateSigningKey {
     /// Seconds the new key is published before it signs (default: the configured value).
     pub publish_ahead_seconds: Option<u64>,
-    /// `EdDSA` or `ES256` (default: the configured algorithm).
+    /// `EdDSA`, `ES256` or `RS256` (default: the configured algorithm).
     pub alg: Option<String>,
 }
 
@@ -483,7 +483,7 @@ pub async fn rotate_signing_key(
 ) -> ApiResult<Json<Vec<SigningKeyView>>> {
     let alg = match req.alg.as_deref() {
         None => state.oauth.alg,
-        Some(a) => KeyAlg::parse(a).ok_or_else(|| ApiError::invalid("alg", "must be EdDSA or ES256"))?,
+        Some(a) => KeyAlg::parse(a).ok_or_else(|| ApiError::invalid("alg", "must be EdDSA, ES256 or RS256"))?,
     };
     let ahead = req
         .publish_ahead_seconds

@@ -81,3 +81,30 @@ async fn consumers_have_unique_external_ids_and_optionally_unique_names() {
     let (status, e) = strict.post("/v1/consumers", json!({"name": "acme"})).await;
     assert_eq!((status, e["field"].as_str()), (StatusCode::CONFLICT, Some("name")));
 }
+
+#[tokio::test]
+async fn rs256_signing_keys_rotate_like_the_others() {
+    use crate::oauth::{client, get_token, jwt_part};
+    let app = TestApp::start().await;
+    let (status, keys) = app.post("/v1/signing-keys/rotate", json!({"alg": "RS256", "publish_ahead_seconds": 0})).await;
+    assert_eq!(status, StatusCode::OK, "{keys}");
+    let consumer = app.create_consumer("gw").await;
+    let c = client(&app, json!({"consumer_id": consumer, "name": "c", "scopes": ["a"]})).await;
+    let token = get_token(&app, &c, &[("grant_type", "client_credentials")]).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let header = jwt_part(&token, 0);
+    assert_eq!(header["alg"], "RS256");
+    assert_eq!(app.verify_code(&token, &["a"]).await, "VALID");
+    // A verifier that knows only the JWKS (as an API gateway would) accepts it.
+    let jwks: Value = app.client.get(app.url("/.well-known/jwks.json")).send().await.unwrap().json().await.unwrap();
+    let jwk = jwks["keys"].as_array().unwrap().iter().find(|k| k["kid"] == header["kid"]).unwrap();
+    assert_eq!(jwk["kty"], "RSA");
+    let key = jsonwebtoken::DecodingKey::from_rsa_components(jwk["n"].as_str().unwrap(), jwk["e"].as_str().unwrap())
+        .unwrap();
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+    v.validate_aud = false;
+    let claims = jsonwebtoken::decode::<Value>(&token, &key, &v).unwrap().claims;
+    assert_eq!(claims["client_id"], c.id.as_str());
+}

@@ -22,7 +22,7 @@ pub enum Cmd {
         #[arg(long, value_name = "DURATION", value_parser = args::duration_secs)]
         publish_ahead: Option<u64>,
         /// The new key's algorithm [default: the server's oauth.signing_alg].
-        #[arg(long, value_parser = ["EdDSA", "ES256"])]
+        #[arg(long, value_parser = ["EdDSA", "ES256", "RS256"])]
         alg: Option<String>,
     },
     /// Emergency revocation of a compromised key: it leaves the JWKS now, no token it signed verifies
