@@ -27,6 +27,10 @@ pub struct OAuthClient {
     pub tokens_revoked_before: Option<i64>,
     /// Visible start of the newest client secret.
     pub secret_start: Option<String>,
+    /// How the client authenticates: `client_secret` (HTTP Basic or form) or `private_key_jwt` (RFC 7523).
+    pub auth_method: String,
+    /// For `private_key_jwt`: the client's public keys, `{"keys": [...]}`.
+    pub jwks: Option<Value>,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -41,6 +45,7 @@ pub struct ClientPatch {
     pub token_lifetime_seconds: Option<i64>,
     pub disabled: Option<bool>,
     pub tokens_revoked_before: Option<i64>,
+    pub jwks: Option<Value>,
     pub updated_at: i64,
 }
 

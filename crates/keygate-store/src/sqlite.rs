@@ -195,6 +195,11 @@ const MIGRATIONS: &[&str] = &[
     CREATE UNIQUE INDEX consumers_by_external_id ON consumers (external_id) WHERE external_id IS NOT NULL;
     CREATE INDEX consumers_by_name ON consumers (name);
     "#,
+    // 6: private_key_jwt client authentication (RFC 7523): the client's public keys.
+    r#"
+    ALTER TABLE oauth_clients ADD COLUMN auth_method TEXT NOT NULL DEFAULT 'client_secret';
+    ALTER TABLE oauth_clients ADD COLUMN jwks TEXT;   -- JSON {"keys": [...]}, public keys only
+    "#,
 ];
 
 /// Options for opening the SQLite store.

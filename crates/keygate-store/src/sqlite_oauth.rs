@@ -34,6 +34,11 @@ fn client_from_row(row: &SqliteRow) -> Result<OAuthClient> {
         disabled: row.try_get("disabled").map_err(map_err)?,
         tokens_revoked_before: row.try_get("tokens_revoked_before").map_err(map_err)?,
         secret_start: row.try_get("secret_start").map_err(map_err)?,
+        auth_method: row.try_get("auth_method").map_err(map_err)?,
+        jwks: match row.try_get::<Option<&str>, _>("jwks").map_err(map_err)? {
+            Some(s) => Some(serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("client jwks: {e}")))?),
+            None => None,
+        },
         created_at: row.try_get("created_at").map_err(map_err)?,
         updated_at: row.try_get("updated_at").map_err(map_err)?,
     })
@@ -83,8 +88,8 @@ impl OAuthStore for SqliteStore {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
         sqlx::query(
             "INSERT INTO oauth_clients (id, consumer_id, name, grant_types, scopes, audiences, token_format, \
-             token_lifetime_seconds, confidential, disabled, tokens_revoked_before, secret_start, created_at, \
-             updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             token_lifetime_seconds, confidential, disabled, tokens_revoked_before, secret_start, auth_method, jwks, \
+             created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&c.id)
         .bind(&c.consumer_id)
@@ -98,6 +103,8 @@ impl OAuthStore for SqliteStore {
         .bind(c.disabled)
         .bind(c.tokens_revoked_before)
         .bind(&c.secret_start)
+        .bind(&c.auth_method)
+        .bind(c.jwks.as_ref().map(|j| j.to_string()))
         .bind(c.created_at)
         .bind(c.updated_at)
         .execute(&mut *tx)
@@ -131,7 +138,7 @@ impl OAuthStore for SqliteStore {
              scopes = COALESCE(?, scopes), audiences = COALESCE(?, audiences), \
              token_format = COALESCE(?, token_format), \
              token_lifetime_seconds = COALESCE(?, token_lifetime_seconds), disabled = COALESCE(?, disabled), \
-             tokens_revoked_before = COALESCE(?, tokens_revoked_before), updated_at = ? \
+             tokens_revoked_before = COALESCE(?, tokens_revoked_before), jwks = COALESCE(?, jwks), updated_at = ? \
              WHERE id = ? RETURNING *",
         )
         .bind(&p.name)
@@ -142,6 +149,7 @@ impl OAuthStore for SqliteStore {
         .bind(p.token_lifetime_seconds)
         .bind(p.disabled)
         .bind(p.tokens_revoked_before)
+        .bind(p.jwks.as_ref().map(|j| j.to_string()))
         .bind(p.updated_at)
         .bind(id)
         .fetch_optional(&mut *tx)

@@ -5,6 +5,7 @@
 //! Errors on these endpoints have the RFC 6749 section 5.2 shape (`error`, `error_description`), and
 //! token responses carry `Cache-Control: no-store`.
 
+pub mod assertion;
 pub mod keys;
 pub mod tokens;
 
@@ -119,8 +120,44 @@ impl Form {
     }
 }
 
-/// Client credentials from `Authorization: Basic` or the form; both at once is an error.
-fn client_credentials(
+/// How a client presented itself.
+enum Presented {
+    /// A secret, by HTTP Basic (`basic`) or in the form.
+    Secret { id: String, secret: String, basic: bool },
+    /// A signed JWT (`private_key_jwt`), with the form's `client_id` if it sent one.
+    Assertion { assertion: String, client_id: Option<String> },
+}
+
+/// Client authentication from `Authorization: Basic`, the form, or a client assertion; more than one
+/// method at once is an error.
+fn client_credentials(headers: &HeaderMap, form: &Form) -> Result<Option<Presented>, OAuthError> {
+    if let Some(kind) = form.one("client_assertion_type")? {
+        if kind != assertion::ASSERTION_TYPE {
+            return Err(OAuthError::new(
+                "invalid_request",
+                format!("client_assertion_type must be {}", assertion::ASSERTION_TYPE),
+            ));
+        }
+        let jwt = form
+            .one("client_assertion")?
+            .ok_or_else(|| OAuthError::new("invalid_request", "client_assertion is missing"))?;
+        let basic = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim_start().get(..6).is_some_and(|p| p.eq_ignore_ascii_case("basic ")));
+        if basic || form.one("client_secret")?.is_some() {
+            return Err(OAuthError::new("invalid_request", "use one client authentication method, not two"));
+        }
+        return Ok(Some(Presented::Assertion {
+            assertion: jwt.to_string(),
+            client_id: form.one("client_id")?.map(str::to_owned),
+        }));
+    }
+    Ok(secret_credentials(headers, form)?.map(|(id, secret, basic)| Presented::Secret { id, secret, basic }))
+}
+
+/// Client id and secret from `Authorization: Basic` or the form; both at once is an error.
+fn secret_credentials(
     headers: &HeaderMap,
     form: &Form,
 ) -> Result<Option<(String, String, bool)>, OAuthError> {
@@ -188,8 +225,20 @@ async fn authenticate(
     ip: Option<std::net::IpAddr>,
     now: i64,
 ) -> Result<Option<keygate_store::OAuthClient>, OAuthError> {
-    let Some((id, secret, basic)) = client_credentials(headers, form)? else { return Ok(None) };
-    match state.oauth.authenticate_client(state.store.as_ref(), &id, &secret, now).await? {
+    let (found, basic) = match client_credentials(headers, form)? {
+        None => return Ok(None),
+        Some(Presented::Secret { id, secret, basic }) => {
+            (state.oauth.authenticate_client(state.store.as_ref(), &id, &secret, now).await?, basic)
+        }
+        Some(Presented::Assertion { assertion, client_id }) => (
+            state
+                .oauth
+                .authenticate_assertion(state.store.as_ref(), &assertion, client_id.as_deref(), now)
+                .await?,
+            false,
+        ),
+    };
+    match found {
         Some(c) => Ok(Some(c)),
         None => Err(failed_check(state, ip, now, OAuthError::invalid_client(basic))),
     }
@@ -400,7 +449,8 @@ async fn discovery_document(state: &AppState) -> Result<Value, OAuthError> {
         "jwks_uri": format!("{iss}/.well-known/jwks.json"),
         "grant_types_supported": ["client_credentials"],
         "response_types_supported": [],
-        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
+        "token_endpoint_auth_signing_alg_values_supported": ["RS256", "ES256", "EdDSA"],
         "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "bearer"],
         "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "bearer"],
         "access_token_signing_alg_values_supported": [state.oauth.alg.as_str()],

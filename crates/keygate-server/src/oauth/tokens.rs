@@ -87,6 +87,8 @@ pub struct OAuth {
     writer: GroupCommit,
     /// Discovery metadata, built on first request and dropped on every client change.
     pub discovery: RwLock<Option<Arc<Value>>>,
+    /// Ids of client assertions already used (`private_key_jwt`).
+    replay: super::assertion::ReplayGuard,
 }
 
 type Pending = (AccessTokenRecord, tokio::sync::oneshot::Sender<Result<(), StoreError>>);
@@ -174,6 +176,7 @@ impl OAuth {
             ),
             writer: GroupCommit { queue: std::sync::Mutex::new(None) },
             discovery: RwLock::new(None),
+            replay: super::assertion::ReplayGuard::default(),
         }
     }
 
@@ -289,6 +292,35 @@ impl OAuth {
                 && expires.is_none_or(|t| t > now);
             ok.then(|| client.clone())
         }))
+    }
+
+    /// Authenticates a `private_key_jwt` client by its signed assertion (RFC 7523). `None` for any
+    /// failure, without saying which (the reason goes to the debug log).
+    pub async fn authenticate_assertion(
+        &self,
+        store: &dyn OAuthStore,
+        assertion: &str,
+        client_id: Option<&str>,
+        now: i64,
+    ) -> Result<Option<OAuthClient>, StoreError> {
+        let Some(claimed) = super::assertion::claimed_client(assertion) else { return Ok(None) };
+        if client_id.is_some_and(|c| c != claimed) {
+            return Ok(None);
+        }
+        let Some(client) = store.get_client(&claimed).await? else { return Ok(None) };
+        let usable = client.auth_method == crate::routes::clients::PRIVATE_KEY_JWT
+            && !client.disabled
+            && self.consumer(&client.consumer_id).is_some_and(|c| !c.disabled);
+        let (true, Some(jwks)) = (usable, &client.jwks) else { return Ok(None) };
+        let issuer = self.issuer();
+        let audiences = [format!("{issuer}/oauth2/token"), issuer];
+        match super::assertion::verify(assertion, &client.id, jwks, &audiences, &self.replay, now) {
+            Ok(()) => Ok(Some(client)),
+            Err(why) => {
+                tracing::debug!(client = %client.id, why, "client assertion refused");
+                Ok(None)
+            }
+        }
     }
 
     /// Issues an access token for a client (client credentials: the subject is the client).

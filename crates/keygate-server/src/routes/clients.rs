@@ -9,7 +9,7 @@ use axum::routing::{get, post};
 use keygate_core::{PlainSecret, SecretKind};
 use keygate_store::{ClientPatch, KeySecret, OAuthClient};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{Value, json};
 use utoipa::ToSchema;
 
 use crate::auth::AdminCaller;
@@ -53,6 +53,11 @@ pub struct ClientView {
     pub disabled: bool,
     /// Visible start of the newest client secret.
     pub secret_start: Option<String>,
+    /// `client_secret_basic` (also accepts `client_secret_post`) or `private_key_jwt`.
+    pub token_endpoint_auth_method: &'static str,
+    /// For `private_key_jwt`: the client's public keys.
+    #[schema(value_type = Option<Object>)]
+    pub jwks: Option<Value>,
     pub tokens_revoked_before: Option<String>,
     pub created_at: String,
     pub updated_at: String,
@@ -72,6 +77,12 @@ impl From<OAuthClient> for ClientView {
             confidential: c.confidential,
             disabled: c.disabled,
             secret_start: c.secret_start,
+            token_endpoint_auth_method: if c.auth_method == PRIVATE_KEY_JWT {
+                PRIVATE_KEY_JWT
+            } else {
+                "client_secret_basic"
+            },
+            jwks: c.jwks,
             tokens_revoked_before: c.tokens_revoked_before.map(rfc3339),
             created_at: rfc3339(c.created_at),
             updated_at: rfc3339(c.updated_at),
@@ -112,11 +123,21 @@ pub struct CreateClient {
     pub token_format: Option<String>,
     /// 1 to 86400 (default 3600).
     pub token_lifetime_seconds: Option<i64>,
+    /// `client_secret_basic` (default; `client_secret_post` works too) or `private_key_jwt` (RFC 7523:
+    /// the client signs a JWT with its own private key; it gets no secret).
+    pub token_endpoint_auth_method: Option<String>,
+    /// For `private_key_jwt`: the client's public keys as a JWKS, `{"keys": [...]}` (RSA, P-256 or
+    /// Ed25519; at most 10; public parts only).
+    #[schema(value_type = Option<Object>)]
+    pub jwks: Option<Value>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateClient {
+    /// Replace a `private_key_jwt` client's public keys (to rotate them).
+    #[schema(value_type = Option<Object>)]
+    pub jwks: Option<Value>,
     pub name: Option<String>,
     pub grant_types: Option<Vec<String>>,
     pub scopes: Option<Vec<String>>,
@@ -131,6 +152,29 @@ pub struct RotateSecret {
     /// How long the old secret keeps working, in seconds (0 ends it at once).
     #[serde(default)]
     pub overlap_seconds: u64,
+}
+
+/// The `private_key_jwt` authentication method (RFC 7523).
+pub const PRIVATE_KEY_JWT: &str = "private_key_jwt";
+
+/// A client's JWKS: 1 to 10 public keys Keygate can verify with, each with a `kid` when there are
+/// several, and no private parts.
+fn check_jwks(v: &Value) -> ApiResult<()> {
+    let bad = |m: &str| ApiError::invalid("jwks", m.to_string());
+    let keys = v.get("keys").and_then(Value::as_array).ok_or_else(|| bad("must be {\"keys\": [...]}"))?;
+    if keys.is_empty() || keys.len() > 10 || v.to_string().len() > 16 * 1024 {
+        return Err(bad("must hold 1 to 10 keys, at most 16 KiB"));
+    }
+    for k in keys {
+        if ["d", "p", "q", "dp", "dq", "qi", "k"].iter().any(|f| k.get(f).is_some()) {
+            return Err(bad("holds private key material; register only the public keys"));
+        }
+        if keys.len() > 1 && k.get("kid").and_then(Value::as_str).is_none() {
+            return Err(bad("with several keys, each needs a \"kid\""));
+        }
+        crate::oauth::assertion::decoding_key(k).map_err(|e| bad(&e))?;
+    }
+    Ok(())
 }
 
 fn check_grants(g: &[String]) -> ApiResult<()> {
@@ -188,6 +232,24 @@ pub async fn create_client(
     check_format(&format)?;
     let lifetime = req.token_lifetime_seconds.unwrap_or(DEFAULT_LIFETIME);
     check_lifetime(lifetime)?;
+    let private_key_jwt = match req.token_endpoint_auth_method.as_deref() {
+        None | Some("client_secret_basic" | "client_secret_post") => false,
+        Some(PRIVATE_KEY_JWT) => true,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "token_endpoint_auth_method",
+                "must be client_secret_basic, client_secret_post or private_key_jwt",
+            ));
+        }
+    };
+    match (&req.jwks, private_key_jwt) {
+        (Some(j), true) => check_jwks(j)?,
+        (None, true) => return Err(ApiError::invalid("jwks", "private_key_jwt needs the client's public keys")),
+        (Some(_), false) => {
+            return Err(ApiError::invalid("jwks", "only private_key_jwt clients have keys; set token_endpoint_auth_method"));
+        }
+        (None, false) => {}
+    }
     let consumer = load_consumer(&state, &req.consumer_id)
         .await
         .map_err(|e| ApiError { field: Some("consumer_id".into()), ..e })?;
@@ -211,7 +273,9 @@ pub async fn create_client(
         confidential: true,
         disabled: false,
         tokens_revoked_before: None,
-        secret_start: Some(secret.visible_start()),
+        secret_start: (!private_key_jwt).then(|| secret.visible_start()),
+        auth_method: if private_key_jwt { PRIVATE_KEY_JWT.into() } else { "client_secret".into() },
+        jwks: req.jwks,
         created_at: now,
         updated_at: now,
     };
@@ -219,13 +283,15 @@ pub async fn create_client(
     let details = json!({"consumer_id": client.consumer_id, "name": client.name, "scopes": client.scopes,
         "audiences": client.audiences, "token_format": client.token_format});
     let audit = audit(&actor, now, "client.create", "client", &id, details)?;
-    state.store.insert_client(&client, Some(&key_secret), &audit).await?;
+    // A private_key_jwt client has no secret: nothing to store, nothing to show.
+    let stored_secret = (!private_key_jwt).then_some(&key_secret);
+    state.store.insert_client(&client, stored_secret, &audit).await?;
     state.oauth.consumer_changed(&consumer_state);
     state.oauth.client_changed(&client);
     Ok((
         StatusCode::CREATED,
         Json(ClientWithSecret {
-            client_secret: Some(secret.expose().to_string()),
+            client_secret: (!private_key_jwt).then(|| secret.expose().to_string()),
             previous_expires_at: None,
             client: client.into(),
         }),
@@ -305,7 +371,14 @@ pub async fn update_client(
     if let Some(l) = req.token_lifetime_seconds {
         check_lifetime(l)?;
     }
-    let details = json!({"name": req.name, "scopes": scopes, "audiences": req.audiences, "token_format": req.token_format});
+    if let Some(j) = &req.jwks {
+        check_jwks(j)?;
+        if load_client(&state, &id).await?.auth_method != PRIVATE_KEY_JWT {
+            return Err(ApiError::invalid("jwks", "only private_key_jwt clients have keys"));
+        }
+    }
+    let details = json!({"name": req.name, "scopes": scopes, "audiences": req.audiences,
+        "token_format": req.token_format, "jwks_changed": req.jwks.is_some()});
     let patch = ClientPatch {
         name: req.name,
         grant_types: req.grant_types,
@@ -313,6 +386,7 @@ pub async fn update_client(
         audiences: req.audiences,
         token_format: req.token_format,
         token_lifetime_seconds: req.token_lifetime_seconds,
+        jwks: req.jwks,
         updated_at: now_ms(),
         ..ClientPatch::default()
     };
@@ -387,6 +461,12 @@ pub async fn rotate_secret(
 ) -> ApiResult<Json<ClientWithSecret>> {
     if req.overlap_seconds > MAX_OVERLAP_SECONDS {
         return Err(ApiError::invalid("overlap_seconds", "must be at most 30 days"));
+    }
+    if load_client(&state, &id).await?.auth_method == PRIVATE_KEY_JWT {
+        return Err(ApiError::new(
+            crate::error::ErrorCode::Conflict,
+            "a private_key_jwt client has no secret; rotate its keys with PATCH {\"jwks\": …}",
+        ));
     }
     let now = now_ms();
     let secret = PlainSecret::generate(SecretKind::ClientSecret)

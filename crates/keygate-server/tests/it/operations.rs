@@ -108,3 +108,85 @@ async fn rs256_signing_keys_rotate_like_the_others() {
     let claims = jsonwebtoken::decode::<Value>(&token, &key, &v).unwrap().claims;
     assert_eq!(claims["client_id"], c.id.as_str());
 }
+
+#[tokio::test]
+async fn private_key_jwt_clients_authenticate_with_signed_assertions() {
+    use base64::Engine;
+    use ed25519_dalek::pkcs8::EncodePrivateKey;
+    let app = TestApp::start().await;
+    let consumer = app.create_consumer("secure partner").await;
+    let sk = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+    let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sk.verifying_key().as_bytes());
+    let jwks = json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": x, "kid": "k1"}]});
+    let (status, c) = app
+        .post(
+            "/v1/clients",
+            json!({"consumer_id": consumer, "name": "signer", "scopes": ["a"],
+                "token_endpoint_auth_method": "private_key_jwt", "jwks": jwks}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{c}");
+    assert!(c["client_secret"].is_null(), "no secret for a private_key_jwt client");
+    assert_eq!(c["token_endpoint_auth_method"], "private_key_jwt");
+    let client_id = c["client_id"].as_str().unwrap().to_string();
+
+    let der = sk.to_pkcs8_der().unwrap();
+    let encoding = jsonwebtoken::EncodingKey::from_ed_der(der.as_bytes());
+    let now = keygate_server::time::now_ms() / 1000;
+    let assertion = |aud: &str, jti: &str, exp: i64| {
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+        h.kid = Some("k1".into());
+        let claims = json!({"iss": client_id, "sub": client_id, "aud": aud, "jti": jti, "exp": exp, "iat": now});
+        jsonwebtoken::encode(&h, &claims, &encoding).unwrap()
+    };
+    let token_url = app.url("/oauth2/token");
+    let request = |jwt: String| {
+        app.client
+            .post(app.url("/oauth2/token"))
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
+                ("client_assertion", jwt.as_str()),
+            ])
+            .send()
+    };
+    let resp = request(assertion(&token_url, "one", now + 60)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let t: Value = resp.json().await.unwrap();
+    assert_eq!(app.verify_code(t["access_token"].as_str().unwrap(), &["a"]).await, "VALID");
+
+    // Refused: a replay, another audience, an expired or too long-lived assertion, another key.
+    let refused = [
+        assertion(&token_url, "one", now + 60),
+        assertion("https://elsewhere.example/token", "two", now + 60),
+        assertion(&token_url, "three", now - 120),
+        assertion(&token_url, "four", now + 7200),
+    ];
+    for jwt in refused {
+        let resp = request(jwt).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(resp.json::<Value>().await.unwrap()["error"], "invalid_client");
+    }
+    let other = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
+    let forged = {
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+        h.kid = Some("k1".into());
+        let claims = json!({"iss": client_id, "sub": client_id, "aud": token_url, "jti": "five", "exp": now + 60});
+        jsonwebtoken::encode(&h, &claims, &jsonwebtoken::EncodingKey::from_ed_der(other.to_pkcs8_der().unwrap().as_bytes()))
+            .unwrap()
+    };
+    assert_eq!(request(forged).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+
+    // Registration refuses private keys and keyless private_key_jwt clients.
+    let (status, e) = app
+        .post("/v1/clients", json!({"consumer_id": consumer, "name": "x", "token_endpoint_auth_method": "private_key_jwt",
+            "jwks": {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": x, "d": x}]}}))
+        .await;
+    assert_eq!((status, e["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("jwks")));
+    let (status, _) = app
+        .post("/v1/clients", json!({"consumer_id": consumer, "name": "x", "token_endpoint_auth_method": "private_key_jwt"}))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let disco: Value = app.client.get(app.url("/.well-known/oauth-authorization-server")).send().await.unwrap().json().await.unwrap();
+    assert!(disco["token_endpoint_auth_methods_supported"].as_array().unwrap().contains(&json!("private_key_jwt")));
+}

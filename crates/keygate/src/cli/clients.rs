@@ -37,6 +37,14 @@ pub enum Cmd {
         /// Access-token lifetime, e.g. 1h (1s to 24h).
         #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = args::duration_secs)]
         lifetime: u64,
+        /// How the client authenticates: with a secret Keygate prints once, or with a JWT signed by its
+        /// own private key (RFC 7523; give its public keys with --jwks-file).
+        #[arg(long, default_value = "client_secret_basic",
+            value_parser = ["client_secret_basic", "client_secret_post", "private_key_jwt"])]
+        auth_method: String,
+        /// For private_key_jwt: a file with the client's public keys as a JWKS ({"keys": [...]}).
+        #[arg(long, value_name = "FILE")]
+        jwks_file: Option<std::path::PathBuf>,
     },
     /// List clients (never their secrets).
     List {
@@ -69,6 +77,9 @@ pub enum Cmd {
         /// Access-token lifetime, e.g. 15m.
         #[arg(long, value_name = "DURATION", value_parser = args::duration_secs)]
         lifetime: Option<u64>,
+        /// For private_key_jwt clients: replace the public keys with this JWKS file.
+        #[arg(long, value_name = "FILE")]
+        jwks_file: Option<std::path::PathBuf>,
     },
     /// Disable a client: no new tokens, and its tokens stop verifying.
     Disable {
@@ -107,9 +118,13 @@ pub enum Cmd {
 
 pub async fn run(c: &Client, cmd: Cmd) -> CliResult {
     match cmd {
-        Cmd::Create { consumer, name, scopes, grants, audiences, token_format, lifetime } => {
-            let body = json!({"consumer_id": consumer, "name": name, "scopes": scopes, "grant_types": grants,
-                "audiences": audiences, "token_format": token_format, "token_lifetime_seconds": lifetime});
+        Cmd::Create { consumer, name, scopes, grants, audiences, token_format, lifetime, auth_method, jwks_file } => {
+            let mut body = json!({"consumer_id": consumer, "name": name, "scopes": scopes, "grant_types": grants,
+                "audiences": audiences, "token_format": token_format, "token_lifetime_seconds": lifetime,
+                "token_endpoint_auth_method": auth_method});
+            if let Some(f) = jwks_file {
+                body["jwks"] = read_jwks(&f)?;
+            }
             let v = c.call(Method::POST, &["v1", "clients"], &[], Some(body)).await?;
             output(c, &v, |v| {
                 emit(format!(
@@ -119,7 +134,11 @@ pub async fn run(c: &Client, cmd: Cmd) -> CliResult {
                     cell(&v["token_format"]),
                     cell(&v["scopes"])
                 ));
-                print_secret("Client secret", &v["client_secret"]);
+                if v["client_secret"].is_null() {
+                    emit("It authenticates with JWTs signed by its own key (private_key_jwt); it has no secret.");
+                } else {
+                    print_secret("Client secret", &v["client_secret"]);
+                }
             });
         }
         Cmd::List { page } => {
@@ -142,8 +161,11 @@ pub async fn run(c: &Client, cmd: Cmd) -> CliResult {
             let v = c.call(Method::GET, &["v1", "clients", &id], &[], None).await?;
             output(c, &v, print_object);
         }
-        Cmd::Update { id, name, scopes, audiences, token_format, lifetime } => {
+        Cmd::Update { id, name, scopes, audiences, token_format, lifetime, jwks_file } => {
             let mut body = json!({});
+            if let Some(f) = jwks_file {
+                body["jwks"] = read_jwks(&f)?;
+            }
             if let Some(n) = name {
                 body["name"] = json!(n);
             }
@@ -205,4 +227,11 @@ pub async fn run(c: &Client, cmd: Cmd) -> CliResult {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn read_jwks(path: &std::path::Path) -> Result<serde_json::Value, super::Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| super::Failure::usage(format!("cannot read {}: {e}", path.display())))?;
+    serde_json::from_str(&text)
+        .map_err(|e| super::Failure::usage(format!("{} is not JSON: {e}", path.display())))
 }
