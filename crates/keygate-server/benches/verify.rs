@@ -119,6 +119,8 @@ fn jwt_fixture(alg: keygate_server::oauth::keys::KeyAlg) -> JwtFixture {
         disabled: false,
         tokens_revoked_before: None,
         secret_start: None,
+        auth_method: "client_secret".into(),
+        jwks: None,
         created_at: 0,
         updated_at: 0,
     };

@@ -36,7 +36,9 @@ fn client_from_row(row: &SqliteRow) -> Result<OAuthClient> {
         secret_start: row.try_get("secret_start").map_err(map_err)?,
         auth_method: row.try_get("auth_method").map_err(map_err)?,
         jwks: match row.try_get::<Option<&str>, _>("jwks").map_err(map_err)? {
-            Some(s) => Some(serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("client jwks: {e}")))?),
+            Some(s) => {
+                Some(serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("client jwks: {e}")))?)
+            }
             None => None,
         },
         created_at: row.try_get("created_at").map_err(map_err)?,

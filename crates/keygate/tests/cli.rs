@@ -803,3 +803,86 @@ fn separate_admin_listener() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// The README's walkthrough, run as written: every `keygate` line of its shell blocks, with the ids and
+/// secrets that earlier steps printed put in for the `…` placeholders.
+#[test]
+fn readme_walkthrough_runs_as_written() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let start = readme.find("## Five-minute walkthrough").unwrap();
+    let end = readme.find("### Protecting an API").unwrap();
+    let mut lines = Vec::new();
+    let mut in_block = false;
+    let mut pending = String::new();
+    for line in readme[start..end].lines() {
+        if line.starts_with("```") {
+            in_block = line == "```sh";
+            continue;
+        }
+        if !in_block {
+            continue;
+        }
+        if let Some(head) = line.strip_suffix('\\') {
+            pending.push_str(head);
+            continue;
+        }
+        let mut full = std::mem::take(&mut pending) + line.trim_start();
+        if let Some(i) = full.find("  #") {
+            full.truncate(i);
+        }
+        let full = full.trim().to_string();
+        if full.starts_with("keygate ") && !full.starts_with("keygate serve") || full.starts_with("echo ") {
+            lines.push(full);
+        }
+    }
+    assert!(lines.len() >= 20, "the walkthrough has its commands: {lines:?}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let admin = init(&dir);
+    let s = Server::start(&dir, &tmp.path().join("log"));
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_keygate")).parent().unwrap().to_path_buf();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let mut vars: Vec<(&str, String)> = Vec::new();
+    for line in &lines {
+        let mut cmd = line.clone();
+        for (placeholder, value) in &vars {
+            cmd = cmd.replace(placeholder, value);
+        }
+        assert!(!cmd.contains('…'), "no value yet for a placeholder in {line:?}");
+        let run = if cmd.starts_with("echo ") && !cmd.contains('|') {
+            cmd.clone()
+        } else {
+            format!("{cmd} --json")
+        };
+        let out = Command::new("sh")
+            .args(["-c", &run])
+            .current_dir(tmp.path())
+            .env("PATH", &path)
+            .env("KEYGATE_URL", &s.url)
+            .env("KEYGATE_ADMIN_KEY", &admin)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{line}\n{}{}", stdout(&out), stderr(&out));
+        let Ok(v) = serde_json::from_slice::<Value>(&out.stdout) else { continue };
+        let mut set = |k: &'static str, v: &Value| {
+            if let Some(v) = v.as_str() {
+                vars.retain(|(p, _)| *p != k);
+                vars.push((k, v.to_string()));
+            }
+        };
+        if let Some(id) = v["id"].as_str() {
+            if id.starts_with("cons_") && line.starts_with("keygate consumers create") {
+                set("cons_…", &v["id"]);
+            }
+            if id.starts_with("key_") && v.get("key").is_some() {
+                set("key_…", &v["id"]);
+                set("kg_live_…", &v["key"]);
+            }
+        }
+        set("kgc_…", &v["client_id"]);
+        set("kgcs_…", &v["client_secret"]);
+        set("eyJ…", &v["access_token"]);
+    }
+    s.stop();
+}

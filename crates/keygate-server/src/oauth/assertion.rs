@@ -89,7 +89,8 @@ pub fn verify(
     validation.set_audience(audiences);
     validation.set_required_spec_claims(&["exp", "iss", "sub", "aud", "jti"]);
     validation.leeway = 30;
-    let data = jsonwebtoken::decode::<Value>(assertion, &key, &validation).map_err(|_| "invalid assertion")?;
+    let data =
+        jsonwebtoken::decode::<Value>(assertion, &key, &validation).map_err(|_| "invalid assertion")?;
     let exp = data.claims.get("exp").and_then(Value::as_i64).ok_or("exp is missing")?;
     if exp - now_ms / 1000 > MAX_LIFETIME_SECONDS {
         return Err("the assertion lives too long");

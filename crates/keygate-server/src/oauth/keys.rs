@@ -144,10 +144,12 @@ fn load(record: SigningKey) -> Result<LoadedKey, KeyError> {
         }
         KeyAlg::Rs256 => {
             use rsa::pkcs8::DecodePrivateKey;
-            let sk = rsa::RsaPrivateKey::from_pkcs8_der(&record.private_der).map_err(|_| bad("private key"))?;
+            let sk =
+                rsa::RsaPrivateKey::from_pkcs8_der(&record.private_der).map_err(|_| bad("private key"))?;
             (
                 Signer::Rs(Box::new(rsa::pkcs1v15::SigningKey::<sha2::Sha256>::new(sk))),
-                DecodingKey::from_rsa_components(jwk_str("n")?, jwk_str("e")?).map_err(|_| bad("public key"))?,
+                DecodingKey::from_rsa_components(jwk_str("n")?, jwk_str("e")?)
+                    .map_err(|_| bad("public key"))?,
             )
         }
     };

@@ -244,9 +244,14 @@ pub async fn create_client(
     };
     match (&req.jwks, private_key_jwt) {
         (Some(j), true) => check_jwks(j)?,
-        (None, true) => return Err(ApiError::invalid("jwks", "private_key_jwt needs the client's public keys")),
+        (None, true) => {
+            return Err(ApiError::invalid("jwks", "private_key_jwt needs the client's public keys"));
+        }
         (Some(_), false) => {
-            return Err(ApiError::invalid("jwks", "only private_key_jwt clients have keys; set token_endpoint_auth_method"));
+            return Err(ApiError::invalid(
+                "jwks",
+                "only private_key_jwt clients have keys; set token_endpoint_auth_method",
+            ));
         }
         (None, false) => {}
     }
@@ -563,7 +568,9 @@ pub async fn rotate_signing_key(
 ) -> ApiResult<Json<Vec<SigningKeyView>>> {
     let alg = match req.alg.as_deref() {
         None => state.oauth.alg,
-        Some(a) => KeyAlg::parse(a).ok_or_else(|| ApiError::invalid("alg", "must be EdDSA, ES256 or RS256"))?,
+        Some(a) => {
+            KeyAlg::parse(a).ok_or_else(|| ApiError::invalid("alg", "must be EdDSA, ES256 or RS256"))?
+        }
     };
     let ahead = req
         .publish_ahead_seconds

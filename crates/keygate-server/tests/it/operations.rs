@@ -11,15 +11,15 @@ async fn the_last_admin_key_cannot_be_revoked_disabled_or_demoted() {
     let app = TestApp::start().await;
     let (_, keys) = app.get("/v1/keys").await;
     let bootstrap = keys["items"][0]["id"].as_str().unwrap().to_string();
-    for (path, body) in [
-        (format!("/v1/keys/{bootstrap}/revoke"), None),
-        (format!("/v1/keys/{bootstrap}/disable"), None),
-    ] {
+    for (path, body) in
+        [(format!("/v1/keys/{bootstrap}/revoke"), None), (format!("/v1/keys/{bootstrap}/disable"), None)]
+    {
         let (status, e) = app.call(Method::POST, &path, body).await;
         assert_eq!((status, e["code"].as_str()), (StatusCode::CONFLICT, Some("conflict")), "{path}");
         assert!(e["message"].as_str().unwrap().contains("keygate admin-key"), "{e}");
     }
-    let (status, _) = app.patch(&format!("/v1/keys/{bootstrap}"), json!({"scopes": ["keygate:verify"]})).await;
+    let (status, _) =
+        app.patch(&format!("/v1/keys/{bootstrap}"), json!({"scopes": ["keygate:verify"]})).await;
     assert_eq!(status, StatusCode::CONFLICT);
 
     // With a second admin key elsewhere, the first may go; that consumer then cannot be disabled.
@@ -86,7 +86,8 @@ async fn consumers_have_unique_external_ids_and_optionally_unique_names() {
 async fn rs256_signing_keys_rotate_like_the_others() {
     use crate::oauth::{client, get_token, jwt_part};
     let app = TestApp::start().await;
-    let (status, keys) = app.post("/v1/signing-keys/rotate", json!({"alg": "RS256", "publish_ahead_seconds": 0})).await;
+    let (status, keys) =
+        app.post("/v1/signing-keys/rotate", json!({"alg": "RS256", "publish_ahead_seconds": 0})).await;
     assert_eq!(status, StatusCode::OK, "{keys}");
     let consumer = app.create_consumer("gw").await;
     let c = client(&app, json!({"consumer_id": consumer, "name": "c", "scopes": ["a"]})).await;
@@ -98,11 +99,15 @@ async fn rs256_signing_keys_rotate_like_the_others() {
     assert_eq!(header["alg"], "RS256");
     assert_eq!(app.verify_code(&token, &["a"]).await, "VALID");
     // A verifier that knows only the JWKS (as an API gateway would) accepts it.
-    let jwks: Value = app.client.get(app.url("/.well-known/jwks.json")).send().await.unwrap().json().await.unwrap();
+    let jwks: Value =
+        app.client.get(app.url("/.well-known/jwks.json")).send().await.unwrap().json().await.unwrap();
     let jwk = jwks["keys"].as_array().unwrap().iter().find(|k| k["kid"] == header["kid"]).unwrap();
     assert_eq!(jwk["kty"], "RSA");
-    let key = jsonwebtoken::DecodingKey::from_rsa_components(jwk["n"].as_str().unwrap(), jwk["e"].as_str().unwrap())
-        .unwrap();
+    let key = jsonwebtoken::DecodingKey::from_rsa_components(
+        jwk["n"].as_str().unwrap(),
+        jwk["e"].as_str().unwrap(),
+    )
+    .unwrap();
     let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
     v.validate_aud = false;
     let claims = jsonwebtoken::decode::<Value>(&token, &key, &v).unwrap().claims;
@@ -136,7 +141,8 @@ async fn private_key_jwt_clients_authenticate_with_signed_assertions() {
     let assertion = |aud: &str, jti: &str, exp: i64| {
         let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
         h.kid = Some("k1".into());
-        let claims = json!({"iss": client_id, "sub": client_id, "aud": aud, "jti": jti, "exp": exp, "iat": now});
+        let claims =
+            json!({"iss": client_id, "sub": client_id, "aud": aud, "jti": jti, "exp": exp, "iat": now});
         jsonwebtoken::encode(&h, &claims, &encoding).unwrap()
     };
     let token_url = app.url("/oauth2/token");
@@ -171,22 +177,46 @@ async fn private_key_jwt_clients_authenticate_with_signed_assertions() {
     let forged = {
         let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
         h.kid = Some("k1".into());
-        let claims = json!({"iss": client_id, "sub": client_id, "aud": token_url, "jti": "five", "exp": now + 60});
-        jsonwebtoken::encode(&h, &claims, &jsonwebtoken::EncodingKey::from_ed_der(other.to_pkcs8_der().unwrap().as_bytes()))
-            .unwrap()
+        let claims =
+            json!({"iss": client_id, "sub": client_id, "aud": token_url, "jti": "five", "exp": now + 60});
+        jsonwebtoken::encode(
+            &h,
+            &claims,
+            &jsonwebtoken::EncodingKey::from_ed_der(other.to_pkcs8_der().unwrap().as_bytes()),
+        )
+        .unwrap()
     };
     assert_eq!(request(forged).await.unwrap().status(), StatusCode::UNAUTHORIZED);
 
     // Registration refuses private keys and keyless private_key_jwt clients.
     let (status, e) = app
-        .post("/v1/clients", json!({"consumer_id": consumer, "name": "x", "token_endpoint_auth_method": "private_key_jwt",
-            "jwks": {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": x, "d": x}]}}))
+        .post(
+            "/v1/clients",
+            json!({"consumer_id": consumer, "name": "x", "token_endpoint_auth_method": "private_key_jwt",
+            "jwks": {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": x, "d": x}]}}),
+        )
         .await;
     assert_eq!((status, e["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("jwks")));
     let (status, _) = app
-        .post("/v1/clients", json!({"consumer_id": consumer, "name": "x", "token_endpoint_auth_method": "private_key_jwt"}))
+        .post(
+            "/v1/clients",
+            json!({"consumer_id": consumer, "name": "x", "token_endpoint_auth_method": "private_key_jwt"}),
+        )
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
-    let disco: Value = app.client.get(app.url("/.well-known/oauth-authorization-server")).send().await.unwrap().json().await.unwrap();
-    assert!(disco["token_endpoint_auth_methods_supported"].as_array().unwrap().contains(&json!("private_key_jwt")));
+    let disco: Value = app
+        .client
+        .get(app.url("/.well-known/oauth-authorization-server"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        disco["token_endpoint_auth_methods_supported"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("private_key_jwt"))
+    );
 }

@@ -118,7 +118,17 @@ pub enum Cmd {
 
 pub async fn run(c: &Client, cmd: Cmd) -> CliResult {
     match cmd {
-        Cmd::Create { consumer, name, scopes, grants, audiences, token_format, lifetime, auth_method, jwks_file } => {
+        Cmd::Create {
+            consumer,
+            name,
+            scopes,
+            grants,
+            audiences,
+            token_format,
+            lifetime,
+            auth_method,
+            jwks_file,
+        } => {
             let mut body = json!({"consumer_id": consumer, "name": name, "scopes": scopes, "grant_types": grants,
                 "audiences": audiences, "token_format": token_format, "token_lifetime_seconds": lifetime,
                 "token_endpoint_auth_method": auth_method});
@@ -135,7 +145,9 @@ pub async fn run(c: &Client, cmd: Cmd) -> CliResult {
                     cell(&v["scopes"])
                 ));
                 if v["client_secret"].is_null() {
-                    emit("It authenticates with JWTs signed by its own key (private_key_jwt); it has no secret.");
+                    emit(
+                        "It authenticates with JWTs signed by its own key (private_key_jwt); it has no secret.",
+                    );
                 } else {
                     print_secret("Client secret", &v["client_secret"]);
                 }

@@ -133,7 +133,9 @@ pub async fn run(c: &Client, cmd: Cmd) -> CliResult {
                     match super::output::items(&list).first() {
                         Some(found) => found.clone(),
                         None => {
-                            return Err(super::Failure::new(format!("no consumer has the external id {e:?}")));
+                            return Err(super::Failure::new(format!(
+                                "no consumer has the external id {e:?}"
+                            )));
                         }
                     }
                 }
