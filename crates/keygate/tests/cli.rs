@@ -473,6 +473,10 @@ fn usage_controls_import_and_usage_from_the_cli() {
     assert!(chart.status.success(), "{}", stderr(&chart));
     assert!(stdout(&chart).contains("█"), "{}", stdout(&chart));
     assert!(stdout(&chart).contains("QUOTA_EXCEEDED 1"), "{}", stdout(&chart));
+    // Every minute of the hour has its line; minutes without verifies show 0.
+    let text = stdout(&chart);
+    let zeros = text.lines().filter(|l| l.contains('T') && l.ends_with(" 0")).count();
+    assert!(zeros >= 55, "empty buckets are shown as zero: {text}");
     let u = s.json(&admin, &["usage", cid, "--consumer", "--granularity", "day", "--since", "2d"]);
     assert!(u["total"].as_i64().unwrap() >= 5, "{u}");
     let bad = s.cli(&admin, &["usage", &kid, "--since", "soon"]);
