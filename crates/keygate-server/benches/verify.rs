@@ -13,7 +13,7 @@ use keygate_core::limits::{Quota, RateLimit};
 use keygate_core::{Environment, PlainSecret, SecretHash, SecretKind, scope};
 use keygate_server::verify::{CacheConfig, Context, Lookup, Verifier};
 use keygate_server::{ServerConfig, bootstrap, open_store};
-use keygate_store::{ApiKey, KeySecret, NewAudit, Store};
+use keygate_store::{ApiKey, NewAudit, Store, StoredSecret};
 
 fn main() {
     divan::main();
@@ -53,7 +53,7 @@ fn fixture() -> Fixture {
             RateLimit { name: "per_day".into(), limit: 1_000_000_000, window_seconds: 86_400 },
         ]);
         key.quota = Some(Quota { remaining: 1_000_000_000, refill: None });
-        let secret = KeySecret::new(limited.hash(), &key.id, &key.start, 0);
+        let secret = StoredSecret::new(limited.hash(), &key.id, &key.start, 0);
         let audit = NewAudit {
             id: "evt_bench".into(),
             at: 0,

@@ -11,8 +11,8 @@ use axum::http::HeaderMap;
 use axum::http::request::Parts;
 use keygate_core::{DecisionCode, scope};
 
-use crate::client::client_ip;
 use crate::error::{ApiError, ErrorCode};
+use crate::peer::client_ip;
 use crate::state::AppState;
 use crate::time::now_ms;
 use crate::verify::Context;

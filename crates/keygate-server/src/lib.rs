@@ -3,12 +3,12 @@
 
 pub mod auth;
 pub mod cache;
-pub mod client;
 pub mod error;
 pub mod fsmode;
 pub mod metrics;
 pub mod oauth;
 pub mod openapi;
+pub mod peer;
 pub mod routes;
 pub mod runtime;
 pub mod seal;
@@ -56,7 +56,9 @@ pub fn app_for(state: Arc<AppState>, surface: Surface) -> axum::Router {
     let public = || axum::Router::new().merge(routes::verify::router()).merge(oauth::router());
     let admin = || {
         axum::Router::new()
-            .merge(routes::admin::router())
+            .merge(routes::consumers::router())
+            .merge(routes::keys::router())
+            .merge(routes::audit::router())
             .merge(routes::import::router())
             .merge(routes::usage::router())
             .merge(routes::clients::router())

@@ -4,7 +4,7 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder
 use utoipa::{Modify, OpenApi};
 
 use crate::oauth;
-use crate::routes::{admin, clients, import, ops, usage, verify};
+use crate::routes::{audit, clients, consumers, import, keys, ops, usage, verify};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -14,16 +14,16 @@ Keygate's own permissions are scopes of Keygate keys: `keygate:admin` (every adm
 tokens; a client may always introspect its own), `keygate:metrics` (`/metrics` when `metrics_auth` is on). \
 Revoking another client's tokens needs `keygate:admin`."),
     paths(
-        admin::create_consumer, admin::list_consumers, admin::get_consumer, admin::update_consumer,
-        admin::disable_consumer, admin::enable_consumer,
-        admin::create_key, admin::list_keys, admin::get_key, admin::update_key,
-        admin::disable_key, admin::enable_key, admin::revoke_key, admin::rotate_key, admin::change_quota,
+        consumers::create_consumer, consumers::list_consumers, consumers::get_consumer, consumers::update_consumer,
+        consumers::disable_consumer, consumers::enable_consumer,
+        keys::create_key, keys::list_keys, keys::get_key, keys::update_key,
+        keys::disable_key, keys::enable_key, keys::revoke_key, keys::rotate_key, keys::change_quota,
         import::import_keys, usage::key_usage, usage::consumer_usage,
         clients::create_client, clients::list_clients, clients::get_client, clients::update_client,
         clients::disable_client, clients::enable_client, clients::revoke_tokens, clients::delete_client,
         clients::rotate_secret, clients::list_signing_keys, clients::rotate_signing_key, clients::revoke_signing_key,
         oauth::token, oauth::introspect, oauth::revoke, oauth::discovery, oauth::jwks,
-        admin::list_audit,
+        audit::list_audit,
         verify::verify, verify::forward_auth,
         ops::healthz, ops::readyz, ops::metrics,
     ),

@@ -7,14 +7,14 @@ use std::time::Duration;
 
 use keygate_core::{Environment, PlainSecret, SecretKind, id, scope};
 use keygate_store::{
-    ApiKey, Backend, Consumer, Granularity, KeySecret, NewAudit, SqliteOptions, SqliteStore, Store,
-    StoreError,
+    ApiKey, Backend, Consumer, Granularity, NewAudit, SqliteOptions, SqliteStore, Store, StoreError,
+    StoredSecret,
 };
 
-use crate::client::FailureThrottle;
 use crate::metrics::Metrics;
 use crate::oauth::keys::KeyAlg;
 use crate::oauth::tokens::OAuth;
+use crate::peer::FailureThrottle;
 use crate::time::now_ms;
 use crate::verify::{CacheConfig, Verifier};
 
@@ -189,7 +189,7 @@ fn new_admin_key(
     consumer_id: &str,
     name: &str,
     now: i64,
-) -> Result<(ApiKey, KeySecret, PlainSecret), OpenError> {
+) -> Result<(ApiKey, StoredSecret, PlainSecret), OpenError> {
     let secret = random(PlainSecret::generate(SecretKind::ApiKey(Environment::Live)))?;
     let key = ApiKey::new(
         random(id::new_id("key", now))?,
@@ -202,7 +202,7 @@ fn new_admin_key(
         secret.visible_start(),
         now,
     );
-    let key_secret = KeySecret::new(secret.hash(), &key.id, &key.start, now);
+    let key_secret = StoredSecret::new(secret.hash(), &key.id, &key.start, now);
     Ok((key, key_secret, secret))
 }
 

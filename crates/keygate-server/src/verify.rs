@@ -399,7 +399,7 @@ impl Verifier {
         };
         let hash = SecretHash::of(secret);
         if let Some(key) = self.positive.get(&hash) {
-            return Lookup::Decided(decide(key, required, ctx));
+            return Lookup::Decided(decide_key(key, required, ctx));
         }
         let absent = if keygate_format { DecisionCode::NotFound } else { DecisionCode::Malformed };
         match self.known.may_contain(&hash) {
@@ -449,7 +449,7 @@ impl Verifier {
             Some(record) if record.hash.ct_eq(&hash) => {
                 let key = Arc::new(self.cached_key(&record));
                 self.positive.insert_if_current(ticket.0, hash, key.clone());
-                decide(key, required, ctx)
+                decide_key(key, required, ctx)
             }
             _ => {
                 self.negative.insert_if_current(ticket.1, hash, ());
@@ -525,7 +525,7 @@ impl Verifier {
     }
 }
 
-fn decide<S: AsRef<str>>(key: Arc<CachedKey>, required: &[S], ctx: Context) -> Decision {
+fn decide_key<S: AsRef<str>>(key: Arc<CachedKey>, required: &[S], ctx: Context) -> Decision {
     let code = if key.revoked {
         DecisionCode::Revoked
     } else if key.disabled {

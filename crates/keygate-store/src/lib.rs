@@ -74,7 +74,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         consumer: &Consumer,
         key: &ApiKey,
-        secret: &KeySecret,
+        secret: &StoredSecret,
         audit: &NewAudit,
     ) -> Result<bool>;
 
@@ -91,7 +91,7 @@ pub trait Store: Send + Sync + 'static {
         audit: &NewAudit,
     ) -> Result<Option<Consumer>>;
 
-    async fn insert_key(&self, key: &ApiKey, secret: &KeySecret, audit: &NewAudit) -> Result<()>;
+    async fn insert_key(&self, key: &ApiKey, secret: &StoredSecret, audit: &NewAudit) -> Result<()>;
     async fn get_key(&self, id: &str) -> Result<Option<ApiKey>>;
     async fn list_keys(&self, consumer_id: Option<&str>, page: &Page) -> Result<Vec<ApiKey>>;
     /// Applies a patch to a key that is not revoked. `None` if the key does not exist or is revoked
@@ -102,7 +102,7 @@ pub trait Store: Send + Sync + 'static {
     async fn rotate_key(
         &self,
         id: &str,
-        new_secret: &KeySecret,
+        new_secret: &StoredSecret,
         old_expires_at: i64,
         audit: &NewAudit,
     ) -> Result<bool>;
@@ -121,7 +121,7 @@ pub trait Store: Send + Sync + 'static {
     async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>>;
 
     /// Inserts imported keys and their audit events in one transaction: all or none.
-    async fn import_keys(&self, keys: &[(ApiKey, KeySecret)], audits: &[NewAudit]) -> Result<()>;
+    async fn import_keys(&self, keys: &[(ApiKey, StoredSecret)], audits: &[NewAudit]) -> Result<()>;
     /// Which of these secret hashes are already stored.
     async fn existing_hashes(&self, hashes: &[SecretHash]) -> Result<Vec<SecretHash>>;
     /// Key-secret hashes with a change number above `seq`, in change-number order, with their change

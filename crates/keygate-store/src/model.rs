@@ -127,23 +127,25 @@ pub struct KeyPatch {
     pub updated_at: i64,
 }
 
-/// One secret of a key. A key has one secret, or several during a rotation's overlap window.
+/// One stored secret (its hash) of an API key or an OAuth client. An owner has one secret, or several
+/// during a rotation's overlap window.
 #[derive(Debug, Clone, PartialEq)]
-pub struct KeySecret {
+pub struct StoredSecret {
     pub hash: SecretHash,
-    pub key_id: String,
+    /// The key's or client's id.
+    pub owner_id: String,
     pub start: String,
     pub created_at: i64,
     /// When this secret stops working (end of a rotation's overlap window).
     pub expires_at: Option<i64>,
 }
 
-impl KeySecret {
-    /// A live secret of `key_id`, shown to people as `start`.
-    pub fn new(hash: SecretHash, key_id: &str, start: &str, now: i64) -> Self {
-        KeySecret {
+impl StoredSecret {
+    /// A live secret of `owner_id` (a key or client id), shown to people as `start`.
+    pub fn new(hash: SecretHash, owner_id: &str, start: &str, now: i64) -> Self {
+        StoredSecret {
             hash,
-            key_id: key_id.to_string(),
+            owner_id: owner_id.to_string(),
             start: start.to_string(),
             created_at: now,
             expires_at: None,

@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use keygate_core::SecretHash;
 use serde_json::Value;
 
-use crate::{KeySecret, NewAudit, Page, Result};
+use crate::{NewAudit, Page, Result, StoredSecret};
 
 /// A registered application that obtains tokens.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,7 +91,7 @@ pub trait OAuthStore: Send + Sync + 'static {
     async fn insert_client(
         &self,
         client: &OAuthClient,
-        secret: Option<&KeySecret>,
+        secret: Option<&StoredSecret>,
         audit: &NewAudit,
     ) -> Result<()>;
     async fn get_client(&self, id: &str) -> Result<Option<OAuthClient>>;
@@ -108,7 +108,7 @@ pub trait OAuthStore: Send + Sync + 'static {
     async fn rotate_client_secret(
         &self,
         id: &str,
-        secret: &KeySecret,
+        secret: &StoredSecret,
         old_expires_at: i64,
         audit: &NewAudit,
     ) -> Result<bool>;

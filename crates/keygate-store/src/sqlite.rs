@@ -14,7 +14,7 @@ use sqlx::{Row, SqlitePool};
 
 use crate::{
     ApiKey, AuditEvent, AuditFilter, Consumer, ConsumerLookup, ConsumerPatch, Granularity, KeyPatch,
-    KeySecret, KeyUsage, NewAudit, Page, Result, SecretRecord, Store, StoreError, UsageQuery, UsageRow,
+    KeyUsage, NewAudit, Page, Result, SecretRecord, Store, StoreError, StoredSecret, UsageQuery, UsageRow,
 };
 use keygate_core::limits::Quota;
 use serde::Serialize;
@@ -415,7 +415,7 @@ async fn insert_consumer_tx(tx: &mut Tx<'_>, c: &Consumer) -> Result<()> {
     Ok(())
 }
 
-async fn insert_key_tx(tx: &mut Tx<'_>, k: &ApiKey, s: &KeySecret) -> Result<()> {
+async fn insert_key_tx(tx: &mut Tx<'_>, k: &ApiKey, s: &StoredSecret) -> Result<()> {
     let scopes = serde_json::to_string(&k.scopes).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     sqlx::query(
         "INSERT INTO api_keys (id, consumer_id, name, environment, scopes, metadata, expires_at, disabled, \
@@ -452,14 +452,14 @@ pub(crate) const INSERT_KEY_SECRET: &str = "INSERT INTO key_secrets (hash, key_i
 pub(crate) const INSERT_CLIENT_SECRET: &str =
     "INSERT INTO client_secrets (hash, client_id, start, created_at, expires_at) VALUES (?, ?, ?, ?, ?)";
 
-async fn insert_secret_tx(tx: &mut Tx<'_>, s: &KeySecret) -> Result<()> {
+async fn insert_secret_tx(tx: &mut Tx<'_>, s: &StoredSecret) -> Result<()> {
     insert_secret_row(tx, INSERT_KEY_SECRET, s).await
 }
 
-pub(crate) async fn insert_secret_row(tx: &mut Tx<'_>, sql: &'static str, s: &KeySecret) -> Result<()> {
+pub(crate) async fn insert_secret_row(tx: &mut Tx<'_>, sql: &'static str, s: &StoredSecret) -> Result<()> {
     sqlx::query(sql)
         .bind(&s.hash.as_bytes()[..])
-        .bind(&s.key_id)
+        .bind(&s.owner_id)
         .bind(&s.start)
         .bind(s.created_at)
         .bind(s.expires_at)
@@ -526,7 +526,7 @@ impl Store for SqliteStore {
         &self,
         consumer: &Consumer,
         key: &ApiKey,
-        secret: &KeySecret,
+        secret: &StoredSecret,
         audit: &NewAudit,
     ) -> Result<bool> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
@@ -623,7 +623,7 @@ impl Store for SqliteStore {
         Ok(Some(consumer))
     }
 
-    async fn insert_key(&self, key: &ApiKey, secret: &KeySecret, audit: &NewAudit) -> Result<()> {
+    async fn insert_key(&self, key: &ApiKey, secret: &StoredSecret, audit: &NewAudit) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
         insert_key_tx(&mut tx, key, secret).await?;
         insert_audit(&mut tx, audit).await?;
@@ -707,7 +707,7 @@ impl Store for SqliteStore {
     async fn rotate_key(
         &self,
         id: &str,
-        new_secret: &KeySecret,
+        new_secret: &StoredSecret,
         old_expires_at: i64,
         audit: &NewAudit,
     ) -> Result<bool> {
@@ -780,7 +780,7 @@ impl Store for SqliteStore {
         }))
     }
 
-    async fn import_keys(&self, keys: &[(ApiKey, KeySecret)], audits: &[NewAudit]) -> Result<()> {
+    async fn import_keys(&self, keys: &[(ApiKey, StoredSecret)], audits: &[NewAudit]) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
         for (key, secret) in keys {
             insert_key_tx(&mut tx, key, secret).await?;
@@ -995,7 +995,7 @@ mod tests {
                         // Busy answers are part of concurrent life: retry them.
                         loop {
                             match store
-                                .insert_key(&key, &KeySecret::new(hash, &id, "s", 0), &audit(&id))
+                                .insert_key(&key, &StoredSecret::new(hash, &id, "s", 0), &audit(&id))
                                 .await
                             {
                                 Ok(()) => break,

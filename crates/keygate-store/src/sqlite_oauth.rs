@@ -9,7 +9,7 @@ use crate::oauth::{AccessTokenRecord, ClientPatch, OAuthClient, OAuthStore, Sign
 use crate::sqlite::{
     INSERT_CLIENT_SECRET, fetch_by_id, fetch_page, hash_from_row, insert_audit, insert_secret_row, map_err,
 };
-use crate::{KeySecret, NewAudit, Page, Result, SqliteStore, StoreError};
+use crate::{NewAudit, Page, Result, SqliteStore, StoreError, StoredSecret};
 
 fn json_list(row: &SqliteRow, col: &str) -> Result<Vec<String>> {
     let text: &str = row.try_get(col).map_err(map_err)?;
@@ -75,7 +75,7 @@ fn signing_key_from_row(row: &SqliteRow) -> Result<SigningKey> {
     })
 }
 
-async fn insert_client_secret(tx: &mut crate::sqlite::Tx<'_>, s: &KeySecret) -> Result<()> {
+async fn insert_client_secret(tx: &mut crate::sqlite::Tx<'_>, s: &StoredSecret) -> Result<()> {
     insert_secret_row(tx, INSERT_CLIENT_SECRET, s).await
 }
 
@@ -84,7 +84,7 @@ impl OAuthStore for SqliteStore {
     async fn insert_client(
         &self,
         c: &OAuthClient,
-        secret: Option<&KeySecret>,
+        secret: Option<&StoredSecret>,
         audit: &NewAudit,
     ) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
@@ -197,7 +197,7 @@ impl OAuthStore for SqliteStore {
     async fn rotate_client_secret(
         &self,
         id: &str,
-        secret: &KeySecret,
+        secret: &StoredSecret,
         old_expires_at: i64,
         audit: &NewAudit,
     ) -> Result<bool> {

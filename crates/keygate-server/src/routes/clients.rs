@@ -7,7 +7,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use keygate_core::{PlainSecret, SecretKind};
-use keygate_store::{ClientPatch, KeySecret, OAuthClient};
+use keygate_store::{ClientPatch, OAuthClient, StoredSecret};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::ToSchema;
@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 use crate::auth::AdminCaller;
 use crate::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, ErrorCode};
 use crate::oauth::keys::{KeyAlg, MAX_TOKEN_LIFETIME_SECONDS};
-use crate::routes::admin::{
+use crate::routes::common::{
     MAX_OVERLAP_SECONDS, PageQuery, audit, check_name, check_scopes, load_consumer, new_id, page,
 };
 use crate::state::AppState;
@@ -284,7 +284,7 @@ pub async fn create_client(
         created_at: now,
         updated_at: now,
     };
-    let key_secret = KeySecret::new(secret.hash(), &id, &secret.visible_start(), now);
+    let key_secret = StoredSecret::new(secret.hash(), &id, &secret.visible_start(), now);
     let details = json!({"consumer_id": client.consumer_id, "name": client.name, "scopes": client.scopes,
         "audiences": client.audiences, "token_format": client.token_format});
     let audit = audit(&actor, now, "client.create", "client", &id, details)?;
@@ -476,7 +476,7 @@ pub async fn rotate_secret(
     let now = now_ms();
     let secret = PlainSecret::generate(SecretKind::ClientSecret)
         .map_err(|e| ApiError::internal("random source failed", e))?;
-    let new = KeySecret::new(secret.hash(), &id, &secret.visible_start(), now);
+    let new = StoredSecret::new(secret.hash(), &id, &secret.visible_start(), now);
     let old_expires_at = now + req.overlap_seconds as i64 * 1000;
     let audit = audit(
         &actor,

@@ -13,14 +13,14 @@ use axum::routing::post;
 use keygate_core::credential::{self, visible_start};
 use keygate_core::limits::{Quota, RateLimit};
 use keygate_core::{Environment, SecretHash};
-use keygate_store::{ApiKey, Consumer, KeySecret};
+use keygate_store::{ApiKey, Consumer, StoredSecret};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::ToSchema;
 
 use crate::auth::AdminCaller;
 use crate::error::{ApiError, ApiJson, ApiResult, ErrorBody, ErrorCode};
-use crate::routes::admin::{
+use crate::routes::common::{
     audit, check_expiry, check_ips, check_metadata, check_name, check_quota, check_rate_limits, check_scopes,
     new_id,
 };
@@ -85,7 +85,7 @@ pub struct ImportResponse {
 
 struct Prepared {
     key: ApiKey,
-    secret: KeySecret,
+    secret: StoredSecret,
 }
 
 fn prepare(item: ImportItem, consumers: &HashMap<String, Consumer>, now: i64) -> ApiResult<Prepared> {
@@ -137,7 +137,7 @@ fn prepare(item: ImportItem, consumers: &HashMap<String, Consumer>, now: i64) ->
     key.quota = item.quota;
     key.allowed_ips = allowed_ips;
     key.imported = true;
-    let secret = KeySecret::new(hash, &key.id, &key.start, now);
+    let secret = StoredSecret::new(hash, &key.id, &key.start, now);
     Ok(Prepared { key, secret })
 }
 
@@ -206,7 +206,7 @@ pub async fn import_keys(
         let details = json!({"consumer_id": p.key.consumer_id, "name": p.key.name, "scopes": p.key.scopes, "start": p.key.start});
         audits.push(audit(&actor, now, "key.import", "key", &p.key.id, details)?);
     }
-    let rows: Vec<(ApiKey, KeySecret)> =
+    let rows: Vec<(ApiKey, StoredSecret)> =
         fresh.iter().map(|(_, p)| (p.key.clone(), p.secret.clone())).collect();
     state.store.import_keys(&rows, &audits).await?;
     state.verifier.added(&rows.iter().map(|(_, s)| s.hash).collect::<Vec<_>>());

@@ -1,6 +1,11 @@
-pub mod admin;
+//! HTTP routes, one module per resource. `common` holds what the admin routes share.
+
+pub mod audit;
 pub mod clients;
+pub mod common;
+pub mod consumers;
 pub mod import;
+pub mod keys;
 pub mod ops;
 pub mod usage;
 pub mod verify;

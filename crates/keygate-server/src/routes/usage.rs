@@ -12,7 +12,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::AdminCaller;
 use crate::error::{ApiError, ApiQuery, ApiResult, ErrorBody};
-use crate::routes::admin::{load_consumer, load_key};
+use crate::routes::common::{load_consumer, load_key};
 use crate::state::AppState;
 use crate::time::{now_ms, parse_rfc3339, rfc3339};
 

@@ -44,7 +44,7 @@ pub struct VerifyRequest {
 
 /// Decides about any credential: API keys through the key verifier, access tokens (JWT or `kgat_`)
 /// through the OAuth verifier.
-pub async fn decide<S: AsRef<str>>(
+pub async fn decide_credential<S: AsRef<str>>(
     state: &AppState,
     credential: &str,
     required: &[S],
@@ -150,7 +150,8 @@ pub async fn verify(
     };
     let now = now_ms();
     let ctx = Context { ip: end_client.or(caller.ip), cost, now_ms: now };
-    let decision = decide(&state, &req.credential, &req.scopes, ctx, req.audience.as_deref()).await?;
+    let decision =
+        decide_credential(&state, &req.credential, &req.scopes, ctx, req.audience.as_deref()).await?;
     // Only an end client named in the request is throttled: the caller itself is a trusted gateway
     // that speaks for many clients. Only failed checks are refused once the budget is spent.
     if is_failure(&decision) {
@@ -236,8 +237,14 @@ pub async fn forward_auth(
     let audience = uri.query().and_then(|q| {
         form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "audience").map(|(_, v)| v.into_owned())
     });
-    let decision =
-        decide(&state, secret, &required, Context { ip, cost: 1, now_ms: now }, audience.as_deref()).await?;
+    let decision = decide_credential(
+        &state,
+        secret,
+        &required,
+        Context { ip, cost: 1, now_ms: now },
+        audience.as_deref(),
+    )
+    .await?;
     if is_failure(&decision) {
         if let Some(retry) = state.throttle.blocked(ip, now) {
             return Err(ApiError::throttled(retry));

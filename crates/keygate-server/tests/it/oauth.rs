@@ -315,15 +315,21 @@ async fn tampered_forged_and_expired_jwts_are_rejected() {
     assert_ne!(app.verify_code(&foreign, &[]).await, "VALID");
     // Signed with our own key but naming another issuer, or not yet valid: rejected too.
     let key = app.state.oauth.keys.signer(keygate_server::time::now_ms()).unwrap();
-    let mut claims = jwt_part(&at, 1);
+    // Re-signed claims get a later expiry: `at` lives one second, and this part is about issuer and
+    // not-before, not about time running out.
+    let fresh = |mut c: Value| {
+        c["exp"] = json!(keygate_server::time::now_ms() / 1000 + 600);
+        c
+    };
+    let mut claims = fresh(jwt_part(&at, 1));
     claims["iss"] = json!("https://evil.example");
     claims["jti"] = json!("forged-1");
     let wrong_iss = key.sign_jwt(&claims).unwrap();
-    let mut claims = jwt_part(&at, 1);
+    let mut claims = fresh(jwt_part(&at, 1));
     claims["nbf"] = json!(claims["nbf"].as_i64().unwrap() + 3600);
     claims["jti"] = json!("forged-2");
     let not_yet = key.sign_jwt(&claims).unwrap();
-    let mut claims = jwt_part(&at, 1);
+    let mut claims = fresh(jwt_part(&at, 1));
     claims["jti"] = json!("forged-3");
     let resigned = key.sign_jwt(&claims).unwrap();
     assert_eq!(app.verify_code(&resigned, &[]).await, "VALID", "the control: same claims, our issuer");

@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::CliResult;
 use super::args::{self, PageArgs};
-use super::http::Client;
+use super::http::Api;
 use super::output::{cell, emit, field, items, output, print_next, print_object, print_secret, table};
 
 #[derive(Debug, Subcommand)]
@@ -116,7 +116,7 @@ pub enum Cmd {
     },
 }
 
-pub async fn run(c: &Client, cmd: Cmd) -> CliResult {
+pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
     match cmd {
         Cmd::Create {
             consumer,

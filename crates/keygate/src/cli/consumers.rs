@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use super::CliResult;
 use super::args::{self, PageArgs};
-use super::http::Client;
+use super::http::Api;
 use super::output::{emit, field, output, print_next, print_object, table};
 
 #[derive(Debug, Subcommand)]
@@ -81,7 +81,7 @@ pub enum Cmd {
     },
 }
 
-pub async fn run(c: &Client, cmd: Cmd) -> CliResult {
+pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
     match cmd {
         Cmd::Create { name, metadata, rate_limits, external_id } => {
             let mut body = json!({"name": name});

@@ -6,14 +6,14 @@ use serde_json::Value;
 
 use super::{EXIT_UNREACHABLE, Failure, GlobalArgs};
 
-pub struct Client {
+pub struct Api {
     http: reqwest::Client,
     base: Url,
     admin_key: Option<String>,
     pub json: bool,
 }
 
-impl Client {
+impl Api {
     pub fn new(args: GlobalArgs) -> Result<Self, Failure> {
         let raw = args.url.trim();
         if !(raw.starts_with("http://") || raw.starts_with("https://")) {
@@ -34,7 +34,7 @@ impl Client {
             .timeout(std::time::Duration::from_secs(30))
             .build()
             .map_err(|e| Failure::new(format!("cannot build the HTTP client: {e}")))?;
-        Ok(Client { http, base, admin_key, json: args.json })
+        Ok(Api { http, base, admin_key, json: args.json })
     }
 
     /// The URL of `segments` under the base URL, each segment percent-encoded (so an id can never

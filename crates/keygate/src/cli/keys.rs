@@ -8,7 +8,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use super::args::{self, PageArgs, QuotaArgs, show_quota};
-use super::http::Client;
+use super::http::Api;
 use super::output::{cell, emit, field, items, output, print_next, print_object, print_secret, table};
 use super::{CliResult, EXIT_ERROR, Failure};
 
@@ -184,7 +184,7 @@ fn key_line(v: &Value) -> String {
     )
 }
 
-pub async fn run(c: &Client, cmd: Cmd) -> CliResult {
+pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
     match cmd {
         Cmd::Create {
             consumer,
@@ -352,7 +352,7 @@ pub async fn run(c: &Client, cmd: Cmd) -> CliResult {
 }
 
 /// Sends a file of keys in batches of the server's import limit, reporting progress on stderr.
-async fn import(c: &Client, file: &str) -> CliResult {
+async fn import(c: &Api, file: &str) -> CliResult {
     let batch = keygate_server::routes::import::MAX_IMPORT;
     let text = if file == "-" {
         std::io::read_to_string(std::io::stdin())

@@ -130,7 +130,7 @@ pub async fn run(cli: Cli) -> ExitCode {
 }
 
 async fn run_remote(global: GlobalArgs, remote: Remote) -> Result<ExitCode, Failure> {
-    let c = http::Client::new(global)?;
+    let c = http::Api::new(global)?;
     match remote {
         Remote::Consumers { command } => consumers::run(&c, command).await,
         Remote::Keys { command } => keys::run(&c, command).await,

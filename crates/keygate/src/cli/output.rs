@@ -6,7 +6,7 @@ use std::io::Write;
 use serde_json::Value;
 
 use super::args::{show_quota, show_rate_limit};
-use super::http::Client;
+use super::http::Api;
 
 /// Prints a line; a closed pipe ends the program quietly with success, as `head` expects.
 pub fn emit(line: impl std::fmt::Display) {
@@ -21,7 +21,7 @@ pub fn emit(line: impl std::fmt::Display) {
 }
 
 /// `--json`: the server's JSON; otherwise what `human` prints.
-pub fn output(c: &Client, v: &Value, human: impl FnOnce(&Value)) {
+pub fn output(c: &Api, v: &Value, human: impl FnOnce(&Value)) {
     if c.json {
         emit(v);
     } else {

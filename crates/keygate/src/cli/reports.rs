@@ -7,7 +7,7 @@ use reqwest::Method;
 use serde_json::Value;
 
 use super::args;
-use super::http::Client;
+use super::http::Api;
 use super::output::{cell, emit, field, items, output, print_usage, table};
 use super::{CliResult, Failure};
 
@@ -51,7 +51,7 @@ pub struct UsageArgs {
     pub since: u64,
 }
 
-pub async fn usage(c: &Client, a: UsageArgs) -> CliResult {
+pub async fn usage(c: &Api, a: UsageArgs) -> CliResult {
     let segments = if a.consumer {
         let id = args::consumer_id(&a.id).map_err(Failure::usage)?;
         ["v1".to_string(), "consumers".into(), id, "usage".into()]
@@ -93,7 +93,7 @@ pub struct AuditArgs {
     pub limit: u32,
 }
 
-pub async fn audit(c: &Client, a: AuditArgs) -> CliResult {
+pub async fn audit(c: &Api, a: AuditArgs) -> CliResult {
     let mut q = vec![("limit", a.limit.to_string())];
     q.extend(a.target.map(|t| ("target_id", t)));
     q.extend(a.action.map(|x| ("action", x)));

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use super::CliResult;
 use super::args;
-use super::http::Client;
+use super::http::Api;
 use super::output::{emit, field, output, table};
 
 #[derive(Debug, Subcommand)]
@@ -34,7 +34,7 @@ pub enum Cmd {
     },
 }
 
-pub async fn run(c: &Client, cmd: Cmd) -> CliResult {
+pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
     let v = match cmd {
         Cmd::List => c.call(Method::GET, &["v1", "signing-keys"], &[], None).await?,
         Cmd::Revoke { kid } => {

@@ -8,7 +8,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use super::args::secret_or_stdin;
-use super::http::Client;
+use super::http::Api;
 use super::output::{cell, emit};
 use super::{CliResult, EXIT_INVALID, Failure};
 
@@ -31,7 +31,7 @@ pub struct VerifyArgs {
     pub audience: Option<String>,
 }
 
-pub async fn verify(c: &Client, a: VerifyArgs) -> CliResult {
+pub async fn verify(c: &Api, a: VerifyArgs) -> CliResult {
     let credential = secret_or_stdin(a.credential, "credential")?;
     let mut body = json!({"credential": credential, "scopes": a.scopes, "cost": a.cost});
     if let Some(ip) = a.ip {
@@ -96,7 +96,7 @@ pub struct TokenArgs {
     pub resources: Vec<String>,
 }
 
-pub async fn token(c: &Client, a: TokenArgs) -> CliResult {
+pub async fn token(c: &Api, a: TokenArgs) -> CliResult {
     let secret = if a.client_secret_stdin {
         secret_or_stdin("-".into(), "client secret")?
     } else {

@@ -1,5 +1,5 @@
-//! Admin REST API: consumers, API keys and the audit log. Every route needs `keygate:admin`, and every
-//! change is written together with its audit event and invalidates the verify cache before answering.
+//! Admin API: API keys. Every route needs `keygate:admin`; every change is written with its audit event
+//! and invalidates the verify cache before answering.
 
 use std::sync::Arc;
 
@@ -7,34 +7,22 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use keygate_core::limits::{Quota, RateLimit, parse_allowed_ips, validate_quota, validate_rate_limits};
-use keygate_core::validate::{validate_metadata, validate_name};
-use keygate_core::{Environment, PlainSecret, SecretKind, id, scope};
-use keygate_store::{
-    ApiKey, AuditEvent, AuditFilter, Consumer, ConsumerLookup, ConsumerPatch, KeyPatch, KeySecret, NewAudit,
-    Page,
-};
-use serde::{Deserialize, Deserializer, Serialize};
+use keygate_core::limits::{Quota, RateLimit};
+use keygate_core::{Environment, PlainSecret, SecretKind, scope};
+use keygate_store::{ApiKey, KeyPatch, StoredSecret};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::{Actor, AdminCaller};
 use crate::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, ErrorCode};
+use crate::routes::common::*;
 use crate::runtime::QuotaState;
 use crate::state::AppState;
-use crate::time::{now_ms, parse_rfc3339, rfc3339};
-
-/// Longest overlap window of a rotation: 30 days.
-pub const MAX_OVERLAP_SECONDS: u64 = 30 * 24 * 3600;
-const DEFAULT_PAGE: u32 = 100;
-const MAX_PAGE: u32 = 1000;
+use crate::time::{now_ms, rfc3339};
 
 pub fn router() -> axum::Router<Arc<AppState>> {
     axum::Router::new()
-        .route("/v1/consumers", post(create_consumer).get(list_consumers))
-        .route("/v1/consumers/{id}", get(get_consumer).patch(update_consumer))
-        .route("/v1/consumers/{id}/disable", post(disable_consumer))
-        .route("/v1/consumers/{id}/enable", post(enable_consumer))
         .route("/v1/keys", post(create_key).get(list_keys))
         .route("/v1/keys/{id}", get(get_key).patch(update_key))
         .route("/v1/keys/{id}/disable", post(disable_key))
@@ -42,44 +30,6 @@ pub fn router() -> axum::Router<Arc<AppState>> {
         .route("/v1/keys/{id}/revoke", post(revoke_key))
         .route("/v1/keys/{id}/rotate", post(rotate_key))
         .route("/v1/keys/{id}/quota", post(change_quota))
-        .route("/v1/audit", get(list_audit))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Views
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ConsumerView {
-    pub id: String,
-    pub name: String,
-    #[schema(value_type = Object)]
-    pub metadata: Value,
-    pub disabled: bool,
-    /// Keygate's own consumer, which holds admin keys.
-    pub system: bool,
-    /// The plan: rate limits for keys that set none of their own.
-    #[schema(value_type = Option<Vec<Object>>)]
-    pub rate_limits: Option<Vec<RateLimit>>,
-    /// Your own id for this account (unique).
-    pub external_id: Option<String>,
-    pub created_at: String,
-    pub updated_at: String,
-}
-
-impl From<Consumer> for ConsumerView {
-    fn from(c: Consumer) -> Self {
-        ConsumerView {
-            id: c.id,
-            name: c.name,
-            metadata: c.metadata,
-            disabled: c.disabled,
-            system: c.system,
-            rate_limits: c.rate_limits,
-            external_id: c.external_id,
-            created_at: rfc3339(c.created_at),
-            updated_at: rfc3339(c.updated_at),
-        }
-    }
 }
 
 /// An API key as listings show it: never the secret, only its visible start.
@@ -180,88 +130,9 @@ pub struct KeyWithSecret {
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct ConsumerList {
-    pub items: Vec<ConsumerView>,
-    /// Pass as `after` to get the next page; absent on the last page.
-    pub next_after: Option<String>,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
 pub struct KeyList {
     pub items: Vec<KeyView>,
     pub next_after: Option<String>,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct AuditView {
-    pub id: String,
-    pub at: String,
-    /// Id of the key that made the change, or `system`.
-    pub actor: String,
-    /// The name of that key, while it exists.
-    pub actor_name: Option<String>,
-    pub action: String,
-    pub target_type: String,
-    pub target_id: String,
-    pub ip: Option<String>,
-    #[schema(value_type = Object)]
-    pub details: Value,
-}
-
-impl From<AuditEvent> for AuditView {
-    fn from(e: AuditEvent) -> Self {
-        AuditView {
-            id: e.id,
-            at: rfc3339(e.at),
-            actor: e.actor,
-            actor_name: e.actor_name,
-            action: e.action,
-            target_type: e.target_type,
-            target_id: e.target_id,
-            ip: e.ip,
-            details: e.details,
-        }
-    }
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct AuditList {
-    pub items: Vec<AuditView>,
-    /// Pass as `before` to get older events; absent on the last page.
-    pub next_before: Option<String>,
-}
-
-// ---------------------------------------------------------------------------------------------
-// Requests
-
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateConsumer {
-    pub name: String,
-    #[serde(default)]
-    #[schema(value_type = Option<Object>)]
-    pub metadata: Option<Value>,
-    /// The plan: `[{"name", "limit", "window_seconds"}]`, inherited by keys without their own.
-    #[schema(value_type = Option<Vec<Object>>)]
-    pub rate_limits: Option<Vec<RateLimit>>,
-    /// Your own id for this account (e.g. your customer id), unique among consumers; 1–200 characters.
-    pub external_id: Option<String>,
-}
-
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct UpdateConsumer {
-    pub name: Option<String>,
-    #[schema(value_type = Option<Object>)]
-    pub metadata: Option<Value>,
-    /// `null` removes the plan's limits.
-    #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<Vec<Object>>)]
-    pub rate_limits: Option<Option<Vec<RateLimit>>>,
-    /// `null` removes the external id.
-    #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<String>)]
-    pub external_id: Option<Option<String>>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -325,37 +196,12 @@ pub struct QuotaChange {
     pub reset: Option<bool>,
 }
 
-/// Tells an absent field (`None`) from an explicit `null` (`Some(None)`).
-fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
-    Option::<T>::deserialize(d).map(Some)
-}
-
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RotateKey {
     /// How long the old secret keeps working, in seconds (0 ends it at once; at most 30 days).
     #[serde(default)]
     pub overlap_seconds: u64,
-}
-
-#[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-pub struct PageQuery {
-    /// Continue after this id (the previous page's `next_after`).
-    pub after: Option<String>,
-    /// Page size, 1–1000 (default 100).
-    pub limit: Option<u32>,
-}
-
-#[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-pub struct ConsumerListQuery {
-    /// Continue after this id (the previous page's `next_after`).
-    pub after: Option<String>,
-    /// Page size, 1–1000 (default 100).
-    pub limit: Option<u32>,
-    /// Only the consumer with this external id (at most one).
-    pub external_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -367,366 +213,12 @@ pub struct KeyListQuery {
     pub limit: Option<u32>,
 }
 
-#[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-pub struct AuditQuery {
-    /// Only events about this consumer or key.
-    pub target_id: Option<String>,
-    /// Only this action, e.g. `key.revoke`.
-    pub action: Option<String>,
-    /// Continue with events older than this id (the previous page's `next_before`).
-    pub before: Option<String>,
-    pub limit: Option<u32>,
-}
-
-// ---------------------------------------------------------------------------------------------
-// Helpers
-
-pub fn page(after: Option<String>, limit: Option<u32>) -> ApiResult<Page> {
-    let limit = limit.unwrap_or(DEFAULT_PAGE);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::invalid("limit", format!("must be between 1 and {MAX_PAGE}")));
-    }
-    Ok(Page { after, limit })
-}
-
-fn next_cursor<T>(items: &[T], limit: u32, id: impl Fn(&T) -> &str) -> Option<String> {
-    if items.len() == limit as usize { items.last().map(|i| id(i).to_string()) } else { None }
-}
-
-pub fn new_id(prefix: &str, now: i64) -> ApiResult<String> {
-    id::new_id(prefix, now).map_err(|e| ApiError::internal("random source failed", e))
-}
-
-pub fn audit(
-    actor: &Actor,
-    now: i64,
-    action: &str,
-    target_type: &str,
-    target_id: &str,
-    details: Value,
-) -> ApiResult<NewAudit> {
-    Ok(NewAudit {
-        id: new_id("evt", now)?,
-        at: now,
-        actor: actor.key_id.clone(),
-        action: action.into(),
-        target_type: target_type.into(),
-        target_id: target_id.into(),
-        ip: actor.ip.map(|i| i.to_string()),
-        details,
-    })
-}
-
-pub fn check_name(name: &str) -> ApiResult<()> {
-    validate_name(name).map_err(|e| ApiError::invalid("name", e))
-}
-
-pub fn check_metadata(metadata: &Value) -> ApiResult<()> {
-    validate_metadata(metadata).map_err(|e| ApiError::invalid("metadata", e))
-}
-
-pub fn check_scopes(scopes: Vec<String>) -> ApiResult<Vec<String>> {
-    scope::normalize_scopes(scopes).map_err(|e| ApiError::invalid("scopes", e))
-}
-
-pub fn check_rate_limits(limits: &[RateLimit]) -> ApiResult<()> {
-    validate_rate_limits(limits).map_err(|e| ApiError::invalid("rate_limits", e))
-}
-
-pub fn check_quota(quota: &Quota) -> ApiResult<()> {
-    validate_quota(quota).map_err(|e| ApiError::invalid("quota", e))
-}
-
-/// Validates an allow-list and returns it normalised (`10.1.2.3/8` → `10.0.0.0/8`).
-pub fn check_ips(entries: &[String]) -> ApiResult<Vec<String>> {
-    parse_allowed_ips(entries)
-        .map(|nets| nets.iter().map(ToString::to_string).collect())
-        .map_err(|e| ApiError::invalid("allowed_ips", e))
-}
-
-pub fn check_expiry(value: &str, now: i64) -> ApiResult<i64> {
-    let t = parse_rfc3339(value).ok_or_else(|| {
-        ApiError::invalid("expires_at", "must be an RFC 3339 time, e.g. 2030-01-31T00:00:00Z")
-    })?;
-    if t <= now {
-        return Err(ApiError::invalid("expires_at", "must be in the future"));
-    }
-    Ok(t)
-}
-
-pub async fn load_consumer(state: &AppState, id: &str) -> ApiResult<Consumer> {
-    state.store.get_consumer(id).await?.ok_or_else(|| ApiError::not_found("consumer", id))
-}
-
-pub async fn load_key(state: &AppState, id: &str) -> ApiResult<ApiKey> {
-    state.store.get_key(id).await?.ok_or_else(|| ApiError::not_found("key", id))
-}
-
-pub fn check_external_id(e: &str) -> ApiResult<()> {
-    if e.is_empty() || e.chars().count() > 200 || e.chars().any(char::is_control) {
-        return Err(ApiError::invalid(
-            "external_id",
-            "must be 1 to 200 characters without control characters",
-        ));
-    }
-    Ok(())
-}
-
-/// External ids are unique; names too when `unique_consumer_names` is on. Checked before writing for a
-/// clear message; the database's unique index decides races ([`unique_violation`]).
-async fn check_unique_consumer(
-    state: &AppState,
-    this: Option<&str>,
-    name: Option<&str>,
-    external_id: Option<&str>,
-) -> ApiResult<()> {
-    let taken = |c: &Option<Consumer>| c.as_ref().is_some_and(|c| Some(c.id.as_str()) != this);
-    if let Some(e) = external_id
-        && taken(&state.store.find_consumer(ConsumerLookup::ExternalId(e)).await?)
-    {
-        return Err(ApiError {
-            field: Some("external_id".into()),
-            ..ApiError::new(ErrorCode::Conflict, "another consumer has this external_id")
-        });
-    }
-    if state.config.unique_consumer_names
-        && let Some(n) = name
-        && taken(&state.store.find_consumer(ConsumerLookup::Name(n)).await?)
-    {
-        return Err(ApiError {
-            field: Some("name".into()),
-            ..ApiError::new(
-                ErrorCode::Conflict,
-                "another consumer has this name (this installation requires unique consumer names)",
-            )
-        });
-    }
-    Ok(())
-}
-
-fn unique_violation(e: keygate_store::StoreError) -> ApiError {
-    match e {
-        keygate_store::StoreError::Conflict(_) => ApiError {
-            field: Some("external_id".into()),
-            ..ApiError::new(ErrorCode::Conflict, "another consumer has this external_id")
-        },
-        other => other.into(),
-    }
-}
-
-pub fn key_revoked() -> ApiError {
-    ApiError::new(ErrorCode::KeyRevoked, "the key is revoked; revocation is permanent, create a new key")
-}
-
-/// Refuses a change after which no key could use the admin API. `stays` says which of today's working
-/// admin keys (id, consumer id) still work after the change.
-async fn keep_an_admin_key(state: &AppState, now: i64, stays: impl Fn(&str, &str) -> bool) -> ApiResult<()> {
-    let working = state.store.working_admin_keys(now, 1000).await?;
-    if working.iter().any(|(k, c)| stays(k, c)) {
-        return Ok(());
-    }
-    Err(ApiError::new(
-        ErrorCode::Conflict,
-        "this would leave no working admin key: this is the last admin key; create another first \
-         (keygate keys create --consumer <system consumer> --scope keygate:admin) or use `keygate admin-key` \
-         on the server",
-    ))
-}
-
 /// Drops every cached verify entry of a key, so the next verify sees the change.
 async fn invalidate_key(state: &AppState, key_id: &str) -> ApiResult<()> {
     let hashes = state.store.key_secret_hashes(key_id).await?;
     state.verifier.invalidate(&hashes);
     Ok(())
 }
-
-// ---------------------------------------------------------------------------------------------
-// Consumers
-
-/// Create a consumer: an application or account that calls the protected API.
-#[utoipa::path(post, path = "/v1/consumers", tag = "consumers", request_body = CreateConsumer,
-    responses((status = 201, body = ConsumerView), (status = "4XX", body = ErrorBody)),
-    security(("bearer" = [])))]
-pub async fn create_consumer(
-    State(state): State<Arc<AppState>>,
-    AdminCaller(actor): AdminCaller,
-    ApiJson(req): ApiJson<CreateConsumer>,
-) -> ApiResult<(StatusCode, Json<ConsumerView>)> {
-    check_name(&req.name)?;
-    let metadata = req.metadata.unwrap_or_else(|| json!({}));
-    check_metadata(&metadata)?;
-    if let Some(limits) = &req.rate_limits {
-        check_rate_limits(limits)?;
-    }
-    if let Some(e) = &req.external_id {
-        check_external_id(e)?;
-    }
-    check_unique_consumer(&state, None, Some(&req.name), req.external_id.as_deref()).await?;
-    let now = now_ms();
-    let consumer = Consumer {
-        id: new_id("cons", now)?,
-        name: req.name,
-        metadata,
-        disabled: false,
-        system: false,
-        rate_limits: req.rate_limits,
-        external_id: req.external_id,
-        created_at: now,
-        updated_at: now,
-    };
-    let details = json!({"name": consumer.name, "external_id": consumer.external_id});
-    let audit = audit(&actor, now, "consumer.create", "consumer", &consumer.id, details)?;
-    state.store.insert_consumer(&consumer, &audit).await.map_err(unique_violation)?;
-    Ok((StatusCode::CREATED, Json(consumer.into())))
-}
-
-/// List consumers in creation order, or find one by `external_id`.
-#[utoipa::path(get, path = "/v1/consumers", tag = "consumers", params(ConsumerListQuery),
-    responses((status = 200, body = ConsumerList), (status = "4XX", body = ErrorBody)),
-    security(("bearer" = [])))]
-pub async fn list_consumers(
-    State(state): State<Arc<AppState>>,
-    AdminCaller(_): AdminCaller,
-    ApiQuery(q): ApiQuery<ConsumerListQuery>,
-) -> ApiResult<Json<ConsumerList>> {
-    if let Some(e) = &q.external_id {
-        let found = state.store.find_consumer(ConsumerLookup::ExternalId(e)).await?;
-        return Ok(Json(ConsumerList {
-            items: found.into_iter().map(Into::into).collect(),
-            next_after: None,
-        }));
-    }
-    let page = page(q.after, q.limit)?;
-    let items = state.store.list_consumers(&page).await?;
-    let next_after = next_cursor(&items, page.limit, |c| &c.id);
-    Ok(Json(ConsumerList { items: items.into_iter().map(Into::into).collect(), next_after }))
-}
-
-/// Get one consumer.
-#[utoipa::path(get, path = "/v1/consumers/{id}", tag = "consumers", params(("id" = String, Path)),
-    responses((status = 200, body = ConsumerView), (status = "4XX", body = ErrorBody)),
-    security(("bearer" = [])))]
-pub async fn get_consumer(
-    State(state): State<Arc<AppState>>,
-    AdminCaller(_): AdminCaller,
-    Path(id): Path<String>,
-) -> ApiResult<Json<ConsumerView>> {
-    Ok(Json(load_consumer(&state, &id).await?.into()))
-}
-
-/// Change a consumer's name or metadata.
-#[utoipa::path(patch, path = "/v1/consumers/{id}", tag = "consumers", params(("id" = String, Path)),
-    request_body = UpdateConsumer,
-    responses((status = 200, body = ConsumerView), (status = "4XX", body = ErrorBody)),
-    security(("bearer" = [])))]
-pub async fn update_consumer(
-    State(state): State<Arc<AppState>>,
-    AdminCaller(actor): AdminCaller,
-    Path(id): Path<String>,
-    ApiJson(req): ApiJson<UpdateConsumer>,
-) -> ApiResult<Json<ConsumerView>> {
-    if req.name.is_none() && req.metadata.is_none() && req.rate_limits.is_none() && req.external_id.is_none()
-    {
-        return Err(ApiError::new(
-            ErrorCode::ValidationFailed,
-            "the update changes nothing; send name, metadata, rate_limits or external_id",
-        ));
-    }
-    if let Some(Some(e)) = &req.external_id {
-        check_external_id(e)?;
-    }
-    check_unique_consumer(
-        &state,
-        Some(&id),
-        req.name.as_deref(),
-        req.external_id.clone().flatten().as_deref(),
-    )
-    .await?;
-    if let Some(Some(limits)) = &req.rate_limits {
-        check_rate_limits(limits)?;
-    }
-    if let Some(name) = &req.name {
-        check_name(name)?;
-    }
-    if let Some(metadata) = &req.metadata {
-        check_metadata(metadata)?;
-    }
-    let now = now_ms();
-    let details = json!({"name": req.name, "metadata_changed": req.metadata.is_some(),
-        "rate_limits": req.rate_limits, "external_id": req.external_id});
-    let patch = ConsumerPatch {
-        name: req.name,
-        metadata: req.metadata,
-        disabled: None,
-        rate_limits: req.rate_limits,
-        external_id: req.external_id,
-        updated_at: now,
-    };
-    set_consumer(&state, &actor, &id, patch, "consumer.update", details).await
-}
-
-async fn set_consumer(
-    state: &AppState,
-    actor: &Actor,
-    id: &str,
-    patch: ConsumerPatch,
-    action: &str,
-    details: Value,
-) -> ApiResult<Json<ConsumerView>> {
-    let audit = audit(actor, patch.updated_at, action, "consumer", id, details)?;
-    let consumer = state
-        .store
-        .update_consumer(id, &patch, &audit)
-        .await
-        .map_err(unique_violation)?
-        .ok_or_else(|| ApiError::not_found("consumer", id))?;
-    // Keys cache their consumer's state and plan; the token path keeps them for the consumer's clients.
-    if patch.disabled.is_some() || patch.rate_limits.is_some() {
-        state.oauth.consumer_changed(&consumer);
-        let hashes = state.store.consumer_secret_hashes(id).await?;
-        state.verifier.invalidate(&hashes);
-    }
-    Ok(Json(consumer.into()))
-}
-
-/// Disable a consumer: every key it holds verifies as `DISABLED` until it is enabled again.
-#[utoipa::path(post, path = "/v1/consumers/{id}/disable", tag = "consumers", params(("id" = String, Path)),
-    responses((status = 200, body = ConsumerView), (status = "4XX", body = ErrorBody)),
-    security(("bearer" = [])))]
-pub async fn disable_consumer(
-    State(state): State<Arc<AppState>>,
-    AdminCaller(actor): AdminCaller,
-    Path(id): Path<String>,
-) -> ApiResult<Json<ConsumerView>> {
-    let consumer = load_consumer(&state, &id).await?;
-    if consumer.system {
-        return Err(ApiError::new(
-            ErrorCode::Conflict,
-            "the system consumer holds the admin keys and cannot be disabled; disable or revoke single keys instead",
-        ));
-    }
-    let now = now_ms();
-    keep_an_admin_key(&state, now, |_, consumer_id| consumer_id != id).await?;
-    let patch = ConsumerPatch { disabled: Some(true), updated_at: now, ..ConsumerPatch::default() };
-    set_consumer(&state, &actor, &id, patch, "consumer.disable", json!({})).await
-}
-
-/// Enable a disabled consumer.
-#[utoipa::path(post, path = "/v1/consumers/{id}/enable", tag = "consumers", params(("id" = String, Path)),
-    responses((status = 200, body = ConsumerView), (status = "4XX", body = ErrorBody)),
-    security(("bearer" = [])))]
-pub async fn enable_consumer(
-    State(state): State<Arc<AppState>>,
-    AdminCaller(actor): AdminCaller,
-    Path(id): Path<String>,
-) -> ApiResult<Json<ConsumerView>> {
-    let patch = ConsumerPatch { disabled: Some(false), updated_at: now_ms(), ..ConsumerPatch::default() };
-    set_consumer(&state, &actor, &id, patch, "consumer.enable", json!({})).await
-}
-
-// ---------------------------------------------------------------------------------------------
-// Keys
 
 /// Create an API key. The secret is in the response's `key` field, this one time only.
 #[utoipa::path(post, path = "/v1/keys", tag = "keys", request_body = CreateKey,
@@ -778,7 +270,7 @@ pub async fn create_key(
     key.quota = req.quota;
     key.allowed_ips = allowed_ips;
     key.quota_refilled_at = key.quota.as_ref().map(|_| now);
-    let key_secret = KeySecret::new(secret.hash(), &key.id, &key.start, now);
+    let key_secret = StoredSecret::new(secret.hash(), &key.id, &key.start, now);
     let details = json!({
         "consumer_id": key.consumer_id, "name": key.name, "scopes": key.scopes,
         "environment": environment.as_str(), "expires_at": expires_at.map(rfc3339), "start": key.start,
@@ -1001,7 +493,7 @@ pub async fn rotate_key(
     let old_expires_at = now + (req.overlap_seconds as i64) * 1000;
     let secret = PlainSecret::generate(SecretKind::ApiKey(key.environment))
         .map_err(|e| ApiError::internal("random source failed", e))?;
-    let new_secret = KeySecret::new(secret.hash(), &key.id, &secret.visible_start(), now);
+    let new_secret = StoredSecret::new(secret.hash(), &key.id, &secret.visible_start(), now);
     let details = json!({"overlap_seconds": req.overlap_seconds, "start": new_secret.start, "previous_start": key.start});
     let audit = audit(&actor, now, "key.rotate", "key", &id, details)?;
     if !state.store.rotate_key(&id, &new_secret, old_expires_at, &audit).await? {
@@ -1080,24 +572,4 @@ pub async fn change_quota(
     let key = state.store.update_key(&id, &patch, &audit).await?.ok_or_else(key_revoked)?;
     invalidate_key(&state, &id).await?;
     Ok(Json(key_view(&state, key, now)))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Audit
-
-/// The audit log, newest first.
-#[utoipa::path(get, path = "/v1/audit", tag = "audit", params(AuditQuery),
-    responses((status = 200, body = AuditList), (status = "4XX", body = ErrorBody)),
-    security(("bearer" = [])))]
-pub async fn list_audit(
-    State(state): State<Arc<AppState>>,
-    AdminCaller(_): AdminCaller,
-    ApiQuery(q): ApiQuery<AuditQuery>,
-) -> ApiResult<Json<AuditList>> {
-    let page = page(None, q.limit)?;
-    let filter =
-        AuditFilter { target_id: q.target_id, action: q.action, before: q.before, limit: page.limit };
-    let items = state.store.list_audit(&filter).await?;
-    let next_before = next_cursor(&items, page.limit, |e| &e.id);
-    Ok(Json(AuditList { items: items.into_iter().map(Into::into).collect(), next_before }))
 }

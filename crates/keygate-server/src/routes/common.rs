@@ -1,0 +1,138 @@
+//! What the admin routes share: paging, ids, audit events, input checks, loading by id, and the rule
+//! that an installation always keeps one working admin key.
+
+use keygate_core::limits::{Quota, RateLimit, parse_allowed_ips, validate_quota, validate_rate_limits};
+use keygate_core::validate::{validate_metadata, validate_name};
+use keygate_core::{id, scope};
+use keygate_store::{ApiKey, Consumer, NewAudit, Page};
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+use utoipa::IntoParams;
+
+use crate::auth::Actor;
+use crate::error::{ApiError, ApiResult, ErrorCode};
+use crate::state::AppState;
+use crate::time::parse_rfc3339;
+
+/// Longest overlap window of a rotation: 30 days.
+pub const MAX_OVERLAP_SECONDS: u64 = 30 * 24 * 3600;
+pub const DEFAULT_PAGE: u32 = 100;
+pub const MAX_PAGE: u32 = 1000;
+
+/// Tells an absent field (`None`) from an explicit `null` (`Some(None)`).
+pub fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    /// Continue after this id (the previous page's `next_after`).
+    pub after: Option<String>,
+    /// Page size, 1–1000 (default 100).
+    pub limit: Option<u32>,
+}
+
+pub fn page(after: Option<String>, limit: Option<u32>) -> ApiResult<Page> {
+    let limit = limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::invalid("limit", format!("must be between 1 and {MAX_PAGE}")));
+    }
+    Ok(Page { after, limit })
+}
+
+pub fn next_cursor<T>(items: &[T], limit: u32, id: impl Fn(&T) -> &str) -> Option<String> {
+    if items.len() == limit as usize { items.last().map(|i| id(i).to_string()) } else { None }
+}
+
+pub fn new_id(prefix: &str, now: i64) -> ApiResult<String> {
+    id::new_id(prefix, now).map_err(|e| ApiError::internal("random source failed", e))
+}
+
+pub fn audit(
+    actor: &Actor,
+    now: i64,
+    action: &str,
+    target_type: &str,
+    target_id: &str,
+    details: Value,
+) -> ApiResult<NewAudit> {
+    Ok(NewAudit {
+        id: new_id("evt", now)?,
+        at: now,
+        actor: actor.key_id.clone(),
+        action: action.into(),
+        target_type: target_type.into(),
+        target_id: target_id.into(),
+        ip: actor.ip.map(|i| i.to_string()),
+        details,
+    })
+}
+
+pub fn check_name(name: &str) -> ApiResult<()> {
+    validate_name(name).map_err(|e| ApiError::invalid("name", e))
+}
+
+pub fn check_metadata(metadata: &Value) -> ApiResult<()> {
+    validate_metadata(metadata).map_err(|e| ApiError::invalid("metadata", e))
+}
+
+pub fn check_scopes(scopes: Vec<String>) -> ApiResult<Vec<String>> {
+    scope::normalize_scopes(scopes).map_err(|e| ApiError::invalid("scopes", e))
+}
+
+pub fn check_rate_limits(limits: &[RateLimit]) -> ApiResult<()> {
+    validate_rate_limits(limits).map_err(|e| ApiError::invalid("rate_limits", e))
+}
+
+pub fn check_quota(quota: &Quota) -> ApiResult<()> {
+    validate_quota(quota).map_err(|e| ApiError::invalid("quota", e))
+}
+
+/// Validates an allow-list and returns it normalised (`10.1.2.3/8` → `10.0.0.0/8`).
+pub fn check_ips(entries: &[String]) -> ApiResult<Vec<String>> {
+    parse_allowed_ips(entries)
+        .map(|nets| nets.iter().map(ToString::to_string).collect())
+        .map_err(|e| ApiError::invalid("allowed_ips", e))
+}
+
+pub fn check_expiry(value: &str, now: i64) -> ApiResult<i64> {
+    let t = parse_rfc3339(value).ok_or_else(|| {
+        ApiError::invalid("expires_at", "must be an RFC 3339 time, e.g. 2030-01-31T00:00:00Z")
+    })?;
+    if t <= now {
+        return Err(ApiError::invalid("expires_at", "must be in the future"));
+    }
+    Ok(t)
+}
+
+pub async fn load_consumer(state: &AppState, id: &str) -> ApiResult<Consumer> {
+    state.store.get_consumer(id).await?.ok_or_else(|| ApiError::not_found("consumer", id))
+}
+
+pub async fn load_key(state: &AppState, id: &str) -> ApiResult<ApiKey> {
+    state.store.get_key(id).await?.ok_or_else(|| ApiError::not_found("key", id))
+}
+
+pub fn key_revoked() -> ApiError {
+    ApiError::new(ErrorCode::KeyRevoked, "the key is revoked; revocation is permanent, create a new key")
+}
+
+/// Refuses a change after which no key could use the admin API. `stays` says which of today's working
+/// admin keys (id, consumer id) still work after the change.
+pub async fn keep_an_admin_key(
+    state: &AppState,
+    now: i64,
+    stays: impl Fn(&str, &str) -> bool,
+) -> ApiResult<()> {
+    let working = state.store.working_admin_keys(now, 1000).await?;
+    if working.iter().any(|(k, c)| stays(k, c)) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        ErrorCode::Conflict,
+        "this would leave no working admin key: this is the last admin key; create another first \
+         (keygate keys create --consumer <system consumer> --scope keygate:admin) or use `keygate admin-key` \
+         on the server",
+    ))
+}

@@ -1,0 +1,344 @@
+//! Admin API: consumers, the applications or accounts that call the protected API. Every route needs
+//! `keygate:admin`; every change is written with its audit event and reaches the caches of everything
+//! under the consumer (its keys, and its OAuth clients' tokens) before the call returns.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use keygate_core::limits::RateLimit;
+use keygate_store::{Consumer, ConsumerLookup, ConsumerPatch};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::auth::{Actor, AdminCaller};
+use crate::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, ErrorCode};
+use crate::routes::common::*;
+use crate::state::AppState;
+use crate::time::{now_ms, rfc3339};
+
+pub fn router() -> axum::Router<Arc<AppState>> {
+    axum::Router::new()
+        .route("/v1/consumers", post(create_consumer).get(list_consumers))
+        .route("/v1/consumers/{id}", get(get_consumer).patch(update_consumer))
+        .route("/v1/consumers/{id}/disable", post(disable_consumer))
+        .route("/v1/consumers/{id}/enable", post(enable_consumer))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ConsumerView {
+    pub id: String,
+    pub name: String,
+    #[schema(value_type = Object)]
+    pub metadata: Value,
+    pub disabled: bool,
+    /// Keygate's own consumer, which holds admin keys.
+    pub system: bool,
+    /// The plan: rate limits for keys that set none of their own.
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub rate_limits: Option<Vec<RateLimit>>,
+    /// Your own id for this account (unique).
+    pub external_id: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<Consumer> for ConsumerView {
+    fn from(c: Consumer) -> Self {
+        ConsumerView {
+            id: c.id,
+            name: c.name,
+            metadata: c.metadata,
+            disabled: c.disabled,
+            system: c.system,
+            rate_limits: c.rate_limits,
+            external_id: c.external_id,
+            created_at: rfc3339(c.created_at),
+            updated_at: rfc3339(c.updated_at),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ConsumerList {
+    pub items: Vec<ConsumerView>,
+    /// Pass as `after` to get the next page; absent on the last page.
+    pub next_after: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateConsumer {
+    pub name: String,
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Value>,
+    /// The plan: `[{"name", "limit", "window_seconds"}]`, inherited by keys without their own.
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub rate_limits: Option<Vec<RateLimit>>,
+    /// Your own id for this account (e.g. your customer id), unique among consumers; 1–200 characters.
+    pub external_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateConsumer {
+    pub name: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Value>,
+    /// `null` removes the plan's limits.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub rate_limits: Option<Option<Vec<RateLimit>>>,
+    /// `null` removes the external id.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    pub external_id: Option<Option<String>>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerListQuery {
+    /// Continue after this id (the previous page's `next_after`).
+    pub after: Option<String>,
+    /// Page size, 1–1000 (default 100).
+    pub limit: Option<u32>,
+    /// Only the consumer with this external id (at most one).
+    pub external_id: Option<String>,
+}
+
+pub fn check_external_id(e: &str) -> ApiResult<()> {
+    if e.is_empty() || e.chars().count() > 200 || e.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            "external_id",
+            "must be 1 to 200 characters without control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// External ids are unique; names too when `unique_consumer_names` is on. Checked before writing for a
+/// clear message; the database's unique index decides races ([`unique_violation`]).
+async fn check_unique_consumer(
+    state: &AppState,
+    this: Option<&str>,
+    name: Option<&str>,
+    external_id: Option<&str>,
+) -> ApiResult<()> {
+    let taken = |c: &Option<Consumer>| c.as_ref().is_some_and(|c| Some(c.id.as_str()) != this);
+    if let Some(e) = external_id
+        && taken(&state.store.find_consumer(ConsumerLookup::ExternalId(e)).await?)
+    {
+        return Err(ApiError {
+            field: Some("external_id".into()),
+            ..ApiError::new(ErrorCode::Conflict, "another consumer has this external_id")
+        });
+    }
+    if state.config.unique_consumer_names
+        && let Some(n) = name
+        && taken(&state.store.find_consumer(ConsumerLookup::Name(n)).await?)
+    {
+        return Err(ApiError {
+            field: Some("name".into()),
+            ..ApiError::new(
+                ErrorCode::Conflict,
+                "another consumer has this name (this installation requires unique consumer names)",
+            )
+        });
+    }
+    Ok(())
+}
+
+fn unique_violation(e: keygate_store::StoreError) -> ApiError {
+    match e {
+        keygate_store::StoreError::Conflict(_) => ApiError {
+            field: Some("external_id".into()),
+            ..ApiError::new(ErrorCode::Conflict, "another consumer has this external_id")
+        },
+        other => other.into(),
+    }
+}
+
+/// Create a consumer: an application or account that calls the protected API.
+#[utoipa::path(post, path = "/v1/consumers", tag = "consumers", request_body = CreateConsumer,
+    responses((status = 201, body = ConsumerView), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create_consumer(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(actor): AdminCaller,
+    ApiJson(req): ApiJson<CreateConsumer>,
+) -> ApiResult<(StatusCode, Json<ConsumerView>)> {
+    check_name(&req.name)?;
+    let metadata = req.metadata.unwrap_or_else(|| json!({}));
+    check_metadata(&metadata)?;
+    if let Some(limits) = &req.rate_limits {
+        check_rate_limits(limits)?;
+    }
+    if let Some(e) = &req.external_id {
+        check_external_id(e)?;
+    }
+    check_unique_consumer(&state, None, Some(&req.name), req.external_id.as_deref()).await?;
+    let now = now_ms();
+    let consumer = Consumer {
+        id: new_id("cons", now)?,
+        name: req.name,
+        metadata,
+        disabled: false,
+        system: false,
+        rate_limits: req.rate_limits,
+        external_id: req.external_id,
+        created_at: now,
+        updated_at: now,
+    };
+    let details = json!({"name": consumer.name, "external_id": consumer.external_id});
+    let audit = audit(&actor, now, "consumer.create", "consumer", &consumer.id, details)?;
+    state.store.insert_consumer(&consumer, &audit).await.map_err(unique_violation)?;
+    Ok((StatusCode::CREATED, Json(consumer.into())))
+}
+
+/// List consumers in creation order, or find one by `external_id`.
+#[utoipa::path(get, path = "/v1/consumers", tag = "consumers", params(ConsumerListQuery),
+    responses((status = 200, body = ConsumerList), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list_consumers(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(_): AdminCaller,
+    ApiQuery(q): ApiQuery<ConsumerListQuery>,
+) -> ApiResult<Json<ConsumerList>> {
+    if let Some(e) = &q.external_id {
+        let found = state.store.find_consumer(ConsumerLookup::ExternalId(e)).await?;
+        return Ok(Json(ConsumerList {
+            items: found.into_iter().map(Into::into).collect(),
+            next_after: None,
+        }));
+    }
+    let page = page(q.after, q.limit)?;
+    let items = state.store.list_consumers(&page).await?;
+    let next_after = next_cursor(&items, page.limit, |c| &c.id);
+    Ok(Json(ConsumerList { items: items.into_iter().map(Into::into).collect(), next_after }))
+}
+
+/// Get one consumer.
+#[utoipa::path(get, path = "/v1/consumers/{id}", tag = "consumers", params(("id" = String, Path)),
+    responses((status = 200, body = ConsumerView), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn get_consumer(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(_): AdminCaller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ConsumerView>> {
+    Ok(Json(load_consumer(&state, &id).await?.into()))
+}
+
+/// Change a consumer's name or metadata.
+#[utoipa::path(patch, path = "/v1/consumers/{id}", tag = "consumers", params(("id" = String, Path)),
+    request_body = UpdateConsumer,
+    responses((status = 200, body = ConsumerView), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn update_consumer(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(actor): AdminCaller,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<UpdateConsumer>,
+) -> ApiResult<Json<ConsumerView>> {
+    if req.name.is_none() && req.metadata.is_none() && req.rate_limits.is_none() && req.external_id.is_none()
+    {
+        return Err(ApiError::new(
+            ErrorCode::ValidationFailed,
+            "the update changes nothing; send name, metadata, rate_limits or external_id",
+        ));
+    }
+    if let Some(Some(e)) = &req.external_id {
+        check_external_id(e)?;
+    }
+    check_unique_consumer(
+        &state,
+        Some(&id),
+        req.name.as_deref(),
+        req.external_id.clone().flatten().as_deref(),
+    )
+    .await?;
+    if let Some(Some(limits)) = &req.rate_limits {
+        check_rate_limits(limits)?;
+    }
+    if let Some(name) = &req.name {
+        check_name(name)?;
+    }
+    if let Some(metadata) = &req.metadata {
+        check_metadata(metadata)?;
+    }
+    let now = now_ms();
+    let details = json!({"name": req.name, "metadata_changed": req.metadata.is_some(),
+        "rate_limits": req.rate_limits, "external_id": req.external_id});
+    let patch = ConsumerPatch {
+        name: req.name,
+        metadata: req.metadata,
+        disabled: None,
+        rate_limits: req.rate_limits,
+        external_id: req.external_id,
+        updated_at: now,
+    };
+    set_consumer(&state, &actor, &id, patch, "consumer.update", details).await
+}
+
+async fn set_consumer(
+    state: &AppState,
+    actor: &Actor,
+    id: &str,
+    patch: ConsumerPatch,
+    action: &str,
+    details: Value,
+) -> ApiResult<Json<ConsumerView>> {
+    let audit = audit(actor, patch.updated_at, action, "consumer", id, details)?;
+    let consumer = state
+        .store
+        .update_consumer(id, &patch, &audit)
+        .await
+        .map_err(unique_violation)?
+        .ok_or_else(|| ApiError::not_found("consumer", id))?;
+    // Keys cache their consumer's state and plan; the token path keeps them for the consumer's clients.
+    if patch.disabled.is_some() || patch.rate_limits.is_some() {
+        state.oauth.consumer_changed(&consumer);
+        let hashes = state.store.consumer_secret_hashes(id).await?;
+        state.verifier.invalidate(&hashes);
+    }
+    Ok(Json(consumer.into()))
+}
+
+/// Disable a consumer: every key it holds verifies as `DISABLED` until it is enabled again.
+#[utoipa::path(post, path = "/v1/consumers/{id}/disable", tag = "consumers", params(("id" = String, Path)),
+    responses((status = 200, body = ConsumerView), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn disable_consumer(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(actor): AdminCaller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ConsumerView>> {
+    let consumer = load_consumer(&state, &id).await?;
+    if consumer.system {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            "the system consumer holds the admin keys and cannot be disabled; disable or revoke single keys instead",
+        ));
+    }
+    let now = now_ms();
+    keep_an_admin_key(&state, now, |_, consumer_id| consumer_id != id).await?;
+    let patch = ConsumerPatch { disabled: Some(true), updated_at: now, ..ConsumerPatch::default() };
+    set_consumer(&state, &actor, &id, patch, "consumer.disable", json!({})).await
+}
+
+/// Enable a disabled consumer.
+#[utoipa::path(post, path = "/v1/consumers/{id}/enable", tag = "consumers", params(("id" = String, Path)),
+    responses((status = 200, body = ConsumerView), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn enable_consumer(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(actor): AdminCaller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ConsumerView>> {
+    let patch = ConsumerPatch { disabled: Some(false), updated_at: now_ms(), ..ConsumerPatch::default() };
+    set_consumer(&state, &actor, &id, patch, "consumer.enable", json!({})).await
+}
