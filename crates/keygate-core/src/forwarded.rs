@@ -6,8 +6,9 @@
 //!   (an attacker can add the header a proxy does not maintain).
 //! - The chain is walked from the nearest hop outwards: trusted proxies are skipped, the first untrusted
 //!   address is the client. A hop that cannot be parsed (`unknown`, an obfuscated identifier, garbage, a
-//!   `Forwarded` element without `for=`) stops the walk: the client is then the last trusted proxy that
-//!   was reached (fail closed), never an address the client could have chosen.
+//!   `Forwarded` element without `for=`) stops the walk. The client is then *unresolved*: it passes no IP
+//!   allow-list (even one that names the proxies' network), and its failures are charged to the last
+//!   trusted proxy that was reached (fail closed): never an address the client could have chosen.
 //! - Node forms: `192.0.2.1`, `192.0.2.1:8080`, `2001:db8::1`, `[2001:db8::1]`, `[2001:db8::1]:443`; in
 //!   `Forwarded` also quoted (`for="[2001:db8::1]:443"`) and with obfuscated ports (`:_p1`).
 
@@ -146,6 +147,33 @@ fn chain<'a>(values: impl IntoIterator<Item = &'a str>, parse: fn(&str) -> Vec<H
     any.then_some(hops)
 }
 
+/// Who the client is, as far as it can be told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAddress {
+    /// The client's address: the peer, or the address trusted proxies named.
+    Known(IpAddr),
+    /// The headers could not be believed (they disagree, or a hop is not an address). The address is the
+    /// last trusted proxy reached: charge failures to it, but never let it pass an allow-list.
+    Unresolved(IpAddr),
+}
+
+impl ClientAddress {
+    /// The address to match against IP allow-lists: none when unresolved.
+    pub fn known(self) -> Option<IpAddr> {
+        match self {
+            ClientAddress::Known(ip) => Some(ip),
+            ClientAddress::Unresolved(_) => None,
+        }
+    }
+
+    /// The address that answers for this request's failures.
+    pub fn accountable(self) -> IpAddr {
+        match self {
+            ClientAddress::Known(ip) | ClientAddress::Unresolved(ip) => ip,
+        }
+    }
+}
+
 /// The client's address: `peer` itself, or, when `peer` is a trusted proxy, the address the forwarding
 /// headers name (see the module's policy). `x_forwarded_for` and `forwarded` are every value of each
 /// header, in the order received.
@@ -154,27 +182,28 @@ pub fn client_address<'a>(
     x_forwarded_for: impl IntoIterator<Item = &'a str>,
     forwarded: impl IntoIterator<Item = &'a str>,
     trusted: &[IpNet],
-) -> IpAddr {
+) -> ClientAddress {
     if trusted.is_empty() || !ip_allowed(trusted, peer) {
-        return peer;
+        return ClientAddress::Known(peer);
     }
     let hops = match (chain(x_forwarded_for, parse_x_forwarded_for), chain(forwarded, parse_forwarded)) {
-        (None, None) => return peer,
+        (None, None) => return ClientAddress::Known(peer),
         (Some(x), None) => x,
         (None, Some(f)) => f,
         (Some(x), Some(f)) if x == f => x,
         // The headers disagree: one of them was written by the client.
-        (Some(_), Some(_)) => return peer,
+        (Some(_), Some(_)) => return ClientAddress::Unresolved(peer),
     };
     let mut nearest_trusted = peer;
     for hop in hops.iter().rev() {
         match *hop {
             Hop::Ip(ip) if ip_allowed(trusted, ip) => nearest_trusted = ip,
-            Hop::Ip(ip) => return ip,
-            Hop::Unknown => return nearest_trusted,
+            Hop::Ip(ip) => return ClientAddress::Known(ip),
+            Hop::Unknown => return ClientAddress::Unresolved(nearest_trusted),
         }
     }
-    nearest_trusted
+    // Every hop is a trusted proxy: the farthest one is the client.
+    ClientAddress::Known(nearest_trusted)
 }
 
 #[cfg(test)]
@@ -236,32 +265,66 @@ mod tests {
 
     #[test]
     fn client_address_table() {
+        use ClientAddress::{Known, Unresolved};
         let trusted: Vec<IpNet> = vec!["127.0.0.1/32".parse().unwrap(), "10.0.0.0/8".parse().unwrap()];
         let proxy = ip("127.0.0.1");
         let outsider = ip("192.0.2.9");
         #[allow(clippy::type_complexity)]
-        let cases: &[(IpAddr, &[&str], &[&str], &str, &str)] = &[
+        let cases: &[(IpAddr, &[&str], &[&str], ClientAddress, &str)] = &[
             // (peer, X-Forwarded-For values, Forwarded values, expected, why)
-            (outsider, &["198.51.100.1"], &[], "192.0.2.9", "untrusted peer: headers ignored"),
-            (proxy, &[], &[], "127.0.0.1", "trusted peer, no headers"),
-            (proxy, &["198.51.100.1, 203.0.113.5, 10.1.1.1"], &[], "203.0.113.5", "right-most untrusted"),
-            (proxy, &["198.51.100.1", "203.0.113.5"], &[], "203.0.113.5", "several header lines"),
-            (proxy, &["203.0.113.5:4711"], &[], "203.0.113.5", "v4 with port"),
-            (proxy, &["[2001:db8::7]:443"], &[], "2001:db8::7", "bracketed v6 with port"),
-            (proxy, &["10.2.2.2, 10.1.1.1"], &[], "10.2.2.2", "all trusted: the farthest"),
-            (proxy, &["198.51.100.1, garbage"], &[], "127.0.0.1", "unparsable nearest hop: the proxy"),
-            (proxy, &["198.51.100.1, unknown, 10.1.1.1"], &[], "10.1.1.1", "unknown hop after a trusted one"),
-            (proxy, &[], &["for=\"[2001:db8::7]:4711\";proto=https"], "2001:db8::7", "Forwarded alone"),
-            (proxy, &[], &["for=_hidden"], "127.0.0.1", "obfuscated identifier"),
-            (proxy, &["203.0.113.5"], &["for=203.0.113.5"], "203.0.113.5", "both headers agree"),
-            (proxy, &["203.0.113.5"], &["for=198.51.100.66"], "127.0.0.1", "headers disagree: the proxy"),
-            (proxy, &["198.51.100.66"], &["for=\"[2001:db8::1]:1\""], "127.0.0.1", "disagree, other forms"),
+            (outsider, &["198.51.100.1"], &[], Known(outsider), "untrusted peer: headers ignored"),
+            (proxy, &[], &[], Known(proxy), "trusted peer, no headers"),
+            (
+                proxy,
+                &["198.51.100.1, 203.0.113.5, 10.1.1.1"],
+                &[],
+                Known(ip("203.0.113.5")),
+                "right-most untrusted",
+            ),
+            (proxy, &["198.51.100.1", "203.0.113.5"], &[], Known(ip("203.0.113.5")), "several header lines"),
+            (proxy, &["203.0.113.5:4711"], &[], Known(ip("203.0.113.5")), "v4 with port"),
+            (proxy, &["[2001:db8::7]:443"], &[], Known(ip("2001:db8::7")), "bracketed v6 with port"),
+            (proxy, &["10.2.2.2, 10.1.1.1"], &[], Known(ip("10.2.2.2")), "all trusted: the farthest"),
+            (proxy, &["198.51.100.1, garbage"], &[], Unresolved(proxy), "unparsable nearest hop"),
+            (
+                proxy,
+                &["garbage, 198.51.100.1"],
+                &[],
+                Known(ip("198.51.100.1")),
+                "client garbage left of the proxy's hop",
+            ),
+            (
+                proxy,
+                &["198.51.100.1, unknown, 10.1.1.1"],
+                &[],
+                Unresolved(ip("10.1.1.1")),
+                "unknown hop after a trusted one",
+            ),
+            (
+                proxy,
+                &[],
+                &["for=\"[2001:db8::7]:4711\";proto=https"],
+                Known(ip("2001:db8::7")),
+                "Forwarded alone",
+            ),
+            (proxy, &[], &["for=_hidden"], Unresolved(proxy), "obfuscated identifier"),
+            (proxy, &["203.0.113.5"], &["for=203.0.113.5"], Known(ip("203.0.113.5")), "both headers agree"),
+            (proxy, &["203.0.113.5"], &["for=198.51.100.66"], Unresolved(proxy), "headers disagree"),
+            (
+                proxy,
+                &["198.51.100.66"],
+                &["for=\"[2001:db8::1]:1\""],
+                Unresolved(proxy),
+                "disagree, other forms",
+            ),
         ];
         for (peer, xff, fwd, want, why) in cases {
             let got = client_address(*peer, xff.iter().copied(), fwd.iter().copied(), &trusted);
-            assert_eq!(got, ip(want), "{why}");
+            assert_eq!(got, *want, "{why}");
         }
-        assert_eq!(client_address(proxy, ["198.51.100.1"], [], &[]), proxy, "no proxies configured");
+        assert_eq!(client_address(proxy, ["198.51.100.1"], [], &[]), Known(proxy), "no proxies configured");
+        assert_eq!(Unresolved(proxy).known(), None, "an unresolved client passes no allow-list");
+        assert_eq!(Unresolved(proxy).accountable(), proxy);
     }
 
     #[test]
@@ -270,6 +333,9 @@ mod tests {
         let mut hops = vec!["198.51.100.1".to_string()];
         hops.extend((0..MAX_HOPS).map(|i| format!("10.0.0.{}", i % 250)));
         let v = hops.join(",");
-        assert_eq!(client_address(ip("10.9.9.9"), [v.as_str()], [], &trusted), ip("10.0.0.0"));
+        assert_eq!(
+            client_address(ip("10.9.9.9"), [v.as_str()], [], &trusted),
+            ClientAddress::Unresolved(ip("10.0.0.0"))
+        );
     }
 }

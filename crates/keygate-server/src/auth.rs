@@ -12,7 +12,7 @@ use axum::http::request::Parts;
 use keygate_core::{DecisionCode, scope};
 
 use crate::error::{ApiError, ErrorCode};
-use crate::peer::client_ip;
+use crate::peer::{Client, client_of};
 use crate::state::AppState;
 use crate::time::now_ms;
 use crate::verify::Context;
@@ -35,14 +35,15 @@ pub fn peer_ip(parts: &Parts) -> Option<IpAddr> {
     parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|ci| ci.0.ip())
 }
 
-/// The client's address: the peer, or behind a trusted proxy the address it forwarded.
-pub struct ClientIp(pub Option<IpAddr>);
+/// The request's client: its address (the peer, or behind a trusted proxy the address it forwarded) and
+/// the address that answers for its failures.
+pub struct ClientIp(pub Client);
 
 impl FromRequestParts<Arc<AppState>> for ClientIp {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
-        Ok(ClientIp(client_ip(peer_ip(parts), &parts.headers, &state.config.trusted_proxies)))
+        Ok(ClientIp(client_of(peer_ip(parts), &parts.headers, &state.config.trusted_proxies)))
     }
 }
 
@@ -54,7 +55,8 @@ pub struct Actor {
 }
 
 async fn authenticate(parts: &Parts, state: &AppState, permission: &str) -> Result<Actor, ApiError> {
-    let ip = client_ip(peer_ip(parts), &parts.headers, &state.config.trusted_proxies);
+    let client = client_of(peer_ip(parts), &parts.headers, &state.config.trusted_proxies);
+    let (ip, accountable) = (client.ip, client.accountable);
     let now = now_ms();
     let Some(secret) = presented_credential(&parts.headers) else {
         return Err(ApiError::new(
@@ -72,10 +74,10 @@ async fn authenticate(parts: &Parts, state: &AppState, permission: &str) -> Resu
         )),
         (code, _) => {
             if matches!(code, DecisionCode::Malformed | DecisionCode::NotFound) {
-                if let Some(retry) = state.throttle.blocked(ip, now) {
+                if let Some(retry) = state.throttle.blocked(accountable, now) {
                     return Err(ApiError::throttled(retry));
                 }
-                state.throttle.record_failure(ip, now);
+                state.throttle.record_failure(accountable, now);
             }
             // A known key that no longer works: say how to get back in.
             let recover = if matches!(

@@ -21,19 +21,44 @@ use ipnet::IpNet;
 use keygate_core::limits::{Gcra, RateLimit};
 use moka::sync::Cache;
 
-/// The client's address as far as it can be trusted (the rules are in `keygate_core::forwarded`).
-pub fn client_ip(peer: Option<IpAddr>, headers: &HeaderMap, trusted: &[IpNet]) -> Option<IpAddr> {
-    let values = |name: &'static str| headers.get_all(name).into_iter().filter_map(|v| v.to_str().ok());
-    let peer = peer?;
+/// The client of a request, as far as it can be told (the rules are in `keygate_core::forwarded`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Client {
+    /// The client's address, for IP allow-lists and last-used records; `None` when forwarding headers
+    /// could not be believed (then no allow-list passes).
+    pub ip: Option<IpAddr>,
+    /// The address that answers for this request's failed credential checks.
+    pub accountable: Option<IpAddr>,
+}
+
+/// Who sent the request: the peer, or behind trusted proxies what they say.
+pub fn client_of(peer: Option<IpAddr>, headers: &HeaderMap, trusted: &[IpNet]) -> Client {
+    let Some(peer) = peer else { return Client::default() };
     if trusted.is_empty() {
-        return Some(peer);
+        return Client { ip: Some(peer), accountable: Some(peer) };
     }
-    // A header value that is not visible ASCII cannot be parsed: it counts as an unknown hop.
-    let opaque = |name: &'static str| headers.get_all(name).into_iter().any(|v| v.to_str().is_err());
-    let xff: Vec<&str> =
-        values("x-forwarded-for").chain(opaque("x-forwarded-for").then_some("unknown")).collect();
-    let fwd: Vec<&str> = values("forwarded").chain(opaque("forwarded").then_some("for=unknown")).collect();
-    Some(keygate_core::forwarded::client_address(peer, xff, fwd, trusted))
+    // Bytes that are not visible ASCII become '?', which parses as an unknown hop: one bad entry (the
+    // client's own) must not hide the hops a proxy appended after it.
+    let values = |name: &'static str| -> Vec<String> {
+        headers
+            .get_all(name)
+            .into_iter()
+            .map(|v| {
+                v.as_bytes()
+                    .iter()
+                    .map(|&b| if (0x20..0x7f).contains(&b) { char::from(b) } else { '?' })
+                    .collect()
+            })
+            .collect()
+    };
+    let (xff, fwd) = (values("x-forwarded-for"), values("forwarded"));
+    let addr = keygate_core::forwarded::client_address(
+        peer,
+        xff.iter().map(String::as_str),
+        fwd.iter().map(String::as_str),
+        trusted,
+    );
+    Client { ip: addr.known(), accountable: Some(addr.accountable()) }
 }
 
 /// Per-address budget of failed credential checks.
@@ -94,17 +119,23 @@ mod tests {
     fn forwarded_headers_count_only_from_trusted_proxies() {
         let trusted: Vec<IpNet> = vec!["127.0.0.1/32".parse().unwrap(), "10.0.0.0/8".parse().unwrap()];
         let peer: IpAddr = "127.0.0.1".parse().unwrap();
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
         let h = headers(&[("x-forwarded-for", "198.51.100.1, 203.0.113.5, 10.1.1.1")]);
-        assert_eq!(client_ip(Some(peer), &h, &trusted), Some("203.0.113.5".parse().unwrap()));
+        assert_eq!(client_of(Some(peer), &h, &trusted).ip, ip("203.0.113.5"));
         let outsider: IpAddr = "192.0.2.9".parse().unwrap();
-        assert_eq!(client_ip(Some(outsider), &h, &trusted), Some(outsider));
-        assert_eq!(client_ip(Some(peer), &h, &[]), Some(peer));
-        // The review's spoof: the proxy maintains Forwarded, the attacker adds X-Forwarded-For.
+        assert_eq!(client_of(Some(outsider), &h, &trusted).ip, Some(outsider));
+        assert_eq!(client_of(Some(peer), &h, &[]).ip, Some(peer));
+        // The review's spoof: the proxy maintains Forwarded, the attacker adds X-Forwarded-For. The client
+        // is unresolved: no allow-list passes, and its failures are charged to the proxy.
         let h = headers(&[("forwarded", "for=198.51.100.7"), ("x-forwarded-for", "203.0.113.99")]);
-        assert_eq!(client_ip(Some(peer), &h, &trusted), Some(peer));
+        assert_eq!(client_of(Some(peer), &h, &trusted), Client { ip: None, accountable: Some(peer) });
+        // A client's own non-ASCII entry does not hide the hop nginx appended after it.
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", axum::http::HeaderValue::from_bytes(b"\xff, 203.0.113.5").unwrap());
+        assert_eq!(client_of(Some(peer), &h, &trusted).ip, ip("203.0.113.5"));
         let mut h = HeaderMap::new();
         h.append("x-forwarded-for", axum::http::HeaderValue::from_bytes(b"203.0.113.5, \xff").unwrap());
-        assert_eq!(client_ip(Some(peer), &h, &trusted), Some(peer), "a non-ASCII hop fails closed");
+        assert_eq!(client_of(Some(peer), &h, &trusted).ip, None, "a non-ASCII nearest hop fails closed");
     }
 
     #[test]

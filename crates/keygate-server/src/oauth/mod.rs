@@ -21,6 +21,7 @@ use base64::Engine;
 use serde_json::{Value, json};
 
 use crate::auth::{ClientIp, presented_credential};
+use crate::peer::Client;
 use crate::state::AppState;
 use crate::time::now_ms;
 use crate::verify::Context;
@@ -201,8 +202,8 @@ fn no_store(mut resp: Response) -> Response {
 /// A failed credential check: 429 `slow_down` once the address has spent its failure budget, else
 /// `failure` (and the failure is counted). Good credentials never get here, so an address shared with an
 /// attacker (NAT, a proxy) still works for callers whose credentials verify.
-fn failed_check(state: &AppState, ip: Option<std::net::IpAddr>, now: i64, failure: OAuthError) -> OAuthError {
-    if let Some(retry) = state.throttle.blocked(ip, now) {
+fn failed_check(state: &AppState, client: Client, now: i64, failure: OAuthError) -> OAuthError {
+    if let Some(retry) = state.throttle.blocked(client.accountable, now) {
         return OAuthError {
             status: StatusCode::TOO_MANY_REQUESTS,
             error: "slow_down",
@@ -213,7 +214,7 @@ fn failed_check(state: &AppState, ip: Option<std::net::IpAddr>, now: i64, failur
             basic_challenge: false,
         };
     }
-    state.throttle.record_failure(ip, now);
+    state.throttle.record_failure(client.accountable, now);
     failure
 }
 
@@ -222,7 +223,7 @@ async fn authenticate(
     state: &AppState,
     headers: &HeaderMap,
     form: &Form,
-    ip: Option<std::net::IpAddr>,
+    client: Client,
     now: i64,
 ) -> Result<Option<keygate_store::OAuthClient>, OAuthError> {
     let (found, basic) = match client_credentials(headers, form)? {
@@ -240,7 +241,7 @@ async fn authenticate(
     };
     match found {
         Some(c) => Ok(Some(c)),
-        None => Err(failed_check(state, ip, now, OAuthError::invalid_client(basic))),
+        None => Err(failed_check(state, client, now, OAuthError::invalid_client(basic))),
     }
 }
 
@@ -249,7 +250,7 @@ async fn authenticate(
     responses((status = 200, description = "an access token (RFC 6749 section 5.1)"), (status = "4XX", description = "RFC 6749 section 5.2 error: invalid_request, invalid_client (401), invalid_grant, unauthorized_client, unsupported_grant_type, invalid_scope, invalid_target; slow_down (429) after repeated failed client authentication")))]
 pub async fn token(
     State(state): State<Arc<AppState>>,
-    ClientIp(ip): ClientIp,
+    ClientIp(client): ClientIp,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, OAuthError> {
@@ -257,7 +258,7 @@ pub async fn token(
     let form = Form::parse(&headers, &body)?;
     let grant =
         form.one("grant_type")?.ok_or_else(|| OAuthError::new("invalid_request", "grant_type is missing"))?;
-    let client = authenticate(&state, &headers, &form, ip, now)
+    let client = authenticate(&state, &headers, &form, client, now)
         .await?
         .ok_or_else(|| OAuthError::invalid_client(false))?;
     if grant != "client_credentials" {
@@ -335,15 +336,18 @@ async fn inspector(
     state: &AppState,
     headers: &HeaderMap,
     form: &Form,
-    ip: Option<std::net::IpAddr>,
+    client: Client,
     now: i64,
     permission: &str,
 ) -> Result<Inspector, OAuthError> {
-    if let Some(client) = authenticate(state, headers, form, ip, now).await? {
+    if let Some(client) = authenticate(state, headers, form, client, now).await? {
         return Ok(Inspector::Client(client.id));
     }
     let credential = presented_credential(headers).ok_or_else(|| OAuthError::invalid_client(false))?;
-    let d = state.verifier.verify(credential, &[permission], Context { ip, cost: 0, now_ms: now }).await?;
+    let d = state
+        .verifier
+        .verify(credential, &[permission], Context { ip: client.ip, cost: 0, now_ms: now })
+        .await?;
     match d.code {
         keygate_core::DecisionCode::Valid => Ok(Inspector::Keygate),
         keygate_core::DecisionCode::InsufficientScope => Err(OAuthError {
@@ -355,7 +359,7 @@ async fn inspector(
             basic_challenge: false,
         }),
         keygate_core::DecisionCode::Malformed | keygate_core::DecisionCode::NotFound => {
-            Err(failed_check(state, ip, now, OAuthError::invalid_client(false)))
+            Err(failed_check(state, client, now, OAuthError::invalid_client(false)))
         }
         _ => Err(OAuthError::invalid_client(false)),
     }
@@ -369,13 +373,13 @@ async fn inspector(
     security(("bearer" = [])))]
 pub async fn introspect(
     State(state): State<Arc<AppState>>,
-    ClientIp(ip): ClientIp,
+    ClientIp(client): ClientIp,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, OAuthError> {
     let now = now_ms();
     let form = Form::parse(&headers, &body)?;
-    let caller = inspector(&state, &headers, &form, ip, now, keygate_core::scope::INTROSPECT).await?;
+    let caller = inspector(&state, &headers, &form, client, now, keygate_core::scope::INTROSPECT).await?;
     let token = form.one("token")?.ok_or_else(|| OAuthError::new("invalid_request", "token is missing"))?;
     let body = match state.oauth.verify(state.store.as_ref(), token, None, now).await? {
         Ok(info) if caller.may_see(&info.client_id) => json!({
@@ -403,13 +407,13 @@ pub async fn introspect(
     security(("bearer" = [])))]
 pub async fn revoke(
     State(state): State<Arc<AppState>>,
-    ClientIp(ip): ClientIp,
+    ClientIp(client): ClientIp,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, OAuthError> {
     let now = now_ms();
     let form = Form::parse(&headers, &body)?;
-    let caller = inspector(&state, &headers, &form, ip, now, keygate_core::scope::ADMIN).await?;
+    let caller = inspector(&state, &headers, &form, client, now, keygate_core::scope::ADMIN).await?;
     let token = form.one("token")?.ok_or_else(|| OAuthError::new("invalid_request", "token is missing"))?;
     let client = match &caller {
         Inspector::Client(id) => Some(id.as_str()),

@@ -215,7 +215,7 @@ fn www_authenticate(error: Option<(&str, &str)>, scope: Option<&str>) -> HeaderV
     security(("bearer" = []), ("api_key" = [])))]
 pub async fn forward_auth(
     State(state): State<Arc<AppState>>,
-    ClientIp(ip): ClientIp,
+    ClientIp(client): ClientIp,
     headers: HeaderMap,
     uri: Uri,
 ) -> ApiResult<Response> {
@@ -241,15 +241,15 @@ pub async fn forward_auth(
         &state,
         secret,
         &required,
-        Context { ip, cost: 1, now_ms: now },
+        Context { ip: client.ip, cost: 1, now_ms: now },
         audience.as_deref(),
     )
     .await?;
     if is_failure(&decision) {
-        if let Some(retry) = state.throttle.blocked(ip, now) {
+        if let Some(retry) = state.throttle.blocked(client.accountable, now) {
             return Err(ApiError::throttled(retry));
         }
-        state.throttle.record_failure(ip, now);
+        state.throttle.record_failure(client.accountable, now);
     }
     record(&state, &decision, started);
     Ok(forward_auth_response(&decision))

@@ -281,6 +281,35 @@ async fn spoofed_forwarding_headers_do_not_pass_an_ip_allow_list() {
     ] {
         assert_eq!(auth(headers.clone()).await.unwrap().status(), StatusCode::FORBIDDEN, "{headers:?}");
     }
+    // A client's own junk before the hop the proxy appended does not hide that hop.
+    let resp = app
+        .client
+        .get(app.url("/v1/auth"))
+        .header("X-API-Key", key.clone())
+        .header("x-forwarded-for", reqwest::header::HeaderValue::from_bytes(b"\xff, 198.51.100.7").unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    // An allow-list that names the proxies' own network: a client whose headers cannot be believed is
+    // not taken for the proxy.
+    let (_, inside) = app
+        .create_key_with(json!({"consumer_id": consumer, "name": "internal", "allowed_ips": ["127.0.0.0/8"]}))
+        .await;
+    let internal = |h: Vec<(&'static str, &'static str)>| {
+        let mut req = app.client.get(app.url("/v1/auth")).header("X-API-Key", inside.clone());
+        for (k, v) in h {
+            req = req.header(k, v);
+        }
+        req.send()
+    };
+    assert_eq!(internal(vec![]).await.unwrap().status(), StatusCode::OK, "the proxy host itself");
+    for h in [
+        vec![("x-forwarded-for", "203.0.113.66"), ("forwarded", "for=127.0.0.1")],
+        vec![("x-forwarded-for", "garbage")],
+    ] {
+        assert_eq!(internal(h.clone()).await.unwrap().status(), StatusCode::FORBIDDEN, "{h:?}");
+    }
     // RFC 7239 forms the real proxy may use.
     assert_eq!(
         auth(vec![("forwarded", "for=\"198.51.100.7:4711\";proto=https")]).await.unwrap().status(),
