@@ -67,7 +67,10 @@ async fn authenticate(parts: &Parts, state: &AppState, permission: &str) -> Resu
     // The credential first: one that verifies is never refused for its address's earlier failures.
     let decision = state.verifier.verify(secret, &[permission], Context { ip, cost: 0, now_ms: now }).await?;
     match (decision.code, decision.key) {
-        (DecisionCode::Valid, Some(key)) => Ok(Actor { key_id: key.key_id.clone(), ip }),
+        // A key's rate limits and quota govern verifications of it, not its use as Keygate's caller.
+        (DecisionCode::Valid | DecisionCode::RateLimited | DecisionCode::QuotaExceeded, Some(key)) => {
+            Ok(Actor { key_id: key.key_id.clone(), ip })
+        }
         (DecisionCode::InsufficientScope, _) => Err(ApiError::new(
             ErrorCode::Forbidden,
             format!("the credential is valid but lacks the '{permission}' permission; use an admin key"),

@@ -49,6 +49,20 @@ pub fn make_private_file(path: &Path) -> io::Result<Option<u32>> {
     }
 }
 
+/// Can every account read this file?
+pub fn world_readable(path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o004 != 0)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        false
+    }
+}
+
 /// Creates a new file that only its owner can read, failing if it exists.
 pub fn create_private_file(path: &Path) -> io::Result<File> {
     let mut options = std::fs::OpenOptions::new();

@@ -51,6 +51,15 @@ pub enum SealError {
     #[error("cannot read random bytes from the operating system: {0}")]
     Random(getrandom::Error),
     #[error(
+        "the master key file {0} is inside the data directory; keep it apart (set master_key_file or \
+         KEYGATE_MASTER_KEY), or a copy of the data directory reveals the signing keys"
+    )]
+    InsideDataDir(PathBuf),
+    #[error(
+        "the master key file {0} is readable by every account and cannot be made private; fix its mode (0600)"
+    )]
+    WorldReadable(PathBuf),
+    #[error(
         "stored key material does not open with this master key: the master key is not the one it was \
          sealed with (check KEYGATE_MASTER_KEY / master_key_file), or the data was altered"
     )]
@@ -68,11 +77,19 @@ impl std::fmt::Debug for MasterKey {
     }
 }
 
-/// The file a `BesideDataDir` master key lives in.
+/// The file a `BesideDataDir` master key lives in: `<data dir>.master-key`, next to the directory (the
+/// directory's real path is used, so `--data-dir .` still puts it outside).
 pub fn default_key_path(data_dir: &Path) -> PathBuf {
-    let name =
-        data_dir.file_name().map_or_else(|| "keygate-data".into(), |n| n.to_string_lossy().into_owned());
-    data_dir.with_file_name(format!("{name}.master-key"))
+    let dir = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    let name = dir.file_name().map_or_else(|| "keygate-data".into(), |n| n.to_string_lossy().into_owned());
+    dir.with_file_name(format!("{name}.master-key"))
+}
+
+/// Is `path` inside `dir` (after resolving both)?
+fn inside(path: &Path, dir: &Path) -> bool {
+    let (Ok(dir), Some(parent)) = (std::fs::canonicalize(dir), path.parent()) else { return false };
+    let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+    std::fs::canonicalize(parent).is_ok_and(|p| p.starts_with(&dir))
 }
 
 impl MasterKey {
@@ -90,10 +107,20 @@ impl MasterKey {
             MasterKeySource::File(p) => p.clone(),
             MasterKeySource::BesideDataDir => default_key_path(data_dir),
         };
+        if inside(&path, data_dir) {
+            return Err(SealError::InsideDataDir(path));
+        }
         let file_err = |source| SealError::File { path: path.clone(), source };
         match std::fs::read_to_string(&path) {
             Ok(s) => {
-                crate::fsmode::make_private_file(&path).map_err(file_err)?;
+                // Tighten what others can read; a file we may not change (a read-only secret mount, a
+                // root-owned 0640 file) is fine unless every account can read it.
+                if let Err(e) = crate::fsmode::make_private_file(&path) {
+                    if crate::fsmode::world_readable(&path) {
+                        return Err(SealError::WorldReadable(path));
+                    }
+                    tracing::warn!(path = %path.display(), error = %e, "cannot make the master key file private (0600)");
+                }
                 Ok((Self::from_base64(&s)?, None))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -172,6 +199,10 @@ mod tests {
         }
         let (k2, again) = MasterKey::open(&MasterKeySource::BesideDataDir, &data).unwrap();
         assert!(again.is_none());
+        // A key file inside the data directory is refused.
+        std::fs::create_dir_all(&data).unwrap();
+        let inner = MasterKeySource::File(data.join("master.key"));
+        assert!(matches!(MasterKey::open(&inner, &data), Err(SealError::InsideDataDir(_))));
         let sealed = k1.seal(b"x", b"y").unwrap();
         assert_eq!(k2.unseal(b"x", &sealed).unwrap(), b"y");
     }

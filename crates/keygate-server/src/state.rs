@@ -49,8 +49,8 @@ pub struct ServerConfig {
     pub key_rotation_interval: Duration,
     /// The key that seals signing keys at rest (never stored in the data directory).
     pub master_key: crate::seal::MasterKeySource,
-    /// Does `/metrics` need a credential with `keygate:metrics`? `None`: only when not listening on
-    /// loopback.
+    /// Does `/metrics` need a credential with `keygate:metrics`? `None`: only when the listener serving
+    /// it is not on loopback.
     pub metrics_auth: Option<bool>,
     /// List every client's scopes in discovery's `scopes_supported`.
     pub publish_scopes: bool,
@@ -107,6 +107,8 @@ impl Default for ServerConfig {
 
 pub struct AppState {
     pub store: Arc<dyn Backend>,
+    /// Admin changes that could take away the last admin access, one at a time.
+    pub admin_changes: tokio::sync::Mutex<()>,
     pub verifier: Verifier,
     pub oauth: OAuth,
     pub metrics: Metrics,
@@ -115,9 +117,10 @@ pub struct AppState {
 }
 
 impl ServerConfig {
-    /// Whether `/metrics` needs a credential, after the default (on unless listening on loopback).
+    /// Whether `/metrics` needs a credential, after the default: on unless the listener that serves it
+    /// (the admin listener, when there is one) is on loopback.
     pub fn metrics_need_auth(&self) -> bool {
-        self.metrics_auth.unwrap_or(!self.listen.ip().is_loopback())
+        self.metrics_auth.unwrap_or(!self.admin_listen.unwrap_or(self.listen).ip().is_loopback())
     }
 }
 
@@ -160,7 +163,15 @@ impl AppState {
         let throttle = FailureThrottle::new(config.failures_per_minute);
         let issuer = config.issuer.clone().unwrap_or_else(|| format!("http://{}", config.listen));
         let oauth = OAuth::new(issuer.trim_end_matches('/').to_string(), config.signing_alg);
-        Arc::new(AppState { store, verifier, oauth, metrics: Metrics::new(), throttle, config })
+        Arc::new(AppState {
+            store,
+            admin_changes: tokio::sync::Mutex::new(()),
+            verifier,
+            oauth,
+            metrics: Metrics::new(),
+            throttle,
+            config,
+        })
     }
 
     /// Writes pending usage counts, last-used times and quotas now.

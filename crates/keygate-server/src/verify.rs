@@ -469,6 +469,12 @@ impl Verifier {
         self.negative.invalidate(hashes);
     }
 
+    /// Forgets every cached answer (when the affected secrets cannot be listed).
+    pub fn invalidate_all(&self) {
+        self.positive.invalidate_all();
+        self.negative.invalidate_all();
+    }
+
     /// Secrets were just stored on this node: make them known at once. A new secret cannot be in the
     /// positive cache; a "not found" for it is forgotten, and a miss that read the store before it was
     /// written will not cache one.

@@ -107,7 +107,7 @@ pub trait Store: Send + Sync + 'static {
         audit: &NewAudit,
     ) -> Result<bool>;
 
-    /// Up to `limit` keys that can use the admin API now: `keygate:admin` scope, not revoked, disabled or
+    /// Up to `limit` keys that can use the admin API now: `keygate:admin` (or `keygate:*`), not revoked, disabled or
     /// expired at `now`, consumer enabled. As `(key id, consumer id)`.
     async fn working_admin_keys(&self, now: i64, limit: u32) -> Result<Vec<(String, String)>>;
 

@@ -575,7 +575,8 @@ impl Store for SqliteStore {
             "SELECT k.id, k.consumer_id FROM api_keys k JOIN consumers c ON c.id = k.consumer_id \
              WHERE k.revoked_at IS NULL AND k.disabled = 0 AND c.disabled = 0 \
              AND (k.expires_at IS NULL OR k.expires_at > ?) \
-             AND EXISTS (SELECT 1 FROM json_each(k.scopes) WHERE value = 'keygate:admin') ORDER BY k.id LIMIT ?",
+             AND EXISTS (SELECT 1 FROM json_each(k.scopes) WHERE value IN ('keygate:admin', 'keygate:*')) \
+             ORDER BY k.id LIMIT ?",
         )
         .bind(now)
         .bind(i64::from(limit))

@@ -322,10 +322,11 @@ pub async fn admin_key(args: &DataDirArgs, name: &str, json: bool) -> ExitCode {
 
 /// Asks the running server until it accepts `secret` as an admin key (at most ~5 s).
 async fn wait_until_accepted(url: &str, secret: &PlainSecret) -> bool {
-    let Ok(http) = reqwest::Client::builder().timeout(std::time::Duration::from_secs(2)).build() else {
+    let Ok(http) = reqwest::Client::builder().timeout(std::time::Duration::from_millis(500)).build() else {
         return false;
     };
-    for _ in 0..50 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
         let resp = http.get(format!("{url}/v1/signing-keys")).bearer_auth(secret.expose()).send().await;
         if resp.is_ok_and(|r| r.status().is_success()) {
             return true;

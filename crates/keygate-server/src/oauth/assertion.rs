@@ -4,25 +4,29 @@
 //!
 //! Policy:
 //! - `iss` and `sub` are the client id; `aud` must name Keygate's token endpoint or its issuer; `exp` is
-//!   required and at most [`MAX_LIFETIME_SECONDS`] ahead; `jti` is required and used once (replays are
-//!   refused until the assertion would have expired anyway).
+//!   required and at most [`MAX_LIFETIME_SECONDS`] (5 minutes) ahead; `jti` is required and used once:
+//!   every client's used ids are kept until their assertions expire, at most [`MAX_REMEMBERED`] per
+//!   client, and a client that has that many live assertions gets no more (fail closed) rather than
+//!   having old ids forgotten.
 //! - The algorithm comes from the registered key (RSA → RS256, P-256 → ES256, Ed25519 → EdDSA), never
 //!   from the assertion alone; `none` and HMAC never verify.
 //! - Only assertions whose signature verified are remembered, so a forger cannot fill the replay cache.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use moka::sync::Cache;
 use serde_json::Value;
 
 /// `client_assertion_type` for a JWT client assertion.
 pub const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 /// Longest an assertion may live: it is single-use, and its id is remembered this long.
-pub const MAX_LIFETIME_SECONDS: i64 = 3600;
+pub const MAX_LIFETIME_SECONDS: i64 = 300;
+/// Most unexpired assertion ids remembered per client.
+pub const MAX_REMEMBERED: usize = 10_000;
 
 /// A registered public key and the one algorithm it verifies.
 pub fn decoding_key(jwk: &Value) -> Result<(DecodingKey, Algorithm), String> {
@@ -46,19 +50,29 @@ pub fn claimed_client(assertion: &str) -> Option<String> {
     v.get("iss").and_then(Value::as_str).filter(|s| s.len() <= 200).map(str::to_owned)
 }
 
-/// Remembers the ids of assertions already used.
+/// Remembers the ids of assertions already used, per client, until they expire.
+#[derive(Default)]
 pub struct ReplayGuard {
-    seen: Cache<(String, String), ()>,
+    seen: Mutex<HashMap<String, HashMap<String, i64>>>,
 }
 
-impl Default for ReplayGuard {
-    fn default() -> Self {
-        ReplayGuard {
-            seen: Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(Duration::from_secs(MAX_LIFETIME_SECONDS as u64 + 60))
-                .build(),
+impl ReplayGuard {
+    /// Records `jti` of `client` until `exp` (seconds). False if it was seen before, or if the client
+    /// already has [`MAX_REMEMBERED`] unexpired assertions.
+    fn first_use(&self, client: &str, jti: &str, exp: i64, now_s: i64) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let ids = seen.entry(client.to_string()).or_default();
+        if ids.contains_key(jti) {
+            return false;
         }
+        if ids.len() >= MAX_REMEMBERED {
+            ids.retain(|_, e| *e > now_s);
+            if ids.len() >= MAX_REMEMBERED {
+                return false;
+            }
+        }
+        ids.insert(jti.to_string(), exp);
+        true
     }
 }
 
@@ -99,9 +113,27 @@ pub fn verify(
     if jti.is_empty() || jti.len() > 256 {
         return Err("bad jti");
     }
-    let entry = replay.seen.entry((client_id.to_string(), jti.to_string())).or_insert(());
-    if !entry.is_fresh() {
-        return Err("the assertion was used before");
+    if !replay.first_use(client_id, jti, exp, now_ms / 1000) {
+        return Err("the assertion was used before, or too many are live");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_assertion_id_is_used_once_and_a_full_client_is_refused() {
+        let g = ReplayGuard::default();
+        assert!(g.first_use("c1", "a", 100, 0));
+        assert!(!g.first_use("c1", "a", 100, 0), "a replay");
+        assert!(g.first_use("c2", "a", 100, 0), "ids are per client");
+        for i in 1..MAX_REMEMBERED {
+            assert!(g.first_use("c1", &i.to_string(), 100, 0));
+        }
+        assert!(!g.first_use("c1", "one too many", 100, 0), "full: refused, nothing forgotten");
+        assert!(!g.first_use("c1", "a", 100, 50), "still remembered");
+        assert!(g.first_use("c1", "later", 200, 150), "expired ids make room");
+    }
 }

@@ -12,6 +12,7 @@
 //! - Emergency revocation: a revoked key leaves the JWKS at once and nothing it signed verifies; if it was
 //!   signing, a new key takes over immediately (no publish-ahead: the old one must not sign another token).
 
+use std::collections::HashSet;
 use std::sync::{Arc, OnceLock, RwLock};
 
 use crate::seal::{MasterKey, SealError};
@@ -117,16 +118,18 @@ impl LoadedKey {
     }
 }
 
-/// Parses a key record whose `private_der` is the PKCS#8 in clear (already unsealed).
-fn load(record: SigningKey) -> Result<LoadedKey, KeyError> {
+/// Parses a key record whose `private_der` is the PKCS#8 in clear (already unsealed). The clear bytes
+/// are wiped once parsed.
+fn load(mut record: SigningKey) -> Result<LoadedKey, KeyError> {
+    let der = zeroize::Zeroizing::new(std::mem::take(&mut record.private_der));
+    let record = record;
     let bad = |what: &str| KeyError::Generate(format!("stored key {} has a bad {what}", record.kid));
     let alg = KeyAlg::parse(&record.alg).ok_or_else(|| bad("algorithm"))?;
     let jwk_str = |k: &str| record.public_jwk.get(k).and_then(Value::as_str).ok_or_else(|| bad(k));
     let (signer, decoding) = match alg {
         KeyAlg::EdDsa => {
             use ed25519_dalek::pkcs8::DecodePrivateKey;
-            let sk = ed25519_dalek::SigningKey::from_pkcs8_der(&record.private_der)
-                .map_err(|_| bad("private key"))?;
+            let sk = ed25519_dalek::SigningKey::from_pkcs8_der(&der).map_err(|_| bad("private key"))?;
             (
                 Signer::Ed(Box::new(sk)),
                 DecodingKey::from_ed_components(jwk_str("x")?).map_err(|_| bad("public key"))?,
@@ -134,8 +137,7 @@ fn load(record: SigningKey) -> Result<LoadedKey, KeyError> {
         }
         KeyAlg::Es256 => {
             use p256::pkcs8::DecodePrivateKey;
-            let sk = p256::ecdsa::SigningKey::from_pkcs8_der(&record.private_der)
-                .map_err(|_| bad("private key"))?;
+            let sk = p256::ecdsa::SigningKey::from_pkcs8_der(&der).map_err(|_| bad("private key"))?;
             (
                 Signer::Es(Box::new(sk)),
                 DecodingKey::from_ec_components(jwk_str("x")?, jwk_str("y")?)
@@ -144,8 +146,7 @@ fn load(record: SigningKey) -> Result<LoadedKey, KeyError> {
         }
         KeyAlg::Rs256 => {
             use rsa::pkcs8::DecodePrivateKey;
-            let sk =
-                rsa::RsaPrivateKey::from_pkcs8_der(&record.private_der).map_err(|_| bad("private key"))?;
+            let sk = rsa::RsaPrivateKey::from_pkcs8_der(&der).map_err(|_| bad("private key"))?;
             (
                 Signer::Rs(Box::new(rsa::pkcs1v15::SigningKey::<sha2::Sha256>::new(sk))),
                 DecodingKey::from_rsa_components(jwk_str("n")?, jwk_str("e")?)
@@ -156,7 +157,6 @@ fn load(record: SigningKey) -> Result<LoadedKey, KeyError> {
     let header = json!({"alg": alg.as_str(), "typ": "at+jwt", "kid": record.kid});
     let encoded_header = URL_SAFE_NO_PAD.encode(header.to_string());
     // The clear key stays only inside `signer`; the record keeps no copy.
-    let record = SigningKey { private_der: Vec::new(), ..record };
     Ok(LoadedKey { record, alg, decoding, signer, encoded_header })
 }
 
@@ -225,15 +225,24 @@ pub fn generate(alg: KeyAlg, now: i64, active_from: i64) -> Result<SigningKey, K
 pub struct SigningKeys {
     keys: RwLock<Vec<std::sync::Arc<LoadedKey>>>,
     master: OnceLock<Arc<MasterKey>>,
-}
-
-fn live(k: &LoadedKey) -> bool {
-    k.record.revoked_at.is_none()
+    /// Keys revoked in an emergency, also in memory from the moment the revocation commits: no reload
+    /// (a concurrent rotation's, say) can bring one back.
+    revoked: RwLock<HashSet<String>>,
+    /// Rotations and revocations, one at a time.
+    changes: tokio::sync::Mutex<()>,
+    /// Keys that can sign or verify nothing any more (revoked, or unpublished after their last token
+    /// expired): kept for listings only, never opened.
+    dormant: RwLock<Vec<SigningKey>>,
 }
 
 impl SigningKeys {
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<std::sync::Arc<LoadedKey>>> {
         self.keys.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn live(&self, k: &LoadedKey) -> bool {
+        k.record.revoked_at.is_none()
+            && !self.revoked.read().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&k.record.kid)
     }
 
     /// Sets the master key that seals and opens private keys (once; later calls keep the first).
@@ -277,9 +286,15 @@ impl SigningKeys {
     /// Loads the stored keys; creates the first one if there is no usable one.
     pub async fn load(&self, store: &dyn OAuthStore, alg: KeyAlg, now: i64) -> Result<(), KeyError> {
         let mut opened = Vec::new();
+        let mut dormant = Vec::new();
         for r in store.list_signing_keys().await? {
-            opened.push(self.open(store, r).await?);
+            if r.revoked_at.is_some() || r.publish_until.is_some_and(|t| t <= now) {
+                dormant.push(SigningKey { private_der: Vec::new(), ..r });
+            } else {
+                opened.push(self.open(store, r).await?);
+            }
         }
+        *self.dormant.write().unwrap_or_else(std::sync::PoisonError::into_inner) = dormant;
         if !opened.iter().any(|k| k.revoked_at.is_none()) {
             let first = generate(alg, now, now)?;
             self.insert(store, &first, None).await?;
@@ -299,7 +314,9 @@ impl SigningKeys {
     pub fn signer(&self, now: i64) -> Option<std::sync::Arc<LoadedKey>> {
         self.read()
             .iter()
-            .filter(|k| live(k) && k.record.active_from <= now && k.record.retired_at.is_none_or(|r| r > now))
+            .filter(|k| {
+                self.live(k) && k.record.active_from <= now && k.record.retired_at.is_none_or(|r| r > now)
+            })
             .max_by_key(|k| k.record.active_from)
             .cloned()
     }
@@ -307,7 +324,7 @@ impl SigningKeys {
     pub fn by_kid(&self, kid: &str, now: i64) -> Option<std::sync::Arc<LoadedKey>> {
         self.read()
             .iter()
-            .find(|k| k.record.kid == kid && live(k) && k.record.publish_until.is_none_or(|t| t > now))
+            .find(|k| k.record.kid == kid && self.live(k) && k.record.publish_until.is_none_or(|t| t > now))
             .cloned()
     }
 
@@ -316,19 +333,46 @@ impl SigningKeys {
         let keys: Vec<Value> = self
             .read()
             .iter()
-            .filter(|k| live(k) && k.record.publish_until.is_none_or(|t| t > now))
+            .filter(|k| self.live(k) && k.record.publish_until.is_none_or(|t| t > now))
             .map(|k| k.record.public_jwk.clone())
             .collect();
         json!({ "keys": keys })
     }
 
+    /// Every key known, as stored (revoked ones with `revoked_at` set).
     pub fn records(&self) -> Vec<SigningKey> {
-        self.read().iter().map(|k| k.record.clone()).collect()
+        let revoked = self.revoked.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut all: Vec<SigningKey> = self
+            .read()
+            .iter()
+            .map(|k| {
+                let mut r = k.record.clone();
+                if revoked.contains(&r.kid) && r.revoked_at.is_none() {
+                    r.revoked_at = Some(r.active_from);
+                }
+                r
+            })
+            .collect();
+        all.extend(self.dormant.read().unwrap_or_else(std::sync::PoisonError::into_inner).iter().cloned());
+        all.sort_by_key(|r| r.active_from);
+        all
     }
 
     /// Starts a rotation: a new key, published now and signing from `now + publish_ahead_ms`; the keys
     /// signing until then retire at that moment and stay published until their tokens have expired.
     pub async fn rotate(
+        &self,
+        store: &dyn OAuthStore,
+        alg: KeyAlg,
+        now: i64,
+        publish_ahead_ms: i64,
+        audit: Option<&keygate_store::NewAudit>,
+    ) -> Result<SigningKey, KeyError> {
+        let _one_at_a_time = self.changes.lock().await;
+        self.rotate_now(store, alg, now, publish_ahead_ms, audit).await
+    }
+
+    async fn rotate_now(
         &self,
         store: &dyn OAuthStore,
         alg: KeyAlg,
@@ -349,8 +393,10 @@ impl SigningKeys {
         Ok(SigningKey { private_der: Vec::new(), ..new })
     }
 
-    /// Emergency revocation: `kid` leaves the JWKS now and no token it signed verifies. If no live key
-    /// is signing afterwards, a new one signs at once. False if there is no such unrevoked key.
+    /// Emergency revocation: `kid` leaves the JWKS now and no token it signed verifies. `revoked` runs
+    /// as soon as the revocation has committed and taken effect in memory (to drop caches), before the
+    /// steps that can still fail: if no live key is signing afterwards, a new one signs at once. False if
+    /// there is no such unrevoked key.
     pub async fn revoke(
         &self,
         store: &dyn OAuthStore,
@@ -358,14 +404,18 @@ impl SigningKeys {
         alg: KeyAlg,
         now: i64,
         audit: &keygate_store::NewAudit,
+        revoked: impl FnOnce(),
     ) -> Result<bool, KeyError> {
+        let _one_at_a_time = self.changes.lock().await;
         if !store.revoke_signing_key(kid, now, audit).await? {
             return Ok(false);
         }
+        self.revoked.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(kid.to_string());
+        revoked();
         self.load(store, alg, now).await?;
         if self.signer(now).is_none() {
-            // Retire pending keys' wait: a fresh key signs from now.
-            self.rotate(store, alg, now, 0, None).await?;
+            // No publish-ahead wait: a fresh key signs from now.
+            self.rotate_now(store, alg, now, 0, None).await?;
         }
         Ok(true)
     }

@@ -428,12 +428,12 @@ pub async fn revoke(
 #[utoipa::path(get, path = "/.well-known/oauth-authorization-server", tag = "oauth2",
     responses((status = 200, description = "RFC 8414 metadata"), (status = 503, description = "temporarily_unavailable: the database did not answer")))]
 pub async fn discovery(State(state): State<Arc<AppState>>) -> Result<Response, OAuthError> {
-    if let Some(doc) = state.oauth.discovery.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
-    {
-        return Ok(Json(doc.as_ref()).into_response());
-    }
+    let generation = match state.oauth.discovery() {
+        Ok(doc) => return Ok(Json(doc.as_ref()).into_response()),
+        Err(generation) => generation,
+    };
     let doc = Arc::new(discovery_document(&state).await?);
-    *state.oauth.discovery.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(doc.clone());
+    state.oauth.keep_discovery(generation, doc.clone());
     Ok(Json(doc.as_ref()).into_response())
 }
 

@@ -37,13 +37,19 @@ pub struct ClientState {
 #[derive(Debug, Clone)]
 pub struct ConsumerState {
     pub disabled: bool,
+    /// When the consumer last changed: an older snapshot never overwrites a newer one.
+    pub updated_at: i64,
     /// The consumer's plan; its clients' tokens count against it (one cell set per client).
     pub limits: Arc<Vec<RateLimit>>,
 }
 
 impl From<&Consumer> for ConsumerState {
     fn from(c: &Consumer) -> Self {
-        ConsumerState { disabled: c.disabled, limits: Arc::new(c.rate_limits.clone().unwrap_or_default()) }
+        ConsumerState {
+            disabled: c.disabled,
+            updated_at: c.updated_at,
+            limits: Arc::new(c.rate_limits.clone().unwrap_or_default()),
+        }
     }
 }
 
@@ -85,8 +91,9 @@ pub struct OAuth {
     /// Client secret hash → client and the secret's expiry.
     secrets: GuardedCache<SecretHash, Arc<(OAuthClient, Option<i64>)>>,
     writer: GroupCommit,
-    /// Discovery metadata, built on first request and dropped on every client change.
-    pub discovery: RwLock<Option<Arc<Value>>>,
+    /// Discovery metadata, built on first request and dropped on every client change; with the count of
+    /// client changes it was built after (a build that raced a change is not kept).
+    discovery: RwLock<(u64, Option<Arc<Value>>)>,
     /// Ids of client assertions already used (`private_key_jwt`).
     replay: super::assertion::ReplayGuard,
 }
@@ -175,7 +182,7 @@ impl OAuth {
                 Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(300)).build(),
             ),
             writer: GroupCommit { queue: std::sync::Mutex::new(None) },
-            discovery: RwLock::new(None),
+            discovery: RwLock::new((0, None)),
             replay: super::assertion::ReplayGuard::default(),
         }
     }
@@ -220,7 +227,13 @@ impl OAuth {
     /// Only consumers that hold clients matter here, but recording any is harmless and keeps callers
     /// simple.
     pub fn consumer_changed(&self, c: &Consumer) {
-        lock_write(&self.consumers).insert(c.id.clone(), ConsumerState::from(c));
+        {
+            let mut consumers = lock_write(&self.consumers);
+            if consumers.get(&c.id).is_some_and(|known| known.updated_at > c.updated_at) {
+                return;
+            }
+            consumers.insert(c.id.clone(), ConsumerState::from(c));
+        }
         self.secrets.invalidate_all();
     }
 
@@ -241,7 +254,10 @@ impl OAuth {
         );
         self.secrets.invalidate_all();
         self.opaque.invalidate_all();
-        *lock_write(&self.discovery) = None;
+        {
+            let mut d = lock_write(&self.discovery);
+            *d = (d.0 + 1, None);
+        }
     }
 
     pub fn client_deleted(&self, id: &str) {
@@ -249,7 +265,26 @@ impl OAuth {
         self.verified_jwts.invalidate_all();
         self.secrets.invalidate_all();
         self.opaque.invalidate_all();
-        *lock_write(&self.discovery) = None;
+        {
+            let mut d = lock_write(&self.discovery);
+            *d = (d.0 + 1, None);
+        }
+    }
+
+    /// The cached discovery document, or the generation to pass to [`OAuth::keep_discovery`] after
+    /// building one.
+    pub fn discovery(&self) -> Result<Arc<Value>, u64> {
+        let d = lock_read(&self.discovery);
+        d.1.clone().ok_or(d.0)
+    }
+
+    /// Keeps a discovery document built from what the store said at `generation`, unless a client
+    /// changed since.
+    pub fn keep_discovery(&self, generation: u64, doc: Arc<Value>) {
+        let mut d = lock_write(&self.discovery);
+        if d.0 == generation {
+            d.1 = Some(doc);
+        }
     }
 
     /// A signing key was revoked: forget every verified JWT (those it signed must be checked again).

@@ -291,7 +291,11 @@ pub async fn create_client(
     // A private_key_jwt client has no secret: nothing to store, nothing to show.
     let stored_secret = (!private_key_jwt).then_some(&key_secret);
     state.store.insert_client(&client, stored_secret, &audit).await?;
-    state.oauth.consumer_changed(&consumer_state);
+    // The consumer as it is now (it may have changed since it was read above); an older snapshot never
+    // overwrites a newer one.
+    let consumer_now =
+        state.store.get_consumer(&client.consumer_id).await.ok().flatten().unwrap_or(consumer_state);
+    state.oauth.consumer_changed(&consumer_now);
     state.oauth.client_changed(&client);
     Ok((
         StatusCode::CREATED,
@@ -605,16 +609,19 @@ pub async fn revoke_signing_key(
 ) -> ApiResult<Json<Vec<SigningKeyView>>> {
     let now = now_ms();
     let audit = audit(&actor, now, "signing_key.revoke", "signing_key", &kid, json!({}))?;
-    let revoked =
-        state.oauth.keys.revoke(state.store.as_ref(), &kid, state.oauth.alg, now, &audit).await.map_err(
-            |e| match e {
-                crate::oauth::keys::KeyError::Store(s) => ApiError::from(s),
-                other => ApiError::internal("signing key revocation failed", other),
-            },
-        )?;
+    let revoked = state
+        .oauth
+        .keys
+        .revoke(state.store.as_ref(), &kid, state.oauth.alg, now, &audit, || {
+            state.oauth.signing_key_revoked()
+        })
+        .await
+        .map_err(|e| match e {
+            crate::oauth::keys::KeyError::Store(s) => ApiError::from(s),
+            other => ApiError::internal("signing key revocation failed", other),
+        })?;
     if !revoked {
         return Err(ApiError::not_found("signing key", &kid));
     }
-    state.oauth.signing_key_revoked();
     Ok(Json(key_views(&state)))
 }

@@ -119,15 +119,18 @@ pub fn key_revoked() -> ApiError {
 }
 
 /// Refuses a change after which no key could use the admin API. `stays` says which of today's working
-/// admin keys (id, consumer id) still work after the change.
-pub async fn keep_an_admin_key(
-    state: &AppState,
+/// admin keys (id, consumer id) still work after the change. Changes that could take away admin access
+/// run one at a time on this node: hold the returned guard until the change is written, so that two
+/// concurrent revocations cannot each leave the other as "the last one".
+pub async fn keep_an_admin_key<'a>(
+    state: &'a AppState,
     now: i64,
     stays: impl Fn(&str, &str) -> bool,
-) -> ApiResult<()> {
+) -> ApiResult<tokio::sync::MutexGuard<'a, ()>> {
+    let guard = state.admin_changes.lock().await;
     let working = state.store.working_admin_keys(now, 1000).await?;
     if working.iter().any(|(k, c)| stays(k, c)) {
-        return Ok(());
+        return Ok(guard);
     }
     Err(ApiError::new(
         ErrorCode::Conflict,

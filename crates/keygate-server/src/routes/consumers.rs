@@ -302,8 +302,14 @@ async fn set_consumer(
     // Keys cache their consumer's state and plan; the token path keeps them for the consumer's clients.
     if patch.disabled.is_some() || patch.rate_limits.is_some() {
         state.oauth.consumer_changed(&consumer);
-        let hashes = state.store.consumer_secret_hashes(id).await?;
-        state.verifier.invalidate(&hashes);
+        match state.store.consumer_secret_hashes(id).await {
+            Ok(hashes) => state.verifier.invalidate(&hashes),
+            Err(e) => {
+                // The change has committed: forget everything rather than answer from stale entries.
+                tracing::warn!(error = %e, "cannot list a changed consumer's secrets; forgetting every cached verify answer");
+                state.verifier.invalidate_all();
+            }
+        }
     }
     Ok(Json(consumer.into()))
 }
@@ -325,7 +331,7 @@ pub async fn disable_consumer(
         ));
     }
     let now = now_ms();
-    keep_an_admin_key(&state, now, |_, consumer_id| consumer_id != id).await?;
+    let _one_at_a_time = keep_an_admin_key(&state, now, |_, consumer_id| consumer_id != id).await?;
     let patch = ConsumerPatch { disabled: Some(true), updated_at: now, ..ConsumerPatch::default() };
     set_consumer(&state, &actor, &id, patch, "consumer.disable", json!({})).await
 }

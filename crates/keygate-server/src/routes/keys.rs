@@ -214,10 +214,21 @@ pub struct KeyListQuery {
 }
 
 /// Drops every cached verify entry of a key, so the next verify sees the change.
-async fn invalidate_key(state: &AppState, key_id: &str) -> ApiResult<()> {
-    let hashes = state.store.key_secret_hashes(key_id).await?;
-    state.verifier.invalidate(&hashes);
-    Ok(())
+/// Do these scopes grant the admin API (`keygate:admin`, or a wildcard that covers it)?
+fn is_admin(scopes: &[String]) -> bool {
+    scopes.iter().any(|s| scope::covers(s, scope::ADMIN))
+}
+
+/// Forgets every cached verify answer about a key. The change has already committed, so this cannot
+/// fail: if its secrets cannot be listed, every cached answer is forgotten instead.
+async fn invalidate_key(state: &AppState, key_id: &str) {
+    match state.store.key_secret_hashes(key_id).await {
+        Ok(hashes) => state.verifier.invalidate(&hashes),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list a changed key's secrets; forgetting every cached verify answer");
+            state.verifier.invalidate_all();
+        }
+    }
 }
 
 /// Create an API key. The secret is in the response's `key` field, this one time only.
@@ -328,18 +339,26 @@ async fn patch_key(
     }
     let loses_admin = patch.revoked_at.is_some()
         || patch.disabled == Some(true)
-        || patch.scopes.as_ref().is_some_and(|s| !s.iter().any(|s| s == scope::ADMIN));
-    if loses_admin && current.scopes.iter().any(|s| s == scope::ADMIN) {
-        keep_an_admin_key(state, patch.updated_at, |key_id, _| key_id != id).await?;
-    }
+        || patch.scopes.as_ref().is_some_and(|s| !is_admin(s))
+        // An expiry or an address list can end the key's use too.
+        || matches!(patch.expires_at, Some(Some(_)))
+        || matches!(patch.allowed_ips, Some(Some(_)));
+    let _one_at_a_time = if loses_admin && is_admin(&current.scopes) {
+        Some(keep_an_admin_key(state, patch.updated_at, |key_id, _| key_id != id).await?)
+    } else {
+        None
+    };
     let audit = audit(actor, patch.updated_at, action, "key", id, details)?;
     // `None` here means a concurrent revoke won the race.
     let Some(key) = state.store.update_key(id, &patch, &audit).await? else { return Err(key_revoked()) };
-    if let (Some(quota), Some(rt)) = (&patch.quota, state.verifier.runtimes.get(id)) {
+    if let Some(quota) = &patch.quota {
+        // Made now if no verify made it yet: a verify that read the key before this change could
+        // otherwise create the runtime afterwards from what it read, without the new quota.
+        let rt = state.verifier.runtimes.get_or_create(&key);
         let refilled_at = patch.quota_refilled_at.unwrap_or(patch.updated_at);
         rt.set_quota(quota.as_ref().map(|q| QuotaState::from_config(q, refilled_at)));
     }
-    invalidate_key(state, id).await?;
+    invalidate_key(state, id).await;
     Ok(Json(key_view(state, key, patch.updated_at)))
 }
 
@@ -499,7 +518,7 @@ pub async fn rotate_key(
     if !state.store.rotate_key(&id, &new_secret, old_expires_at, &audit).await? {
         return Err(key_revoked());
     }
-    invalidate_key(&state, &id).await?;
+    invalidate_key(&state, &id).await;
     state.verifier.added(&[new_secret.hash]);
     let key = load_key(&state, &id).await?;
     Ok(Json(KeyWithSecret {
@@ -570,6 +589,6 @@ pub async fn change_quota(
         ..KeyPatch::default()
     };
     let key = state.store.update_key(&id, &patch, &audit).await?.ok_or_else(key_revoked)?;
-    invalidate_key(&state, &id).await?;
+    invalidate_key(&state, &id).await;
     Ok(Json(key_view(&state, key, now)))
 }

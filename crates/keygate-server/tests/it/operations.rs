@@ -21,6 +21,19 @@ async fn the_last_admin_key_cannot_be_revoked_disabled_or_demoted() {
     let (status, _) =
         app.patch(&format!("/v1/keys/{bootstrap}"), json!({"scopes": ["keygate:verify"]})).await;
     assert_eq!(status, StatusCode::CONFLICT);
+    // An expiry or an address list could end its use too.
+    for body in [json!({"expires_at": "2099-01-01T00:00:00Z"}), json!({"allowed_ips": ["192.0.2.1/32"]})] {
+        let (status, _) = app.patch(&format!("/v1/keys/{bootstrap}"), body.clone()).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    }
+    // A wildcard over keygate: counts as an admin key.
+    let tools = app.create_consumer("tools").await;
+    let (wild_id, _) = app.create_key(&tools, &["keygate:*"]).await;
+    let (status, _) =
+        app.patch(&format!("/v1/keys/{bootstrap}"), json!({"expires_at": "2099-01-01T00:00:00Z"})).await;
+    assert_eq!(status, StatusCode::OK, "another key covers keygate:admin");
+    let (status, _) = app.post(&format!("/v1/keys/{wild_id}/revoke"), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
 
     // With a second admin key elsewhere, the first may go; that consumer then cannot be disabled.
     let ops = app.create_consumer("ops team").await;
