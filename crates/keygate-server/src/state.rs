@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keygate_core::{Environment, PlainSecret, SecretKind, id, scope};
+use keygate_core::{PlainSecret, id, scope};
 use keygate_store::{
     ApiKey, Backend, Consumer, Granularity, NewAudit, SqliteOptions, SqliteStore, Store, StoreError,
     StoredSecret,
@@ -15,6 +15,7 @@ use crate::metrics::Metrics;
 use crate::oauth::keys::KeyAlg;
 use crate::oauth::tokens::OAuth;
 use crate::peer::FailureThrottle;
+use crate::routes::common::{KeySpec, SecretSource, new_key};
 use crate::time::now_ms;
 use crate::verify::{CacheConfig, Verifier};
 
@@ -135,6 +136,8 @@ pub enum OpenError {
     Store { path: PathBuf, source: StoreError },
     #[error("cannot read random bytes from the operating system: {0}")]
     Random(getrandom::Error),
+    #[error("cannot make the admin key: {0}")]
+    Key(String),
 }
 
 /// Opens (creating if needed) the store in the data directory and applies migrations. The directory is
@@ -195,26 +198,16 @@ fn random<T>(r: Result<T, getrandom::Error>) -> Result<T, OpenError> {
     r.map_err(OpenError::Random)
 }
 
-/// A new admin key for the system consumer, with its secret.
+/// A new admin key for the system consumer, with its secret (made by the one key constructor).
 fn new_admin_key(
-    consumer_id: &str,
+    consumer: &Consumer,
     name: &str,
     now: i64,
 ) -> Result<(ApiKey, StoredSecret, PlainSecret), OpenError> {
-    let secret = random(PlainSecret::generate(SecretKind::ApiKey(Environment::Live)))?;
-    let key = ApiKey::new(
-        random(id::new_id("key", now))?,
-        consumer_id.to_string(),
-        name.into(),
-        Environment::Live,
-        vec![scope::ADMIN.to_string()],
-        serde_json::json!({}),
-        None,
-        secret.visible_start(),
-        now,
-    );
-    let key_secret = StoredSecret::new(secret.hash(), &key.id, &key.start, now);
-    Ok((key, key_secret, secret))
+    let spec = KeySpec { name: name.into(), scopes: vec![scope::ADMIN.to_string()], ..KeySpec::default() };
+    let made = new_key(spec, consumer, SecretSource::Generate, now).map_err(|e| OpenError::Key(e.message))?;
+    let plain = made.plain.ok_or_else(|| OpenError::Key("a generated key has no secret".into()))?;
+    Ok((made.key, made.secret, plain))
 }
 
 fn local_audit(action: &str, key: &ApiKey, now: i64) -> Result<NewAudit, OpenError> {
@@ -252,7 +245,7 @@ pub async fn bootstrap(store: &dyn Store) -> Result<Option<PlainSecret>, OpenErr
         created_at: now,
         updated_at: now,
     };
-    let (key, key_secret, secret) = new_admin_key(&consumer.id, "bootstrap admin", now)?;
+    let (key, key_secret, secret) = new_admin_key(&consumer, "bootstrap admin", now)?;
     let audit = local_audit("keygate.initialize", &key, now)?;
     if store.initialize(&consumer, &key, &key_secret, &audit).await.map_err(store_err)? {
         Ok(Some(secret))
@@ -267,11 +260,13 @@ pub async fn create_local_admin_key(
     store: &dyn Store,
     name: &str,
 ) -> Result<(String, PlainSecret), OpenError> {
-    let consumer_id = store.system_consumer_id().await.map_err(store_err)?.ok_or_else(|| {
+    let never = || {
         store_err(StoreError::Corrupt("the data directory was never initialised; run `keygate init`".into()))
-    })?;
+    };
+    let consumer_id = store.system_consumer_id().await.map_err(store_err)?.ok_or_else(never)?;
+    let consumer = store.get_consumer(&consumer_id).await.map_err(store_err)?.ok_or_else(never)?;
     let now = now_ms();
-    let (key, key_secret, secret) = new_admin_key(&consumer_id, name, now)?;
+    let (key, key_secret, secret) = new_admin_key(&consumer, name, now)?;
     let audit = local_audit("key.create_local_admin", &key, now)?;
     store.insert_key(&key, &key_secret, &audit).await.map_err(store_err)?;
     Ok((key.id, secret))

@@ -1,12 +1,13 @@
 //! What the admin routes share: paging, ids, audit events, input checks, loading by id, and the rule
-//! that an installation always keeps one working admin key.
+//! that an installation always keeps one working admin key, and the one constructor of new API keys
+//! ([`new_key`]).
 
 use keygate_core::limits::{Quota, RateLimit, parse_allowed_ips, validate_quota, validate_rate_limits};
 use keygate_core::validate::{validate_metadata, validate_name};
-use keygate_core::{id, scope};
-use keygate_store::{ApiKey, Consumer, NewAudit, Page};
+use keygate_core::{Environment, PlainSecret, SecretHash, SecretKind, id, scope};
+use keygate_store::{ApiKey, Consumer, NewAudit, Page, StoredSecret};
 use serde::{Deserialize, Deserializer};
-use serde_json::Value;
+use serde_json::{Value, json};
 use utoipa::IntoParams;
 
 use crate::auth::Actor;
@@ -138,4 +139,89 @@ pub async fn keep_an_admin_key<'a>(
          (keygate keys create --consumer <system consumer> --scope keygate:admin) or use `keygate admin-key` \
          on the server",
     ))
+}
+
+/// Everything a new API key can be given, as a request states it (not yet checked).
+#[derive(Debug, Default)]
+pub struct KeySpec {
+    pub name: String,
+    pub scopes: Vec<String>,
+    pub environment: Option<Environment>,
+    pub metadata: Option<Value>,
+    /// RFC 3339, in the future.
+    pub expires_at: Option<String>,
+    pub rate_limits: Option<Vec<RateLimit>>,
+    pub quota: Option<Quota>,
+    pub allowed_ips: Option<Vec<String>>,
+}
+
+/// Where a new key's secret comes from.
+pub enum SecretSource {
+    /// Generated now; the plaintext is returned once.
+    Generate,
+    /// Brought in by import: only its hash is known, and what it shows of itself.
+    Imported { hash: SecretHash, start: String, environment: Option<Environment> },
+}
+
+/// A key ready to store, with its secret (and the plaintext, when it was generated).
+pub struct NewKey {
+    pub key: ApiKey,
+    pub secret: StoredSecret,
+    pub plain: Option<PlainSecret>,
+}
+
+/// The one way a key is made (admin API, import, bootstrap and `keygate admin-key`): every field checked
+/// by the same rules, the consumer must be enabled, and the secret made or taken as `source` says.
+pub fn new_key(spec: KeySpec, consumer: &Consumer, source: SecretSource, now: i64) -> ApiResult<NewKey> {
+    check_name(&spec.name)?;
+    let scopes = check_scopes(spec.scopes)?;
+    let expires_at = spec.expires_at.as_deref().map(|t| check_expiry(t, now)).transpose()?;
+    let metadata = spec.metadata.unwrap_or_else(|| json!({}));
+    check_metadata(&metadata)?;
+    if let Some(limits) = &spec.rate_limits {
+        check_rate_limits(limits)?;
+    }
+    if let Some(quota) = &spec.quota {
+        check_quota(quota)?;
+    }
+    let allowed_ips = spec.allowed_ips.as_deref().map(check_ips).transpose()?;
+    if consumer.disabled {
+        return Err(ApiError {
+            field: Some("consumer_id".into()),
+            ..ApiError::new(
+                ErrorCode::ConsumerDisabled,
+                "the consumer is disabled; enable it before adding keys to it",
+            )
+        });
+    }
+    let (plain, hash, start, environment, imported) = match source {
+        SecretSource::Generate => {
+            let environment = spec.environment.unwrap_or(Environment::Live);
+            let plain = PlainSecret::generate(SecretKind::ApiKey(environment))
+                .map_err(|e| ApiError::internal("random source failed", e))?;
+            let (hash, start) = (plain.hash(), plain.visible_start());
+            (Some(plain), hash, start, environment, false)
+        }
+        SecretSource::Imported { hash, start, environment } => {
+            (None, hash, start, environment.or(spec.environment).unwrap_or(Environment::Live), true)
+        }
+    };
+    let mut key = ApiKey::new(
+        new_id("key", now)?,
+        consumer.id.clone(),
+        spec.name,
+        environment,
+        scopes,
+        metadata,
+        expires_at,
+        start,
+        now,
+    );
+    key.rate_limits = spec.rate_limits;
+    key.quota_refilled_at = spec.quota.as_ref().map(|_| now);
+    key.quota = spec.quota;
+    key.allowed_ips = allowed_ips;
+    key.imported = imported;
+    let secret = StoredSecret::new(hash, &key.id, &key.start, now);
+    Ok(NewKey { key, secret, plain })
 }

@@ -20,10 +20,7 @@ use utoipa::ToSchema;
 
 use crate::auth::AdminCaller;
 use crate::error::{ApiError, ApiJson, ApiResult, ErrorBody, ErrorCode};
-use crate::routes::common::{
-    audit, check_expiry, check_ips, check_metadata, check_name, check_quota, check_rate_limits, check_scopes,
-    new_id,
-};
+use crate::routes::common::{KeySpec, NewKey, SecretSource, audit, new_key};
 use crate::state::AppState;
 use crate::time::now_ms;
 
@@ -89,27 +86,19 @@ struct Prepared {
 }
 
 fn prepare(item: ImportItem, consumers: &HashMap<String, Consumer>, now: i64) -> ApiResult<Prepared> {
-    check_name(&item.name)?;
-    let scopes = check_scopes(item.scopes)?;
-    let expires_at = item.expires_at.as_deref().map(|t| check_expiry(t, now)).transpose()?;
-    let metadata = item.metadata.unwrap_or_else(|| json!({}));
-    check_metadata(&metadata)?;
-    if let Some(l) = &item.rate_limits {
-        check_rate_limits(l)?;
-    }
-    if let Some(q) = &item.quota {
-        check_quota(q)?;
-    }
-    let allowed_ips = item.allowed_ips.as_deref().map(check_ips).transpose()?;
-    let (hash, start, env_from_key) = match (item.key, item.sha256) {
+    let source = match (item.key, item.sha256) {
         (Some(plain), None) => {
-            let env = credential::classify_import(&plain).map_err(|e| ApiError::invalid("key", e))?;
-            (SecretHash::of(&plain), visible_start(&plain), env)
+            let environment = credential::classify_import(&plain).map_err(|e| ApiError::invalid("key", e))?;
+            SecretSource::Imported { hash: SecretHash::of(&plain), start: visible_start(&plain), environment }
         }
         (None, Some(hex)) => {
             let hash = SecretHash::from_hex(hex.trim())
                 .ok_or_else(|| ApiError::invalid("sha256", "must be 64 hexadecimal digits"))?;
-            (hash, format!("sha256:{}", &hash.to_hex()[..8]), None)
+            SecretSource::Imported {
+                hash,
+                start: format!("sha256:{}", &hash.to_hex()[..8]),
+                environment: None,
+            }
         }
         _ => return Err(ApiError::invalid("key", "give exactly one of key (plaintext) or sha256")),
     };
@@ -117,27 +106,17 @@ fn prepare(item: ImportItem, consumers: &HashMap<String, Consumer>, now: i64) ->
         field: Some("consumer_id".into()),
         ..ApiError::not_found("consumer", &item.consumer_id)
     })?;
-    if consumer.disabled {
-        return Err(ApiError::new(ErrorCode::ConsumerDisabled, "the consumer is disabled"));
-    }
-    let environment = env_from_key.or(item.environment).unwrap_or(Environment::Live);
-    let mut key = ApiKey::new(
-        new_id("key", now)?,
-        consumer.id.clone(),
-        item.name,
-        environment,
-        scopes,
-        metadata,
-        expires_at,
-        start,
-        now,
-    );
-    key.rate_limits = item.rate_limits;
-    key.quota_refilled_at = item.quota.as_ref().map(|_| now);
-    key.quota = item.quota;
-    key.allowed_ips = allowed_ips;
-    key.imported = true;
-    let secret = StoredSecret::new(hash, &key.id, &key.start, now);
+    let spec = KeySpec {
+        name: item.name,
+        scopes: item.scopes,
+        environment: item.environment,
+        metadata: item.metadata,
+        expires_at: item.expires_at,
+        rate_limits: item.rate_limits,
+        quota: item.quota,
+        allowed_ips: item.allowed_ips,
+    };
+    let NewKey { key, secret, .. } = new_key(spec, consumer, source, now)?;
     Ok(Prepared { key, secret })
 }
 

@@ -241,47 +241,23 @@ pub async fn create_key(
     ApiJson(req): ApiJson<CreateKey>,
 ) -> ApiResult<(StatusCode, Json<KeyWithSecret>)> {
     let now = now_ms();
-    check_name(&req.name)?;
-    let scopes = check_scopes(req.scopes)?;
-    let expires_at = req.expires_at.as_deref().map(|t| check_expiry(t, now)).transpose()?;
-    let metadata = req.metadata.unwrap_or_else(|| json!({}));
-    check_metadata(&metadata)?;
-    let environment = req.environment.unwrap_or(Environment::Live);
-    if let Some(limits) = &req.rate_limits {
-        check_rate_limits(limits)?;
-    }
-    if let Some(quota) = &req.quota {
-        check_quota(quota)?;
-    }
-    let allowed_ips = req.allowed_ips.as_deref().map(check_ips).transpose()?;
     let consumer = state.store.get_consumer(&req.consumer_id).await?.ok_or_else(|| ApiError {
         field: Some("consumer_id".into()),
         ..ApiError::not_found("consumer", &req.consumer_id)
     })?;
-    if consumer.disabled {
-        return Err(ApiError::new(
-            ErrorCode::ConsumerDisabled,
-            "the consumer is disabled; enable it before creating keys for it",
-        ));
-    }
-    let secret = PlainSecret::generate(SecretKind::ApiKey(environment))
-        .map_err(|e| ApiError::internal("random source failed", e))?;
-    let mut key = ApiKey::new(
-        new_id("key", now)?,
-        consumer.id,
-        req.name,
-        environment,
-        scopes,
-        metadata,
-        expires_at,
-        secret.visible_start(),
-        now,
-    );
-    key.rate_limits = req.rate_limits;
-    key.quota = req.quota;
-    key.allowed_ips = allowed_ips;
-    key.quota_refilled_at = key.quota.as_ref().map(|_| now);
-    let key_secret = StoredSecret::new(secret.hash(), &key.id, &key.start, now);
+    let spec = KeySpec {
+        name: req.name,
+        scopes: req.scopes,
+        environment: req.environment,
+        metadata: req.metadata,
+        expires_at: req.expires_at,
+        rate_limits: req.rate_limits,
+        quota: req.quota,
+        allowed_ips: req.allowed_ips,
+    };
+    let NewKey { key, secret: key_secret, plain } = new_key(spec, &consumer, SecretSource::Generate, now)?;
+    let secret = plain.ok_or_else(|| ApiError::internal("a generated key has no secret", "new_key"))?;
+    let (environment, expires_at) = (key.environment, key.expires_at);
     let details = json!({
         "consumer_id": key.consumer_id, "name": key.name, "scopes": key.scopes,
         "environment": environment.as_str(), "expires_at": expires_at.map(rfc3339), "start": key.start,
