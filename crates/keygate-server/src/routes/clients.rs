@@ -16,7 +16,7 @@ use crate::auth::AdminCaller;
 use crate::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, ErrorCode};
 use crate::oauth::keys::{KeyAlg, MAX_TOKEN_LIFETIME_SECONDS};
 use crate::routes::common::{
-    MAX_OVERLAP_SECONDS, PageQuery, audit, check_name, check_scopes, load_consumer, new_id, page,
+    MAX_OVERLAP_SECONDS, PageQuery, audit, check_name, check_scopes, load_consumer, new_id, next_cursor, page,
 };
 use crate::state::AppState;
 use crate::time::{now_ms, rfc3339};
@@ -318,8 +318,7 @@ pub async fn list_clients(
 ) -> ApiResult<Json<ClientList>> {
     let page = page(q.after, q.limit)?;
     let items = state.store.list_clients(&page).await?;
-    let next_after =
-        (items.len() == page.limit as usize).then(|| items.last().map(|c| c.id.clone())).flatten();
+    let next_after = next_cursor(&items, page.limit, |c| &c.id);
     Ok(Json(ClientList { items: items.into_iter().map(Into::into).collect(), next_after }))
 }
 
