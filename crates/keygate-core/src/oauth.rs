@@ -8,6 +8,55 @@ use serde_json::Value;
 
 use crate::scope;
 
+/// How a client's access tokens are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenFormat {
+    /// A signed JWT (RFC 9068), verifiable offline against the JWKS.
+    Jwt,
+    /// A `kgat_` secret, looked up on every verify (revocation reaches every verifier).
+    Opaque,
+}
+
+impl TokenFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenFormat::Jwt => "jwt",
+            TokenFormat::Opaque => "opaque",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "jwt" => Some(TokenFormat::Jwt),
+            "opaque" => Some(TokenFormat::Opaque),
+            _ => None,
+        }
+    }
+}
+
+/// An OAuth 2 grant type Keygate issues tokens for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantType {
+    ClientCredentials,
+}
+
+impl GrantType {
+    /// Every supported grant type.
+    pub const ALL: [GrantType; 1] = [GrantType::ClientCredentials];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantType::ClientCredentials => "client_credentials",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        GrantType::ALL.into_iter().find(|g| g.as_str() == s)
+    }
+}
+
 /// Why a form body was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FormError {

@@ -298,6 +298,7 @@ impl KeyRuntime {
 pub struct Registry {
     map: Mutex<HashMap<String, Arc<KeyRuntime>>>,
     dirty: Arc<Mutex<Vec<Arc<KeyRuntime>>>>,
+    flushing: tokio::sync::Mutex<()>,
 }
 
 impl Registry {
@@ -356,8 +357,11 @@ impl Registry {
     }
 
     /// Writes every pending change in one transaction. On failure nothing is lost: the changes are put
-    /// back and go out with the next flush.
+    /// back and go out with the next flush. Flushes run one at a time, so a caller that flushes before
+    /// reading (a usage report) also waits for a flush already under way instead of reading before it
+    /// commits.
     pub async fn flush(&self, store: &dyn Store, now_ms: i64) -> Result<usize, StoreError> {
+        let _one_at_a_time = self.flushing.lock().await;
         let dirty = std::mem::take(&mut *lock(&self.dirty));
         if dirty.is_empty() {
             return Ok(0);

@@ -107,7 +107,7 @@ struct TokenBody<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     message: Option<&'static str>,
     kind: &'static str,
-    token_format: &'a str,
+    token_format: keygate_store::TokenFormat,
     client_id: &'a str,
     consumer_id: &'a str,
     sub: &'a str,

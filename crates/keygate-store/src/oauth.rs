@@ -2,6 +2,7 @@
 
 use async_trait::async_trait;
 use keygate_core::SecretHash;
+pub use keygate_core::oauth::{GrantType, TokenFormat};
 use serde_json::Value;
 
 use crate::{NewAudit, Page, Result, StoredSecret};
@@ -13,13 +14,12 @@ pub struct OAuthClient {
     pub id: String,
     pub consumer_id: String,
     pub name: String,
-    pub grant_types: Vec<String>,
+    pub grant_types: Vec<GrantType>,
     /// Scopes the client may be granted.
     pub scopes: Vec<String>,
     /// Resources (audiences) the client may ask tokens for.
     pub audiences: Vec<String>,
-    /// `jwt` or `opaque`.
-    pub token_format: String,
+    pub token_format: TokenFormat,
     pub token_lifetime_seconds: i64,
     pub confidential: bool,
     pub disabled: bool,
@@ -38,10 +38,10 @@ pub struct OAuthClient {
 #[derive(Debug, Clone, Default)]
 pub struct ClientPatch {
     pub name: Option<String>,
-    pub grant_types: Option<Vec<String>>,
+    pub grant_types: Option<Vec<GrantType>>,
     pub scopes: Option<Vec<String>>,
     pub audiences: Option<Vec<String>>,
-    pub token_format: Option<String>,
+    pub token_format: Option<TokenFormat>,
     pub token_lifetime_seconds: Option<i64>,
     pub disabled: Option<bool>,
     pub tokens_revoked_before: Option<i64>,

@@ -5,7 +5,13 @@ use keygate_core::SecretHash;
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 
-use crate::oauth::{AccessTokenRecord, ClientPatch, OAuthClient, OAuthStore, SigningKey};
+use crate::oauth::{
+    AccessTokenRecord, ClientPatch, GrantType, OAuthClient, OAuthStore, SigningKey, TokenFormat,
+};
+
+fn grant_names(g: &[GrantType]) -> Vec<&'static str> {
+    g.iter().map(|g| g.as_str()).collect()
+}
 use crate::sqlite::{
     INSERT_CLIENT_SECRET, fetch_by_id, fetch_page, hash_from_row, insert_audit, insert_secret_row, map_err,
 };
@@ -25,10 +31,16 @@ fn client_from_row(row: &SqliteRow) -> Result<OAuthClient> {
         id: row.try_get("id").map_err(map_err)?,
         consumer_id: row.try_get("consumer_id").map_err(map_err)?,
         name: row.try_get("name").map_err(map_err)?,
-        grant_types: json_list(row, "grant_types")?,
+        grant_types: json_list(row, "grant_types")?
+            .iter()
+            .map(|g| GrantType::parse(g).ok_or_else(|| StoreError::Corrupt(format!("grant type {g:?}"))))
+            .collect::<Result<_>>()?,
         scopes: json_list(row, "scopes")?,
         audiences: json_list(row, "audiences")?,
-        token_format: row.try_get("token_format").map_err(map_err)?,
+        token_format: {
+            let f: &str = row.try_get("token_format").map_err(map_err)?;
+            TokenFormat::parse(f).ok_or_else(|| StoreError::Corrupt(format!("token format {f:?}")))?
+        },
         token_lifetime_seconds: row.try_get("token_lifetime_seconds").map_err(map_err)?,
         confidential: row.try_get("confidential").map_err(map_err)?,
         disabled: row.try_get("disabled").map_err(map_err)?,
@@ -96,10 +108,10 @@ impl OAuthStore for SqliteStore {
         .bind(&c.id)
         .bind(&c.consumer_id)
         .bind(&c.name)
-        .bind(to_json(&c.grant_types)?)
+        .bind(to_json(&grant_names(&c.grant_types))?)
         .bind(to_json(&c.scopes)?)
         .bind(to_json(&c.audiences)?)
-        .bind(&c.token_format)
+        .bind(c.token_format.as_str())
         .bind(c.token_lifetime_seconds)
         .bind(c.confidential)
         .bind(c.disabled)
@@ -144,10 +156,10 @@ impl OAuthStore for SqliteStore {
              WHERE id = ? RETURNING *",
         )
         .bind(&p.name)
-        .bind(p.grant_types.as_ref().map(to_json).transpose()?)
+        .bind(p.grant_types.as_ref().map(|g| to_json(&grant_names(g))).transpose()?)
         .bind(p.scopes.as_ref().map(to_json).transpose()?)
         .bind(p.audiences.as_ref().map(to_json).transpose()?)
-        .bind(&p.token_format)
+        .bind(p.token_format.map(TokenFormat::as_str))
         .bind(p.token_lifetime_seconds)
         .bind(p.disabled)
         .bind(p.tokens_revoked_before)

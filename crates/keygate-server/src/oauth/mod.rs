@@ -261,13 +261,13 @@ pub async fn token(
     let client = authenticate(&state, &headers, &form, client, now)
         .await?
         .ok_or_else(|| OAuthError::invalid_client(false))?;
-    if grant != "client_credentials" {
+    let Some(grant) = keygate_store::GrantType::parse(grant) else {
         return Err(OAuthError::new(
             "unsupported_grant_type",
             format!("grant_type {grant:?} is not supported"),
         ));
-    }
-    if !client.grant_types.iter().any(|g| g == grant) {
+    };
+    if !client.grant_types.contains(&grant) {
         return Err(OAuthError::new("unauthorized_client", "the client may not use this grant type"));
     }
     let scopes = tokens::OAuth::grant_scopes(&client, form.one("scope")?)
@@ -300,7 +300,7 @@ pub async fn token(
             }
         },
     )?;
-    state.metrics.record_grant(if client.token_format == "opaque" { "opaque" } else { "jwt" });
+    state.metrics.record_grant(client.token_format.as_str());
     Ok(no_store(
         Json(json!({
             "access_token": issued.access_token,
@@ -451,7 +451,7 @@ async fn discovery_document(state: &AppState) -> Result<Value, OAuthError> {
         "introspection_endpoint": format!("{iss}/oauth2/introspect"),
         "revocation_endpoint": format!("{iss}/oauth2/revoke"),
         "jwks_uri": format!("{iss}/.well-known/jwks.json"),
-        "grant_types_supported": ["client_credentials"],
+        "grant_types_supported": keygate_store::GrantType::ALL.map(keygate_store::GrantType::as_str),
         "response_types_supported": [],
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
         "token_endpoint_auth_signing_alg_values_supported": ["RS256", "ES256", "EdDSA"],

@@ -18,7 +18,7 @@ use jsonwebtoken::Validation;
 use keygate_core::limits::RateLimit;
 pub use keygate_core::oauth::AtClaims;
 use keygate_core::{DecisionCode, PlainSecret, SecretHash, SecretKind, scope};
-use keygate_store::{AccessTokenRecord, Backend, Consumer, OAuthClient, OAuthStore, StoreError};
+use keygate_store::{AccessTokenRecord, Backend, Consumer, OAuthClient, OAuthStore, StoreError, TokenFormat};
 use moka::sync::Cache;
 use serde_json::Value;
 
@@ -56,8 +56,7 @@ impl From<&Consumer> for ConsumerState {
 /// A presented access token that verified (before the scope check).
 #[derive(Debug, Clone)]
 pub struct TokenInfo {
-    /// `jwt` or `opaque`.
-    pub format: &'static str,
+    pub format: TokenFormat,
     pub jti: String,
     pub client_id: String,
     pub consumer_id: String,
@@ -372,7 +371,7 @@ impl OAuth {
         let jti =
             keygate_core::credential::random_base62(22).map_err(|e| IssueError::Internal(e.to_string()))?;
         let scope = scopes.join(" ");
-        let access_token = if client.token_format == "opaque" {
+        let access_token = if client.token_format == TokenFormat::Opaque {
             let secret = PlainSecret::generate(SecretKind::AccessToken)
                 .map_err(|e| IssueError::Internal(e.to_string()))?;
             let record = AccessTokenRecord {
@@ -472,7 +471,7 @@ impl OAuth {
                 return Ok(Err(DecisionCode::Expired));
             }
             TokenInfo {
-                format: "opaque",
+                format: TokenFormat::Opaque,
                 jti: record.jti.clone(),
                 client_id: record.client_id.clone(),
                 consumer_id: String::new(),
@@ -535,7 +534,7 @@ impl OAuth {
             return Err(DecisionCode::Expired);
         }
         Ok(TokenInfo {
-            format: "jwt",
+            format: TokenFormat::Jwt,
             scopes: c.scopes(),
             audiences: c.audiences(),
             issued_at: c.issued_at_ms(),

@@ -7,7 +7,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use keygate_core::{PlainSecret, SecretKind};
-use keygate_store::{ClientPatch, OAuthClient, StoredSecret};
+use keygate_store::{ClientPatch, GrantType, OAuthClient, StoredSecret, TokenFormat};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::ToSchema;
@@ -36,6 +36,7 @@ pub fn router() -> axum::Router<Arc<AppState>> {
 
 /// Grant types a client may be allowed.
 pub const GRANTS: &[&str] = &["client_credentials"];
+const _: () = assert!(GRANTS.len() == GrantType::ALL.len(), "GRANTS names every GrantType");
 const DEFAULT_LIFETIME: i64 = 3600;
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -43,11 +44,13 @@ pub struct ClientView {
     pub client_id: String,
     pub consumer_id: String,
     pub name: String,
-    pub grant_types: Vec<String>,
+    #[schema(value_type = Vec<String>, example = json!(["client_credentials"]))]
+    pub grant_types: Vec<GrantType>,
     pub scopes: Vec<String>,
     pub audiences: Vec<String>,
     /// `jwt` or `opaque`.
-    pub token_format: String,
+    #[schema(value_type = String, example = "jwt")]
+    pub token_format: TokenFormat,
     pub token_lifetime_seconds: i64,
     pub confidential: bool,
     pub disabled: bool,
@@ -177,22 +180,16 @@ fn check_jwks(v: &Value) -> ApiResult<()> {
     Ok(())
 }
 
-fn check_grants(g: &[String]) -> ApiResult<()> {
-    if g.is_empty() || g.iter().any(|x| !GRANTS.contains(&x.as_str())) {
-        return Err(ApiError::invalid(
-            "grant_types",
-            format!("supported grant types: {}", GRANTS.join(", ")),
-        ));
+fn check_grants(g: &[String]) -> ApiResult<Vec<GrantType>> {
+    let parsed: Option<Vec<GrantType>> = g.iter().map(|x| GrantType::parse(x)).collect();
+    match parsed {
+        Some(p) if !p.is_empty() => Ok(p),
+        _ => Err(ApiError::invalid("grant_types", format!("supported grant types: {}", GRANTS.join(", ")))),
     }
-    Ok(())
 }
 
-fn check_format(f: &str) -> ApiResult<()> {
-    if f == "jwt" || f == "opaque" {
-        Ok(())
-    } else {
-        Err(ApiError::invalid("token_format", "must be jwt or opaque"))
-    }
+fn check_format(f: &str) -> ApiResult<TokenFormat> {
+    TokenFormat::parse(f).ok_or_else(|| ApiError::invalid("token_format", "must be jwt or opaque"))
 }
 
 fn check_lifetime(s: i64) -> ApiResult<()> {
@@ -224,12 +221,13 @@ pub async fn create_client(
     ApiJson(req): ApiJson<CreateClient>,
 ) -> ApiResult<(StatusCode, Json<ClientWithSecret>)> {
     check_name(&req.name)?;
-    let grants = req.grant_types.unwrap_or_else(|| vec!["client_credentials".into()]);
-    check_grants(&grants)?;
+    let grants = match &req.grant_types {
+        Some(g) => check_grants(g)?,
+        None => vec![GrantType::ClientCredentials],
+    };
     let scopes = check_scopes(req.scopes)?;
     check_audiences(&req.audiences)?;
-    let format = req.token_format.unwrap_or_else(|| "jwt".into());
-    check_format(&format)?;
+    let format = req.token_format.as_deref().map(check_format).transpose()?.unwrap_or(TokenFormat::Jwt);
     let lifetime = req.token_lifetime_seconds.unwrap_or(DEFAULT_LIFETIME);
     check_lifetime(lifetime)?;
     let private_key_jwt = match req.token_endpoint_auth_method.as_deref() {
@@ -366,16 +364,12 @@ pub async fn update_client(
     if let Some(n) = &req.name {
         check_name(n)?;
     }
-    if let Some(g) = &req.grant_types {
-        check_grants(g)?;
-    }
+    let grant_types = req.grant_types.as_deref().map(check_grants).transpose()?;
     let scopes = req.scopes.map(check_scopes).transpose()?;
     if let Some(a) = &req.audiences {
         check_audiences(a)?;
     }
-    if let Some(f) = &req.token_format {
-        check_format(f)?;
-    }
+    let token_format = req.token_format.as_deref().map(check_format).transpose()?;
     if let Some(l) = req.token_lifetime_seconds {
         check_lifetime(l)?;
     }
@@ -389,10 +383,10 @@ pub async fn update_client(
         "token_format": req.token_format, "jwks_changed": req.jwks.is_some()});
     let patch = ClientPatch {
         name: req.name,
-        grant_types: req.grant_types,
+        grant_types,
         scopes,
         audiences: req.audiences,
-        token_format: req.token_format,
+        token_format,
         token_lifetime_seconds: req.token_lifetime_seconds,
         jwks: req.jwks,
         updated_at: now_ms(),
