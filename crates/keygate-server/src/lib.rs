@@ -132,13 +132,8 @@ pub async fn launch_split(
     if let Err(e) = state.verifier.known.follow(state.store.as_ref()).await {
         tracing::warn!(error = %e, "could not load the known secret hashes; verify reads the store until it can");
     }
-    if state.config.issuer.is_none()
-        && let Ok(addr) = listener.local_addr()
-    {
-        if addr.ip().is_unspecified() {
-            tracing::warn!(%addr, "listening on all interfaces without an issuer URL: set `issuer` (KEYGATE_ISSUER) to the URL clients use, or OAuth discovery and token validation will name an address they cannot reach");
-        }
-        state.oauth.set_issuer(format!("http://{addr}"));
+    if state.config.issuer.is_none() && state.config.listen.ip().is_unspecified() {
+        tracing::warn!(addr = %state.config.listen, "listening on all interfaces without an issuer URL: set `issuer` (KEYGATE_ISSUER) to the URL clients use, or OAuth discovery and token validation will name an address they cannot reach");
     }
     let master = match seal::MasterKey::open(&state.config.master_key, &state.config.data_dir) {
         Ok((key, created)) => {

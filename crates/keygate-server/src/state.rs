@@ -161,6 +161,8 @@ pub async fn open_store(config: &ServerConfig) -> Result<Arc<SqliteStore>, OpenE
 }
 
 impl AppState {
+    /// Builds the state. `config.listen` must be the address actually listened on (bind first, then set
+    /// it): without an `issuer`, the OAuth issuer is `http://<that address>`.
     pub fn new(store: Arc<dyn Backend>, config: ServerConfig) -> Arc<Self> {
         let verifier = Verifier::new(store.clone(), &config.cache);
         let throttle = FailureThrottle::new(config.failures_per_minute);

@@ -154,7 +154,7 @@ pub async fn serve(args: &ServerArgs) -> ExitCode {
     say!("API docs: http://{admin_addr}/docs");
     lock.record_admin_url(&format!("http://{}", loopback_if_unspecified(admin_addr)));
     tracing::info!(%addr, %admin_addr, data_dir = %config.data_dir.display(), "keygate started");
-    let state = AppState::new(store.clone(), config);
+    let state = AppState::new(store.clone(), ServerConfig { listen: addr, ..config });
     let result = launch_split(state, listener, admin, shutdown_signal()).await;
     drop(lock);
     store.close().await;

@@ -77,7 +77,8 @@ pub struct Issued {
 pub struct OAuth {
     pub keys: SigningKeys,
     pub alg: KeyAlg,
-    issuer: RwLock<String>,
+    /// Settled when the state is built (from `issuer`, or the address actually listened on).
+    issuer: String,
     clients: RwLock<HashMap<String, ClientState>>,
     /// Consumers that hold clients.
     consumers: RwLock<HashMap<String, ConsumerState>>,
@@ -167,7 +168,7 @@ impl OAuth {
         OAuth {
             keys: SigningKeys::default(),
             alg,
-            issuer: RwLock::new(issuer),
+            issuer,
             clients: RwLock::new(HashMap::new()),
             consumers: RwLock::new(HashMap::new()),
             revoked: RwLock::new(HashMap::new()),
@@ -192,11 +193,7 @@ impl OAuth {
     }
 
     pub fn issuer(&self) -> String {
-        lock_read(&self.issuer).clone()
-    }
-
-    pub fn set_issuer(&self, issuer: String) {
-        *lock_write(&self.issuer) = issuer;
+        self.issuer.clone()
     }
 
     /// Loads signing keys (opening them with the master key), clients, their consumers and revoked

@@ -72,6 +72,7 @@ impl Builder {
         };
         let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
+        config.listen = addr;
         let data_dir = config.data_dir.clone();
         let state = AppState::new(store, config);
         let (tx, rx) = oneshot::channel::<()>();
