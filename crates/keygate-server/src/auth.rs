@@ -14,7 +14,6 @@ use keygate_core::{DecisionCode, scope};
 use crate::error::{ApiError, ErrorCode};
 use crate::peer::{Client, client_of};
 use crate::state::AppState;
-use crate::time::now_ms;
 use crate::verify::Context;
 
 /// The credential presented in a request's headers, if any.
@@ -57,7 +56,7 @@ pub struct Actor {
 async fn authenticate(parts: &Parts, state: &AppState, permission: &str) -> Result<Actor, ApiError> {
     let client = client_of(peer_ip(parts), &parts.headers, &state.config.trusted_proxies);
     let (ip, accountable) = (client.ip, client.accountable);
-    let now = now_ms();
+    let now = state.now();
     let Some(secret) = presented_credential(&parts.headers) else {
         return Err(ApiError::new(
             ErrorCode::Unauthorized,

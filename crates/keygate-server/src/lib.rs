@@ -144,7 +144,7 @@ pub async fn launch_split(
         }
         Err(e) => return Err(std::io::Error::other(format!("cannot load the master key: {e}"))),
     };
-    if let Err(e) = state.oauth.load(state.store.as_ref(), master, time::now_ms()).await {
+    if let Err(e) = state.oauth.load(state.store.as_ref(), master, state.now()).await {
         return Err(std::io::Error::other(format!("cannot load OAuth signing keys and clients: {e}")));
     }
     state.oauth.start(state.store.clone());
@@ -207,7 +207,7 @@ async fn background(state: Arc<AppState>) {
                 }
             }
             _ = keys.tick() => {
-                let now = time::now_ms();
+                let now = state.now();
                 state.oauth.prune(now);
                 let every = state.config.key_rotation_interval.as_millis() as i64;
                 let newest = state.oauth.keys.records().iter().filter(|k| k.revoked_at.is_none()).map(|k| k.active_from).max().unwrap_or(now);
@@ -220,10 +220,10 @@ async fn background(state: Arc<AppState>) {
                 }
             }
             _ = retention.tick() => {
-                if let Err(e) = state.store.expire_tokens(time::now_ms()).await {
+                if let Err(e) = state.store.expire_tokens(state.now()).await {
                     tracing::warn!(error = %e, "expiring old tokens failed; retrying later");
                 }
-                match state.expire_usage(time::now_ms()).await {
+                match state.expire_usage(state.now()).await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(deleted = n, "expired old usage buckets"),
                     Err(e) => tracing::warn!(error = %e, "usage retention failed; retrying later"),

@@ -108,6 +108,8 @@ impl Default for ServerConfig {
 
 pub struct AppState {
     pub store: Arc<dyn Backend>,
+    /// Where this server reads the time ([`AppState::now`]).
+    pub clock: Arc<dyn crate::time::Clock>,
     /// Admin changes that could take away the last admin access, one at a time.
     pub admin_changes: tokio::sync::Mutex<()>,
     pub verifier: Verifier,
@@ -164,12 +166,22 @@ impl AppState {
     /// Builds the state. `config.listen` must be the address actually listened on (bind first, then set
     /// it): without an `issuer`, the OAuth issuer is `http://<that address>`.
     pub fn new(store: Arc<dyn Backend>, config: ServerConfig) -> Arc<Self> {
+        Self::with_clock(store, config, Arc::new(crate::time::SystemClock))
+    }
+
+    /// [`AppState::new`] with a clock of the caller's (tests move time with a `ManualClock`).
+    pub fn with_clock(
+        store: Arc<dyn Backend>,
+        config: ServerConfig,
+        clock: Arc<dyn crate::time::Clock>,
+    ) -> Arc<Self> {
         let verifier = Verifier::new(store.clone(), &config.cache);
         let throttle = FailureThrottle::new(config.failures_per_minute);
         let issuer = config.issuer.clone().unwrap_or_else(|| format!("http://{}", config.listen));
         let oauth = OAuth::new(issuer.trim_end_matches('/').to_string(), config.signing_alg);
         Arc::new(AppState {
             store,
+            clock,
             admin_changes: tokio::sync::Mutex::new(()),
             verifier,
             oauth,
@@ -179,9 +191,14 @@ impl AppState {
         })
     }
 
+    /// Now, in ms since the epoch, by this server's clock.
+    pub fn now(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
     /// Writes pending usage counts, last-used times and quotas now.
     pub async fn flush(&self) -> Result<usize, StoreError> {
-        self.verifier.runtimes.flush(self.store.as_ref(), now_ms()).await
+        self.verifier.runtimes.flush(self.store.as_ref(), self.now()).await
     }
 
     /// Deletes usage buckets older than the retention of their size.

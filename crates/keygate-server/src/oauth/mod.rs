@@ -23,7 +23,6 @@ use serde_json::{Value, json};
 use crate::auth::{ClientIp, presented_credential};
 use crate::peer::Client;
 use crate::state::AppState;
-use crate::time::now_ms;
 use crate::verify::Context;
 
 pub fn router() -> axum::Router<Arc<AppState>> {
@@ -254,7 +253,7 @@ pub async fn token(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, OAuthError> {
-    let now = now_ms();
+    let now = state.now();
     let form = Form::parse(&headers, &body)?;
     let grant =
         form.one("grant_type")?.ok_or_else(|| OAuthError::new("invalid_request", "grant_type is missing"))?;
@@ -377,7 +376,7 @@ pub async fn introspect(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, OAuthError> {
-    let now = now_ms();
+    let now = state.now();
     let form = Form::parse(&headers, &body)?;
     let caller = inspector(&state, &headers, &form, client, now, keygate_core::scope::INTROSPECT).await?;
     let token = form.one("token")?.ok_or_else(|| OAuthError::new("invalid_request", "token is missing"))?;
@@ -411,7 +410,7 @@ pub async fn revoke(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, OAuthError> {
-    let now = now_ms();
+    let now = state.now();
     let form = Form::parse(&headers, &body)?;
     let caller = inspector(&state, &headers, &form, client, now, keygate_core::scope::ADMIN).await?;
     let token = form.one("token")?.ok_or_else(|| OAuthError::new("invalid_request", "token is missing"))?;
@@ -468,7 +467,7 @@ async fn discovery_document(state: &AppState) -> Result<Value, OAuthError> {
 /// The published signing keys.
 #[utoipa::path(get, path = "/.well-known/jwks.json", tag = "oauth2", responses((status = 200, description = "the published signing keys (RFC 7517)")))]
 pub async fn jwks(State(state): State<Arc<AppState>>) -> Response {
-    let mut resp = Json(state.oauth.keys.jwks(now_ms())).into_response();
+    let mut resp = Json(state.oauth.keys.jwks(state.now())).into_response();
     resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=60"));
     resp
 }

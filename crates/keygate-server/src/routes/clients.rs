@@ -19,7 +19,7 @@ use crate::routes::common::{
     MAX_OVERLAP_SECONDS, PageQuery, audit, check_name, check_scopes, load_consumer, new_id, next_cursor, page,
 };
 use crate::state::AppState;
-use crate::time::{now_ms, rfc3339};
+use crate::time::rfc3339;
 
 pub fn router() -> axum::Router<Arc<AppState>> {
     axum::Router::new()
@@ -259,7 +259,7 @@ pub async fn create_client(
     if consumer.disabled {
         return Err(ApiError::new(ErrorCode::ConsumerDisabled, "the consumer is disabled; enable it first"));
     }
-    let now = now_ms();
+    let now = state.now();
     let secret = PlainSecret::generate(SecretKind::ClientSecret)
         .map_err(|e| ApiError::internal("random source failed", e))?;
     let id = new_id("kgc", now)?;
@@ -389,7 +389,7 @@ pub async fn update_client(
         token_format,
         token_lifetime_seconds: req.token_lifetime_seconds,
         jwks: req.jwks,
-        updated_at: now_ms(),
+        updated_at: state.now(),
         ..ClientPatch::default()
     };
     patch_client(&state, &actor, &id, patch, "client.update", details).await
@@ -403,7 +403,7 @@ pub async fn disable_client(
     AdminCaller(actor): AdminCaller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<ClientView>> {
-    let patch = ClientPatch { disabled: Some(true), updated_at: now_ms(), ..ClientPatch::default() };
+    let patch = ClientPatch { disabled: Some(true), updated_at: state.now(), ..ClientPatch::default() };
     patch_client(&state, &actor, &id, patch, "client.disable", json!({})).await
 }
 
@@ -415,7 +415,7 @@ pub async fn enable_client(
     AdminCaller(actor): AdminCaller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<ClientView>> {
-    let patch = ClientPatch { disabled: Some(false), updated_at: now_ms(), ..ClientPatch::default() };
+    let patch = ClientPatch { disabled: Some(false), updated_at: state.now(), ..ClientPatch::default() };
     patch_client(&state, &actor, &id, patch, "client.enable", json!({})).await
 }
 
@@ -429,7 +429,7 @@ pub async fn revoke_tokens(
 ) -> ApiResult<Json<ClientView>> {
     // Tokens carry their issue time in milliseconds (JWTs in `kg_iat`): the cut-off is exactly now, so
     // a token issued after this call is never caught by it.
-    let now = now_ms();
+    let now = state.now();
     let patch = ClientPatch { tokens_revoked_before: Some(now), updated_at: now, ..ClientPatch::default() };
     patch_client(&state, &actor, &id, patch, "client.revoke_tokens", json!({})).await
 }
@@ -442,7 +442,7 @@ pub async fn delete_client(
     AdminCaller(actor): AdminCaller,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let now = now_ms();
+    let now = state.now();
     let audit = audit(&actor, now, "client.delete", "client", &id, json!({}))?;
     if !state.store.delete_client(&id, &audit).await? {
         return Err(ApiError::not_found("client", &id));
@@ -470,7 +470,7 @@ pub async fn rotate_secret(
             "a private_key_jwt client has no secret; rotate its keys with PATCH {\"jwks\": …}",
         ));
     }
-    let now = now_ms();
+    let now = state.now();
     let secret = PlainSecret::generate(SecretKind::ClientSecret)
         .map_err(|e| ApiError::internal("random source failed", e))?;
     let new = StoredSecret::new(secret.hash(), &id, &secret.visible_start(), now);
@@ -508,7 +508,7 @@ pub struct SigningKeyView {
 }
 
 fn key_views(state: &AppState) -> Vec<SigningKeyView> {
-    let now = now_ms();
+    let now = state.now();
     let signer = state.oauth.keys.signer(now).map(|k| k.record.kid.clone());
     state
         .oauth
@@ -572,7 +572,7 @@ pub async fn rotate_signing_key(
     let ahead = req
         .publish_ahead_seconds
         .map_or(state.config.key_publish_ahead.as_millis() as i64, |s| (s.min(30 * 86_400) * 1000) as i64);
-    let now = now_ms();
+    let now = state.now();
     let audit = audit(
         &actor,
         now,
@@ -600,7 +600,7 @@ pub async fn revoke_signing_key(
     AdminCaller(actor): AdminCaller,
     Path(kid): Path<String>,
 ) -> ApiResult<Json<Vec<SigningKeyView>>> {
-    let now = now_ms();
+    let now = state.now();
     let audit = audit(&actor, now, "signing_key.revoke", "signing_key", &kid, json!({}))?;
     let revoked = state
         .oauth

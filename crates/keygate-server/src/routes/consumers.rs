@@ -18,7 +18,7 @@ use crate::auth::{Actor, AdminCaller};
 use crate::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, ErrorCode};
 use crate::routes::common::*;
 use crate::state::AppState;
-use crate::time::{now_ms, rfc3339};
+use crate::time::rfc3339;
 
 pub fn router() -> axum::Router<Arc<AppState>> {
     axum::Router::new()
@@ -181,7 +181,7 @@ pub async fn create_consumer(
         check_external_id(e)?;
     }
     check_unique_consumer(&state, None, Some(&req.name), req.external_id.as_deref()).await?;
-    let now = now_ms();
+    let now = state.now();
     let consumer = Consumer {
         id: new_id("cons", now)?,
         name: req.name,
@@ -270,7 +270,7 @@ pub async fn update_consumer(
     if let Some(metadata) = &req.metadata {
         check_metadata(metadata)?;
     }
-    let now = now_ms();
+    let now = state.now();
     let details = json!({"name": req.name, "metadata_changed": req.metadata.is_some(),
         "rate_limits": req.rate_limits, "external_id": req.external_id});
     let patch = ConsumerPatch {
@@ -330,7 +330,7 @@ pub async fn disable_consumer(
             "the system consumer holds the admin keys and cannot be disabled; disable or revoke single keys instead",
         ));
     }
-    let now = now_ms();
+    let now = state.now();
     let _one_at_a_time = keep_an_admin_key(&state, now, |_, consumer_id| consumer_id != id).await?;
     let patch = ConsumerPatch { disabled: Some(true), updated_at: now, ..ConsumerPatch::default() };
     set_consumer(&state, &actor, &id, patch, "consumer.disable", json!({})).await
@@ -345,6 +345,6 @@ pub async fn enable_consumer(
     AdminCaller(actor): AdminCaller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<ConsumerView>> {
-    let patch = ConsumerPatch { disabled: Some(false), updated_at: now_ms(), ..ConsumerPatch::default() };
+    let patch = ConsumerPatch { disabled: Some(false), updated_at: state.now(), ..ConsumerPatch::default() };
     set_consumer(&state, &actor, &id, patch, "consumer.enable", json!({})).await
 }

@@ -22,7 +22,6 @@ use crate::auth::AdminCaller;
 use crate::error::{ApiError, ApiJson, ApiResult, ErrorBody, ErrorCode};
 use crate::routes::common::{KeySpec, NewKey, SecretSource, audit, new_key};
 use crate::state::AppState;
-use crate::time::now_ms;
 
 /// Most keys in one import request.
 pub const MAX_IMPORT: usize = 10_000;
@@ -140,7 +139,7 @@ pub async fn import_keys(
     if req.keys.is_empty() || req.keys.len() > MAX_IMPORT {
         return Err(ApiError::invalid("keys", format!("must hold 1 to {MAX_IMPORT} keys")));
     }
-    let now = now_ms();
+    let now = state.now();
     // Parse every item; look up each distinct consumer once.
     let items: Vec<Result<ImportItem, ApiError>> = req
         .keys

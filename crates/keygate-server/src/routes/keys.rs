@@ -19,7 +19,7 @@ use crate::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, ErrorCode}
 use crate::routes::common::*;
 use crate::runtime::QuotaState;
 use crate::state::AppState;
-use crate::time::{now_ms, rfc3339};
+use crate::time::rfc3339;
 
 pub fn router() -> axum::Router<Arc<AppState>> {
     axum::Router::new()
@@ -240,7 +240,7 @@ pub async fn create_key(
     AdminCaller(actor): AdminCaller,
     ApiJson(req): ApiJson<CreateKey>,
 ) -> ApiResult<(StatusCode, Json<KeyWithSecret>)> {
-    let now = now_ms();
+    let now = state.now();
     let consumer = state.store.get_consumer(&req.consumer_id).await?.ok_or_else(|| ApiError {
         field: Some("consumer_id".into()),
         ..ApiError::not_found("consumer", &req.consumer_id)
@@ -285,7 +285,7 @@ pub async fn list_keys(
     let page = page(q.after, q.limit)?;
     let items = state.store.list_keys(q.consumer_id.as_deref(), &page).await?;
     let next_after = next_cursor(&items, page.limit, |k| &k.id);
-    let now = now_ms();
+    let now = state.now();
     Ok(Json(KeyList { items: items.into_iter().map(|k| key_view(&state, k, now)).collect(), next_after }))
 }
 
@@ -298,7 +298,7 @@ pub async fn get_key(
     AdminCaller(_): AdminCaller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<KeyView>> {
-    Ok(Json(key_view(&state, load_key(&state, &id).await?, now_ms())))
+    Ok(Json(key_view(&state, load_key(&state, &id).await?, state.now())))
 }
 
 async fn patch_key(
@@ -349,7 +349,7 @@ pub async fn update_key(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<UpdateKey>,
 ) -> ApiResult<Json<KeyView>> {
-    let now = now_ms();
+    let now = state.now();
     if req.name.is_none()
         && req.scopes.is_none()
         && req.metadata.is_none()
@@ -414,7 +414,7 @@ pub async fn disable_key(
     AdminCaller(actor): AdminCaller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<KeyView>> {
-    let patch = KeyPatch { disabled: Some(true), updated_at: now_ms(), ..KeyPatch::default() };
+    let patch = KeyPatch { disabled: Some(true), updated_at: state.now(), ..KeyPatch::default() };
     patch_key(&state, &actor, &id, patch, "key.disable", json!({})).await
 }
 
@@ -427,7 +427,7 @@ pub async fn enable_key(
     AdminCaller(actor): AdminCaller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<KeyView>> {
-    let patch = KeyPatch { disabled: Some(false), updated_at: now_ms(), ..KeyPatch::default() };
+    let patch = KeyPatch { disabled: Some(false), updated_at: state.now(), ..KeyPatch::default() };
     patch_key(&state, &actor, &id, patch, "key.enable", json!({})).await
 }
 
@@ -440,7 +440,7 @@ pub async fn revoke_key(
     AdminCaller(actor): AdminCaller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<KeyView>> {
-    let now = now_ms();
+    let now = state.now();
     // Revoking twice answers like the first time.
     let key = load_key(&state, &id).await?;
     if key.revoked_at.is_some() {
@@ -483,7 +483,7 @@ pub async fn rotate_key(
     if key.revoked_at.is_some() {
         return Err(key_revoked());
     }
-    let now = now_ms();
+    let now = state.now();
     // `overlap_seconds` is at most 30 days, so this cannot overflow.
     let old_expires_at = now + (req.overlap_seconds as i64) * 1000;
     let secret = PlainSecret::generate(SecretKind::ApiKey(key.environment))
@@ -533,7 +533,7 @@ pub async fn change_quota(
     if reset && config.refill.is_none() {
         return Err(ApiError::invalid("quota", "the quota has no refill amount to reset to; use set"));
     }
-    let now = now_ms();
+    let now = state.now();
     let runtime = state.verifier.runtimes.get_or_create(&key);
     let (before, after, refilled_at) = runtime
         .update_quota(now, |q| {

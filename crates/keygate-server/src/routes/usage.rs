@@ -14,7 +14,7 @@ use crate::auth::AdminCaller;
 use crate::error::{ApiError, ApiQuery, ApiResult, ErrorBody};
 use crate::routes::common::{load_consumer, load_key};
 use crate::state::AppState;
-use crate::time::{now_ms, parse_rfc3339, rfc3339};
+use crate::time::{parse_rfc3339, rfc3339};
 
 /// Most buckets one report may span.
 const MAX_BUCKETS: i64 = 10_000;
@@ -71,7 +71,7 @@ async fn report(
             .map(|t| parse_rfc3339(t).ok_or_else(|| ApiError::invalid(field, "must be an RFC 3339 time")))
             .transpose()
     };
-    let to = time("to", &p.to)?.unwrap_or_else(|| now_ms() + 1);
+    let to = time("to", &p.to)?.unwrap_or_else(|| state.now() + 1);
     let default_span = match granularity {
         Granularity::Minute => 3_600_000,
         Granularity::Hour => 86_400_000,

@@ -18,7 +18,6 @@ use crate::auth::{ClientIp, VerifyCaller, presented_credential};
 use crate::error::{ApiError, ApiJson, ApiResult, ErrorBody};
 use crate::oauth::tokens::looks_like_jwt;
 use crate::state::AppState;
-use crate::time::now_ms;
 use crate::verify::{Context, Decision};
 
 pub fn router() -> axum::Router<Arc<AppState>> {
@@ -148,7 +147,7 @@ pub async fn verify(
         ),
         None => None,
     };
-    let now = now_ms();
+    let now = state.now();
     let ctx = Context { ip: end_client.or(caller.ip), cost, now_ms: now };
     let decision =
         decide_credential(&state, &req.credential, &req.scopes, ctx, req.audience.as_deref()).await?;
@@ -220,7 +219,7 @@ pub async fn forward_auth(
     uri: Uri,
 ) -> ApiResult<Response> {
     let started = Instant::now();
-    let now = now_ms();
+    let now = state.now();
     let Some(secret) = presented_credential(&headers) else {
         let mut resp = (
             StatusCode::UNAUTHORIZED,

@@ -202,7 +202,7 @@ async fn rotation_with_and_without_overlap() {
     let d = app.verify(&new, &["a"]).await;
     assert_eq!(d["code"], "VALID");
     assert_eq!(d["key_id"], id.as_str(), "the new secret belongs to the same key");
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    app.clock.advance(1100);
     assert_eq!(app.verify_code(&old, &[]).await, "EXPIRED");
     assert_eq!(app.verify_code(&new, &[]).await, "VALID");
 

@@ -9,6 +9,8 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 pub struct TestApp {
+    /// The server's clock: `app.clock.advance(ms)` moves its time forward.
+    pub clock: std::sync::Arc<keygate_server::time::ManualClock>,
     pub base: String,
     pub admin_key: String,
     pub client: reqwest::Client,
@@ -74,12 +76,14 @@ impl Builder {
         let addr = listener.local_addr().unwrap();
         config.listen = addr;
         let data_dir = config.data_dir.clone();
-        let state = AppState::new(store, config);
+        let clock = std::sync::Arc::new(keygate_server::time::ManualClock::new());
+        let state = AppState::with_clock(store, config, clock.clone());
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(launch(state.clone(), listener, async {
             let _ = rx.await;
         }));
         TestApp {
+            clock,
             base: format!("http://{addr}"),
             admin_key,
             client: reqwest::Client::new(),

@@ -1,7 +1,5 @@
 //! Rate limits, quotas, IP allow-lists, usage analytics and brute-force throttling.
 
-use std::time::Duration;
-
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -145,7 +143,7 @@ async fn quotas_count_cost_and_can_be_managed() {
     assert_eq!(status, StatusCode::OK, "{k}");
     assert_eq!(v(1).await["quota"]["remaining"], 0);
     assert_eq!(v(1).await["code"], "QUOTA_EXCEEDED");
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    app.clock.advance(1100);
     assert_eq!(v(1).await["quota"]["remaining"], 3);
     let (_, k) = app.post(&format!("/v1/keys/{id}/quota"), json!({"reset": true})).await;
     assert_eq!(k["quota"]["remaining"], 4);

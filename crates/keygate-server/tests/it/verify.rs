@@ -54,7 +54,7 @@ async fn every_decision_code() {
     let d = app.verify(&expiring, &[]).await;
     assert_eq!(d["code"], "VALID");
     assert!(d["expires_at"].is_string());
-    tokio::time::sleep(Duration::from_millis(1600)).await;
+    app.clock.advance(1600);
     let d = app.verify(&expiring, &[]).await;
     assert_eq!(d["code"], "EXPIRED");
     assert_eq!(d["key_id"], expiring_id.as_str());
