@@ -6,6 +6,7 @@
 //! token responses carry `Cache-Control: no-store`.
 
 pub mod assertion;
+pub mod error;
 pub mod keys;
 pub mod tokens;
 
@@ -24,6 +25,7 @@ use crate::auth::{ClientIp, presented_credential};
 use crate::peer::Client;
 use crate::state::AppState;
 use crate::verify::Context;
+pub use error::{OAuthError, OAuthErrorCode};
 
 pub fn router() -> axum::Router<Arc<AppState>> {
     axum::Router::new()
@@ -34,67 +36,6 @@ pub fn router() -> axum::Router<Arc<AppState>> {
         .route("/.well-known/jwks.json", get(jwks))
 }
 
-/// An RFC 6749 error response.
-pub struct OAuthError {
-    status: StatusCode,
-    error: &'static str,
-    description: String,
-    basic_challenge: bool,
-}
-
-impl OAuthError {
-    fn new(error: &'static str, description: impl Into<String>) -> Self {
-        OAuthError {
-            status: StatusCode::BAD_REQUEST,
-            error,
-            description: description.into(),
-            basic_challenge: false,
-        }
-    }
-
-    fn invalid_client(basic: bool) -> Self {
-        OAuthError {
-            status: StatusCode::UNAUTHORIZED,
-            error: "invalid_client",
-            description: "client authentication failed".into(),
-            basic_challenge: basic,
-        }
-    }
-}
-
-impl From<keygate_store::StoreError> for OAuthError {
-    fn from(e: keygate_store::StoreError) -> Self {
-        let api = crate::error::ApiError::from(e);
-        OAuthError {
-            status: api.code.status(),
-            error: if api.code.status() == StatusCode::SERVICE_UNAVAILABLE {
-                "temporarily_unavailable"
-            } else {
-                "server_error"
-            },
-            description: api.message,
-            basic_challenge: false,
-        }
-    }
-}
-
-impl IntoResponse for OAuthError {
-    fn into_response(self) -> Response {
-        let mut resp =
-            (self.status, Json(json!({"error": self.error, "error_description": self.description})))
-                .into_response();
-        let h = resp.headers_mut();
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
-        if self.status == StatusCode::UNAUTHORIZED {
-            let challenge =
-                if self.basic_challenge { "Basic realm=\"keygate\"" } else { "Bearer realm=\"keygate\"" };
-            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
-        }
-        resp
-    }
-}
-
 /// A form body, after checking its content type (the parsing rules are in `keygate_core::oauth`).
 struct Form(keygate_core::oauth::Form);
 
@@ -103,7 +44,7 @@ impl Form {
         let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
         if !ct.to_ascii_lowercase().starts_with("application/x-www-form-urlencoded") {
             return Err(OAuthError::new(
-                "invalid_request",
+                OAuthErrorCode::InvalidRequest,
                 "send parameters as application/x-www-form-urlencoded",
             ));
         }
@@ -112,7 +53,7 @@ impl Form {
 
     /// A parameter that may appear at most once (RFC 6749 section 3.2).
     fn one(&self, name: &str) -> Result<Option<&str>, OAuthError> {
-        self.0.one(name).map_err(|e| OAuthError::new("invalid_request", e.to_string()))
+        self.0.one(name).map_err(|e| OAuthError::new(OAuthErrorCode::InvalidRequest, e.to_string()))
     }
 
     fn all(&self, name: &str) -> &[String] {
@@ -134,19 +75,22 @@ fn client_credentials(headers: &HeaderMap, form: &Form) -> Result<Option<Present
     if let Some(kind) = form.one("client_assertion_type")? {
         if kind != assertion::ASSERTION_TYPE {
             return Err(OAuthError::new(
-                "invalid_request",
+                OAuthErrorCode::InvalidRequest,
                 format!("client_assertion_type must be {}", assertion::ASSERTION_TYPE),
             ));
         }
         let jwt = form
             .one("client_assertion")?
-            .ok_or_else(|| OAuthError::new("invalid_request", "client_assertion is missing"))?;
+            .ok_or_else(|| OAuthError::new(OAuthErrorCode::InvalidRequest, "client_assertion is missing"))?;
         let basic = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.trim_start().get(..6).is_some_and(|p| p.eq_ignore_ascii_case("basic ")));
         if basic || form.one("client_secret")?.is_some() {
-            return Err(OAuthError::new("invalid_request", "use one client authentication method, not two"));
+            return Err(OAuthError::new(
+                OAuthErrorCode::InvalidRequest,
+                "use one client authentication method, not two",
+            ));
         }
         return Ok(Some(Presented::Assertion {
             assertion: jwt.to_string(),
@@ -169,9 +113,10 @@ fn secret_credentials(
         .map(|(_, b64)| b64.trim().to_string());
     let post = (form.one("client_id")?, form.one("client_secret")?);
     match (basic, post) {
-        (Some(_), (_, Some(_))) => {
-            Err(OAuthError::new("invalid_request", "use one client authentication method, not two"))
-        }
+        (Some(_), (_, Some(_))) => Err(OAuthError::new(
+            OAuthErrorCode::InvalidRequest,
+            "use one client authentication method, not two",
+        )),
         (Some(b64), _) => {
             let decoded = base64::engine::general_purpose::STANDARD
                 .decode(b64.as_bytes())
@@ -203,15 +148,11 @@ fn no_store(mut resp: Response) -> Response {
 /// attacker (NAT, a proxy) still works for callers whose credentials verify.
 fn failed_check(state: &AppState, client: Client, now: i64, failure: OAuthError) -> OAuthError {
     if let Some(retry) = state.throttle.blocked(client.accountable, now) {
-        return OAuthError {
-            status: StatusCode::TOO_MANY_REQUESTS,
-            error: "slow_down",
-            description: format!(
-                "too many failed attempts; retry in {} s",
-                (retry.max(0) as u64).div_ceil(1000)
-            ),
-            basic_challenge: false,
-        };
+        let secs = (retry.max(0) as u64).div_ceil(1000);
+        return OAuthError::new(
+            OAuthErrorCode::SlowDown,
+            format!("too many failed attempts; retry in {secs} s"),
+        );
     }
     state.throttle.record_failure(client.accountable, now);
     failure
@@ -255,27 +196,31 @@ pub async fn token(
 ) -> Result<Response, OAuthError> {
     let now = state.now();
     let form = Form::parse(&headers, &body)?;
-    let grant =
-        form.one("grant_type")?.ok_or_else(|| OAuthError::new("invalid_request", "grant_type is missing"))?;
+    let grant = form
+        .one("grant_type")?
+        .ok_or_else(|| OAuthError::new(OAuthErrorCode::InvalidRequest, "grant_type is missing"))?;
     let client = authenticate(&state, &headers, &form, client, now)
         .await?
         .ok_or_else(|| OAuthError::invalid_client(false))?;
     let Some(grant) = keygate_store::GrantType::parse(grant) else {
         return Err(OAuthError::new(
-            "unsupported_grant_type",
+            OAuthErrorCode::UnsupportedGrantType,
             format!("grant_type {grant:?} is not supported"),
         ));
     };
     if !client.grant_types.contains(&grant) {
-        return Err(OAuthError::new("unauthorized_client", "the client may not use this grant type"));
+        return Err(OAuthError::new(
+            OAuthErrorCode::UnauthorizedClient,
+            "the client may not use this grant type",
+        ));
     }
     let scopes = tokens::OAuth::grant_scopes(&client, form.one("scope")?)
-        .map_err(|d| OAuthError::new("invalid_scope", d))?;
+        .map_err(|d| OAuthError::new(OAuthErrorCode::InvalidScope, d))?;
     let resources = form.all("resource");
     for r in resources {
         if !client.audiences.iter().any(|a| a == r) {
             return Err(OAuthError::new(
-                "invalid_target",
+                OAuthErrorCode::InvalidTarget,
                 format!("the client may not ask for the resource {r:?}"),
             ));
         }
@@ -290,12 +235,7 @@ pub async fn token(
             tokens::IssueError::Store(s) => OAuthError::from(s),
             tokens::IssueError::Internal(m) => {
                 tracing::error!(error = %m, "issuing a token failed");
-                OAuthError {
-                    status: StatusCode::INTERNAL_SERVER_ERROR,
-                    error: "server_error",
-                    description: "internal error".into(),
-                    basic_challenge: false,
-                }
+                OAuthError::new(OAuthErrorCode::ServerError, "internal error")
             }
         },
     )?;
@@ -349,14 +289,12 @@ async fn inspector(
         .await?;
     match d.code {
         keygate_core::DecisionCode::Valid => Ok(Inspector::Keygate),
-        keygate_core::DecisionCode::InsufficientScope => Err(OAuthError {
-            status: StatusCode::FORBIDDEN,
-            error: "insufficient_scope",
-            description: format!(
+        keygate_core::DecisionCode::InsufficientScope => Err(OAuthError::new(
+            OAuthErrorCode::InsufficientScope,
+            format!(
                 "the credential is valid but lacks the '{permission}' permission; a client may only act on its own tokens"
             ),
-            basic_challenge: false,
-        }),
+        )),
         keygate_core::DecisionCode::Malformed | keygate_core::DecisionCode::NotFound => {
             Err(failed_check(state, client, now, OAuthError::invalid_client(false)))
         }
@@ -379,7 +317,9 @@ pub async fn introspect(
     let now = state.now();
     let form = Form::parse(&headers, &body)?;
     let caller = inspector(&state, &headers, &form, client, now, keygate_core::scope::INTROSPECT).await?;
-    let token = form.one("token")?.ok_or_else(|| OAuthError::new("invalid_request", "token is missing"))?;
+    let token = form
+        .one("token")?
+        .ok_or_else(|| OAuthError::new(OAuthErrorCode::InvalidRequest, "token is missing"))?;
     let body = match state.oauth.verify(state.store.as_ref(), token, None, now).await? {
         Ok(info) if caller.may_see(&info.client_id) => json!({
             "active": true,
@@ -413,7 +353,9 @@ pub async fn revoke(
     let now = state.now();
     let form = Form::parse(&headers, &body)?;
     let caller = inspector(&state, &headers, &form, client, now, keygate_core::scope::ADMIN).await?;
-    let token = form.one("token")?.ok_or_else(|| OAuthError::new("invalid_request", "token is missing"))?;
+    let token = form
+        .one("token")?
+        .ok_or_else(|| OAuthError::new(OAuthErrorCode::InvalidRequest, "token is missing"))?;
     let client = match &caller {
         Inspector::Client(id) => Some(id.as_str()),
         Inspector::Keygate => None,

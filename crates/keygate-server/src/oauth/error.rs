@@ -1,0 +1,112 @@
+//! OAuth 2 errors (RFC 6749 section 5.2 shape), kept apart from the admin API's error table: each code
+//! carries its HTTP status and its `WWW-Authenticate` challenge, as kanidm does.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// The `error` values Keygate's OAuth endpoints answer with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OAuthErrorCode {
+    InvalidRequest,
+    /// Client authentication failed; `basic`: the client tried HTTP Basic (so the challenge says Basic).
+    InvalidClient {
+        basic: bool,
+    },
+    UnauthorizedClient,
+    UnsupportedGrantType,
+    InvalidScope,
+    /// RFC 8707: a `resource` the client may not ask for.
+    InvalidTarget,
+    /// RFC 6750: a valid Keygate credential without the needed permission.
+    InsufficientScope,
+    /// RFC 8628 section 3.5, used for an address that spent its failure budget.
+    SlowDown,
+    TemporarilyUnavailable,
+    ServerError,
+}
+
+impl OAuthErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OAuthErrorCode::InvalidRequest => "invalid_request",
+            OAuthErrorCode::InvalidClient { .. } => "invalid_client",
+            OAuthErrorCode::UnauthorizedClient => "unauthorized_client",
+            OAuthErrorCode::UnsupportedGrantType => "unsupported_grant_type",
+            OAuthErrorCode::InvalidScope => "invalid_scope",
+            OAuthErrorCode::InvalidTarget => "invalid_target",
+            OAuthErrorCode::InsufficientScope => "insufficient_scope",
+            OAuthErrorCode::SlowDown => "slow_down",
+            OAuthErrorCode::TemporarilyUnavailable => "temporarily_unavailable",
+            OAuthErrorCode::ServerError => "server_error",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            OAuthErrorCode::InvalidClient { .. } => StatusCode::UNAUTHORIZED,
+            OAuthErrorCode::InsufficientScope => StatusCode::FORBIDDEN,
+            OAuthErrorCode::SlowDown => StatusCode::TOO_MANY_REQUESTS,
+            OAuthErrorCode::TemporarilyUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            OAuthErrorCode::ServerError => StatusCode::INTERNAL_SERVER_ERROR,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The `WWW-Authenticate` challenge a 401 carries.
+    pub fn challenge(self) -> Option<&'static str> {
+        match self {
+            OAuthErrorCode::InvalidClient { basic: true } => Some("Basic realm=\"keygate\""),
+            OAuthErrorCode::InvalidClient { basic: false } => Some("Bearer realm=\"keygate\""),
+            _ => None,
+        }
+    }
+}
+
+/// An RFC 6749 error response.
+#[derive(Debug)]
+pub struct OAuthError {
+    pub code: OAuthErrorCode,
+    pub description: String,
+}
+
+impl OAuthError {
+    pub fn new(code: OAuthErrorCode, description: impl Into<String>) -> Self {
+        OAuthError { code, description: description.into() }
+    }
+
+    pub fn invalid_request(description: impl Into<String>) -> Self {
+        Self::new(OAuthErrorCode::InvalidRequest, description)
+    }
+
+    pub fn invalid_client(basic: bool) -> Self {
+        Self::new(OAuthErrorCode::InvalidClient { basic }, "client authentication failed")
+    }
+}
+
+impl From<keygate_store::StoreError> for OAuthError {
+    fn from(e: keygate_store::StoreError) -> Self {
+        let api = crate::error::ApiError::from(e);
+        let code = if api.code.status() == StatusCode::SERVICE_UNAVAILABLE {
+            OAuthErrorCode::TemporarilyUnavailable
+        } else {
+            OAuthErrorCode::ServerError
+        };
+        OAuthError::new(code, api.message)
+    }
+}
+
+impl IntoResponse for OAuthError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": self.code.as_str(), "error_description": self.description});
+        let mut resp = (self.code.status(), Json(body)).into_response();
+        let h = resp.headers_mut();
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+        if let Some(challenge) = self.code.challenge() {
+            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+        }
+        resp
+    }
+}
