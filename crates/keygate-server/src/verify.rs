@@ -198,6 +198,19 @@ impl<'a> RateLimitView<'a> {
     }
 }
 
+/// Serialises a decision body. Plain data cannot fail to serialise; if it ever did, the answer still
+/// carries the decision's code (never an empty body), the log says why, and the unit test
+/// `every_decision_body_is_json_with_its_code` pins that it does not happen.
+fn json_body<T: Serialize>(body: &T, code: DecisionCode) -> Bytes {
+    match serde_json::to_vec(body) {
+        Ok(v) => Bytes::from(v),
+        Err(e) => {
+            tracing::error!(error = %e, code = code.as_str(), "cannot serialise a decision body");
+            Bytes::from(format!(r#"{{"valid":{},"code":"{}"}}"#, code == DecisionCode::Valid, code.as_str()))
+        }
+    }
+}
+
 const MALFORMED_BODY: &[u8] =
     br#"{"valid":false,"code":"MALFORMED","message":"the credential is not a well-formed Keygate credential"}"#;
 const NOT_FOUND_BODY: &[u8] = br#"{"valid":false,"code":"NOT_FOUND","message":"no such credential exists"}"#;
@@ -252,7 +265,7 @@ impl Decision {
                     _ => None,
                 },
             };
-            return serde_json::to_vec(&body).map(Bytes::from).unwrap_or_default();
+            return json_body(&body, self.code);
         }
         match (self.code, &self.key) {
             (DecisionCode::Valid, Some(k)) => {
@@ -264,7 +277,12 @@ impl Decision {
                 if let Some(r) = &self.rate_limit {
                     b.put_slice(b",\"rate_limit\":");
                     // Plain numbers and a validated name: serialising cannot fail.
-                    let _ = serde_json::to_writer((&mut b).writer(), &RateLimitView::new(r, &k.limits));
+                    if let Err(e) =
+                        serde_json::to_writer((&mut b).writer(), &RateLimitView::new(r, &k.limits))
+                    {
+                        tracing::error!(error = %e, "cannot serialise a rate-limit view");
+                        b.put_slice(b"null");
+                    }
                 }
                 if let Some(q) = self.quota_remaining {
                     b.put_slice(b",\"quota\":{\"remaining\":");
@@ -304,9 +322,7 @@ impl Decision {
                     },
                     quota: self.quota_remaining.map(|remaining| QuotaView { remaining }),
                 };
-                serde_json::to_vec(&body).map(Bytes::from).unwrap_or_else(|_| {
-                    Bytes::from(format!(r#"{{"valid":false,"code":"{}"}}"#, code.as_str()))
-                })
+                json_body(&body, code)
             }
         }
     }
@@ -503,7 +519,7 @@ impl Verifier {
             expires_at: expires_at.map(crate::time::rfc3339),
             metadata: &k.metadata,
         };
-        let valid_body = serde_json::to_vec(&body).map(Bytes::from).unwrap_or_default();
+        let valid_body = json_body(&body, DecisionCode::Valid);
         let valid_prefix = valid_body.slice(..valid_body.len().saturating_sub(1));
         let allowed_ips = k.allowed_ips.as_ref().map(|list| {
             // Stored lists were validated on the way in; an unparsable entry allows nothing.
@@ -557,4 +573,19 @@ fn decide_key<S: AsRef<str>>(key: Arc<CachedKey>, required: &[S], ctx: Context) 
     };
     key.runtime.record(code, ctx.now_ms, ctx.ip);
     Decision::about(code, key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_decision_body_is_json_with_its_code() {
+        for code in DecisionCode::ALL {
+            let body = Decision::bare(code).body();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["code"], code.as_str(), "{code:?}");
+            assert!(v["valid"].is_boolean(), "{code:?}");
+        }
+    }
 }
