@@ -110,12 +110,13 @@ pub struct ClientList {
     pub next_after: Option<String>,
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Default, Deserialize, serde::Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateClient {
     pub consumer_id: String,
     pub name: String,
     /// Default: `["client_credentials"]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub grant_types: Option<Vec<String>>,
     #[serde(default)]
     pub scopes: Vec<String>,
@@ -123,33 +124,44 @@ pub struct CreateClient {
     #[serde(default)]
     pub audiences: Vec<String>,
     /// `jwt` (default) or `opaque`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub token_format: Option<String>,
     /// 1 to 86400 (default 3600).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub token_lifetime_seconds: Option<i64>,
     /// `client_secret_basic` (default; `client_secret_post` works too) or `private_key_jwt` (RFC 7523:
     /// the client signs a JWT with its own private key; it gets no secret).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub token_endpoint_auth_method: Option<String>,
     /// For `private_key_jwt`: the client's public keys as a JWKS, `{"keys": [...]}` (RSA, P-256 or
     /// Ed25519; at most 10; public parts only).
     #[schema(value_type = Option<Object>)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub jwks: Option<Value>,
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Default, Deserialize, serde::Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateClient {
     /// Replace a `private_key_jwt` client's public keys (to rotate them).
     #[schema(value_type = Option<Object>)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub jwks: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub grant_types: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub scopes: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub audiences: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub token_format: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub token_lifetime_seconds: Option<i64>,
 }
 
-#[derive(Debug, Default, Deserialize, ToSchema)]
+#[derive(Debug, Default, Deserialize, serde::Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RotateSecret {
     /// How long the old secret keeps working, in seconds (0 ends it at once).
@@ -546,12 +558,14 @@ pub async fn list_signing_keys(
     Json(key_views(&state))
 }
 
-#[derive(Debug, Default, Deserialize, ToSchema)]
+#[derive(Debug, Default, Deserialize, serde::Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RotateSigningKey {
     /// Seconds the new key is published before it signs (default: the configured value).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub publish_ahead_seconds: Option<u64>,
     /// `EdDSA`, `ES256` or `RS256` (default: the configured algorithm).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub alg: Option<String>,
 }
 

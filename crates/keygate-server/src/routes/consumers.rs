@@ -69,32 +69,36 @@ pub struct ConsumerList {
     pub next_after: Option<String>,
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Default, Deserialize, serde::Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateConsumer {
     pub name: String,
-    #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Value>,
     /// The plan: `[{"name", "limit", "window_seconds"}]`, inherited by keys without their own.
     #[schema(value_type = Option<Vec<Object>>)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limits: Option<Vec<RateLimit>>,
     /// Your own id for this account (e.g. your customer id), unique among consumers; 1–200 characters.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub external_id: Option<String>,
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Default, Deserialize, serde::Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateConsumer {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     #[schema(value_type = Option<Object>)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Value>,
     /// `null` removes the plan's limits.
-    #[serde(default, deserialize_with = "present")]
+    #[serde(skip_serializing_if = "Option::is_none", default, deserialize_with = "present")]
     #[schema(value_type = Option<Vec<Object>>)]
     pub rate_limits: Option<Option<Vec<RateLimit>>>,
     /// `null` removes the external id.
-    #[serde(default, deserialize_with = "present")]
+    #[serde(skip_serializing_if = "Option::is_none", default, deserialize_with = "present")]
     #[schema(value_type = Option<String>)]
     pub external_id: Option<Option<String>>,
 }

@@ -135,7 +135,7 @@ pub struct KeyList {
     pub next_after: Option<String>,
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Default, Deserialize, serde::Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKey {
     pub consumer_id: String,
@@ -143,60 +143,71 @@ pub struct CreateKey {
     #[serde(default)]
     pub scopes: Vec<String>,
     /// RFC 3339; must be in the future.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
-    #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     #[schema(value_type = Option<String>, example = "live")]
     pub environment: Option<Environment>,
     #[schema(value_type = Option<Object>)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Value>,
     /// `[{"name": "per_second", "limit": 10, "window_seconds": 1}]`; absent: the consumer's plan.
     #[schema(value_type = Option<Vec<Object>>)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limits: Option<Vec<RateLimit>>,
     /// `{"remaining": N, "refill": {"amount": N, "interval_seconds": S} | {"amount": N, "schedule":
     /// "daily"} | {"amount": N, "schedule": "monthly", "day_of_month": D} | null}`.
     #[schema(value_type = Option<Object>)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub quota: Option<Quota>,
     /// IPv4/IPv6 addresses and CIDR ranges, e.g. `["203.0.113.0/24", "2001:db8::/32"]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed_ips: Option<Vec<String>>,
 }
 
 /// Fields to change; absent fields stay as they are. `expires_at: null` removes the expiry.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Default, Deserialize, serde::Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateKey {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub scopes: Option<Vec<String>>,
     #[schema(value_type = Option<Object>)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Value>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(skip_serializing_if = "Option::is_none", default, deserialize_with = "present")]
     #[schema(value_type = Option<String>)]
     pub expires_at: Option<Option<String>>,
     /// `null`: inherit the consumer's limits again.
-    #[serde(default, deserialize_with = "present")]
+    #[serde(skip_serializing_if = "Option::is_none", default, deserialize_with = "present")]
     #[schema(value_type = Option<Vec<Object>>)]
     pub rate_limits: Option<Option<Vec<RateLimit>>>,
     /// `null` removes the quota. Setting one restarts its refill schedule now.
-    #[serde(default, deserialize_with = "present")]
+    #[serde(skip_serializing_if = "Option::is_none", default, deserialize_with = "present")]
     #[schema(value_type = Option<Object>)]
     pub quota: Option<Option<Quota>>,
     /// `null`: usable from anywhere again.
-    #[serde(default, deserialize_with = "present")]
+    #[serde(skip_serializing_if = "Option::is_none", default, deserialize_with = "present")]
     pub allowed_ips: Option<Option<Vec<String>>>,
 }
 
 /// Change a quota: exactly one of `set`, `add`, `reset`.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Default, Deserialize, serde::Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct QuotaChange {
     /// Set remaining uses to this.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub set: Option<u64>,
     /// Top up: add this to the remaining uses.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub add: Option<u64>,
     /// Set remaining uses back to the refill amount.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub reset: Option<bool>,
 }
 
-#[derive(Debug, Default, Deserialize, ToSchema)]
+#[derive(Debug, Default, Deserialize, serde::Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RotateKey {
     /// How long the old secret keeps working, in seconds (0 ends it at once; at most 30 days).

@@ -24,7 +24,7 @@ pub fn router() -> axum::Router<Arc<AppState>> {
     axum::Router::new().route("/v1/verify", post(verify)).route("/v1/auth", get(forward_auth))
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Default, Deserialize, serde::Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VerifyRequest {
     /// The credential to check, e.g. an API key `kg_live_…`.
@@ -33,11 +33,14 @@ pub struct VerifyRequest {
     #[serde(default)]
     pub scopes: Vec<String>,
     /// Units of rate limit and quota this request uses (default 1; 0 checks without consuming).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cost: Option<u64>,
     /// The end client's IP address, for IP allow-lists, last-used tracking and brute-force throttling.
     /// Without it, the address of the caller of this endpoint is used.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
     /// For access tokens: a resource the token's audience must include.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub audience: Option<String>,
 }
 

@@ -6,7 +6,8 @@
 //! UTC); rate limits are `NAME:LIMIT/WINDOW` (`per_second:10/1s`, `daily:10000/1d`).
 
 use clap::Args;
-use serde_json::{Value, json};
+use keygate_core::limits::{Quota, RateLimit, Refill, Schedule};
+use serde_json::Value;
 
 use super::Failure;
 
@@ -41,8 +42,8 @@ pub fn time(s: &str) -> Result<String, String> {
     Err(format!("{s:?} is not a time: write a date (2030-01-31) or RFC 3339 (2030-01-31T12:00:00Z)"))
 }
 
-/// `NAME:LIMIT/WINDOW` → the API's rate-limit object.
-pub fn rate_limit(spec: &str) -> Result<Value, String> {
+/// `NAME:LIMIT/WINDOW` → the API's rate limit.
+pub fn rate_limit(spec: &str) -> Result<RateLimit, String> {
     let bad = || format!("{spec:?}: write NAME:LIMIT/WINDOW, e.g. per_minute:100/1m or per_second:10/1");
     let (name, rest) = spec.split_once(':').ok_or_else(bad)?;
     let (limit, window) = rest.split_once('/').ok_or_else(bad)?;
@@ -51,7 +52,7 @@ pub fn rate_limit(spec: &str) -> Result<Value, String> {
     if name.trim().is_empty() {
         return Err(bad());
     }
-    Ok(json!({"name": name.trim(), "limit": limit, "window_seconds": window}))
+    Ok(RateLimit { name: name.trim().to_string(), limit, window_seconds: window })
 }
 
 /// A rate limit as people type it, for printing: `per_second:10/1s`.
@@ -211,25 +212,27 @@ pub struct QuotaArgs {
 }
 
 impl QuotaArgs {
-    pub fn to_json(&self) -> Result<Option<Value>, Failure> {
+    /// The quota as the API takes it, if `--quota` was given.
+    pub fn quota(&self) -> Result<Option<Quota>, Failure> {
         let Some(remaining) = self.quota else { return Ok(None) };
         let refill = match self.refill_amount {
-            None => Value::Null,
+            None => None,
             Some(amount) => {
-                if let Some(s) = self.refill_every {
-                    json!({"amount": amount, "interval_seconds": s})
+                let base = Refill { amount, interval_seconds: None, schedule: None, day_of_month: None };
+                Some(if let Some(s) = self.refill_every {
+                    Refill { interval_seconds: Some(s), ..base }
                 } else if self.refill_daily {
-                    json!({"amount": amount, "schedule": "daily"})
+                    Refill { schedule: Some(Schedule::Daily), ..base }
                 } else if let Some(d) = self.refill_monthly {
-                    json!({"amount": amount, "schedule": "monthly", "day_of_month": d})
+                    Refill { schedule: Some(Schedule::Monthly), day_of_month: Some(d), ..base }
                 } else {
                     return Err(Failure::usage(
                         "--refill-amount needs --refill-every DURATION, --refill-daily or --refill-monthly DAY",
                     ));
-                }
+                })
             }
         };
-        Ok(Some(json!({"remaining": remaining, "refill": refill})))
+        Ok(Some(Quota { remaining, refill }))
     }
 }
 
@@ -277,8 +280,8 @@ mod tests {
         assert_eq!(time("2030-01-31T12:00:00+02:00").unwrap(), "2030-01-31T10:00:00Z");
         assert!(time("tomorrow").is_err());
         let l = rate_limit("per_minute:100/1m").unwrap();
-        assert_eq!(l, json!({"name": "per_minute", "limit": 100, "window_seconds": 60}));
-        assert_eq!(show_rate_limit(&l), "per_minute:100/1m");
+        assert_eq!(l, RateLimit { name: "per_minute".into(), limit: 100, window_seconds: 60 });
+        assert_eq!(show_rate_limit(&serde_json::to_value(&l).unwrap()), "per_minute:100/1m");
         assert!(rate_limit("100/60").is_err());
         assert!(metadata("[1]").is_err());
     }

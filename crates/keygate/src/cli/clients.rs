@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Subcommand;
+use keygate_server::routes::clients::{CreateClient, RotateSecret, UpdateClient};
 use reqwest::Method;
 use serde_json::json;
 
@@ -129,13 +130,18 @@ pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
             auth_method,
             jwks_file,
         } => {
-            let mut body = json!({"consumer_id": consumer, "name": name, "scopes": scopes, "grant_types": grants,
-                "audiences": audiences, "token_format": token_format, "token_lifetime_seconds": lifetime,
-                "token_endpoint_auth_method": auth_method});
-            if let Some(f) = jwks_file {
-                body["jwks"] = read_jwks(&f)?;
-            }
-            let v = c.call(Method::POST, &["v1", "clients"], &[], Some(body)).await?;
+            let body = CreateClient {
+                consumer_id: consumer,
+                name,
+                grant_types: Some(grants),
+                scopes,
+                audiences,
+                token_format: Some(token_format),
+                token_lifetime_seconds: Some(lifetime.min(i64::MAX as u64) as i64),
+                token_endpoint_auth_method: Some(auth_method),
+                jwks: jwks_file.map(|f| read_jwks(&f)).transpose()?,
+            };
+            let v = c.send(Method::POST, &["v1", "clients"], &body).await?;
             output(c, &v, |v| {
                 emit(format!(
                     "Created client {} ({}; {} tokens; scopes: {})",
@@ -174,26 +180,16 @@ pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
             output(c, &v, print_object);
         }
         Cmd::Update { id, name, scopes, audiences, token_format, lifetime, jwks_file } => {
-            let mut body = json!({});
-            if let Some(f) = jwks_file {
-                body["jwks"] = read_jwks(&f)?;
-            }
-            if let Some(n) = name {
-                body["name"] = json!(n);
-            }
-            if let Some(s) = scopes {
-                body["scopes"] = json!(s);
-            }
-            if let Some(a) = audiences {
-                body["audiences"] = json!(a);
-            }
-            if let Some(f) = token_format {
-                body["token_format"] = json!(f);
-            }
-            if let Some(l) = lifetime {
-                body["token_lifetime_seconds"] = json!(l);
-            }
-            let v = c.call(Method::PATCH, &["v1", "clients", &id], &[], Some(body)).await?;
+            let body = UpdateClient {
+                jwks: jwks_file.map(|f| read_jwks(&f)).transpose()?,
+                name,
+                grant_types: None,
+                scopes,
+                audiences,
+                token_format,
+                token_lifetime_seconds: lifetime.map(|l| l.min(i64::MAX as u64) as i64),
+            };
+            let v = c.send(Method::PATCH, &["v1", "clients", &id], &body).await?;
             output(c, &v, |v| {
                 emit(format!("Updated client {id}"));
                 print_object(v);
@@ -221,14 +217,8 @@ pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
             output(c, &json!({"deleted": id}), |_| emit(format!("Deleted client {id}")));
         }
         Cmd::RotateSecret { id, overlap } => {
-            let v = c
-                .call(
-                    Method::POST,
-                    &["v1", "clients", &id, "rotate-secret"],
-                    &[],
-                    Some(json!({"overlap_seconds": overlap})),
-                )
-                .await?;
+            let body = RotateSecret { overlap_seconds: overlap };
+            let v = c.send(Method::POST, &["v1", "clients", &id, "rotate-secret"], &body).await?;
             output(c, &v, |v| {
                 emit(format!("Rotated the secret of client {id}"));
                 if overlap > 0 {

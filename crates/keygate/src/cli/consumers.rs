@@ -3,8 +3,10 @@
 use std::process::ExitCode;
 
 use clap::Subcommand;
+use keygate_core::limits::RateLimit;
+use keygate_server::routes::consumers::{CreateConsumer, UpdateConsumer};
 use reqwest::Method;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::CliResult;
 use super::args::{self, PageArgs};
@@ -24,7 +26,7 @@ pub enum Cmd {
         /// The plan: a rate limit NAME:LIMIT/WINDOW (e.g. per_minute:600/1m) that keys without their own
         /// inherit (repeatable).
         #[arg(long = "rate-limit", value_name = "NAME:LIMIT/WINDOW", value_parser = args::rate_limit)]
-        rate_limits: Vec<Value>,
+        rate_limits: Vec<RateLimit>,
         /// Your own id for this account (unique), to find it again with `consumers show --external-id`.
         #[arg(long)]
         external_id: Option<String>,
@@ -56,7 +58,7 @@ pub enum Cmd {
         metadata: Option<Value>,
         /// Replace the plan's rate limits, NAME:LIMIT/WINDOW (repeatable).
         #[arg(long = "rate-limit", value_name = "NAME:LIMIT/WINDOW", value_parser = args::rate_limit)]
-        rate_limits: Vec<Value>,
+        rate_limits: Vec<RateLimit>,
         /// Remove the plan's rate limits.
         #[arg(long, conflicts_with = "rate_limits")]
         no_rate_limits: bool,
@@ -84,17 +86,13 @@ pub enum Cmd {
 pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
     match cmd {
         Cmd::Create { name, metadata, rate_limits, external_id } => {
-            let mut body = json!({"name": name});
-            if let Some(m) = metadata {
-                body["metadata"] = m;
-            }
-            if !rate_limits.is_empty() {
-                body["rate_limits"] = json!(rate_limits);
-            }
-            if let Some(e) = external_id {
-                body["external_id"] = json!(e);
-            }
-            let v = c.call(Method::POST, &["v1", "consumers"], &[], Some(body)).await?;
+            let body = CreateConsumer {
+                name,
+                metadata,
+                rate_limits: (!rate_limits.is_empty()).then_some(rate_limits),
+                external_id,
+            };
+            let v = c.send(Method::POST, &["v1", "consumers"], &body).await?;
             output(c, &v, |v| {
                 emit(format!(
                     "Created consumer {} ({})",
@@ -144,24 +142,17 @@ pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
             output(c, &v, print_object);
         }
         Cmd::Update { id, name, metadata, rate_limits, no_rate_limits, external_id, no_external_id } => {
-            let mut body = json!({});
-            if no_rate_limits {
-                body["rate_limits"] = Value::Null;
-            } else if !rate_limits.is_empty() {
-                body["rate_limits"] = json!(rate_limits);
-            }
-            if let Some(n) = name {
-                body["name"] = json!(n);
-            }
-            if let Some(m) = metadata {
-                body["metadata"] = m;
-            }
-            if no_external_id {
-                body["external_id"] = Value::Null;
-            } else if let Some(e) = external_id {
-                body["external_id"] = json!(e);
-            }
-            let v = c.call(Method::PATCH, &["v1", "consumers", &id], &[], Some(body)).await?;
+            let body = UpdateConsumer {
+                name,
+                metadata,
+                rate_limits: if no_rate_limits {
+                    Some(None)
+                } else {
+                    (!rate_limits.is_empty()).then_some(Some(rate_limits))
+                },
+                external_id: if no_external_id { Some(None) } else { external_id.map(Some) },
+            };
+            let v = c.send(Method::PATCH, &["v1", "consumers", &id], &body).await?;
             output(c, &v, |v| {
                 emit(format!("Updated consumer {id}"));
                 print_object(v);

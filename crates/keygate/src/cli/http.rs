@@ -72,6 +72,18 @@ impl Api {
         self.answer(req).await
     }
 
+    /// An admin API call with a typed body: the same request struct the server deserialises.
+    pub async fn send<T: serde::Serialize>(
+        &self,
+        method: Method,
+        segments: &[&str],
+        body: &T,
+    ) -> Result<Value, Failure> {
+        let body = serde_json::to_value(body)
+            .map_err(|e| Failure::new(format!("cannot encode the request: {e}")))?;
+        self.call(method, segments, &[], Some(body)).await
+    }
+
     /// Sends a request and reads the answer: the JSON of a success, or a failure that says what to do.
     pub async fn answer(&self, req: reqwest::RequestBuilder) -> Result<Value, Failure> {
         let resp = req.send().await.map_err(|e| Failure {

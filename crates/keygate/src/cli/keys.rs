@@ -4,6 +4,8 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Subcommand;
+use keygate_core::limits::RateLimit;
+use keygate_server::routes::keys::{CreateKey, QuotaChange, RotateKey, UpdateKey};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -40,7 +42,7 @@ pub enum Cmd {
         /// A rate limit NAME:LIMIT/WINDOW, e.g. per_minute:100/1m (repeatable) [default: the consumer's
         /// plan].
         #[arg(long = "rate-limit", value_name = "NAME:LIMIT/WINDOW", value_parser = args::rate_limit)]
-        rate_limits: Vec<Value>,
+        rate_limits: Vec<RateLimit>,
         #[command(flatten)]
         quota: QuotaArgs,
         /// An address or CIDR range the key may be used from (repeatable) [default: anywhere].
@@ -86,7 +88,7 @@ pub enum Cmd {
         no_expiry: bool,
         /// Replace the key's own rate limits, NAME:LIMIT/WINDOW (repeatable).
         #[arg(long = "rate-limit", value_name = "NAME:LIMIT/WINDOW", value_parser = args::rate_limit)]
-        rate_limits: Vec<Value>,
+        rate_limits: Vec<RateLimit>,
         #[command(flatten)]
         quota: QuotaArgs,
         /// Replace the allowed addresses or CIDR ranges (repeatable).
@@ -198,24 +200,18 @@ pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
             quota,
             allowed_ips,
         } => {
-            let mut body =
-                json!({"consumer_id": consumer, "name": name, "scopes": scopes, "environment": environment});
-            if !rate_limits.is_empty() {
-                body["rate_limits"] = json!(rate_limits);
-            }
-            if let Some(q) = quota.to_json()? {
-                body["quota"] = q;
-            }
-            if !allowed_ips.is_empty() {
-                body["allowed_ips"] = json!(allowed_ips);
-            }
-            if let Some(t) = expiry(expires_in, expires_at) {
-                body["expires_at"] = json!(t);
-            }
-            if let Some(m) = metadata {
-                body["metadata"] = m;
-            }
-            let v = c.call(Method::POST, &["v1", "keys"], &[], Some(body)).await?;
+            let body = CreateKey {
+                consumer_id: consumer,
+                name,
+                scopes,
+                expires_at: expiry(expires_in, expires_at),
+                environment: keygate_core::Environment::parse(&environment),
+                metadata,
+                rate_limits: (!rate_limits.is_empty()).then_some(rate_limits),
+                quota: quota.quota()?,
+                allowed_ips: (!allowed_ips.is_empty()).then_some(allowed_ips),
+            };
+            let v = c.send(Method::POST, &["v1", "keys"], &body).await?;
             output(c, &v, |v| {
                 emit(format!("Created key {}", key_line(v)));
                 if !v["expires_at"].is_null() {
@@ -264,37 +260,24 @@ pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
             no_quota,
             any_ip,
         } => {
-            let mut body = json!({});
-            if inherit_rate_limits {
-                body["rate_limits"] = Value::Null;
-            } else if !rate_limits.is_empty() {
-                body["rate_limits"] = json!(rate_limits);
-            }
-            if no_quota {
-                body["quota"] = Value::Null;
-            } else if let Some(q) = quota.to_json()? {
-                body["quota"] = q;
-            }
-            if any_ip {
-                body["allowed_ips"] = Value::Null;
-            } else if !allowed_ips.is_empty() {
-                body["allowed_ips"] = json!(allowed_ips);
-            }
-            if let Some(n) = name {
-                body["name"] = json!(n);
-            }
-            if let Some(s) = scopes {
-                body["scopes"] = json!(s);
-            }
-            if let Some(m) = metadata {
-                body["metadata"] = m;
-            }
-            if no_expiry {
-                body["expires_at"] = Value::Null;
-            } else if let Some(t) = expiry(expires_in, expires_at) {
-                body["expires_at"] = json!(t);
-            }
-            let v = c.call(Method::PATCH, &["v1", "keys", &id], &[], Some(body)).await?;
+            let body = UpdateKey {
+                name,
+                scopes,
+                metadata,
+                expires_at: if no_expiry { Some(None) } else { expiry(expires_in, expires_at).map(Some) },
+                rate_limits: if inherit_rate_limits {
+                    Some(None)
+                } else {
+                    (!rate_limits.is_empty()).then_some(Some(rate_limits))
+                },
+                quota: if no_quota { Some(None) } else { quota.quota()?.map(Some) },
+                allowed_ips: if any_ip {
+                    Some(None)
+                } else {
+                    (!allowed_ips.is_empty()).then_some(Some(allowed_ips))
+                },
+            };
+            let v = c.send(Method::PATCH, &["v1", "keys", &id], &body).await?;
             output(c, &v, |v| {
                 emit(format!("Updated key {}", key_line(v)));
                 print_object(v);
@@ -302,11 +285,11 @@ pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
         }
         Cmd::Quota { id, set, add, reset } => {
             let body = match (set, add, reset) {
-                (Some(n), None, false) => json!({"set": n}),
-                (None, Some(n), false) => json!({"add": n}),
-                _ => json!({"reset": true}),
+                (Some(n), None, false) => QuotaChange { set: Some(n), ..QuotaChange::default() },
+                (None, Some(n), false) => QuotaChange { add: Some(n), ..QuotaChange::default() },
+                _ => QuotaChange { reset: Some(true), ..QuotaChange::default() },
             };
-            let v = c.call(Method::POST, &["v1", "keys", &id, "quota"], &[], Some(body)).await?;
+            let v = c.send(Method::POST, &["v1", "keys", &id, "quota"], &body).await?;
             output(c, &v, |v| emit(format!("Quota of {id}: {}", show_quota(&v["quota"]))));
         }
         Cmd::Import { file } => return import(c, &file).await,
@@ -330,14 +313,8 @@ pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
             {
                 return Err(Failure::usage("not rotated; pass --overlap 1h (for example) or --yes"));
             }
-            let v = c
-                .call(
-                    Method::POST,
-                    &["v1", "keys", &id, "rotate"],
-                    &[],
-                    Some(json!({"overlap_seconds": overlap})),
-                )
-                .await?;
+            let body = RotateKey { overlap_seconds: overlap };
+            let v = c.send(Method::POST, &["v1", "keys", &id, "rotate"], &body).await?;
             output(c, &v, |v| {
                 emit(format!("Rotated key {}", key_line(v)));
                 match v["previous_expires_at"].as_str() {

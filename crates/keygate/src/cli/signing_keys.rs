@@ -3,8 +3,9 @@
 use std::process::ExitCode;
 
 use clap::Subcommand;
+use keygate_server::routes::clients::RotateSigningKey;
 use reqwest::Method;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::CliResult;
 use super::args;
@@ -45,14 +46,8 @@ pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
             v
         }
         Cmd::Rotate { publish_ahead, alg } => {
-            let mut body = json!({});
-            if let Some(s) = publish_ahead {
-                body["publish_ahead_seconds"] = json!(s);
-            }
-            if let Some(a) = alg {
-                body["alg"] = json!(a);
-            }
-            c.call(Method::POST, &["v1", "signing-keys", "rotate"], &[], Some(body)).await?
+            let body = RotateSigningKey { publish_ahead_seconds: publish_ahead, alg };
+            c.send(Method::POST, &["v1", "signing-keys", "rotate"], &body).await?
         }
     };
     output(c, &v, |v: &Value| {

@@ -4,8 +4,9 @@
 use std::process::ExitCode;
 
 use clap::Args;
+use keygate_server::routes::verify::VerifyRequest;
 use reqwest::Method;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::args::secret_or_stdin;
 use super::http::Api;
@@ -33,14 +34,14 @@ pub struct VerifyArgs {
 
 pub async fn verify(c: &Api, a: VerifyArgs) -> CliResult {
     let credential = secret_or_stdin(a.credential, "credential")?;
-    let mut body = json!({"credential": credential, "scopes": a.scopes, "cost": a.cost});
-    if let Some(ip) = a.ip {
-        body["ip"] = json!(ip.to_string());
-    }
-    if let Some(aud) = a.audience {
-        body["audience"] = json!(aud);
-    }
-    let d = c.call(Method::POST, &["v1", "verify"], &[], Some(body)).await?;
+    let body = VerifyRequest {
+        credential,
+        scopes: a.scopes,
+        cost: Some(a.cost),
+        ip: a.ip.map(|ip| ip.to_string()),
+        audience: a.audience,
+    };
+    let d = c.send(Method::POST, &["v1", "verify"], &body).await?;
     let valid = d.get("valid").and_then(Value::as_bool).unwrap_or(false);
     if c.json {
         emit(&d);
