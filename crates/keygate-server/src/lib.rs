@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod cache;
+pub mod decision_body;
 pub mod error;
 pub mod fsmode;
 pub mod metrics;

@@ -27,15 +27,15 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use keygate_core::credential::{self, CredentialError};
 use keygate_core::limits::{RateLimit, ip_allowed};
 use keygate_core::{DecisionCode, SecretHash, scope};
 use keygate_store::{SecretRecord, Store, StoreError};
 use moka::sync::Cache;
-use serde::Serialize;
 
 use crate::cache::{GuardedCache, Ticket};
+use crate::decision_body::{ValidBody, json_body};
 use crate::oauth::tokens::TokenInfo;
 use crate::runtime::{KeyRuntime, RateLimitState, Registry};
 
@@ -100,26 +100,6 @@ pub struct Decision {
     pub token_limits: Option<Arc<Vec<RateLimit>>>,
 }
 
-#[derive(Serialize)]
-struct TokenBody<'a> {
-    valid: bool,
-    code: DecisionCode,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    message: Option<&'static str>,
-    kind: &'static str,
-    token_format: keygate_store::TokenFormat,
-    client_id: &'a str,
-    consumer_id: &'a str,
-    sub: &'a str,
-    scopes: &'a [String],
-    aud: &'a [String],
-    expires_at: String,
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    missing_scopes: &'a [String],
-    #[serde(skip_serializing_if = "Option::is_none")]
-    rate_limit: Option<RateLimitView<'a>>,
-}
-
 /// The request-dependent inputs of a decision.
 #[derive(Debug, Clone, Copy)]
 pub struct Context {
@@ -140,80 +120,18 @@ impl Context {
 #[derive(Debug)]
 pub enum Lookup {
     Decided(Decision),
-    Miss(SecretHash),
+    Miss(Miss),
 }
 
-#[derive(Serialize)]
-struct ValidBody<'a> {
-    valid: bool,
-    code: DecisionCode,
-    kind: &'static str,
-    key_id: &'a str,
-    consumer_id: &'a str,
-    name: &'a str,
-    environment: &'static str,
-    scopes: &'a [String],
-    expires_at: Option<String>,
-    metadata: &'a serde_json::Value,
+/// A credential the caches could not decide about: what the store read needs, and what the parse
+/// already found out (so that the miss path does not parse it again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Miss {
+    pub hash: SecretHash,
+    /// In Keygate's format (so absent means `NOT_FOUND`); otherwise a possible imported key (absent means
+    /// `MALFORMED`).
+    pub keygate_format: bool,
 }
-
-#[derive(Serialize)]
-struct InvalidBody<'a> {
-    valid: bool,
-    code: DecisionCode,
-    message: std::borrow::Cow<'static, str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    kind: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    key_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    consumer_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    missing_scopes: &'a [String],
-    #[serde(skip_serializing_if = "Option::is_none")]
-    rate_limit: Option<RateLimitView<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    quota: Option<QuotaView>,
-}
-
-#[derive(Serialize)]
-struct RateLimitView<'a> {
-    name: &'a str,
-    limit: u64,
-    remaining: u64,
-    /// Seconds until the next request is allowed (denied), or until the limit is whole again (allowed):
-    /// the same number as the `RateLimit-Reset` header, and as `Retry-After` on a denial.
-    reset: u64,
-}
-
-#[derive(Serialize)]
-struct QuotaView {
-    remaining: u64,
-}
-
-impl<'a> RateLimitView<'a> {
-    fn new(r: &RateLimitState, limits: &'a [RateLimit]) -> Self {
-        let name = limits.get(r.index).map_or("", |l| l.name.as_str());
-        RateLimitView { name, limit: r.limit, remaining: r.remaining, reset: r.reset_seconds() }
-    }
-}
-
-/// Serialises a decision body. Plain data cannot fail to serialise; if it ever did, the answer still
-/// carries the decision's code (never an empty body), the log says why, and the unit test
-/// `every_decision_body_is_json_with_its_code` pins that it does not happen.
-fn json_body<T: Serialize>(body: &T, code: DecisionCode) -> Bytes {
-    match serde_json::to_vec(body) {
-        Ok(v) => Bytes::from(v),
-        Err(e) => {
-            tracing::error!(error = %e, code = code.as_str(), "cannot serialise a decision body");
-            Bytes::from(format!(r#"{{"valid":{},"code":"{}"}}"#, code == DecisionCode::Valid, code.as_str()))
-        }
-    }
-}
-
-const MALFORMED_BODY: &[u8] =
-    br#"{"valid":false,"code":"MALFORMED","message":"the credential is not a well-formed Keygate credential"}"#;
-const NOT_FOUND_BODY: &[u8] = br#"{"valid":false,"code":"NOT_FOUND","message":"no such credential exists"}"#;
 
 impl Decision {
     pub fn bare(code: DecisionCode) -> Self {
@@ -242,89 +160,6 @@ impl Decision {
 
     pub fn is_valid(&self) -> bool {
         self.code == DecisionCode::Valid
-    }
-
-    /// The JSON body of this decision, as `/v1/verify` answers it.
-    pub fn body(&self) -> Bytes {
-        if let Some(t) = &self.token {
-            let body = TokenBody {
-                valid: self.code == DecisionCode::Valid,
-                code: self.code,
-                message: (self.code != DecisionCode::Valid).then(|| self.code.message()),
-                kind: "access_token",
-                token_format: t.format,
-                client_id: &t.client_id,
-                consumer_id: &t.consumer_id,
-                sub: &t.subject,
-                scopes: &t.scopes,
-                aud: &t.audiences,
-                expires_at: crate::time::rfc3339(t.expires_at),
-                missing_scopes: &self.missing_scopes,
-                rate_limit: match (&self.rate_limit, &self.token_limits) {
-                    (Some(r), Some(l)) => Some(RateLimitView::new(r, l)),
-                    _ => None,
-                },
-            };
-            return json_body(&body, self.code);
-        }
-        match (self.code, &self.key) {
-            (DecisionCode::Valid, Some(k)) => {
-                if self.rate_limit.is_none() && self.quota_remaining.is_none() {
-                    return k.valid_body.clone();
-                }
-                let mut b = BytesMut::with_capacity(k.valid_prefix.len() + 160);
-                b.put_slice(&k.valid_prefix);
-                if let Some(r) = &self.rate_limit {
-                    b.put_slice(b",\"rate_limit\":");
-                    // Plain numbers and a validated name: serialising cannot fail.
-                    if let Err(e) =
-                        serde_json::to_writer((&mut b).writer(), &RateLimitView::new(r, &k.limits))
-                    {
-                        tracing::error!(error = %e, "cannot serialise a rate-limit view");
-                        b.put_slice(b"null");
-                    }
-                }
-                if let Some(q) = self.quota_remaining {
-                    b.put_slice(b",\"quota\":{\"remaining\":");
-                    b.put_slice(itoa::Buffer::new().format(q).as_bytes());
-                    b.put_u8(b'}');
-                }
-                b.put_u8(b'}');
-                b.freeze()
-            }
-            (DecisionCode::Malformed, _) => Bytes::from_static(MALFORMED_BODY),
-            (DecisionCode::NotFound, _) => Bytes::from_static(NOT_FOUND_BODY),
-            (code, key) => {
-                let message = match (code, &self.rate_limit, key) {
-                    (DecisionCode::RateLimited, Some(r), Some(k)) => match k.limits.get(r.index) {
-                        Some(l) => std::borrow::Cow::Owned(format!(
-                            "the rate limit '{}' ({} per {} s) is used up; retry in {} s",
-                            l.name,
-                            l.limit,
-                            l.window_seconds,
-                            r.reset_seconds()
-                        )),
-                        None => code.message().into(),
-                    },
-                    _ => code.message().into(),
-                };
-                let body = InvalidBody {
-                    valid: false,
-                    code,
-                    message,
-                    kind: key.as_ref().map(|_| "api_key"),
-                    key_id: key.as_ref().map(|k| k.key_id.as_str()),
-                    consumer_id: key.as_ref().map(|k| k.consumer_id.as_str()),
-                    missing_scopes: &self.missing_scopes,
-                    rate_limit: match (&self.rate_limit, key) {
-                        (Some(r), Some(k)) => Some(RateLimitView::new(r, &k.limits)),
-                        _ => None,
-                    },
-                    quota: self.quota_remaining.map(|remaining| QuotaView { remaining }),
-                };
-                json_body(&body, code)
-            }
-        }
     }
 }
 
@@ -426,7 +261,7 @@ impl Verifier {
         if self.negative.contains_key(&hash) {
             return Lookup::Decided(Decision::bare(absent));
         }
-        Lookup::Miss(hash)
+        Lookup::Miss(Miss { hash, keygate_format })
     }
 
     /// Full verify: the cached path, then at most one store read.
@@ -436,13 +271,13 @@ impl Verifier {
         required: &[S],
         ctx: Context,
     ) -> Result<Decision, StoreError> {
-        let hash = match self.verify_cached(secret, required, ctx) {
+        let miss = match self.verify_cached(secret, required, ctx) {
             Lookup::Decided(d) => return Ok(d),
-            Lookup::Miss(hash) => hash,
+            Lookup::Miss(miss) => miss,
         };
         let ticket = self.ticket();
-        let record = self.store.find_secret(&hash).await?;
-        Ok(self.complete_miss(ticket, secret, hash, record, required, ctx))
+        let record = self.store.find_secret(&miss.hash).await?;
+        Ok(self.complete_miss(ticket, miss, record, required, ctx))
     }
 
     /// Taken before a miss reads the store (see [`GuardedCache`]).
@@ -455,12 +290,12 @@ impl Verifier {
     pub fn complete_miss<S: AsRef<str>>(
         &self,
         ticket: (Ticket, Ticket),
-        secret: &str,
-        hash: SecretHash,
+        miss: Miss,
         record: Option<SecretRecord>,
         required: &[S],
         ctx: Context,
     ) -> Decision {
+        let hash = miss.hash;
         match record {
             Some(record) if record.hash.ct_eq(&hash) => {
                 let key = Arc::new(self.cached_key(&record));
@@ -469,12 +304,11 @@ impl Verifier {
             }
             _ => {
                 self.negative.insert_if_current(ticket.1, hash, ());
-                let code = if credential::parse(secret).is_ok() {
+                Decision::bare(if miss.keygate_format {
                     DecisionCode::NotFound
                 } else {
                     DecisionCode::Malformed
-                };
-                Decision::bare(code)
+                })
             }
         }
     }
@@ -518,6 +352,8 @@ impl Verifier {
             scopes: &scopes,
             expires_at: expires_at.map(crate::time::rfc3339),
             metadata: &k.metadata,
+            rate_limit: None,
+            quota: None,
         };
         let valid_body = json_body(&body, DecisionCode::Valid);
         let valid_prefix = valid_body.slice(..valid_body.len().saturating_sub(1));

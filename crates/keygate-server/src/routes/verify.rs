@@ -11,10 +11,11 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use keygate_core::{DecisionCode, scope};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use utoipa::ToSchema;
 
 use crate::auth::{ClientIp, VerifyCaller, presented_credential};
+use crate::decision_body::DecisionBody;
 use crate::error::{ApiError, ApiJson, ApiResult, ErrorBody};
 use crate::oauth::tokens::looks_like_jwt;
 use crate::state::AppState;
@@ -86,36 +87,6 @@ fn is_failure(d: &Decision) -> bool {
 /// Largest `cost` of one verify.
 pub const MAX_COST: u64 = 1_000_000;
 
-/// A verify decision. `valid` is true only for `VALID`; the other fields are present where they apply.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct DecisionView {
-    pub valid: bool,
-    /// One of VALID, MALFORMED, NOT_FOUND, EXPIRED, REVOKED, DISABLED, INSUFFICIENT_SCOPE.
-    pub code: String,
-    /// For invalid decisions: what the code means.
-    pub message: Option<String>,
-    /// `api_key`, whenever the credential was identified.
-    pub kind: Option<String>,
-    pub key_id: Option<String>,
-    pub consumer_id: Option<String>,
-    pub name: Option<String>,
-    /// `live` or `test`.
-    pub environment: Option<String>,
-    pub scopes: Option<Vec<String>>,
-    pub expires_at: Option<String>,
-    #[schema(value_type = Option<Object>)]
-    pub metadata: Option<serde_json::Value>,
-    /// For INSUFFICIENT_SCOPE: the required scopes the credential lacks.
-    pub missing_scopes: Option<Vec<String>>,
-    /// The most restrictive rate limit: `{"name", "limit", "remaining", "reset"}` (reset: Unix ms
-    /// when the limit is fully available again).
-    #[schema(value_type = Option<Object>)]
-    pub rate_limit: Option<serde_json::Value>,
-    /// `{"remaining": N}` for keys with a quota.
-    #[schema(value_type = Option<Object>)]
-    pub quota: Option<serde_json::Value>,
-}
-
 fn record(state: &AppState, decision: &Decision, started: Instant) {
     state.metrics.record_decision(decision.code, started.elapsed().as_secs_f64());
 }
@@ -124,7 +95,7 @@ fn record(state: &AppState, decision: &Decision, started: Instant) {
 ///
 /// The caller needs a credential with the `keygate:verify` permission (admin keys have it).
 #[utoipa::path(post, path = "/v1/verify", tag = "verify", request_body = VerifyRequest,
-    responses((status = 200, body = DecisionView), (status = "4XX", body = ErrorBody)),
+    responses((status = 200, body = DecisionBody), (status = "4XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn verify(
     State(state): State<Arc<AppState>>,
@@ -211,9 +182,9 @@ fn www_authenticate(error: Option<(&str, &str)>, scope: Option<&str>) -> HeaderV
     params(("scope" = Option<String>, Query, description = "required scopes, space- or comma-separated; repeatable"),
            ("X-Keygate-Required-Scopes" = Option<String>, Header, description = "required scopes")),
     responses((status = 200, description = "valid; identity in X-Keygate-* headers"),
-              (status = 401, body = DecisionView, description = "missing or invalid credential"),
-              (status = 403, body = DecisionView, description = "valid credential without the required scopes, or from a disallowed address"),
-              (status = 429, body = DecisionView, description = "rate limit or quota exhausted, or too many failed attempts")),
+              (status = 401, body = DecisionBody, description = "missing or invalid credential"),
+              (status = 403, body = DecisionBody, description = "valid credential without the required scopes, or from a disallowed address"),
+              (status = 429, body = DecisionBody, description = "rate limit or quota exhausted, or too many failed attempts")),
     security(("bearer" = []), ("api_key" = [])))]
 pub async fn forward_auth(
     State(state): State<Arc<AppState>>,

@@ -526,7 +526,7 @@ async fn a_cache_fill_cannot_undo_a_revoke() {
     else {
         panic!("a key never verified is not cached")
     };
-    assert_eq!(miss, hash);
+    assert_eq!(miss.hash, hash);
     let ticket = verifier.ticket();
     let stale = keygate_store::Store::find_secret(app.state.store.as_ref(), &hash).await.unwrap();
     // … a revoke commits and invalidates …
@@ -534,7 +534,7 @@ async fn a_cache_fill_cannot_undo_a_revoke() {
     assert_eq!(status, StatusCode::OK);
     // … then the verify finishes with what it read. Its own answer is the stale one …
     let ctx = Context::at(keygate_server::time::now_ms());
-    let d = verifier.complete_miss(ticket, &key, hash, stale, &[] as &[&str], ctx);
+    let d = verifier.complete_miss(ticket, miss, stale, &[] as &[&str], ctx);
     assert_eq!(d.code, keygate_core::DecisionCode::Valid);
     // … but it did not cache it: the next request sees the revoke.
     assert_eq!(app.verify_code(&key, &[]).await, "REVOKED");

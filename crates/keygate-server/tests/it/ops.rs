@@ -79,6 +79,17 @@ async fn openapi_covers_every_route_and_docs_work_offline() {
         }
     }
     assert_eq!(paths.len(), expected.len(), "the spec lists a route this test does not know");
+    // The verify answer is documented by the structs that are serialised.
+    let schemas = &spec["components"]["schemas"];
+    for (schema, field) in
+        [("ValidBody", "key_id"), ("TokenBody", "client_id"), ("InvalidBody", "missing_scopes")]
+    {
+        assert!(
+            schemas[schema]["properties"].get(field).is_some(),
+            "{schema}.{field} missing: {}",
+            schemas[schema]
+        );
+    }
 
     // The docs page and every script and stylesheet it loads come from this server.
     let html = app.client.get(app.url("/docs/")).send().await.unwrap().text().await.unwrap();
