@@ -164,7 +164,7 @@ pub fn resolve(args: &ServerArgs) -> Result<Resolved, String> {
         server.body_limit = v;
     }
     if let Some(v) = args.request_timeout_seconds.or(file.request_timeout_seconds) {
-        server.request_timeout = Duration::from_secs(v.max(1));
+        server.request_timeout = Duration::from_secs(in_range("request_timeout_seconds", v, 1, 3600)?);
     }
     if let Some(v) = args.busy_timeout_ms.or(file.busy_timeout_ms) {
         server.busy_timeout = Duration::from_millis(v);
@@ -173,10 +173,11 @@ pub fn resolve(args: &ServerArgs) -> Result<Resolved, String> {
         server.cache.capacity = v;
     }
     if let Some(v) = cache.ttl_seconds {
-        server.cache.ttl = Duration::from_secs(v.max(1));
+        server.cache.ttl = Duration::from_secs(in_range("cache.ttl_seconds", v, 1, 86_400)?);
     }
     if let Some(v) = cache.negative_ttl_seconds {
-        server.cache.negative_ttl = Duration::from_secs(v.max(1));
+        server.cache.negative_ttl =
+            Duration::from_secs(in_range("cache.negative_ttl_seconds", v, 1, 86_400)?);
     }
     if let Some(list) = args.trusted_proxies.clone().or(file.trusted_proxies) {
         let list: Vec<String> =
@@ -188,7 +189,7 @@ pub fn resolve(args: &ServerArgs) -> Result<Resolved, String> {
         server.failures_per_minute = v;
     }
     if let Some(v) = args.flush_interval_ms.or(file.flush_interval_ms) {
-        server.flush_interval = Duration::from_millis(v.clamp(10, 60_000));
+        server.flush_interval = Duration::from_millis(in_range("flush_interval_ms", v, 10, 60_000)?);
     }
     if let Some(iss) = args.issuer.clone().or(file.issuer) {
         if !(iss.starts_with("http://") || iss.starts_with("https://")) {
@@ -236,15 +237,27 @@ pub fn resolve(args: &ServerArgs) -> Result<Resolved, String> {
     }
     let usage = file.usage.unwrap_or_default();
     if let Some(h) = usage.minute_retention_hours {
-        server.retention.minute = Duration::from_secs(h.max(1) * 3600);
+        server.retention.minute =
+            Duration::from_secs(in_range("usage.minute_retention_hours", h, 1, 24 * 366)? * 3600);
     }
     if let Some(d) = usage.hour_retention_days {
-        server.retention.hour = Duration::from_secs(d.max(1) * 86_400);
+        server.retention.hour =
+            Duration::from_secs(in_range("usage.hour_retention_days", d, 1, 3660)? * 86_400);
     }
     if let Some(d) = usage.day_retention_days {
-        server.retention.day = Duration::from_secs(d.max(1) * 86_400);
+        server.retention.day =
+            Duration::from_secs(in_range("usage.day_retention_days", d, 1, 36_600)? * 86_400);
     }
     Ok(Resolved { server, log_format: args.log_format.or(file.log_format).unwrap_or_default() })
+}
+
+/// A setting's value, refused (not clamped) when out of range.
+fn in_range(name: &str, v: u64, min: u64, max: u64) -> Result<u64, String> {
+    if (min..=max).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{name} = {v} is out of range: it must be {min} to {max}"))
+    }
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, String> {
@@ -376,6 +389,15 @@ mod tests {
         let r = resolve(&args).unwrap();
         assert_eq!(r.server.listen.port(), 9001);
         assert_eq!(r.server.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_not_clamped() {
+        let args = ServerArgs { flush_interval_ms: Some(5), ..ServerArgs::default() };
+        let err = resolve(&args).err().unwrap();
+        assert!(err.contains("flush_interval_ms") && err.contains("10 to 60000"), "{err}");
+        let args = ServerArgs { request_timeout_seconds: Some(0), ..ServerArgs::default() };
+        assert!(resolve(&args).is_err());
     }
 
     #[test]
