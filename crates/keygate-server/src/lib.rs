@@ -27,7 +27,7 @@ use axum::response::{IntoResponse, Response};
 use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
-use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
 use utoipa_swagger_ui::SwaggerUi;
 
 pub use state::{AppState, ServerConfig, bootstrap, open_store};
@@ -54,25 +54,16 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
 pub fn app_for(state: Arc<AppState>, surface: Surface) -> axum::Router {
     let body_limit = state.config.body_limit;
     let timeout = state.config.request_timeout;
-    let public = || axum::Router::new().merge(routes::verify::router()).merge(oauth::router());
-    let admin = || {
-        axum::Router::new()
-            .merge(routes::consumers::router())
-            .merge(routes::keys::router())
-            .merge(routes::audit::router())
-            .merge(routes::import::router())
-            .merge(routes::usage::router())
-            .merge(routes::clients::router())
-            .merge(routes::ops::metrics_router())
-            .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::ApiDoc::openapi()))
-    };
     let routes = match surface {
-        Surface::All => public().merge(admin()),
-        Surface::Public => public(),
-        Surface::Admin => admin(),
+        Surface::All => public_routes().merge(admin_routes()),
+        Surface::Public => public_routes(),
+        Surface::Admin => admin_routes(),
     };
+    let (mut routes, _) = routes.merge(routes::ops::router()).split_for_parts();
+    if surface != Surface::Public {
+        routes = routes.merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::document()));
+    }
     routes
-        .merge(routes::ops::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests))
@@ -80,6 +71,25 @@ pub fn app_for(state: Arc<AppState>, surface: Surface) -> axum::Router {
         .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::SERVICE_UNAVAILABLE, timeout))
         .layer(CatchPanicLayer::custom(panic_response))
         .with_state(state)
+}
+
+/// What API consumers reach: verify, forward-auth, OAuth 2, discovery, JWKS (health is on every
+/// listener and added by `app_for`). Routes are
+/// registered with their OpenAPI operation (utoipa-axum), so the document cannot miss one.
+fn public_routes() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new().merge(routes::verify::router()).merge(oauth::router())
+}
+
+/// What operators reach: the admin API and `/metrics` (the docs are added by `app_for`).
+fn admin_routes() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new()
+        .merge(routes::consumers::router())
+        .merge(routes::keys::router())
+        .merge(routes::audit::router())
+        .merge(routes::import::router())
+        .merge(routes::usage::router())
+        .merge(routes::clients::router())
+        .merge(routes::ops::metrics_router())
 }
 
 async fn not_found() -> ApiError {

@@ -1,411 +1,774 @@
-//! Configuration layering: built-in defaults → TOML file (`--config`) → `KEYGATE_*` environment
-//! variables → command-line flags. clap reads flags and environment (a flag wins over its variable);
-//! this module lays them over the file and the defaults.
+//! Configuration, declared once. Each setting is one row of [`SETTINGS`]: its key in the TOML file
+//! (`cache.ttl_seconds`), its documentation, and how it is read from and written into the server's
+//! configuration. Everything else is derived from that row:
+//!
+//! - the flag (`--cache-ttl-seconds`) and the environment variable (`KEYGATE_CACHE_TTL_SECONDS`), which
+//!   clap reads (a flag wins over its variable);
+//! - the file's accepted keys (anything else is refused, with a pointer to `keygate default-config`);
+//! - `keygate default-config`, printed from the rows and the defaults;
+//! - the `[default: …]` shown by `keygate serve --help`.
+//!
+//! Defaults live in one place, `ServerConfig::default()` in keygate-server (which tests use too).
+//! Layering: defaults → TOML file (`--config`) → `KEYGATE_*` variables → flags. Out-of-range values are
+//! refused with the range, never clamped.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use clap::parser::ValueSource;
+use clap::{Arg, ArgAction, ArgMatches, Command};
 use keygate_server::ServerConfig;
+use keygate_server::oauth::keys::KeyAlg;
 use keygate_server::seal::MasterKeySource;
-use serde::Deserialize;
+use toml::Value;
 
-/// The TOML file. Every field is optional; absent fields keep their defaults.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    pub listen: Option<SocketAddr>,
-    pub data_dir: Option<PathBuf>,
-    pub log_format: Option<LogFormat>,
-    pub body_limit_bytes: Option<usize>,
-    pub request_timeout_seconds: Option<u64>,
-    pub busy_timeout_ms: Option<u64>,
-    pub trusted_proxies: Option<Vec<String>>,
-    pub failures_per_minute: Option<u64>,
-    pub flush_interval_ms: Option<u64>,
-    pub issuer: Option<String>,
-    pub master_key_file: Option<PathBuf>,
-    pub metrics_auth: Option<bool>,
-    pub admin_listen: Option<SocketAddr>,
-    pub unique_consumer_names: Option<bool>,
-    pub oauth: Option<OAuthFile>,
-    pub cache: Option<CacheFile>,
-    pub usage: Option<UsageFile>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OAuthFile {
-    pub signing_alg: Option<String>,
-    pub key_publish_ahead_seconds: Option<u64>,
-    pub key_rotation_days: Option<u64>,
-    pub publish_scopes: Option<bool>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UsageFile {
-    pub minute_retention_hours: Option<u64>,
-    pub hour_retention_days: Option<u64>,
-    pub day_retention_days: Option<u64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CacheFile {
-    pub capacity: Option<u64>,
-    pub ttl_seconds: Option<u64>,
-    pub negative_ttl_seconds: Option<u64>,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum LogFormat {
     #[default]
     Text,
     Json,
 }
 
-/// The data directory, for commands that work on it directly (`init`, `admin-key`).
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct DataDirArgs {
-    /// TOML configuration file (see `keygate default-config`); only its data_dir is used here.
-    #[arg(long, env = "KEYGATE_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Directory of the database [default: ./keygate-data].
-    #[arg(long, env = "KEYGATE_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-}
-
-impl DataDirArgs {
-    pub fn server_args(&self) -> ServerArgs {
-        ServerArgs { config: self.config.clone(), data_dir: self.data_dir.clone(), ..ServerArgs::default() }
-    }
-}
-
-/// What the command line and environment said (clap fills it).
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct ServerArgs {
-    /// TOML configuration file (see `keygate default-config`).
-    #[arg(long, env = "KEYGATE_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Address to listen on [default: 127.0.0.1:8080].
-    #[arg(long, env = "KEYGATE_LISTEN")]
-    pub listen: Option<SocketAddr>,
-    /// Directory for the database [default: ./keygate-data].
-    #[arg(long, env = "KEYGATE_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Log format on standard error [default: text].
-    #[arg(long, env = "KEYGATE_LOG_FORMAT", value_enum)]
-    pub log_format: Option<LogFormat>,
-    /// Largest request body in bytes [default: 65536].
-    #[arg(long, env = "KEYGATE_BODY_LIMIT_BYTES")]
-    pub body_limit_bytes: Option<usize>,
-    /// Longest a request may take, in seconds [default: 30].
-    #[arg(long, env = "KEYGATE_REQUEST_TIMEOUT_SECONDS")]
-    pub request_timeout_seconds: Option<u64>,
-    /// How long a write waits for the database lock, in milliseconds [default: 5000].
-    #[arg(long, env = "KEYGATE_BUSY_TIMEOUT_MS")]
-    pub busy_timeout_ms: Option<u64>,
-    /// Most credentials kept in the verify cache [default: 1000000].
-    #[arg(long, env = "KEYGATE_CACHE_CAPACITY")]
-    pub cache_capacity: Option<u64>,
-    /// A proxy whose X-Forwarded-For is trusted: address or CIDR (repeatable; the variable takes a
-    /// comma-separated list) [default: none].
-    #[arg(long = "trusted-proxy", env = "KEYGATE_TRUSTED_PROXIES", value_delimiter = ',')]
-    pub trusted_proxies: Option<Vec<String>>,
-    /// Failed credential checks per minute an address may make before it gets 429; 0 = no limit
-    /// [default: 100].
-    #[arg(long, env = "KEYGATE_FAILURES_PER_MINUTE")]
-    pub failures_per_minute: Option<u64>,
-    /// How often usage counts and quotas are written to the database, in ms [default: 1000].
-    #[arg(long, env = "KEYGATE_FLUSH_INTERVAL_MS")]
-    pub flush_interval_ms: Option<u64>,
-    /// The OAuth issuer URL, as clients reach this server [default: http://<listen address>].
-    #[arg(long, env = "KEYGATE_ISSUER")]
-    pub issuer: Option<String>,
-    /// File holding the master key that seals JWT signing keys at rest; created (mode 0600) if missing.
-    /// Keep it outside the data directory. KEYGATE_MASTER_KEY (base64 of 32 bytes) takes precedence
-    /// [default: keygate.master-key beside --config, else <data-dir>.master-key beside the data directory].
-    #[arg(long, env = "KEYGATE_MASTER_KEY_FILE")]
-    pub master_key_file: Option<PathBuf>,
-    /// Require a credential with keygate:metrics (admin keys have it) for /metrics
-    /// [default: true unless listening on loopback].
-    #[arg(long, env = "KEYGATE_METRICS_AUTH")]
-    pub metrics_auth: Option<bool>,
-    /// A second address for the admin API, /metrics and the docs; the --listen address then serves
-    /// only verify, forward-auth, OAuth and health [default: none, one listener serves everything].
-    #[arg(long, env = "KEYGATE_ADMIN_LISTEN")]
-    pub admin_listen: Option<SocketAddr>,
-    /// Refuse a consumer name another consumer already has [default: false].
-    #[arg(long, env = "KEYGATE_UNIQUE_CONSUMER_NAMES")]
-    pub unique_consumer_names: Option<bool>,
-}
-
+/// The resolved configuration: what the server runs with, plus what only the binary uses.
+#[derive(Debug, Default)]
 pub struct Resolved {
     pub server: ServerConfig,
     pub log_format: LogFormat,
+    master_key_file: Option<PathBuf>,
+}
+
+/// One setting. See the module documentation for what is derived from it.
+pub struct Setting {
+    /// Key in the TOML file; a dot separates the `[section]`.
+    pub key: &'static str,
+    /// What it does (the first line is the flag's short help).
+    pub doc: &'static str,
+    /// For a setting that is unset by default: what happens then, and an example value (TOML).
+    pub unset: Option<(&'static str, &'static str)>,
+    /// Takes several values (repeat the flag, or separate them with commas).
+    pub list: bool,
+    /// An older flag name still accepted.
+    pub alias: Option<&'static str>,
+    get: fn(&Resolved) -> Option<Value>,
+    set: fn(&mut Resolved, &str) -> Result<(), String>,
+}
+
+impl Setting {
+    pub fn flag(&self) -> String {
+        self.key.replace(['.', '_'], "-")
+    }
+
+    pub fn env(&self) -> String {
+        format!("KEYGATE_{}", self.key.replace('.', "_").to_uppercase())
+    }
+
+    /// The default as written in the file, or `None` when unset by default.
+    pub fn default_value(&self) -> Option<Value> {
+        (self.get)(&Resolved::default())
+    }
+}
+
+fn s(v: impl Into<String>) -> Option<Value> {
+    Some(Value::String(v.into()))
+}
+
+fn n(v: u64) -> Option<Value> {
+    Some(Value::Integer(i64::try_from(v).unwrap_or(i64::MAX)))
+}
+
+fn num(v: &str, min: u64, max: u64) -> Result<u64, String> {
+    let x: u64 = v.trim().parse().map_err(|_| "is not a whole number".to_string())?;
+    if (min..=max).contains(&x) { Ok(x) } else { Err(format!("is out of range: it must be {min} to {max}")) }
+}
+
+fn boolean(v: &str) -> Result<bool, String> {
+    match v.trim() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err("must be true or false".into()),
+    }
+}
+
+fn addr(v: &str) -> Result<SocketAddr, String> {
+    v.trim().parse().map_err(|_| "is not an address: write IP:PORT, e.g. 127.0.0.1:8080".into())
+}
+
+/// Every setting, in the order `keygate default-config` prints them (top-level ones first).
+pub static SETTINGS: &[Setting] = &[
+    Setting {
+        key: "listen",
+        doc: "Address to listen on. With admin_listen set, it serves only what API consumers need.",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| s(r.server.listen.to_string()),
+        set: |r, v| {
+            r.server.listen = addr(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        key: "admin_listen",
+        doc: "A second listener for the admin API (/v1/* except /v1/verify and /v1/auth), /metrics and the\n\
+              docs. When set, `listen` serves only /v1/verify, /v1/auth, /oauth2/*, discovery, JWKS and\n\
+              health. Production layout: listen on the public interface, admin_listen on a private one.",
+        unset: Some(("one listener serves everything", "\"127.0.0.1:8081\"")),
+        list: false,
+        alias: None,
+        get: |r| r.server.admin_listen.and_then(|a| s(a.to_string())),
+        set: |r, v| {
+            r.server.admin_listen = Some(addr(v)?);
+            Ok(())
+        },
+    },
+    Setting {
+        key: "data_dir",
+        doc: "Where the SQLite database lives (created 0700; its files 0600).",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| s(r.server.data_dir.display().to_string()),
+        set: |r, v| {
+            r.server.data_dir = PathBuf::from(v);
+            Ok(())
+        },
+    },
+    Setting {
+        key: "master_key_file",
+        doc: "The master key that seals the JWT signing keys in the database (XChaCha20-Poly1305); created,\n\
+              mode 0600, if missing. Keep it OUTSIDE the data directory and back it up apart from it: a\n\
+              copy of the data directory alone then does not reveal the signing keys. KEYGATE_MASTER_KEY\n\
+              (the key itself, base64 of 32 random bytes) takes precedence over the file.",
+        unset: Some((
+            "keygate.master-key beside the config file, or, without one, <data_dir>.master-key beside the data directory",
+            "\"/etc/keygate/master.key\"",
+        )),
+        list: false,
+        alias: None,
+        get: |r| r.master_key_file.as_ref().and_then(|p| s(p.display().to_string())),
+        set: |r, v| {
+            r.master_key_file = Some(PathBuf::from(v));
+            Ok(())
+        },
+    },
+    Setting {
+        key: "log_format",
+        doc: "\"text\" or \"json\", on standard error. The level comes from KEYGATE_LOG (e.g. \"info\",\n\
+              \"keygate_server=debug\"; \"info,keygate::access=warn\" drops the per-request line).",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| s(if r.log_format == LogFormat::Json { "json" } else { "text" }),
+        set: |r, v| {
+            r.log_format = match v.trim() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => return Err("must be text or json".into()),
+            };
+            Ok(())
+        },
+    },
+    Setting {
+        key: "body_limit_bytes",
+        doc: "Largest request body accepted, in bytes.",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| n(r.server.body_limit as u64),
+        set: |r, v| {
+            r.server.body_limit = num(v, 1024, 64 << 20)? as usize;
+            Ok(())
+        },
+    },
+    Setting {
+        key: "request_timeout_seconds",
+        doc: "Longest a request may take before it is answered 503.",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| n(r.server.request_timeout.as_secs()),
+        set: |r, v| {
+            r.server.request_timeout = Duration::from_secs(num(v, 1, 3600)?);
+            Ok(())
+        },
+    },
+    Setting {
+        key: "busy_timeout_ms",
+        doc: "How long a write waits for the database lock before answering 503, in ms.",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| n(r.server.busy_timeout.as_millis() as u64),
+        set: |r, v| {
+            r.server.busy_timeout = Duration::from_millis(num(v, 1, 600_000)?);
+            Ok(())
+        },
+    },
+    Setting {
+        key: "trusted_proxies",
+        doc: "Proxies (addresses or CIDR ranges) whose X-Forwarded-For / Forwarded headers name the real\n\
+              client, e.g. [\"127.0.0.1\", \"10.0.0.0/8\"]. Empty: the peer address is the client.",
+        unset: None,
+        list: true,
+        alias: Some("trusted-proxy"),
+        get: |r| {
+            Some(Value::Array(
+                r.server.trusted_proxies.iter().map(|p| Value::String(p.to_string())).collect(),
+            ))
+        },
+        set: |r, v| {
+            let list: Vec<String> =
+                v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+            r.server.trusted_proxies =
+                keygate_core::limits::parse_allowed_ips(&list).map_err(|e| e.to_string())?;
+            Ok(())
+        },
+    },
+    Setting {
+        key: "failures_per_minute",
+        doc: "Failed credential checks (malformed or unknown keys, failed admin logins) one address may make\n\
+              per minute before it is answered 429. 0 turns this off.",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| n(r.server.failures_per_minute),
+        set: |r, v| {
+            r.server.failures_per_minute = num(v, 0, 1_000_000)?;
+            Ok(())
+        },
+    },
+    Setting {
+        key: "flush_interval_ms",
+        doc: "How often usage counts, last-used times and quota state are written to the database, in ms.\n\
+              A crash loses at most this much of them; a graceful stop loses nothing.",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| n(r.server.flush_interval.as_millis() as u64),
+        set: |r, v| {
+            r.server.flush_interval = Duration::from_millis(num(v, 10, 60_000)?);
+            Ok(())
+        },
+    },
+    Setting {
+        key: "metrics_auth",
+        doc: "Require a credential with the keygate:metrics permission (admin keys have it) to read /metrics.",
+        unset: Some(("on, unless the listener serving /metrics is on a loopback address", "true")),
+        list: false,
+        alias: None,
+        get: |r| r.server.metrics_auth.map(Value::Boolean),
+        set: |r, v| {
+            r.server.metrics_auth = Some(boolean(v)?);
+            Ok(())
+        },
+    },
+    Setting {
+        key: "unique_consumer_names",
+        doc: "Refuse a consumer name that another consumer already has.",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| Some(Value::Boolean(r.server.unique_consumer_names)),
+        set: |r, v| {
+            r.server.unique_consumer_names = boolean(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        key: "issuer",
+        doc: "The OAuth issuer URL: what clients use to reach this server, and the \"iss\" of its tokens.",
+        unset: Some(("http://<the address it listens on>", "\"https://auth.example.com\"")),
+        list: false,
+        alias: None,
+        get: |r| r.server.issuer.as_ref().and_then(|i| s(i.clone())),
+        set: |r, v| {
+            let v = v.trim();
+            if !(v.starts_with("http://") || v.starts_with("https://")) {
+                return Err("must be an http:// or https:// URL".into());
+            }
+            r.server.issuer = Some(v.trim_end_matches('/').to_string());
+            Ok(())
+        },
+    },
+    Setting {
+        key: "oauth.signing_alg",
+        doc: "JWT signing algorithm for new keys: \"EdDSA\" (Ed25519), \"ES256\" or \"RS256\" (RSA 2048, for\n\
+              gateways that accept only RSA).",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| s(r.server.signing_alg.as_str()),
+        set: |r, v| {
+            r.server.signing_alg = KeyAlg::parse(v.trim()).ok_or("must be EdDSA, ES256 or RS256")?;
+            Ok(())
+        },
+    },
+    Setting {
+        key: "oauth.key_publish_ahead_seconds",
+        doc: "A new signing key is published this long before it signs, so verifiers caching the JWKS have it.",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| n(r.server.key_publish_ahead.as_secs()),
+        set: |r, v| {
+            r.server.key_publish_ahead = Duration::from_secs(num(v, 0, 7 * 86_400)?);
+            Ok(())
+        },
+    },
+    Setting {
+        key: "oauth.key_rotation_days",
+        doc: "Rotate the signing key automatically this often; 0 turns it off.",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| n(r.server.key_rotation_interval.as_secs() / 86_400),
+        set: |r, v| {
+            r.server.key_rotation_interval = Duration::from_secs(num(v, 0, 3660)? * 86_400);
+            Ok(())
+        },
+    },
+    Setting {
+        key: "oauth.publish_scopes",
+        doc: "List every client's scopes in the discovery document's scopes_supported. Turn off to keep one\n\
+              tenant's scopes from being visible to everyone.",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| Some(Value::Boolean(r.server.publish_scopes)),
+        set: |r, v| {
+            r.server.publish_scopes = boolean(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        key: "usage.minute_retention_hours",
+        doc: "How long per-minute usage buckets are kept, in hours.",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| n(r.server.retention.minute.as_secs() / 3600),
+        set: |r, v| {
+            r.server.retention.minute = Duration::from_secs(num(v, 1, 24 * 366)? * 3600);
+            Ok(())
+        },
+    },
+    Setting {
+        key: "usage.hour_retention_days",
+        doc: "How long hourly usage buckets are kept, in days.",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| n(r.server.retention.hour.as_secs() / 86_400),
+        set: |r, v| {
+            r.server.retention.hour = Duration::from_secs(num(v, 1, 3660)? * 86_400);
+            Ok(())
+        },
+    },
+    Setting {
+        key: "usage.day_retention_days",
+        doc: "How long daily usage buckets are kept, in days.",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| n(r.server.retention.day.as_secs() / 86_400),
+        set: |r, v| {
+            r.server.retention.day = Duration::from_secs(num(v, 1, 36_600)? * 86_400);
+            Ok(())
+        },
+    },
+    Setting {
+        key: "cache.capacity",
+        doc: "Most credentials kept in the in-memory verify cache.",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| n(r.server.cache.capacity),
+        set: |r, v| {
+            r.server.cache.capacity = num(v, 1, 1_000_000_000)?;
+            Ok(())
+        },
+    },
+    Setting {
+        key: "cache.ttl_seconds",
+        doc: "Longest a cached credential lives before it is read again (changes made through this server\n\
+              take effect at once regardless).",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| n(r.server.cache.ttl.as_secs()),
+        set: |r, v| {
+            r.server.cache.ttl = Duration::from_secs(num(v, 1, 86_400)?);
+            Ok(())
+        },
+    },
+    Setting {
+        key: "cache.negative_ttl_seconds",
+        doc: "Longest a \"no such credential\" answer is remembered.",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| n(r.server.cache.negative_ttl.as_secs()),
+        set: |r, v| {
+            r.server.cache.negative_ttl = Duration::from_secs(num(v, 1, 86_400)?);
+            Ok(())
+        },
+    },
+];
+
+/// Where a value came from, for error messages.
+#[derive(Debug, Clone)]
+enum Origin {
+    Flag,
+    Env,
+    File(PathBuf),
+}
+
+/// What the command line and environment said, as clap parsed it: `--config`, and each setting given.
+/// `serve` takes every setting; `init` and `admin-key` take only `--config` and `--data-dir`
+/// ([`DataDirArgs`]).
+#[derive(Debug, Clone, Default)]
+pub struct ServerArgs {
+    pub config: Option<PathBuf>,
+    given: BTreeMap<&'static str, (String, Origin)>,
+}
+
+impl ServerArgs {
+    /// For tests and callers that build arguments in code: `key = value` as if given as a flag.
+    #[cfg(test)]
+    pub fn with(mut self, key: &'static str, value: &str) -> Self {
+        self.given.insert(key, (value.to_string(), Origin::Flag));
+        self
+    }
+}
+
+const CONFIG_ARG: &str = "config";
+
+fn augment(mut cmd: Command, only: Option<&[&str]>) -> Command {
+    cmd = cmd.arg(
+        Arg::new(CONFIG_ARG)
+            .long("config")
+            .env("KEYGATE_CONFIG")
+            .value_name("FILE")
+            .value_parser(clap::value_parser!(PathBuf))
+            .help("TOML configuration file (see `keygate default-config`)."),
+    );
+    for setting in SETTINGS.iter().filter(|s| only.is_none_or(|o| o.contains(&s.key))) {
+        let default = match (setting.default_value(), setting.unset) {
+            (_, Some((when_unset, _))) => when_unset.to_string(),
+            (Some(Value::String(s)), None) => s,
+            (Some(v), None) => v.to_string(),
+            (None, None) => "none".into(),
+        };
+        let short = setting.doc.lines().next().unwrap_or_default();
+        let mut arg = Arg::new(setting.key)
+            .long(setting.flag())
+            .env(setting.env())
+            .value_name(if setting.list { "LIST" } else { "VALUE" })
+            .help(format!("{short} [default: {default}]"))
+            .long_help(format!("{} [default: {default}]", setting.doc.replace('\n', " ")));
+        if let Some(alias) = setting.alias {
+            arg = arg.alias(alias);
+        }
+        arg = if setting.list {
+            arg.action(ArgAction::Append).value_delimiter(',')
+        } else {
+            arg.action(ArgAction::Set)
+        };
+        cmd = cmd.arg(arg);
+    }
+    cmd
+}
+
+fn collect(m: &ArgMatches, only: Option<&[&str]>) -> ServerArgs {
+    let mut given = BTreeMap::new();
+    for setting in SETTINGS.iter().filter(|s| only.is_none_or(|o| o.contains(&s.key))) {
+        let origin = match m.value_source(setting.key) {
+            Some(ValueSource::CommandLine) => Origin::Flag,
+            Some(ValueSource::EnvVariable) => Origin::Env,
+            _ => continue,
+        };
+        if let Some(values) = m.get_many::<String>(setting.key) {
+            let value = values.map(String::as_str).collect::<Vec<_>>().join(",");
+            given.insert(setting.key, (value, origin));
+        }
+    }
+    ServerArgs { config: m.get_one::<PathBuf>(CONFIG_ARG).cloned(), given }
+}
+
+impl clap::Args for ServerArgs {
+    fn augment_args(cmd: Command) -> Command {
+        augment(cmd, None)
+    }
+    fn augment_args_for_update(cmd: Command) -> Command {
+        augment(cmd, None)
+    }
+}
+
+impl clap::FromArgMatches for ServerArgs {
+    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
+        Ok(collect(m, None))
+    }
+    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
+        *self = collect(m, None);
+        Ok(())
+    }
+}
+
+/// The data directory, for commands that work on it directly (`init`, `admin-key`).
+#[derive(Debug, Clone, Default)]
+pub struct DataDirArgs(pub ServerArgs);
+
+const DATA_DIR_ONLY: &[&str] = &["data_dir", "master_key_file"];
+
+impl clap::Args for DataDirArgs {
+    fn augment_args(cmd: Command) -> Command {
+        augment(cmd, Some(DATA_DIR_ONLY))
+    }
+    fn augment_args_for_update(cmd: Command) -> Command {
+        augment(cmd, Some(DATA_DIR_ONLY))
+    }
+}
+
+impl clap::FromArgMatches for DataDirArgs {
+    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
+        Ok(DataDirArgs(collect(m, Some(DATA_DIR_ONLY))))
+    }
+    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
+        self.0 = collect(m, Some(DATA_DIR_ONLY));
+        Ok(())
+    }
 }
 
 pub fn resolve(args: &ServerArgs) -> Result<Resolved, String> {
-    let file = match &args.config {
+    let mut values: BTreeMap<&'static str, (String, Origin)> = match &args.config {
         Some(path) => read_file(path)?,
-        None => FileConfig::default(),
+        None => BTreeMap::new(),
     };
-    let mut server = ServerConfig::default();
-    let cache = file.cache.unwrap_or_default();
-    if let Some(v) = args.listen.or(file.listen) {
-        server.listen = v;
-    }
-    if let Some(v) = args.data_dir.clone().or(file.data_dir) {
-        server.data_dir = v;
-    }
-    if let Some(v) = args.body_limit_bytes.or(file.body_limit_bytes) {
-        server.body_limit = v;
-    }
-    if let Some(v) = args.request_timeout_seconds.or(file.request_timeout_seconds) {
-        server.request_timeout = Duration::from_secs(in_range("request_timeout_seconds", v, 1, 3600)?);
-    }
-    if let Some(v) = args.busy_timeout_ms.or(file.busy_timeout_ms) {
-        server.busy_timeout = Duration::from_millis(v);
-    }
-    if let Some(v) = args.cache_capacity.or(cache.capacity) {
-        server.cache.capacity = v;
-    }
-    if let Some(v) = cache.ttl_seconds {
-        server.cache.ttl = Duration::from_secs(in_range("cache.ttl_seconds", v, 1, 86_400)?);
-    }
-    if let Some(v) = cache.negative_ttl_seconds {
-        server.cache.negative_ttl =
-            Duration::from_secs(in_range("cache.negative_ttl_seconds", v, 1, 86_400)?);
-    }
-    if let Some(list) = args.trusted_proxies.clone().or(file.trusted_proxies) {
-        let list: Vec<String> =
-            list.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
-        server.trusted_proxies =
-            keygate_core::limits::parse_allowed_ips(&list).map_err(|e| format!("trusted proxies: {e}"))?;
-    }
-    if let Some(v) = args.failures_per_minute.or(file.failures_per_minute) {
-        server.failures_per_minute = v;
-    }
-    if let Some(v) = args.flush_interval_ms.or(file.flush_interval_ms) {
-        server.flush_interval = Duration::from_millis(in_range("flush_interval_ms", v, 10, 60_000)?);
-    }
-    if let Some(iss) = args.issuer.clone().or(file.issuer) {
-        if !(iss.starts_with("http://") || iss.starts_with("https://")) {
-            return Err(format!("issuer {iss:?} must be an http:// or https:// URL"));
+    values.extend(args.given.iter().map(|(k, v)| (*k, v.clone())));
+    let mut r = Resolved::default();
+    for setting in SETTINGS {
+        if let Some((value, origin)) = values.get(setting.key) {
+            (setting.set)(&mut r, value).map_err(|e| {
+                let from = match origin {
+                    Origin::Flag => format!("--{}", setting.flag()),
+                    Origin::Env => setting.env(),
+                    Origin::File(p) => format!("{} in {}", setting.key, p.display()),
+                };
+                format!("{} = {value:?} ({from}) {e}", setting.key)
+            })?;
         }
-        server.issuer = Some(iss.trim_end_matches('/').to_string());
     }
-    server.master_key =
-        match std::env::var("KEYGATE_MASTER_KEY") {
-            Ok(k) if !k.trim().is_empty() => MasterKeySource::Inline(k),
-            _ => match args.master_key_file.clone().or(file.master_key_file) {
-                Some(p) => MasterKeySource::File(p),
-                None => match &args.config {
-                    Some(c) => MasterKeySource::File(c.parent().map_or_else(
-                        || PathBuf::from("keygate.master-key"),
-                        |d| d.join("keygate.master-key"),
-                    )),
-                    None => MasterKeySource::BesideDataDir,
-                },
-            },
-        };
-    if let Some(m) = args.metrics_auth.or(file.metrics_auth) {
-        server.metrics_auth = Some(m);
-    }
-    server.admin_listen = args.admin_listen.or(file.admin_listen);
-    if server.admin_listen.is_some_and(|a| a == server.listen && a.port() != 0) {
+    r.server.master_key = match std::env::var("KEYGATE_MASTER_KEY") {
+        Ok(k) if !k.trim().is_empty() => MasterKeySource::Inline(k),
+        _ => match (&r.master_key_file, &args.config) {
+            (Some(p), _) => MasterKeySource::File(p.clone()),
+            (None, Some(c)) => MasterKeySource::File(
+                c.parent()
+                    .map_or_else(|| PathBuf::from("keygate.master-key"), |d| d.join("keygate.master-key")),
+            ),
+            (None, None) => MasterKeySource::BesideDataDir,
+        },
+    };
+    if r.server.admin_listen.is_some_and(|a| a == r.server.listen && a.port() != 0) {
         return Err("admin_listen must differ from listen".into());
     }
-    if let Some(u) = args.unique_consumer_names.or(file.unique_consumer_names) {
-        server.unique_consumer_names = u;
-    }
-    let oauth = file.oauth.unwrap_or_default();
-    if let Some(p) = oauth.publish_scopes {
-        server.publish_scopes = p;
-    }
-    if let Some(a) = oauth.signing_alg {
-        server.signing_alg = keygate_server::oauth::keys::KeyAlg::parse(&a)
-            .ok_or_else(|| format!("oauth.signing_alg {a:?} must be EdDSA, ES256 or RS256"))?;
-    }
-    if let Some(s) = oauth.key_publish_ahead_seconds {
-        server.key_publish_ahead = Duration::from_secs(s);
-    }
-    if let Some(d) = oauth.key_rotation_days {
-        server.key_rotation_interval = Duration::from_secs(d * 86_400);
-    }
-    let usage = file.usage.unwrap_or_default();
-    if let Some(h) = usage.minute_retention_hours {
-        server.retention.minute =
-            Duration::from_secs(in_range("usage.minute_retention_hours", h, 1, 24 * 366)? * 3600);
-    }
-    if let Some(d) = usage.hour_retention_days {
-        server.retention.hour =
-            Duration::from_secs(in_range("usage.hour_retention_days", d, 1, 3660)? * 86_400);
-    }
-    if let Some(d) = usage.day_retention_days {
-        server.retention.day =
-            Duration::from_secs(in_range("usage.day_retention_days", d, 1, 36_600)? * 86_400);
-    }
-    Ok(Resolved { server, log_format: args.log_format.or(file.log_format).unwrap_or_default() })
+    Ok(r)
 }
 
-/// A setting's value, refused (not clamped) when out of range.
-fn in_range(name: &str, v: u64, min: u64, max: u64) -> Result<u64, String> {
-    if (min..=max).contains(&v) {
-        Ok(v)
-    } else {
-        Err(format!("{name} = {v} is out of range: it must be {min} to {max}"))
-    }
-}
-
-fn read_file(path: &Path) -> Result<FileConfig, String> {
+/// The file's settings as text, the way a flag or variable would give them. Unknown keys are refused.
+fn read_file(path: &Path) -> Result<BTreeMap<&'static str, (String, Origin)>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read the config file {}: {e}", path.display()))?;
-    toml::from_str(&text).map_err(|e| {
+    let bad = |e: String| {
         format!(
             "the config file {} is not valid: {e}\nrun `keygate default-config` for an example",
             path.display()
         )
-    })
+    };
+    let table: toml::Table = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let mut flat = Vec::new();
+    for (k, v) in table {
+        match v {
+            Value::Table(section) => flat.extend(section.into_iter().map(|(k2, v)| (format!("{k}.{k2}"), v))),
+            v => flat.push((k, v)),
+        }
+    }
+    let mut out = BTreeMap::new();
+    for (key, value) in flat {
+        let setting =
+            SETTINGS.iter().find(|s| s.key == key).ok_or_else(|| bad(format!("unknown setting `{key}`")))?;
+        let text = match value {
+            Value::String(s) => s,
+            Value::Integer(i) => i.to_string(),
+            Value::Boolean(b) => b.to_string(),
+            Value::Array(items) if setting.list => {
+                let mut parts = Vec::new();
+                for item in items {
+                    match item {
+                        Value::String(s) => parts.push(s),
+                        other => return Err(bad(format!("`{key}` holds {other}, not a string"))),
+                    }
+                }
+                parts.join(",")
+            }
+            other => {
+                return Err(bad(format!(
+                    "`{key}` = {other} is not a {}",
+                    if setting.list { "list" } else { "value" }
+                )));
+            }
+        };
+        out.insert(setting.key, (text, Origin::File(path.to_path_buf())));
+    }
+    Ok(out)
 }
 
-pub const DEFAULT_CONFIG: &str = r#"# Keygate configuration. Every setting is optional; shown here with its default.
-# Precedence: command-line flag > KEYGATE_* environment variable > this file > default.
-
-# Address to listen on. KEYGATE_LISTEN, --listen
-listen = "127.0.0.1:8080"
-
-# Where the SQLite database lives. KEYGATE_DATA_DIR, --data-dir
-data_dir = "keygate-data"
-
-# "text" or "json", on standard error. KEYGATE_LOG_FORMAT, --log-format
-# The log level comes from KEYGATE_LOG (e.g. "info", "keygate_server=debug").
-log_format = "text"
-
-# Largest request body accepted, in bytes. KEYGATE_BODY_LIMIT_BYTES
-body_limit_bytes = 65536
-
-# Longest a request may take before it is answered 503. KEYGATE_REQUEST_TIMEOUT_SECONDS
-request_timeout_seconds = 30
-
-# How long a write waits for the database lock before answering 503. KEYGATE_BUSY_TIMEOUT_MS
-busy_timeout_ms = 5000
-
-# Proxies (addresses or CIDR ranges) whose X-Forwarded-For / Forwarded headers name the real client,
-# e.g. ["127.0.0.1", "10.0.0.0/8"]. Empty: the peer address is the client. KEYGATE_TRUSTED_PROXIES
-trusted_proxies = []
-
-# Failed credential checks (malformed or unknown keys, failed admin logins) one address may make per
-# minute before it is answered 429. 0 turns this off. KEYGATE_FAILURES_PER_MINUTE
-failures_per_minute = 100
-
-# How often usage counts, last-used times and quota state are written to the database, in ms.
-# A crash loses at most this much of them; a graceful stop loses nothing. KEYGATE_FLUSH_INTERVAL_MS
-flush_interval_ms = 1000
-
-# The master key that seals the JWT signing keys in the database (XChaCha20-Poly1305). Created, mode
-# 0600, if missing. Keep it OUTSIDE the data directory and back it up apart from it: a copy of the data
-# directory alone then does not reveal the signing keys. KEYGATE_MASTER_KEY (base64 of 32 random bytes)
-# takes precedence over the file. Default: keygate.master-key beside this file, or, without a config
-# file, <data_dir>.master-key beside the data directory. KEYGATE_MASTER_KEY_FILE, --master-key-file
-# master_key_file = "/etc/keygate/master.key"
-
-# Require a credential with the keygate:metrics permission (admin keys have it) to read /metrics.
-# Default: on, unless Keygate listens on a loopback address. KEYGATE_METRICS_AUTH, --metrics-auth
-# metrics_auth = true
-
-# A second listener for the admin API (/v1/* except /v1/verify and /v1/auth), /metrics and the docs.
-# When set, `listen` serves only what API consumers need: /v1/verify, /v1/auth, /oauth2/*, discovery,
-# JWKS and health. Production layout: listen on the public interface, admin_listen on a private one.
-# KEYGATE_ADMIN_LISTEN, --admin-listen
-# admin_listen = "127.0.0.1:8081"
-
-# Refuse a consumer name that another consumer already has. KEYGATE_UNIQUE_CONSUMER_NAMES
-unique_consumer_names = false
-
-# The OAuth issuer URL: what clients use to reach this server, and the "iss" of its tokens.
-# Default: http://<the address it listens on>. KEYGATE_ISSUER, --issuer
-# issuer = "https://auth.example.com"
-
-[oauth]
-# JWT signing algorithm for new keys: "EdDSA" (Ed25519), "ES256" or "RS256" (RSA 2048, for gateways that
-# accept only RSA).
-signing_alg = "EdDSA"
-# A new signing key is published this long before it signs, so verifiers caching the JWKS have it.
-key_publish_ahead_seconds = 600
-# Rotate the signing key automatically this often; 0 turns it off.
-key_rotation_days = 30
-# List every client's scopes in the discovery document's scopes_supported. Turn off to keep one
-# tenant's scopes from being visible to everyone.
-publish_scopes = true
-
-[usage]
-# How long usage buckets are kept, per bucket size.
-minute_retention_hours = 48
-hour_retention_days = 90
-day_retention_days = 730
-
-[cache]
-# Most credentials kept in the in-memory verify cache. KEYGATE_CACHE_CAPACITY
-capacity = 1000000
-# Longest a cached credential lives before it is read again (changes made through this
-# server take effect at once regardless).
-ttl_seconds = 300
-# Longest a "no such credential" answer is remembered.
-negative_ttl_seconds = 30
-"#;
+/// `keygate default-config`: every setting, documented, with its default (commented out when unset by
+/// default), grouped in sections.
+pub fn default_config() -> String {
+    let mut out = String::from(
+        "# Keygate configuration. Every setting is optional; shown here with its default.\n\
+         # Precedence: command-line flag > KEYGATE_* environment variable > this file > default.\n",
+    );
+    let mut section = "";
+    for setting in SETTINGS {
+        let (sec, name) = setting.key.split_once('.').unwrap_or(("", setting.key));
+        if sec != section {
+            out.push_str(&format!("\n[{sec}]\n"));
+            section = sec;
+        } else {
+            out.push('\n');
+        }
+        for line in setting.doc.lines() {
+            out.push_str(&format!("# {line}\n"));
+        }
+        out.push_str(&format!("# {}, --{}\n", setting.env(), setting.flag()));
+        match (setting.unset, setting.default_value()) {
+            (Some((when_unset, example)), _) => {
+                out.push_str(&format!("# Default: {when_unset}.\n# {name} = {example}\n"));
+            }
+            (None, Some(v)) => out.push_str(&format!("{name} = {v}\n")),
+            (None, None) => {}
+        }
+    }
+    out
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    fn values(r: &Resolved) -> Vec<Option<Value>> {
+        SETTINGS.iter().map(|s| (s.get)(r)).collect()
+    }
+
     #[test]
-    fn default_config_parses_and_matches_defaults() {
-        let file: FileConfig = toml::from_str(DEFAULT_CONFIG).unwrap();
-        let d = ServerConfig::default();
-        assert_eq!(file.listen, Some(d.listen));
-        assert_eq!(file.data_dir, Some(d.data_dir));
-        assert_eq!(file.body_limit_bytes, Some(d.body_limit));
-        assert_eq!(file.cache.unwrap().capacity, Some(d.cache.capacity));
-        assert_eq!(file.failures_per_minute, Some(d.failures_per_minute));
-        assert_eq!(file.flush_interval_ms, Some(d.flush_interval.as_millis() as u64));
-        assert_eq!(file.usage.unwrap().minute_retention_hours, Some(d.retention.minute.as_secs() / 3600));
-        assert_eq!(file.oauth.unwrap().publish_scopes, Some(d.publish_scopes));
-        assert_eq!(file.unique_consumer_names, Some(d.unique_consumer_names));
+    fn default_config_resolves_to_the_defaults() {
+        let text = default_config();
+        let (_d, path) = write(&text);
+        let r = resolve(&ServerArgs { config: Some(path), ..ServerArgs::default() }).unwrap();
+        assert_eq!(values(&r), values(&Resolved::default()));
+        // Every setting is in the text, with its variable and flag.
+        for s in SETTINGS {
+            let name = s.key.rsplit('.').next().unwrap();
+            assert!(text.contains(&format!("{name} = ")), "{} missing", s.key);
+            assert!(text.contains(&s.env()) && text.contains(&format!("--{}", s.flag())), "{}", s.key);
+        }
+        // Top-level settings come before the first section, or the file would put them in it.
+        let first_section = SETTINGS.iter().position(|s| s.key.contains('.')).unwrap();
+        assert!(SETTINGS[first_section..].iter().all(|s| s.key.contains('.')));
+    }
+
+    #[test]
+    fn every_setting_reads_back_what_it_writes() {
+        for s in SETTINGS {
+            let Some(v) = s.default_value().or_else(|| s.unset.map(|(_, ex)| ex.parse::<Value>().unwrap()))
+            else {
+                continue;
+            };
+            let text = match &v {
+                Value::String(x) => x.clone(),
+                Value::Array(a) => a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(","),
+                other => other.to_string(),
+            };
+            let mut r = Resolved::default();
+            (s.set)(&mut r, &text).unwrap_or_else(|e| panic!("{}: {e}", s.key));
+            assert_eq!((s.get)(&r), Some(v), "{}", s.key);
+        }
+    }
+
+    #[test]
+    fn the_readme_documents_every_setting() {
+        let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"));
+        for s in SETTINGS {
+            assert!(readme.contains(&s.env()), "README lacks {}", s.env());
+            assert!(readme.contains(&format!("--{}", s.flag())), "README lacks --{}", s.flag());
+        }
     }
 
     #[test]
     fn flags_win_over_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("k.toml");
-        std::fs::write(&path, "listen = \"127.0.0.1:9000\"\ndata_dir = \"/tmp/x\"\n").unwrap();
-        let args = ServerArgs {
-            config: Some(path),
-            listen: Some("127.0.0.1:9001".parse().unwrap()),
-            ..ServerArgs::default()
-        };
+        let (_d, path) =
+            write("listen = \"127.0.0.1:9000\"\ndata_dir = \"/tmp/x\"\n[cache]\nttl_seconds = 7\n");
+        let args =
+            ServerArgs { config: Some(path), ..ServerArgs::default() }.with("listen", "127.0.0.1:9001");
         let r = resolve(&args).unwrap();
         assert_eq!(r.server.listen.port(), 9001);
         assert_eq!(r.server.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(r.server.cache.ttl, Duration::from_secs(7));
     }
 
     #[test]
     fn out_of_range_values_are_refused_not_clamped() {
-        let args = ServerArgs { flush_interval_ms: Some(5), ..ServerArgs::default() };
-        let err = resolve(&args).err().unwrap();
+        let err = resolve(&ServerArgs::default().with("flush_interval_ms", "5")).err().unwrap();
         assert!(err.contains("flush_interval_ms") && err.contains("10 to 60000"), "{err}");
-        let args = ServerArgs { request_timeout_seconds: Some(0), ..ServerArgs::default() };
-        assert!(resolve(&args).is_err());
+        assert!(err.contains("--flush-interval-ms"), "says where the value came from: {err}");
+        assert!(resolve(&ServerArgs::default().with("request_timeout_seconds", "0")).is_err());
+        let (_d, path) = write("[cache]\nttl_seconds = 0\n");
+        let err = resolve(&ServerArgs { config: Some(path), ..ServerArgs::default() }).err().unwrap();
+        assert!(err.contains("cache.ttl_seconds") && err.contains("k.toml"), "{err}");
     }
 
     #[test]
     fn bad_file_says_what_to_do() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("k.toml");
-        std::fs::write(&path, "lisen = 1\n").unwrap();
-        let err = resolve(&ServerArgs { config: Some(path), ..ServerArgs::default() }).err().unwrap();
-        assert!(err.contains("default-config"), "{err}");
+        for text in ["lisen = 1\n", "[cache]\nsize = 3\n", "trusted_proxies = [1]\n", "listen = [\"a\"]\n"] {
+            let (_d, path) = write(text);
+            let err = resolve(&ServerArgs { config: Some(path), ..ServerArgs::default() }).err().unwrap();
+            assert!(err.contains("default-config"), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn command_line_and_environment_are_derived_from_the_table() {
+        use clap::{FromArgMatches, Parser};
+        #[derive(Parser)]
+        struct T {
+            #[command(flatten)]
+            a: ServerArgs,
+        }
+        let m = <T as clap::CommandFactory>::command()
+            .try_get_matches_from([
+                "t",
+                "--cache-ttl-seconds",
+                "9",
+                "--trusted-proxy",
+                "10.0.0.0/8",
+                "--trusted-proxies",
+                "127.0.0.1,::1",
+            ])
+            .unwrap();
+        let args = ServerArgs::from_arg_matches(&m).unwrap();
+        let r = resolve(&args).unwrap();
+        assert_eq!(r.server.cache.ttl, Duration::from_secs(9));
+        assert_eq!(r.server.trusted_proxies.len(), 3);
     }
 }

@@ -216,7 +216,7 @@ fn loopback_if_unspecified(a: std::net::SocketAddr) -> std::net::SocketAddr {
 }
 
 pub async fn init(args: &DataDirArgs, json: bool) -> ExitCode {
-    let config = match resolve(&args.server_args()) {
+    let config = match resolve(&args.0) {
         Ok(r) => r.server,
         Err(e) => return fail(e),
     };
@@ -272,7 +272,7 @@ async fn already_initialized(config: &ServerConfig) -> bool {
 /// `keygate admin-key`: a new admin key written straight into the database, for when every admin key
 /// is lost. Needs file access to the data directory, which is the trust boundary here.
 pub async fn admin_key(args: &DataDirArgs, name: &str, json: bool) -> ExitCode {
-    let config = match resolve(&args.server_args()) {
+    let config = match resolve(&args.0) {
         Ok(r) => r.server,
         Err(e) => return fail(e),
     };

@@ -396,7 +396,11 @@ fn admin_key_recovery_and_config_handling() {
     std::fs::write(&config, "listen = 5\n").unwrap();
     let bad = keygate().args(["serve", "--config"]).arg(&config).output().unwrap();
     assert_eq!(bad.status.code(), Some(1));
-    assert!(stderr(&bad).contains("not valid"), "{}", stderr(&bad));
+    assert!(stderr(&bad).contains("is not an address"), "{}", stderr(&bad));
+    std::fs::write(&config, "lisen = 5\n").unwrap();
+    let bad = keygate().args(["serve", "--config"]).arg(&config).output().unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(stderr(&bad).contains("unknown setting `lisen`"), "{}", stderr(&bad));
 }
 
 #[test]

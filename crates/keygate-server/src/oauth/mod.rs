@@ -11,13 +11,13 @@ pub mod keys;
 pub mod tokens;
 
 use std::sync::Arc;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use base64::Engine;
 use serde_json::{Value, json};
 
@@ -27,13 +27,13 @@ use crate::state::AppState;
 use crate::verify::Context;
 pub use error::{OAuthError, OAuthErrorCode};
 
-pub fn router() -> axum::Router<Arc<AppState>> {
-    axum::Router::new()
-        .route("/oauth2/token", post(token))
-        .route("/oauth2/introspect", post(introspect))
-        .route("/oauth2/revoke", post(revoke))
-        .route("/.well-known/oauth-authorization-server", get(discovery))
-        .route("/.well-known/jwks.json", get(jwks))
+pub fn router() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new()
+        .routes(routes!(token))
+        .routes(routes!(introspect))
+        .routes(routes!(revoke))
+        .routes(routes!(discovery))
+        .routes(routes!(jwks))
 }
 
 /// A form body, after checking its content type (the parsing rules are in `keygate_core::oauth`).

@@ -1,10 +1,10 @@
 //! Admin API: the audit log, newest first.
 
 use std::sync::Arc;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use axum::Json;
 use axum::extract::State;
-use axum::routing::get;
 use keygate_store::{AuditEvent, AuditFilter};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -16,8 +16,8 @@ use crate::routes::common::*;
 use crate::state::AppState;
 use crate::time::rfc3339;
 
-pub fn router() -> axum::Router<Arc<AppState>> {
-    axum::Router::new().route("/v1/audit", get(list_audit))
+pub fn router() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new().routes(routes!(list_audit))
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -1,11 +1,11 @@
 //! Admin API for OAuth clients and JWT signing keys.
 
 use std::sync::Arc;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
 use keygate_core::{PlainSecret, SecretKind};
 use keygate_store::{ClientPatch, GrantType, OAuthClient, StoredSecret, TokenFormat};
 use serde::{Deserialize, Serialize};
@@ -21,17 +21,17 @@ use crate::routes::common::{
 use crate::state::AppState;
 use crate::time::rfc3339;
 
-pub fn router() -> axum::Router<Arc<AppState>> {
-    axum::Router::new()
-        .route("/v1/clients", post(create_client).get(list_clients))
-        .route("/v1/clients/{id}", get(get_client).patch(update_client).delete(delete_client))
-        .route("/v1/clients/{id}/disable", post(disable_client))
-        .route("/v1/clients/{id}/enable", post(enable_client))
-        .route("/v1/clients/{id}/rotate-secret", post(rotate_secret))
-        .route("/v1/clients/{id}/revoke-tokens", post(revoke_tokens))
-        .route("/v1/signing-keys", get(list_signing_keys))
-        .route("/v1/signing-keys/rotate", post(rotate_signing_key))
-        .route("/v1/signing-keys/{kid}/revoke", post(revoke_signing_key))
+pub fn router() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new()
+        .routes(routes!(create_client, list_clients))
+        .routes(routes!(get_client, update_client, delete_client))
+        .routes(routes!(disable_client))
+        .routes(routes!(enable_client))
+        .routes(routes!(rotate_secret))
+        .routes(routes!(revoke_tokens))
+        .routes(routes!(list_signing_keys))
+        .routes(routes!(rotate_signing_key))
+        .routes(routes!(revoke_signing_key))
 }
 
 /// Grant types a client may be allowed.

@@ -3,11 +3,11 @@
 //! under the consumer (its keys, and its OAuth clients' tokens) before the call returns.
 
 use std::sync::Arc;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
 use keygate_core::limits::RateLimit;
 use keygate_store::{Consumer, ConsumerLookup, ConsumerPatch};
 use serde::{Deserialize, Serialize};
@@ -20,12 +20,12 @@ use crate::routes::common::*;
 use crate::state::AppState;
 use crate::time::rfc3339;
 
-pub fn router() -> axum::Router<Arc<AppState>> {
-    axum::Router::new()
-        .route("/v1/consumers", post(create_consumer).get(list_consumers))
-        .route("/v1/consumers/{id}", get(get_consumer).patch(update_consumer))
-        .route("/v1/consumers/{id}/disable", post(disable_consumer))
-        .route("/v1/consumers/{id}/enable", post(enable_consumer))
+pub fn router() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new()
+        .routes(routes!(create_consumer, list_consumers))
+        .routes(routes!(get_consumer, update_consumer))
+        .routes(routes!(disable_consumer))
+        .routes(routes!(enable_consumer))
 }
 
 #[derive(Debug, Serialize, ToSchema)]

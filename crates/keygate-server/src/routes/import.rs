@@ -6,10 +6,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use axum::Json;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::routing::post;
 use keygate_core::credential::{self, visible_start};
 use keygate_core::limits::{Quota, RateLimit};
 use keygate_core::{Environment, SecretHash};
@@ -28,10 +28,8 @@ pub const MAX_IMPORT: usize = 10_000;
 /// Body limit of the import route (the rest of the API keeps the smaller default).
 pub const IMPORT_BODY_LIMIT: usize = 16 * 1024 * 1024;
 
-pub fn router() -> axum::Router<Arc<AppState>> {
-    axum::Router::new()
-        .route("/v1/keys/import", post(import_keys))
-        .layer(DefaultBodyLimit::max(IMPORT_BODY_LIMIT))
+pub fn router() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new().routes(routes!(import_keys)).layer(DefaultBodyLimit::max(IMPORT_BODY_LIMIT))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

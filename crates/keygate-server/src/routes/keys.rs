@@ -2,11 +2,11 @@
 //! and invalidates the verify cache before answering.
 
 use std::sync::Arc;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
 use keygate_core::limits::{Quota, RateLimit};
 use keygate_core::{Environment, PlainSecret, SecretKind, scope};
 use keygate_store::{ApiKey, KeyPatch, StoredSecret};
@@ -21,15 +21,15 @@ use crate::runtime::QuotaState;
 use crate::state::AppState;
 use crate::time::rfc3339;
 
-pub fn router() -> axum::Router<Arc<AppState>> {
-    axum::Router::new()
-        .route("/v1/keys", post(create_key).get(list_keys))
-        .route("/v1/keys/{id}", get(get_key).patch(update_key))
-        .route("/v1/keys/{id}/disable", post(disable_key))
-        .route("/v1/keys/{id}/enable", post(enable_key))
-        .route("/v1/keys/{id}/revoke", post(revoke_key))
-        .route("/v1/keys/{id}/rotate", post(rotate_key))
-        .route("/v1/keys/{id}/quota", post(change_quota))
+pub fn router() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new()
+        .routes(routes!(create_key, list_keys))
+        .routes(routes!(get_key, update_key))
+        .routes(routes!(disable_key))
+        .routes(routes!(enable_key))
+        .routes(routes!(revoke_key))
+        .routes(routes!(rotate_key))
+        .routes(routes!(change_quota))
 }
 
 /// An API key as listings show it: never the secret, only its visible start.

@@ -1,24 +1,24 @@
 //! Operations: health, readiness, metrics, the OpenAPI document and its docs page.
 
 use std::sync::Arc;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use serde_json::json;
 
 use crate::state::AppState;
 
 /// Health, on every listener.
-pub fn router() -> axum::Router<Arc<AppState>> {
-    axum::Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz))
+pub fn router() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new().routes(routes!(healthz)).routes(routes!(readyz))
 }
 
 /// Metrics, on the admin listener.
-pub fn metrics_router() -> axum::Router<Arc<AppState>> {
-    axum::Router::new().route("/metrics", get(metrics))
+pub fn metrics_router() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new().routes(routes!(metrics))
 }
 
 /// Liveness: the process answers.

@@ -2,10 +2,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::routing::get;
 use keygate_store::{Granularity, UsageQuery};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -19,10 +19,8 @@ use crate::time::{parse_rfc3339, rfc3339};
 /// Most buckets one report may span.
 const MAX_BUCKETS: i64 = 10_000;
 
-pub fn router() -> axum::Router<Arc<AppState>> {
-    axum::Router::new()
-        .route("/v1/keys/{id}/usage", get(key_usage))
-        .route("/v1/consumers/{id}/usage", get(consumer_usage))
+pub fn router() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new().routes(routes!(key_usage)).routes(routes!(consumer_usage))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

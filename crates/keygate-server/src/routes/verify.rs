@@ -4,12 +4,12 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use keygate_core::{DecisionCode, scope};
 use serde::Deserialize;
 use utoipa::ToSchema;
@@ -21,8 +21,8 @@ use crate::oauth::tokens::looks_like_jwt;
 use crate::state::AppState;
 use crate::verify::{Context, Decision};
 
-pub fn router() -> axum::Router<Arc<AppState>> {
-    axum::Router::new().route("/v1/verify", post(verify)).route("/v1/auth", get(forward_auth))
+pub fn router() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new().routes(routes!(verify)).routes(routes!(forward_auth))
 }
 
 #[derive(Debug, Default, Deserialize, serde::Serialize, ToSchema)]

@@ -23,7 +23,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{DEFAULT_CONFIG, DataDirArgs, ServerArgs};
+use crate::config::{DataDirArgs, ServerArgs, default_config};
 
 pub const EXIT_ERROR: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
@@ -55,6 +55,8 @@ pub struct GlobalArgs {
     pub json: bool,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the server (creates and initialises the data directory on first start).
@@ -116,7 +118,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Init(dir) => crate::server::init(&dir, global.json).await,
         Command::AdminKey { dir, name } => crate::server::admin_key(&dir, &name, global.json).await,
         Command::DefaultConfig => {
-            output::emit(DEFAULT_CONFIG.trim_end());
+            output::emit(default_config().trim_end());
             ExitCode::SUCCESS
         }
         Command::Remote(remote) => match run_remote(global, remote).await {
