@@ -114,8 +114,8 @@ http {{
 
 
 class Keygate:
-    def __init__(self, binary, tmp, port):
-        self.data = os.path.join(tmp, "keygate-data")
+    def __init__(self, binary, tmp, port, name="keygate"):
+        self.data = os.path.join(tmp, f"{name}-data")
         env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")}
         out = subprocess.run([binary, "init", "--json", "--data-dir", self.data], check=True, capture_output=True, env=env)
         self.admin = json.loads(out.stdout)["admin_key"]
@@ -123,7 +123,7 @@ class Keygate:
         self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen(
             [binary, "serve", "--data-dir", self.data, "--listen", f"127.0.0.1:{port}"],
-            env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "keygate.log"), "w"))
+            env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, f"{name}.log"), "w"))
         wait_http(self.url + "/healthz")
 
     def api(self, method, path, body=None):
@@ -285,6 +285,69 @@ def machine():
     return f"{os.cpu_count()} CPUs ({model})"
 
 
+# The targets --before compares (the hot paths this repository's changes can move).
+COMPARE_TARGETS = ["GET /v1/auth, valid key", "POST /v1/verify, valid key", "POST /v1/verify, JWT access token",
+                   "POST /oauth2/token, client credentials, JWT", "POST /oauth2/token, client credentials, opaque"]
+
+
+def seed_targets(kg, tmp, prefix, only):
+    """Seeds a consumer, keys and OAuth clients on one Keygate; returns its targets (name, url, script)."""
+    consumer = kg.api("POST", "/v1/consumers", {"name": "load"})
+    key = kg.api("POST", "/v1/keys", {"consumer_id": consumer["id"], "name": "load", "scopes": ["articles:read"]})
+    secret = key["key"]
+    limited = kg.api("POST", "/v1/keys", {
+        "consumer_id": consumer["id"], "name": "limited", "scopes": ["articles:read"],
+        "rate_limits": [{"name": "per_second", "limit": 1_000_000_000, "window_seconds": 1},
+                        {"name": "per_day", "limit": 1_000_000_000, "window_seconds": 86_400}],
+        "quota": {"remaining": 1_000_000_000}})["key"]
+    unknown_file = os.path.join(tmp, prefix + "unknown-keys.txt")
+    with open(unknown_file, "w") as f:
+        for _ in range(200_000):
+            f.write(make_secret() + "\n")
+    malformed = secret[:-1] + ("a" if secret[-1] != "a" else "b")
+
+    auth = {"Authorization": f"Bearer {kg.admin}", "Content-Type": "application/json"}
+    form = "application/x-www-form-urlencoded"
+
+    def oauth_client(fmt):
+        c = kg.api("POST", "/v1/clients", {"consumer_id": consumer["id"], "name": f"load-{fmt}{prefix}",
+                                           "scopes": ["articles:read"], "token_format": fmt})
+        basic = base64.b64encode(f"{c['client_id']}:{c['client_secret']}".encode()).decode()
+        return {"Authorization": f"Basic {basic}", "Content-Type": form}
+
+    jwt_client, opaque_client = oauth_client("jwt"), oauth_client("opaque")
+    req = urllib.request.Request(kg.url + "/oauth2/token", data=b"grant_type=client_credentials",
+                                 headers=jwt_client, method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        jwt_token = json.loads(r.read())["access_token"]
+    targets = [
+        ("GET /healthz (Keygate's HTTP floor)", kg.url, write_script(tmp, prefix + "healthz", "GET", "/healthz")),
+        ("POST /v1/verify, valid key", kg.url, write_script(
+            tmp, prefix + "verify_valid", "POST", "/v1/verify", auth,
+            json.dumps({"credential": secret, "scopes": ["articles:read"]}))),
+        ("POST /v1/verify, valid key + 2 rate limits + quota", kg.url, write_script(
+            tmp, prefix + "verify_limited", "POST", "/v1/verify", auth,
+            json.dumps({"credential": limited, "scopes": ["articles:read"]}))),
+        ("POST /v1/verify, unknown key (200k distinct)", kg.url, write_script(
+            tmp, prefix + "verify_unknown", "POST", "/v1/verify", auth, keys_file=unknown_file,
+            body_template='{"credential":"%s"}')),
+        ("POST /v1/verify, malformed key", kg.url, write_script(
+            tmp, prefix + "verify_malformed", "POST", "/v1/verify", auth, json.dumps({"credential": malformed}))),
+        ("GET /v1/auth, valid key", kg.url, write_script(
+            tmp, prefix + "auth_valid", "GET", "/v1/auth?scope=articles:read", {"X-API-Key": secret})),
+        ("POST /v1/verify, JWT access token", kg.url, write_script(
+            tmp, prefix + "verify_jwt", "POST", "/v1/verify", auth,
+            json.dumps({"credential": jwt_token, "scopes": ["articles:read"]}))),
+        ("POST /oauth2/token, client credentials, JWT", kg.url, write_script(
+            tmp, prefix + "token_jwt", "POST", "/oauth2/token", jwt_client, "grant_type=client_credentials")),
+        ("POST /oauth2/token, client credentials, opaque", kg.url, write_script(
+            tmp, prefix + "token_opaque", "POST", "/oauth2/token", opaque_client, "grant_type=client_credentials")),
+        ("POST /oauth2/introspect, JWT", kg.url, write_script(
+            tmp, prefix + "introspect", "POST", "/oauth2/introspect", jwt_client, f"token={jwt_token}")),
+    ]
+    return [t for t in targets if only is None or t[0] in only]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=int, default=10, help="duration of each measurement (default 10)")
@@ -294,6 +357,8 @@ def main():
     ap.add_argument("--no-build", action="store_true", help="use target/release/keygate as it is")
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--only-scale", action="store_true", help="skip the target table; measure --scale only")
+    ap.add_argument("--before", help="an older keygate binary: measure the main targets on it and on this "
+                    "build, interleaved in the same run (before/after of a change)")
     ap.add_argument("--scale", default="", help="comma-separated stored-key counts to measure verify at, e.g. 1000,1000000")
     args = ap.parse_args()
     if args.smoke:
@@ -307,67 +372,23 @@ def main():
         subprocess.run(["cargo", "build", "--release", "--locked", "-p", "keygate"], cwd=ROOT, check=True)
 
     tmp = tempfile.mkdtemp(prefix="keygate-load-")
-    nginx = kg = None
+    nginx = kg = before = None
     try:
         nginx_port, kg_port = free_port(), free_port()
         nginx = start_nginx(tmp, nginx_port)
         kg = Keygate(binary, tmp, kg_port)
+        before = Keygate(args.before, tmp, free_port(), "before") if args.before else None
         log(f"keygate on {kg.url}, nginx on 127.0.0.1:{nginx_port}; data in {tmp}")
 
-        consumer = kg.api("POST", "/v1/consumers", {"name": "load"})
-        key = kg.api("POST", "/v1/keys", {"consumer_id": consumer["id"], "name": "load", "scopes": ["articles:read"]})
-        secret = key["key"]
-        limited = kg.api("POST", "/v1/keys", {
-            "consumer_id": consumer["id"], "name": "limited", "scopes": ["articles:read"],
-            "rate_limits": [{"name": "per_second", "limit": 1_000_000_000, "window_seconds": 1},
-                            {"name": "per_day", "limit": 1_000_000_000, "window_seconds": 86_400}],
-            "quota": {"remaining": 1_000_000_000}})["key"]
-        unknown_file = os.path.join(tmp, "unknown-keys.txt")
-        with open(unknown_file, "w") as f:
-            for _ in range(200_000):
-                f.write(make_secret() + "\n")
-        malformed = secret[:-1] + ("a" if secret[-1] != "a" else "b")
-
-        auth = {"Authorization": f"Bearer {kg.admin}", "Content-Type": "application/json"}
-        form = "application/x-www-form-urlencoded"
-
-        def oauth_client(fmt):
-            c = kg.api("POST", "/v1/clients", {"consumer_id": consumer["id"], "name": f"load-{fmt}",
-                                               "scopes": ["articles:read"], "token_format": fmt})
-            basic = base64.b64encode(f"{c['client_id']}:{c['client_secret']}".encode()).decode()
-            return {"Authorization": f"Basic {basic}", "Content-Type": form}
-
-        jwt_client, opaque_client = oauth_client("jwt"), oauth_client("opaque")
-        req = urllib.request.Request(kg.url + "/oauth2/token", data=b"grant_type=client_credentials",
-                                     headers=jwt_client, method="POST")
-        with urllib.request.urlopen(req, timeout=10) as r:
-            jwt_token = json.loads(r.read())["access_token"]
-        targets = [
-            ("nginx return 200 (baseline)", f"http://127.0.0.1:{nginx_port}", write_script(tmp, "nginx")),
-            ("GET /healthz (Keygate's HTTP floor)", kg.url, write_script(tmp, "healthz", "GET", "/healthz")),
-            ("POST /v1/verify, valid key", kg.url, write_script(
-                tmp, "verify_valid", "POST", "/v1/verify", auth,
-                json.dumps({"credential": secret, "scopes": ["articles:read"]}))),
-            ("POST /v1/verify, valid key + 2 rate limits + quota", kg.url, write_script(
-                tmp, "verify_limited", "POST", "/v1/verify", auth,
-                json.dumps({"credential": limited, "scopes": ["articles:read"]}))),
-            ("POST /v1/verify, unknown key (200k distinct)", kg.url, write_script(
-                tmp, "verify_unknown", "POST", "/v1/verify", auth, keys_file=unknown_file,
-                body_template='{"credential":"%s"}')),
-            ("POST /v1/verify, malformed key", kg.url, write_script(
-                tmp, "verify_malformed", "POST", "/v1/verify", auth, json.dumps({"credential": malformed}))),
-            ("GET /v1/auth, valid key", kg.url, write_script(
-                tmp, "auth_valid", "GET", "/v1/auth?scope=articles:read", {"X-API-Key": secret})),
-            ("POST /v1/verify, JWT access token", kg.url, write_script(
-                tmp, "verify_jwt", "POST", "/v1/verify", auth,
-                json.dumps({"credential": jwt_token, "scopes": ["articles:read"]}))),
-            ("POST /oauth2/token, client credentials, JWT", kg.url, write_script(
-                tmp, "token_jwt", "POST", "/oauth2/token", jwt_client, "grant_type=client_credentials")),
-            ("POST /oauth2/token, client credentials, opaque", kg.url, write_script(
-                tmp, "token_opaque", "POST", "/oauth2/token", opaque_client, "grant_type=client_credentials")),
-            ("POST /oauth2/introspect, JWT", kg.url, write_script(
-                tmp, "introspect", "POST", "/oauth2/introspect", jwt_client, f"token={jwt_token}")),
-        ]
+        targets = [("nginx return 200 (baseline)", f"http://127.0.0.1:{nginx_port}", write_script(tmp, "nginx"))]
+        if before:
+            # The same targets on the old and the new binary, interleaved, so that drift hits both alike.
+            old_targets = seed_targets(before, tmp, "before", COMPARE_TARGETS)
+            new_targets = seed_targets(kg, tmp, "after", COMPARE_TARGETS)
+            for o, n in zip(old_targets, new_targets):
+                targets += [(o[0] + " — before", o[1], o[2]), (n[0] + " — after", n[1], n[2])]
+        else:
+            targets += seed_targets(kg, tmp, "", None)
 
         results = {}  # (target, conns) -> list of runs
         if args.only_scale:
@@ -406,6 +427,9 @@ def main():
                                 "p99_us": med["p99_us"], "p999_us": med["p999_us"], "errors": errors, "ratio": ratio})
         kg.stop()
         kg = None
+        if before:
+            before.stop()
+            before = None
         scale = []
         for n in [int(x) for x in args.scale.split(",") if x.strip()]:
             scale.append(measure_scale(binary, tmp, n, args.seconds, args.rounds))
@@ -428,6 +452,8 @@ def main():
     finally:
         if kg:
             kg.stop()
+        if before:
+            before.stop()
         if nginx:
             nginx.terminate()
             nginx.wait(timeout=10)

@@ -56,15 +56,21 @@ pub enum SecretKind {
     AccessToken,
     /// An OAuth client secret (`kgcs_`).
     ClientSecret,
+    /// An OAuth refresh token (`kgrt_`).
+    RefreshToken,
+    /// An OAuth authorization code (`kgac_`): single use, valid for 60 seconds.
+    AuthCode,
 }
 
 impl SecretKind {
     /// Every prefix Keygate issues. Order matters only for readability: no prefix is a prefix of another.
-    const ALL: [(SecretKind, &'static str); 4] = [
+    const ALL: [(SecretKind, &'static str); 6] = [
         (SecretKind::ApiKey(Environment::Live), "kg_live_"),
         (SecretKind::ApiKey(Environment::Test), "kg_test_"),
         (SecretKind::AccessToken, "kgat_"),
         (SecretKind::ClientSecret, "kgcs_"),
+        (SecretKind::RefreshToken, "kgrt_"),
+        (SecretKind::AuthCode, "kgac_"),
     ];
 
     pub fn prefix(self) -> &'static str {
@@ -73,6 +79,8 @@ impl SecretKind {
             SecretKind::ApiKey(Environment::Test) => "kg_test_",
             SecretKind::AccessToken => "kgat_",
             SecretKind::ClientSecret => "kgcs_",
+            SecretKind::RefreshToken => "kgrt_",
+            SecretKind::AuthCode => "kgac_",
         }
     }
 }

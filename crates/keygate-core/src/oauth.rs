@@ -40,15 +40,22 @@ impl TokenFormat {
 #[serde(rename_all = "snake_case")]
 pub enum GrantType {
     ClientCredentials,
+    /// A user's authorization, through the login and consent pages, with PKCE (RFC 6749 §4.1, RFC 7636).
+    AuthorizationCode,
+    /// A refresh token, rotated on every use.
+    RefreshToken,
 }
 
 impl GrantType {
     /// Every supported grant type.
-    pub const ALL: [GrantType; 1] = [GrantType::ClientCredentials];
+    pub const ALL: [GrantType; 3] =
+        [GrantType::ClientCredentials, GrantType::AuthorizationCode, GrantType::RefreshToken];
 
     pub fn as_str(self) -> &'static str {
         match self {
             GrantType::ClientCredentials => "client_credentials",
+            GrantType::AuthorizationCode => "authorization_code",
+            GrantType::RefreshToken => "refresh_token",
         }
     }
 
@@ -116,6 +123,10 @@ pub struct AtClaims {
     pub scope: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kg_iat: Option<i64>,
+    /// For a token issued on a user's behalf: the token family (one authorization and the refresh
+    /// tokens descended from it); `sub` is then the user id. Absent for client credentials tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kg_fam: Option<String>,
 }
 
 impl AtClaims {
@@ -173,5 +184,39 @@ mod tests {
         assert_eq!(c.issued_at_ms(), 10_000, "an inconsistent kg_iat is ignored");
         assert_eq!(c.scopes(), vec!["x:read", "y"]);
         assert_eq!(c.audiences(), vec!["a", "b"]);
+    }
+}
+
+/// PKCE (RFC 7636) with S256: is `verifier` well-formed (43 to 128 unreserved characters) and does its
+/// SHA-256, base64url without padding, equal `challenge`? Compared in constant time.
+pub fn pkce_s256_matches(verifier: &str, challenge: &str) -> bool {
+    use base64::Engine;
+    use sha2::Digest;
+    use subtle::ConstantTimeEq;
+    if !pkce_value_ok(verifier) {
+        return false;
+    }
+    let computed =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier.as_bytes()));
+    computed.as_bytes().ct_eq(challenge.as_bytes()).into()
+}
+
+/// A code verifier's syntax (RFC 7636 §4.1); an S256 challenge is always 43 such characters.
+pub fn pkce_value_ok(v: &str) -> bool {
+    (43..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
+}
+
+#[cfg(test)]
+mod pkce_tests {
+    use super::*;
+
+    #[test]
+    fn rfc7636_appendix_b() {
+        let verifier = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+        let challenge = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM";
+        assert!(pkce_s256_matches(verifier, challenge));
+        assert!(!pkce_s256_matches(verifier, "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cN"));
+        assert!(!pkce_s256_matches("short", challenge));
+        assert!(!pkce_s256_matches(&format!("{verifier}!"), challenge));
     }
 }

@@ -12,6 +12,8 @@ fn kind() -> impl Strategy<Value = SecretKind> {
         Just(SecretKind::ApiKey(Environment::Test)),
         Just(SecretKind::AccessToken),
         Just(SecretKind::ClientSecret),
+        Just(SecretKind::RefreshToken),
+        Just(SecretKind::AuthCode),
     ]
 }
 

@@ -99,7 +99,11 @@ fn jwt_fixture(alg: keygate_server::oauth::keys::KeyAlg) -> JwtFixture {
     let (oauth, store) = rt.block_on(async {
         let config = ServerConfig { data_dir: dir.path().to_path_buf(), ..ServerConfig::default() };
         let store = open_store(&config).await.unwrap();
-        let oauth = keygate_server::oauth::tokens::OAuth::new("http://127.0.0.1:8080".into(), alg);
+        let oauth = keygate_server::oauth::tokens::OAuth::new(
+            "http://127.0.0.1:8080".into(),
+            alg,
+            std::time::Duration::from_secs(10),
+        );
         let master =
             keygate_server::seal::MasterKey::from_base64("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
                 .unwrap();
@@ -121,6 +125,9 @@ fn jwt_fixture(alg: keygate_server::oauth::keys::KeyAlg) -> JwtFixture {
         secret_start: None,
         auth_method: "client_secret".into(),
         jwks: None,
+        redirect_uris: Vec::new(),
+        refresh_idle_seconds: 2_592_000,
+        refresh_absolute_seconds: 7_776_000,
         created_at: 0,
         updated_at: 0,
     };

@@ -34,6 +34,17 @@ pub fn peer_ip(parts: &Parts) -> Option<IpAddr> {
     parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|ci| ci.0.ip())
 }
 
+/// The peer's own address (not what a proxy says): for deciding whether a proxy's headers are believed.
+pub struct Peer(pub Option<IpAddr>);
+
+impl FromRequestParts<Arc<AppState>> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+        Ok(Peer(peer_ip(parts)))
+    }
+}
+
 /// The request's client: its address (the peer, or behind a trusted proxy the address it forwarded) and
 /// the address that answers for its failures.
 pub struct ClientIp(pub Client);

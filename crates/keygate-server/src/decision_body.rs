@@ -39,6 +39,9 @@ pub struct TokenBody<'a> {
     pub(crate) client_id: &'a str,
     pub(crate) consumer_id: &'a str,
     pub(crate) sub: &'a str,
+    /// For a token issued on a user's behalf (authorization code flow): the user; also its `sub`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) user_id: Option<&'a str>,
     #[schema(value_type = Vec<String>)]
     pub(crate) scopes: &'a [String],
     #[schema(value_type = Vec<String>)]
@@ -151,6 +154,7 @@ impl Decision {
                 client_id: &t.client_id,
                 consumer_id: &t.consumer_id,
                 sub: &t.subject,
+                user_id: t.user_id.as_deref(),
                 scopes: &t.scopes,
                 aud: &t.audiences,
                 expires_at: crate::time::rfc3339(t.expires_at),

@@ -9,6 +9,7 @@ pub mod fsmode;
 pub mod metrics;
 pub mod oauth;
 pub mod openapi;
+pub mod password;
 pub mod peer;
 pub mod routes;
 pub mod runtime;
@@ -89,6 +90,7 @@ fn admin_routes() -> OpenApiRouter<Arc<AppState>> {
         .merge(routes::import::router())
         .merge(routes::usage::router())
         .merge(routes::clients::router())
+        .merge(routes::users::router())
         .merge(routes::ops::metrics_router())
 }
 

@@ -61,13 +61,14 @@ pub fn client_of(peer: Option<IpAddr>, headers: &HeaderMap, trusted: &[IpNet]) -
     Client { ip: addr.known(), accountable: Some(addr.accountable()) }
 }
 
-/// Per-address budget of failed credential checks.
-pub struct FailureThrottle {
+/// Budget of failed credential checks per address (or, with another key, per account: failed logins
+/// are also counted per username hash).
+pub struct FailureThrottle<K = IpAddr> {
     limit: Option<RateLimit>,
-    cells: Cache<IpAddr, Arc<Mutex<Gcra>>>,
+    cells: Cache<K, Arc<Mutex<Gcra>>>,
 }
 
-impl FailureThrottle {
+impl<K: std::hash::Hash + Eq + Send + Sync + Clone + std::fmt::Debug + 'static> FailureThrottle<K> {
     /// `failures_per_minute = 0` turns throttling off.
     pub fn new(failures_per_minute: u64) -> Self {
         FailureThrottle {
@@ -81,7 +82,7 @@ impl FailureThrottle {
     }
 
     /// If `ip` has spent its budget: how long until it may try again, in ms.
-    pub fn blocked(&self, ip: Option<IpAddr>, now_ms: i64) -> Option<i64> {
+    pub fn blocked(&self, ip: Option<K>, now_ms: i64) -> Option<i64> {
         let (limit, ip) = (self.limit.as_ref()?, ip?);
         let cell = self.cells.get(&ip)?;
         let g = *cell.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -89,15 +90,15 @@ impl FailureThrottle {
         (!c.allowed).then_some(c.retry_after_ms.max(1))
     }
 
-    pub fn record_failure(&self, ip: Option<IpAddr>, now_ms: i64) {
+    pub fn record_failure(&self, ip: Option<K>, now_ms: i64) {
         let (Some(limit), Some(ip)) = (self.limit.as_ref(), ip) else { return };
-        let cell = self.cells.get_with(ip, || Arc::new(Mutex::new(Gcra::default())));
+        let cell = self.cells.get_with(ip.clone(), || Arc::new(Mutex::new(Gcra::default())));
         let mut g = cell.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let c = g.check(limit, now_ms, 1);
         if c.allowed {
             *g = c.next;
             if !c.next.check(limit, now_ms, 1).allowed {
-                tracing::warn!(%ip, "throttling an address after repeated failed credential checks");
+                tracing::warn!(key = ?ip, "throttling after repeated failed credential checks");
             }
         }
     }
@@ -140,7 +141,7 @@ mod tests {
 
     #[test]
     fn throttle_blocks_after_the_budget() {
-        let t = FailureThrottle::new(3);
+        let t = FailureThrottle::<IpAddr>::new(3);
         let ip = Some("192.0.2.1".parse().unwrap());
         for _ in 0..3 {
             assert_eq!(t.blocked(ip, 0), None);

@@ -60,6 +60,12 @@ pub struct ServerConfig {
     /// A second listener for the admin API, `/metrics` and the docs; the main listener then serves only
     /// verify, forward-auth, OAuth and health. `None`: one listener serves everything.
     pub admin_listen: Option<SocketAddr>,
+    /// Concurrent retries of one refresh token within this period get the same successor instead of
+    /// revoking the family as reuse.
+    pub refresh_grace: Duration,
+    /// A header a front proxy (in `trusted_proxies`) sets to the username it already authenticated;
+    /// `None`: logins only through the login page.
+    pub login_trusted_header: Option<String>,
 }
 
 /// How long usage buckets of each size are kept.
@@ -102,6 +108,8 @@ impl Default for ServerConfig {
             publish_scopes: true,
             unique_consumer_names: false,
             admin_listen: None,
+            refresh_grace: Duration::from_secs(10),
+            login_trusted_header: None,
         }
     }
 }
@@ -116,6 +124,8 @@ pub struct AppState {
     pub oauth: OAuth,
     pub metrics: Metrics,
     pub throttle: FailureThrottle,
+    /// Failed logins per username (by the hash of its lower-cased form).
+    pub login_throttle: FailureThrottle<keygate_core::SecretHash>,
     pub config: ServerConfig,
 }
 
@@ -178,7 +188,8 @@ impl AppState {
         let verifier = Verifier::new(store.clone(), &config.cache);
         let throttle = FailureThrottle::new(config.failures_per_minute);
         let issuer = config.issuer.clone().unwrap_or_else(|| format!("http://{}", config.listen));
-        let oauth = OAuth::new(issuer.trim_end_matches('/').to_string(), config.signing_alg);
+        let oauth =
+            OAuth::new(issuer.trim_end_matches('/').to_string(), config.signing_alg, config.refresh_grace);
         Arc::new(AppState {
             store,
             clock,
@@ -187,6 +198,7 @@ impl AppState {
             oauth,
             metrics: Metrics::new(),
             throttle,
+            login_throttle: FailureThrottle::new(config.failures_per_minute),
             config,
         })
     }

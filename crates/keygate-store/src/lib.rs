@@ -11,10 +11,13 @@ mod model;
 mod oauth;
 mod sqlite;
 mod sqlite_oauth;
+mod sqlite_users;
+mod users;
 
 pub use model::*;
 pub use oauth::*;
 pub use sqlite::{SqliteOptions, SqliteStore};
+pub use users::*;
 
 use async_trait::async_trait;
 use keygate_core::SecretHash;

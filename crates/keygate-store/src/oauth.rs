@@ -31,6 +31,12 @@ pub struct OAuthClient {
     pub auth_method: String,
     /// For `private_key_jwt`: the client's public keys, `{"keys": [...]}`.
     pub jwks: Option<Value>,
+    /// Where the authorization endpoint may send the user back (exact string match).
+    pub redirect_uris: Vec<String>,
+    /// A refresh token unused this long expires.
+    pub refresh_idle_seconds: i64,
+    /// Every refresh token of one authorization expires this long after it.
+    pub refresh_absolute_seconds: i64,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -46,6 +52,9 @@ pub struct ClientPatch {
     pub disabled: Option<bool>,
     pub tokens_revoked_before: Option<i64>,
     pub jwks: Option<Value>,
+    pub redirect_uris: Option<Vec<String>>,
+    pub refresh_idle_seconds: Option<i64>,
+    pub refresh_absolute_seconds: Option<i64>,
     pub updated_at: i64,
 }
 
@@ -83,10 +92,12 @@ pub struct AccessTokenRecord {
     pub issued_at: i64,
     pub expires_at: i64,
     pub revoked_at: Option<i64>,
+    /// For a token issued on a user's behalf: its token family (the subject is then the user id).
+    pub family_id: Option<String>,
 }
 
 #[async_trait]
-pub trait OAuthStore: Send + Sync + 'static {
+pub trait OAuthStore: crate::UserStore + Send + Sync + 'static {
     /// Inserts a client and (for confidential clients) its first secret, with the audit event.
     async fn insert_client(
         &self,

@@ -200,6 +200,90 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE oauth_clients ADD COLUMN auth_method TEXT NOT NULL DEFAULT 'client_secret';
     ALTER TABLE oauth_clients ADD COLUMN jwks TEXT;   -- JSON {"keys": [...]}, public keys only
     "#,
+    // 7: users and user-delegated tokens: authorization codes, grants (remembered consent), token
+    // families with rotating refresh tokens; redirect URIs and refresh lifetimes of clients; scope
+    // descriptions for the consent page.
+    r#"
+    CREATE TABLE users (
+        id             TEXT PRIMARY KEY,
+        username       TEXT NOT NULL,
+        username_key   TEXT NOT NULL UNIQUE,          -- lower-cased: usernames are unique ignoring case
+        email          TEXT,
+        display_name   TEXT,
+        password_hash  TEXT,                          -- Argon2id PHC string; NULL: cannot log in with a password
+        allowed_scopes TEXT,                          -- JSON list; NULL: anything a client may request
+        disabled       INTEGER NOT NULL DEFAULT 0,
+        created_at     INTEGER NOT NULL,
+        updated_at     INTEGER NOT NULL,
+        last_login_at  INTEGER
+    );
+
+    ALTER TABLE oauth_clients ADD COLUMN redirect_uris TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE oauth_clients ADD COLUMN refresh_idle_seconds INTEGER NOT NULL DEFAULT 2592000;
+    ALTER TABLE oauth_clients ADD COLUMN refresh_absolute_seconds INTEGER NOT NULL DEFAULT 7776000;
+
+    CREATE TABLE scope_descriptions (
+        scope       TEXT PRIMARY KEY,
+        description TEXT NOT NULL,
+        updated_at  INTEGER NOT NULL
+    );
+
+    -- What a user consented to for a client; one live grant per user and client, widened when the user
+    -- consents to more. Revoking it revokes every token family issued under it.
+    CREATE TABLE grants (
+        id         TEXT PRIMARY KEY,
+        user_id    TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        client_id  TEXT NOT NULL REFERENCES oauth_clients(id) ON DELETE CASCADE,
+        scopes     TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        revoked_at INTEGER
+    );
+    CREATE UNIQUE INDEX grants_live ON grants (user_id, client_id) WHERE revoked_at IS NULL;
+
+    -- One authorization (a redeemed code) and every refresh token descended from it.
+    CREATE TABLE token_families (
+        id         TEXT PRIMARY KEY,
+        grant_id   TEXT NOT NULL REFERENCES grants(id) ON DELETE CASCADE,
+        client_id  TEXT NOT NULL REFERENCES oauth_clients(id) ON DELETE CASCADE,
+        user_id    TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,                  -- the refresh tokens' absolute lifetime
+        revoked_at INTEGER
+    );
+    CREATE INDEX token_families_by_grant ON token_families (grant_id);
+    CREATE INDEX token_families_by_expiry ON token_families (expires_at);
+
+    CREATE TABLE auth_codes (
+        hash           BLOB PRIMARY KEY,              -- SHA-256 of the code
+        client_id      TEXT NOT NULL REFERENCES oauth_clients(id) ON DELETE CASCADE,
+        user_id        TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        grant_id       TEXT NOT NULL REFERENCES grants(id) ON DELETE CASCADE,
+        redirect_uri   TEXT NOT NULL,
+        code_challenge TEXT NOT NULL,                 -- PKCE S256
+        scopes         TEXT NOT NULL,
+        audiences      TEXT NOT NULL,
+        created_at     INTEGER NOT NULL,
+        expires_at     INTEGER NOT NULL,
+        used_at        INTEGER,
+        family_id      TEXT                           -- set when redeemed: a replay revokes this family
+    );
+    CREATE INDEX auth_codes_by_expiry ON auth_codes (expires_at);
+
+    CREATE TABLE refresh_tokens (
+        hash            BLOB PRIMARY KEY,             -- SHA-256 of the token
+        family_id       TEXT NOT NULL REFERENCES token_families(id) ON DELETE CASCADE,
+        scopes          TEXT NOT NULL,
+        audiences       TEXT NOT NULL,
+        issued_at       INTEGER NOT NULL,
+        idle_expires_at INTEGER NOT NULL,
+        used_at         INTEGER                       -- rotated: presenting it again is reuse
+    );
+    CREATE INDEX refresh_tokens_by_family ON refresh_tokens (family_id);
+
+    ALTER TABLE access_tokens ADD COLUMN family_id TEXT;
+    CREATE INDEX access_tokens_by_family ON access_tokens (family_id) WHERE family_id IS NOT NULL;
+    "#,
 ];
 
 /// Options for opening the SQLite store.
@@ -277,7 +361,7 @@ pub(crate) fn opt_json<T: Serialize>(v: &Option<T>) -> Result<Option<String>> {
     v.as_ref().map(|v| serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))).transpose()
 }
 
-fn parse_opt<T: DeserializeOwned>(row: &SqliteRow, col: &str) -> Result<Option<T>> {
+pub(crate) fn parse_opt<T: DeserializeOwned>(row: &SqliteRow, col: &str) -> Result<Option<T>> {
     let text: Option<&str> = row.try_get(col).map_err(map_err)?;
     text.map(|t| serde_json::from_str(t).map_err(|e| StoreError::Corrupt(format!("{col}: {e}")))).transpose()
 }

@@ -17,12 +17,12 @@ use crate::sqlite::{
 };
 use crate::{NewAudit, Page, Result, SqliteStore, StoreError, StoredSecret};
 
-fn json_list(row: &SqliteRow, col: &str) -> Result<Vec<String>> {
+pub(crate) fn json_list(row: &SqliteRow, col: &str) -> Result<Vec<String>> {
     let text: &str = row.try_get(col).map_err(map_err)?;
     serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{col}: {e}")))
 }
 
-fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
+pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
     serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
@@ -53,12 +53,15 @@ fn client_from_row(row: &SqliteRow) -> Result<OAuthClient> {
             }
             None => None,
         },
+        redirect_uris: json_list(row, "redirect_uris")?,
+        refresh_idle_seconds: row.try_get("refresh_idle_seconds").map_err(map_err)?,
+        refresh_absolute_seconds: row.try_get("refresh_absolute_seconds").map_err(map_err)?,
         created_at: row.try_get("created_at").map_err(map_err)?,
         updated_at: row.try_get("updated_at").map_err(map_err)?,
     })
 }
 
-fn token_from_row(row: &SqliteRow) -> Result<AccessTokenRecord> {
+pub(crate) fn token_from_row(row: &SqliteRow) -> Result<AccessTokenRecord> {
     Ok(AccessTokenRecord {
         hash: hash_from_row(row)?,
         jti: row.try_get("jti").map_err(map_err)?,
@@ -69,6 +72,7 @@ fn token_from_row(row: &SqliteRow) -> Result<AccessTokenRecord> {
         issued_at: row.try_get("issued_at").map_err(map_err)?,
         expires_at: row.try_get("expires_at").map_err(map_err)?,
         revoked_at: row.try_get("revoked_at").map_err(map_err)?,
+        family_id: row.try_get("family_id").map_err(map_err)?,
     })
 }
 
@@ -87,6 +91,32 @@ fn signing_key_from_row(row: &SqliteRow) -> Result<SigningKey> {
     })
 }
 
+pub(crate) async fn insert_access_token_rows(
+    tx: &mut crate::sqlite::Tx<'_>,
+    tokens: &[AccessTokenRecord],
+) -> Result<()> {
+    for t in tokens {
+        sqlx::query(
+            "INSERT INTO access_tokens (hash, jti, client_id, subject, scopes, audiences, issued_at, \
+             expires_at, revoked_at, family_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&t.hash.as_bytes()[..])
+        .bind(&t.jti)
+        .bind(&t.client_id)
+        .bind(&t.subject)
+        .bind(to_json(&t.scopes)?)
+        .bind(to_json(&t.audiences)?)
+        .bind(t.issued_at)
+        .bind(t.expires_at)
+        .bind(t.revoked_at)
+        .bind(&t.family_id)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    }
+    Ok(())
+}
+
 async fn insert_client_secret(tx: &mut crate::sqlite::Tx<'_>, s: &StoredSecret) -> Result<()> {
     insert_secret_row(tx, INSERT_CLIENT_SECRET, s).await
 }
@@ -103,7 +133,8 @@ impl OAuthStore for SqliteStore {
         sqlx::query(
             "INSERT INTO oauth_clients (id, consumer_id, name, grant_types, scopes, audiences, token_format, \
              token_lifetime_seconds, confidential, disabled, tokens_revoked_before, secret_start, auth_method, jwks, \
-             created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             redirect_uris, refresh_idle_seconds, refresh_absolute_seconds, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&c.id)
         .bind(&c.consumer_id)
@@ -119,6 +150,9 @@ impl OAuthStore for SqliteStore {
         .bind(&c.secret_start)
         .bind(&c.auth_method)
         .bind(c.jwks.as_ref().map(|j| j.to_string()))
+        .bind(to_json(&c.redirect_uris)?)
+        .bind(c.refresh_idle_seconds)
+        .bind(c.refresh_absolute_seconds)
         .bind(c.created_at)
         .bind(c.updated_at)
         .execute(&mut *tx)
@@ -152,7 +186,9 @@ impl OAuthStore for SqliteStore {
              scopes = COALESCE(?, scopes), audiences = COALESCE(?, audiences), \
              token_format = COALESCE(?, token_format), \
              token_lifetime_seconds = COALESCE(?, token_lifetime_seconds), disabled = COALESCE(?, disabled), \
-             tokens_revoked_before = COALESCE(?, tokens_revoked_before), jwks = COALESCE(?, jwks), updated_at = ? \
+             tokens_revoked_before = COALESCE(?, tokens_revoked_before), jwks = COALESCE(?, jwks), \
+             redirect_uris = COALESCE(?, redirect_uris), refresh_idle_seconds = COALESCE(?, refresh_idle_seconds), \
+             refresh_absolute_seconds = COALESCE(?, refresh_absolute_seconds), updated_at = ? \
              WHERE id = ? RETURNING *",
         )
         .bind(&p.name)
@@ -164,6 +200,9 @@ impl OAuthStore for SqliteStore {
         .bind(p.disabled)
         .bind(p.tokens_revoked_before)
         .bind(p.jwks.as_ref().map(|j| j.to_string()))
+        .bind(p.redirect_uris.as_ref().map(to_json).transpose()?)
+        .bind(p.refresh_idle_seconds)
+        .bind(p.refresh_absolute_seconds)
         .bind(p.updated_at)
         .bind(id)
         .fetch_optional(&mut *tx)
@@ -172,12 +211,13 @@ impl OAuthStore for SqliteStore {
         let Some(row) = row else { return Ok(None) };
         let client = client_from_row(&row)?;
         if p.tokens_revoked_before.is_some() {
-            sqlx::query("UPDATE access_tokens SET revoked_at = ? WHERE client_id = ? AND revoked_at IS NULL")
-                .bind(p.updated_at)
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
+            // Every token so far: access tokens, and the refresh-token families that would mint more.
+            for sql in [
+                "UPDATE access_tokens SET revoked_at = ? WHERE client_id = ? AND revoked_at IS NULL",
+                "UPDATE token_families SET revoked_at = ? WHERE client_id = ? AND revoked_at IS NULL",
+            ] {
+                sqlx::query(sql).bind(p.updated_at).bind(id).execute(&mut *tx).await.map_err(map_err)?;
+            }
         }
         insert_audit(&mut tx, audit).await?;
         tx.commit().await.map_err(map_err)?;
@@ -255,24 +295,7 @@ impl OAuthStore for SqliteStore {
 
     async fn insert_access_tokens(&self, tokens: &[AccessTokenRecord]) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
-        for t in tokens {
-            sqlx::query(
-                "INSERT INTO access_tokens (hash, jti, client_id, subject, scopes, audiences, issued_at, \
-                 expires_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&t.hash.as_bytes()[..])
-            .bind(&t.jti)
-            .bind(&t.client_id)
-            .bind(&t.subject)
-            .bind(to_json(&t.scopes)?)
-            .bind(to_json(&t.audiences)?)
-            .bind(t.issued_at)
-            .bind(t.expires_at)
-            .bind(t.revoked_at)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        }
+        insert_access_token_rows(&mut tx, tokens).await?;
         tx.commit().await.map_err(map_err)
     }
 
@@ -330,6 +353,17 @@ impl OAuthStore for SqliteStore {
             "DELETE FROM revoked_jtis WHERE expires_at < ?",
         ] {
             n += sqlx::query(sql).bind(now).execute(&self.pool).await.map_err(map_err)?.rows_affected();
+        }
+        // Codes and families are kept a day past their expiry: a replayed code is then still recognised
+        // (and revokes its family), and a family's last access tokens (at most a day long) still see
+        // whether it was revoked.
+        let day_ago = now - 86_400_000;
+        for sql in [
+            "DELETE FROM auth_codes WHERE expires_at < ?",
+            "DELETE FROM refresh_tokens WHERE family_id IN (SELECT id FROM token_families WHERE expires_at < ?)",
+            "DELETE FROM token_families WHERE expires_at < ?",
+        ] {
+            n += sqlx::query(sql).bind(day_ago).execute(&self.pool).await.map_err(map_err)?.rows_affected();
         }
         Ok(n)
     }

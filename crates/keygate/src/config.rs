@@ -343,6 +343,20 @@ pub static SETTINGS: &[Setting] = &[
         },
     },
     Setting {
+        key: "oauth.refresh_grace_seconds",
+        doc: "Concurrent retries of one refresh token within this many seconds get the same new tokens\n\
+              instead of being treated as reuse (which revokes every token of that authorization). 0 turns\n\
+              the grace off.",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| n(r.server.refresh_grace.as_secs()),
+        set: |r, v| {
+            r.server.refresh_grace = Duration::from_secs(num(v, 0, 60)?);
+            Ok(())
+        },
+    },
+    Setting {
         key: "usage.minute_retention_hours",
         doc: "How long per-minute usage buckets are kept, in hours.",
         unset: None,
@@ -412,6 +426,27 @@ pub static SETTINGS: &[Setting] = &[
         get: |r| n(r.server.cache.negative_ttl.as_secs()),
         set: |r, v| {
             r.server.cache.negative_ttl = Duration::from_secs(num(v, 1, 86_400)?);
+            Ok(())
+        },
+    },
+    Setting {
+        key: "login.trusted_header",
+        doc: "For sites with their own single sign-on: a header a front proxy sets to the username it has\n\
+              already authenticated (e.g. \"x-remote-user\"). Believed only from trusted_proxies, and only for\n\
+              an existing, enabled user; such a user skips the login page.",
+        unset: Some(("off: users log in on the login page", "\"x-remote-user\"")),
+        list: false,
+        alias: None,
+        get: |r| r.server.login_trusted_header.as_ref().and_then(|h| s(h.clone())),
+        set: |r, v| {
+            let name = v.trim().to_ascii_lowercase();
+            if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err()
+                || ["authorization", "cookie", "host", "x-forwarded-for", "forwarded"]
+                    .contains(&name.as_str())
+            {
+                return Err("must be a header name of its own, e.g. x-remote-user".into());
+            }
+            r.server.login_trusted_header = Some(name);
             Ok(())
         },
     },

@@ -577,6 +577,109 @@ fn clients_from_the_cli_and_python_interop_with_authlib_and_pyjwt() {
     assert!(!log.contains("eyJ"), "a JWT reached the log");
 }
 
+#[test]
+fn users_and_the_authorization_code_flow_from_the_cli_and_authlib() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let admin = init(&dir);
+    let s = Server::start(&dir, &tmp.path().join("log"));
+    let password = "a long passphrase 42";
+    let mut cmd = keygate();
+    cmd.args([
+        "users",
+        "create",
+        "--username",
+        "alice",
+        "--password-stdin",
+        "--email",
+        "a@example.com",
+        "--json",
+    ])
+    .env("KEYGATE_URL", &s.url)
+    .env("KEYGATE_ADMIN_KEY", &admin);
+    let out = with_stdin(cmd, &format!("{password}\n"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let user: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let user_id = user["id"].as_str().unwrap().to_string();
+    assert!(user_id.starts_with("usr_"));
+    // A weak password is refused with the reason.
+    let mut cmd = keygate();
+    cmd.args(["users", "create", "--username", "bob", "--password-stdin"])
+        .env("KEYGATE_URL", &s.url)
+        .env("KEYGATE_ADMIN_KEY", &admin);
+    let weak = with_stdin(cmd, "password123\n");
+    assert_eq!(weak.status.code(), Some(1));
+    assert!(stderr(&weak).contains("common"), "{}", stderr(&weak));
+
+    let cid =
+        s.json(&admin, &["consumers", "create", "--name", "reader"])["id"].as_str().unwrap().to_string();
+    let redirect = "http://127.0.0.1:9/callback";
+    let c = s.json(
+        &admin,
+        &[
+            "clients",
+            "create",
+            "--consumer",
+            &cid,
+            "--name",
+            "Reader",
+            "--scope",
+            "articles:read",
+            "--grant",
+            "authorization_code",
+            "--grant",
+            "refresh_token",
+            "--redirect-uri",
+            redirect,
+        ],
+    );
+    assert_eq!(c["redirect_uris"][0], redirect);
+    s.json(&admin, &["scopes", "describe", "articles:read", "Read your articles"]);
+
+    let pip = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "authlib", "requests"])
+        .output()
+        .unwrap();
+    assert!(pip.status.success(), "pip install failed: {}", stderr(&pip));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/interop/authcode_authlib.py");
+    let run = Command::new("python3")
+        .arg(script)
+        .env("ISSUER", &s.url)
+        .env("CLIENT_ID", c["client_id"].as_str().unwrap())
+        .env("CLIENT_SECRET", c["client_secret"].as_str().unwrap())
+        .env("USERNAME", "alice")
+        .env("PASSWORD", password)
+        .env("REDIRECT_URI", redirect)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}{}", stdout(&run), stderr(&run));
+    let printed = stdout(&run);
+    assert!(printed.contains("authcode: ok"), "{printed}");
+    let seen: Value = serde_json::from_str(printed.lines().next().unwrap()).unwrap();
+
+    let grants = s.json(&admin, &["users", "grants", "alice"]);
+    let grant = grants["items"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(grants["items"][0]["scopes"], serde_json::json!(["articles:read"]));
+    s.json(&admin, &["users", "revoke-grant", "alice", &grant]);
+    assert_eq!(s.json(&admin, &["users", "grants", &user_id])["items"].as_array().unwrap().len(), 0);
+    assert_eq!(s.json(&admin, &["users", "disable", "alice"])["disabled"], true);
+    assert!(s.json(&admin, &["users", "show", "alice"])["last_login_at"].is_string());
+    let listed = stdout(&s.cli(&admin, &["users", "list"]));
+    assert!(listed.contains("alice") && !listed.contains("argon2"), "{listed}");
+    let (out, log) = s.stop();
+    // The server ran at trace level through the whole flow: no password, code or token in its output.
+    let mut secrets = vec![password.to_string(), seen["code"].as_str().unwrap().to_string()];
+    for t in
+        seen["access_tokens"].as_array().unwrap().iter().chain(seen["refresh_tokens"].as_array().unwrap())
+    {
+        secrets.push(t.as_str().unwrap().to_string());
+    }
+    for secret in secrets {
+        let tail = &secret[secret.len() - 16..];
+        assert!(!log.contains(tail) && !out.contains(tail), "a secret reached the log: …{tail}");
+    }
+}
+
 /// Runs the CLI with `input` on standard input.
 fn with_stdin(mut cmd: Command, input: &str) -> Output {
     let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();

@@ -10,6 +10,8 @@ use serde_json::json;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OAuthErrorCode {
     InvalidRequest,
+    /// The code or refresh token is invalid, expired, revoked, used, or bound to something else.
+    InvalidGrant,
     /// Client authentication failed; `basic`: the client tried HTTP Basic (so the challenge says Basic).
     InvalidClient {
         basic: bool,
@@ -31,6 +33,7 @@ impl OAuthErrorCode {
     pub fn as_str(self) -> &'static str {
         match self {
             OAuthErrorCode::InvalidRequest => "invalid_request",
+            OAuthErrorCode::InvalidGrant => "invalid_grant",
             OAuthErrorCode::InvalidClient { .. } => "invalid_client",
             OAuthErrorCode::UnauthorizedClient => "unauthorized_client",
             OAuthErrorCode::UnsupportedGrantType => "unsupported_grant_type",

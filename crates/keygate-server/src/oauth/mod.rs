@@ -6,7 +6,10 @@
 //! token responses carry `Cache-Control: no-store`.
 
 pub mod assertion;
+pub mod authorize;
 pub mod error;
+pub mod flows;
+pub mod grants;
 pub mod keys;
 pub mod tokens;
 
@@ -30,6 +33,9 @@ pub use error::{OAuthError, OAuthErrorCode};
 pub fn router() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::new()
         .routes(routes!(token))
+        .routes(routes!(authorize::authorize))
+        .routes(routes!(authorize::login))
+        .routes(routes!(authorize::consent))
         .routes(routes!(introspect))
         .routes(routes!(revoke))
         .routes(routes!(discovery))
@@ -37,7 +43,7 @@ pub fn router() -> OpenApiRouter<Arc<AppState>> {
 }
 
 /// A form body, after checking its content type (the parsing rules are in `keygate_core::oauth`).
-struct Form(keygate_core::oauth::Form);
+pub(crate) struct Form(keygate_core::oauth::Form);
 
 impl Form {
     fn parse(headers: &HeaderMap, body: &[u8]) -> Result<Form, OAuthError> {
@@ -131,7 +137,8 @@ fn secret_credentials(
             Ok(Some((dec(id).unwrap_or_default(), dec(secret).unwrap_or_default(), true)))
         }
         (None, (Some(id), Some(secret))) => Ok(Some((id.to_string(), secret.to_string(), false))),
-        (None, (Some(_), None)) => Err(OAuthError::invalid_client(false)),
+        // A public client names itself and has no secret (token_endpoint_auth_method "none").
+        (None, (Some(id), None)) => Ok(Some((id.to_string(), String::new(), false))),
         (None, (None, _)) => Ok(None),
     }
 }
@@ -168,6 +175,9 @@ async fn authenticate(
 ) -> Result<Option<keygate_store::OAuthClient>, OAuthError> {
     let (found, basic) = match client_credentials(headers, form)? {
         None => return Ok(None),
+        Some(Presented::Secret { id, secret, basic }) if secret.is_empty() && !basic => {
+            (state.oauth.authenticate_public(state.store.as_ref(), &id).await?, false)
+        }
         Some(Presented::Secret { id, secret, basic }) => {
             (state.oauth.authenticate_client(state.store.as_ref(), &id, &secret, now).await?, basic)
         }
@@ -214,7 +224,25 @@ pub async fn token(
             "the client may not use this grant type",
         ));
     }
-    let scopes = tokens::OAuth::grant_scopes(&client, form.one("scope")?)
+    let body = match grant {
+        keygate_store::GrantType::ClientCredentials => {
+            client_credentials_grant(&state, &client, &form, now).await?
+        }
+        keygate_store::GrantType::AuthorizationCode => {
+            grants::authorization_code(&state, &client, &form, now).await?
+        }
+        keygate_store::GrantType::RefreshToken => grants::refresh_token(&state, &client, &form, now).await?,
+    };
+    Ok(no_store(Json(body).into_response()))
+}
+
+async fn client_credentials_grant(
+    state: &AppState,
+    client: &keygate_store::OAuthClient,
+    form: &Form,
+    now: i64,
+) -> Result<Value, OAuthError> {
+    let scopes = tokens::OAuth::grant_scopes(client, form.one("scope")?)
         .map_err(|d| OAuthError::new(OAuthErrorCode::InvalidScope, d))?;
     let resources = form.all("resource");
     for r in resources {
@@ -230,7 +258,7 @@ pub async fn token(
     } else {
         resources.to_vec()
     };
-    let issued = state.oauth.issue(state.store.as_ref(), &client, &scopes, &audiences, now).await.map_err(
+    let issued = state.oauth.issue(state.store.as_ref(), client, &scopes, &audiences, now).await.map_err(
         |e| match e {
             tokens::IssueError::Store(s) => OAuthError::from(s),
             tokens::IssueError::Internal(m) => {
@@ -240,15 +268,12 @@ pub async fn token(
         },
     )?;
     state.metrics.record_grant(client.token_format.as_str());
-    Ok(no_store(
-        Json(json!({
-            "access_token": issued.access_token,
-            "token_type": "Bearer",
-            "expires_in": issued.expires_in,
-            "scope": issued.scope,
-        }))
-        .into_response(),
-    ))
+    Ok(json!({
+        "access_token": issued.access_token,
+        "token_type": "Bearer",
+        "expires_in": issued.expires_in,
+        "scope": issued.scope,
+    }))
 }
 
 /// Who is asking to introspect or revoke a token.
@@ -327,6 +352,7 @@ pub async fn introspect(
             "client_id": info.client_id,
             "consumer_id": info.consumer_id,
             "sub": info.subject,
+            "user_id": info.user_id,
             "aud": if info.audiences.len() == 1 { Value::String(info.audiences[0].clone()) } else { json!(info.audiences) },
             "iss": state.oauth.issuer(),
             "exp": info.expires_at / 1000,
@@ -393,8 +419,12 @@ async fn discovery_document(state: &AppState) -> Result<Value, OAuthError> {
         "revocation_endpoint": format!("{iss}/oauth2/revoke"),
         "jwks_uri": format!("{iss}/.well-known/jwks.json"),
         "grant_types_supported": keygate_store::GrantType::ALL.map(keygate_store::GrantType::as_str),
-        "response_types_supported": [],
-        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
+        "authorization_endpoint": format!("{iss}/oauth2/authorize"),
+        "response_types_supported": ["code"],
+        "response_modes_supported": ["query"],
+        "code_challenge_methods_supported": ["S256"],
+        "authorization_response_iss_parameter_supported": true,
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt", "none"],
         "token_endpoint_auth_signing_alg_values_supported": ["RS256", "ES256", "EdDSA"],
         "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "bearer"],
         "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "bearer"],

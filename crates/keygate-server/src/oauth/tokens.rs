@@ -65,13 +65,33 @@ pub struct TokenInfo {
     pub audiences: Vec<String>,
     pub issued_at: i64,
     pub expires_at: i64,
+    /// For a token issued on a user's behalf: the user (also its `sub`) and the token family.
+    pub user_id: Option<String>,
+    pub family_id: Option<String>,
 }
 
 /// An issued token.
+#[derive(Debug, Clone)]
 pub struct Issued {
     pub access_token: String,
     pub expires_in: i64,
     pub scope: String,
+}
+
+/// What the token path needs to know about a user.
+#[derive(Debug, Clone)]
+pub struct UserState {
+    pub disabled: bool,
+    pub allowed_scopes: Option<Vec<String>>,
+}
+
+/// On whose behalf a token is minted.
+#[derive(Debug, Clone, Copy)]
+pub enum Subject<'a> {
+    /// The client itself (client credentials).
+    Client,
+    /// A user, within a token family.
+    User { user_id: &'a str, family_id: &'a str },
 }
 
 pub struct OAuth {
@@ -96,6 +116,12 @@ pub struct OAuth {
     discovery: RwLock<(u64, Option<Arc<Value>>)>,
     /// Ids of client assertions already used (`private_key_jwt`).
     replay: super::assertion::ReplayGuard,
+    /// Users by id (`None`: no such user), for the token path; dropped on every user change.
+    users: GuardedCache<String, Arc<Option<UserState>>>,
+    /// Revoked token families, with their absolute ends (their access tokens stop at once).
+    revoked_families: RwLock<HashMap<String, i64>>,
+    /// Authorization requests, sessions and in-flight refreshes of the user-facing flows.
+    pub flows: super::flows::Flows,
 }
 
 type Pending = (AccessTokenRecord, tokio::sync::oneshot::Sender<Result<(), StoreError>>);
@@ -164,7 +190,7 @@ pub fn looks_like_jwt(s: &str) -> bool {
 }
 
 impl OAuth {
-    pub fn new(issuer: String, alg: KeyAlg) -> Self {
+    pub fn new(issuer: String, alg: KeyAlg, refresh_grace: Duration) -> Self {
         OAuth {
             keys: SigningKeys::default(),
             alg,
@@ -184,6 +210,11 @@ impl OAuth {
             writer: GroupCommit { queue: std::sync::Mutex::new(None) },
             discovery: RwLock::new((0, None)),
             replay: super::assertion::ReplayGuard::default(),
+            users: GuardedCache::new(
+                Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(300)).build(),
+            ),
+            revoked_families: RwLock::new(HashMap::new()),
+            flows: super::flows::Flows::new(refresh_grace),
         }
     }
 
@@ -216,7 +247,39 @@ impl OAuth {
         }
         let ids = store.revoked_jtis(now).await?;
         lock_write(&self.revoked).extend(ids);
+        let families = store.revoked_families(now).await?;
+        lock_write(&self.revoked_families).extend(families);
         Ok(())
+    }
+
+    /// A user changed (disabled, enabled, allowed scopes, deleted): the token path reads them again.
+    pub fn user_changed(&self, _id: &str) {
+        self.users.invalidate_all();
+    }
+
+    /// Token families were revoked (reuse detected, grant revoked, user deleted): their access tokens
+    /// stop verifying at once.
+    pub fn families_revoked(&self, families: &[(String, i64)]) {
+        lock_write(&self.revoked_families).extend(families.iter().cloned());
+        self.opaque.invalidate_all();
+    }
+
+    /// The state of a user, cached; `None` if there is no such user.
+    pub async fn user(&self, store: &dyn OAuthStore, id: &str) -> Result<Option<UserState>, StoreError> {
+        if let Some(u) = self.users.get(&id.to_string()) {
+            return Ok(Option::clone(&u));
+        }
+        let ticket = self.users.ticket();
+        let state = store
+            .get_user(id)
+            .await?
+            .map(|u| UserState { disabled: u.disabled, allowed_scopes: u.allowed_scopes });
+        self.users.insert_if_current(ticket, id.to_string(), Arc::new(state.clone()));
+        Ok(state)
+    }
+
+    pub fn family_revoked(&self, id: &str) -> bool {
+        lock_read(&self.revoked_families).contains_key(id)
     }
 
     /// Keeps the consumer state of the token path in step with an admin change (disable, enable, plan).
@@ -325,6 +388,23 @@ impl OAuth {
         }))
     }
 
+    /// A public client (no secret: `token_endpoint_auth_method` `none`) by its id; `None` unless it is
+    /// a usable public client.
+    pub async fn authenticate_public(
+        &self,
+        store: &dyn OAuthStore,
+        client_id: &str,
+    ) -> Result<Option<OAuthClient>, StoreError> {
+        if client_id.is_empty() || client_id.len() > 128 {
+            return Ok(None);
+        }
+        let Some(client) = store.get_client(client_id).await? else { return Ok(None) };
+        let usable = !client.confidential
+            && !client.disabled
+            && self.consumer(&client.consumer_id).is_some_and(|c| !c.disabled);
+        Ok(usable.then_some(client))
+    }
+
     /// Authenticates a `private_key_jwt` client by its signed assertion (RFC 7523). `None` for any
     /// failure, without saying which (the reason goes to the debug log).
     pub async fn authenticate_assertion(
@@ -354,7 +434,8 @@ impl OAuth {
         }
     }
 
-    /// Issues an access token for a client (client credentials: the subject is the client).
+    /// Issues an access token for a client (client credentials: the subject is the client). An opaque
+    /// token is durable before this returns (group commit).
     pub async fn issue(
         &self,
         store: &dyn OAuthStore,
@@ -363,54 +444,79 @@ impl OAuth {
         audiences: &[String],
         now: i64,
     ) -> Result<Issued, IssueError> {
+        let (issued, record) = self.mint(client, Subject::Client, scopes, audiences, now)?;
+        if let Some(record) = record {
+            self.writer.write(store, record.clone()).await.map_err(IssueError::Store)?;
+            self.opaque_issued(record);
+        }
+        Ok(issued)
+    }
+
+    /// Mints an access token. For an opaque token, the record to store comes back: the caller writes it
+    /// (in the same transaction as whatever else the grant writes) and then calls
+    /// [`OAuth::opaque_issued`].
+    pub fn mint(
+        &self,
+        client: &OAuthClient,
+        subject: Subject<'_>,
+        scopes: &[String],
+        audiences: &[String],
+        now: i64,
+    ) -> Result<(Issued, Option<AccessTokenRecord>), IssueError> {
         let lifetime = client.token_lifetime_seconds.clamp(1, super::keys::MAX_TOKEN_LIFETIME_SECONDS);
         let expires_at = now + lifetime * 1000;
         let jti =
             keygate_core::credential::random_base62(22).map_err(|e| IssueError::Internal(e.to_string()))?;
         let scope = scopes.join(" ");
-        let access_token = if client.token_format == TokenFormat::Opaque {
+        let (sub, family) = match subject {
+            Subject::Client => (client.id.clone(), None),
+            Subject::User { user_id, family_id } => (user_id.to_string(), Some(family_id.to_string())),
+        };
+        if client.token_format == TokenFormat::Opaque {
             let secret = PlainSecret::generate(SecretKind::AccessToken)
                 .map_err(|e| IssueError::Internal(e.to_string()))?;
             let record = AccessTokenRecord {
                 hash: secret.hash(),
                 jti,
                 client_id: client.id.clone(),
-                subject: client.id.clone(),
+                subject: sub,
                 scopes: scopes.to_vec(),
                 audiences: audiences.to_vec(),
                 issued_at: now,
                 expires_at,
                 revoked_at: None,
+                family_id: family,
             };
-            self.writer.write(store, record.clone()).await.map_err(IssueError::Store)?;
-            self.opaque.insert_new(record.hash, Arc::new(record));
-            secret.expose().to_string()
-        } else {
-            let key = self
-                .keys
-                .signer(now)
-                .ok_or_else(|| IssueError::Internal("no signing key is active".into()))?;
-
-            let aud = match audiences {
-                [one] => Value::String(one.clone()),
-                many => Value::Array(many.iter().cloned().map(Value::String).collect()),
-            };
-            let claims = AtClaims {
-                iss: self.issuer(),
-                sub: client.id.clone(),
-                aud,
-                exp: expires_at / 1000,
-                iat: now.div_euclid(1000),
-                nbf: now.div_euclid(1000),
-                jti,
-                client_id: client.id.clone(),
-                consumer_id: Some(client.consumer_id.clone()),
-                scope: scope.clone(),
-                kg_iat: Some(now),
-            };
-            key.sign_jwt(&claims).map_err(|e| IssueError::Internal(e.to_string()))?
+            let issued = Issued { access_token: secret.expose().to_string(), expires_in: lifetime, scope };
+            return Ok((issued, Some(record)));
+        }
+        let key =
+            self.keys.signer(now).ok_or_else(|| IssueError::Internal("no signing key is active".into()))?;
+        let aud = match audiences {
+            [one] => Value::String(one.clone()),
+            many => Value::Array(many.iter().cloned().map(Value::String).collect()),
         };
-        Ok(Issued { access_token, expires_in: lifetime, scope })
+        let claims = AtClaims {
+            iss: self.issuer(),
+            sub,
+            aud,
+            exp: expires_at / 1000,
+            iat: now.div_euclid(1000),
+            nbf: now.div_euclid(1000),
+            jti,
+            client_id: client.id.clone(),
+            consumer_id: Some(client.consumer_id.clone()),
+            scope: scope.clone(),
+            kg_iat: Some(now),
+            kg_fam: family,
+        };
+        let access_token = key.sign_jwt(&claims).map_err(|e| IssueError::Internal(e.to_string()))?;
+        Ok((Issued { access_token, expires_in: lifetime, scope }, None))
+    }
+
+    /// An opaque token's record is durable: remember it, so that its first verification needs no read.
+    pub fn opaque_issued(&self, record: AccessTokenRecord) {
+        self.opaque.insert_new(record.hash, Arc::new(record));
     }
 
     /// Decides about a presented token. `Err` only for store trouble; every rejection is a code.
@@ -477,6 +583,8 @@ impl OAuth {
                 audiences: record.audiences.clone(),
                 issued_at: record.issued_at,
                 expires_at: record.expires_at,
+                user_id: record.family_id.as_ref().map(|_| record.subject.clone()),
+                family_id: record.family_id.clone(),
             }
         };
         // Client state: disabled or deleted clients' tokens stop working; "revoke all" cut-off.
@@ -494,6 +602,17 @@ impl OAuth {
         }
         if lock_read(&self.revoked).contains_key(&info.jti) {
             return Ok(Err(DecisionCode::Revoked));
+        }
+        // A user's token: its family (one authorization) and the user themselves.
+        if let (Some(family), Some(user)) = (&info.family_id, &info.user_id) {
+            if self.family_revoked(family) {
+                return Ok(Err(DecisionCode::Revoked));
+            }
+            match self.user(store, user).await? {
+                None => return Ok(Err(DecisionCode::Revoked)),
+                Some(u) if u.disabled => return Ok(Err(DecisionCode::Disabled)),
+                Some(_) => {}
+            }
         }
         if let Some(aud) = audience
             && !info.audiences.iter().any(|a| a == aud)
@@ -544,6 +663,8 @@ impl OAuth {
             jti: c.jti,
             client_id: c.client_id,
             consumer_id: String::new(),
+            user_id: c.kg_fam.as_ref().map(|_| c.sub.clone()),
+            family_id: c.kg_fam,
             subject: c.sub,
         })
     }
@@ -567,6 +688,18 @@ impl OAuth {
             lock_write(&self.revoked).insert(info.jti, info.expires_at);
             return Ok(true);
         }
+        if matches!(keygate_core::credential::parse(token).map(|p| p.kind), Ok(SecretKind::RefreshToken)) {
+            // Revoking a refresh token revokes its family: every token of that authorization (RFC 7009 §2.1).
+            let Some((_, family)) = store.find_refresh(&SecretHash::of(token)).await? else {
+                return Ok(false);
+            };
+            if client_id.is_some_and(|c| c != family.client_id) {
+                return Ok(false);
+            }
+            let revoked = store.revoke_family(&family.id, now).await?;
+            self.families_revoked(&[(family.id, family.expires_at)]);
+            return Ok(revoked);
+        }
         if !matches!(keygate_core::credential::parse(token).map(|p| p.kind), Ok(SecretKind::AccessToken)) {
             return Ok(false);
         }
@@ -585,6 +718,8 @@ impl OAuth {
     /// Forgets revoked ids of tokens that have expired anyway.
     pub fn prune(&self, now: i64) {
         lock_write(&self.revoked).retain(|_, exp| *exp > now);
+        // A family's access tokens live at most a day past its end.
+        lock_write(&self.revoked_families).retain(|_, end| end.saturating_add(86_400_000) > now);
     }
 
     /// Granted scopes: requested ∩ allowed, or all allowed when none are requested.

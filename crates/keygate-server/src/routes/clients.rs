@@ -35,7 +35,7 @@ pub fn router() -> OpenApiRouter<Arc<AppState>> {
 }
 
 /// Grant types a client may be allowed.
-pub const GRANTS: &[&str] = &["client_credentials"];
+pub const GRANTS: &[&str] = &["client_credentials", "authorization_code", "refresh_token"];
 const _: () = assert!(GRANTS.len() == GrantType::ALL.len(), "GRANTS names every GrantType");
 const DEFAULT_LIFETIME: i64 = 3600;
 
@@ -53,11 +53,17 @@ pub struct ClientView {
     pub token_format: TokenFormat,
     pub token_lifetime_seconds: i64,
     pub confidential: bool,
+    /// A public client (SPA, mobile or CLI app): no secret, PKCE only.
+    pub public: bool,
     pub disabled: bool,
     /// Visible start of the newest client secret.
     pub secret_start: Option<String>,
-    /// `client_secret_basic` (also accepts `client_secret_post`) or `private_key_jwt`.
+    /// `client_secret_basic` (also accepts `client_secret_post`), `private_key_jwt`, or `none` (public).
     pub token_endpoint_auth_method: &'static str,
+    /// Where the authorization endpoint may send users back (exact match).
+    pub redirect_uris: Vec<String>,
+    pub refresh_idle_seconds: i64,
+    pub refresh_absolute_seconds: i64,
     /// For `private_key_jwt`: the client's public keys.
     #[schema(value_type = Option<Object>)]
     pub jwks: Option<Value>,
@@ -78,13 +84,19 @@ impl From<OAuthClient> for ClientView {
             token_format: c.token_format,
             token_lifetime_seconds: c.token_lifetime_seconds,
             confidential: c.confidential,
+            public: !c.confidential,
             disabled: c.disabled,
             secret_start: c.secret_start,
-            token_endpoint_auth_method: if c.auth_method == PRIVATE_KEY_JWT {
+            token_endpoint_auth_method: if !c.confidential {
+                "none"
+            } else if c.auth_method == PRIVATE_KEY_JWT {
                 PRIVATE_KEY_JWT
             } else {
                 "client_secret_basic"
             },
+            redirect_uris: c.redirect_uris,
+            refresh_idle_seconds: c.refresh_idle_seconds,
+            refresh_absolute_seconds: c.refresh_absolute_seconds,
             jwks: c.jwks,
             tokens_revoked_before: c.tokens_revoked_before.map(rfc3339),
             created_at: rfc3339(c.created_at),
@@ -138,6 +150,21 @@ pub struct CreateClient {
     #[schema(value_type = Option<Object>)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jwks: Option<Value>,
+    /// For the authorization code grant: where users are sent back, compared exactly (no wildcards);
+    /// https, http only on loopback hosts, or a private-use scheme of a native app (RFC 8252).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redirect_uris: Vec<String>,
+    /// A public client (SPA, mobile or CLI app) gets no secret and authenticates with PKCE only; it may
+    /// use only the authorization code and refresh token grants.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub public: bool,
+    /// A refresh token unused this long expires: 60 to 31536000 (default 2592000, 30 days).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refresh_idle_seconds: Option<i64>,
+    /// Every refresh token of one authorization expires this long after the user consented: 60 to
+    /// 31536000 (default 7776000, 90 days).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refresh_absolute_seconds: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize, serde::Serialize, ToSchema)]
@@ -159,6 +186,12 @@ pub struct UpdateClient {
     pub token_format: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_lifetime_seconds: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redirect_uris: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refresh_idle_seconds: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refresh_absolute_seconds: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize, serde::Serialize, ToSchema)]
@@ -219,6 +252,73 @@ fn check_audiences(a: &[String]) -> ApiResult<()> {
     Ok(())
 }
 
+const DEFAULT_REFRESH_IDLE: i64 = 30 * 86_400;
+const DEFAULT_REFRESH_ABSOLUTE: i64 = 90 * 86_400;
+const MAX_REFRESH_SECONDS: i64 = 365 * 86_400;
+
+/// Redirect URIs (RFC 9700 §4.1): absolute, no fragment, compared exactly; https, or http on a loopback
+/// host, or a private-use scheme with a dot (`com.example.app:/cb`, RFC 8252 §7.1).
+fn check_redirect_uris(list: &[String]) -> ApiResult<()> {
+    let bad = |m: String| ApiError::invalid("redirect_uris", m);
+    if list.len() > 20 {
+        return Err(bad("at most 20".into()));
+    }
+    for u in list {
+        if u.len() > 1024 || u.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(bad(format!("{u:?} is longer than 1024 characters or holds spaces")));
+        }
+        let parsed = url::Url::parse(u).map_err(|_| bad(format!("{u:?} is not an absolute URI")))?;
+        if parsed.fragment().is_some() {
+            return Err(bad(format!("{u:?} has a fragment (#…), which redirect URIs must not have")));
+        }
+        let loopback = matches!(parsed.host_str(), Some("localhost" | "127.0.0.1" | "[::1]"));
+        let ok = match parsed.scheme() {
+            "https" => true,
+            "http" => loopback,
+            "javascript" | "data" | "file" | "vbscript" | "blob" | "about" => false,
+            other => other.contains('.'),
+        };
+        if !ok {
+            return Err(bad(format!(
+                "{u:?}: use https, http on localhost/127.0.0.1/[::1], or a private-use scheme such as com.example.app:/callback"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn check_refresh_lifetimes(idle: i64, absolute: i64) -> ApiResult<()> {
+    for (field, v) in [("refresh_idle_seconds", idle), ("refresh_absolute_seconds", absolute)] {
+        if !(60..=MAX_REFRESH_SECONDS).contains(&v) {
+            return Err(ApiError::invalid(field, format!("must be 60 to {MAX_REFRESH_SECONDS}")));
+        }
+    }
+    if idle > absolute {
+        return Err(ApiError::invalid("refresh_idle_seconds", "must not exceed refresh_absolute_seconds"));
+    }
+    Ok(())
+}
+
+/// How grants, redirect URIs and the public flag fit together.
+fn check_flow(grants: &[GrantType], redirect_uris: &[String], public: bool) -> ApiResult<()> {
+    if grants.contains(&GrantType::AuthorizationCode) && redirect_uris.is_empty() {
+        return Err(ApiError::invalid(
+            "redirect_uris",
+            "the authorization_code grant needs at least one redirect URI",
+        ));
+    }
+    if public && grants.contains(&GrantType::ClientCredentials) {
+        return Err(ApiError::invalid(
+            "grant_types",
+            "a public client has no secret, so it cannot use client_credentials; use authorization_code",
+        ));
+    }
+    if grants == [GrantType::RefreshToken] {
+        return Err(ApiError::invalid("grant_types", "refresh_token needs authorization_code too"));
+    }
+    Ok(())
+}
+
 async fn load_client(state: &AppState, id: &str) -> ApiResult<OAuthClient> {
     state.store.get_client(id).await?.ok_or_else(|| ApiError::not_found("client", id))
 }
@@ -244,14 +344,22 @@ pub async fn create_client(
     check_lifetime(lifetime)?;
     let private_key_jwt = match req.token_endpoint_auth_method.as_deref() {
         None | Some("client_secret_basic" | "client_secret_post") => false,
-        Some(PRIVATE_KEY_JWT) => true,
+        Some("none") if req.public => false,
+        Some(PRIVATE_KEY_JWT) if !req.public => true,
         Some(_) => {
             return Err(ApiError::invalid(
                 "token_endpoint_auth_method",
-                "must be client_secret_basic, client_secret_post or private_key_jwt",
+                "must be client_secret_basic, client_secret_post, private_key_jwt, or none with public: true",
             ));
         }
     };
+    check_redirect_uris(&req.redirect_uris)?;
+    check_flow(&grants, &req.redirect_uris, req.public)?;
+    let refresh_idle = req.refresh_idle_seconds.unwrap_or(DEFAULT_REFRESH_IDLE);
+    let refresh_absolute = req.refresh_absolute_seconds.unwrap_or(DEFAULT_REFRESH_ABSOLUTE.max(refresh_idle));
+    check_refresh_lifetimes(refresh_idle, refresh_absolute)?;
+    // A public client has no secret; private_key_jwt clients have keys instead.
+    let has_secret = !private_key_jwt && !req.public;
     match (&req.jwks, private_key_jwt) {
         (Some(j), true) => check_jwks(j)?,
         (None, true) => {
@@ -285,21 +393,25 @@ pub async fn create_client(
         audiences: req.audiences,
         token_format: format,
         token_lifetime_seconds: lifetime,
-        confidential: true,
+        confidential: !req.public,
         disabled: false,
         tokens_revoked_before: None,
-        secret_start: (!private_key_jwt).then(|| secret.visible_start()),
+        secret_start: has_secret.then(|| secret.visible_start()),
         auth_method: if private_key_jwt { PRIVATE_KEY_JWT.into() } else { "client_secret".into() },
         jwks: req.jwks,
+        redirect_uris: req.redirect_uris,
+        refresh_idle_seconds: refresh_idle,
+        refresh_absolute_seconds: refresh_absolute,
         created_at: now,
         updated_at: now,
     };
     let key_secret = StoredSecret::new(secret.hash(), &id, &secret.visible_start(), now);
     let details = json!({"consumer_id": client.consumer_id, "name": client.name, "scopes": client.scopes,
-        "audiences": client.audiences, "token_format": client.token_format});
+        "audiences": client.audiences, "token_format": client.token_format, "public": req.public,
+        "redirect_uris": client.redirect_uris});
     let audit = audit(&actor, now, "client.create", "client", &id, details)?;
     // A private_key_jwt client has no secret: nothing to store, nothing to show.
-    let stored_secret = (!private_key_jwt).then_some(&key_secret);
+    let stored_secret = has_secret.then_some(&key_secret);
     state.store.insert_client(&client, stored_secret, &audit).await?;
     // The consumer as it is now (it may have changed since it was read above); an older snapshot never
     // overwrites a newer one.
@@ -310,7 +422,7 @@ pub async fn create_client(
     Ok((
         StatusCode::CREATED,
         Json(ClientWithSecret {
-            client_secret: (!private_key_jwt).then(|| secret.expose().to_string()),
+            client_secret: has_secret.then(|| secret.expose().to_string()),
             previous_expires_at: None,
             client: client.into(),
         }),
@@ -391,8 +503,28 @@ pub async fn update_client(
             return Err(ApiError::invalid("jwks", "only private_key_jwt clients have keys"));
         }
     }
+    if let Some(r) = &req.redirect_uris {
+        check_redirect_uris(r)?;
+    }
+    if grant_types.is_some()
+        || req.redirect_uris.is_some()
+        || req.refresh_idle_seconds.is_some()
+        || req.refresh_absolute_seconds.is_some()
+    {
+        let current = load_client(&state, &id).await?;
+        let grants = grant_types.as_deref().unwrap_or(&current.grant_types);
+        check_flow(
+            grants,
+            req.redirect_uris.as_deref().unwrap_or(&current.redirect_uris),
+            !current.confidential,
+        )?;
+        check_refresh_lifetimes(
+            req.refresh_idle_seconds.unwrap_or(current.refresh_idle_seconds),
+            req.refresh_absolute_seconds.unwrap_or(current.refresh_absolute_seconds),
+        )?;
+    }
     let details = json!({"name": req.name, "scopes": scopes, "audiences": req.audiences,
-        "token_format": req.token_format, "jwks_changed": req.jwks.is_some()});
+        "token_format": req.token_format, "jwks_changed": req.jwks.is_some(), "redirect_uris": req.redirect_uris});
     let patch = ClientPatch {
         name: req.name,
         grant_types,
@@ -401,6 +533,9 @@ pub async fn update_client(
         token_format,
         token_lifetime_seconds: req.token_lifetime_seconds,
         jwks: req.jwks,
+        redirect_uris: req.redirect_uris,
+        refresh_idle_seconds: req.refresh_idle_seconds,
+        refresh_absolute_seconds: req.refresh_absolute_seconds,
         updated_at: state.now(),
         ..ClientPatch::default()
     };
@@ -476,7 +611,11 @@ pub async fn rotate_secret(
     if req.overlap_seconds > MAX_OVERLAP_SECONDS {
         return Err(ApiError::invalid("overlap_seconds", "must be at most 30 days"));
     }
-    if load_client(&state, &id).await?.auth_method == PRIVATE_KEY_JWT {
+    let current = load_client(&state, &id).await?;
+    if !current.confidential {
+        return Err(ApiError::new(ErrorCode::Conflict, "a public client has no secret to rotate"));
+    }
+    if current.auth_method == PRIVATE_KEY_JWT {
         return Err(ApiError::new(
             crate::error::ErrorCode::Conflict,
             "a private_key_jwt client has no secret; rotate its keys with PATCH {\"jwks\": …}",

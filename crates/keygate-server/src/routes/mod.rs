@@ -8,4 +8,5 @@ pub mod import;
 pub mod keys;
 pub mod ops;
 pub mod usage;
+pub mod users;
 pub mod verify;

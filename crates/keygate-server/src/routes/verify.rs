@@ -241,6 +241,9 @@ fn forward_auth_response(decision: &Decision) -> Response {
         set_header(h, "x-keygate-consumer", &t.consumer_id);
         set_header(h, "x-keygate-client", &t.client_id);
         set_header(h, "x-keygate-subject", &t.subject);
+        if let Some(user) = &t.user_id {
+            set_header(h, "x-keygate-user", user);
+        }
         set_header(h, "x-keygate-scopes", &t.scopes.join(" "));
         h.insert("x-keygate-kind", HeaderValue::from_static("access_token"));
         rate_limit_headers(h, decision);

@@ -396,7 +396,10 @@ async fn signing_keys_rotate_in_stages_and_discovery_is_accurate() {
     assert_eq!(meta["issuer"], app.base.as_str());
     assert_eq!(meta["token_endpoint"], format!("{}/oauth2/token", app.base));
     assert_eq!(meta["jwks_uri"], format!("{}/.well-known/jwks.json", app.base));
-    assert_eq!(meta["grant_types_supported"], json!(["client_credentials"]));
+    assert_eq!(
+        meta["grant_types_supported"],
+        json!(["client_credentials", "authorization_code", "refresh_token"])
+    );
     assert_eq!(meta["scopes_supported"], json!(["news:read"]));
     assert!(
         meta["token_endpoint_auth_methods_supported"]

@@ -46,6 +46,18 @@ pub enum Cmd {
         /// For private_key_jwt: a file with the client's public keys as a JWKS ({"keys": [...]}).
         #[arg(long, value_name = "FILE")]
         jwks_file: Option<std::path::PathBuf>,
+        /// Where users are sent back after the authorization code flow, exactly (repeatable).
+        #[arg(long = "redirect-uri", value_name = "URI")]
+        redirect_uris: Vec<String>,
+        /// A public client (SPA, mobile or CLI app): no secret, PKCE only, no client_credentials.
+        #[arg(long)]
+        public: bool,
+        /// A refresh token unused this long expires, e.g. 30d.
+        #[arg(long, value_name = "DURATION", value_parser = args::duration_secs)]
+        refresh_idle: Option<u64>,
+        /// Every refresh token of one authorization expires this long after consent, e.g. 90d.
+        #[arg(long, value_name = "DURATION", value_parser = args::duration_secs)]
+        refresh_absolute: Option<u64>,
     },
     /// List clients (never their secrets).
     List {
@@ -81,6 +93,13 @@ pub enum Cmd {
         /// For private_key_jwt clients: replace the public keys with this JWKS file.
         #[arg(long, value_name = "FILE")]
         jwks_file: Option<std::path::PathBuf>,
+        /// Replace the grant types (repeatable).
+        #[arg(long = "grant",
+            value_parser = clap::builder::PossibleValuesParser::new(keygate_server::routes::clients::GRANTS))]
+        grants: Option<Vec<String>>,
+        /// Replace the redirect URIs (repeatable).
+        #[arg(long = "redirect-uri", value_name = "URI")]
+        redirect_uris: Option<Vec<String>>,
     },
     /// Disable a client: no new tokens, and its tokens stop verifying.
     Disable {
@@ -129,7 +148,12 @@ pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
             lifetime,
             auth_method,
             jwks_file,
+            redirect_uris,
+            public,
+            refresh_idle,
+            refresh_absolute,
         } => {
+            let secs = |d: u64| d.min(i64::MAX as u64) as i64;
             let body = CreateClient {
                 consumer_id: consumer,
                 name,
@@ -138,8 +162,12 @@ pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
                 audiences,
                 token_format: Some(token_format),
                 token_lifetime_seconds: Some(lifetime.min(i64::MAX as u64) as i64),
-                token_endpoint_auth_method: Some(auth_method),
+                token_endpoint_auth_method: if public { None } else { Some(auth_method) },
                 jwks: jwks_file.map(|f| read_jwks(&f)).transpose()?,
+                redirect_uris,
+                public,
+                refresh_idle_seconds: refresh_idle.map(secs),
+                refresh_absolute_seconds: refresh_absolute.map(secs),
             };
             let v = c.send(Method::POST, &["v1", "clients"], &body).await?;
             output(c, &v, |v| {
@@ -150,7 +178,9 @@ pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
                     cell(&v["token_format"]),
                     cell(&v["scopes"])
                 ));
-                if v["client_secret"].is_null() {
+                if v["public"] == serde_json::Value::Bool(true) {
+                    emit("A public client: it has no secret and must use PKCE (S256).");
+                } else if v["client_secret"].is_null() {
                     emit(
                         "It authenticates with JWTs signed by its own key (private_key_jwt); it has no secret.",
                     );
@@ -179,15 +209,27 @@ pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
             let v = c.call(Method::GET, &["v1", "clients", &id], &[], None).await?;
             output(c, &v, print_object);
         }
-        Cmd::Update { id, name, scopes, audiences, token_format, lifetime, jwks_file } => {
+        Cmd::Update {
+            id,
+            name,
+            scopes,
+            audiences,
+            token_format,
+            lifetime,
+            jwks_file,
+            grants,
+            redirect_uris,
+        } => {
             let body = UpdateClient {
                 jwks: jwks_file.map(|f| read_jwks(&f)).transpose()?,
                 name,
-                grant_types: None,
+                grant_types: grants,
                 scopes,
                 audiences,
                 token_format,
                 token_lifetime_seconds: lifetime.map(|l| l.min(i64::MAX as u64) as i64),
+                redirect_uris,
+                ..UpdateClient::default()
             };
             let v = c.send(Method::PATCH, &["v1", "clients", &id], &body).await?;
             output(c, &v, |v| {

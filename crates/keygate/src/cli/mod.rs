@@ -17,6 +17,7 @@ mod keys;
 mod output;
 mod reports;
 mod signing_keys;
+mod users;
 mod verify;
 
 use std::process::ExitCode;
@@ -96,6 +97,16 @@ pub enum Remote {
         #[command(subcommand)]
         command: clients::Cmd,
     },
+    /// Manage users: the people who let applications act on their behalf (authorization code flow).
+    Users {
+        #[command(subcommand)]
+        command: users::Cmd,
+    },
+    /// Describe scopes for the consent page.
+    Scopes {
+        #[command(subcommand)]
+        command: users::ScopeCmd,
+    },
     /// List, rotate or revoke the JWT signing keys.
     SigningKeys {
         #[command(subcommand)]
@@ -138,6 +149,8 @@ async fn run_remote(global: GlobalArgs, remote: Remote) -> Result<ExitCode, Fail
         Remote::Keys { command } => keys::run(&c, command).await,
         Remote::Clients { command } => clients::run(&c, command).await,
         Remote::SigningKeys { command } => signing_keys::run(&c, command).await,
+        Remote::Users { command } => users::run(&c, command).await,
+        Remote::Scopes { command } => users::run_scopes(&c, command).await,
         Remote::Verify(a) => verify::verify(&c, a).await,
         Remote::Token(a) => verify::token(&c, a).await,
         Remote::Usage(a) => reports::usage(&c, a).await,

@@ -1,0 +1,595 @@
+//! The authorization endpoint (RFC 6749 §4.1, PKCE per RFC 7636, `iss` per RFC 9207) and its pages:
+//! login and consent, rendered on the server (minijinja templates compiled into the binary; no
+//! JavaScript, no network).
+//!
+//! Rules (RFC 9700, the OAuth 2.0 Security BCP):
+//! - The redirect URI must equal one registered for the client, string for string. Until the client
+//!   and its redirect URI are known to be good, errors go to an error page, never to a redirect.
+//! - PKCE with S256 is required of every client; `plain` is refused.
+//! - Codes are single use, bound to client, redirect URI, PKCE challenge and user, and live 60 s.
+//! - Forms carry a per-request CSRF token; the consent form is accepted only from the session that
+//!   logged in for that request. The session cookie is `HttpOnly`, `SameSite=Lax`, `Secure` when the
+//!   issuer is https, and a new one is issued at every login.
+//! - Pages are served with a `Content-Security-Policy` that allows no script and no framing.
+
+// Helpers here return the page to show as their error: one response per browser request, never on a
+// hot path, so the size of `Response` in a `Result` does not matter.
+#![allow(clippy::result_large_err)]
+
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use keygate_core::oauth::Form;
+use keygate_core::{PlainSecret, SecretHash, SecretKind};
+use keygate_store::{AuthCode, GrantType, OAuthClient};
+use minijinja::{Environment, context};
+use subtle::ConstantTimeEq;
+
+use super::flows::{AuthRequest, SESSION_ABSOLUTE, SESSION_COOKIE, Session};
+use crate::auth::{ClientIp, Peer};
+use crate::peer::Client;
+use crate::state::AppState;
+
+/// How long an authorization code is valid.
+pub const CODE_TTL_MS: i64 = 60_000;
+const LOGIN_ACTION: &str = "/oauth2/authorize/login";
+const CONSENT_ACTION: &str = "/oauth2/authorize/consent";
+
+fn templates() -> &'static Environment<'static> {
+    static ENV: std::sync::OnceLock<Environment<'static>> = std::sync::OnceLock::new();
+    ENV.get_or_init(|| {
+        let mut env = Environment::new();
+        // `.html` templates escape every value (minijinja's default by file extension).
+        for (name, text) in [
+            ("base.html", include_str!("../../templates/base.html")),
+            ("login.html", include_str!("../../templates/login.html")),
+            ("consent.html", include_str!("../../templates/consent.html")),
+            ("error.html", include_str!("../../templates/error.html")),
+        ] {
+            if let Err(e) = env.add_template(name, text) {
+                tracing::error!(template = name, error = %e, "a built-in template does not parse");
+            }
+        }
+        env
+    })
+}
+
+/// Headers every page carries: no script, no framing, no caching, no referrer.
+fn page(status: StatusCode, template: &str, ctx: minijinja::Value) -> Response {
+    let body = match templates().get_template(template).and_then(|t| t.render(ctx)) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(template, error = %e, "rendering a page failed");
+            return (StatusCode::INTERNAL_SERVER_ERROR, "internal error; the server log has the details")
+                .into_response();
+        }
+    };
+    let mut resp = (status, Html(body)).into_response();
+    secure_headers(resp.headers_mut());
+    resp
+}
+
+fn secure_headers(h: &mut HeaderMap) {
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+}
+
+fn error_page(status: StatusCode, message: &str) -> Response {
+    page(status, "error.html", context! { message })
+}
+
+/// Where errors and codes go once the client and its redirect URI are known to be good.
+struct Back {
+    redirect_uri: String,
+    state: Option<String>,
+    iss: String,
+}
+
+impl Back {
+    fn to(&self, params: &[(&str, &str)]) -> Response {
+        let Ok(mut url) = url::Url::parse(&self.redirect_uri) else {
+            return error_page(StatusCode::BAD_REQUEST, "the application's redirect URI is not valid");
+        };
+        {
+            let mut q = url.query_pairs_mut();
+            for (k, v) in params {
+                q.append_pair(k, v);
+            }
+            if let Some(s) = &self.state {
+                q.append_pair("state", s);
+            }
+            q.append_pair("iss", &self.iss);
+        }
+        let mut resp = StatusCode::SEE_OTHER.into_response();
+        match HeaderValue::from_str(url.as_str()) {
+            Ok(v) => {
+                resp.headers_mut().insert(header::LOCATION, v);
+            }
+            Err(_) => {
+                return error_page(StatusCode::BAD_REQUEST, "the application's redirect URI is not valid");
+            }
+        }
+        secure_headers(resp.headers_mut());
+        resp
+    }
+
+    fn error(&self, code: &str, description: &str) -> Response {
+        self.to(&[("error", code), ("error_description", description)])
+    }
+
+    fn of(req: &AuthRequest, iss: String) -> Back {
+        Back { redirect_uri: req.redirect_uri.clone(), state: req.state.clone(), iss }
+    }
+}
+
+fn random_token() -> Result<String, Response> {
+    keygate_core::credential::random_base62(32)
+        .map_err(|_| error_page(StatusCode::SERVICE_UNAVAILABLE, "the server cannot make random numbers"))
+}
+
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k == name).then_some(v)
+        })
+}
+
+fn ct_eq(a: &str, b: &str) -> bool {
+    a.as_bytes().ct_eq(b.as_bytes()).into()
+}
+
+/// A client usable for the authorization code flow right now (enabled, its consumer enabled).
+async fn usable_client(state: &AppState, id: &str) -> Result<Option<OAuthClient>, Response> {
+    let client = state.store.get_client(id).await.map_err(|e| {
+        tracing::warn!(error = %e, "authorization endpoint: store unavailable");
+        error_page(StatusCode::SERVICE_UNAVAILABLE, "the service is unavailable; try again shortly")
+    })?;
+    Ok(client.filter(|c| !c.disabled && state.oauth.consumer(&c.consumer_id).is_some_and(|s| !s.disabled)))
+}
+
+/// `GET /oauth2/authorize`: validates the request, then shows the login page, the consent page, or
+/// (when the user is logged in and already consented to these scopes) sends the code back at once.
+#[utoipa::path(get, path = "/oauth2/authorize", tag = "oauth2",
+    params(
+        ("response_type" = String, Query, description = "code"),
+        ("client_id" = String, Query),
+        ("redirect_uri" = Option<String>, Query, description = "exactly as registered; may be left out when the client has exactly one"),
+        ("scope" = Option<String>, Query),
+        ("state" = Option<String>, Query),
+        ("code_challenge" = String, Query, description = "PKCE: BASE64URL(SHA-256(code_verifier))"),
+        ("code_challenge_method" = String, Query, description = "S256 (plain is refused)"),
+        ("resource" = Option<String>, Query, description = "RFC 8707; repeatable"),
+    ),
+    responses(
+        (status = 200, description = "the login or consent page (HTML)", content_type = "text/html"),
+        (status = 303, description = "back to the redirect URI with code, state and iss, or error, state and iss"),
+        (status = 400, description = "an error page: the client or redirect URI is not valid (never redirected)", content_type = "text/html"),
+    ))]
+pub async fn authorize(
+    State(state): State<Arc<AppState>>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let now = state.now();
+    let form = Form::parse(query.unwrap_or_default().as_bytes());
+    let client_id = match form.one("client_id") {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            return error_page(StatusCode::BAD_REQUEST, "the request names no application (client_id)");
+        }
+        Err(e) => return error_page(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    let client = match usable_client(&state, client_id).await {
+        Ok(Some(c)) => c,
+        Ok(None) => return error_page(StatusCode::BAD_REQUEST, "no such application, or it is disabled"),
+        Err(r) => return r,
+    };
+    let redirect_uri = match form.one("redirect_uri") {
+        Ok(Some(r)) if client.redirect_uris.iter().any(|u| u == r) => r.to_string(),
+        Ok(Some(_)) => {
+            return error_page(
+                StatusCode::BAD_REQUEST,
+                "the redirect URI is not registered for this application",
+            );
+        }
+        Ok(None) if client.redirect_uris.len() == 1 => client.redirect_uris[0].clone(),
+        Ok(None) => return error_page(StatusCode::BAD_REQUEST, "the request names no redirect URI"),
+        Err(e) => return error_page(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    let back = Back {
+        redirect_uri,
+        state: form.one("state").ok().flatten().map(str::to_owned),
+        iss: state.oauth.issuer(),
+    };
+    let one = |name: &str| form.one(name).map_err(|e| back.error("invalid_request", &e.to_string()));
+    let checked = (|| {
+        let rt = one("response_type")?;
+        if rt != Some("code") {
+            return Err(back.error("unsupported_response_type", "response_type must be code"));
+        }
+        if !client.grant_types.contains(&GrantType::AuthorizationCode) {
+            return Err(
+                back.error("unauthorized_client", "the client may not use the authorization code grant")
+            );
+        }
+        one("state")?;
+        if one("code_challenge_method")? != Some("S256") {
+            return Err(back.error("invalid_request", "PKCE is required: code_challenge_method must be S256"));
+        }
+        let challenge = one("code_challenge")?.unwrap_or_default();
+        if challenge.len() != 43 || !keygate_core::oauth::pkce_value_ok(challenge) {
+            return Err(
+                back.error("invalid_request", "code_challenge must be BASE64URL(SHA-256(code_verifier))")
+            );
+        }
+        let scopes = super::tokens::OAuth::grant_scopes(&client, one("scope")?)
+            .map_err(|d| back.error("invalid_scope", &d))?;
+        let resources = form.all("resource");
+        if let Some(r) = resources.iter().find(|r| !client.audiences.iter().any(|a| a == *r)) {
+            return Err(
+                back.error("invalid_target", &format!("the client may not ask for the resource {r:?}"))
+            );
+        }
+        let audiences = if resources.is_empty() {
+            if client.audiences.is_empty() { vec![state.oauth.issuer()] } else { client.audiences.clone() }
+        } else {
+            resources.to_vec()
+        };
+        Ok((challenge.to_string(), scopes, audiences))
+    })();
+    let (code_challenge, scopes, audiences) = match checked {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let (request_id, csrf) = match (random_token(), random_token()) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(r), _) | (_, Err(r)) => return r,
+    };
+    let req = Arc::new(AuthRequest {
+        client_id: client.id.clone(),
+        client_name: client.name.clone(),
+        redirect_uri: back.redirect_uri.clone(),
+        state: back.state.clone(),
+        scopes,
+        audiences,
+        code_challenge,
+        csrf,
+        session: Mutex::new(None),
+    });
+    state.oauth.flows.requests.insert(request_id.clone(), req.clone());
+
+    // Who is the user? A live session, or (when configured) a trusted front proxy's header.
+    if let Some((session, user_id)) = state.oauth.flows.session_user(cookie(&headers, SESSION_COOKIE)) {
+        *lock(&req.session) = Some(session);
+        return proceed(&state, &request_id, &req, &user_id, now, None).await;
+    }
+    if let Some(user_id) = trusted_header_user(&state, peer, &headers).await {
+        return proceed(&state, &request_id, &req, &user_id, now, None).await;
+    }
+    login_page(StatusCode::OK, &request_id, &req, "", None)
+}
+
+/// The scopes a user may grant: all of `scopes`, or those their `allowed_scopes` cover.
+pub fn within_user_limit(scopes: &[String], allowed: Option<&[String]>) -> Vec<String> {
+    match allowed {
+        None => scopes.to_vec(),
+        Some(allowed) => scopes
+            .iter()
+            .filter(|s| allowed.iter().any(|a| keygate_core::scope::covers(a, s)))
+            .cloned()
+            .collect(),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn login_page(
+    status: StatusCode,
+    request_id: &str,
+    req: &AuthRequest,
+    username: &str,
+    error: Option<&str>,
+) -> Response {
+    page(
+        status,
+        "login.html",
+        context! { client_name => req.client_name, request_id, csrf => req.csrf, username, error, action => LOGIN_ACTION },
+    )
+}
+
+/// `login.trusted_header`: a front proxy that already authenticated the user names them in a header.
+/// Believed only from a peer in `trusted_proxies`, and only for an existing, enabled user.
+async fn trusted_header_user(
+    state: &AppState,
+    peer: Option<std::net::IpAddr>,
+    headers: &HeaderMap,
+) -> Option<String> {
+    let name = state.config.login_trusted_header.as_deref()?;
+    let peer = peer?;
+    if !state.config.trusted_proxies.iter().any(|n| n.contains(&peer)) {
+        return None;
+    }
+    let username = headers.get(name)?.to_str().ok()?.trim();
+    if username.is_empty() || username.len() > 256 {
+        return None;
+    }
+    let user = state.store.find_user(username).await.ok().flatten()?;
+    (!user.disabled).then_some(user.id)
+}
+
+/// The user is known: send a code back if they already consented to these scopes, else ask.
+async fn proceed(
+    state: &AppState,
+    request_id: &str,
+    req: &AuthRequest,
+    user_id: &str,
+    now: i64,
+    set_cookie: Option<HeaderValue>,
+) -> Response {
+    let back = Back::of(req, state.oauth.issuer());
+    let unavailable =
+        || error_page(StatusCode::SERVICE_UNAVAILABLE, "the service is unavailable; try again shortly");
+    let user = match state.store.get_user(user_id).await {
+        Ok(Some(u)) if !u.disabled => u,
+        Ok(_) => return back.error("access_denied", "the user may not sign in"),
+        Err(_) => return unavailable(),
+    };
+    let scopes = within_user_limit(&req.scopes, user.allowed_scopes.as_deref());
+    if scopes.is_empty() && !req.scopes.is_empty() {
+        return back.error("access_denied", "the user may not grant any of the requested scopes");
+    }
+    let grant = match state.store.find_grant(user_id, &req.client_id).await {
+        Ok(g) => g,
+        Err(_) => return unavailable(),
+    };
+    let mut resp = match grant {
+        Some(g) if scopes.iter().all(|s| g.scopes.contains(s)) => {
+            issue_code(state, request_id, req, user_id, &g.id, scopes, now).await
+        }
+        _ => {
+            let descriptions = state.store.scope_descriptions().await.unwrap_or_default();
+            let listed: Vec<minijinja::Value> = scopes
+                .iter()
+                .map(|s| {
+                    let d = descriptions.iter().find(|(k, _)| k == s).map(|(_, d)| d.as_str());
+                    context! { name => s, description => d }
+                })
+                .collect();
+            page(
+                StatusCode::OK,
+                "consent.html",
+                context! { client_name => req.client_name, username => user.username, scopes => listed,
+                request_id, csrf => req.csrf, action => CONSENT_ACTION },
+            )
+        }
+    };
+    if let Some(c) = set_cookie {
+        resp.headers_mut().append(header::SET_COOKIE, c);
+    }
+    resp
+}
+
+async fn issue_code(
+    state: &AppState,
+    request_id: &str,
+    req: &AuthRequest,
+    user_id: &str,
+    grant_id: &str,
+    scopes: Vec<String>,
+    now: i64,
+) -> Response {
+    let back = Back::of(req, state.oauth.issuer());
+    let Ok(code) = PlainSecret::generate(SecretKind::AuthCode) else {
+        return error_page(StatusCode::SERVICE_UNAVAILABLE, "the server cannot make random numbers");
+    };
+    let record = AuthCode {
+        hash: code.hash(),
+        client_id: req.client_id.clone(),
+        user_id: user_id.to_string(),
+        grant_id: grant_id.to_string(),
+        redirect_uri: req.redirect_uri.clone(),
+        code_challenge: req.code_challenge.clone(),
+        scopes,
+        audiences: req.audiences.clone(),
+        created_at: now,
+        expires_at: now + CODE_TTL_MS,
+        used_at: None,
+        family_id: None,
+    };
+    if state.store.insert_code(&record).await.is_err() {
+        return error_page(StatusCode::SERVICE_UNAVAILABLE, "the service is unavailable; try again shortly");
+    }
+    state.oauth.flows.requests.invalidate(request_id);
+    back.to(&[("code", code.expose())])
+}
+
+/// The pending request a form names, after checking its CSRF token.
+fn pending(state: &AppState, form: &Form) -> Result<(String, Arc<AuthRequest>), Response> {
+    let expired = || {
+        error_page(
+            StatusCode::BAD_REQUEST,
+            "this page has expired or was already used; go back to the application and start again",
+        )
+    };
+    let id = form.one("request_id").ok().flatten().ok_or_else(expired)?;
+    let req = state.oauth.flows.requests.get(id).ok_or_else(expired)?;
+    let csrf = form.one("csrf").ok().flatten().unwrap_or_default();
+    if !ct_eq(csrf, &req.csrf) {
+        return Err(error_page(
+            StatusCode::FORBIDDEN,
+            "the form's security token is missing or wrong; start again",
+        ));
+    }
+    Ok((id.to_string(), req))
+}
+
+fn form_body(headers: &HeaderMap, body: &[u8]) -> Result<Form, Response> {
+    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !ct.to_ascii_lowercase().starts_with("application/x-www-form-urlencoded") {
+        return Err(error_page(StatusCode::UNSUPPORTED_MEDIA_TYPE, "send the form as a browser does"));
+    }
+    Ok(Form::parse(body))
+}
+
+/// `POST /oauth2/authorize/login`: the login form.
+#[utoipa::path(post, path = "/oauth2/authorize/login", tag = "oauth2",
+    request_body(content = String, content_type = "application/x-www-form-urlencoded", description = "request_id, csrf, username, password (the login page's form)"),
+    responses((status = 200, description = "the consent page, or the login page again with an error (HTML)", content_type = "text/html"),
+        (status = 303, description = "back to the redirect URI (already consented)"),
+        (status = 401, description = "wrong username or password: the login page again", content_type = "text/html"),
+        (status = 429, description = "too many failed logins for this address or username", content_type = "text/html")))]
+pub async fn login(
+    State(state): State<Arc<AppState>>,
+    ClientIp(client): ClientIp,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let now = state.now();
+    let form = match form_body(&headers, &body) {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    let (request_id, req) = match pending(&state, &form) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let username = form.one("username").ok().flatten().unwrap_or_default().trim().to_string();
+    let password = form.one("password").ok().flatten().unwrap_or_default().to_string();
+    let account = SecretHash::of(&username.to_lowercase());
+    if state.throttle.blocked(client.accountable, now).is_some()
+        || state.login_throttle.blocked(Some(account), now).is_some()
+    {
+        return login_page(
+            StatusCode::TOO_MANY_REQUESTS,
+            &request_id,
+            &req,
+            &username,
+            Some("Too many failed sign-ins. Wait a minute and try again."),
+        );
+    }
+    let user = match state.store.find_user(&username).await {
+        Ok(u) => u,
+        Err(_) => {
+            return error_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the service is unavailable; try again shortly",
+            );
+        }
+    };
+    let stored = user.as_ref().and_then(|u| u.password_hash.clone());
+    let ok = tokio::task::spawn_blocking(move || crate::password::verify(&password, stored.as_deref()))
+        .await
+        .unwrap_or(false);
+    let user = match user {
+        Some(u) if ok && !u.disabled => u,
+        _ => {
+            failed_login(&state, client, account, now);
+            return login_page(
+                StatusCode::UNAUTHORIZED,
+                &request_id,
+                &req,
+                &username,
+                Some("Wrong username or password, or the account is disabled."),
+            );
+        }
+    };
+    if let Err(e) = state.store.record_login(&user.id, now).await {
+        tracing::warn!(error = %e, "recording a login time failed");
+    }
+    // A new session at every login (session fixation): any cookie the browser had is replaced.
+    let Ok(session_id) = random_token() else {
+        return error_page(StatusCode::SERVICE_UNAVAILABLE, "the server cannot make random numbers");
+    };
+    let hash = SecretHash::of(&session_id);
+    state.oauth.flows.sessions.insert(hash, Arc::new(Session { user_id: user.id.clone(), created_at: now }));
+    *lock(&req.session) = Some(hash);
+    let secure = if state.oauth.issuer().starts_with("https://") { "; Secure" } else { "" };
+    let cookie = format!(
+        "{SESSION_COOKIE}={session_id}; Path=/oauth2/; HttpOnly; SameSite=Lax; Max-Age={}{secure}",
+        SESSION_ABSOLUTE.as_secs()
+    );
+    let set_cookie = HeaderValue::from_str(&cookie).ok();
+    proceed(&state, &request_id, &req, &user.id, now, set_cookie).await
+}
+
+fn failed_login(state: &AppState, client: Client, account: SecretHash, now: i64) {
+    state.throttle.record_failure(client.accountable, now);
+    state.login_throttle.record_failure(Some(account), now);
+}
+
+/// `POST /oauth2/authorize/consent`: the consent form.
+#[utoipa::path(post, path = "/oauth2/authorize/consent", tag = "oauth2",
+    request_body(content = String, content_type = "application/x-www-form-urlencoded", description = "request_id, csrf, decision=allow|deny (the consent page's form)"),
+    responses((status = 303, description = "back to the redirect URI with a code (allow) or error=access_denied (deny)"),
+        (status = 403, description = "missing or wrong CSRF token, or not the session that logged in", content_type = "text/html")))]
+pub async fn consent(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let now = state.now();
+    let form = match form_body(&headers, &body) {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    let (request_id, req) = match pending(&state, &form) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    // Only the browser that logged in for this request may answer it.
+    let expected = *lock(&req.session);
+    let Some((session, user_id)) = state.oauth.flows.session_user(cookie(&headers, SESSION_COOKIE)) else {
+        return error_page(StatusCode::FORBIDDEN, "you are not signed in any more; start again");
+    };
+    if expected != Some(session) {
+        return error_page(StatusCode::FORBIDDEN, "this form belongs to another sign-in; start again");
+    }
+    let back = Back::of(&req, state.oauth.issuer());
+    match form.one("decision").ok().flatten() {
+        Some("allow") => {}
+        Some("deny") => {
+            state.oauth.flows.requests.invalidate(&request_id);
+            return back.error("access_denied", "the user denied the request");
+        }
+        _ => return error_page(StatusCode::BAD_REQUEST, "choose Allow or Deny"),
+    }
+    let user = match state.store.get_user(&user_id).await {
+        Ok(Some(u)) if !u.disabled => u,
+        Ok(_) => return back.error("access_denied", "the user may not sign in"),
+        Err(_) => {
+            return error_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the service is unavailable; try again shortly",
+            );
+        }
+    };
+    let scopes = within_user_limit(&req.scopes, user.allowed_scopes.as_deref());
+    let Ok(grant_id) = crate::routes::common::new_id("grt", now) else {
+        return error_page(StatusCode::SERVICE_UNAVAILABLE, "the server cannot make random numbers");
+    };
+    let grant = match state.store.upsert_grant(&grant_id, &user.id, &req.client_id, &scopes, now).await {
+        Ok(g) => g,
+        Err(_) => {
+            return error_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the service is unavailable; try again shortly",
+            );
+        }
+    };
+    issue_code(&state, &request_id, &req, &user.id, &grant.id, scopes, now).await
+}

@@ -1,0 +1,287 @@
+//! The user-delegated grants of the token endpoint: `authorization_code` (with PKCE) and
+//! `refresh_token` (rotated on every use).
+//!
+//! Refresh-token rotation and reuse:
+//! - Each use returns a new refresh token and marks the old one used, in one transaction.
+//! - Presenting a used refresh token again revokes its whole family (every access and refresh token
+//!   descended from the same authorization) — unless it is a retry within the grace period
+//!   (`oauth.refresh_grace_seconds`, default 10 s): concurrent presentations of one token on this node
+//!   share a single rotation and all get the same successor; a retry within the period that cannot be
+//!   given that successor (it reached another node, or came after a restart) is refused without
+//!   revoking anything.
+//! - A refresh may narrow the scope of the access token it returns, never widen it; the new refresh
+//!   token keeps the original scope (RFC 6749 §6).
+
+use std::sync::Arc;
+
+use keygate_core::oauth::pkce_s256_matches;
+use keygate_core::{PlainSecret, SecretHash, SecretKind, scope};
+use keygate_store::{GrantType, OAuthClient, Redeemed, RefreshRecord, TokenFamily};
+use serde_json::{Value, json};
+
+use super::flows::Refreshed;
+use super::tokens::{IssueError, Issued, Subject};
+use super::{Form, OAuthError, OAuthErrorCode};
+use crate::state::AppState;
+
+fn invalid_grant(message: &str) -> OAuthError {
+    OAuthError::new(OAuthErrorCode::InvalidGrant, message.to_string())
+}
+
+fn issue_error(e: IssueError) -> OAuthError {
+    match e {
+        IssueError::Store(s) => OAuthError::from(s),
+        IssueError::Internal(m) => {
+            tracing::error!(error = %m, "issuing a token failed");
+            OAuthError::new(OAuthErrorCode::ServerError, "internal error")
+        }
+    }
+}
+
+fn is_kind(s: &str, kind: SecretKind) -> bool {
+    keygate_core::credential::parse(s).is_ok_and(|p| p.kind == kind)
+}
+
+fn response(issued: &Issued, refresh: Option<&PlainSecret>) -> Value {
+    let mut body = json!({
+        "access_token": issued.access_token,
+        "token_type": "Bearer",
+        "expires_in": issued.expires_in,
+        "scope": issued.scope,
+    });
+    if let Some(r) = refresh {
+        body["refresh_token"] = Value::String(r.expose().to_string());
+    }
+    body
+}
+
+/// A new refresh token and its record, within `family`.
+fn new_refresh(
+    client: &OAuthClient,
+    family: &TokenFamily,
+    scopes: &[String],
+    audiences: &[String],
+    now: i64,
+) -> Result<(PlainSecret, RefreshRecord), OAuthError> {
+    let secret = PlainSecret::generate(SecretKind::RefreshToken)
+        .map_err(|e| issue_error(IssueError::Internal(e.to_string())))?;
+    let idle_end = now.saturating_add(client.refresh_idle_seconds.saturating_mul(1000));
+    let record = RefreshRecord {
+        hash: secret.hash(),
+        family_id: family.id.clone(),
+        scopes: scopes.to_vec(),
+        audiences: audiences.to_vec(),
+        issued_at: now,
+        idle_expires_at: idle_end.min(family.expires_at),
+        used_at: None,
+    };
+    Ok((secret, record))
+}
+
+/// `grant_type=authorization_code`.
+pub(crate) async fn authorization_code(
+    state: &AppState,
+    client: &OAuthClient,
+    form: &Form,
+    now: i64,
+) -> Result<Value, OAuthError> {
+    let code = form
+        .one("code")?
+        .ok_or_else(|| OAuthError::new(OAuthErrorCode::InvalidRequest, "code is missing"))?;
+    let invalid = || {
+        invalid_grant(
+            "the code is not valid: unknown, expired, already used, or issued to another client or redirect URI",
+        )
+    };
+    if !is_kind(code, SecretKind::AuthCode) {
+        return Err(invalid());
+    }
+    let hash = SecretHash::of(code);
+    let store = state.store.as_ref();
+    let Some(record) = store.get_code(&hash).await? else { return Err(invalid()) };
+    if record.used_at.is_some() {
+        // RFC 6749 §4.1.2: a code used twice revokes what was issued from it.
+        if let Some(family) = &record.family_id
+            && store.revoke_family(family, now).await?
+        {
+            tracing::warn!(client = %client.id, family = %family, "an authorization code was used twice; its tokens are revoked");
+        }
+        if let Some(family) = record.family_id {
+            state.oauth.families_revoked(&[(family, now + client.refresh_absolute_seconds * 1000)]);
+        }
+        return Err(invalid());
+    }
+    // Anything wrong with the binding burns the code: a stolen code gets one try.
+    let redirect_ok = match form.one("redirect_uri")? {
+        Some(r) => r == record.redirect_uri,
+        None => client.redirect_uris.len() == 1 && client.redirect_uris[0] == record.redirect_uri,
+    };
+    if record.client_id != client.id || !redirect_ok {
+        store.burn_code(&hash, now).await?;
+        return Err(invalid());
+    }
+    let Some(verifier) = form.one("code_verifier")? else {
+        store.burn_code(&hash, now).await?;
+        return Err(OAuthError::new(
+            OAuthErrorCode::InvalidRequest,
+            "code_verifier is missing (PKCE is required)",
+        ));
+    };
+    if !pkce_s256_matches(verifier, &record.code_challenge) {
+        store.burn_code(&hash, now).await?;
+        return Err(invalid_grant(
+            "PKCE verification failed: the code_verifier does not match the code_challenge",
+        ));
+    }
+    if record.expires_at <= now {
+        return Err(invalid());
+    }
+    match state.oauth.user(store, &record.user_id).await? {
+        Some(u) if !u.disabled => {}
+        _ => return Err(invalid_grant("the user may not sign in")),
+    }
+    let family = TokenFamily {
+        id: crate::routes::common::new_id("fam", now)
+            .map_err(|_| issue_error(IssueError::Internal("random source failed".into())))?,
+        grant_id: record.grant_id.clone(),
+        client_id: client.id.clone(),
+        user_id: record.user_id.clone(),
+        created_at: now,
+        expires_at: now.saturating_add(client.refresh_absolute_seconds.saturating_mul(1000)),
+        revoked_at: None,
+    };
+    let subject = Subject::User { user_id: &record.user_id, family_id: &family.id };
+    let (issued, access) =
+        state.oauth.mint(client, subject, &record.scopes, &record.audiences, now).map_err(issue_error)?;
+    let refresh = if client.grant_types.contains(&GrantType::RefreshToken) {
+        Some(new_refresh(client, &family, &record.scopes, &record.audiences, now)?)
+    } else {
+        None
+    };
+    let outcome =
+        store.redeem_code(&hash, now, &family, refresh.as_ref().map(|(_, r)| r), access.as_ref()).await?;
+    match outcome {
+        Redeemed::Issued => {
+            if let Some(a) = access {
+                state.oauth.opaque_issued(a);
+            }
+            state.metrics.record_grant(client.token_format.as_str());
+            Ok(response(&issued, refresh.as_ref().map(|(s, _)| s)))
+        }
+        Redeemed::Replayed { family_id } => {
+            if let Some(f) = family_id {
+                state.oauth.families_revoked(&[(f, family.expires_at)]);
+            }
+            Err(invalid())
+        }
+        Redeemed::Unknown => Err(invalid()),
+    }
+}
+
+/// `grant_type=refresh_token`: concurrent presentations of one token share one rotation.
+pub(crate) async fn refresh_token(
+    state: &AppState,
+    client: &OAuthClient,
+    form: &Form,
+    now: i64,
+) -> Result<Value, OAuthError> {
+    let token = form
+        .one("refresh_token")?
+        .ok_or_else(|| OAuthError::new(OAuthErrorCode::InvalidRequest, "refresh_token is missing"))?;
+    if !is_kind(token, SecretKind::RefreshToken) {
+        return Err(invalid_grant("the refresh token is not valid"));
+    }
+    let hash = SecretHash::of(token);
+    let scope = form.one("scope")?.map(str::to_owned);
+    let cell = state.oauth.flows.refreshing.get_with(hash, || Arc::new(tokio::sync::OnceCell::new()));
+    let grace = i64::try_from(state.config.refresh_grace.as_millis()).unwrap_or(i64::MAX);
+    if cell.get().is_some_and(|done| now.saturating_sub(done.at) > grace) {
+        // Past the grace period: a presentation of the used token is reuse (rotate() decides).
+        return rotate(state, client, hash, scope, now).await.map(|r| r.response);
+    }
+    let out = cell.get_or_try_init(|| rotate(state, client, hash, scope, now)).await?;
+    if out.client_id != client.id {
+        return Err(invalid_grant("the refresh token is not valid"));
+    }
+    Ok(out.response.clone())
+}
+
+async fn rotate(
+    state: &AppState,
+    client: &OAuthClient,
+    hash: SecretHash,
+    scope_param: Option<String>,
+    now: i64,
+) -> Result<Refreshed, OAuthError> {
+    let store = state.store.as_ref();
+    let Some((record, family)) = store.find_refresh(&hash).await? else {
+        return Err(invalid_grant("the refresh token is not valid"));
+    };
+    if family.client_id != client.id {
+        return Err(invalid_grant("the refresh token is not valid"));
+    }
+    if family.revoked_at.is_some() || state.oauth.family_revoked(&family.id) {
+        return Err(invalid_grant("the refresh token was revoked"));
+    }
+    if let Some(used) = record.used_at {
+        let grace = i64::try_from(state.config.refresh_grace.as_millis()).unwrap_or(i64::MAX);
+        if now.saturating_sub(used) <= grace {
+            return Err(invalid_grant(
+                "the refresh token was just used; use the refresh token that use returned",
+            ));
+        }
+        if store.revoke_family(&family.id, now).await? {
+            tracing::warn!(client = %client.id, family = %family.id, "a refresh token was used twice; its family is revoked");
+        }
+        state.oauth.families_revoked(&[(family.id.clone(), family.expires_at)]);
+        return Err(invalid_grant(
+            "the refresh token was already used; every token of this authorization is now revoked",
+        ));
+    }
+    if record.idle_expires_at <= now || family.expires_at <= now {
+        return Err(invalid_grant("the refresh token has expired"));
+    }
+    let user = match state.oauth.user(store, &family.user_id).await? {
+        Some(u) if !u.disabled => u,
+        _ => return Err(invalid_grant("the user may not sign in")),
+    };
+    // What may still be granted: the original scope, within what the client and the user may have now.
+    let still: Vec<String> =
+        super::authorize::within_user_limit(&record.scopes, user.allowed_scopes.as_deref())
+            .into_iter()
+            .filter(|s| client.scopes.iter().any(|a| scope::covers(a, s)))
+            .collect();
+    let scopes = match scope_param.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+        None => still,
+        Some(requested) => {
+            let mut out = Vec::new();
+            for s in requested.split(' ').filter(|s| !s.is_empty()) {
+                if !record.scopes.iter().any(|r| r == s) {
+                    return Err(OAuthError::new(
+                        OAuthErrorCode::InvalidScope,
+                        format!("a refresh may narrow the scope, not widen it: {s:?} was not granted"),
+                    ));
+                }
+                if still.iter().any(|x| x == s) && !out.iter().any(|x: &String| x == s) {
+                    out.push(s.to_string());
+                }
+            }
+            out
+        }
+    };
+    let subject = Subject::User { user_id: &family.user_id, family_id: &family.id };
+    let (issued, access) =
+        state.oauth.mint(client, subject, &scopes, &record.audiences, now).map_err(issue_error)?;
+    let (secret, successor) = new_refresh(client, &family, &record.scopes, &record.audiences, now)?;
+    if !store.rotate_refresh(&hash, now, &successor, access.as_ref()).await? {
+        // Another rotation of this token won (on another node): not reuse, but nothing to hand out.
+        return Err(invalid_grant(
+            "the refresh token was just used; use the refresh token that use returned",
+        ));
+    }
+    if let Some(a) = access {
+        state.oauth.opaque_issued(a);
+    }
+    state.metrics.record_grant(client.token_format.as_str());
+    Ok(Refreshed { client_id: client.id.clone(), response: response(&issued, Some(&secret)), at: now })
+}

@@ -1,0 +1,490 @@
+//! Admin API: users (the API provider's end users, who delegate access to applications), their grants,
+//! and the descriptions of scopes shown on the consent page. Every route needs `keygate:admin`; every
+//! change is audited. Disabling or deleting a user ends their sessions and stops their tokens at the
+//! next request; revoking a grant revokes every token issued under it.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use keygate_store::{Grant, User, UserPatch};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use crate::auth::AdminCaller;
+use crate::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, ErrorCode};
+use crate::routes::common::*;
+use crate::state::AppState;
+use crate::time::rfc3339;
+
+pub fn router() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new()
+        .routes(routes!(create_user, list_users))
+        .routes(routes!(get_user, update_user, delete_user))
+        .routes(routes!(disable_user))
+        .routes(routes!(enable_user))
+        .routes(routes!(set_password))
+        .routes(routes!(list_grants))
+        .routes(routes!(revoke_grant))
+        .routes(routes!(list_scopes))
+        .routes(routes!(set_scope, delete_scope))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UserView {
+    pub id: String,
+    pub username: String,
+    pub email: Option<String>,
+    pub display_name: Option<String>,
+    /// What this user may ever grant; `null`: anything a client may request.
+    pub allowed_scopes: Option<Vec<String>>,
+    pub disabled: bool,
+    /// Whether a password is set (never the password or its hash).
+    pub has_password: bool,
+    pub created_at: String,
+    pub updated_at: String,
+    pub last_login_at: Option<String>,
+}
+
+impl From<User> for UserView {
+    fn from(u: User) -> Self {
+        UserView {
+            id: u.id,
+            username: u.username,
+            email: u.email,
+            display_name: u.display_name,
+            allowed_scopes: u.allowed_scopes,
+            disabled: u.disabled,
+            has_password: u.password_hash.is_some(),
+            created_at: rfc3339(u.created_at),
+            updated_at: rfc3339(u.updated_at),
+            last_login_at: u.last_login_at.map(rfc3339),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UserList {
+    pub items: Vec<UserView>,
+    pub next_after: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUser {
+    /// Unique ignoring case; 1–128 characters, no spaces or control characters.
+    pub username: String,
+    /// At least 10 characters, not a well-known password. Without one the user cannot log in with a
+    /// password (e.g. only through `login.trusted_header`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_scopes: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateUser {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// `null` removes it.
+    #[serde(skip_serializing_if = "Option::is_none", default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    pub email: Option<Option<String>>,
+    /// `null` removes it.
+    #[serde(skip_serializing_if = "Option::is_none", default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    pub display_name: Option<Option<String>>,
+    /// `null`: anything a client may request.
+    #[serde(skip_serializing_if = "Option::is_none", default, deserialize_with = "present")]
+    #[schema(value_type = Option<Vec<String>>)]
+    pub allowed_scopes: Option<Option<Vec<String>>>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetPassword {
+    pub password: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GrantView {
+    pub id: String,
+    pub user_id: String,
+    pub client_id: String,
+    pub scopes: Vec<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<Grant> for GrantView {
+    fn from(g: Grant) -> Self {
+        GrantView {
+            id: g.id,
+            user_id: g.user_id,
+            client_id: g.client_id,
+            scopes: g.scopes,
+            created_at: rfc3339(g.created_at),
+            updated_at: rfc3339(g.updated_at),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GrantList {
+    pub items: Vec<GrantView>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ScopeView {
+    pub scope: String,
+    pub description: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ScopeList {
+    pub items: Vec<ScopeView>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetScope {
+    /// Shown to users on the consent page, e.g. "Read your articles". 1–200 characters.
+    pub description: String,
+}
+
+fn check_username(u: &str) -> ApiResult<()> {
+    if u.is_empty() || u.chars().count() > 128 || u.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(ApiError::invalid(
+            "username",
+            "must be 1 to 128 characters without spaces or control characters",
+        ));
+    }
+    Ok(())
+}
+
+fn check_optional_text(field: &str, v: &Option<String>, max: usize) -> ApiResult<()> {
+    if let Some(s) = v
+        && (s.is_empty() || s.chars().count() > max || s.chars().any(char::is_control))
+    {
+        return Err(ApiError::invalid(
+            field,
+            format!("must be 1 to {max} characters without control characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_email(v: &Option<String>) -> ApiResult<()> {
+    check_optional_text("email", v, 254)?;
+    if v.as_ref().is_some_and(|e| !e.contains('@') || e.contains(char::is_whitespace)) {
+        return Err(ApiError::invalid("email", "must be an email address"));
+    }
+    Ok(())
+}
+
+/// Hashes a new password after the policy check (Argon2id runs off the async threads).
+async fn new_password_hash(password: String, username: &str) -> ApiResult<String> {
+    crate::password::check_policy(&password, username).map_err(|m| ApiError::invalid("password", m))?;
+    tokio::task::spawn_blocking(move || crate::password::hash(&password))
+        .await
+        .map_err(|e| ApiError::internal("password hashing stopped", e))?
+        .map_err(|e| ApiError::internal("password hashing failed", e))
+}
+
+fn username_taken(e: keygate_store::StoreError) -> ApiError {
+    match e {
+        keygate_store::StoreError::Conflict(_) => ApiError {
+            field: Some("username".into()),
+            ..ApiError::new(ErrorCode::Conflict, "another user has this username (usernames ignore case)")
+        },
+        other => other.into(),
+    }
+}
+
+async fn load_user(state: &AppState, id: &str) -> ApiResult<User> {
+    state.store.get_user(id).await?.ok_or_else(|| ApiError::not_found("user", id))
+}
+
+/// Everything that caches a user forgets it: their tokens and sessions see the change at once.
+fn user_changed(state: &AppState, user: &str, ended: bool) {
+    state.oauth.user_changed(user);
+    if ended {
+        state.oauth.flows.end_sessions_of(user);
+    }
+}
+
+/// Create a user.
+#[utoipa::path(post, path = "/v1/users", tag = "users", request_body = CreateUser,
+    responses((status = 201, body = UserView), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create_user(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(actor): AdminCaller,
+    ApiJson(req): ApiJson<CreateUser>,
+) -> ApiResult<(StatusCode, Json<UserView>)> {
+    check_username(&req.username)?;
+    check_email(&req.email)?;
+    check_optional_text("display_name", &req.display_name, 200)?;
+    let allowed_scopes = req.allowed_scopes.map(check_scopes).transpose()?;
+    let password_hash = match req.password {
+        Some(p) => Some(new_password_hash(p, &req.username).await?),
+        None => None,
+    };
+    let now = state.now();
+    let user = User {
+        id: new_id("usr", now)?,
+        username: req.username,
+        email: req.email,
+        display_name: req.display_name,
+        password_hash,
+        allowed_scopes,
+        disabled: false,
+        created_at: now,
+        updated_at: now,
+        last_login_at: None,
+    };
+    let details = json!({"username": user.username, "allowed_scopes": user.allowed_scopes});
+    let audit = audit(&actor, now, "user.create", "user", &user.id, details)?;
+    state.store.insert_user(&user, &audit).await.map_err(username_taken)?;
+    Ok((StatusCode::CREATED, Json(user.into())))
+}
+
+/// List users in creation order.
+#[utoipa::path(get, path = "/v1/users", tag = "users", params(PageQuery),
+    responses((status = 200, body = UserList), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list_users(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(_): AdminCaller,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> ApiResult<Json<UserList>> {
+    let page = page(q.after, q.limit)?;
+    let items = state.store.list_users(&page).await?;
+    let next_after = next_cursor(&items, page.limit, |u| &u.id);
+    Ok(Json(UserList { items: items.into_iter().map(Into::into).collect(), next_after }))
+}
+
+/// Get one user (by id, or by username with `username:NAME`).
+#[utoipa::path(get, path = "/v1/users/{id}", tag = "users", params(("id" = String, Path, description = "usr_… or username:NAME")),
+    responses((status = 200, body = UserView), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn get_user(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(_): AdminCaller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<UserView>> {
+    if let Some(name) = id.strip_prefix("username:") {
+        let user = state.store.find_user(name).await?.ok_or_else(|| ApiError::not_found("user", &id))?;
+        return Ok(Json(user.into()));
+    }
+    Ok(Json(load_user(&state, &id).await?.into()))
+}
+
+async fn patch_user(
+    state: &AppState,
+    actor: &crate::auth::Actor,
+    id: &str,
+    action: &str,
+    patch: UserPatch,
+    details: serde_json::Value,
+) -> ApiResult<User> {
+    let audit = audit(actor, patch.updated_at, action, "user", id, details)?;
+    let user = state
+        .store
+        .update_user(id, &patch, &audit)
+        .await
+        .map_err(username_taken)?
+        .ok_or_else(|| ApiError::not_found("user", id))?;
+    user_changed(state, id, user.disabled);
+    Ok(user)
+}
+
+/// Change a user's username, email, display name or allowed scopes.
+#[utoipa::path(patch, path = "/v1/users/{id}", tag = "users", params(("id" = String, Path)), request_body = UpdateUser,
+    responses((status = 200, body = UserView), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn update_user(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(actor): AdminCaller,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<UpdateUser>,
+) -> ApiResult<Json<UserView>> {
+    if let Some(u) = &req.username {
+        check_username(u)?;
+    }
+    if let Some(e) = &req.email {
+        check_email(e)?;
+    }
+    if let Some(d) = &req.display_name {
+        check_optional_text("display_name", d, 200)?;
+    }
+    let allowed_scopes = match req.allowed_scopes {
+        Some(Some(s)) => Some(Some(check_scopes(s)?)),
+        other => other,
+    };
+    let details = json!({"username": req.username, "allowed_scopes": allowed_scopes});
+    let patch = UserPatch {
+        username: req.username,
+        email: req.email,
+        display_name: req.display_name,
+        allowed_scopes,
+        updated_at: state.now(),
+        ..UserPatch::default()
+    };
+    Ok(Json(patch_user(&state, &actor, &id, "user.update", patch, details).await?.into()))
+}
+
+/// Disable a user: they cannot log in, their sessions end, and their tokens stop at the next request.
+#[utoipa::path(post, path = "/v1/users/{id}/disable", tag = "users", params(("id" = String, Path)),
+    responses((status = 200, body = UserView), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn disable_user(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(actor): AdminCaller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<UserView>> {
+    let patch = UserPatch { disabled: Some(true), updated_at: state.now(), ..UserPatch::default() };
+    Ok(Json(patch_user(&state, &actor, &id, "user.disable", patch, json!({})).await?.into()))
+}
+
+/// Enable a disabled user again (their unexpired tokens work again).
+#[utoipa::path(post, path = "/v1/users/{id}/enable", tag = "users", params(("id" = String, Path)),
+    responses((status = 200, body = UserView), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn enable_user(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(actor): AdminCaller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<UserView>> {
+    let patch = UserPatch { disabled: Some(false), updated_at: state.now(), ..UserPatch::default() };
+    Ok(Json(patch_user(&state, &actor, &id, "user.enable", patch, json!({})).await?.into()))
+}
+
+/// Set a user's password (their sessions end; their tokens stay).
+#[utoipa::path(post, path = "/v1/users/{id}/password", tag = "users", params(("id" = String, Path)), request_body = SetPassword,
+    responses((status = 200, body = UserView), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn set_password(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(actor): AdminCaller,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<SetPassword>,
+) -> ApiResult<Json<UserView>> {
+    let user = load_user(&state, &id).await?;
+    let hash = new_password_hash(req.password, &user.username).await?;
+    let patch = UserPatch { password_hash: Some(hash), updated_at: state.now(), ..UserPatch::default() };
+    let user = patch_user(&state, &actor, &id, "user.set_password", patch, json!({})).await?;
+    state.oauth.flows.end_sessions_of(&id);
+    Ok(Json(user.into()))
+}
+
+/// Delete a user with their grants; their tokens stop at the next request.
+#[utoipa::path(delete, path = "/v1/users/{id}", tag = "users", params(("id" = String, Path)),
+    responses((status = 204, description = "deleted"), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn delete_user(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(actor): AdminCaller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let now = state.now();
+    let audit = audit(&actor, now, "user.delete", "user", &id, json!({}))?;
+    if !state.store.delete_user(&id, &audit).await? {
+        return Err(ApiError::not_found("user", &id));
+    }
+    user_changed(&state, &id, true);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A user's live grants: what they consented to, per client.
+#[utoipa::path(get, path = "/v1/users/{id}/grants", tag = "users", params(("id" = String, Path)),
+    responses((status = 200, body = GrantList), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list_grants(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(_): AdminCaller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<GrantList>> {
+    load_user(&state, &id).await?;
+    let items = state.store.list_grants(&id).await?;
+    Ok(Json(GrantList { items: items.into_iter().map(Into::into).collect() }))
+}
+
+/// Revoke a grant: every token issued under it stops at the next request, and the client must ask the
+/// user's consent again.
+#[utoipa::path(delete, path = "/v1/users/{id}/grants/{grant_id}", tag = "users",
+    params(("id" = String, Path), ("grant_id" = String, Path)),
+    responses((status = 204, description = "revoked"), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn revoke_grant(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(actor): AdminCaller,
+    Path((id, grant_id)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let now = state.now();
+    let audit = audit(&actor, now, "grant.revoke", "grant", &grant_id, json!({"user_id": id}))?;
+    let families = state
+        .store
+        .revoke_grant(&id, &grant_id, now, &audit)
+        .await?
+        .ok_or_else(|| ApiError::not_found("grant", &grant_id))?;
+    state.oauth.families_revoked(&families);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Scope descriptions, as the consent page shows them.
+#[utoipa::path(get, path = "/v1/scopes", tag = "users",
+    responses((status = 200, body = ScopeList), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list_scopes(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(_): AdminCaller,
+) -> ApiResult<Json<ScopeList>> {
+    let items = state.store.scope_descriptions().await?;
+    Ok(Json(ScopeList {
+        items: items.into_iter().map(|(scope, description)| ScopeView { scope, description }).collect(),
+    }))
+}
+
+/// Set the description of a scope, shown to users on the consent page.
+#[utoipa::path(put, path = "/v1/scopes/{scope}", tag = "users", params(("scope" = String, Path)), request_body = SetScope,
+    responses((status = 200, body = ScopeView), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn set_scope(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(actor): AdminCaller,
+    Path(scope): Path<String>,
+    ApiJson(req): ApiJson<SetScope>,
+) -> ApiResult<Json<ScopeView>> {
+    let scope =
+        check_scopes(vec![scope]).map_err(|e| ApiError { field: Some("scope".into()), ..e })?.remove(0);
+    check_optional_text("description", &Some(req.description.clone()), 200)?;
+    let now = state.now();
+    let audit =
+        audit(&actor, now, "scope.describe", "scope", &scope, json!({"description": req.description}))?;
+    state.store.set_scope_description(&scope, Some(&req.description), now, &audit).await?;
+    Ok(Json(ScopeView { scope, description: req.description }))
+}
+
+/// Remove the description of a scope.
+#[utoipa::path(delete, path = "/v1/scopes/{scope}", tag = "users", params(("scope" = String, Path)),
+    responses((status = 204, description = "removed"), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn delete_scope(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(actor): AdminCaller,
+    Path(scope): Path<String>,
+) -> ApiResult<StatusCode> {
+    let now = state.now();
+    let audit = audit(&actor, now, "scope.undescribe", "scope", &scope, json!({}))?;
+    state.store.set_scope_description(&scope, None, now, &audit).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

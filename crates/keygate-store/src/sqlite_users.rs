@@ -1,0 +1,569 @@
+//! The SQLite implementation of [`UserStore`].
+
+use async_trait::async_trait;
+use keygate_core::SecretHash;
+use sqlx::Row;
+use sqlx::sqlite::SqliteRow;
+
+use crate::sqlite::{Tx, fetch_by_id, fetch_page, hash_from_row, insert_audit, map_err, opt_json, parse_opt};
+use crate::sqlite_oauth::{insert_access_token_rows, json_list, to_json};
+use crate::users::{AuthCode, Grant, Redeemed, RefreshRecord, TokenFamily, User, UserPatch, UserStore};
+use crate::{AccessTokenRecord, NewAudit, Page, Result, SqliteStore};
+
+fn user_from_row(row: &SqliteRow) -> Result<User> {
+    Ok(User {
+        id: row.try_get("id").map_err(map_err)?,
+        username: row.try_get("username").map_err(map_err)?,
+        email: row.try_get("email").map_err(map_err)?,
+        display_name: row.try_get("display_name").map_err(map_err)?,
+        password_hash: row.try_get("password_hash").map_err(map_err)?,
+        allowed_scopes: parse_opt(row, "allowed_scopes")?,
+        disabled: row.try_get("disabled").map_err(map_err)?,
+        created_at: row.try_get("created_at").map_err(map_err)?,
+        updated_at: row.try_get("updated_at").map_err(map_err)?,
+        last_login_at: row.try_get("last_login_at").map_err(map_err)?,
+    })
+}
+
+fn grant_from_row(row: &SqliteRow) -> Result<Grant> {
+    Ok(Grant {
+        id: row.try_get("id").map_err(map_err)?,
+        user_id: row.try_get("user_id").map_err(map_err)?,
+        client_id: row.try_get("client_id").map_err(map_err)?,
+        scopes: json_list(row, "scopes")?,
+        created_at: row.try_get("created_at").map_err(map_err)?,
+        updated_at: row.try_get("updated_at").map_err(map_err)?,
+        revoked_at: row.try_get("revoked_at").map_err(map_err)?,
+    })
+}
+
+fn code_from_row(row: &SqliteRow) -> Result<AuthCode> {
+    Ok(AuthCode {
+        hash: hash_from_row(row)?,
+        client_id: row.try_get("client_id").map_err(map_err)?,
+        user_id: row.try_get("user_id").map_err(map_err)?,
+        grant_id: row.try_get("grant_id").map_err(map_err)?,
+        redirect_uri: row.try_get("redirect_uri").map_err(map_err)?,
+        code_challenge: row.try_get("code_challenge").map_err(map_err)?,
+        scopes: json_list(row, "scopes")?,
+        audiences: json_list(row, "audiences")?,
+        created_at: row.try_get("created_at").map_err(map_err)?,
+        expires_at: row.try_get("expires_at").map_err(map_err)?,
+        used_at: row.try_get("used_at").map_err(map_err)?,
+        family_id: row.try_get("family_id").map_err(map_err)?,
+    })
+}
+
+fn family_from_row(row: &SqliteRow) -> Result<TokenFamily> {
+    Ok(TokenFamily {
+        id: row.try_get("f_id").map_err(map_err)?,
+        grant_id: row.try_get("f_grant_id").map_err(map_err)?,
+        client_id: row.try_get("f_client_id").map_err(map_err)?,
+        user_id: row.try_get("f_user_id").map_err(map_err)?,
+        created_at: row.try_get("f_created_at").map_err(map_err)?,
+        expires_at: row.try_get("f_expires_at").map_err(map_err)?,
+        revoked_at: row.try_get("f_revoked_at").map_err(map_err)?,
+    })
+}
+
+fn refresh_from_row(row: &SqliteRow) -> Result<RefreshRecord> {
+    Ok(RefreshRecord {
+        hash: hash_from_row(row)?,
+        family_id: row.try_get("family_id").map_err(map_err)?,
+        scopes: json_list(row, "scopes")?,
+        audiences: json_list(row, "audiences")?,
+        issued_at: row.try_get("issued_at").map_err(map_err)?,
+        idle_expires_at: row.try_get("idle_expires_at").map_err(map_err)?,
+        used_at: row.try_get("used_at").map_err(map_err)?,
+    })
+}
+
+async fn insert_refresh(tx: &mut Tx<'_>, r: &RefreshRecord) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO refresh_tokens (hash, family_id, scopes, audiences, issued_at, idle_expires_at, used_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&r.hash.as_bytes()[..])
+    .bind(&r.family_id)
+    .bind(to_json(&r.scopes)?)
+    .bind(to_json(&r.audiences)?)
+    .bind(r.issued_at)
+    .bind(r.idle_expires_at)
+    .bind(r.used_at)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+/// Which families [`revoke_families_where`] revokes.
+#[derive(Clone, Copy)]
+enum Families {
+    Id,
+    OfGrant,
+    OfUser,
+}
+
+/// Revokes families and their opaque access tokens; returns the families revoked, with their absolute
+/// ends.
+async fn revoke_families_where(
+    tx: &mut Tx<'_>,
+    which: Families,
+    arg: &str,
+    at: i64,
+) -> Result<Vec<(String, i64)>> {
+    let sql = match which {
+        Families::Id => {
+            "UPDATE token_families SET revoked_at = ? WHERE revoked_at IS NULL AND id = ? RETURNING id, expires_at"
+        }
+        Families::OfGrant => {
+            "UPDATE token_families SET revoked_at = ? WHERE revoked_at IS NULL AND grant_id = ? RETURNING id, expires_at"
+        }
+        Families::OfUser => {
+            "UPDATE token_families SET revoked_at = ? WHERE revoked_at IS NULL AND user_id = ? RETURNING id, expires_at"
+        }
+    };
+    let rows = sqlx::query(sql).bind(at).bind(arg).fetch_all(&mut **tx).await.map_err(map_err)?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let id: String = row.try_get("id").map_err(map_err)?;
+        let expires: i64 = row.try_get("expires_at").map_err(map_err)?;
+        sqlx::query("UPDATE access_tokens SET revoked_at = ? WHERE family_id = ? AND revoked_at IS NULL")
+            .bind(at)
+            .bind(&id)
+            .execute(&mut **tx)
+            .await
+            .map_err(map_err)?;
+        out.push((id, expires));
+    }
+    Ok(out)
+}
+
+#[async_trait]
+impl UserStore for SqliteStore {
+    async fn insert_user(&self, u: &User, audit: &NewAudit) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        sqlx::query(
+            "INSERT INTO users (id, username, username_key, email, display_name, password_hash, allowed_scopes, \
+             disabled, created_at, updated_at, last_login_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&u.id)
+        .bind(&u.username)
+        .bind(u.username.to_lowercase())
+        .bind(&u.email)
+        .bind(&u.display_name)
+        .bind(&u.password_hash)
+        .bind(opt_json(&u.allowed_scopes)?)
+        .bind(u.disabled)
+        .bind(u.created_at)
+        .bind(u.updated_at)
+        .bind(u.last_login_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn get_user(&self, id: &str) -> Result<Option<User>> {
+        fetch_by_id(&self.pool, "SELECT * FROM users WHERE id = ?", id, user_from_row).await
+    }
+
+    async fn find_user(&self, username: &str) -> Result<Option<User>> {
+        fetch_by_id(
+            &self.pool,
+            "SELECT * FROM users WHERE username_key = ?",
+            &username.to_lowercase(),
+            user_from_row,
+        )
+        .await
+    }
+
+    async fn list_users(&self, page: &Page) -> Result<Vec<User>> {
+        fetch_page(&self.pool, "SELECT * FROM users WHERE id > ? ORDER BY id LIMIT ?", page, user_from_row)
+            .await
+    }
+
+    async fn update_user(&self, id: &str, p: &UserPatch, audit: &NewAudit) -> Result<Option<User>> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        // Optional fields: a flag says whether to touch them, so that `Some(None)` can clear them.
+        let row = sqlx::query(
+            "UPDATE users SET username = COALESCE(?, username), username_key = COALESCE(?, username_key), \
+             email = CASE WHEN ? THEN ? ELSE email END, \
+             display_name = CASE WHEN ? THEN ? ELSE display_name END, \
+             allowed_scopes = CASE WHEN ? THEN ? ELSE allowed_scopes END, \
+             disabled = COALESCE(?, disabled), password_hash = COALESCE(?, password_hash), updated_at = ? \
+             WHERE id = ? RETURNING *",
+        )
+        .bind(&p.username)
+        .bind(p.username.as_ref().map(|u| u.to_lowercase()))
+        .bind(p.email.is_some())
+        .bind(p.email.clone().flatten())
+        .bind(p.display_name.is_some())
+        .bind(p.display_name.clone().flatten())
+        .bind(p.allowed_scopes.is_some())
+        .bind(opt_json(&p.allowed_scopes.clone().flatten())?)
+        .bind(p.disabled)
+        .bind(&p.password_hash)
+        .bind(p.updated_at)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let Some(row) = row else { return Ok(None) };
+        let user = user_from_row(&row)?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(Some(user))
+    }
+
+    async fn delete_user(&self, id: &str, audit: &NewAudit) -> Result<bool> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        revoke_families_where(&mut tx, Families::OfUser, id, audit.at).await?;
+        // Grants, codes, families and refresh tokens go with the user (foreign keys cascade).
+        let deleted = sqlx::query("DELETE FROM users WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        if deleted.rows_affected() == 0 {
+            return Ok(false);
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(true)
+    }
+
+    async fn record_login(&self, id: &str, at: i64) -> Result<()> {
+        sqlx::query("UPDATE users SET last_login_at = ? WHERE id = ?")
+            .bind(at)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn find_grant(&self, user_id: &str, client_id: &str) -> Result<Option<Grant>> {
+        let row =
+            sqlx::query("SELECT * FROM grants WHERE user_id = ? AND client_id = ? AND revoked_at IS NULL")
+                .bind(user_id)
+                .bind(client_id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(map_err)?;
+        row.as_ref().map(grant_from_row).transpose()
+    }
+
+    async fn upsert_grant(
+        &self,
+        new_id: &str,
+        user_id: &str,
+        client_id: &str,
+        scopes: &[String],
+        at: i64,
+    ) -> Result<Grant> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let existing =
+            sqlx::query("SELECT * FROM grants WHERE user_id = ? AND client_id = ? AND revoked_at IS NULL")
+                .bind(user_id)
+                .bind(client_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        let grant = match existing.as_ref().map(grant_from_row).transpose()? {
+            Some(mut g) => {
+                for s in scopes {
+                    if !g.scopes.contains(s) {
+                        g.scopes.push(s.clone());
+                    }
+                }
+                g.updated_at = at;
+                sqlx::query("UPDATE grants SET scopes = ?, updated_at = ? WHERE id = ?")
+                    .bind(to_json(&g.scopes)?)
+                    .bind(at)
+                    .bind(&g.id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                g
+            }
+            None => {
+                let g = Grant {
+                    id: new_id.to_string(),
+                    user_id: user_id.to_string(),
+                    client_id: client_id.to_string(),
+                    scopes: scopes.to_vec(),
+                    created_at: at,
+                    updated_at: at,
+                    revoked_at: None,
+                };
+                sqlx::query(
+                    "INSERT INTO grants (id, user_id, client_id, scopes, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                )
+                .bind(&g.id)
+                .bind(&g.user_id)
+                .bind(&g.client_id)
+                .bind(to_json(&g.scopes)?)
+                .bind(at)
+                .bind(at)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+                g
+            }
+        };
+        tx.commit().await.map_err(map_err)?;
+        Ok(grant)
+    }
+
+    async fn list_grants(&self, user_id: &str) -> Result<Vec<Grant>> {
+        let rows = sqlx::query("SELECT * FROM grants WHERE user_id = ? AND revoked_at IS NULL ORDER BY id")
+            .bind(user_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(grant_from_row).collect()
+    }
+
+    async fn get_grant(&self, id: &str) -> Result<Option<Grant>> {
+        fetch_by_id(&self.pool, "SELECT * FROM grants WHERE id = ?", id, grant_from_row).await
+    }
+
+    async fn revoke_grant(
+        &self,
+        user_id: &str,
+        grant_id: &str,
+        at: i64,
+        audit: &NewAudit,
+    ) -> Result<Option<Vec<(String, i64)>>> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let updated = sqlx::query(
+            "UPDATE grants SET revoked_at = ?, updated_at = ? WHERE id = ? AND user_id = ? AND revoked_at IS NULL",
+        )
+        .bind(at)
+        .bind(at)
+        .bind(grant_id)
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        if updated.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let families = revoke_families_where(&mut tx, Families::OfGrant, grant_id, at).await?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(Some(families))
+    }
+
+    async fn insert_code(&self, c: &AuthCode) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO auth_codes (hash, client_id, user_id, grant_id, redirect_uri, code_challenge, scopes, \
+             audiences, created_at, expires_at, used_at, family_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&c.hash.as_bytes()[..])
+        .bind(&c.client_id)
+        .bind(&c.user_id)
+        .bind(&c.grant_id)
+        .bind(&c.redirect_uri)
+        .bind(&c.code_challenge)
+        .bind(to_json(&c.scopes)?)
+        .bind(to_json(&c.audiences)?)
+        .bind(c.created_at)
+        .bind(c.expires_at)
+        .bind(c.used_at)
+        .bind(&c.family_id)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn get_code(&self, hash: &SecretHash) -> Result<Option<AuthCode>> {
+        let row = sqlx::query("SELECT * FROM auth_codes WHERE hash = ?")
+            .bind(&hash.as_bytes()[..])
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(code_from_row).transpose()
+    }
+
+    async fn burn_code(&self, hash: &SecretHash, at: i64) -> Result<bool> {
+        let r = sqlx::query("UPDATE auth_codes SET used_at = ? WHERE hash = ? AND used_at IS NULL")
+            .bind(at)
+            .bind(&hash.as_bytes()[..])
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn redeem_code(
+        &self,
+        hash: &SecretHash,
+        at: i64,
+        family: &TokenFamily,
+        refresh: Option<&RefreshRecord>,
+        access: Option<&AccessTokenRecord>,
+    ) -> Result<Redeemed> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        // The write lock is taken by this first statement, so the check and the update cannot interleave
+        // with another redemption.
+        let first = sqlx::query(
+            "UPDATE auth_codes SET used_at = ?, family_id = ? WHERE hash = ? AND used_at IS NULL RETURNING hash",
+        )
+        .bind(at)
+        .bind(&family.id)
+        .bind(&hash.as_bytes()[..])
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        if first.is_none() {
+            let row = sqlx::query("SELECT family_id FROM auth_codes WHERE hash = ?")
+                .bind(&hash.as_bytes()[..])
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            let Some(row) = row else { return Ok(Redeemed::Unknown) };
+            let family_id: Option<String> = row.try_get("family_id").map_err(map_err)?;
+            if let Some(f) = &family_id {
+                revoke_families_where(&mut tx, Families::Id, f, at).await?;
+            }
+            tx.commit().await.map_err(map_err)?;
+            return Ok(Redeemed::Replayed { family_id });
+        }
+        sqlx::query(
+            "INSERT INTO token_families (id, grant_id, client_id, user_id, created_at, expires_at, revoked_at) \
+             VALUES (?, ?, ?, ?, ?, ?, NULL)",
+        )
+        .bind(&family.id)
+        .bind(&family.grant_id)
+        .bind(&family.client_id)
+        .bind(&family.user_id)
+        .bind(family.created_at)
+        .bind(family.expires_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        if let Some(r) = refresh {
+            insert_refresh(&mut tx, r).await?;
+        }
+        if let Some(a) = access {
+            insert_access_token_rows(&mut tx, std::slice::from_ref(a)).await?;
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(Redeemed::Issued)
+    }
+
+    async fn find_refresh(&self, hash: &SecretHash) -> Result<Option<(RefreshRecord, TokenFamily)>> {
+        let row = sqlx::query(
+            "SELECT r.*, f.id AS f_id, f.grant_id AS f_grant_id, f.client_id AS f_client_id, \
+             f.user_id AS f_user_id, f.created_at AS f_created_at, f.expires_at AS f_expires_at, \
+             f.revoked_at AS f_revoked_at FROM refresh_tokens r JOIN token_families f ON f.id = r.family_id \
+             WHERE r.hash = ?",
+        )
+        .bind(&hash.as_bytes()[..])
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        match row {
+            Some(row) => Ok(Some((refresh_from_row(&row)?, family_from_row(&row)?))),
+            None => Ok(None),
+        }
+    }
+
+    async fn rotate_refresh(
+        &self,
+        old: &SecretHash,
+        at: i64,
+        successor: &RefreshRecord,
+        access: Option<&AccessTokenRecord>,
+    ) -> Result<bool> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let won = sqlx::query(
+            "UPDATE refresh_tokens SET used_at = ? WHERE hash = ? AND used_at IS NULL \
+             AND family_id IN (SELECT id FROM token_families WHERE revoked_at IS NULL)",
+        )
+        .bind(at)
+        .bind(&old.as_bytes()[..])
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?
+        .rows_affected()
+            == 1;
+        if !won {
+            return Ok(false);
+        }
+        insert_refresh(&mut tx, successor).await?;
+        if let Some(a) = access {
+            insert_access_token_rows(&mut tx, std::slice::from_ref(a)).await?;
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(true)
+    }
+
+    async fn revoke_family(&self, family_id: &str, at: i64) -> Result<bool> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let revoked = revoke_families_where(&mut tx, Families::Id, family_id, at).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(!revoked.is_empty())
+    }
+
+    async fn revoked_families(&self, now: i64) -> Result<Vec<(String, i64)>> {
+        // A family's access tokens live at most a day past its absolute end.
+        let rows = sqlx::query(
+            "SELECT id, expires_at FROM token_families WHERE revoked_at IS NOT NULL AND expires_at > ?",
+        )
+        .bind(now - 86_400_000)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("id").map_err(map_err)?, r.try_get("expires_at").map_err(map_err)?)))
+            .collect()
+    }
+
+    async fn set_scope_description(
+        &self,
+        scope: &str,
+        description: Option<&str>,
+        at: i64,
+        audit: &NewAudit,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        match description {
+            Some(d) => {
+                sqlx::query(
+                    "INSERT INTO scope_descriptions (scope, description, updated_at) VALUES (?, ?, ?) \
+                     ON CONFLICT (scope) DO UPDATE SET description = excluded.description, updated_at = excluded.updated_at",
+                )
+                .bind(scope)
+                .bind(d)
+                .bind(at)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            }
+            None => {
+                sqlx::query("DELETE FROM scope_descriptions WHERE scope = ?")
+                    .bind(scope)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+            }
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn scope_descriptions(&self) -> Result<Vec<(String, String)>> {
+        let rows = sqlx::query("SELECT scope, description FROM scope_descriptions ORDER BY scope")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("scope").map_err(map_err)?, r.try_get("description").map_err(map_err)?)))
+            .collect()
+    }
+}

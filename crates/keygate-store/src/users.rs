@@ -1,0 +1,196 @@
+//! Users and what they delegate: grants (remembered consent), authorization codes, token families and
+//! rotating refresh tokens, and the descriptions of scopes shown on the consent page.
+//!
+//! Contracts the server relies on:
+//! - A code is redeemed at most once: [`UserStore::redeem_code`] marks it used, creates its family and
+//!   writes the first refresh (and opaque access) token in one transaction; a second redemption revokes
+//!   that family in the same transaction (RFC 6749 §4.1.2).
+//! - A refresh token is rotated at most once: [`UserStore::rotate_refresh`] is a conditional update
+//!   (`used_at IS NULL`) and the successor's insert in one transaction; of two concurrent rotations
+//!   exactly one succeeds.
+//! - Revoking a family or a grant also marks the opaque access tokens issued under it revoked.
+
+use async_trait::async_trait;
+use keygate_core::SecretHash;
+
+use crate::{AccessTokenRecord, NewAudit, Page, Result};
+
+/// An end user of the API provider (not a consumer: consumers are applications and accounts).
+#[derive(Debug, Clone, PartialEq)]
+pub struct User {
+    pub id: String,
+    pub username: String,
+    pub email: Option<String>,
+    pub display_name: Option<String>,
+    /// Argon2id PHC string; `None`: the user cannot log in with a password (e.g. only through SSO).
+    pub password_hash: Option<String>,
+    /// What this user may ever grant; `None`: anything a client may request.
+    pub allowed_scopes: Option<Vec<String>>,
+    pub disabled: bool,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub last_login_at: Option<i64>,
+}
+
+/// A change to a user. `Some(None)` clears an optional field.
+#[derive(Debug, Clone, Default)]
+pub struct UserPatch {
+    pub username: Option<String>,
+    pub email: Option<Option<String>>,
+    pub display_name: Option<Option<String>>,
+    pub allowed_scopes: Option<Option<Vec<String>>>,
+    pub disabled: Option<bool>,
+    pub password_hash: Option<String>,
+    pub updated_at: i64,
+}
+
+/// What a user consented to for one client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grant {
+    pub id: String,
+    pub user_id: String,
+    pub client_id: String,
+    pub scopes: Vec<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+/// An authorization code as stored (the code itself only as SHA-256).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthCode {
+    pub hash: SecretHash,
+    pub client_id: String,
+    pub user_id: String,
+    pub grant_id: String,
+    pub redirect_uri: String,
+    /// PKCE S256 challenge.
+    pub code_challenge: String,
+    pub scopes: Vec<String>,
+    pub audiences: Vec<String>,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub used_at: Option<i64>,
+    /// The family its redemption created.
+    pub family_id: Option<String>,
+}
+
+/// One authorization and every refresh token descended from it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenFamily {
+    pub id: String,
+    pub grant_id: String,
+    pub client_id: String,
+    pub user_id: String,
+    pub created_at: i64,
+    /// Absolute end of its refresh tokens.
+    pub expires_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+/// A refresh token as stored (only as SHA-256).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefreshRecord {
+    pub hash: SecretHash,
+    pub family_id: String,
+    pub scopes: Vec<String>,
+    pub audiences: Vec<String>,
+    pub issued_at: i64,
+    /// Expires unused at this time (the family's absolute end also applies).
+    pub idle_expires_at: i64,
+    /// Rotated at this time: presenting it again is reuse.
+    pub used_at: Option<i64>,
+}
+
+/// What redeeming a code did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Redeemed {
+    /// First use: the family and its first tokens are written.
+    Issued,
+    /// Used before: the family it created (if any) is now revoked.
+    Replayed { family_id: Option<String> },
+    /// No such code (or it expired and was cleaned up).
+    Unknown,
+}
+
+#[async_trait]
+pub trait UserStore: Send + Sync + 'static {
+    /// Inserts a user with its audit event; `Conflict` if the username (ignoring case) is taken.
+    async fn insert_user(&self, user: &User, audit: &NewAudit) -> Result<()>;
+    async fn get_user(&self, id: &str) -> Result<Option<User>>;
+    /// By username, ignoring case.
+    async fn find_user(&self, username: &str) -> Result<Option<User>>;
+    async fn list_users(&self, page: &Page) -> Result<Vec<User>>;
+    /// `Conflict` if a new username is taken.
+    async fn update_user(&self, id: &str, patch: &UserPatch, audit: &NewAudit) -> Result<Option<User>>;
+    /// Deletes a user with their grants, codes, families and refresh tokens, and revokes their opaque
+    /// access tokens. False if there was none.
+    async fn delete_user(&self, id: &str, audit: &NewAudit) -> Result<bool>;
+    async fn record_login(&self, id: &str, at: i64) -> Result<()>;
+
+    /// The live grant of a user for a client.
+    async fn find_grant(&self, user_id: &str, client_id: &str) -> Result<Option<Grant>>;
+    /// Records consent: widens the live grant of this user and client to include `scopes`, or creates
+    /// one with id `new_id`. Returns the grant as it is now.
+    async fn upsert_grant(
+        &self,
+        new_id: &str,
+        user_id: &str,
+        client_id: &str,
+        scopes: &[String],
+        at: i64,
+    ) -> Result<Grant>;
+    /// A user's live grants.
+    async fn list_grants(&self, user_id: &str) -> Result<Vec<Grant>>;
+    async fn get_grant(&self, id: &str) -> Result<Option<Grant>>;
+    /// Revokes a grant and every family under it, with the audit event. Returns the revoked families'
+    /// ids and absolute ends, or `None` if there is no such live grant of this user.
+    async fn revoke_grant(
+        &self,
+        user_id: &str,
+        grant_id: &str,
+        at: i64,
+        audit: &NewAudit,
+    ) -> Result<Option<Vec<(String, i64)>>>;
+
+    async fn insert_code(&self, code: &AuthCode) -> Result<()>;
+    async fn get_code(&self, hash: &SecretHash) -> Result<Option<AuthCode>>;
+    /// Marks a code used without redeeming it (it was presented with a wrong binding). False if it was
+    /// already used.
+    async fn burn_code(&self, hash: &SecretHash, at: i64) -> Result<bool>;
+    /// Redeems a code: see the module documentation.
+    async fn redeem_code(
+        &self,
+        hash: &SecretHash,
+        at: i64,
+        family: &TokenFamily,
+        refresh: Option<&RefreshRecord>,
+        access: Option<&AccessTokenRecord>,
+    ) -> Result<Redeemed>;
+
+    /// A refresh token with its family.
+    async fn find_refresh(&self, hash: &SecretHash) -> Result<Option<(RefreshRecord, TokenFamily)>>;
+    /// Marks `old` used and writes its successor (and an opaque access token) in one transaction. False
+    /// if `old` was already used (another rotation won).
+    async fn rotate_refresh(
+        &self,
+        old: &SecretHash,
+        at: i64,
+        successor: &RefreshRecord,
+        access: Option<&AccessTokenRecord>,
+    ) -> Result<bool>;
+    /// Revokes a family (reuse detected, or the refresh token revoked). False if it was already.
+    async fn revoke_family(&self, family_id: &str, at: i64) -> Result<bool>;
+    /// Revoked families whose tokens may still be presented: (id, absolute end).
+    async fn revoked_families(&self, now: i64) -> Result<Vec<(String, i64)>>;
+
+    /// Sets (or with `None` removes) the description of a scope.
+    async fn set_scope_description(
+        &self,
+        scope: &str,
+        description: Option<&str>,
+        at: i64,
+        audit: &NewAudit,
+    ) -> Result<()>;
+    async fn scope_descriptions(&self) -> Result<Vec<(String, String)>>;
+}

@@ -1,0 +1,255 @@
+//! `keygate users …` and `keygate scopes …`: end users who delegate access to applications, their
+//! grants, and the descriptions the consent page shows for scopes.
+
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use keygate_server::routes::users::{CreateUser, SetPassword, SetScope, UpdateUser};
+use reqwest::Method;
+use serde_json::Value;
+
+use super::args::PageArgs;
+use super::http::Api;
+use super::output::{emit, field, output, print_next, print_object, table};
+use super::{CliResult, Failure};
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Create a user. The password is read from standard input with --password-stdin.
+    Create {
+        /// Unique, ignoring case.
+        #[arg(long)]
+        username: String,
+        /// Read the password from the first line of standard input (at least 10 characters).
+        #[arg(long)]
+        password_stdin: bool,
+        #[arg(long)]
+        email: Option<String>,
+        #[arg(long)]
+        display_name: Option<String>,
+        /// A scope this user may grant (repeatable); default: anything a client may request.
+        #[arg(long = "allowed-scope", value_name = "SCOPE")]
+        allowed_scopes: Vec<String>,
+    },
+    /// List users, oldest first.
+    List {
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// Show one user (by id usr_… or username).
+    Show { user: String },
+    /// Change a user's username, email, display name or allowed scopes.
+    Update {
+        user: String,
+        #[arg(long)]
+        username: Option<String>,
+        #[arg(long, conflicts_with = "no_email")]
+        email: Option<String>,
+        #[arg(long)]
+        no_email: bool,
+        #[arg(long, conflicts_with = "no_display_name")]
+        display_name: Option<String>,
+        #[arg(long)]
+        no_display_name: bool,
+        /// Replace the scopes this user may grant (repeatable).
+        #[arg(long = "allowed-scope", value_name = "SCOPE", conflicts_with = "any_scope")]
+        allowed_scopes: Vec<String>,
+        /// Let the user grant anything a client may request.
+        #[arg(long)]
+        any_scope: bool,
+    },
+    /// Disable a user: they cannot log in, and their tokens stop at the next request.
+    Disable { user: String },
+    /// Enable a disabled user.
+    Enable { user: String },
+    /// Delete a user with their grants; their tokens stop at the next request.
+    Delete { user: String },
+    /// Set a user's password, read from the first line of standard input.
+    SetPassword { user: String },
+    /// List the applications a user has granted access to.
+    Grants { user: String },
+    /// Revoke a grant: every token issued under it stops, and the application must ask again.
+    RevokeGrant {
+        user: String,
+        /// The grant's id (grt_…), from `keygate users grants`.
+        grant: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ScopeCmd {
+    /// List scope descriptions.
+    List,
+    /// Describe a scope for the consent page, e.g. `keygate scopes describe articles:read "Read your articles"`.
+    Describe { scope: String, description: String },
+    /// Remove a scope's description.
+    Remove { scope: String },
+}
+
+fn password_from_stdin() -> Result<String, Failure> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| Failure::new(format!("cannot read the password from standard input: {e}")))?;
+    let p = line.trim_end_matches(['\r', '\n']).to_string();
+    if p.is_empty() {
+        return Err(Failure::usage("standard input held no password"));
+    }
+    Ok(p)
+}
+
+/// A user id, or the id of the user with this username.
+async fn resolve(c: &Api, user: &str) -> Result<String, Failure> {
+    if keygate_core::id::looks_like("usr", user) {
+        return Ok(user.to_string());
+    }
+    let v = c.call(Method::GET, &["v1", "users", &format!("username:{user}")], &[], None).await?;
+    v["id"].as_str().map(str::to_owned).ok_or_else(|| Failure::new("the server's answer had no user id"))
+}
+
+pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
+    match cmd {
+        Cmd::Create { username, password_stdin, email, display_name, allowed_scopes } => {
+            let password = if password_stdin { Some(password_from_stdin()?) } else { None };
+            let body = CreateUser {
+                username,
+                password,
+                email,
+                display_name,
+                allowed_scopes: (!allowed_scopes.is_empty()).then_some(allowed_scopes),
+            };
+            let v = c.send(Method::POST, &["v1", "users"], &body).await?;
+            output(c, &v, |v| {
+                emit(format!(
+                    "Created user {} ({})",
+                    v["id"].as_str().unwrap_or("?"),
+                    v["username"].as_str().unwrap_or("")
+                ));
+                if v["has_password"] != Value::Bool(true) {
+                    emit("No password set: `keygate users set-password USER < password-file` sets one.");
+                }
+            });
+        }
+        Cmd::List { page } => {
+            let v = c.call(Method::GET, &["v1", "users"], &page.query(), None).await?;
+            output(c, &v, |v| {
+                table(
+                    super::output::items(v),
+                    &[
+                        ("ID", &field("id")),
+                        ("USERNAME", &field("username")),
+                        ("EMAIL", &field("email")),
+                        ("DISABLED", &field("disabled")),
+                        ("LAST LOGIN", &field("last_login_at")),
+                    ],
+                );
+                print_next(v);
+            });
+        }
+        Cmd::Show { user } => {
+            let id = resolve(c, &user).await?;
+            let v = c.call(Method::GET, &["v1", "users", &id], &[], None).await?;
+            output(c, &v, print_object);
+        }
+        Cmd::Update {
+            user,
+            username,
+            email,
+            no_email,
+            display_name,
+            no_display_name,
+            allowed_scopes,
+            any_scope,
+        } => {
+            let id = resolve(c, &user).await?;
+            let body = UpdateUser {
+                username,
+                email: if no_email { Some(None) } else { email.map(Some) },
+                display_name: if no_display_name { Some(None) } else { display_name.map(Some) },
+                allowed_scopes: if any_scope {
+                    Some(None)
+                } else {
+                    (!allowed_scopes.is_empty()).then_some(Some(allowed_scopes))
+                },
+            };
+            let v = c.send(Method::PATCH, &["v1", "users", &id], &body).await?;
+            output(c, &v, |v| {
+                emit(format!("Updated user {id}"));
+                print_object(v);
+            });
+        }
+        Cmd::Disable { user } => {
+            let id = resolve(c, &user).await?;
+            let v = c.call(Method::POST, &["v1", "users", &id, "disable"], &[], None).await?;
+            output(c, &v, |_| {
+                emit(format!("Disabled user {id}: they cannot log in and their tokens stop working"))
+            });
+        }
+        Cmd::Enable { user } => {
+            let id = resolve(c, &user).await?;
+            let v = c.call(Method::POST, &["v1", "users", &id, "enable"], &[], None).await?;
+            output(c, &v, |_| emit(format!("Enabled user {id}")));
+        }
+        Cmd::Delete { user } => {
+            let id = resolve(c, &user).await?;
+            c.call(Method::DELETE, &["v1", "users", &id], &[], None).await?;
+            output(c, &serde_json::json!({"deleted": id}), |_| {
+                emit(format!("Deleted user {id} and their grants"))
+            });
+        }
+        Cmd::SetPassword { user } => {
+            let id = resolve(c, &user).await?;
+            let body = SetPassword { password: password_from_stdin()? };
+            let v = c.send(Method::POST, &["v1", "users", &id, "password"], &body).await?;
+            output(c, &v, |_| emit(format!("Set the password of user {id}; their sessions ended")));
+        }
+        Cmd::Grants { user } => {
+            let id = resolve(c, &user).await?;
+            let v = c.call(Method::GET, &["v1", "users", &id, "grants"], &[], None).await?;
+            output(c, &v, |v| {
+                table(
+                    super::output::items(v),
+                    &[
+                        ("GRANT", &field("id")),
+                        ("CLIENT", &field("client_id")),
+                        ("SCOPES", &field("scopes")),
+                        ("SINCE", &field("created_at")),
+                    ],
+                );
+            });
+        }
+        Cmd::RevokeGrant { user, grant } => {
+            let id = resolve(c, &user).await?;
+            c.call(Method::DELETE, &["v1", "users", &id, "grants", &grant], &[], None).await?;
+            output(c, &serde_json::json!({"revoked": grant}), |_| {
+                emit(format!("Revoked grant {grant}: its tokens stop working"))
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn run_scopes(c: &Api, cmd: ScopeCmd) -> CliResult {
+    match cmd {
+        ScopeCmd::List => {
+            let v = c.call(Method::GET, &["v1", "scopes"], &[], None).await?;
+            output(c, &v, |v| {
+                table(
+                    super::output::items(v),
+                    &[("SCOPE", &field("scope")), ("DESCRIPTION", &field("description"))],
+                )
+            });
+        }
+        ScopeCmd::Describe { scope, description } => {
+            let v = c.send(Method::PUT, &["v1", "scopes", &scope], &SetScope { description }).await?;
+            output(c, &v, |_| emit(format!("Described {scope}")));
+        }
+        ScopeCmd::Remove { scope } => {
+            c.call(Method::DELETE, &["v1", "scopes", &scope], &[], None).await?;
+            output(c, &serde_json::json!({"removed": scope}), |_| {
+                emit(format!("Removed the description of {scope}"))
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
