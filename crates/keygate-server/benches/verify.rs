@@ -247,3 +247,20 @@ fn verify_malformed(b: Bencher) {
         Lookup::Miss(_) => panic!("garbage reached the store"),
     });
 }
+
+/// One login's password check: Argon2id with OWASP's parameters (19 MiB, t = 2, p = 1). Not on the
+/// verify path; this is what each login (and each failed guess) costs one core.
+#[divan::bench(sample_count = 20, sample_size = 1)]
+fn argon2id_login(bencher: Bencher) {
+    let hash = keygate_server::password::hash("correct horse battery").unwrap();
+    bencher.bench(|| keygate_server::password::verify(black_box("correct horse battery"), Some(&hash)));
+}
+
+/// PKCE S256 check at the token endpoint.
+#[divan::bench]
+fn pkce_s256() -> bool {
+    keygate_core::oauth::pkce_s256_matches(
+        black_box("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
+        black_box("E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"),
+    )
+}

@@ -67,9 +67,21 @@ pub fn verify(password: &str, stored: Option<&str>) -> bool {
     hasher().verify_password(password.as_bytes(), &parsed).is_ok() && real
 }
 
-fn dummy() -> &'static str {
+/// The hash unknown users are checked against: same parameters, fixed salt (it protects nothing), so it
+/// never depends on the random source. `AppState` builds it at start so the first check is not slower.
+pub fn dummy() -> &'static str {
     static DUMMY: OnceLock<String> = OnceLock::new();
-    DUMMY.get_or_init(|| hash("keygate dummy password for unknown users").unwrap_or_default())
+    DUMMY.get_or_init(|| {
+        SaltString::encode_b64(b"keygate-dummy-sa")
+            .ok()
+            .and_then(|salt| {
+                hasher()
+                    .hash_password(b"keygate dummy password for unknown users", &salt)
+                    .ok()
+                    .map(|h| h.to_string())
+            })
+            .unwrap_or_default()
+    })
 }
 
 #[cfg(test)]

@@ -64,6 +64,9 @@ pub fn client_of(peer: Option<IpAddr>, headers: &HeaderMap, trusted: &[IpNet]) -
 /// Budget of failed credential checks per address (or, with another key, per account: failed logins
 /// are also counted per username hash).
 pub struct FailureThrottle<K = IpAddr> {
+    /// Whether the key may appear in the log (addresses yes; username hashes no: a dictionary reverses
+    /// an unsalted hash of a username).
+    log_keys: bool,
     limit: Option<RateLimit>,
     cells: Cache<K, Arc<Mutex<Gcra>>>,
 }
@@ -72,6 +75,7 @@ impl<K: std::hash::Hash + Eq + Send + Sync + Clone + std::fmt::Debug + 'static> 
     /// `failures_per_minute = 0` turns throttling off.
     pub fn new(failures_per_minute: u64) -> Self {
         FailureThrottle {
+            log_keys: true,
             limit: (failures_per_minute > 0).then(|| RateLimit {
                 name: "failures".into(),
                 limit: failures_per_minute,
@@ -79,6 +83,11 @@ impl<K: std::hash::Hash + Eq + Send + Sync + Clone + std::fmt::Debug + 'static> 
             }),
             cells: Cache::builder().max_capacity(100_000).time_to_idle(Duration::from_secs(120)).build(),
         }
+    }
+
+    /// The same, without naming keys in the log.
+    pub fn quiet(failures_per_minute: u64) -> Self {
+        FailureThrottle { log_keys: false, ..Self::new(failures_per_minute) }
     }
 
     /// If `ip` has spent its budget: how long until it may try again, in ms.
@@ -98,7 +107,11 @@ impl<K: std::hash::Hash + Eq + Send + Sync + Clone + std::fmt::Debug + 'static> 
         if c.allowed {
             *g = c.next;
             if !c.next.check(limit, now_ms, 1).allowed {
-                tracing::warn!(key = ?ip, "throttling after repeated failed credential checks");
+                if self.log_keys {
+                    tracing::warn!(key = ?ip, "throttling after repeated failed credential checks");
+                } else {
+                    tracing::warn!("throttling an account after repeated failed logins");
+                }
             }
         }
     }

@@ -187,6 +187,8 @@ impl AppState {
     ) -> Arc<Self> {
         let verifier = Verifier::new(store.clone(), &config.cache);
         let throttle = FailureThrottle::new(config.failures_per_minute);
+        // Built now, so that the first login of an unknown username is not slower than the others.
+        let _ = crate::password::dummy();
         let issuer = config.issuer.clone().unwrap_or_else(|| format!("http://{}", config.listen));
         let oauth =
             OAuth::new(issuer.trim_end_matches('/').to_string(), config.signing_alg, config.refresh_grace);
@@ -198,7 +200,7 @@ impl AppState {
             oauth,
             metrics: Metrics::new(),
             throttle,
-            login_throttle: FailureThrottle::new(config.failures_per_minute),
+            login_throttle: FailureThrottle::quiet(config.failures_per_minute),
             config,
         })
     }

@@ -139,6 +139,57 @@ async fn revoke_families_where(
     Ok(out)
 }
 
+/// Widens the live grant of a user for a client to include `scopes`, or creates one with `new_id`;
+/// returns its id. It writes before it reads: a transaction that reads first holds a snapshot that a
+/// concurrent commit makes stale (SQLITE_BUSY_SNAPSHOT, which no busy timeout retries), while one that
+/// writes first waits for the lock and then sees every earlier commit.
+async fn upsert_grant(
+    tx: &mut Tx<'_>,
+    new_id: &str,
+    user_id: &str,
+    client_id: &str,
+    scopes: &[String],
+    at: i64,
+) -> Result<String> {
+    let existing = sqlx::query(
+        "UPDATE grants SET updated_at = ? WHERE user_id = ? AND client_id = ? AND revoked_at IS NULL RETURNING *",
+    )
+    .bind(at)
+    .bind(user_id)
+    .bind(client_id)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    if let Some(mut g) = existing.as_ref().map(grant_from_row).transpose()? {
+        let before = g.scopes.len();
+        for s in scopes {
+            if !g.scopes.contains(s) {
+                g.scopes.push(s.clone());
+            }
+        }
+        if g.scopes.len() != before {
+            sqlx::query("UPDATE grants SET scopes = ? WHERE id = ?")
+                .bind(to_json(&g.scopes)?)
+                .bind(&g.id)
+                .execute(&mut **tx)
+                .await
+                .map_err(map_err)?;
+        }
+        return Ok(g.id);
+    }
+    sqlx::query("INSERT INTO grants (id, user_id, client_id, scopes, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)")
+        .bind(new_id)
+        .bind(user_id)
+        .bind(client_id)
+        .bind(to_json(&scopes)?)
+        .bind(at)
+        .bind(at)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    Ok(new_id.to_string())
+}
+
 #[async_trait]
 impl UserStore for SqliteStore {
     async fn insert_user(&self, u: &User, audit: &NewAudit) -> Result<()> {
@@ -255,68 +306,6 @@ impl UserStore for SqliteStore {
         row.as_ref().map(grant_from_row).transpose()
     }
 
-    async fn upsert_grant(
-        &self,
-        new_id: &str,
-        user_id: &str,
-        client_id: &str,
-        scopes: &[String],
-        at: i64,
-    ) -> Result<Grant> {
-        let mut tx = self.pool.begin().await.map_err(map_err)?;
-        let existing =
-            sqlx::query("SELECT * FROM grants WHERE user_id = ? AND client_id = ? AND revoked_at IS NULL")
-                .bind(user_id)
-                .bind(client_id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(map_err)?;
-        let grant = match existing.as_ref().map(grant_from_row).transpose()? {
-            Some(mut g) => {
-                for s in scopes {
-                    if !g.scopes.contains(s) {
-                        g.scopes.push(s.clone());
-                    }
-                }
-                g.updated_at = at;
-                sqlx::query("UPDATE grants SET scopes = ?, updated_at = ? WHERE id = ?")
-                    .bind(to_json(&g.scopes)?)
-                    .bind(at)
-                    .bind(&g.id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(map_err)?;
-                g
-            }
-            None => {
-                let g = Grant {
-                    id: new_id.to_string(),
-                    user_id: user_id.to_string(),
-                    client_id: client_id.to_string(),
-                    scopes: scopes.to_vec(),
-                    created_at: at,
-                    updated_at: at,
-                    revoked_at: None,
-                };
-                sqlx::query(
-                    "INSERT INTO grants (id, user_id, client_id, scopes, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
-                )
-                .bind(&g.id)
-                .bind(&g.user_id)
-                .bind(&g.client_id)
-                .bind(to_json(&g.scopes)?)
-                .bind(at)
-                .bind(at)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
-                g
-            }
-        };
-        tx.commit().await.map_err(map_err)?;
-        Ok(grant)
-    }
-
     async fn list_grants(&self, user_id: &str) -> Result<Vec<Grant>> {
         let rows = sqlx::query("SELECT * FROM grants WHERE user_id = ? AND revoked_at IS NULL ORDER BY id")
             .bind(user_id)
@@ -357,7 +346,14 @@ impl UserStore for SqliteStore {
         Ok(Some(families))
     }
 
-    async fn insert_code(&self, c: &AuthCode) -> Result<()> {
+    async fn issue_code(&self, c: &AuthCode, consent: Option<&str>, login_at: Option<i64>) -> Result<String> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let grant_id = match consent {
+            Some(new_id) => {
+                upsert_grant(&mut tx, new_id, &c.user_id, &c.client_id, &c.scopes, c.created_at).await?
+            }
+            None => c.grant_id.clone(),
+        };
         sqlx::query(
             "INSERT INTO auth_codes (hash, client_id, user_id, grant_id, redirect_uri, code_challenge, scopes, \
              audiences, created_at, expires_at, used_at, family_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -365,7 +361,7 @@ impl UserStore for SqliteStore {
         .bind(&c.hash.as_bytes()[..])
         .bind(&c.client_id)
         .bind(&c.user_id)
-        .bind(&c.grant_id)
+        .bind(&grant_id)
         .bind(&c.redirect_uri)
         .bind(&c.code_challenge)
         .bind(to_json(&c.scopes)?)
@@ -374,10 +370,19 @@ impl UserStore for SqliteStore {
         .bind(c.expires_at)
         .bind(c.used_at)
         .bind(&c.family_id)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(map_err)?;
-        Ok(())
+        if let Some(at) = login_at {
+            sqlx::query("UPDATE users SET last_login_at = ? WHERE id = ?")
+                .bind(at)
+                .bind(&c.user_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(grant_id)
     }
 
     async fn get_code(&self, hash: &SecretHash) -> Result<Option<AuthCode>> {
@@ -432,6 +437,17 @@ impl UserStore for SqliteStore {
             }
             tx.commit().await.map_err(map_err)?;
             return Ok(Redeemed::Replayed { family_id });
+        }
+        // The grant may have been revoked while the code was outstanding: the code is spent, nothing
+        // is issued.
+        let live = sqlx::query("SELECT 1 AS live FROM grants WHERE id = ? AND revoked_at IS NULL")
+            .bind(&family.grant_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        if live.is_none() {
+            tx.commit().await.map_err(map_err)?;
+            return Ok(Redeemed::Unknown);
         }
         sqlx::query(
             "INSERT INTO token_families (id, grant_id, client_id, user_id, created_at, expires_at, revoked_at) \

@@ -109,7 +109,8 @@ pub enum Redeemed {
     Issued,
     /// Used before: the family it created (if any) is now revoked.
     Replayed { family_id: Option<String> },
-    /// No such code (or it expired and was cleaned up).
+    /// No such code (or it expired and was cleaned up), or its grant was revoked meanwhile (the code is
+    /// then spent).
     Unknown,
 }
 
@@ -130,16 +131,6 @@ pub trait UserStore: Send + Sync + 'static {
 
     /// The live grant of a user for a client.
     async fn find_grant(&self, user_id: &str, client_id: &str) -> Result<Option<Grant>>;
-    /// Records consent: widens the live grant of this user and client to include `scopes`, or creates
-    /// one with id `new_id`. Returns the grant as it is now.
-    async fn upsert_grant(
-        &self,
-        new_id: &str,
-        user_id: &str,
-        client_id: &str,
-        scopes: &[String],
-        at: i64,
-    ) -> Result<Grant>;
     /// A user's live grants.
     async fn list_grants(&self, user_id: &str) -> Result<Vec<Grant>>;
     async fn get_grant(&self, id: &str) -> Result<Option<Grant>>;
@@ -153,7 +144,16 @@ pub trait UserStore: Send + Sync + 'static {
         audit: &NewAudit,
     ) -> Result<Option<Vec<(String, i64)>>>;
 
-    async fn insert_code(&self, code: &AuthCode) -> Result<()>;
+    /// Writes a new authorization code in one transaction with what led to it. With `consent`
+    /// (the id for a new grant), the user's live grant for the code's client is widened to include the
+    /// code's scopes, or created with that id, and the code is bound to it (its `grant_id` is replaced).
+    /// With `login_at`, the user's last login time. Returns the code's grant id.
+    async fn issue_code(
+        &self,
+        code: &AuthCode,
+        consent: Option<&str>,
+        login_at: Option<i64>,
+    ) -> Result<String>;
     async fn get_code(&self, hash: &SecretHash) -> Result<Option<AuthCode>>;
     /// Marks a code used without redeeming it (it was presented with a wrong binding). False if it was
     /// already used.

@@ -28,7 +28,7 @@ use keygate_store::{AuthCode, GrantType, OAuthClient};
 use minijinja::{Environment, context};
 use subtle::ConstantTimeEq;
 
-use super::flows::{AuthRequest, SESSION_ABSOLUTE, SESSION_COOKIE, Session};
+use super::flows::{AuthRequest, CookieNames, SESSION_ABSOLUTE, Session, cookie_names};
 use crate::auth::{ClientIp, Peer};
 use crate::peer::Client;
 use crate::state::AppState;
@@ -36,6 +36,9 @@ use crate::state::AppState;
 /// How long an authorization code is valid.
 pub const CODE_TTL_MS: i64 = 60_000;
 const LOGIN_ACTION: &str = "/oauth2/authorize/login";
+/// Longest query string the authorization endpoint reads, and longest `state` it carries back.
+const MAX_QUERY: usize = 8 * 1024;
+const MAX_STATE: usize = 1024;
 const CONSENT_ACTION: &str = "/oauth2/authorize/consent";
 
 fn templates() -> &'static Environment<'static> {
@@ -150,6 +153,39 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         })
 }
 
+fn names(state: &AppState) -> CookieNames {
+    cookie_names(state.oauth.issuer().starts_with("https://"))
+}
+
+fn set_cookie(names: &CookieNames, name: &str, value: &str, max_age: u64) -> Option<HeaderValue> {
+    let secure = if names.secure { "; Secure" } else { "" };
+    HeaderValue::from_str(&format!(
+        "{name}={value}; Path={}; HttpOnly; SameSite=Lax; Max-Age={max_age}{secure}",
+        names.path
+    ))
+    .ok()
+}
+
+/// A new login session for `user_id`, bound to this request: the cookie to set. A new id at every
+/// login, so a session id planted before the login is worthless.
+fn new_session(
+    state: &AppState,
+    req: &AuthRequest,
+    user_id: &str,
+    now: i64,
+) -> Result<Option<HeaderValue>, Response> {
+    let session_id = random_token()?;
+    let hash = SecretHash::of(&session_id);
+    state
+        .oauth
+        .flows
+        .sessions
+        .insert(hash, Arc::new(Session { user_id: user_id.to_string(), created_at: now }));
+    *lock(&req.session) = Some(hash);
+    let n = names(state);
+    Ok(set_cookie(&n, n.session, &session_id, SESSION_ABSOLUTE.as_secs()))
+}
+
 fn ct_eq(a: &str, b: &str) -> bool {
     a.as_bytes().ct_eq(b.as_bytes()).into()
 }
@@ -188,7 +224,11 @@ pub async fn authorize(
     RawQuery(query): RawQuery,
 ) -> Response {
     let now = state.now();
-    let form = Form::parse(query.unwrap_or_default().as_bytes());
+    let query = query.unwrap_or_default();
+    if query.len() > MAX_QUERY {
+        return error_page(StatusCode::BAD_REQUEST, "the request is too long");
+    }
+    let form = Form::parse(query.as_bytes());
     let client_id = match form.one("client_id") {
         Ok(Some(c)) => c,
         Ok(None) => {
@@ -213,11 +253,11 @@ pub async fn authorize(
         Ok(None) => return error_page(StatusCode::BAD_REQUEST, "the request names no redirect URI"),
         Err(e) => return error_page(StatusCode::BAD_REQUEST, &e.to_string()),
     };
-    let back = Back {
-        redirect_uri,
-        state: form.one("state").ok().flatten().map(str::to_owned),
-        iss: state.oauth.issuer(),
-    };
+    let state_param = form.one("state").ok().flatten();
+    if state_param.is_some_and(|s| s.len() > MAX_STATE) {
+        return error_page(StatusCode::BAD_REQUEST, "the state parameter is too long");
+    }
+    let back = Back { redirect_uri, state: state_param.map(str::to_owned), iss: state.oauth.issuer() };
     let one = |name: &str| form.one(name).map_err(|e| back.error("invalid_request", &e.to_string()));
     let checked = (|| {
         let rt = one("response_type")?;
@@ -242,10 +282,8 @@ pub async fn authorize(
         let scopes = super::tokens::OAuth::grant_scopes(&client, one("scope")?)
             .map_err(|d| back.error("invalid_scope", &d))?;
         let resources = form.all("resource");
-        if let Some(r) = resources.iter().find(|r| !client.audiences.iter().any(|a| a == *r)) {
-            return Err(
-                back.error("invalid_target", &format!("the client may not ask for the resource {r:?}"))
-            );
+        if resources.iter().any(|r| !client.audiences.iter().any(|a| a == r)) {
+            return Err(back.error("invalid_target", "the client may not ask for one of the resources"));
         }
         let audiences = if resources.is_empty() {
             if client.audiences.is_empty() { vec![state.oauth.issuer()] } else { client.audiences.clone() }
@@ -258,10 +296,20 @@ pub async fn authorize(
         Ok(v) => v,
         Err(r) => return r,
     };
-    let (request_id, csrf) = match (random_token(), random_token()) {
-        (Ok(a), Ok(b)) => (a, b),
-        (Err(r), _) | (_, Err(r)) => return r,
+    let (request_id, csrf, fresh_browser) = match (random_token(), random_token(), random_token()) {
+        (Ok(a), Ok(b), Ok(c)) => (a, b, c),
+        (Err(r), _, _) | (_, Err(r), _) | (_, _, Err(r)) => return r,
     };
+    // The browser: its existing cookie (several tabs may be signing in), or a new one.
+    let n = names(&state);
+    let (browser, browser_cookie) = match cookie(&headers, n.browser) {
+        Some(b) if b.len() <= 64 => (SecretHash::of(b), None),
+        _ => (
+            SecretHash::of(&fresh_browser),
+            set_cookie(&n, n.browser, &fresh_browser, SESSION_ABSOLUTE.as_secs()),
+        ),
+    };
+    let always_ask = !client.confidential && !back.redirect_uri.starts_with("https://");
     let req = Arc::new(AuthRequest {
         client_id: client.id.clone(),
         client_name: client.name.clone(),
@@ -271,19 +319,29 @@ pub async fn authorize(
         audiences,
         code_challenge,
         csrf,
+        browser,
+        always_ask,
         session: Mutex::new(None),
     });
     state.oauth.flows.requests.insert(request_id.clone(), req.clone());
 
     // Who is the user? A live session, or (when configured) a trusted front proxy's header.
-    if let Some((session, user_id)) = state.oauth.flows.session_user(cookie(&headers, SESSION_COOKIE)) {
-        *lock(&req.session) = Some(session);
-        return proceed(&state, &request_id, &req, &user_id, now, None).await;
+    let mut resp =
+        if let Some((session, user_id)) = state.oauth.flows.session_user(cookie(&headers, n.session)) {
+            *lock(&req.session) = Some(session);
+            proceed(&state, &request_id, &req, &user_id, now, None).await
+        } else if let Some(user_id) = trusted_header_user(&state, peer, &headers).await {
+            match new_session(&state, &req, &user_id, now) {
+                Ok(cookie) => proceed(&state, &request_id, &req, &user_id, now, cookie).await,
+                Err(r) => r,
+            }
+        } else {
+            login_page(StatusCode::OK, &request_id, &req, "", None)
+        };
+    if let Some(c) = browser_cookie {
+        resp.headers_mut().append(header::SET_COOKIE, c);
     }
-    if let Some(user_id) = trusted_header_user(&state, peer, &headers).await {
-        return proceed(&state, &request_id, &req, &user_id, now, None).await;
-    }
-    login_page(StatusCode::OK, &request_id, &req, "", None)
+    resp
 }
 
 /// The scopes a user may grant: all of `scopes`, or those their `allowed_scopes` cover.
@@ -343,8 +401,9 @@ async fn proceed(
     req: &AuthRequest,
     user_id: &str,
     now: i64,
-    set_cookie: Option<HeaderValue>,
+    login: Option<HeaderValue>,
 ) -> Response {
+    // `login`: the user just logged in here (the new session's cookie to set, and a login time to record).
     let back = Back::of(req, state.oauth.issuer());
     let unavailable =
         || error_page(StatusCode::SERVICE_UNAVAILABLE, "the service is unavailable; try again shortly");
@@ -362,10 +421,16 @@ async fn proceed(
         Err(_) => return unavailable(),
     };
     let mut resp = match grant {
-        Some(g) if scopes.iter().all(|s| g.scopes.contains(s)) => {
-            issue_code(state, request_id, req, user_id, &g.id, scopes, now).await
+        Some(g) if !req.always_ask && scopes.iter().all(|s| g.scopes.contains(s)) => {
+            let grant = Granted::Existing(&g.id);
+            issue_code(state, request_id, req, user_id, grant, scopes, now, login.is_some()).await
         }
         _ => {
+            if login.is_some()
+                && let Err(e) = state.store.record_login(user_id, now).await
+            {
+                tracing::warn!(error = %e, "recording a login time failed");
+            }
             let descriptions = state.store.scope_descriptions().await.unwrap_or_default();
             let listed: Vec<minijinja::Value> = scopes
                 .iter()
@@ -382,20 +447,32 @@ async fn proceed(
             )
         }
     };
-    if let Some(c) = set_cookie {
+    if let Some(c) = login {
         resp.headers_mut().append(header::SET_COOKIE, c);
     }
     resp
 }
 
+/// Which grant a new code belongs to.
+enum Granted<'a> {
+    /// Consent given before, covering the code's scopes.
+    Existing(&'a str),
+    /// Consent given just now: widen the live grant, or create one with this id.
+    New(&'a str),
+}
+
+/// Writes the code (with the consent and login time that led to it, in one transaction) and sends it
+/// back to the client.
+#[allow(clippy::too_many_arguments)]
 async fn issue_code(
     state: &AppState,
     request_id: &str,
     req: &AuthRequest,
     user_id: &str,
-    grant_id: &str,
+    granted: Granted<'_>,
     scopes: Vec<String>,
     now: i64,
+    logged_in_now: bool,
 ) -> Response {
     let back = Back::of(req, state.oauth.issuer());
     let Ok(code) = PlainSecret::generate(SecretKind::AuthCode) else {
@@ -405,7 +482,9 @@ async fn issue_code(
         hash: code.hash(),
         client_id: req.client_id.clone(),
         user_id: user_id.to_string(),
-        grant_id: grant_id.to_string(),
+        grant_id: match granted {
+            Granted::Existing(id) | Granted::New(id) => id.to_string(),
+        },
         redirect_uri: req.redirect_uri.clone(),
         code_challenge: req.code_challenge.clone(),
         scopes,
@@ -415,29 +494,50 @@ async fn issue_code(
         used_at: None,
         family_id: None,
     };
-    if state.store.insert_code(&record).await.is_err() {
+    let consent = match granted {
+        Granted::New(id) => Some(id),
+        Granted::Existing(_) => None,
+    };
+    if state.store.issue_code(&record, consent, logged_in_now.then_some(now)).await.is_err() {
         return error_page(StatusCode::SERVICE_UNAVAILABLE, "the service is unavailable; try again shortly");
     }
     state.oauth.flows.requests.invalidate(request_id);
     back.to(&[("code", code.expose())])
 }
 
-/// The pending request a form names, after checking its CSRF token.
-fn pending(state: &AppState, form: &Form) -> Result<(String, Arc<AuthRequest>), Response> {
+/// The pending request a form names, after checking that it comes from the browser that opened it
+/// (its cookie, and no cross-site submission) with the right CSRF token. `take`: remove it, so that a
+/// double submission cannot get two codes.
+fn pending(
+    state: &AppState,
+    headers: &HeaderMap,
+    form: &Form,
+    take: bool,
+) -> Result<(String, Arc<AuthRequest>), Response> {
     let expired = || {
         error_page(
             StatusCode::BAD_REQUEST,
             "this page has expired or was already used; go back to the application and start again",
         )
     };
+    let forged = || {
+        error_page(
+            StatusCode::FORBIDDEN,
+            "the form's security check failed; go back to the application and start again",
+        )
+    };
+    if headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) == Some("cross-site") {
+        return Err(forged());
+    }
     let id = form.one("request_id").ok().flatten().ok_or_else(expired)?;
     let req = state.oauth.flows.requests.get(id).ok_or_else(expired)?;
     let csrf = form.one("csrf").ok().flatten().unwrap_or_default();
-    if !ct_eq(csrf, &req.csrf) {
-        return Err(error_page(
-            StatusCode::FORBIDDEN,
-            "the form's security token is missing or wrong; start again",
-        ));
+    let browser = cookie(headers, names(state).browser).map(SecretHash::of);
+    if !ct_eq(csrf, &req.csrf) || browser != Some(req.browser) {
+        return Err(forged());
+    }
+    if take && state.oauth.flows.requests.remove(id).is_none() {
+        return Err(expired());
     }
     Ok((id.to_string(), req))
 }
@@ -468,7 +568,7 @@ pub async fn login(
         Ok(f) => f,
         Err(r) => return r,
     };
-    let (request_id, req) = match pending(&state, &form) {
+    let (request_id, req) = match pending(&state, &headers, &form, false) {
         Ok(p) => p,
         Err(r) => return r,
     };
@@ -495,6 +595,15 @@ pub async fn login(
             );
         }
     };
+    let Ok(_permit) = state.oauth.flows.logins.try_acquire() else {
+        return login_page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &request_id,
+            &req,
+            &username,
+            Some("Too many sign-ins at this moment. Try again in a few seconds."),
+        );
+    };
     let stored = user.as_ref().and_then(|u| u.password_hash.clone());
     let ok = tokio::task::spawn_blocking(move || crate::password::verify(&password, stored.as_deref()))
         .await
@@ -512,22 +621,11 @@ pub async fn login(
             );
         }
     };
-    if let Err(e) = state.store.record_login(&user.id, now).await {
-        tracing::warn!(error = %e, "recording a login time failed");
-    }
     // A new session at every login (session fixation): any cookie the browser had is replaced.
-    let Ok(session_id) = random_token() else {
-        return error_page(StatusCode::SERVICE_UNAVAILABLE, "the server cannot make random numbers");
+    let set_cookie = match new_session(&state, &req, &user.id, now) {
+        Ok(c) => c,
+        Err(r) => return r,
     };
-    let hash = SecretHash::of(&session_id);
-    state.oauth.flows.sessions.insert(hash, Arc::new(Session { user_id: user.id.clone(), created_at: now }));
-    *lock(&req.session) = Some(hash);
-    let secure = if state.oauth.issuer().starts_with("https://") { "; Secure" } else { "" };
-    let cookie = format!(
-        "{SESSION_COOKIE}={session_id}; Path=/oauth2/; HttpOnly; SameSite=Lax; Max-Age={}{secure}",
-        SESSION_ABSOLUTE.as_secs()
-    );
-    let set_cookie = HeaderValue::from_str(&cookie).ok();
     proceed(&state, &request_id, &req, &user.id, now, set_cookie).await
 }
 
@@ -547,13 +645,14 @@ pub async fn consent(State(state): State<Arc<AppState>>, headers: HeaderMap, bod
         Ok(f) => f,
         Err(r) => return r,
     };
-    let (request_id, req) = match pending(&state, &form) {
+    let (request_id, req) = match pending(&state, &headers, &form, true) {
         Ok(p) => p,
         Err(r) => return r,
     };
     // Only the browser that logged in for this request may answer it.
     let expected = *lock(&req.session);
-    let Some((session, user_id)) = state.oauth.flows.session_user(cookie(&headers, SESSION_COOKIE)) else {
+    let Some((session, user_id)) = state.oauth.flows.session_user(cookie(&headers, names(&state).session))
+    else {
         return error_page(StatusCode::FORBIDDEN, "you are not signed in any more; start again");
     };
     if expected != Some(session) {
@@ -582,14 +681,5 @@ pub async fn consent(State(state): State<Arc<AppState>>, headers: HeaderMap, bod
     let Ok(grant_id) = crate::routes::common::new_id("grt", now) else {
         return error_page(StatusCode::SERVICE_UNAVAILABLE, "the server cannot make random numbers");
     };
-    let grant = match state.store.upsert_grant(&grant_id, &user.id, &req.client_id, &scopes, now).await {
-        Ok(g) => g,
-        Err(_) => {
-            return error_page(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the service is unavailable; try again shortly",
-            );
-        }
-    };
-    issue_code(&state, &request_id, &req, &user.id, &grant.id, scopes, now).await
+    issue_code(&state, &request_id, &req, &user.id, Granted::New(&grant_id), scopes, now, false).await
 }

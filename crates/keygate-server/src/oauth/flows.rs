@@ -20,11 +20,25 @@ pub const REQUEST_TTL: Duration = Duration::from_secs(600);
 pub const SESSION_IDLE: Duration = Duration::from_secs(30 * 60);
 /// …and at the latest this long after the login.
 pub const SESSION_ABSOLUTE: Duration = Duration::from_secs(12 * 3600);
-/// The session cookie's name.
-pub const SESSION_COOKIE: &str = "kg_session";
+/// The cookies of the pages: the login session, and the browser that opened a request. Over https they
+/// carry the `__Host-` prefix (Secure, Path=/, no Domain: a sibling subdomain cannot set them).
+pub struct CookieNames {
+    pub session: &'static str,
+    pub browser: &'static str,
+    pub path: &'static str,
+    pub secure: bool,
+}
 
-/// A validated authorization request waiting for the user to log in and consent.
-#[derive(Debug)]
+pub fn cookie_names(https: bool) -> CookieNames {
+    if https {
+        CookieNames { session: "__Host-kg_session", browser: "__Host-kg_browser", path: "/", secure: true }
+    } else {
+        CookieNames { session: "kg_session", browser: "kg_browser", path: "/oauth2/", secure: false }
+    }
+}
+
+/// A validated authorization request waiting for the user to log in and consent. (No `Debug`: it holds
+/// the CSRF token.)
 pub struct AuthRequest {
     pub client_id: String,
     pub client_name: String,
@@ -36,6 +50,12 @@ pub struct AuthRequest {
     pub code_challenge: String,
     /// The anti-CSRF token every form of this request carries.
     pub csrf: String,
+    /// The browser that opened the request (hash of its `kg_browser` cookie): the forms are accepted
+    /// only from it, so a cross-site page cannot log a victim's browser into the attacker's account.
+    pub browser: SecretHash,
+    /// Always show the consent page, even with consent remembered: a public client whose redirect URI
+    /// is not https (a native app's custom scheme or loopback) could be impersonated by another app.
+    pub always_ask: bool,
     /// The session that logged in for this request (set by the login form).
     pub session: Mutex<Option<SecretHash>>,
 }
@@ -47,8 +67,9 @@ pub struct Session {
     pub created_at: i64,
 }
 
-/// The outcome of one refresh, shared by concurrent retries of the same refresh token.
-#[derive(Debug, Clone)]
+/// The outcome of one refresh, shared by concurrent retries of the same refresh token. (No `Debug`:
+/// it holds tokens.)
+#[derive(Clone)]
 pub struct Refreshed {
     pub client_id: String,
     pub response: Value,
@@ -61,6 +82,9 @@ pub struct Flows {
     pub sessions: Cache<SecretHash, Arc<Session>>,
     /// Refresh token hash → the one rotation every concurrent presentation of it waits for.
     pub refreshing: Cache<SecretHash, Arc<tokio::sync::OnceCell<Refreshed>>>,
+    /// Password checks in progress: Argon2id takes 19 MiB and tens of ms of a core each, so at most
+    /// two per core run at once; more get "busy, try again" instead of exhausting memory and threads.
+    pub logins: tokio::sync::Semaphore,
 }
 
 impl Flows {
@@ -76,6 +100,9 @@ impl Flows {
                 .max_capacity(100_000)
                 .time_to_live(refresh_grace.max(Duration::from_millis(1)))
                 .build(),
+            logins: tokio::sync::Semaphore::new(
+                2 * std::thread::available_parallelism().map(std::num::NonZeroUsize::get).unwrap_or(2),
+            ),
         }
     }
 

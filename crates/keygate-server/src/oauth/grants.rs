@@ -78,6 +78,14 @@ fn new_refresh(
     Ok((secret, record))
 }
 
+/// The granted scopes the client and the user may still have.
+fn still_allowed(granted: &[String], client: &OAuthClient, user: &super::tokens::UserState) -> Vec<String> {
+    super::authorize::within_user_limit(granted, user.allowed_scopes.as_deref())
+        .into_iter()
+        .filter(|s| client.scopes.iter().any(|a| scope::covers(a, s)))
+        .collect()
+}
+
 /// `grant_type=authorization_code`.
 pub(crate) async fn authorization_code(
     state: &AppState,
@@ -133,12 +141,17 @@ pub(crate) async fn authorization_code(
             "PKCE verification failed: the code_verifier does not match the code_challenge",
         ));
     }
-    if record.expires_at <= now {
+    if record.expires_at <= now || client.tokens_revoked_before.is_some_and(|t| record.created_at < t) {
         return Err(invalid());
     }
-    match state.oauth.user(store, &record.user_id).await? {
-        Some(u) if !u.disabled => {}
+    let user = match state.oauth.user(store, &record.user_id).await? {
+        Some(u) if !u.disabled => u,
         _ => return Err(invalid_grant("the user may not sign in")),
+    };
+    // What the client and the user may have now (either may have changed in the last minute).
+    let scopes = still_allowed(&record.scopes, client, &user);
+    if scopes.is_empty() && !record.scopes.is_empty() {
+        return Err(invalid_grant("none of the granted scopes may be issued any more"));
     }
     let family = TokenFamily {
         id: crate::routes::common::new_id("fam", now)
@@ -152,9 +165,9 @@ pub(crate) async fn authorization_code(
     };
     let subject = Subject::User { user_id: &record.user_id, family_id: &family.id };
     let (issued, access) =
-        state.oauth.mint(client, subject, &record.scopes, &record.audiences, now).map_err(issue_error)?;
+        state.oauth.mint(client, subject, &scopes, &record.audiences, now).map_err(issue_error)?;
     let refresh = if client.grant_types.contains(&GrantType::RefreshToken) {
-        Some(new_refresh(client, &family, &record.scopes, &record.audiences, now)?)
+        Some(new_refresh(client, &family, &scopes, &record.audiences, now)?)
     } else {
         None
     };
@@ -246,11 +259,10 @@ async fn rotate(
         _ => return Err(invalid_grant("the user may not sign in")),
     };
     // What may still be granted: the original scope, within what the client and the user may have now.
-    let still: Vec<String> =
-        super::authorize::within_user_limit(&record.scopes, user.allowed_scopes.as_deref())
-            .into_iter()
-            .filter(|s| client.scopes.iter().any(|a| scope::covers(a, s)))
-            .collect();
+    let still = still_allowed(&record.scopes, client, &user);
+    if still.is_empty() && !record.scopes.is_empty() {
+        return Err(invalid_grant("none of the granted scopes may be issued any more"));
+    }
     let scopes = match scope_param.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
         None => still,
         Some(requested) => {

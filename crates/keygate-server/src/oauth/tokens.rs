@@ -70,8 +70,8 @@ pub struct TokenInfo {
     pub family_id: Option<String>,
 }
 
-/// An issued token.
-#[derive(Debug, Clone)]
+/// An issued token. (No `Debug`: it holds the token.)
+#[derive(Clone)]
 pub struct Issued {
     pub access_token: String,
     pub expires_in: i64,

@@ -14,10 +14,10 @@ use crate::helpers::TestApp;
 const REDIRECT: &str = "https://app.example.com/callback";
 const PASSWORD: &str = "correct horse battery";
 
-/// A browser: keeps the session cookie, follows no redirects, reads forms.
+/// A browser: keeps its cookies, follows no redirects, reads forms.
 struct Browser {
     http: reqwest::Client,
-    cookie: Option<String>,
+    cookies: HashMap<String, String>,
 }
 
 /// What a page's one form holds: its action and its fields.
@@ -67,22 +67,25 @@ impl PageForm {
 impl Browser {
     fn new() -> Self {
         let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
-        Browser { http, cookie: None }
+        Browser { http, cookies: HashMap::new() }
     }
 
     fn remember(&mut self, resp: &reqwest::Response) {
         for v in resp.headers().get_all("set-cookie") {
-            let v = v.to_str().unwrap();
-            let pair = v.split(';').next().unwrap();
-            if pair.starts_with("kg_session=") {
-                self.cookie = Some(pair.to_string());
-            }
+            let pair = v.to_str().unwrap().split(';').next().unwrap();
+            let (k, v) = pair.split_once('=').unwrap();
+            self.cookies.insert(k.to_string(), v.to_string());
         }
+    }
+
+    fn cookie(&self) -> Option<String> {
+        (!self.cookies.is_empty())
+            .then(|| self.cookies.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("; "))
     }
 
     async fn get(&mut self, url: &str) -> (StatusCode, reqwest::header::HeaderMap, String) {
         let mut req = self.http.get(url);
-        if let Some(c) = &self.cookie {
+        if let Some(c) = &self.cookie() {
             req = req.header("cookie", c);
         }
         let resp = req.send().await.unwrap();
@@ -99,7 +102,7 @@ impl Browser {
         let mut fields: Vec<(String, String)> = form.fields.clone();
         fields.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let mut req = self.http.post(format!("{base}{}", form.action)).form(&fields);
-        if let Some(c) = &self.cookie {
+        if let Some(c) = &self.cookie() {
             req = req.header("cookie", c);
         }
         let resp = req.send().await.unwrap();
@@ -184,7 +187,10 @@ async fn get_code(s: &Setup, browser: &mut Browser, scope: &str, challenge: &str
     let (status, headers, html) = browser.submit(&s.app.base, &login, &[]).await;
     assert_eq!(status, StatusCode::OK, "{html}");
     let cookie = headers["set-cookie"].to_str().unwrap();
-    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax"), "{cookie}");
+    assert!(
+        cookie.starts_with("kg_session=") && cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax"),
+        "{cookie}"
+    );
     assert!(html.contains("Reader App") && html.contains("Read your articles"), "consent page: {html}");
     let consent = parse_form(&html);
     let (status, headers, _) = browser.submit(&s.app.base, &consent, &[("decision", "allow")]).await;
@@ -729,4 +735,90 @@ async fn public_clients_use_pkce_without_a_secret_and_users_are_managed() {
     let (_, list) = s.app.get("/v1/users").await;
     assert_eq!(list["items"].as_array().unwrap().len(), 2);
     assert!(!list.to_string().contains("argon2"), "never the hash");
+}
+
+#[tokio::test]
+async fn forms_belong_to_the_browser_that_opened_them_and_codes_die_with_their_grant() {
+    let s = setup().await;
+    let (verifier, challenge) = pkce();
+    // Login CSRF: the attacker's own login form, submitted from the victim's browser, is refused.
+    let mut attacker = Browser::new();
+    let (_, _, html) = attacker.get(&authorize_url(&s, "articles:read", &challenge, "x")).await;
+    let attackers_form = parse_form(&html).set("username", "alice").set("password", PASSWORD);
+    let mut victim = Browser::new();
+    let (status, headers, _) = victim.submit(&s.app.base, &attackers_form, &[]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(headers.get("set-cookie").is_none(), "no session planted in the victim's browser");
+    // A cross-site submission is refused even with the right cookie.
+    let fields: Vec<(String, String)> = attackers_form.fields.clone();
+    let resp = attacker
+        .http
+        .post(s.app.url(&attackers_form.action))
+        .header("cookie", attacker.cookie().unwrap())
+        .header("sec-fetch-site", "cross-site")
+        .form(&fields)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    // An over-long state is an error page, not reflected.
+    let long = "s".repeat(2000);
+    let (status, headers, _) = attacker.get(&authorize_url(&s, "articles:read", &challenge, &long)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(headers.get("location").is_none());
+
+    // A code outstanding when its grant is revoked gives nothing.
+    let mut b = Browser::new();
+    let code = get_code(&s, &mut b, "articles:read", &challenge).await;
+    let (_, grants) = s.app.get(&format!("/v1/users/{}/grants", s.user_id)).await;
+    let grant = grants["items"][0]["id"].as_str().unwrap().to_string();
+    s.app.call(Method::DELETE, &format!("/v1/users/{}/grants/{grant}", s.user_id), None).await;
+    let (status, body) = exchange(&s, &code, &verifier).await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_grant")), "{body}");
+    // …and one outstanding when the client's tokens are revoked too.
+    let code = get_code_or_direct(&s, &mut b, "articles:read", &challenge).await;
+    s.app.clock.advance(1);
+    s.app.post(&format!("/v1/clients/{}/revoke-tokens", s.client_id), json!({})).await;
+    let (_, body) = exchange(&s, &code, &verifier).await;
+    assert_eq!(body["error"], "invalid_grant");
+}
+
+#[tokio::test]
+async fn a_trusted_front_proxy_can_name_the_user_and_native_apps_always_ask() {
+    let app = TestApp::builder()
+        .trusted_proxies(&["127.0.0.1/32"])
+        .config(|c| c.login_trusted_header = Some("x-remote-user".into()))
+        .start()
+        .await;
+    let consumer = app.create_consumer("native").await;
+    let loopback = "http://127.0.0.1:7777/cb";
+    let (_, c) = app
+        .post(
+            "/v1/clients",
+            json!({"consumer_id": consumer, "name": "CLI", "public": true, "scopes": ["articles:read"],
+                   "grant_types": ["authorization_code"], "redirect_uris": [loopback]}),
+        )
+        .await;
+    let client_id = c["client_id"].as_str().unwrap().to_string();
+    app.post("/v1/users", json!({"username": "carol"})).await;
+    let (_, challenge) = pkce();
+    let url = app.url(&format!(
+        "/oauth2/authorize?response_type=code&client_id={client_id}&redirect_uri={}&code_challenge={challenge}&code_challenge_method=S256&scope=articles:read",
+        urlencode(loopback)
+    ));
+    for round in 0..2 {
+        let mut b = Browser::new();
+        let resp = b.http.get(&url).header("x-remote-user", "Carol").send().await.unwrap();
+        b.remember(&resp);
+        assert_eq!(resp.status(), StatusCode::OK, "round {round}");
+        let html = resp.text().await.unwrap();
+        assert!(html.contains("name=\"decision\""), "the consent page, every time for a native app: {html}");
+        let (status, headers, _) = b.submit(&app.base, &parse_form(&html), &[("decision", "allow")]).await;
+        assert_eq!(status, StatusCode::SEE_OTHER);
+        let loc = headers["location"].to_str().unwrap();
+        assert!(loc.starts_with(loopback) && loc.contains("code=kgac_"), "{loc}");
+    }
+    // An unknown user in the header gets the login page.
+    let resp = app.client.get(&url).header("x-remote-user", "mallory").send().await.unwrap();
+    assert!(resp.text().await.unwrap().contains("name=\"password\""));
 }
