@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 import zlib
 
@@ -216,6 +217,14 @@ def run_wrk(url, script, conns, seconds):
     sys.exit(f"wrk printed no result:\n{out.stdout}\n{out.stderr}")
 
 
+def oauth_client(kg, consumer_id, fmt, tag=""):
+    """A client-credentials client on `kg`; returns the headers of its token requests."""
+    c = kg.api("POST", "/v1/clients", {"consumer_id": consumer_id, "name": f"load-{fmt}{tag}",
+                                       "scopes": ["articles:read"], "token_format": fmt})
+    basic = base64.b64encode(f"{c['client_id']}:{c['client_secret']}".encode()).decode()
+    return {"Authorization": f"Basic {basic}", "Content-Type": "application/x-www-form-urlencoded"}
+
+
 def measure_scale(binary, tmp, n, seconds, rounds):
     """A fresh Keygate with n stored keys (seeded through the bulk import), then verify load."""
     sub = tempfile.mkdtemp(prefix=f"scale-{n}-", dir=tmp)
@@ -235,15 +244,8 @@ def measure_scale(binary, tmp, n, seconds, rounds):
         with open(unknown, "w") as f:
             f.write("\n".join(make_secret() for _ in range(100_000)) + "\n")
         auth = {"Authorization": f"Bearer {kg.admin}", "Content-Type": "application/json"}
-        form = "application/x-www-form-urlencoded"
 
-        def oauth_client(fmt):
-            c = kg.api("POST", "/v1/clients", {"consumer_id": consumer["id"], "name": f"load-{fmt}",
-                                               "scopes": ["articles:read"], "token_format": fmt})
-            basic = base64.b64encode(f"{c['client_id']}:{c['client_secret']}".encode()).decode()
-            return {"Authorization": f"Basic {basic}", "Content-Type": form}
-
-        jwt_client, opaque_client = oauth_client("jwt"), oauth_client("opaque")
+        jwt_client, opaque_client = (oauth_client(kg, consumer["id"], f) for f in ("jwt", "opaque"))
         req = urllib.request.Request(kg.url + "/oauth2/token", data=b"grant_type=client_credentials",
                                      headers=jwt_client, method="POST")
         with urllib.request.urlopen(req, timeout=10) as r:
@@ -307,15 +309,7 @@ def seed_targets(kg, tmp, prefix, only):
     malformed = secret[:-1] + ("a" if secret[-1] != "a" else "b")
 
     auth = {"Authorization": f"Bearer {kg.admin}", "Content-Type": "application/json"}
-    form = "application/x-www-form-urlencoded"
-
-    def oauth_client(fmt):
-        c = kg.api("POST", "/v1/clients", {"consumer_id": consumer["id"], "name": f"load-{fmt}{prefix}",
-                                           "scopes": ["articles:read"], "token_format": fmt})
-        basic = base64.b64encode(f"{c['client_id']}:{c['client_secret']}".encode()).decode()
-        return {"Authorization": f"Basic {basic}", "Content-Type": form}
-
-    jwt_client, opaque_client = oauth_client("jwt"), oauth_client("opaque")
+    jwt_client, opaque_client = (oauth_client(kg, consumer["id"], f, prefix) for f in ("jwt", "opaque"))
     req = urllib.request.Request(kg.url + "/oauth2/token", data=b"grant_type=client_credentials",
                                  headers=jwt_client, method="POST")
     with urllib.request.urlopen(req, timeout=10) as r:
@@ -348,6 +342,112 @@ def seed_targets(kg, tmp, prefix, only):
     return [t for t in targets if only is None or t[0] in only]
 
 
+def measure_refresh(binary, tmp, families, seconds):
+    """Refresh grants per second at 32 connections: every request rotates a distinct refresh token (a real,
+    durable rotation: one transaction each), seeded through the real authorization code flow."""
+    import http.client
+    import hashlib
+    import re
+    import threading
+    sub = tempfile.mkdtemp(prefix="refresh-", dir=tmp)
+    kg = Keygate(binary, sub, free_port(), "refresh")
+    try:
+        consumer = kg.api("POST", "/v1/consumers", {"name": "refresh"})
+        redirect = "https://app.example.com/cb"
+        c = kg.api("POST", "/v1/clients", {"consumer_id": consumer["id"], "name": "refresh", "scopes": ["articles:read"],
+                                           "grant_types": ["authorization_code", "refresh_token"],
+                                           "redirect_uris": [redirect]})
+        password = "load test passphrase 1"
+        kg.api("POST", "/v1/users", {"username": "loaduser", "password": password})
+        verifier = "v" * 50
+        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).decode().rstrip("=")
+        host = kg.url[len("http://"):]
+        q = urllib.parse.urlencode({"response_type": "code", "client_id": c["client_id"], "redirect_uri": redirect,
+                                    "scope": "articles:read", "code_challenge": challenge,
+                                    "code_challenge_method": "S256"})
+        auth_path = f"/oauth2/authorize?{q}"
+        basic = base64.b64encode(f"{c['client_id']}:{c['client_secret']}".encode()).decode()
+        form = "application/x-www-form-urlencoded"
+
+        # One browser logs in and consents once; afterwards each authorization is a redirect with a code.
+        conn = http.client.HTTPConnection(host)
+        conn.request("GET", auth_path)
+        r = conn.getresponse()
+        cookies = {m.group(1): m.group(2) for m in re.finditer(r"(kg_\w+)=([^;]+)", " ".join(r.headers.get_all("set-cookie") or []))}
+        html = r.read().decode()
+        fields = dict(re.findall(r'name="(request_id|csrf)" value="([^"]+)"', html))
+        cookie = "; ".join(f"{k}={v}" for k, v in cookies.items())
+        conn.request("POST", "/oauth2/authorize/login", urllib.parse.urlencode({**fields, "username": "loaduser", "password": password}),
+                     {"Content-Type": form, "Cookie": cookie})
+        r = conn.getresponse()
+        cookies.update({m.group(1): m.group(2) for m in re.finditer(r"(kg_\w+)=([^;]+)", " ".join(r.headers.get_all("set-cookie") or []))})
+        html = r.read().decode()
+        fields = dict(re.findall(r'name="(request_id|csrf)" value="([^"]+)"', html))
+        cookie = "; ".join(f"{k}={v}" for k, v in cookies.items())
+        conn.request("POST", "/oauth2/authorize/consent", urllib.parse.urlencode({**fields, "decision": "allow"}),
+                     {"Content-Type": form, "Cookie": cookie})
+        r = conn.getresponse()
+        r.read()
+        if r.status != 303:
+            sys.exit(f"consent failed: {r.status}")
+
+        tokens, lock = [], threading.Lock()
+        started = time.time()
+
+        def seed(n):
+            conn = http.client.HTTPConnection(host)
+            mine = []
+            for _ in range(n):
+                conn.request("GET", auth_path, headers={"Cookie": cookie})
+                r = conn.getresponse()
+                r.read()
+                code = urllib.parse.parse_qs(urllib.parse.urlparse(r.headers["location"]).query)["code"][0]
+                conn.request("POST", "/oauth2/token", urllib.parse.urlencode({
+                    "grant_type": "authorization_code", "code": code, "redirect_uri": redirect, "code_verifier": verifier}),
+                    {"Content-Type": form, "Authorization": f"Basic {basic}"})
+                mine.append(json.loads(conn.getresponse().read())["refresh_token"])
+            with lock:
+                tokens.extend(mine)
+
+        workers = [threading.Thread(target=seed, args=(families // 8,)) for _ in range(8)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        seed_seconds = time.time() - started
+        log(f"seeded {len(tokens):,} token families through the authorization code flow in {seed_seconds:.0f} s")
+        keys = os.path.join(sub, "refresh.txt")
+        with open(keys, "w") as f:
+            f.write("\n".join(tokens) + "\n")
+        script = os.path.join(sub, "refresh.lua")
+        with open(script, "w") as f:
+            f.write(f"""
+local keys = {{}}
+for line in io.lines({lua_quote(keys)}) do keys[#keys + 1] = line end
+local i = 0
+local headers = {{["Authorization"] = "Basic {basic}", ["Content-Type"] = "{form}"}}
+request = function()
+  i = i + 1
+  return wrk.format("POST", "/oauth2/token", headers, "grant_type=refresh_token&refresh_token=" .. keys[i])
+end
+{LUA_DONE}""")
+        cmd = ["wrk", "-t", "1", "-c", "32", "-d", f"{seconds}s", "--timeout", "5s", "-s", script, kg.url]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+        for line in out.stdout.splitlines():
+            if line.startswith("KG_RESULT "):
+                r = json.loads(line[len("KG_RESULT "):])
+                r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+                r["errors"] = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
+                if r["requests"] > len(tokens):
+                    log(f"WARNING: {r['requests']:,} requests but only {len(tokens):,} tokens: seed more")
+                r["families"] = len(tokens)
+                r["seed_per_second"] = len(tokens) / seed_seconds
+                return r
+        sys.exit(f"wrk printed no result:\n{out.stdout}\n{out.stderr}")
+    finally:
+        kg.stop()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=int, default=10, help="duration of each measurement (default 10)")
@@ -359,6 +459,8 @@ def main():
     ap.add_argument("--only-scale", action="store_true", help="skip the target table; measure --scale only")
     ap.add_argument("--before", help="an older keygate binary: measure the main targets on it and on this "
                     "build, interleaved in the same run (before/after of a change)")
+    ap.add_argument("--refresh", type=int, default=0, help="also measure refresh grants/s at 32 connections, "
+                    "with this many token families seeded through the authorization code flow (e.g. 40000)")
     ap.add_argument("--scale", default="", help="comma-separated stored-key counts to measure verify at, e.g. 1000,1000000")
     args = ap.parse_args()
     if args.smoke:
@@ -442,9 +544,18 @@ def main():
             for r in scale:
                 print(f"| {r['keys']:,} | {r['valid_rps']:,.0f} | {fmt_us(r['valid_p99_us'])} | {r['unknown_rps']:,.0f} | "
                       f"{fmt_us(r['unknown_p99_us'])} | {r['rss_seeded_mib']:.0f} MiB | {r['rss_mib']:.0f} MiB | {r['seed_seconds']:.0f} s |")
+        refresh = None
+        if args.refresh:
+            refresh = measure_refresh(binary, tmp, args.refresh, args.seconds)
+            failed |= refresh["errors"] > 0
+            print(f"\nRefresh grants (each a durable rotation, one transaction), 32 connections: "
+                  f"{refresh['rps']:,.0f}/s, p50 {fmt_us(refresh['p50_us'])}, p99 {fmt_us(refresh['p99_us'])}, "
+                  f"errors {refresh['errors']}; seeding ran the code flow (authorize + exchange) at "
+                  f"{refresh['seed_per_second']:,.0f} families/s")
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"machine": machine(), "rss_mib": rss, "results": summary, "scale": scale}, f, indent=2)
+                json.dump({"machine": machine(), "rss_mib": rss, "results": summary, "scale": scale,
+                           "refresh": refresh}, f, indent=2)
         if failed:
             print("\nFAILED: some requests errored (see the errors column)", file=sys.stderr)
             return 1

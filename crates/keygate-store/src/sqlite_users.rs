@@ -7,8 +7,10 @@ use sqlx::sqlite::SqliteRow;
 
 use crate::sqlite::{Tx, fetch_by_id, fetch_page, hash_from_row, insert_audit, map_err, opt_json, parse_opt};
 use crate::sqlite_oauth::{insert_access_token_rows, json_list, to_json};
-use crate::users::{AuthCode, Grant, Redeemed, RefreshRecord, TokenFamily, User, UserPatch, UserStore};
-use crate::{AccessTokenRecord, NewAudit, Page, Result, SqliteStore};
+use crate::users::{
+    AuthCode, Grant, Redeemed, Redemption, RefreshRecord, Rotation, TokenFamily, User, UserPatch, UserStore,
+};
+use crate::{NewAudit, Page, Result, SqliteStore};
 
 fn user_from_row(row: &SqliteRow) -> Result<User> {
     Ok(User {
@@ -188,6 +190,65 @@ async fn upsert_grant(
         .await
         .map_err(map_err)?;
     Ok(new_id.to_string())
+}
+
+/// One redemption inside a batch's transaction (see [`UserStore::redeem_codes`]).
+async fn redeem_one(tx: &mut Tx<'_>, r: &Redemption) -> Result<Redeemed> {
+    let (hash, at, family) = (&r.hash, r.at, &r.family);
+    // The write lock is taken by this first statement, so the check and the update cannot interleave
+    // with another redemption.
+    let first = sqlx::query(
+        "UPDATE auth_codes SET used_at = ?, family_id = ? WHERE hash = ? AND used_at IS NULL RETURNING hash",
+    )
+    .bind(at)
+    .bind(&family.id)
+    .bind(&hash.as_bytes()[..])
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    if first.is_none() {
+        let row = sqlx::query("SELECT family_id FROM auth_codes WHERE hash = ?")
+            .bind(&hash.as_bytes()[..])
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(map_err)?;
+        let Some(row) = row else { return Ok(Redeemed::Unknown) };
+        let family_id: Option<String> = row.try_get("family_id").map_err(map_err)?;
+        if let Some(f) = &family_id {
+            revoke_families_where(tx, Families::Id, f, at).await?;
+        }
+        return Ok(Redeemed::Replayed { family_id });
+    }
+    // The grant may have been revoked while the code was outstanding: the code is spent, nothing is
+    // issued.
+    let live = sqlx::query("SELECT 1 AS live FROM grants WHERE id = ? AND revoked_at IS NULL")
+        .bind(&family.grant_id)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    if live.is_none() {
+        return Ok(Redeemed::Unknown);
+    }
+    sqlx::query(
+        "INSERT INTO token_families (id, grant_id, client_id, user_id, created_at, expires_at, revoked_at) \
+         VALUES (?, ?, ?, ?, ?, ?, NULL)",
+    )
+    .bind(&family.id)
+    .bind(&family.grant_id)
+    .bind(&family.client_id)
+    .bind(&family.user_id)
+    .bind(family.created_at)
+    .bind(family.expires_at)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    if let Some(refresh) = &r.refresh {
+        insert_refresh(tx, refresh).await?;
+    }
+    if let Some(a) = &r.access {
+        insert_access_token_rows(tx, std::slice::from_ref(a)).await?;
+    }
+    Ok(Redeemed::Issued)
 }
 
 #[async_trait]
@@ -404,72 +465,14 @@ impl UserStore for SqliteStore {
         Ok(r.rows_affected() == 1)
     }
 
-    async fn redeem_code(
-        &self,
-        hash: &SecretHash,
-        at: i64,
-        family: &TokenFamily,
-        refresh: Option<&RefreshRecord>,
-        access: Option<&AccessTokenRecord>,
-    ) -> Result<Redeemed> {
+    async fn redeem_codes(&self, redemptions: &[Redemption]) -> Result<Vec<Redeemed>> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
-        // The write lock is taken by this first statement, so the check and the update cannot interleave
-        // with another redemption.
-        let first = sqlx::query(
-            "UPDATE auth_codes SET used_at = ?, family_id = ? WHERE hash = ? AND used_at IS NULL RETURNING hash",
-        )
-        .bind(at)
-        .bind(&family.id)
-        .bind(&hash.as_bytes()[..])
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        if first.is_none() {
-            let row = sqlx::query("SELECT family_id FROM auth_codes WHERE hash = ?")
-                .bind(&hash.as_bytes()[..])
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(map_err)?;
-            let Some(row) = row else { return Ok(Redeemed::Unknown) };
-            let family_id: Option<String> = row.try_get("family_id").map_err(map_err)?;
-            if let Some(f) = &family_id {
-                revoke_families_where(&mut tx, Families::Id, f, at).await?;
-            }
-            tx.commit().await.map_err(map_err)?;
-            return Ok(Redeemed::Replayed { family_id });
-        }
-        // The grant may have been revoked while the code was outstanding: the code is spent, nothing
-        // is issued.
-        let live = sqlx::query("SELECT 1 AS live FROM grants WHERE id = ? AND revoked_at IS NULL")
-            .bind(&family.grant_id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        if live.is_none() {
-            tx.commit().await.map_err(map_err)?;
-            return Ok(Redeemed::Unknown);
-        }
-        sqlx::query(
-            "INSERT INTO token_families (id, grant_id, client_id, user_id, created_at, expires_at, revoked_at) \
-             VALUES (?, ?, ?, ?, ?, ?, NULL)",
-        )
-        .bind(&family.id)
-        .bind(&family.grant_id)
-        .bind(&family.client_id)
-        .bind(&family.user_id)
-        .bind(family.created_at)
-        .bind(family.expires_at)
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        if let Some(r) = refresh {
-            insert_refresh(&mut tx, r).await?;
-        }
-        if let Some(a) = access {
-            insert_access_token_rows(&mut tx, std::slice::from_ref(a)).await?;
+        let mut out = Vec::with_capacity(redemptions.len());
+        for r in redemptions {
+            out.push(redeem_one(&mut tx, r).await?);
         }
         tx.commit().await.map_err(map_err)?;
-        Ok(Redeemed::Issued)
+        Ok(out)
     }
 
     async fn find_refresh(&self, hash: &SecretHash) -> Result<Option<(RefreshRecord, TokenFamily)>> {
@@ -489,34 +492,31 @@ impl UserStore for SqliteStore {
         }
     }
 
-    async fn rotate_refresh(
-        &self,
-        old: &SecretHash,
-        at: i64,
-        successor: &RefreshRecord,
-        access: Option<&AccessTokenRecord>,
-    ) -> Result<bool> {
+    async fn rotate_refreshes(&self, rotations: &[Rotation]) -> Result<Vec<bool>> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
-        let won = sqlx::query(
-            "UPDATE refresh_tokens SET used_at = ? WHERE hash = ? AND used_at IS NULL \
-             AND family_id IN (SELECT id FROM token_families WHERE revoked_at IS NULL)",
-        )
-        .bind(at)
-        .bind(&old.as_bytes()[..])
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?
-        .rows_affected()
-            == 1;
-        if !won {
-            return Ok(false);
-        }
-        insert_refresh(&mut tx, successor).await?;
-        if let Some(a) = access {
-            insert_access_token_rows(&mut tx, std::slice::from_ref(a)).await?;
+        let mut out = Vec::with_capacity(rotations.len());
+        for r in rotations {
+            let won = sqlx::query(
+                "UPDATE refresh_tokens SET used_at = ? WHERE hash = ? AND used_at IS NULL \
+                 AND (SELECT f.revoked_at FROM token_families f WHERE f.id = refresh_tokens.family_id) IS NULL",
+            )
+            .bind(r.at)
+            .bind(&r.old.as_bytes()[..])
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .rows_affected()
+                == 1;
+            if won {
+                insert_refresh(&mut tx, &r.successor).await?;
+                if let Some(a) = &r.access {
+                    insert_access_token_rows(&mut tx, std::slice::from_ref(a)).await?;
+                }
+            }
+            out.push(won);
         }
         tx.commit().await.map_err(map_err)?;
-        Ok(true)
+        Ok(out)
     }
 
     async fn revoke_family(&self, family_id: &str, at: i64) -> Result<bool> {

@@ -2,12 +2,13 @@
 //! rotating refresh tokens, and the descriptions of scopes shown on the consent page.
 //!
 //! Contracts the server relies on:
-//! - A code is redeemed at most once: [`UserStore::redeem_code`] marks it used, creates its family and
+//! - A code is redeemed at most once: [`UserStore::redeem_codes`] marks it used, creates its family and
 //!   writes the first refresh (and opaque access) token in one transaction; a second redemption revokes
 //!   that family in the same transaction (RFC 6749 §4.1.2).
-//! - A refresh token is rotated at most once: [`UserStore::rotate_refresh`] is a conditional update
-//!   (`used_at IS NULL`) and the successor's insert in one transaction; of two concurrent rotations
-//!   exactly one succeeds.
+//! - A refresh token is rotated at most once: each rotation in [`UserStore::rotate_refreshes`] is a
+//!   conditional update (`used_at IS NULL`, family not revoked) and the successor's insert; of two
+//!   rotations of one token, even in the same batch, exactly one succeeds. A batch is one transaction
+//!   (the server group-commits concurrent refreshes: one fsync for many).
 //! - Revoking a family or a grant also marks the opaque access tokens issued under it revoked.
 
 use async_trait::async_trait;
@@ -102,6 +103,25 @@ pub struct RefreshRecord {
     pub used_at: Option<i64>,
 }
 
+/// One code redemption: the family it creates, with its first tokens.
+#[derive(Debug, Clone)]
+pub struct Redemption {
+    pub hash: SecretHash,
+    pub at: i64,
+    pub family: TokenFamily,
+    pub refresh: Option<RefreshRecord>,
+    pub access: Option<AccessTokenRecord>,
+}
+
+/// One refresh-token rotation.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    pub old: SecretHash,
+    pub at: i64,
+    pub successor: RefreshRecord,
+    pub access: Option<AccessTokenRecord>,
+}
+
 /// What redeeming a code did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Redeemed {
@@ -158,27 +178,14 @@ pub trait UserStore: Send + Sync + 'static {
     /// Marks a code used without redeeming it (it was presented with a wrong binding). False if it was
     /// already used.
     async fn burn_code(&self, hash: &SecretHash, at: i64) -> Result<bool>;
-    /// Redeems a code: see the module documentation.
-    async fn redeem_code(
-        &self,
-        hash: &SecretHash,
-        at: i64,
-        family: &TokenFamily,
-        refresh: Option<&RefreshRecord>,
-        access: Option<&AccessTokenRecord>,
-    ) -> Result<Redeemed>;
+    /// Redeems codes in one transaction (see the module documentation); one outcome per redemption.
+    async fn redeem_codes(&self, redemptions: &[Redemption]) -> Result<Vec<Redeemed>>;
 
     /// A refresh token with its family.
     async fn find_refresh(&self, hash: &SecretHash) -> Result<Option<(RefreshRecord, TokenFamily)>>;
-    /// Marks `old` used and writes its successor (and an opaque access token) in one transaction. False
-    /// if `old` was already used (another rotation won).
-    async fn rotate_refresh(
-        &self,
-        old: &SecretHash,
-        at: i64,
-        successor: &RefreshRecord,
-        access: Option<&AccessTokenRecord>,
-    ) -> Result<bool>;
+    /// Applies rotations in one transaction: for each, marks `old` used and writes its successor (and
+    /// an opaque access token). Per rotation: false if `old` was already used or its family revoked.
+    async fn rotate_refreshes(&self, rotations: &[Rotation]) -> Result<Vec<bool>>;
     /// Revokes a family (reuse detected, or the refresh token revoked). False if it was already.
     async fn revoke_family(&self, family_id: &str, at: i64) -> Result<bool>;
     /// Revoked families whose tokens may still be presented: (id, absolute end).

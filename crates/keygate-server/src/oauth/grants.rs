@@ -171,8 +171,14 @@ pub(crate) async fn authorization_code(
     } else {
         None
     };
-    let outcome =
-        store.redeem_code(&hash, now, &family, refresh.as_ref().map(|(_, r)| r), access.as_ref()).await?;
+    let redemption = keygate_store::Redemption {
+        hash,
+        at: now,
+        family: family.clone(),
+        refresh: refresh.as_ref().map(|(_, r)| r.clone()),
+        access: access.clone(),
+    };
+    let outcome = state.oauth.redeem_code(store, redemption).await?;
     match outcome {
         Redeemed::Issued => {
             if let Some(a) = access {
@@ -285,7 +291,8 @@ async fn rotate(
     let (issued, access) =
         state.oauth.mint(client, subject, &scopes, &record.audiences, now).map_err(issue_error)?;
     let (secret, successor) = new_refresh(client, &family, &record.scopes, &record.audiences, now)?;
-    if !store.rotate_refresh(&hash, now, &successor, access.as_ref()).await? {
+    let rotation = keygate_store::Rotation { old: hash, at: now, successor, access: access.clone() };
+    if !state.oauth.rotate_refresh(store, rotation).await? {
         // Another rotation of this token won (on another node): not reuse, but nothing to hand out.
         return Err(invalid_grant(
             "the refresh token was just used; use the refresh token that use returned",

@@ -110,7 +110,11 @@ pub struct OAuth {
     verified_jwts: GuardedCache<SecretHash, Arc<TokenInfo>>,
     /// Client secret hash → client and the secret's expiry.
     secrets: GuardedCache<SecretHash, Arc<(OAuthClient, Option<i64>)>>,
-    writer: GroupCommit,
+    writer: GroupCommit<AccessTokenRecord, ()>,
+    /// Refresh-token rotations, group-committed like opaque tokens.
+    rotations: GroupCommit<keygate_store::Rotation, bool>,
+    /// Code redemptions, group-committed too.
+    redemptions: GroupCommit<keygate_store::Redemption, keygate_store::Redeemed>,
     /// Discovery metadata, built on first request and dropped on every client change; with the count of
     /// client changes it was built after (a build that raced a change is not kept).
     discovery: RwLock<(u64, Option<Arc<Value>>)>,
@@ -124,35 +128,51 @@ pub struct OAuth {
     pub flows: super::flows::Flows,
 }
 
-type Pending = (AccessTokenRecord, tokio::sync::oneshot::Sender<Result<(), StoreError>>);
+type Reply<R> = tokio::sync::oneshot::Sender<Result<R, StoreError>>;
+type Queue<J, R> = tokio::sync::mpsc::UnboundedSender<(J, Reply<R>)>;
+type BatchFuture<'a, R> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<R>, StoreError>> + Send + 'a>>;
+/// Writes a batch in one transaction; one result per job, in order.
+type BatchFn<J, R> = for<'a> fn(&'a dyn OAuthStore, Vec<J>) -> BatchFuture<'a, R>;
 
-/// Group commit of opaque tokens: each request waits until its token is durable, but the tokens of
-/// concurrent requests share one transaction (and one fsync). One at a time, a request would wait
-/// for a whole commit of its own; under load that capped issuance at a few thousand per second.
-struct GroupCommit {
-    queue: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<Pending>>>,
+/// Group commit: each request waits until its write is durable, but the writes of concurrent requests
+/// share one transaction (and one fsync). One at a time, a request waits for a whole commit of its own;
+/// with `synchronous=FULL` that capped opaque issuance and refresh rotation at a few hundred to a few
+/// thousand per second, whatever the number of connections.
+struct GroupCommit<J, R> {
+    queue: std::sync::Mutex<Option<Queue<J, R>>>,
+    run: BatchFn<J, R>,
 }
 
-impl GroupCommit {
-    async fn write(&self, store: &dyn OAuthStore, record: AccessTokenRecord) -> Result<(), StoreError> {
+impl<J: Send + Clone + 'static, R: Send + Clone + 'static> GroupCommit<J, R> {
+    fn new(run: BatchFn<J, R>) -> Self {
+        GroupCommit { queue: std::sync::Mutex::new(None), run }
+    }
+
+    async fn submit(&self, store: &dyn OAuthStore, job: J) -> Result<R, StoreError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let sender = self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-        match sender {
-            Some(s) => {
-                if let Err(tokio::sync::mpsc::error::SendError((record, _))) = s.send((record, tx)) {
-                    return store.insert_access_tokens(&[record]).await;
+        let direct = match sender {
+            Some(s) => match s.send((job, tx)) {
+                Ok(()) => {
+                    return rx.await.unwrap_or_else(|_| {
+                        Err(StoreError::Unavailable("the group-commit writer stopped".into()))
+                    });
                 }
-                rx.await.unwrap_or_else(|_| Err(StoreError::Unavailable("the token writer stopped".into())))
-            }
+                Err(tokio::sync::mpsc::error::SendError((job, _))) => job,
+            },
             // Not started (e.g. in benchmarks): write directly.
-            None => store.insert_access_tokens(&[record]).await,
-        }
+            None => job,
+        };
+        let mut out = (self.run)(store, vec![direct]).await?;
+        out.pop().ok_or_else(|| StoreError::Corrupt("a batch write returned no result".into()))
     }
 
     /// Starts the writer task for a store that lives as long as the server.
     fn start(&self, store: Arc<dyn OAuthStore>) {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Pending>();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(J, Reply<R>)>();
         *self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tx);
+        let run = self.run;
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
                 let mut batch = vec![first];
@@ -162,11 +182,13 @@ impl GroupCommit {
                         Err(_) => break,
                     }
                 }
-                let records: Vec<AccessTokenRecord> = batch.iter().map(|(r, _)| r.clone()).collect();
-                let result = store.insert_access_tokens(&records).await;
-                for (_, reply) in batch {
+                let jobs: Vec<J> = batch.iter().map(|(j, _)| j.clone()).collect();
+                let result = run(store.as_ref(), jobs).await;
+                for (i, (_, reply)) in batch.into_iter().enumerate() {
                     let r = match &result {
-                        Ok(()) => Ok(()),
+                        Ok(results) => results.get(i).cloned().ok_or_else(|| {
+                            StoreError::Corrupt("a batch write returned too few results".into())
+                        }),
                         Err(e) => Err(StoreError::Unavailable(e.to_string())),
                     };
                     let _ = reply.send(r);
@@ -174,6 +196,27 @@ impl GroupCommit {
             }
         });
     }
+}
+
+fn write_access_tokens<'a>(
+    store: &'a dyn OAuthStore,
+    records: Vec<AccessTokenRecord>,
+) -> BatchFuture<'a, ()> {
+    Box::pin(async move { store.insert_access_tokens(&records).await.map(|()| vec![(); records.len()]) })
+}
+
+fn write_redemptions<'a>(
+    store: &'a dyn OAuthStore,
+    r: Vec<keygate_store::Redemption>,
+) -> BatchFuture<'a, keygate_store::Redeemed> {
+    Box::pin(async move { store.redeem_codes(&r).await })
+}
+
+fn write_rotations<'a>(
+    store: &'a dyn OAuthStore,
+    rotations: Vec<keygate_store::Rotation>,
+) -> BatchFuture<'a, bool> {
+    Box::pin(async move { store.rotate_refreshes(&rotations).await })
 }
 
 fn lock_read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -207,7 +250,9 @@ impl OAuth {
             verified_jwts: GuardedCache::new(
                 Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(300)).build(),
             ),
-            writer: GroupCommit { queue: std::sync::Mutex::new(None) },
+            writer: GroupCommit::new(write_access_tokens),
+            rotations: GroupCommit::new(write_rotations),
+            redemptions: GroupCommit::new(write_redemptions),
             discovery: RwLock::new((0, None)),
             replay: super::assertion::ReplayGuard::default(),
             users: GuardedCache::new(
@@ -220,7 +265,9 @@ impl OAuth {
 
     /// Starts background work (the token group-commit writer); call once, inside the runtime.
     pub fn start(&self, store: Arc<dyn OAuthStore>) {
-        self.writer.start(store);
+        self.writer.start(store.clone());
+        self.rotations.start(store.clone());
+        self.redemptions.start(store);
     }
 
     pub fn issuer(&self) -> String {
@@ -446,7 +493,7 @@ impl OAuth {
     ) -> Result<Issued, IssueError> {
         let (issued, record) = self.mint(client, Subject::Client, scopes, audiences, now)?;
         if let Some(record) = record {
-            self.writer.write(store, record.clone()).await.map_err(IssueError::Store)?;
+            self.writer.submit(store, record.clone()).await.map_err(IssueError::Store)?;
             self.opaque_issued(record);
         }
         Ok(issued)
@@ -512,6 +559,25 @@ impl OAuth {
         };
         let access_token = key.sign_jwt(&claims).map_err(|e| IssueError::Internal(e.to_string()))?;
         Ok((Issued { access_token, expires_in: lifetime, scope }, None))
+    }
+
+    /// Rotates a refresh token (group-committed with concurrent rotations): false if it was already
+    /// used or its family revoked.
+    pub async fn rotate_refresh(
+        &self,
+        store: &dyn OAuthStore,
+        rotation: keygate_store::Rotation,
+    ) -> Result<bool, StoreError> {
+        self.rotations.submit(store, rotation).await
+    }
+
+    /// Redeems a code (group-committed with concurrent redemptions).
+    pub async fn redeem_code(
+        &self,
+        store: &dyn OAuthStore,
+        redemption: keygate_store::Redemption,
+    ) -> Result<keygate_store::Redeemed, StoreError> {
+        self.redemptions.submit(store, redemption).await
     }
 
     /// An opaque token's record is durable: remember it, so that its first verification needs no read.

@@ -236,24 +236,7 @@ async fn the_oauth2_crate_drives_the_whole_flow_with_pkce_refresh_and_revocation
     };
     let s = setup().await;
     let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
-    let send = |req: oauth2::HttpRequest| {
-        let http = http.clone();
-        async move {
-            let (parts, body) = req.into_parts();
-            let resp = http
-                .request(parts.method, parts.uri.to_string())
-                .headers(parts.headers)
-                .body(body)
-                .send()
-                .await?;
-            let mut builder = oauth2::http::Response::builder().status(resp.status());
-            for (k, v) in resp.headers() {
-                builder = builder.header(k, v);
-            }
-            let bytes = resp.bytes().await?;
-            Ok::<_, reqwest::Error>(builder.body(bytes.to_vec()).unwrap())
-        }
-    };
+    let send = |req: oauth2::HttpRequest| crate::helpers::oauth2_send(http.clone(), req);
     let oc = BasicClient::new(ClientId::new(s.client_id.clone()))
         .set_client_secret(ClientSecret::new(s.secret.clone()))
         .set_auth_uri(AuthUrl::new(s.app.url("/oauth2/authorize")).unwrap())
@@ -557,6 +540,15 @@ async fn disabling_or_deleting_the_user_revoking_the_grant_or_disabling_the_clie
     assert_eq!(s.app.verify_code(&at, &["articles:read"]).await, "DISABLED");
     s.app.post(&format!("/v1/clients/{}/enable", s.client_id), json!({})).await;
     assert_eq!(s.app.verify_code(&at, &["articles:read"]).await, "VALID");
+    // Disabled consumer (the client's parent): the same.
+    let (_, client) = s.app.get(&format!("/v1/clients/{}", s.client_id)).await;
+    let consumer = client["consumer_id"].as_str().unwrap().to_string();
+    s.app.post(&format!("/v1/consumers/{consumer}/disable"), json!({})).await;
+    assert_eq!(s.app.verify_code(&at, &["articles:read"]).await, "DISABLED");
+    let (_, body) = refresh(&s, t["refresh_token"].as_str().unwrap()).await;
+    assert_eq!(body["error"], "invalid_client", "a disabled consumer's client cannot refresh");
+    s.app.post(&format!("/v1/consumers/{consumer}/enable"), json!({})).await;
+    assert_eq!(s.app.verify_code(&at, &["articles:read"]).await, "VALID");
 
     // Deleted user: tokens REVOKED.
     let (st, _) = s.app.call(Method::DELETE, &format!("/v1/users/{}", s.user_id), None).await;
@@ -821,4 +813,40 @@ async fn a_trusted_front_proxy_can_name_the_user_and_native_apps_always_ask() {
     // An unknown user in the header gets the login page.
     let resp = app.client.get(&url).header("x-remote-user", "mallory").send().await.unwrap();
     assert!(resp.text().await.unwrap().contains("name=\"password\""));
+}
+
+#[tokio::test]
+async fn refresh_tokens_expire_when_idle_and_at_their_absolute_end() {
+    let s = setup_with(
+        TestApp::start().await,
+        json!({"refresh_idle_seconds": 60, "refresh_absolute_seconds": 150}),
+    )
+    .await;
+    let (verifier, challenge) = pkce();
+    let mut b = Browser::new();
+    let code = get_code(&s, &mut b, "articles:read", &challenge).await;
+    let (_, t) = exchange(&s, &code, &verifier).await;
+    // Used within the idle window: fine, and the successor starts a new window.
+    s.app.clock.advance(50_000);
+    let (status, t2) = refresh(&s, t["refresh_token"].as_str().unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{t2}");
+    s.app.clock.advance(50_000);
+    let (status, t3) = refresh(&s, t2["refresh_token"].as_str().unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{t3}");
+    // Idle too long.
+    s.app.clock.advance(61_000);
+    let (_, body) = refresh(&s, t3["refresh_token"].as_str().unwrap()).await;
+    assert_eq!(body["error"], "invalid_grant");
+    // The absolute end holds even when used in time: a new authorization, refreshed every 50 s.
+    let code = get_code_or_direct(&s, &mut b, "articles:read", &challenge).await;
+    let (_, mut t) = exchange(&s, &code, &verifier).await;
+    for _ in 0..2 {
+        s.app.clock.advance(50_000);
+        let (status, next) = refresh(&s, t["refresh_token"].as_str().unwrap()).await;
+        assert_eq!(status, StatusCode::OK, "{next}");
+        t = next;
+    }
+    s.app.clock.advance(51_000);
+    let (_, body) = refresh(&s, t["refresh_token"].as_str().unwrap()).await;
+    assert_eq!(body["error"], "invalid_grant", "past 150 s since consent");
 }

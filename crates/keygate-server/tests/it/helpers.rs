@@ -186,3 +186,20 @@ impl TestApp {
         self.verify(credential, scopes).await["code"].as_str().unwrap().to_string()
     }
 }
+
+/// The HTTP function the `oauth2` crate calls: an `http::Request` sent with reqwest (no redirects
+/// followed), its answer as an `http::Response`.
+pub async fn oauth2_send(
+    http: reqwest::Client,
+    req: oauth2::HttpRequest,
+) -> Result<oauth2::HttpResponse, reqwest::Error> {
+    let (parts, body) = req.into_parts();
+    let resp =
+        http.request(parts.method, parts.uri.to_string()).headers(parts.headers).body(body).send().await?;
+    let mut builder = oauth2::http::Response::builder().status(resp.status());
+    for (k, v) in resp.headers() {
+        builder = builder.header(k, v);
+    }
+    let bytes = resp.bytes().await?;
+    Ok(builder.body(bytes.to_vec()).expect("a response built from a response"))
+}

@@ -476,24 +476,7 @@ async fn the_oauth2_crate_gets_tokens() {
     .await;
     let http = reqwest::Client::new();
     // oauth2 takes any async function from an http::Request to an http::Response.
-    let send = |req: oauth2::HttpRequest| {
-        let http = http.clone();
-        async move {
-            let (parts, body) = req.into_parts();
-            let resp = http
-                .request(parts.method, parts.uri.to_string())
-                .headers(parts.headers)
-                .body(body)
-                .send()
-                .await?;
-            let mut builder = oauth2::http::Response::builder().status(resp.status());
-            for (k, v) in resp.headers() {
-                builder = builder.header(k, v);
-            }
-            let bytes = resp.bytes().await?;
-            Ok::<_, reqwest::Error>(builder.body(bytes.to_vec()).unwrap())
-        }
-    };
+    let send = |req: oauth2::HttpRequest| crate::helpers::oauth2_send(http.clone(), req);
     for auth in [AuthType::BasicAuth, AuthType::RequestBody] {
         let oc = BasicClient::new(ClientId::new(c.id.clone()))
             .set_client_secret(ClientSecret::new(c.secret.clone()))
