@@ -60,17 +60,20 @@ pub enum SecretKind {
     RefreshToken,
     /// An OAuth authorization code (`kgac_`): single use, valid for 60 seconds.
     AuthCode,
+    /// A user's personal access token (`kgpat_`).
+    PersonalToken,
 }
 
 impl SecretKind {
     /// Every prefix Keygate issues. Order matters only for readability: no prefix is a prefix of another.
-    const ALL: [(SecretKind, &'static str); 6] = [
+    const ALL: [(SecretKind, &'static str); 7] = [
         (SecretKind::ApiKey(Environment::Live), "kg_live_"),
         (SecretKind::ApiKey(Environment::Test), "kg_test_"),
         (SecretKind::AccessToken, "kgat_"),
         (SecretKind::ClientSecret, "kgcs_"),
         (SecretKind::RefreshToken, "kgrt_"),
         (SecretKind::AuthCode, "kgac_"),
+        (SecretKind::PersonalToken, "kgpat_"),
     ];
 
     pub fn prefix(self) -> &'static str {
@@ -81,6 +84,7 @@ impl SecretKind {
             SecretKind::ClientSecret => "kgcs_",
             SecretKind::RefreshToken => "kgrt_",
             SecretKind::AuthCode => "kgac_",
+            SecretKind::PersonalToken => "kgpat_",
         }
     }
 }

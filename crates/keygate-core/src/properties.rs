@@ -14,6 +14,7 @@ fn kind() -> impl Strategy<Value = SecretKind> {
         Just(SecretKind::ClientSecret),
         Just(SecretKind::RefreshToken),
         Just(SecretKind::AuthCode),
+        Just(SecretKind::PersonalToken),
     ]
 }
 

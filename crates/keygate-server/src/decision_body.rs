@@ -36,7 +36,10 @@ pub struct TokenBody<'a> {
     pub(crate) kind: &'static str,
     #[schema(value_type = String, example = "jwt")]
     pub(crate) token_format: keygate_store::TokenFormat,
+    /// The OAuth client (absent for a personal access token).
+    #[serde(skip_serializing_if = "str::is_empty")]
     pub(crate) client_id: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
     pub(crate) consumer_id: &'a str,
     pub(crate) sub: &'a str,
     /// For a token issued on a user's behalf (authorization code flow): the user; also its `sub`.
@@ -149,7 +152,7 @@ impl Decision {
                 valid: self.code == DecisionCode::Valid,
                 code: self.code,
                 message: (self.code != DecisionCode::Valid).then(|| self.code.message()),
-                kind: "access_token",
+                kind: t.kind.as_str(),
                 token_format: t.format,
                 client_id: &t.client_id,
                 consumer_id: &t.consumer_id,

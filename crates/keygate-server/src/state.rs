@@ -66,6 +66,10 @@ pub struct ServerConfig {
     /// A header a front proxy (in `trusted_proxies`) sets to the username it already authenticated;
     /// `None`: logins only through the login page.
     pub login_trusted_header: Option<String>,
+    /// Longest lifetime of a personal access token.
+    pub pat_max_lifetime: Duration,
+    /// Whether a personal access token may be created without an expiry.
+    pub pat_allow_no_expiry: bool,
 }
 
 /// How long usage buckets of each size are kept.
@@ -110,6 +114,8 @@ impl Default for ServerConfig {
             admin_listen: None,
             refresh_grace: Duration::from_secs(10),
             login_trusted_header: None,
+            pat_max_lifetime: Duration::from_secs(90 * 86_400),
+            pat_allow_no_expiry: false,
         }
     }
 }
@@ -212,7 +218,8 @@ impl AppState {
 
     /// Writes pending usage counts, last-used times and quotas now.
     pub async fn flush(&self) -> Result<usize, StoreError> {
-        self.verifier.runtimes.flush(self.store.as_ref(), self.now()).await
+        let pats = self.oauth.flush_pat_uses(self.store.as_ref()).await?;
+        Ok(self.verifier.runtimes.flush(self.store.as_ref(), self.now()).await? + pats)
     }
 
     /// Deletes usage buckets older than the retention of their size.

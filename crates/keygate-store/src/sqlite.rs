@@ -284,6 +284,26 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE access_tokens ADD COLUMN family_id TEXT;
     CREATE INDEX access_tokens_by_family ON access_tokens (family_id) WHERE family_id IS NOT NULL;
     "#,
+    // 8: personal access tokens: a user's own long-lived, scoped tokens.
+    r#"
+    CREATE TABLE personal_tokens (
+        id           TEXT PRIMARY KEY,
+        user_id      TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        name         TEXT NOT NULL,
+        scopes       TEXT NOT NULL,
+        audiences    TEXT NOT NULL DEFAULT '[]',
+        hash         BLOB NOT NULL UNIQUE,            -- SHA-256 of the token
+        start        TEXT NOT NULL,
+        created_at   INTEGER NOT NULL,
+        updated_at   INTEGER NOT NULL,
+        expires_at   INTEGER,                         -- NULL only where the operator allows tokens that never expire
+        last_used_at INTEGER,
+        last_used_ip TEXT,
+        revoked_at   INTEGER
+    );
+    CREATE INDEX personal_tokens_by_user ON personal_tokens (user_id);
+    CREATE INDEX personal_tokens_by_expiry ON personal_tokens (expires_at) WHERE revoked_at IS NULL;
+    "#,
 ];
 
 /// Options for opening the SQLite store.

@@ -8,7 +8,8 @@ use sqlx::sqlite::SqliteRow;
 use crate::sqlite::{Tx, fetch_by_id, fetch_page, hash_from_row, insert_audit, map_err, opt_json, parse_opt};
 use crate::sqlite_oauth::{insert_access_token_rows, json_list, to_json};
 use crate::users::{
-    AuthCode, Grant, Redeemed, Redemption, RefreshRecord, Rotation, TokenFamily, User, UserPatch, UserStore,
+    AuthCode, Grant, PersonalToken, Redeemed, Redemption, RefreshRecord, Rotation, TokenFamily, User,
+    UserPatch, UserStore,
 };
 use crate::{NewAudit, Page, Result, SqliteStore};
 
@@ -65,6 +66,24 @@ fn family_from_row(row: &SqliteRow) -> Result<TokenFamily> {
         created_at: row.try_get("f_created_at").map_err(map_err)?,
         expires_at: row.try_get("f_expires_at").map_err(map_err)?,
         revoked_at: row.try_get("f_revoked_at").map_err(map_err)?,
+    })
+}
+
+fn pat_from_row(row: &SqliteRow) -> Result<PersonalToken> {
+    Ok(PersonalToken {
+        id: row.try_get("id").map_err(map_err)?,
+        user_id: row.try_get("user_id").map_err(map_err)?,
+        name: row.try_get("name").map_err(map_err)?,
+        scopes: json_list(row, "scopes")?,
+        audiences: json_list(row, "audiences")?,
+        hash: hash_from_row(row)?,
+        start: row.try_get("start").map_err(map_err)?,
+        created_at: row.try_get("created_at").map_err(map_err)?,
+        updated_at: row.try_get("updated_at").map_err(map_err)?,
+        expires_at: row.try_get("expires_at").map_err(map_err)?,
+        last_used_at: row.try_get("last_used_at").map_err(map_err)?,
+        last_used_ip: row.try_get("last_used_ip").map_err(map_err)?,
+        revoked_at: row.try_get("revoked_at").map_err(map_err)?,
     })
 }
 
@@ -538,6 +557,131 @@ impl UserStore for SqliteStore {
         rows.iter()
             .map(|r| Ok((r.try_get("id").map_err(map_err)?, r.try_get("expires_at").map_err(map_err)?)))
             .collect()
+    }
+
+    async fn insert_pat(&self, p: &PersonalToken, audit: &NewAudit) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        sqlx::query(
+            "INSERT INTO personal_tokens (id, user_id, name, scopes, audiences, hash, start, created_at, updated_at, \
+             expires_at, last_used_at, last_used_ip, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&p.id)
+        .bind(&p.user_id)
+        .bind(&p.name)
+        .bind(to_json(&p.scopes)?)
+        .bind(to_json(&p.audiences)?)
+        .bind(&p.hash.as_bytes()[..])
+        .bind(&p.start)
+        .bind(p.created_at)
+        .bind(p.updated_at)
+        .bind(p.expires_at)
+        .bind(p.last_used_at)
+        .bind(&p.last_used_ip)
+        .bind(p.revoked_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn list_pats(&self, user_id: &str) -> Result<Vec<PersonalToken>> {
+        let rows = sqlx::query("SELECT * FROM personal_tokens WHERE user_id = ? ORDER BY id")
+            .bind(user_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(pat_from_row).collect()
+    }
+
+    async fn get_pat(&self, id: &str) -> Result<Option<PersonalToken>> {
+        fetch_by_id(&self.pool, "SELECT * FROM personal_tokens WHERE id = ?", id, pat_from_row).await
+    }
+
+    async fn find_pat(&self, hash: &SecretHash) -> Result<Option<PersonalToken>> {
+        let row = sqlx::query("SELECT * FROM personal_tokens WHERE hash = ?")
+            .bind(&hash.as_bytes()[..])
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(pat_from_row).transpose()
+    }
+
+    async fn rotate_pat(
+        &self,
+        id: &str,
+        hash: &SecretHash,
+        start: &str,
+        at: i64,
+        audit: &NewAudit,
+    ) -> Result<Option<PersonalToken>> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let row = sqlx::query(
+            "UPDATE personal_tokens SET hash = ?, start = ?, updated_at = ? WHERE id = ? AND revoked_at IS NULL \
+             RETURNING *",
+        )
+        .bind(&hash.as_bytes()[..])
+        .bind(start)
+        .bind(at)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let Some(row) = row else { return Ok(None) };
+        let token = pat_from_row(&row)?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(Some(token))
+    }
+
+    async fn revoke_pat(&self, id: &str, at: i64, audit: &NewAudit) -> Result<Option<PersonalToken>> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let row = sqlx::query(
+            "UPDATE personal_tokens SET revoked_at = ?, updated_at = ? WHERE id = ? AND revoked_at IS NULL RETURNING *",
+        )
+        .bind(at)
+        .bind(at)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let Some(row) = row else { return Ok(None) };
+        let token = pat_from_row(&row)?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(Some(token))
+    }
+
+    async fn touch_pats(&self, uses: &[(String, i64, Option<String>)]) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        for (id, at, ip) in uses {
+            sqlx::query(
+                "UPDATE personal_tokens SET last_used_at = ?, last_used_ip = COALESCE(?, last_used_ip) \
+                 WHERE id = ? AND (last_used_at IS NULL OR last_used_at < ?)",
+            )
+            .bind(at)
+            .bind(ip)
+            .bind(id)
+            .bind(at)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn expiring_pats(&self, now: i64, before: i64, limit: u32) -> Result<Vec<PersonalToken>> {
+        let rows = sqlx::query(
+            "SELECT * FROM personal_tokens WHERE revoked_at IS NULL AND expires_at > ? AND expires_at <= ? \
+             ORDER BY expires_at LIMIT ?",
+        )
+        .bind(now)
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(pat_from_row).collect()
     }
 
     async fn set_scope_description(

@@ -103,6 +103,25 @@ pub struct RefreshRecord {
     pub used_at: Option<i64>,
 }
 
+/// A personal access token: a user's own long-lived, scoped token (`kgpat_`, SHA-256 at rest).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PersonalToken {
+    pub id: String,
+    pub user_id: String,
+    pub name: String,
+    pub scopes: Vec<String>,
+    /// Resources the token may be used for (its `aud`); empty: any.
+    pub audiences: Vec<String>,
+    pub hash: SecretHash,
+    pub start: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub expires_at: Option<i64>,
+    pub last_used_at: Option<i64>,
+    pub last_used_ip: Option<String>,
+    pub revoked_at: Option<i64>,
+}
+
 /// One code redemption: the family it creates, with its first tokens.
 #[derive(Debug, Clone)]
 pub struct Redemption {
@@ -190,6 +209,27 @@ pub trait UserStore: Send + Sync + 'static {
     async fn revoke_family(&self, family_id: &str, at: i64) -> Result<bool>;
     /// Revoked families whose tokens may still be presented: (id, absolute end).
     async fn revoked_families(&self, now: i64) -> Result<Vec<(String, i64)>>;
+
+    /// Inserts a personal access token with its audit event.
+    async fn insert_pat(&self, token: &PersonalToken, audit: &NewAudit) -> Result<()>;
+    async fn list_pats(&self, user_id: &str) -> Result<Vec<PersonalToken>>;
+    async fn get_pat(&self, id: &str) -> Result<Option<PersonalToken>>;
+    async fn find_pat(&self, hash: &SecretHash) -> Result<Option<PersonalToken>>;
+    /// Replaces an unrevoked token's secret (the old one stops at once). `None` if there is none.
+    async fn rotate_pat(
+        &self,
+        id: &str,
+        hash: &SecretHash,
+        start: &str,
+        at: i64,
+        audit: &NewAudit,
+    ) -> Result<Option<PersonalToken>>;
+    /// Revokes a token. `None` if there is no such unrevoked token.
+    async fn revoke_pat(&self, id: &str, at: i64, audit: &NewAudit) -> Result<Option<PersonalToken>>;
+    /// Records last use: (token id, time, address).
+    async fn touch_pats(&self, uses: &[(String, i64, Option<String>)]) -> Result<()>;
+    /// Unrevoked tokens expiring after `now` and at or before `before`, soonest first.
+    async fn expiring_pats(&self, now: i64, before: i64, limit: u32) -> Result<Vec<PersonalToken>>;
 
     /// Sets (or with `None` removes) the description of a scope.
     async fn set_scope_description(

@@ -430,6 +430,30 @@ pub static SETTINGS: &[Setting] = &[
         },
     },
     Setting {
+        key: "tokens.pat_max_lifetime_days",
+        doc: "Longest lifetime of a personal access token, in days; every token needs an expiry within it.",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| n(r.server.pat_max_lifetime.as_secs() / 86_400),
+        set: |r, v| {
+            r.server.pat_max_lifetime = Duration::from_secs(num(v, 1, 3660)? * 86_400);
+            Ok(())
+        },
+    },
+    Setting {
+        key: "tokens.pat_allow_no_expiry",
+        doc: "Allow personal access tokens that never expire (`\"expires\": \"never\"`).",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| Some(Value::Boolean(r.server.pat_allow_no_expiry)),
+        set: |r, v| {
+            r.server.pat_allow_no_expiry = boolean(v)?;
+            Ok(())
+        },
+    },
+    Setting {
         key: "login.trusted_header",
         doc: "For sites with their own single sign-on: a header a front proxy sets to the username it has\n\
               already authenticated (e.g. \"x-remote-user\"). Believed only from trusted_proxies, and only for\n\

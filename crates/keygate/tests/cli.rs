@@ -657,6 +657,43 @@ fn users_and_the_authorization_code_flow_from_the_cli_and_authlib() {
     assert!(printed.contains("authcode: ok"), "{printed}");
     let seen: Value = serde_json::from_str(printed.lines().next().unwrap()).unwrap();
 
+    // Personal access tokens from the CLI: printed once, listed without the secret.
+    let pat = s.json(
+        &admin,
+        &[
+            "users",
+            "tokens",
+            "create",
+            "alice",
+            "--name",
+            "laptop",
+            "--scope",
+            "articles:read",
+            "--expires",
+            "30d",
+        ],
+    );
+    let pat_token = pat["token"].as_str().unwrap().to_string();
+    assert!(pat_token.starts_with("kgpat_"));
+    assert_eq!(
+        s.decision(&admin, &[&pat_token, "--scope", "articles:read"])["kind"],
+        "personal_access_token"
+    );
+    let listed = stdout(&s.cli(&admin, &["users", "tokens", "list", "alice"]));
+    assert!(listed.contains("laptop") && !listed.contains(&pat_token[10..]), "{listed}");
+    let never = s.cli(
+        &admin,
+        &["users", "tokens", "create", "alice", "--name", "x", "--scope", "a:b", "--expires", "never"],
+    );
+    assert_eq!(never.status.code(), Some(1), "no tokens without expiry unless the operator allows them");
+    assert!(stderr(&never).contains("expiry"), "{}", stderr(&never));
+    let expiring = s.json(&admin, &["users", "expiring-tokens", "--within", "31d"]);
+    assert_eq!(expiring["items"][0]["id"], pat["id"]);
+    let rotated = s.json(&admin, &["users", "tokens", "rotate", "alice", pat["id"].as_str().unwrap()]);
+    assert_ne!(rotated["token"], pat["token"]);
+    s.json(&admin, &["users", "tokens", "revoke", "alice", pat["id"].as_str().unwrap()]);
+    assert_eq!(s.decision(&admin, &[rotated["token"].as_str().unwrap()])["code"], "REVOKED");
+
     let grants = s.json(&admin, &["users", "grants", "alice"]);
     let grant = grants["items"][0]["id"].as_str().unwrap().to_string();
     assert_eq!(grants["items"][0]["scopes"], serde_json::json!(["articles:read"]));

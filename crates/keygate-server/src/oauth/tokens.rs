@@ -53,9 +53,28 @@ impl From<&Consumer> for ConsumerState {
     }
 }
 
+/// What kind of token a [`TokenInfo`] describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    /// An OAuth access token (JWT or `kgat_`).
+    Access,
+    /// A user's personal access token (`kgpat_`); its id is the `jti`.
+    Personal,
+}
+
+impl TokenKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenKind::Access => "access_token",
+            TokenKind::Personal => "personal_access_token",
+        }
+    }
+}
+
 /// A presented access token that verified (before the scope check).
 #[derive(Debug, Clone)]
 pub struct TokenInfo {
+    pub kind: TokenKind,
     pub format: TokenFormat,
     pub jti: String,
     pub client_id: String,
@@ -126,6 +145,11 @@ pub struct OAuth {
     revoked_families: RwLock<HashMap<String, i64>>,
     /// Authorization requests, sessions and in-flight refreshes of the user-facing flows.
     pub flows: super::flows::Flows,
+    /// Personal access tokens by hash (`None`: no such token), dropped on every change to one or to a
+    /// user.
+    pats: GuardedCache<SecretHash, Arc<Option<keygate_store::PersonalToken>>>,
+    /// Last use of personal access tokens since the last flush: id → (time, address).
+    pat_uses: std::sync::Mutex<HashMap<String, (i64, Option<std::net::IpAddr>)>>,
 }
 
 type Reply<R> = tokio::sync::oneshot::Sender<Result<R, StoreError>>;
@@ -260,6 +284,10 @@ impl OAuth {
             ),
             revoked_families: RwLock::new(HashMap::new()),
             flows: super::flows::Flows::new(refresh_grace),
+            pats: GuardedCache::new(
+                Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(300)).build(),
+            ),
+            pat_uses: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -302,6 +330,93 @@ impl OAuth {
     /// A user changed (disabled, enabled, allowed scopes, deleted): the token path reads them again.
     pub fn user_changed(&self, _id: &str) {
         self.users.invalidate_all();
+        self.pats.invalidate_all();
+    }
+
+    /// A personal access token was created, rotated or revoked.
+    pub fn pats_changed(&self) {
+        self.pats.invalidate_all();
+    }
+
+    /// Notes a valid use of a personal access token (written at the next flush).
+    pub fn pat_used(&self, id: &str, at: i64, ip: Option<std::net::IpAddr>) {
+        let mut uses = self.pat_uses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        uses.insert(id.to_string(), (at, ip));
+    }
+
+    /// Writes the last uses of personal access tokens; on failure they are kept for the next flush.
+    pub async fn flush_pat_uses(&self, store: &dyn OAuthStore) -> Result<usize, StoreError> {
+        let taken: Vec<(String, i64, Option<String>)> = {
+            let mut uses = self.pat_uses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            uses.drain().map(|(id, (at, ip))| (id, at, ip.map(|i| i.to_string()))).collect()
+        };
+        if taken.is_empty() {
+            return Ok(0);
+        }
+        if let Err(e) = store.touch_pats(&taken).await {
+            let mut uses = self.pat_uses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (id, at, ip) in taken {
+                let ip = ip.and_then(|s| s.parse().ok());
+                uses.entry(id).or_insert((at, ip));
+            }
+            return Err(e);
+        }
+        Ok(taken.len())
+    }
+
+    /// Decides about a personal access token: known, not revoked, not expired, its user enabled.
+    async fn verify_pat(
+        &self,
+        store: &dyn OAuthStore,
+        token: &str,
+        audience: Option<&str>,
+        now: i64,
+    ) -> Result<Result<Arc<TokenInfo>, DecisionCode>, StoreError> {
+        if !matches!(keygate_core::credential::parse(token).map(|p| p.kind), Ok(SecretKind::PersonalToken)) {
+            return Ok(Err(DecisionCode::Malformed));
+        }
+        let hash = SecretHash::of(token);
+        let found = match self.pats.get(&hash) {
+            Some(f) => f,
+            None => {
+                let ticket = self.pats.ticket();
+                let f = Arc::new(store.find_pat(&hash).await?);
+                self.pats.insert_if_current(ticket, hash, f.clone());
+                f
+            }
+        };
+        let Some(pat) = found.as_ref() else { return Ok(Err(DecisionCode::NotFound)) };
+        if pat.revoked_at.is_some() {
+            return Ok(Err(DecisionCode::Revoked));
+        }
+        if pat.expires_at.is_some_and(|e| e <= now) {
+            return Ok(Err(DecisionCode::Expired));
+        }
+        match self.user(store, &pat.user_id).await? {
+            None => return Ok(Err(DecisionCode::Revoked)),
+            Some(u) if u.disabled => return Ok(Err(DecisionCode::Disabled)),
+            Some(_) => {}
+        }
+        if let Some(aud) = audience
+            && !pat.audiences.is_empty()
+            && !pat.audiences.iter().any(|a| a == aud)
+        {
+            return Ok(Err(DecisionCode::NotFound));
+        }
+        Ok(Ok(Arc::new(TokenInfo {
+            kind: TokenKind::Personal,
+            format: TokenFormat::Opaque,
+            jti: pat.id.clone(),
+            client_id: String::new(),
+            consumer_id: String::new(),
+            subject: pat.user_id.clone(),
+            scopes: scope::usable_only(&pat.scopes),
+            audiences: pat.audiences.clone(),
+            issued_at: pat.updated_at,
+            expires_at: pat.expires_at.unwrap_or(i64::MAX),
+            user_id: Some(pat.user_id.clone()),
+            family_id: None,
+        })))
     }
 
     /// Token families were revoked (reuse detected, grant revoked, user deleted): their access tokens
@@ -593,6 +708,9 @@ impl OAuth {
         audience: Option<&str>,
         now: i64,
     ) -> Result<Result<Arc<TokenInfo>, DecisionCode>, StoreError> {
+        if token.starts_with(SecretKind::PersonalToken.prefix()) {
+            return self.verify_pat(store, token, audience, now).await;
+        }
         let info = if looks_like_jwt(token) {
             let hash = SecretHash::of(token);
             let info = match self.verified_jwts.get(&hash) {
@@ -640,6 +758,7 @@ impl OAuth {
                 return Ok(Err(DecisionCode::Expired));
             }
             TokenInfo {
+                kind: TokenKind::Access,
                 format: TokenFormat::Opaque,
                 jti: record.jti.clone(),
                 client_id: record.client_id.clone(),
@@ -721,6 +840,7 @@ impl OAuth {
             return Err(DecisionCode::Expired);
         }
         Ok(TokenInfo {
+            kind: TokenKind::Access,
             format: TokenFormat::Jwt,
             scopes: c.scopes(),
             audiences: c.audiences(),
@@ -753,6 +873,27 @@ impl OAuth {
             store.revoke_jti(&info.jti, &info.client_id, info.expires_at, now).await?;
             lock_write(&self.revoked).insert(info.jti, info.expires_at);
             return Ok(true);
+        }
+        if matches!(keygate_core::credential::parse(token).map(|p| p.kind), Ok(SecretKind::PersonalToken)) {
+            // A user's own token: only Keygate's admins revoke it here (clients never own one).
+            if client_id.is_some() {
+                return Ok(false);
+            }
+            let Some(pat) = store.find_pat(&SecretHash::of(token)).await? else { return Ok(false) };
+            let audit = keygate_store::NewAudit {
+                id: keygate_core::id::new_id("evt", now)
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?,
+                at: now,
+                actor: "oauth2/revoke".into(),
+                action: "pat.revoke".into(),
+                target_type: "personal_token".into(),
+                target_id: pat.id.clone(),
+                ip: None,
+                details: serde_json::json!({"user_id": pat.user_id}),
+            };
+            let revoked = store.revoke_pat(&pat.id, now, &audit).await?.is_some();
+            self.pats_changed();
+            return Ok(revoked);
         }
         if matches!(keygate_core::credential::parse(token).map(|p| p.kind), Ok(SecretKind::RefreshToken)) {
             // Revoking a refresh token revokes its family: every token of that authorization (RFC 7009 §2.1).

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use keygate_store::{Grant, User, UserPatch};
+use keygate_core::{PlainSecret, SecretKind};
+use keygate_store::{Grant, PersonalToken, User, UserPatch};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
@@ -29,6 +30,10 @@ pub fn router() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(set_password))
         .routes(routes!(list_grants))
         .routes(routes!(revoke_grant))
+        .routes(routes!(create_pat, list_pats))
+        .routes(routes!(revoke_pat))
+        .routes(routes!(rotate_pat))
+        .routes(routes!(expiring_pats))
         .routes(routes!(list_scopes))
         .routes(routes!(set_scope, delete_scope))
 }
@@ -487,4 +492,291 @@ pub async fn delete_scope(
     let audit = audit(&actor, now, "scope.undescribe", "scope", &scope, json!({}))?;
     state.store.set_scope_description(&scope, None, now, &audit).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PatView {
+    pub id: String,
+    pub user_id: String,
+    pub name: String,
+    pub scopes: Vec<String>,
+    /// Resources it may be used for; empty: any.
+    pub audiences: Vec<String>,
+    /// The first characters, e.g. `kgpat_3xAb`.
+    pub start: String,
+    /// `active`, `expired` or `revoked`.
+    pub status: &'static str,
+    pub created_at: String,
+    pub expires_at: Option<String>,
+    pub last_used_at: Option<String>,
+    pub last_used_ip: Option<String>,
+    pub revoked_at: Option<String>,
+}
+
+impl PatView {
+    fn of(p: PersonalToken, now: i64) -> Self {
+        let status = if p.revoked_at.is_some() {
+            "revoked"
+        } else if p.expires_at.is_some_and(|e| e <= now) {
+            "expired"
+        } else {
+            "active"
+        };
+        PatView {
+            id: p.id,
+            user_id: p.user_id,
+            name: p.name,
+            scopes: p.scopes,
+            audiences: p.audiences,
+            start: p.start,
+            status,
+            created_at: rfc3339(p.created_at),
+            expires_at: p.expires_at.map(rfc3339),
+            last_used_at: p.last_used_at.map(rfc3339),
+            last_used_ip: p.last_used_ip,
+            revoked_at: p.revoked_at.map(rfc3339),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PatWithSecret {
+    /// Shown this once; Keygate keeps only its SHA-256.
+    pub token: String,
+    #[serde(flatten)]
+    pub pat: PatView,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PatList {
+    pub items: Vec<PatView>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreatePat {
+    /// What it is for, e.g. "laptop CLI"; 1–200 characters.
+    pub name: String,
+    /// At least one; each within what the user may grant.
+    pub scopes: Vec<String>,
+    /// When it expires: RFC 3339, or `"never"` where the operator allows it (`tokens.pat_allow_no_expiry`).
+    /// Required; at most `tokens.pat_max_lifetime_days` (90) ahead. Give this or `expires_in_seconds`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_in_seconds: Option<u64>,
+    /// Resources (audiences) it may be used for; default: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audiences: Vec<String>,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ExpiringQuery {
+    /// Tokens expiring within this many days (1–90, default 7).
+    pub within_days: Option<u32>,
+}
+
+/// When a new personal access token expires, by the operator's rules.
+fn pat_expiry(state: &AppState, req: &CreatePat, now: i64) -> ApiResult<Option<i64>> {
+    let max_ms = i64::try_from(state.config.pat_max_lifetime.as_millis()).unwrap_or(i64::MAX);
+    let max_days = state.config.pat_max_lifetime.as_secs() / 86_400;
+    let at = match (&req.expires_at, req.expires_in_seconds) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid("expires_at", "give expires_at or expires_in_seconds, not both"));
+        }
+        (Some(never), None) if never == "never" => {
+            if !state.config.pat_allow_no_expiry {
+                return Err(ApiError::invalid(
+                    "expires_at",
+                    format!(
+                        "this installation requires an expiry of at most {max_days} days (tokens.pat_allow_no_expiry is off)"
+                    ),
+                ));
+            }
+            return Ok(None);
+        }
+        (Some(t), None) => {
+            check_expiry(t, now).map_err(|e| ApiError { field: Some("expires_at".into()), ..e })?
+        }
+        (None, Some(s)) => now.saturating_add(i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX)),
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "expires_at",
+                format!(
+                    "a personal access token needs an expiry (expires_at or expires_in_seconds), at most {max_days} days ahead"
+                ),
+            ));
+        }
+    };
+    if at <= now || at - now > max_ms {
+        return Err(ApiError::invalid(
+            "expires_at",
+            format!("must be in the future and at most {max_days} days ahead"),
+        ));
+    }
+    Ok(Some(at))
+}
+
+/// Create a personal access token for a user. The `token` is in the response this one time only.
+#[utoipa::path(post, path = "/v1/users/{id}/tokens", tag = "users", params(("id" = String, Path)), request_body = CreatePat,
+    responses((status = 201, body = PatWithSecret), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create_pat(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(actor): AdminCaller,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<CreatePat>,
+) -> ApiResult<(StatusCode, Json<PatWithSecret>)> {
+    check_name(&req.name)?;
+    let now = state.now();
+    let user = load_user(&state, &id).await?;
+    if user.disabled {
+        return Err(ApiError::new(ErrorCode::Conflict, "the user is disabled; enable them first"));
+    }
+    if req.scopes.is_empty() {
+        return Err(ApiError::invalid("scopes", "give at least one scope"));
+    }
+    let scopes = check_scopes(req.scopes.clone())?;
+    if let Some(allowed) = &user.allowed_scopes
+        && let Some(s) = scopes.iter().find(|s| !allowed.iter().any(|a| keygate_core::scope::covers(a, s)))
+    {
+        return Err(ApiError::invalid("scopes", format!("the user may not grant {s}")));
+    }
+    if req.audiences.len() > 20
+        || req.audiences.iter().any(|a| a.is_empty() || a.len() > 512 || a.chars().any(char::is_control))
+    {
+        return Err(ApiError::invalid("audiences", "at most 20 non-empty URIs of up to 512 characters"));
+    }
+    let expires_at = pat_expiry(&state, &req, now)?;
+    let secret = PlainSecret::generate(SecretKind::PersonalToken)
+        .map_err(|e| ApiError::internal("random source failed", e))?;
+    let pat = PersonalToken {
+        id: new_id("pat", now)?,
+        user_id: user.id,
+        name: req.name,
+        scopes,
+        audiences: req.audiences,
+        hash: secret.hash(),
+        start: secret.visible_start(),
+        created_at: now,
+        updated_at: now,
+        expires_at,
+        last_used_at: None,
+        last_used_ip: None,
+        revoked_at: None,
+    };
+    let details = json!({"user_id": pat.user_id, "name": pat.name, "scopes": pat.scopes, "start": pat.start,
+        "expires_at": pat.expires_at.map(rfc3339)});
+    let audit = audit(&actor, now, "pat.create", "personal_token", &pat.id, details)?;
+    state.store.insert_pat(&pat, &audit).await?;
+    state.oauth.pats_changed();
+    Ok((
+        StatusCode::CREATED,
+        Json(PatWithSecret { token: secret.expose().to_string(), pat: PatView::of(pat, now) }),
+    ))
+}
+
+/// A user's personal access tokens (never the tokens themselves), with their last use.
+#[utoipa::path(get, path = "/v1/users/{id}/tokens", tag = "users", params(("id" = String, Path)),
+    responses((status = 200, body = PatList), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list_pats(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(_): AdminCaller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<PatList>> {
+    load_user(&state, &id).await?;
+    // Uses not yet flushed are written first, so the list shows them.
+    if let Err(e) = state.oauth.flush_pat_uses(state.store.as_ref()).await {
+        tracing::warn!(error = %e, "writing token uses failed; listing without the newest");
+    }
+    let now = state.now();
+    let items = state.store.list_pats(&id).await?;
+    Ok(Json(PatList { items: items.into_iter().map(|p| PatView::of(p, now)).collect() }))
+}
+
+async fn load_pat(state: &AppState, user: &str, id: &str) -> ApiResult<PersonalToken> {
+    match state.store.get_pat(id).await? {
+        Some(p) if p.user_id == user => Ok(p),
+        _ => Err(ApiError::not_found("personal access token", id)),
+    }
+}
+
+/// Revoke a personal access token: it stops at the next request.
+#[utoipa::path(delete, path = "/v1/users/{id}/tokens/{token_id}", tag = "users",
+    params(("id" = String, Path), ("token_id" = String, Path)),
+    responses((status = 200, body = PatView), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn revoke_pat(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(actor): AdminCaller,
+    Path((id, token_id)): Path<(String, String)>,
+) -> ApiResult<Json<PatView>> {
+    let pat = load_pat(&state, &id, &token_id).await?;
+    let now = state.now();
+    if pat.revoked_at.is_some() {
+        return Ok(Json(PatView::of(pat, now)));
+    }
+    let audit = audit(&actor, now, "pat.revoke", "personal_token", &token_id, json!({"user_id": id}))?;
+    let pat = state
+        .store
+        .revoke_pat(&token_id, now, &audit)
+        .await?
+        .ok_or_else(|| ApiError::not_found("personal access token", &token_id))?;
+    state.oauth.pats_changed();
+    Ok(Json(PatView::of(pat, now)))
+}
+
+/// Rotate a personal access token: a new secret (shown once) with the same name, scopes and expiry;
+/// the old one stops at once.
+#[utoipa::path(post, path = "/v1/users/{id}/tokens/{token_id}/rotate", tag = "users",
+    params(("id" = String, Path), ("token_id" = String, Path)),
+    responses((status = 200, body = PatWithSecret), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn rotate_pat(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(actor): AdminCaller,
+    Path((id, token_id)): Path<(String, String)>,
+) -> ApiResult<Json<PatWithSecret>> {
+    let pat = load_pat(&state, &id, &token_id).await?;
+    if pat.revoked_at.is_some() {
+        return Err(ApiError::new(ErrorCode::Conflict, "the token is revoked; create a new one"));
+    }
+    let now = state.now();
+    let secret = PlainSecret::generate(SecretKind::PersonalToken)
+        .map_err(|e| ApiError::internal("random source failed", e))?;
+    let audit = audit(
+        &actor,
+        now,
+        "pat.rotate",
+        "personal_token",
+        &token_id,
+        json!({"user_id": id, "start": secret.visible_start()}),
+    )?;
+    let pat = state
+        .store
+        .rotate_pat(&token_id, &secret.hash(), &secret.visible_start(), now, &audit)
+        .await?
+        .ok_or_else(|| ApiError::not_found("personal access token", &token_id))?;
+    state.oauth.pats_changed();
+    Ok(Json(PatWithSecret { token: secret.expose().to_string(), pat: PatView::of(pat, now) }))
+}
+
+/// Personal access tokens that expire soon (default: within 7 days), soonest first: whom to remind.
+#[utoipa::path(get, path = "/v1/tokens/expiring", tag = "users", params(ExpiringQuery),
+    responses((status = 200, body = PatList), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn expiring_pats(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(_): AdminCaller,
+    ApiQuery(q): ApiQuery<ExpiringQuery>,
+) -> ApiResult<Json<PatList>> {
+    let days = q.within_days.unwrap_or(7);
+    if !(1..=90).contains(&days) {
+        return Err(ApiError::invalid("within_days", "must be 1 to 90"));
+    }
+    let now = state.now();
+    let items = state.store.expiring_pats(now, now + i64::from(days) * 86_400_000, 1000).await?;
+    Ok(Json(PatList { items: items.into_iter().map(|p| PatView::of(p, now)).collect() }))
 }

@@ -10,7 +10,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use keygate_core::{DecisionCode, scope};
+use keygate_core::{DecisionCode, SecretKind, scope};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
@@ -54,12 +54,18 @@ pub async fn decide_credential<S: AsRef<str>>(
     ctx: Context,
     audience: Option<&str>,
 ) -> Result<Decision, keygate_store::StoreError> {
-    if looks_like_jwt(credential) || credential.starts_with("kgat_") {
+    if looks_like_jwt(credential)
+        || credential.starts_with(SecretKind::AccessToken.prefix())
+        || credential.starts_with(SecretKind::PersonalToken.prefix())
+    {
         let info = match state.oauth.verify(state.store.as_ref(), credential, audience, ctx.now_ms).await? {
             Ok(info) => info,
             Err(code) => return Ok(Decision::bare(code)),
         };
         let mut decision = Decision::for_token(info.clone(), required);
+        if info.kind == crate::oauth::tokens::TokenKind::Personal && decision.is_valid() {
+            state.oauth.pat_used(&info.jti, ctx.now_ms, ctx.ip);
+        }
         // Tokens count against their consumer's plan as its keys do: one set of cells per client.
         if let Some(plan) = state.oauth.consumer(&info.consumer_id).map(|c| c.limits)
             && !plan.is_empty()
@@ -238,14 +244,16 @@ fn forward_auth_response(decision: &Decision) -> Response {
     if let (DecisionCode::Valid, Some(t)) = (decision.code, &decision.token) {
         let mut resp = Response::new(Body::empty());
         let h = resp.headers_mut();
-        set_header(h, "x-keygate-consumer", &t.consumer_id);
-        set_header(h, "x-keygate-client", &t.client_id);
+        if !t.consumer_id.is_empty() {
+            set_header(h, "x-keygate-consumer", &t.consumer_id);
+            set_header(h, "x-keygate-client", &t.client_id);
+        }
         set_header(h, "x-keygate-subject", &t.subject);
         if let Some(user) = &t.user_id {
             set_header(h, "x-keygate-user", user);
         }
         set_header(h, "x-keygate-scopes", &t.scopes.join(" "));
-        h.insert("x-keygate-kind", HeaderValue::from_static("access_token"));
+        h.insert("x-keygate-kind", HeaderValue::from_static(t.kind.as_str()));
         rate_limit_headers(h, decision);
         return resp;
     }

@@ -13,4 +13,5 @@ mod limits;
 mod oauth;
 mod operations;
 mod ops;
+mod pats;
 mod verify;

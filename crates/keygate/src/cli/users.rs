@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use keygate_server::routes::users::{CreateUser, SetPassword, SetScope, UpdateUser};
+use keygate_server::routes::users::{CreatePat, CreateUser, SetPassword, SetScope, UpdateUser};
 use reqwest::Method;
 use serde_json::Value;
 
@@ -74,6 +74,43 @@ pub enum Cmd {
         /// The grant's id (grt_…), from `keygate users grants`.
         grant: String,
     },
+    /// Personal access tokens of a user.
+    Tokens {
+        #[command(subcommand)]
+        command: TokenCmd,
+    },
+    /// Personal access tokens (of every user) that expire soon, soonest first.
+    ExpiringTokens {
+        /// How far ahead, e.g. 7d (1d to 90d).
+        #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = super::args::duration_secs)]
+        within: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Create a personal access token; it is printed this once.
+    Create {
+        user: String,
+        /// What it is for, e.g. "laptop CLI".
+        #[arg(long)]
+        name: String,
+        /// A scope (repeatable; at least one).
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// When it expires: a duration (30d) or a time; `never` where the operator allows it.
+        #[arg(long, value_name = "DURATION|TIME|never")]
+        expires: String,
+        /// A resource it may be used for (repeatable) [default: any].
+        #[arg(long = "audience")]
+        audiences: Vec<String>,
+    },
+    /// List a user's tokens, with their last use.
+    List { user: String },
+    /// Rotate a token: a new secret, printed once; the old one stops at once.
+    Rotate { user: String, token: String },
+    /// Revoke a token.
+    Revoke { user: String, token: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -218,12 +255,82 @@ pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
                 );
             });
         }
+        Cmd::Tokens { command } => return run_tokens(c, command).await,
+        Cmd::ExpiringTokens { within } => {
+            let days = within.div_ceil(86_400).max(1);
+            let v = c
+                .call(Method::GET, &["v1", "tokens", "expiring"], &[("within_days", days.to_string())], None)
+                .await?;
+            output(c, &v, pat_table);
+        }
         Cmd::RevokeGrant { user, grant } => {
             let id = resolve(c, &user).await?;
             c.call(Method::DELETE, &["v1", "users", &id, "grants", &grant], &[], None).await?;
             output(c, &serde_json::json!({"revoked": grant}), |_| {
                 emit(format!("Revoked grant {grant}: its tokens stop working"))
             });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn pat_table(v: &Value) {
+    table(
+        super::output::items(v),
+        &[
+            ("TOKEN", &field("id")),
+            ("USER", &field("user_id")),
+            ("NAME", &field("name")),
+            ("START", &field("start")),
+            ("STATUS", &field("status")),
+            ("EXPIRES", &field("expires_at")),
+            ("LAST USED", &field("last_used_at")),
+            ("FROM", &field("last_used_ip")),
+        ],
+    );
+}
+
+async fn run_tokens(c: &Api, cmd: TokenCmd) -> CliResult {
+    match cmd {
+        TokenCmd::Create { user, name, scopes, expires, audiences } => {
+            let id = resolve(c, &user).await?;
+            let (expires_at, expires_in_seconds) = if expires == "never" {
+                (Some("never".to_string()), None)
+            } else if let Ok(secs) = super::args::duration_secs(&expires) {
+                (None, Some(secs))
+            } else {
+                (Some(super::args::time(&expires).map_err(Failure::usage)?), None)
+            };
+            let body = CreatePat { name, scopes, expires_at, expires_in_seconds, audiences };
+            let v = c.send(Method::POST, &["v1", "users", &id, "tokens"], &body).await?;
+            output(c, &v, |v| {
+                emit(format!(
+                    "Created personal access token {} ({}; expires {})",
+                    v["id"].as_str().unwrap_or("?"),
+                    v["name"].as_str().unwrap_or(""),
+                    v["expires_at"].as_str().unwrap_or("never")
+                ));
+                super::output::print_secret("Token", &v["token"]);
+            });
+        }
+        TokenCmd::List { user } => {
+            let id = resolve(c, &user).await?;
+            let v = c.call(Method::GET, &["v1", "users", &id, "tokens"], &[], None).await?;
+            output(c, &v, pat_table);
+        }
+        TokenCmd::Rotate { user, token } => {
+            let id = resolve(c, &user).await?;
+            let v =
+                c.call(Method::POST, &["v1", "users", &id, "tokens", &token, "rotate"], &[], None).await?;
+            output(c, &v, |v| {
+                emit(format!("Rotated {token}: the old secret stopped working"));
+                super::output::print_secret("Token", &v["token"]);
+            });
+        }
+        TokenCmd::Revoke { user, token } => {
+            let id = resolve(c, &user).await?;
+            let v = c.call(Method::DELETE, &["v1", "users", &id, "tokens", &token], &[], None).await?;
+            output(c, &v, |_| emit(format!("Revoked {token}: it stops working at once")));
         }
     }
     Ok(ExitCode::SUCCESS)
