@@ -62,11 +62,13 @@ pub enum SecretKind {
     AuthCode,
     /// A user's personal access token (`kgpat_`).
     PersonalToken,
+    /// A device code (`kgdc_`, RFC 8628): what a device polls the token endpoint with.
+    DeviceCode,
 }
 
 impl SecretKind {
     /// Every prefix Keygate issues. Order matters only for readability: no prefix is a prefix of another.
-    const ALL: [(SecretKind, &'static str); 7] = [
+    const ALL: [(SecretKind, &'static str); 8] = [
         (SecretKind::ApiKey(Environment::Live), "kg_live_"),
         (SecretKind::ApiKey(Environment::Test), "kg_test_"),
         (SecretKind::AccessToken, "kgat_"),
@@ -74,6 +76,7 @@ impl SecretKind {
         (SecretKind::RefreshToken, "kgrt_"),
         (SecretKind::AuthCode, "kgac_"),
         (SecretKind::PersonalToken, "kgpat_"),
+        (SecretKind::DeviceCode, "kgdc_"),
     ];
 
     pub fn prefix(self) -> &'static str {
@@ -85,6 +88,7 @@ impl SecretKind {
             SecretKind::RefreshToken => "kgrt_",
             SecretKind::AuthCode => "kgac_",
             SecretKind::PersonalToken => "kgpat_",
+            SecretKind::DeviceCode => "kgdc_",
         }
     }
 }

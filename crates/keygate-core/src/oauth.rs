@@ -44,18 +44,25 @@ pub enum GrantType {
     AuthorizationCode,
     /// A refresh token, rotated on every use.
     RefreshToken,
+    /// RFC 8628: a device without a browser; the user approves it on another device.
+    DeviceCode,
 }
 
 impl GrantType {
     /// Every supported grant type.
-    pub const ALL: [GrantType; 3] =
-        [GrantType::ClientCredentials, GrantType::AuthorizationCode, GrantType::RefreshToken];
+    pub const ALL: [GrantType; 4] = [
+        GrantType::ClientCredentials,
+        GrantType::AuthorizationCode,
+        GrantType::RefreshToken,
+        GrantType::DeviceCode,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             GrantType::ClientCredentials => "client_credentials",
             GrantType::AuthorizationCode => "authorization_code",
             GrantType::RefreshToken => "refresh_token",
+            GrantType::DeviceCode => "urn:ietf:params:oauth:grant-type:device_code",
         }
     }
 

@@ -15,6 +15,7 @@ fn kind() -> impl Strategy<Value = SecretKind> {
         Just(SecretKind::RefreshToken),
         Just(SecretKind::AuthCode),
         Just(SecretKind::PersonalToken),
+        Just(SecretKind::DeviceCode),
     ]
 }
 

@@ -70,6 +70,8 @@ pub struct ServerConfig {
     pub pat_max_lifetime: Duration,
     /// Whether a personal access token may be created without an expiry.
     pub pat_allow_no_expiry: bool,
+    /// How often a device may poll the token endpoint (RFC 8628 `interval`).
+    pub device_poll_interval: Duration,
 }
 
 /// How long usage buckets of each size are kept.
@@ -116,6 +118,7 @@ impl Default for ServerConfig {
             login_trusted_header: None,
             pat_max_lifetime: Duration::from_secs(90 * 86_400),
             pat_allow_no_expiry: false,
+            device_poll_interval: Duration::from_secs(5),
         }
     }
 }

@@ -304,6 +304,25 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX personal_tokens_by_user ON personal_tokens (user_id);
     CREATE INDEX personal_tokens_by_expiry ON personal_tokens (expires_at) WHERE revoked_at IS NULL;
     "#,
+    // 9: device authorization (RFC 8628).
+    r#"
+    CREATE TABLE device_codes (
+        hash           BLOB PRIMARY KEY,              -- SHA-256 of the device code
+        user_code      TEXT NOT NULL UNIQUE,          -- what the user types, e.g. BCDF-GHJK (stored without the dash)
+        client_id      TEXT NOT NULL REFERENCES oauth_clients(id) ON DELETE CASCADE,
+        scopes         TEXT NOT NULL,
+        audiences      TEXT NOT NULL,
+        created_at     INTEGER NOT NULL,
+        expires_at     INTEGER NOT NULL,
+        interval_ms    INTEGER NOT NULL,
+        last_polled_at INTEGER,
+        status         TEXT NOT NULL,                 -- pending, approved, denied, used
+        user_id        TEXT REFERENCES users(id) ON DELETE CASCADE,
+        grant_id       TEXT REFERENCES grants(id) ON DELETE CASCADE,
+        granted_scopes TEXT
+    );
+    CREATE INDEX device_codes_by_expiry ON device_codes (expires_at);
+    "#,
 ];
 
 /// Options for opening the SQLite store.

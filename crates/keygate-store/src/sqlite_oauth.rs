@@ -360,6 +360,7 @@ impl OAuthStore for SqliteStore {
         let day_ago = now - 86_400_000;
         for sql in [
             "DELETE FROM auth_codes WHERE expires_at < ?",
+            "DELETE FROM device_codes WHERE expires_at < ?",
             "DELETE FROM refresh_tokens WHERE family_id IN (SELECT id FROM token_families WHERE expires_at < ?)",
             "DELETE FROM token_families WHERE expires_at < ?",
         ] {

@@ -8,8 +8,8 @@ use sqlx::sqlite::SqliteRow;
 use crate::sqlite::{Tx, fetch_by_id, fetch_page, hash_from_row, insert_audit, map_err, opt_json, parse_opt};
 use crate::sqlite_oauth::{insert_access_token_rows, json_list, to_json};
 use crate::users::{
-    AuthCode, Grant, PersonalToken, Redeemed, Redemption, RefreshRecord, Rotation, TokenFamily, User,
-    UserPatch, UserStore,
+    AuthCode, DeviceAuth, Grant, PersonalToken, Redeemed, Redemption, RefreshRecord, Rotation, TokenFamily,
+    User, UserPatch, UserStore,
 };
 use crate::{NewAudit, Page, Result, SqliteStore};
 
@@ -84,6 +84,24 @@ fn pat_from_row(row: &SqliteRow) -> Result<PersonalToken> {
         last_used_at: row.try_get("last_used_at").map_err(map_err)?,
         last_used_ip: row.try_get("last_used_ip").map_err(map_err)?,
         revoked_at: row.try_get("revoked_at").map_err(map_err)?,
+    })
+}
+
+fn device_from_row(row: &SqliteRow) -> Result<DeviceAuth> {
+    Ok(DeviceAuth {
+        hash: hash_from_row(row)?,
+        user_code: row.try_get("user_code").map_err(map_err)?,
+        client_id: row.try_get("client_id").map_err(map_err)?,
+        scopes: json_list(row, "scopes")?,
+        audiences: json_list(row, "audiences")?,
+        created_at: row.try_get("created_at").map_err(map_err)?,
+        expires_at: row.try_get("expires_at").map_err(map_err)?,
+        interval_ms: row.try_get("interval_ms").map_err(map_err)?,
+        last_polled_at: row.try_get("last_polled_at").map_err(map_err)?,
+        status: row.try_get("status").map_err(map_err)?,
+        user_id: row.try_get("user_id").map_err(map_err)?,
+        grant_id: row.try_get("grant_id").map_err(map_err)?,
+        granted_scopes: parse_opt(row, "granted_scopes")?,
     })
 }
 
@@ -238,6 +256,13 @@ async fn redeem_one(tx: &mut Tx<'_>, r: &Redemption) -> Result<Redeemed> {
         }
         return Ok(Redeemed::Replayed { family_id });
     }
+    if create_family(tx, r).await? { Ok(Redeemed::Issued) } else { Ok(Redeemed::Unknown) }
+}
+
+/// Creates a redemption's family with its first tokens, unless its grant was revoked meanwhile (then
+/// nothing is issued: false).
+async fn create_family(tx: &mut Tx<'_>, r: &Redemption) -> Result<bool> {
+    let family = &r.family;
     // The grant may have been revoked while the code was outstanding: the code is spent, nothing is
     // issued.
     let live = sqlx::query("SELECT 1 AS live FROM grants WHERE id = ? AND revoked_at IS NULL")
@@ -246,7 +271,7 @@ async fn redeem_one(tx: &mut Tx<'_>, r: &Redemption) -> Result<Redeemed> {
         .await
         .map_err(map_err)?;
     if live.is_none() {
-        return Ok(Redeemed::Unknown);
+        return Ok(false);
     }
     sqlx::query(
         "INSERT INTO token_families (id, grant_id, client_id, user_id, created_at, expires_at, revoked_at) \
@@ -267,7 +292,7 @@ async fn redeem_one(tx: &mut Tx<'_>, r: &Redemption) -> Result<Redeemed> {
     if let Some(a) = &r.access {
         insert_access_token_rows(tx, std::slice::from_ref(a)).await?;
     }
-    Ok(Redeemed::Issued)
+    Ok(true)
 }
 
 #[async_trait]
@@ -682,6 +707,115 @@ impl UserStore for SqliteStore {
         .await
         .map_err(map_err)?;
         rows.iter().map(pat_from_row).collect()
+    }
+
+    async fn insert_device(&self, d: &DeviceAuth) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO device_codes (hash, user_code, client_id, scopes, audiences, created_at, expires_at, \
+             interval_ms, last_polled_at, status, user_id, grant_id, granted_scopes) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&d.hash.as_bytes()[..])
+        .bind(&d.user_code)
+        .bind(&d.client_id)
+        .bind(to_json(&d.scopes)?)
+        .bind(to_json(&d.audiences)?)
+        .bind(d.created_at)
+        .bind(d.expires_at)
+        .bind(d.interval_ms)
+        .bind(d.last_polled_at)
+        .bind(&d.status)
+        .bind(&d.user_id)
+        .bind(&d.grant_id)
+        .bind(opt_json(&d.granted_scopes)?)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn find_device(&self, user_code: &str, now: i64) -> Result<Option<DeviceAuth>> {
+        let row = sqlx::query(
+            "SELECT * FROM device_codes WHERE user_code = ? AND status = 'pending' AND expires_at > ?",
+        )
+        .bind(user_code)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        row.as_ref().map(device_from_row).transpose()
+    }
+
+    async fn answer_device(
+        &self,
+        user_code: &str,
+        user_id: &str,
+        approved: Option<(&str, &[String])>,
+        at: i64,
+    ) -> Result<bool> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let row = sqlx::query(
+            "UPDATE device_codes SET status = ?, user_id = ? WHERE user_code = ? AND status = 'pending' \
+             AND expires_at > ? RETURNING client_id",
+        )
+        .bind(if approved.is_some() { "approved" } else { "denied" })
+        .bind(user_id)
+        .bind(user_code)
+        .bind(at)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let Some(row) = row else { return Ok(false) };
+        if let Some((new_grant, scopes)) = approved {
+            let client_id: String = row.try_get("client_id").map_err(map_err)?;
+            let grant_id = upsert_grant(&mut tx, new_grant, user_id, &client_id, scopes, at).await?;
+            sqlx::query("UPDATE device_codes SET grant_id = ?, granted_scopes = ? WHERE user_code = ?")
+                .bind(&grant_id)
+                .bind(to_json(&scopes)?)
+                .bind(user_code)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(true)
+    }
+
+    async fn get_device(&self, hash: &SecretHash) -> Result<Option<DeviceAuth>> {
+        let row = sqlx::query("SELECT * FROM device_codes WHERE hash = ?")
+            .bind(&hash.as_bytes()[..])
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(device_from_row).transpose()
+    }
+
+    async fn note_poll(&self, hash: &SecretHash, at: i64, slow_down: bool) -> Result<()> {
+        sqlx::query(
+            "UPDATE device_codes SET last_polled_at = ?, interval_ms = interval_ms + ? WHERE hash = ?",
+        )
+        .bind(at)
+        .bind(if slow_down { 5000 } else { 0 })
+        .bind(&hash.as_bytes()[..])
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn redeem_device(&self, hash: &SecretHash, r: &Redemption) -> Result<bool> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let won =
+            sqlx::query("UPDATE device_codes SET status = 'used' WHERE hash = ? AND status = 'approved'")
+                .bind(&hash.as_bytes()[..])
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?
+                .rows_affected()
+                == 1;
+        let issued = won && create_family(&mut tx, r).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(issued)
     }
 
     async fn set_scope_description(

@@ -122,6 +122,27 @@ pub struct PersonalToken {
     pub revoked_at: Option<i64>,
 }
 
+/// A device authorization (RFC 8628) as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceAuth {
+    pub hash: SecretHash,
+    /// Without the dash, upper case.
+    pub user_code: String,
+    pub client_id: String,
+    pub scopes: Vec<String>,
+    pub audiences: Vec<String>,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub interval_ms: i64,
+    pub last_polled_at: Option<i64>,
+    /// `pending`, `approved`, `denied` or `used`.
+    pub status: String,
+    pub user_id: Option<String>,
+    pub grant_id: Option<String>,
+    /// What the user approved.
+    pub granted_scopes: Option<Vec<String>>,
+}
+
 /// One code redemption: the family it creates, with its first tokens.
 #[derive(Debug, Clone)]
 pub struct Redemption {
@@ -230,6 +251,25 @@ pub trait UserStore: Send + Sync + 'static {
     async fn touch_pats(&self, uses: &[(String, i64, Option<String>)]) -> Result<()>;
     /// Unrevoked tokens expiring after `now` and at or before `before`, soonest first.
     async fn expiring_pats(&self, now: i64, before: i64, limit: u32) -> Result<Vec<PersonalToken>>;
+
+    async fn insert_device(&self, device: &DeviceAuth) -> Result<()>;
+    /// A pending, unexpired device authorization by its user code.
+    async fn find_device(&self, user_code: &str, now: i64) -> Result<Option<DeviceAuth>>;
+    /// The user's answer, in one transaction with their consent (`consent`: the id for a new grant,
+    /// widened or created as for codes) when they approve. False if it was not pending any more.
+    async fn answer_device(
+        &self,
+        user_code: &str,
+        user_id: &str,
+        approved: Option<(&str, &[String])>,
+        at: i64,
+    ) -> Result<bool>;
+    async fn get_device(&self, hash: &SecretHash) -> Result<Option<DeviceAuth>>;
+    /// Notes a poll's time; with `slow_down`, adds 5 s to the device's interval (RFC 8628 §3.5).
+    async fn note_poll(&self, hash: &SecretHash, at: i64, slow_down: bool) -> Result<()>;
+    /// Marks an approved device authorization used and creates its family and first tokens, in one
+    /// transaction. False if it was not approved (or already used).
+    async fn redeem_device(&self, hash: &SecretHash, redemption: &Redemption) -> Result<bool>;
 
     /// Sets (or with `None` removes) the description of a scope.
     async fn set_scope_description(

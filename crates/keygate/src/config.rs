@@ -357,6 +357,18 @@ pub static SETTINGS: &[Setting] = &[
         },
     },
     Setting {
+        key: "oauth.device_poll_interval_seconds",
+        doc: "How often a device may poll the token endpoint in the device flow (RFC 8628 `interval`).",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| n(r.server.device_poll_interval.as_secs()),
+        set: |r, v| {
+            r.server.device_poll_interval = Duration::from_secs(num(v, 1, 60)?);
+            Ok(())
+        },
+    },
+    Setting {
         key: "usage.minute_retention_hours",
         doc: "How long per-minute usage buckets are kept, in hours.",
         unset: None,

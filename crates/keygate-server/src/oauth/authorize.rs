@@ -51,6 +51,8 @@ fn templates() -> &'static Environment<'static> {
             ("login.html", include_str!("../../templates/login.html")),
             ("consent.html", include_str!("../../templates/consent.html")),
             ("error.html", include_str!("../../templates/error.html")),
+            ("device.html", include_str!("../../templates/device.html")),
+            ("device_done.html", include_str!("../../templates/device_done.html")),
         ] {
             if let Err(e) = env.add_template(name, text) {
                 tracing::error!(template = name, error = %e, "a built-in template does not parse");
@@ -61,7 +63,7 @@ fn templates() -> &'static Environment<'static> {
 }
 
 /// Headers every page carries: no script, no framing, no caching, no referrer.
-fn page(status: StatusCode, template: &str, ctx: minijinja::Value) -> Response {
+pub(super) fn page(status: StatusCode, template: &str, ctx: minijinja::Value) -> Response {
     let body = match templates().get_template(template).and_then(|t| t.render(ctx)) {
         Ok(b) => b,
         Err(e) => {
@@ -88,7 +90,7 @@ fn secure_headers(h: &mut HeaderMap) {
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
 }
 
-fn error_page(status: StatusCode, message: &str) -> Response {
+pub(super) fn error_page(status: StatusCode, message: &str) -> Response {
     page(status, "error.html", context! { message })
 }
 
@@ -97,6 +99,8 @@ struct Back {
     redirect_uri: String,
     state: Option<String>,
     iss: String,
+    /// A device authorization: errors are shown on a page (there is nowhere to redirect to).
+    device: bool,
 }
 
 impl Back {
@@ -128,20 +132,29 @@ impl Back {
     }
 
     fn error(&self, code: &str, description: &str) -> Response {
+        if self.device {
+            let _ = code;
+            return error_page(StatusCode::FORBIDDEN, description);
+        }
         self.to(&[("error", code), ("error_description", description)])
     }
 
     fn of(req: &AuthRequest, iss: String) -> Back {
-        Back { redirect_uri: req.redirect_uri.clone(), state: req.state.clone(), iss }
+        Back {
+            redirect_uri: req.redirect_uri.clone(),
+            state: req.state.clone(),
+            iss,
+            device: req.device.is_some(),
+        }
     }
 }
 
-fn random_token() -> Result<String, Response> {
+pub(super) fn random_token() -> Result<String, Response> {
     keygate_core::credential::random_base62(32)
         .map_err(|_| error_page(StatusCode::SERVICE_UNAVAILABLE, "the server cannot make random numbers"))
 }
 
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub(super) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -153,11 +166,11 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         })
 }
 
-fn names(state: &AppState) -> CookieNames {
+pub(super) fn names(state: &AppState) -> CookieNames {
     cookie_names(state.oauth.issuer().starts_with("https://"))
 }
 
-fn set_cookie(names: &CookieNames, name: &str, value: &str, max_age: u64) -> Option<HeaderValue> {
+pub(super) fn set_cookie(names: &CookieNames, name: &str, value: &str, max_age: u64) -> Option<HeaderValue> {
     let secure = if names.secure { "; Secure" } else { "" };
     HeaderValue::from_str(&format!(
         "{name}={value}; Path={}; HttpOnly; SameSite=Lax; Max-Age={max_age}{secure}",
@@ -168,7 +181,7 @@ fn set_cookie(names: &CookieNames, name: &str, value: &str, max_age: u64) -> Opt
 
 /// A new login session for `user_id`, bound to this request: the cookie to set. A new id at every
 /// login, so a session id planted before the login is worthless.
-fn new_session(
+pub(super) fn new_session(
     state: &AppState,
     req: &AuthRequest,
     user_id: &str,
@@ -191,7 +204,7 @@ fn ct_eq(a: &str, b: &str) -> bool {
 }
 
 /// A client usable for the authorization code flow right now (enabled, its consumer enabled).
-async fn usable_client(state: &AppState, id: &str) -> Result<Option<OAuthClient>, Response> {
+pub(super) async fn usable_client(state: &AppState, id: &str) -> Result<Option<OAuthClient>, Response> {
     let client = state.store.get_client(id).await.map_err(|e| {
         tracing::warn!(error = %e, "authorization endpoint: store unavailable");
         error_page(StatusCode::SERVICE_UNAVAILABLE, "the service is unavailable; try again shortly")
@@ -257,7 +270,12 @@ pub async fn authorize(
     if state_param.is_some_and(|s| s.len() > MAX_STATE) {
         return error_page(StatusCode::BAD_REQUEST, "the state parameter is too long");
     }
-    let back = Back { redirect_uri, state: state_param.map(str::to_owned), iss: state.oauth.issuer() };
+    let back = Back {
+        redirect_uri,
+        state: state_param.map(str::to_owned),
+        iss: state.oauth.issuer(),
+        device: false,
+    };
     let one = |name: &str| form.one(name).map_err(|e| back.error("invalid_request", &e.to_string()));
     let checked = (|| {
         let rt = one("response_type")?;
@@ -322,6 +340,7 @@ pub async fn authorize(
         browser,
         always_ask,
         session: Mutex::new(None),
+        device: None,
     });
     state.oauth.flows.requests.insert(request_id.clone(), req.clone());
 
@@ -356,11 +375,11 @@ pub fn within_user_limit(scopes: &[String], allowed: Option<&[String]>) -> Vec<S
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn login_page(
+pub(super) fn login_page(
     status: StatusCode,
     request_id: &str,
     req: &AuthRequest,
@@ -395,7 +414,7 @@ async fn trusted_header_user(
 }
 
 /// The user is known: send a code back if they already consented to these scopes, else ask.
-async fn proceed(
+pub(super) async fn proceed(
     state: &AppState,
     request_id: &str,
     req: &AuthRequest,
@@ -474,6 +493,37 @@ async fn issue_code(
     now: i64,
     logged_in_now: bool,
 ) -> Response {
+    if let Some(user_code) = &req.device {
+        // RFC 8628: the answer goes to the device through the store; the browser gets a page.
+        let approved = match granted {
+            Granted::New(id) => Some((id, scopes.as_slice())),
+            // Devices always ask (`always_ask`), so there is no earlier consent to reuse.
+            Granted::Existing(_) => None,
+        };
+        if approved.is_none() {
+            return error_page(
+                StatusCode::BAD_REQUEST,
+                "this device request needs your answer on the consent page",
+            );
+        }
+        return match state.store.answer_device(user_code, user_id, approved, now).await {
+            Ok(true) => {
+                state.oauth.flows.requests.invalidate(request_id);
+                page(
+                    StatusCode::OK,
+                    "device_done.html",
+                    context! { approved => true, client_name => req.client_name },
+                )
+            }
+            Ok(false) => error_page(
+                StatusCode::BAD_REQUEST,
+                "this code has expired or was already used; start again on the device",
+            ),
+            Err(_) => {
+                error_page(StatusCode::SERVICE_UNAVAILABLE, "the service is unavailable; try again shortly")
+            }
+        };
+    }
     let back = Back::of(req, state.oauth.issuer());
     let Ok(code) = PlainSecret::generate(SecretKind::AuthCode) else {
         return error_page(StatusCode::SERVICE_UNAVAILABLE, "the server cannot make random numbers");
@@ -542,7 +592,7 @@ fn pending(
     Ok((id.to_string(), req))
 }
 
-fn form_body(headers: &HeaderMap, body: &[u8]) -> Result<Form, Response> {
+pub(super) fn form_body(headers: &HeaderMap, body: &[u8]) -> Result<Form, Response> {
     let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if !ct.to_ascii_lowercase().starts_with("application/x-www-form-urlencoded") {
         return Err(error_page(StatusCode::UNSUPPORTED_MEDIA_TYPE, "send the form as a browser does"));
@@ -663,6 +713,19 @@ pub async fn consent(State(state): State<Arc<AppState>>, headers: HeaderMap, bod
         Some("allow") => {}
         Some("deny") => {
             state.oauth.flows.requests.invalidate(&request_id);
+            if let Some(user_code) = &req.device {
+                return match state.store.answer_device(user_code, &user_id, None, now).await {
+                    Ok(_) => page(
+                        StatusCode::OK,
+                        "device_done.html",
+                        context! { approved => false, client_name => req.client_name },
+                    ),
+                    Err(_) => error_page(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the service is unavailable; try again shortly",
+                    ),
+                };
+            }
             return back.error("access_denied", "the user denied the request");
         }
         _ => return error_page(StatusCode::BAD_REQUEST, "choose Allow or Deny"),

@@ -25,6 +25,14 @@ pub enum OAuthErrorCode {
     InsufficientScope,
     /// RFC 8628 section 3.5, used for an address that spent its failure budget.
     SlowDown,
+    /// RFC 8628 section 3.5: the device polled faster than its interval (400, unlike [`Self::SlowDown`]).
+    PollSlowDown,
+    /// RFC 8628: the user has not answered yet.
+    AuthorizationPending,
+    /// RFC 8628: the user denied the device.
+    AccessDenied,
+    /// RFC 8628: the device code expired; start again.
+    ExpiredToken,
     TemporarilyUnavailable,
     ServerError,
 }
@@ -40,7 +48,10 @@ impl OAuthErrorCode {
             OAuthErrorCode::InvalidScope => "invalid_scope",
             OAuthErrorCode::InvalidTarget => "invalid_target",
             OAuthErrorCode::InsufficientScope => "insufficient_scope",
-            OAuthErrorCode::SlowDown => "slow_down",
+            OAuthErrorCode::SlowDown | OAuthErrorCode::PollSlowDown => "slow_down",
+            OAuthErrorCode::AuthorizationPending => "authorization_pending",
+            OAuthErrorCode::AccessDenied => "access_denied",
+            OAuthErrorCode::ExpiredToken => "expired_token",
             OAuthErrorCode::TemporarilyUnavailable => "temporarily_unavailable",
             OAuthErrorCode::ServerError => "server_error",
         }

@@ -58,6 +58,9 @@ pub struct AuthRequest {
     pub always_ask: bool,
     /// The session that logged in for this request (set by the login form).
     pub session: Mutex<Option<SecretHash>>,
+    /// For a device authorization (RFC 8628): its user code. The answer then goes to the device (via
+    /// the store), and the browser gets a page instead of a redirect.
+    pub device: Option<String>,
 }
 
 /// A logged-in browser.

@@ -304,3 +304,95 @@ async fn rotate(
     state.metrics.record_grant(client.token_format.as_str());
     Ok(Refreshed { client_id: client.id.clone(), response: response(&issued, Some(&secret)), at: now })
 }
+
+/// `grant_type=urn:ietf:params:oauth:grant-type:device_code` (RFC 8628 §3.4–3.5): the device polls.
+pub(crate) async fn device_code(
+    state: &AppState,
+    client: &OAuthClient,
+    form: &Form,
+    now: i64,
+) -> Result<Value, OAuthError> {
+    let code = form
+        .one("device_code")?
+        .ok_or_else(|| OAuthError::new(OAuthErrorCode::InvalidRequest, "device_code is missing"))?;
+    if !is_kind(code, SecretKind::DeviceCode) {
+        return Err(invalid_grant("the device code is not valid"));
+    }
+    let hash = SecretHash::of(code);
+    let store = state.store.as_ref();
+    let Some(device) = store.get_device(&hash).await? else {
+        return Err(invalid_grant("the device code is not valid"));
+    };
+    if device.client_id != client.id {
+        return Err(invalid_grant("the device code is not valid"));
+    }
+    if device.expires_at <= now {
+        return Err(OAuthError::new(
+            OAuthErrorCode::ExpiredToken,
+            "the device code has expired; start again",
+        ));
+    }
+    match device.status.as_str() {
+        "pending" => {
+            let too_soon = device.last_polled_at.is_some_and(|last| now - last < device.interval_ms);
+            store.note_poll(&hash, now, too_soon).await?;
+            return Err(if too_soon {
+                OAuthError::new(
+                    OAuthErrorCode::PollSlowDown,
+                    "polling too fast: wait 5 seconds more between polls",
+                )
+            } else {
+                OAuthError::new(OAuthErrorCode::AuthorizationPending, "the user has not answered yet")
+            });
+        }
+        "denied" => return Err(OAuthError::new(OAuthErrorCode::AccessDenied, "the user denied the device")),
+        "approved" => {}
+        _ => return Err(invalid_grant("the device code was already used")),
+    }
+    let (Some(user_id), Some(grant_id), Some(granted)) =
+        (&device.user_id, &device.grant_id, &device.granted_scopes)
+    else {
+        return Err(invalid_grant("the device code is not valid"));
+    };
+    let user = match state.oauth.user(store, user_id).await? {
+        Some(u) if !u.disabled => u,
+        _ => return Err(invalid_grant("the user may not sign in")),
+    };
+    let scopes = still_allowed(granted, client, &user);
+    if scopes.is_empty() && !granted.is_empty() {
+        return Err(invalid_grant("none of the granted scopes may be issued any more"));
+    }
+    let family = TokenFamily {
+        id: crate::routes::common::new_id("fam", now)
+            .map_err(|_| issue_error(IssueError::Internal("random source failed".into())))?,
+        grant_id: grant_id.clone(),
+        client_id: client.id.clone(),
+        user_id: user_id.clone(),
+        created_at: now,
+        expires_at: now.saturating_add(client.refresh_absolute_seconds.saturating_mul(1000)),
+        revoked_at: None,
+    };
+    let subject = Subject::User { user_id, family_id: &family.id };
+    let (issued, access) =
+        state.oauth.mint(client, subject, &scopes, &device.audiences, now).map_err(issue_error)?;
+    let refresh = if client.grant_types.contains(&GrantType::RefreshToken) {
+        Some(new_refresh(client, &family, &scopes, &device.audiences, now)?)
+    } else {
+        None
+    };
+    let redemption = keygate_store::Redemption {
+        hash,
+        at: now,
+        family,
+        refresh: refresh.as_ref().map(|(_, r)| r.clone()),
+        access: access.clone(),
+    };
+    if !store.redeem_device(&hash, &redemption).await? {
+        return Err(invalid_grant("the device code was already used"));
+    }
+    if let Some(a) = access {
+        state.oauth.opaque_issued(a);
+    }
+    state.metrics.record_grant(client.token_format.as_str());
+    Ok(response(&issued, refresh.as_ref().map(|(s, _)| s)))
+}

@@ -7,6 +7,7 @@
 
 pub mod assertion;
 pub mod authorize;
+pub mod device;
 pub mod error;
 pub mod flows;
 pub mod grants;
@@ -36,6 +37,8 @@ pub fn router() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(authorize::authorize))
         .routes(routes!(authorize::login))
         .routes(routes!(authorize::consent))
+        .routes(routes!(device::device_authorization))
+        .routes(routes!(device::device_page, device::device_entry))
         .routes(routes!(introspect))
         .routes(routes!(revoke))
         .routes(routes!(discovery))
@@ -232,6 +235,7 @@ pub async fn token(
             grants::authorization_code(&state, &client, &form, now).await?
         }
         keygate_store::GrantType::RefreshToken => grants::refresh_token(&state, &client, &form, now).await?,
+        keygate_store::GrantType::DeviceCode => grants::device_code(&state, &client, &form, now).await?,
     };
     Ok(no_store(Json(body).into_response()))
 }
@@ -420,6 +424,7 @@ async fn discovery_document(state: &AppState) -> Result<Value, OAuthError> {
         "jwks_uri": format!("{iss}/.well-known/jwks.json"),
         "grant_types_supported": keygate_store::GrantType::ALL.map(keygate_store::GrantType::as_str),
         "authorization_endpoint": format!("{iss}/oauth2/authorize"),
+        "device_authorization_endpoint": format!("{iss}/oauth2/device_authorization"),
         "response_types_supported": ["code"],
         "response_modes_supported": ["query"],
         "code_challenge_methods_supported": ["S256"],

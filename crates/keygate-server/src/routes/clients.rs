@@ -35,7 +35,12 @@ pub fn router() -> OpenApiRouter<Arc<AppState>> {
 }
 
 /// Grant types a client may be allowed.
-pub const GRANTS: &[&str] = &["client_credentials", "authorization_code", "refresh_token"];
+pub const GRANTS: &[&str] = &[
+    "client_credentials",
+    "authorization_code",
+    "refresh_token",
+    "urn:ietf:params:oauth:grant-type:device_code",
+];
 const _: () = assert!(GRANTS.len() == GrantType::ALL.len(), "GRANTS names every GrantType");
 const DEFAULT_LIFETIME: i64 = 3600;
 
@@ -314,7 +319,10 @@ fn check_flow(grants: &[GrantType], redirect_uris: &[String], public: bool) -> A
         ));
     }
     if grants == [GrantType::RefreshToken] {
-        return Err(ApiError::invalid("grant_types", "refresh_token needs authorization_code too"));
+        return Err(ApiError::invalid(
+            "grant_types",
+            "refresh_token needs authorization_code or the device grant too",
+        ));
     }
     Ok(())
 }

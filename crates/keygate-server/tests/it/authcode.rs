@@ -15,14 +15,14 @@ const REDIRECT: &str = "https://app.example.com/callback";
 const PASSWORD: &str = "correct horse battery";
 
 /// A browser: keeps its cookies, follows no redirects, reads forms.
-struct Browser {
-    http: reqwest::Client,
+pub struct Browser {
+    pub http: reqwest::Client,
     cookies: HashMap<String, String>,
 }
 
 /// What a page's one form holds: its action and its fields.
 #[derive(Debug)]
-struct PageForm {
+pub struct PageForm {
     action: String,
     fields: Vec<(String, String)>,
 }
@@ -41,7 +41,7 @@ fn attrs(tag: &str) -> HashMap<String, String> {
     out
 }
 
-fn parse_form(html: &str) -> PageForm {
+pub fn parse_form(html: &str) -> PageForm {
     assert_eq!(html.matches("<form").count(), 1, "one form per page: {html}");
     let start = html.find("<form").unwrap();
     let form = &html[start..html[start..].find("</form>").unwrap() + start];
@@ -57,7 +57,7 @@ fn parse_form(html: &str) -> PageForm {
 }
 
 impl PageForm {
-    fn set(mut self, name: &str, value: &str) -> Self {
+    pub fn set(mut self, name: &str, value: &str) -> Self {
         self.fields.retain(|(n, _)| n != name);
         self.fields.push((name.into(), value.into()));
         self
@@ -65,7 +65,7 @@ impl PageForm {
 }
 
 impl Browser {
-    fn new() -> Self {
+    pub fn new() -> Self {
         let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
         Browser { http, cookies: HashMap::new() }
     }
@@ -83,7 +83,7 @@ impl Browser {
             .then(|| self.cookies.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("; "))
     }
 
-    async fn get(&mut self, url: &str) -> (StatusCode, reqwest::header::HeaderMap, String) {
+    pub async fn get(&mut self, url: &str) -> (StatusCode, reqwest::header::HeaderMap, String) {
         let mut req = self.http.get(url);
         if let Some(c) = &self.cookie() {
             req = req.header("cookie", c);
@@ -93,7 +93,7 @@ impl Browser {
         (resp.status(), resp.headers().clone(), resp.text().await.unwrap())
     }
 
-    async fn submit(
+    pub async fn submit(
         &mut self,
         base: &str,
         form: &PageForm,

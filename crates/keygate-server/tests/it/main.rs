@@ -6,6 +6,7 @@
 mod admin;
 mod authcode;
 mod bad_input;
+mod device;
 mod hardening;
 mod helpers;
 mod import;

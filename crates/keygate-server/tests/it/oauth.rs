@@ -398,7 +398,12 @@ async fn signing_keys_rotate_in_stages_and_discovery_is_accurate() {
     assert_eq!(meta["jwks_uri"], format!("{}/.well-known/jwks.json", app.base));
     assert_eq!(
         meta["grant_types_supported"],
-        json!(["client_credentials", "authorization_code", "refresh_token"])
+        json!([
+            "client_credentials",
+            "authorization_code",
+            "refresh_token",
+            "urn:ietf:params:oauth:grant-type:device_code"
+        ])
     );
     assert_eq!(meta["scopes_supported"], json!(["news:read"]));
     assert!(

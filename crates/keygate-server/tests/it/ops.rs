@@ -77,6 +77,8 @@ async fn openapi_covers_every_route_and_docs_work_offline() {
         ("/v1/users/{id}/tokens/{token_id}", &["delete"]),
         ("/v1/users/{id}/tokens/{token_id}/rotate", &["post"]),
         ("/v1/tokens/expiring", &["get"]),
+        ("/oauth2/device_authorization", &["post"]),
+        ("/oauth2/device", &["get", "post"]),
         ("/v1/scopes/{scope}", &["put", "delete"]),
         ("/oauth2/introspect", &["post"]),
         ("/oauth2/revoke", &["post"]),
