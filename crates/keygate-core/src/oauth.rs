@@ -46,15 +46,18 @@ pub enum GrantType {
     RefreshToken,
     /// RFC 8628: a device without a browser; the user approves it on another device.
     DeviceCode,
+    /// RFC 8693: a credential (API key or access token) exchanged for a narrower, shorter-lived token.
+    TokenExchange,
 }
 
 impl GrantType {
     /// Every supported grant type.
-    pub const ALL: [GrantType; 4] = [
+    pub const ALL: [GrantType; 5] = [
         GrantType::ClientCredentials,
         GrantType::AuthorizationCode,
         GrantType::RefreshToken,
         GrantType::DeviceCode,
+        GrantType::TokenExchange,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -63,6 +66,7 @@ impl GrantType {
             GrantType::AuthorizationCode => "authorization_code",
             GrantType::RefreshToken => "refresh_token",
             GrantType::DeviceCode => "urn:ietf:params:oauth:grant-type:device_code",
+            GrantType::TokenExchange => "urn:ietf:params:oauth:grant-type:token-exchange",
         }
     }
 
@@ -134,6 +138,35 @@ pub struct AtClaims {
     /// tokens descended from it); `sub` is then the user id. Absent for client credentials tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kg_fam: Option<String>,
+    /// RFC 8693 §4.1: for an exchanged token, the client that acts for the subject (`{"sub": client}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<Value>,
+    /// For an exchanged token: the credential it was exchanged from; it stops when that one does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kg_src: Option<Source>,
+}
+
+/// The credential an exchanged token (RFC 8693) came from. Checked on every verification of the
+/// exchanged token, so revoking, disabling or expiring the subject stops it. Hashes are SHA-256 (hex)
+/// of the subject credential: high-entropy secrets, so the hash reveals nothing usable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Source {
+    ApiKey {
+        h: String,
+    },
+    OpaqueToken {
+        h: String,
+    },
+    PersonalToken {
+        h: String,
+    },
+    /// A JWT access token: what its revocation consists of (its id, its client, its issue time in ms).
+    Jwt {
+        jti: String,
+        client_id: String,
+        iat: i64,
+    },
 }
 
 impl AtClaims {

@@ -280,6 +280,23 @@ impl Verifier {
         Ok(self.complete_miss(ticket, miss, record, required, ctx))
     }
 
+    /// The key behind a secret's hash, cached like any verify (for tokens exchanged from a key, which
+    /// must stop when the key does).
+    pub async fn key_by_hash(&self, hash: &SecretHash) -> Result<Option<Arc<CachedKey>>, StoreError> {
+        if let Some(k) = self.positive.get(hash) {
+            return Ok(Some(k));
+        }
+        let ticket = self.ticket();
+        match self.store.find_secret(hash).await? {
+            Some(record) if record.hash.ct_eq(hash) => {
+                let key = Arc::new(self.cached_key(&record));
+                self.positive.insert_if_current(ticket.0, *hash, key.clone());
+                Ok(Some(key))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Taken before a miss reads the store (see [`GuardedCache`]).
     pub fn ticket(&self) -> (Ticket, Ticket) {
         (self.positive.ticket(), self.negative.ticket())

@@ -94,6 +94,8 @@ pub struct AccessTokenRecord {
     pub revoked_at: Option<i64>,
     /// For a token issued on a user's behalf: its token family (the subject is then the user id).
     pub family_id: Option<String>,
+    /// For an exchanged token (RFC 8693): the credential it came from, as JSON (`keygate_core::oauth::Source`).
+    pub source: Option<String>,
 }
 
 #[async_trait]

@@ -323,6 +323,10 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX device_codes_by_expiry ON device_codes (expires_at);
     "#,
+    // 10: token exchange (RFC 8693): where an opaque exchanged token came from (JSON).
+    r#"
+    ALTER TABLE access_tokens ADD COLUMN source TEXT;
+    "#,
 ];
 
 /// Options for opening the SQLite store.

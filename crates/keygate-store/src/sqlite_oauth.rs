@@ -73,6 +73,7 @@ pub(crate) fn token_from_row(row: &SqliteRow) -> Result<AccessTokenRecord> {
         expires_at: row.try_get("expires_at").map_err(map_err)?,
         revoked_at: row.try_get("revoked_at").map_err(map_err)?,
         family_id: row.try_get("family_id").map_err(map_err)?,
+        source: row.try_get("source").map_err(map_err)?,
     })
 }
 
@@ -98,7 +99,7 @@ pub(crate) async fn insert_access_token_rows(
     for t in tokens {
         sqlx::query(
             "INSERT INTO access_tokens (hash, jti, client_id, subject, scopes, audiences, issued_at, \
-             expires_at, revoked_at, family_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             expires_at, revoked_at, family_id, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&t.hash.as_bytes()[..])
         .bind(&t.jti)
@@ -110,6 +111,7 @@ pub(crate) async fn insert_access_token_rows(
         .bind(t.expires_at)
         .bind(t.revoked_at)
         .bind(&t.family_id)
+        .bind(&t.source)
         .execute(&mut **tx)
         .await
         .map_err(map_err)?;

@@ -9,6 +9,7 @@ pub mod assertion;
 pub mod authorize;
 pub mod device;
 pub mod error;
+pub mod exchange;
 pub mod flows;
 pub mod grants;
 pub mod keys;
@@ -208,6 +209,7 @@ pub async fn token(
     body: Bytes,
 ) -> Result<Response, OAuthError> {
     let now = state.now();
+    let peer_ip = client.ip;
     let form = Form::parse(&headers, &body)?;
     let grant = form
         .one("grant_type")?
@@ -236,6 +238,9 @@ pub async fn token(
         }
         keygate_store::GrantType::RefreshToken => grants::refresh_token(&state, &client, &form, now).await?,
         keygate_store::GrantType::DeviceCode => grants::device_code(&state, &client, &form, now).await?,
+        keygate_store::GrantType::TokenExchange => {
+            exchange::token_exchange(&state, &client, &form, peer_ip, now).await?
+        }
     };
     Ok(no_store(Json(body).into_response()))
 }
@@ -349,7 +354,7 @@ pub async fn introspect(
     let token = form
         .one("token")?
         .ok_or_else(|| OAuthError::new(OAuthErrorCode::InvalidRequest, "token is missing"))?;
-    let body = match state.oauth.verify(state.store.as_ref(), token, None, now).await? {
+    let body = match exchange::verify_token(&state, token, None, now).await? {
         Ok(info) if caller.may_see(&info.client_id) => json!({
             "active": true,
             "scope": info.scopes.join(" "),

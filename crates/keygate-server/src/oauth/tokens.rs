@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use jsonwebtoken::Validation;
 use keygate_core::limits::RateLimit;
-pub use keygate_core::oauth::AtClaims;
+pub use keygate_core::oauth::{AtClaims, Source};
 use keygate_core::{DecisionCode, PlainSecret, SecretHash, SecretKind, scope};
 use keygate_store::{AccessTokenRecord, Backend, Consumer, OAuthClient, OAuthStore, StoreError, TokenFormat};
 use moka::sync::Cache;
@@ -87,6 +87,10 @@ pub struct TokenInfo {
     /// For a token issued on a user's behalf: the user (also its `sub`) and the token family.
     pub user_id: Option<String>,
     pub family_id: Option<String>,
+    /// For an exchanged token (RFC 8693): the credential it came from, checked on every use.
+    pub source: Option<Source>,
+    /// For an exchanged token: the client acting for the subject (`act.sub`).
+    pub actor: Option<String>,
 }
 
 /// An issued token. (No `Debug`: it holds the token.)
@@ -111,6 +115,9 @@ pub enum Subject<'a> {
     Client,
     /// A user, within a token family.
     User { user_id: &'a str, family_id: &'a str },
+    /// An exchanged credential (RFC 8693): its subject, user and family if any, where it came from, and
+    /// the latest it may expire (the subject's own expiry).
+    Exchanged { sub: &'a str, family_id: Option<&'a str>, source: &'a Source, not_after: i64 },
 }
 
 pub struct OAuth {
@@ -249,6 +256,13 @@ fn lock_read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 fn lock_write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The user of an opaque token: its subject, when it was issued for a user (a family, or exchanged
+/// from a personal access token).
+fn opaque_user(record: &AccessTokenRecord) -> Option<String> {
+    let from_pat = record.source.as_deref().is_some_and(|s| s.contains("\"personal_token\""));
+    (record.family_id.is_some() || from_pat).then(|| record.subject.clone())
 }
 
 /// Does this string look like a JWT (three base64url segments, a JSON header)?
@@ -416,6 +430,8 @@ impl OAuth {
             expires_at: pat.expires_at.unwrap_or(i64::MAX),
             user_id: Some(pat.user_id.clone()),
             family_id: None,
+            source: None,
+            actor: None,
         })))
     }
 
@@ -625,15 +641,23 @@ impl OAuth {
         audiences: &[String],
         now: i64,
     ) -> Result<(Issued, Option<AccessTokenRecord>), IssueError> {
-        let lifetime = client.token_lifetime_seconds.clamp(1, super::keys::MAX_TOKEN_LIFETIME_SECONDS);
+        let mut lifetime = client.token_lifetime_seconds.clamp(1, super::keys::MAX_TOKEN_LIFETIME_SECONDS);
+        if let Subject::Exchanged { not_after, .. } = subject {
+            lifetime = lifetime.min((not_after - now) / 1000).max(1);
+        }
         let expires_at = now + lifetime * 1000;
         let jti =
             keygate_core::credential::random_base62(22).map_err(|e| IssueError::Internal(e.to_string()))?;
         let scope = scopes.join(" ");
-        let (sub, family) = match subject {
-            Subject::Client => (client.id.clone(), None),
-            Subject::User { user_id, family_id } => (user_id.to_string(), Some(family_id.to_string())),
+        // An exchanged token's user is its subject (`sub`); only the family and source need carrying.
+        let (sub, family, source) = match subject {
+            Subject::Client => (client.id.clone(), None, None),
+            Subject::User { user_id, family_id } => (user_id.to_string(), Some(family_id.to_string()), None),
+            Subject::Exchanged { sub, family_id, source, .. } => {
+                (sub.to_string(), family_id.map(str::to_owned), Some(source.clone()))
+            }
         };
+        let act = source.as_ref().map(|_| serde_json::json!({"sub": client.id}));
         if client.token_format == TokenFormat::Opaque {
             let secret = PlainSecret::generate(SecretKind::AccessToken)
                 .map_err(|e| IssueError::Internal(e.to_string()))?;
@@ -648,6 +672,7 @@ impl OAuth {
                 expires_at,
                 revoked_at: None,
                 family_id: family,
+                source: source.as_ref().and_then(|s| serde_json::to_string(s).ok()),
             };
             let issued = Issued { access_token: secret.expose().to_string(), expires_in: lifetime, scope };
             return Ok((issued, Some(record)));
@@ -671,6 +696,8 @@ impl OAuth {
             scope: scope.clone(),
             kg_iat: Some(now),
             kg_fam: family,
+            act,
+            kg_src: source,
         };
         let access_token = key.sign_jwt(&claims).map_err(|e| IssueError::Internal(e.to_string()))?;
         Ok((Issued { access_token, expires_in: lifetime, scope }, None))
@@ -693,6 +720,17 @@ impl OAuth {
         redemption: keygate_store::Redemption,
     ) -> Result<keygate_store::Redeemed, StoreError> {
         self.redemptions.submit(store, redemption).await
+    }
+
+    /// Writes an opaque token's record (group-committed) and remembers it.
+    pub async fn store_opaque(
+        &self,
+        store: &dyn OAuthStore,
+        record: AccessTokenRecord,
+    ) -> Result<(), StoreError> {
+        self.writer.submit(store, record.clone()).await?;
+        self.opaque_issued(record);
+        Ok(())
     }
 
     /// An opaque token's record is durable: remember it, so that its first verification needs no read.
@@ -768,8 +806,10 @@ impl OAuth {
                 audiences: record.audiences.clone(),
                 issued_at: record.issued_at,
                 expires_at: record.expires_at,
-                user_id: record.family_id.as_ref().map(|_| record.subject.clone()),
+                user_id: opaque_user(&record),
                 family_id: record.family_id.clone(),
+                source: record.source.as_deref().and_then(|s| serde_json::from_str(s).ok()),
+                actor: record.source.as_ref().map(|_| record.client_id.clone()),
             }
         };
         // Client state: disabled or deleted clients' tokens stop working; "revoke all" cut-off.
@@ -849,8 +889,11 @@ impl OAuth {
             jti: c.jti,
             client_id: c.client_id,
             consumer_id: String::new(),
-            user_id: c.kg_fam.as_ref().map(|_| c.sub.clone()),
+            user_id: (c.kg_fam.is_some() || matches!(c.kg_src, Some(Source::PersonalToken { .. })))
+                .then(|| c.sub.clone()),
             family_id: c.kg_fam,
+            actor: c.act.as_ref().and_then(|a| a.get("sub")).and_then(Value::as_str).map(str::to_owned),
+            source: c.kg_src,
             subject: c.sub,
         })
     }
@@ -920,6 +963,59 @@ impl OAuth {
         let revoked = store.revoke_access_token(&hash, now).await?.is_some();
         self.opaque.invalidate([&hash]);
         Ok(revoked)
+    }
+
+    /// Is a client (and its consumer) enabled, with no "revoke all" cut-off after `issued_at`?
+    pub fn client_ok(&self, client_id: &str, issued_at: i64) -> bool {
+        let clients = lock_read(&self.clients);
+        clients.get(client_id).is_some_and(|c| {
+            !c.disabled
+                && self.consumer(&c.consumer_id).is_some_and(|s| !s.disabled)
+                && c.tokens_revoked_before.is_none_or(|t| issued_at >= t)
+        })
+    }
+
+    /// Is the source of an exchanged token still good? (API keys are checked by the caller, which has
+    /// the key verifier.)
+    pub async fn source_alive(
+        &self,
+        store: &dyn OAuthStore,
+        source: &Source,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let hash = |h: &str| SecretHash::from_hex(h);
+        Ok(match source {
+            Source::ApiKey { .. } => false,
+            Source::Jwt { jti, client_id, iat } => {
+                !lock_read(&self.revoked).contains_key(jti) && self.client_ok(client_id, *iat)
+            }
+            Source::OpaqueToken { h } => {
+                let Some(hash) = hash(h) else { return Ok(false) };
+                let record = match self.opaque.get(&hash) {
+                    Some(r) => Some(r),
+                    None => store.find_access_token(&hash).await?.map(Arc::new),
+                };
+                record.is_some_and(|r| {
+                    r.revoked_at.is_none()
+                        && r.expires_at > now
+                        && self.client_ok(&r.client_id, r.issued_at)
+                        && r.family_id.as_ref().is_none_or(|f| !self.family_revoked(f))
+                })
+            }
+            Source::PersonalToken { h } => {
+                let Some(hash) = hash(h) else { return Ok(false) };
+                let pat = match self.pats.get(&hash) {
+                    Some(p) => Option::clone(&p),
+                    None => store.find_pat(&hash).await?,
+                };
+                match pat {
+                    Some(p) if p.revoked_at.is_none() && p.expires_at.is_none_or(|e| e > now) => {
+                        matches!(self.user(store, &p.user_id).await?, Some(u) if !u.disabled)
+                    }
+                    _ => false,
+                }
+            }
+        })
     }
 
     /// Forgets revoked ids of tokens that have expired anyway.

@@ -40,6 +40,7 @@ pub const GRANTS: &[&str] = &[
     "authorization_code",
     "refresh_token",
     "urn:ietf:params:oauth:grant-type:device_code",
+    "urn:ietf:params:oauth:grant-type:token-exchange",
 ];
 const _: () = assert!(GRANTS.len() == GrantType::ALL.len(), "GRANTS names every GrantType");
 const DEFAULT_LIFETIME: i64 = 3600;
@@ -316,6 +317,12 @@ fn check_flow(grants: &[GrantType], redirect_uris: &[String], public: bool) -> A
         return Err(ApiError::invalid(
             "grant_types",
             "a public client has no secret, so it cannot use client_credentials; use authorization_code",
+        ));
+    }
+    if public && grants.contains(&GrantType::TokenExchange) {
+        return Err(ApiError::invalid(
+            "grant_types",
+            "token exchange needs a client that can keep a secret; a public client cannot use it",
         ));
     }
     if grants == [GrantType::RefreshToken] {

@@ -58,7 +58,8 @@ pub async fn decide_credential<S: AsRef<str>>(
         || credential.starts_with(SecretKind::AccessToken.prefix())
         || credential.starts_with(SecretKind::PersonalToken.prefix())
     {
-        let info = match state.oauth.verify(state.store.as_ref(), credential, audience, ctx.now_ms).await? {
+        let info = match crate::oauth::exchange::verify_token(state, credential, audience, ctx.now_ms).await?
+        {
             Ok(info) => info,
             Err(code) => return Ok(Decision::bare(code)),
         };

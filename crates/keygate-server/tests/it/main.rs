@@ -7,6 +7,7 @@ mod admin;
 mod authcode;
 mod bad_input;
 mod device;
+mod exchange;
 mod hardening;
 mod helpers;
 mod import;

@@ -402,7 +402,8 @@ async fn signing_keys_rotate_in_stages_and_discovery_is_accurate() {
             "client_credentials",
             "authorization_code",
             "refresh_token",
-            "urn:ietf:params:oauth:grant-type:device_code"
+            "urn:ietf:params:oauth:grant-type:device_code",
+            "urn:ietf:params:oauth:grant-type:token-exchange"
         ])
     );
     assert_eq!(meta["scopes_supported"], json!(["news:read"]));
