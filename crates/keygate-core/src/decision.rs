@@ -26,10 +26,12 @@ pub enum DecisionCode {
     RateLimited,
     /// The key's quota is used up.
     QuotaExceeded,
+    /// The token is bound to a key (DPoP, RFC 9449) and the request carried no valid proof of it.
+    DpopProofInvalid,
 }
 
 impl DecisionCode {
-    pub const ALL: [DecisionCode; 10] = [
+    pub const ALL: [DecisionCode; 11] = [
         DecisionCode::Valid,
         DecisionCode::Malformed,
         DecisionCode::NotFound,
@@ -40,6 +42,7 @@ impl DecisionCode {
         DecisionCode::IpNotAllowed,
         DecisionCode::RateLimited,
         DecisionCode::QuotaExceeded,
+        DecisionCode::DpopProofInvalid,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -54,6 +57,7 @@ impl DecisionCode {
             DecisionCode::IpNotAllowed => "IP_NOT_ALLOWED",
             DecisionCode::RateLimited => "RATE_LIMITED",
             DecisionCode::QuotaExceeded => "QUOTA_EXCEEDED",
+            DecisionCode::DpopProofInvalid => "DPOP_PROOF_INVALID",
         }
     }
 
@@ -81,6 +85,9 @@ impl DecisionCode {
             }
             DecisionCode::RateLimited => "the credential's rate limit is exhausted; retry after the reset",
             DecisionCode::QuotaExceeded => "the credential's quota is used up",
+            DecisionCode::DpopProofInvalid => {
+                "the token is bound to a key (DPoP) and the request carried no valid proof of possession"
+            }
         }
     }
 }

@@ -144,6 +144,9 @@ pub struct AtClaims {
     /// For an exchanged token: the credential it was exchanged from; it stops when that one does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kg_src: Option<Source>,
+    /// RFC 9449: a DPoP-bound token's confirmation, `{"jkt": thumbprint of the client's key}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cnf: Option<Value>,
 }
 
 /// The credential an exchanged token (RFC 8693) came from. Checked on every verification of the

@@ -145,7 +145,7 @@ fn jwt_fixture(alg: keygate_server::oauth::keys::KeyAlg) -> JwtFixture {
     oauth.client_changed(&client);
     let now = keygate_server::time::now_ms();
     let token = rt
-        .block_on(oauth.issue(store.as_ref(), &client, &client.scopes, &client.audiences, now))
+        .block_on(oauth.issue(store.as_ref(), &client, &client.scopes, &client.audiences, None, now))
         .unwrap()
         .access_token;
     JwtFixture { oauth, client, token, rt, store, _dir: dir }
@@ -157,10 +157,17 @@ fn jwt_sign_eddsa(b: Bencher) {
     let f = jwt_fixture(keygate_server::oauth::keys::KeyAlg::EdDsa);
     let now = keygate_server::time::now_ms();
     b.bench(|| {
-        f.rt.block_on(f.oauth.issue(f.store.as_ref(), &f.client, &f.client.scopes, &f.client.audiences, now))
-            .unwrap()
-            .access_token
-            .len()
+        f.rt.block_on(f.oauth.issue(
+            f.store.as_ref(),
+            &f.client,
+            &f.client.scopes,
+            &f.client.audiences,
+            None,
+            now,
+        ))
+        .unwrap()
+        .access_token
+        .len()
     });
 }
 
@@ -263,4 +270,41 @@ fn pkce_s256() -> bool {
         black_box("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
         black_box("E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"),
     )
+}
+
+/// A DPoP proof check (RFC 9449): what a DPoP-bound token costs on top of a bearer token's verify
+/// (`jwt_verify_*`). Each iteration checks a fresh proof (unique `jti`; building it is not timed).
+#[divan::bench(sample_count = 50, sample_size = 20)]
+fn dpop_proof_check(bencher: Bencher) {
+    use base64::Engine;
+    use p256::ecdsa::signature::Signer;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let key = p256::ecdsa::SigningKey::from_slice(&[7u8; 32]).unwrap();
+    let point = key.verifying_key().to_encoded_point(false);
+    let jwk = serde_json::json!({"kty": "EC", "crv": "P-256", "x": b64(point.x().unwrap()), "y": b64(point.y().unwrap())});
+    let header =
+        b64(serde_json::json!({"typ": "dpop+jwt", "alg": "ES256", "jwk": jwk}).to_string().as_bytes());
+    let token = "eyJhbGciOiJFZERTQSJ9.e30.sig";
+    let ath = keygate_server::oauth::dpop::ath(token);
+    let dpop = keygate_server::oauth::dpop::Dpop::default();
+    let now = 1_800_000_000_000_i64;
+    let counter = std::sync::atomic::AtomicU64::new(0);
+    bencher
+        .with_inputs(|| {
+            let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let claims = serde_json::json!({"jti": format!("j{n}"), "htm": "GET", "htu": "https://api.example.com/x",
+                "iat": now / 1000, "ath": ath});
+            let input = format!("{header}.{}", b64(claims.to_string().as_bytes()));
+            let sig: p256::ecdsa::Signature = key.sign(input.as_bytes());
+            format!("{input}.{}", b64(&sig.to_bytes()))
+        })
+        .bench_refs(|proof| {
+            let check = keygate_server::oauth::dpop::ProofCheck {
+                proof,
+                method: "GET",
+                url: "https://api.example.com/x",
+                access_token: Some(token),
+            };
+            dpop.verify(&check, now).unwrap()
+        });
 }

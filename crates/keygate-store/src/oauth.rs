@@ -96,6 +96,8 @@ pub struct AccessTokenRecord {
     pub family_id: Option<String>,
     /// For an exchanged token (RFC 8693): the credential it came from, as JSON (`keygate_core::oauth::Source`).
     pub source: Option<String>,
+    /// RFC 9449: the thumbprint of the key the token is bound to (DPoP).
+    pub jkt: Option<String>,
 }
 
 #[async_trait]

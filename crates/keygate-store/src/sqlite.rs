@@ -327,6 +327,10 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE access_tokens ADD COLUMN source TEXT;
     "#,
+    // 11: DPoP (RFC 9449): the thumbprint of the key an opaque token is bound to.
+    r#"
+    ALTER TABLE access_tokens ADD COLUMN jkt TEXT;
+    "#,
 ];
 
 /// Options for opening the SQLite store.

@@ -74,6 +74,7 @@ pub(crate) fn token_from_row(row: &SqliteRow) -> Result<AccessTokenRecord> {
         revoked_at: row.try_get("revoked_at").map_err(map_err)?,
         family_id: row.try_get("family_id").map_err(map_err)?,
         source: row.try_get("source").map_err(map_err)?,
+        jkt: row.try_get("jkt").map_err(map_err)?,
     })
 }
 
@@ -99,7 +100,7 @@ pub(crate) async fn insert_access_token_rows(
     for t in tokens {
         sqlx::query(
             "INSERT INTO access_tokens (hash, jti, client_id, subject, scopes, audiences, issued_at, \
-             expires_at, revoked_at, family_id, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             expires_at, revoked_at, family_id, source, jkt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&t.hash.as_bytes()[..])
         .bind(&t.jti)
@@ -112,6 +113,7 @@ pub(crate) async fn insert_access_token_rows(
         .bind(t.revoked_at)
         .bind(&t.family_id)
         .bind(&t.source)
+        .bind(&t.jkt)
         .execute(&mut **tx)
         .await
         .map_err(map_err)?;

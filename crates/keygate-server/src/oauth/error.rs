@@ -33,6 +33,8 @@ pub enum OAuthErrorCode {
     AccessDenied,
     /// RFC 8628: the device code expired; start again.
     ExpiredToken,
+    /// RFC 9449: the DPoP proof is missing parts, does not verify, or does not match the request.
+    InvalidDpopProof,
     TemporarilyUnavailable,
     ServerError,
 }
@@ -52,6 +54,7 @@ impl OAuthErrorCode {
             OAuthErrorCode::AuthorizationPending => "authorization_pending",
             OAuthErrorCode::AccessDenied => "access_denied",
             OAuthErrorCode::ExpiredToken => "expired_token",
+            OAuthErrorCode::InvalidDpopProof => "invalid_dpop_proof",
             OAuthErrorCode::TemporarilyUnavailable => "temporarily_unavailable",
             OAuthErrorCode::ServerError => "server_error",
         }

@@ -206,8 +206,10 @@ pub(crate) async fn token_exchange(
         source: &subj.source,
         not_after: subj.expires_at,
     };
-    let (issued, record) =
-        state.oauth.mint(client, subject, &scopes, &audiences, now).map_err(|e| match e {
+    let (issued, record) = state
+        .oauth
+        .mint(client, subject, &scopes, &audiences, form.dpop_jkt(), now)
+        .map_err(|e| match e {
             super::tokens::IssueError::Store(s) => OAuthError::from(s),
             super::tokens::IssueError::Internal(m) => {
                 tracing::error!(error = %m, "issuing an exchanged token failed");
@@ -221,7 +223,7 @@ pub(crate) async fn token_exchange(
     Ok(json!({
         "access_token": issued.access_token,
         "issued_token_type": TYPE_ACCESS_TOKEN,
-        "token_type": "Bearer",
+        "token_type": issued.token_type,
         "expires_in": issued.expires_in,
         "scope": issued.scope,
     }))

@@ -45,7 +45,7 @@ fn is_kind(s: &str, kind: SecretKind) -> bool {
 fn response(issued: &Issued, refresh: Option<&PlainSecret>) -> Value {
     let mut body = json!({
         "access_token": issued.access_token,
-        "token_type": "Bearer",
+        "token_type": issued.token_type,
         "expires_in": issued.expires_in,
         "scope": issued.scope,
     });
@@ -164,8 +164,10 @@ pub(crate) async fn authorization_code(
         revoked_at: None,
     };
     let subject = Subject::User { user_id: &record.user_id, family_id: &family.id };
-    let (issued, access) =
-        state.oauth.mint(client, subject, &scopes, &record.audiences, now).map_err(issue_error)?;
+    let (issued, access) = state
+        .oauth
+        .mint(client, subject, &scopes, &record.audiences, form.dpop_jkt(), now)
+        .map_err(issue_error)?;
     let refresh = if client.grant_types.contains(&GrantType::RefreshToken) {
         Some(new_refresh(client, &family, &scopes, &record.audiences, now)?)
     } else {
@@ -216,9 +218,10 @@ pub(crate) async fn refresh_token(
     let grace = i64::try_from(state.config.refresh_grace.as_millis()).unwrap_or(i64::MAX);
     if cell.get().is_some_and(|done| now.saturating_sub(done.at) > grace) {
         // Past the grace period: a presentation of the used token is reuse (rotate() decides).
-        return rotate(state, client, hash, scope, now).await.map(|r| r.response);
+        return rotate(state, client, hash, scope.clone(), form.dpop_jkt(), now).await.map(|r| r.response);
     }
-    let out = cell.get_or_try_init(|| rotate(state, client, hash, scope, now)).await?;
+    let out =
+        cell.get_or_try_init(|| rotate(state, client, hash, scope.clone(), form.dpop_jkt(), now)).await?;
     if out.client_id != client.id {
         return Err(invalid_grant("the refresh token is not valid"));
     }
@@ -230,6 +233,7 @@ async fn rotate(
     client: &OAuthClient,
     hash: SecretHash,
     scope_param: Option<String>,
+    jkt: Option<&str>,
     now: i64,
 ) -> Result<Refreshed, OAuthError> {
     let store = state.store.as_ref();
@@ -289,7 +293,7 @@ async fn rotate(
     };
     let subject = Subject::User { user_id: &family.user_id, family_id: &family.id };
     let (issued, access) =
-        state.oauth.mint(client, subject, &scopes, &record.audiences, now).map_err(issue_error)?;
+        state.oauth.mint(client, subject, &scopes, &record.audiences, jkt, now).map_err(issue_error)?;
     let (secret, successor) = new_refresh(client, &family, &record.scopes, &record.audiences, now)?;
     let rotation = keygate_store::Rotation { old: hash, at: now, successor, access: access.clone() };
     if !state.oauth.rotate_refresh(store, rotation).await? {
@@ -373,8 +377,10 @@ pub(crate) async fn device_code(
         revoked_at: None,
     };
     let subject = Subject::User { user_id, family_id: &family.id };
-    let (issued, access) =
-        state.oauth.mint(client, subject, &scopes, &device.audiences, now).map_err(issue_error)?;
+    let (issued, access) = state
+        .oauth
+        .mint(client, subject, &scopes, &device.audiences, form.dpop_jkt(), now)
+        .map_err(issue_error)?;
     let refresh = if client.grant_types.contains(&GrantType::RefreshToken) {
         Some(new_refresh(client, &family, &scopes, &device.audiences, now)?)
     } else {

@@ -8,6 +8,7 @@
 pub mod assertion;
 pub mod authorize;
 pub mod device;
+pub mod dpop;
 pub mod error;
 pub mod exchange;
 pub mod flows;
@@ -47,7 +48,7 @@ pub fn router() -> OpenApiRouter<Arc<AppState>> {
 }
 
 /// A form body, after checking its content type (the parsing rules are in `keygate_core::oauth`).
-pub(crate) struct Form(keygate_core::oauth::Form);
+pub(crate) struct Form(keygate_core::oauth::Form, Option<String>);
 
 impl Form {
     fn parse(headers: &HeaderMap, body: &[u8]) -> Result<Form, OAuthError> {
@@ -58,12 +59,18 @@ impl Form {
                 "send parameters as application/x-www-form-urlencoded",
             ));
         }
-        Ok(Form(keygate_core::oauth::Form::parse(body)))
+        Ok(Form(keygate_core::oauth::Form::parse(body), None))
     }
 
     /// A parameter that may appear at most once (RFC 6749 section 3.2).
     fn one(&self, name: &str) -> Result<Option<&str>, OAuthError> {
         self.0.one(name).map_err(|e| OAuthError::new(OAuthErrorCode::InvalidRequest, e.to_string()))
+    }
+
+    /// At the token endpoint: the thumbprint of the key a valid DPoP proof showed (RFC 9449); the
+    /// tokens issued are bound to it.
+    fn dpop_jkt(&self) -> Option<&str> {
+        self.1.as_deref()
     }
 
     fn all(&self, name: &str) -> &[String] {
@@ -210,7 +217,18 @@ pub async fn token(
 ) -> Result<Response, OAuthError> {
     let now = state.now();
     let peer_ip = client.ip;
-    let form = Form::parse(&headers, &body)?;
+    let mut form = Form::parse(&headers, &body)?;
+    // RFC 9449: a DPoP proof binds the tokens issued here to the client's key.
+    if let Some(proof) = dpop_header(&headers)? {
+        let url = format!("{}/oauth2/token", state.oauth.issuer());
+        let check = dpop::ProofCheck { proof, method: "POST", url: &url, access_token: None };
+        let jkt = state
+            .oauth
+            .dpop
+            .verify(&check, now)
+            .map_err(|why| OAuthError::new(OAuthErrorCode::InvalidDpopProof, why))?;
+        form.1 = Some(jkt);
+    }
     let grant = form
         .one("grant_type")?
         .ok_or_else(|| OAuthError::new(OAuthErrorCode::InvalidRequest, "grant_type is missing"))?;
@@ -267,22 +285,37 @@ async fn client_credentials_grant(
     } else {
         resources.to_vec()
     };
-    let issued = state.oauth.issue(state.store.as_ref(), client, &scopes, &audiences, now).await.map_err(
-        |e| match e {
+    let issued = state
+        .oauth
+        .issue(state.store.as_ref(), client, &scopes, &audiences, form.dpop_jkt(), now)
+        .await
+        .map_err(|e| match e {
             tokens::IssueError::Store(s) => OAuthError::from(s),
             tokens::IssueError::Internal(m) => {
                 tracing::error!(error = %m, "issuing a token failed");
                 OAuthError::new(OAuthErrorCode::ServerError, "internal error")
             }
-        },
-    )?;
+        })?;
     state.metrics.record_grant(client.token_format.as_str());
     Ok(json!({
         "access_token": issued.access_token,
-        "token_type": "Bearer",
+        "token_type": issued.token_type,
         "expires_in": issued.expires_in,
         "scope": issued.scope,
     }))
+}
+
+/// The one `DPoP` header of a request, if any (RFC 9449 §4.3: more than one is an error).
+fn dpop_header(headers: &HeaderMap) -> Result<Option<&str>, OAuthError> {
+    let mut all = headers.get_all("dpop").iter();
+    let Some(first) = all.next() else { return Ok(None) };
+    if all.next().is_some() {
+        return Err(OAuthError::new(OAuthErrorCode::InvalidDpopProof, "send one DPoP proof, not several"));
+    }
+    first
+        .to_str()
+        .map(Some)
+        .map_err(|_| OAuthError::new(OAuthErrorCode::InvalidDpopProof, "the DPoP proof is not ASCII"))
 }
 
 /// Who is asking to introspect or revoke a token.
@@ -362,6 +395,7 @@ pub async fn introspect(
             "consumer_id": info.consumer_id,
             "sub": info.subject,
             "user_id": info.user_id,
+            "cnf": info.jkt.as_ref().map(|j| json!({"jkt": j})),
             "aud": if info.audiences.len() == 1 { Value::String(info.audiences[0].clone()) } else { json!(info.audiences) },
             "iss": state.oauth.issuer(),
             "exp": info.expires_at / 1000,
@@ -434,6 +468,7 @@ async fn discovery_document(state: &AppState) -> Result<Value, OAuthError> {
         "response_modes_supported": ["query"],
         "code_challenge_methods_supported": ["S256"],
         "authorization_response_iss_parameter_supported": true,
+        "dpop_signing_alg_values_supported": dpop::ALGS,
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt", "none"],
         "token_endpoint_auth_signing_alg_values_supported": ["RS256", "ES256", "EdDSA"],
         "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "bearer"],

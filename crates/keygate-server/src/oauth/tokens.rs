@@ -91,11 +91,15 @@ pub struct TokenInfo {
     pub source: Option<Source>,
     /// For an exchanged token: the client acting for the subject (`act.sub`).
     pub actor: Option<String>,
+    /// For a DPoP-bound token: the thumbprint of the key every use must prove.
+    pub jkt: Option<String>,
 }
 
 /// An issued token. (No `Debug`: it holds the token.)
 #[derive(Clone)]
 pub struct Issued {
+    /// `Bearer`, or `DPoP` for a token bound to the client's key.
+    pub token_type: &'static str,
     pub access_token: String,
     pub expires_in: i64,
     pub scope: String,
@@ -152,6 +156,8 @@ pub struct OAuth {
     revoked_families: RwLock<HashMap<String, i64>>,
     /// Authorization requests, sessions and in-flight refreshes of the user-facing flows.
     pub flows: super::flows::Flows,
+    /// DPoP proofs: their checks and the replay cache.
+    pub dpop: super::dpop::Dpop,
     /// Personal access tokens by hash (`None`: no such token), dropped on every change to one or to a
     /// user.
     pats: GuardedCache<SecretHash, Arc<Option<keygate_store::PersonalToken>>>,
@@ -302,6 +308,7 @@ impl OAuth {
                 Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(300)).build(),
             ),
             pat_uses: std::sync::Mutex::new(HashMap::new()),
+            dpop: super::dpop::Dpop::default(),
         }
     }
 
@@ -432,6 +439,7 @@ impl OAuth {
             family_id: None,
             source: None,
             actor: None,
+            jkt: None,
         })))
     }
 
@@ -620,9 +628,10 @@ impl OAuth {
         client: &OAuthClient,
         scopes: &[String],
         audiences: &[String],
+        jkt: Option<&str>,
         now: i64,
     ) -> Result<Issued, IssueError> {
-        let (issued, record) = self.mint(client, Subject::Client, scopes, audiences, now)?;
+        let (issued, record) = self.mint(client, Subject::Client, scopes, audiences, jkt, now)?;
         if let Some(record) = record {
             self.writer.submit(store, record.clone()).await.map_err(IssueError::Store)?;
             self.opaque_issued(record);
@@ -639,8 +648,10 @@ impl OAuth {
         subject: Subject<'_>,
         scopes: &[String],
         audiences: &[String],
+        jkt: Option<&str>,
         now: i64,
     ) -> Result<(Issued, Option<AccessTokenRecord>), IssueError> {
+        let token_type = if jkt.is_some() { "DPoP" } else { "Bearer" };
         let mut lifetime = client.token_lifetime_seconds.clamp(1, super::keys::MAX_TOKEN_LIFETIME_SECONDS);
         if let Subject::Exchanged { not_after, .. } = subject {
             lifetime = lifetime.min((not_after - now) / 1000).max(1);
@@ -673,8 +684,10 @@ impl OAuth {
                 revoked_at: None,
                 family_id: family,
                 source: source.as_ref().and_then(|s| serde_json::to_string(s).ok()),
+                jkt: jkt.map(str::to_owned),
             };
-            let issued = Issued { access_token: secret.expose().to_string(), expires_in: lifetime, scope };
+            let issued =
+                Issued { token_type, access_token: secret.expose().to_string(), expires_in: lifetime, scope };
             return Ok((issued, Some(record)));
         }
         let key =
@@ -698,9 +711,10 @@ impl OAuth {
             kg_fam: family,
             act,
             kg_src: source,
+            cnf: jkt.map(|j| serde_json::json!({"jkt": j})),
         };
         let access_token = key.sign_jwt(&claims).map_err(|e| IssueError::Internal(e.to_string()))?;
-        Ok((Issued { access_token, expires_in: lifetime, scope }, None))
+        Ok((Issued { token_type, access_token, expires_in: lifetime, scope }, None))
     }
 
     /// Rotates a refresh token (group-committed with concurrent rotations): false if it was already
@@ -810,6 +824,7 @@ impl OAuth {
                 family_id: record.family_id.clone(),
                 source: record.source.as_deref().and_then(|s| serde_json::from_str(s).ok()),
                 actor: record.source.as_ref().map(|_| record.client_id.clone()),
+                jkt: record.jkt.clone(),
             }
         };
         // Client state: disabled or deleted clients' tokens stop working; "revoke all" cut-off.
@@ -894,6 +909,7 @@ impl OAuth {
             family_id: c.kg_fam,
             actor: c.act.as_ref().and_then(|a| a.get("sub")).and_then(Value::as_str).map(str::to_owned),
             source: c.kg_src,
+            jkt: c.cnf.as_ref().and_then(|v| v.get("jkt")).and_then(Value::as_str).map(str::to_owned),
             subject: c.sub,
         })
     }

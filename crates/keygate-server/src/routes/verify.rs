@@ -43,6 +43,22 @@ pub struct VerifyRequest {
     /// For access tokens: a resource the token's audience must include.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub audience: Option<String>,
+    /// For DPoP-bound tokens (RFC 9449): the proof the API's request carried, with that request's
+    /// method and URL. A bound token without a valid proof is `DPOP_PROOF_INVALID`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dpop: Option<DpopInput>,
+}
+
+/// The DPoP proof of the request being authorised, and what it must match.
+#[derive(Debug, Default, Deserialize, serde::Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DpopInput {
+    /// The `DPoP` header's value.
+    pub proof: String,
+    /// The request's method, e.g. `GET`.
+    pub method: String,
+    /// The request's URL as the client called it, e.g. `https://api.example.com/v1/articles`.
+    pub url: String,
 }
 
 /// Decides about any credential: API keys through the key verifier, access tokens (JWT or `kgat_`)
@@ -53,6 +69,7 @@ pub async fn decide_credential<S: AsRef<str>>(
     required: &[S],
     ctx: Context,
     audience: Option<&str>,
+    dpop: Option<&DpopInput>,
 ) -> Result<Decision, keygate_store::StoreError> {
     if looks_like_jwt(credential)
         || credential.starts_with(SecretKind::AccessToken.prefix())
@@ -63,6 +80,21 @@ pub async fn decide_credential<S: AsRef<str>>(
             Ok(info) => info,
             Err(code) => return Ok(Decision::bare(code)),
         };
+        // A DPoP-bound token proves its key on every use; a bearer presentation of it is refused.
+        if let Some(jkt) = &info.jkt {
+            let proven = dpop.and_then(|d| {
+                let check = crate::oauth::dpop::ProofCheck {
+                    proof: &d.proof,
+                    method: &d.method,
+                    url: &d.url,
+                    access_token: Some(credential),
+                };
+                state.oauth.dpop.verify(&check, ctx.now_ms).ok()
+            });
+            if proven.as_deref() != Some(jkt.as_str()) {
+                return Ok(Decision::bare(DecisionCode::DpopProofInvalid));
+            }
+        }
         let mut decision = Decision::for_token(info.clone(), required);
         if info.kind == crate::oauth::tokens::TokenKind::Personal && decision.is_valid() {
             state.oauth.pat_used(&info.jti, ctx.now_ms, ctx.ip);
@@ -130,8 +162,15 @@ pub async fn verify(
     };
     let now = state.now();
     let ctx = Context { ip: end_client.or(caller.ip), cost, now_ms: now };
-    let decision =
-        decide_credential(&state, &req.credential, &req.scopes, ctx, req.audience.as_deref()).await?;
+    let decision = decide_credential(
+        &state,
+        &req.credential,
+        &req.scopes,
+        ctx,
+        req.audience.as_deref(),
+        req.dpop.as_ref(),
+    )
+    .await?;
     // Only an end client named in the request is throttled: the caller itself is a trusted gateway
     // that speaks for many clients. Only failed checks are refused once the budget is spent.
     if is_failure(&decision) {
@@ -217,12 +256,14 @@ pub async fn forward_auth(
     let audience = uri.query().and_then(|q| {
         form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "audience").map(|(_, v)| v.into_owned())
     });
+    let dpop = forwarded_dpop(&headers);
     let decision = decide_credential(
         &state,
         secret,
         &required,
         Context { ip: client.ip, cost: 1, now_ms: now },
         audience.as_deref(),
+        dpop.as_ref(),
     )
     .await?;
     if is_failure(&decision) {
@@ -233,6 +274,20 @@ pub async fn forward_auth(
     }
     record(&state, &decision, started);
     Ok(forward_auth_response(&decision))
+}
+
+/// Forward-auth and DPoP: the proof from the `DPoP` header, and the original request's method and URL
+/// from the proxy's headers (Traefik: `X-Forwarded-Method`/`-Proto`/`-Host`/`-Uri`; nginx:
+/// `X-Original-Method`, `X-Original-URL`).
+fn forwarded_dpop(headers: &HeaderMap) -> Option<DpopInput> {
+    let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    let proof = h("dpop")?;
+    let method = h("x-forwarded-method").or_else(|| h("x-original-method"))?;
+    let url = match h("x-original-url") {
+        Some(u) => u.to_string(),
+        None => format!("{}://{}{}", h("x-forwarded-proto")?, h("x-forwarded-host")?, h("x-forwarded-uri")?),
+    };
+    Some(DpopInput { proof: proof.to_string(), method: method.to_string(), url })
 }
 
 fn set_header(h: &mut HeaderMap, name: &'static str, value: &str) {
@@ -291,6 +346,17 @@ fn forward_auth_response(decision: &Decision) -> Response {
             let mut resp = Response::new(Body::from(decision.body()));
             *resp.status_mut() = StatusCode::TOO_MANY_REQUESTS;
             rate_limit_headers(resp.headers_mut(), decision);
+            resp
+        }
+        (DecisionCode::DpopProofInvalid, _) => {
+            let mut resp = Response::new(Body::from(decision.body()));
+            *resp.status_mut() = StatusCode::UNAUTHORIZED;
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(
+                    "DPoP realm=\"keygate\", error=\"invalid_dpop_proof\", algs=\"ES256 EdDSA RS256 PS256\"",
+                ),
+            );
             resp
         }
         (code, _) => {

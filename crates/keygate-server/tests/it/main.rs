@@ -7,6 +7,7 @@ mod admin;
 mod authcode;
 mod bad_input;
 mod device;
+mod dpop;
 mod exchange;
 mod hardening;
 mod helpers;

@@ -40,6 +40,7 @@ pub async fn verify(c: &Api, a: VerifyArgs) -> CliResult {
         cost: Some(a.cost),
         ip: a.ip.map(|ip| ip.to_string()),
         audience: a.audience,
+        dpop: None,
     };
     let d = c.send(Method::POST, &["v1", "verify"], &body).await?;
     let valid = d.get("valid").and_then(Value::as_bool).unwrap_or(false);
