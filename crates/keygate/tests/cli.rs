@@ -717,6 +717,120 @@ fn users_and_the_authorization_code_flow_from_the_cli_and_authlib() {
     }
 }
 
+#[test]
+fn device_flow_token_exchange_and_dpop_with_authlib_and_pyjwt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let admin = init(&dir);
+    let s = Server::start(&dir, &tmp.path().join("log"));
+    let password = "another long passphrase";
+    let mut cmd = keygate();
+    cmd.args(["users", "create", "--username", "tv-owner", "--password-stdin"])
+        .env("KEYGATE_URL", &s.url)
+        .env("KEYGATE_ADMIN_KEY", &admin);
+    assert!(with_stdin(cmd, &format!("{password}\n")).status.success());
+    let cid = s.json(&admin, &["consumers", "create", "--name", "media"])["id"].as_str().unwrap().to_string();
+    let device = s.json(
+        &admin,
+        &[
+            "clients",
+            "create",
+            "--consumer",
+            &cid,
+            "--name",
+            "TV",
+            "--public",
+            "--scope",
+            "videos:watch",
+            "--grant",
+            "urn:ietf:params:oauth:grant-type:device_code",
+        ],
+    );
+    let exchanger = s.json(
+        &admin,
+        &[
+            "clients",
+            "create",
+            "--consumer",
+            &cid,
+            "--name",
+            "backend",
+            "--scope",
+            "articles:read",
+            "--audience",
+            "https://downstream.example",
+            "--grant",
+            "client_credentials",
+            "--grant",
+            "urn:ietf:params:oauth:grant-type:token-exchange",
+        ],
+    );
+    let key =
+        s.json(&admin, &["keys", "create", "--consumer", &cid, "--name", "svc", "--scope", "articles:read"]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/interop/token_kinds_authlib.py");
+    let pip = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "authlib",
+            "requests",
+            "pyjwt[crypto]",
+        ])
+        .output()
+        .unwrap();
+    assert!(pip.status.success(), "pip install failed: {}", stderr(&pip));
+    let run = Command::new("python3")
+        .arg(script)
+        .env("ISSUER", &s.url)
+        .env("DEVICE_CLIENT_ID", device["client_id"].as_str().unwrap())
+        .env("EXCHANGE_CLIENT_ID", exchanger["client_id"].as_str().unwrap())
+        .env("EXCHANGE_CLIENT_SECRET", exchanger["client_secret"].as_str().unwrap())
+        .env("API_KEY", key["key"].as_str().unwrap())
+        .env("USERNAME", "tv-owner")
+        .env("PASSWORD", password)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}{}", stdout(&run), stderr(&run));
+    let out = stdout(&run);
+    assert!(out.contains("token kinds: ok"), "{out}");
+    let seen: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        s.decision(&admin, &[seen["device"].as_str().unwrap(), "--scope", "videos:watch"])["code"],
+        "VALID"
+    );
+    assert_eq!(
+        s.decision(&admin, &[seen["exchanged"].as_str().unwrap(), "--scope", "articles:read"])["code"],
+        "VALID"
+    );
+    // The DPoP-bound token: refused as a bare bearer token, accepted with PyJWT's proof.
+    assert_eq!(s.decision(&admin, &[seen["bound"].as_str().unwrap()])["code"], "DPOP_PROOF_INVALID");
+    let body = serde_json::json!({"credential": seen["bound"], "dpop": {"proof": seen["proof"], "method": "GET", "url": seen["url"]}});
+    let d: Value = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let r = reqwest::Client::new()
+            .post(format!("{}/v1/verify", s.url))
+            .bearer_auth(&admin)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        r.json().await.unwrap()
+    });
+    assert_eq!(d["code"], "VALID", "{d}");
+    // Revoking the key stops the exchanged token.
+    s.json(&admin, &["keys", "revoke", key["id"].as_str().unwrap()]);
+    assert_eq!(s.decision(&admin, &[seen["exchanged"].as_str().unwrap()])["code"], "REVOKED");
+    let (out, log) = s.stop();
+    for secret in
+        [seen["device"].as_str().unwrap(), seen["exchanged"].as_str().unwrap(), key["key"].as_str().unwrap()]
+    {
+        let tail = &secret[secret.len() - 16..];
+        assert!(!log.contains(tail) && !out.contains(tail), "a secret reached the log: …{tail}");
+    }
+}
+
 /// Runs the CLI with `input` on standard input.
 fn with_stdin(mut cmd: Command, input: &str) -> Output {
     let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
