@@ -448,6 +448,82 @@ end
         kg.stop()
 
 
+def measure_dpop(binary, tmp, proofs, seconds):
+    """POST /v1/verify at 32 connections: a DPoP-bound JWT, each request with its own fresh ES256 proof
+    (made with PyJWT beforehand, all within the 60 s window), next to the same verify of a bearer JWT."""
+    import uuid
+    import hashlib
+    import jwt as pyjwt
+    from cryptography.hazmat.primitives.asymmetric import ec
+    sub = tempfile.mkdtemp(prefix="dpop-", dir=tmp)
+    kg = Keygate(binary, sub, free_port(), "dpop")
+    try:
+        consumer = kg.api("POST", "/v1/consumers", {"name": "dpop"})
+        headers = oauth_client(kg, consumer["id"], "jwt")
+        key = ec.generate_private_key(ec.SECP256R1())
+        nums = key.public_key().public_numbers()
+        b64 = lambda n: base64.urlsafe_b64encode(n.to_bytes(32, "big")).decode().rstrip("=")
+        jwk = {"kty": "EC", "crv": "P-256", "x": b64(nums.x), "y": b64(nums.y)}
+
+        def proof(method, url, token=None):
+            claims = {"jti": str(uuid.uuid4()), "htm": method, "htu": url, "iat": int(time.time())}
+            if token:
+                claims["ath"] = base64.urlsafe_b64encode(hashlib.sha256(token.encode()).digest()).decode().rstrip("=")
+            return pyjwt.encode(claims, key, algorithm="ES256", headers={"typ": "dpop+jwt", "jwk": jwk})
+
+        def token(bound):
+            h = dict(headers)
+            if bound:
+                h["DPoP"] = proof("POST", kg.url + "/oauth2/token")
+            req = urllib.request.Request(kg.url + "/oauth2/token", data=b"grant_type=client_credentials", headers=h, method="POST")
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return json.loads(r.read())["access_token"]
+
+        bound, bearer = token(True), token(False)
+        auth = {"Authorization": f"Bearer {kg.admin}", "Content-Type": "application/json"}
+        bearer_script = write_script(sub, "bearer", "POST", "/v1/verify", auth, json.dumps({"credential": bearer}))
+        bearer_run = run_wrk(kg.url, bearer_script, 32, seconds)
+        api = "https://api.example.com/v1/articles"
+        started = time.time()
+        bodies = os.path.join(sub, "bodies.txt")
+        with open(bodies, "w") as f:
+            for _ in range(proofs):
+                f.write(json.dumps({"credential": bound, "dpop": {"proof": proof("GET", api, bound), "method": "GET", "url": api}}) + "\n")
+        log(f"made {proofs:,} DPoP proofs in {time.time() - started:.1f} s")
+        script = os.path.join(sub, "dpop.lua")
+        with open(script, "w") as f:
+            f.write(f"""
+local bodies = {{}}
+for line in io.lines({lua_quote(bodies)}) do bodies[#bodies + 1] = line end
+local i = 0
+local headers = {{["Authorization"] = "Bearer {kg.admin}", ["Content-Type"] = "application/json"}}
+request = function()
+  i = i + 1
+  return wrk.format("POST", "/v1/verify", headers, bodies[i])
+end
+response = function(status, hdrs, body)
+  if not string.find(body, '"VALID"', 1, true) then io.write("KG_NOT_VALID\\n") end
+end
+{LUA_DONE}""")
+        cmd = ["wrk", "-t", "1", "-c", "32", "-d", f"{seconds}s", "--timeout", "5s", "-s", script, kg.url]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+        for line in out.stdout.splitlines():
+            if line.startswith("KG_RESULT "):
+                r = json.loads(line[len("KG_RESULT "):])
+                r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+                r["errors"] = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
+                # Every answer must be VALID: a refused proof would make this a benchmark of refusals.
+                r["not_valid"] = out.stdout.count("KG_NOT_VALID")
+                r["errors"] += r["not_valid"]
+                if r["requests"] > proofs:
+                    log(f"WARNING: {r['requests']:,} requests but only {proofs:,} proofs: make more")
+                    r["errors"] += r["requests"] - proofs
+                return {"dpop": r, "bearer": bearer_run}
+        sys.exit(f"wrk printed no result:\n{out.stdout}\n{out.stderr}")
+    finally:
+        kg.stop()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=int, default=10, help="duration of each measurement (default 10)")
@@ -461,6 +537,8 @@ def main():
                     "build, interleaved in the same run (before/after of a change)")
     ap.add_argument("--refresh", type=int, default=0, help="also measure refresh grants/s at 32 connections, "
                     "with this many token families seeded through the authorization code flow (e.g. 40000)")
+    ap.add_argument("--dpop", type=int, default=0, help="also measure /v1/verify of a DPoP-bound token at 32 "
+                    "connections, with this many fresh proofs made beforehand (e.g. 60000; needs PyJWT[crypto])")
     ap.add_argument("--scale", default="", help="comma-separated stored-key counts to measure verify at, e.g. 1000,1000000")
     args = ap.parse_args()
     if args.smoke:
@@ -552,10 +630,18 @@ def main():
                   f"{refresh['rps']:,.0f}/s, p50 {fmt_us(refresh['p50_us'])}, p99 {fmt_us(refresh['p99_us'])}, "
                   f"errors {refresh['errors']}; seeding ran the code flow (authorize + exchange) at "
                   f"{refresh['seed_per_second']:,.0f} families/s")
+        dpop = None
+        if args.dpop:
+            dpop = measure_dpop(binary, tmp, args.dpop, args.seconds)
+            failed |= dpop["dpop"]["errors"] > 0
+            d, b = dpop["dpop"], dpop["bearer"]
+            print(f"\nPOST /v1/verify, 32 connections: bearer JWT {b['rps']:,.0f}/s (p99 {fmt_us(b['p99_us'])}); "
+                  f"DPoP-bound JWT with a fresh ES256 proof each {d['rps']:,.0f}/s (p99 {fmt_us(d['p99_us'])}), "
+                  f"{d['rps'] / b['rps']:.2f}x; errors {d['errors']}")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"machine": machine(), "rss_mib": rss, "results": summary, "scale": scale,
-                           "refresh": refresh}, f, indent=2)
+                           "refresh": refresh, "dpop": dpop}, f, indent=2)
         if failed:
             print("\nFAILED: some requests errored (see the errors column)", file=sys.stderr)
             return 1
