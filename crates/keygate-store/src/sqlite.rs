@@ -331,6 +331,10 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE access_tokens ADD COLUMN jkt TEXT;
     "#,
+    // 12: DPoP-bound refresh: the key a token family's refresh tokens must prove (RFC 9449 §5).
+    r#"
+    ALTER TABLE token_families ADD COLUMN jkt TEXT;
+    "#,
 ];
 
 /// Options for opening the SQLite store.

@@ -66,6 +66,7 @@ fn family_from_row(row: &SqliteRow) -> Result<TokenFamily> {
         created_at: row.try_get("f_created_at").map_err(map_err)?,
         expires_at: row.try_get("f_expires_at").map_err(map_err)?,
         revoked_at: row.try_get("f_revoked_at").map_err(map_err)?,
+        jkt: row.try_get("f_jkt").map_err(map_err)?,
     })
 }
 
@@ -274,8 +275,8 @@ async fn create_family(tx: &mut Tx<'_>, r: &Redemption) -> Result<bool> {
         return Ok(false);
     }
     sqlx::query(
-        "INSERT INTO token_families (id, grant_id, client_id, user_id, created_at, expires_at, revoked_at) \
-         VALUES (?, ?, ?, ?, ?, ?, NULL)",
+        "INSERT INTO token_families (id, grant_id, client_id, user_id, created_at, expires_at, revoked_at, jkt) \
+         VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
     )
     .bind(&family.id)
     .bind(&family.grant_id)
@@ -283,6 +284,7 @@ async fn create_family(tx: &mut Tx<'_>, r: &Redemption) -> Result<bool> {
     .bind(&family.user_id)
     .bind(family.created_at)
     .bind(family.expires_at)
+    .bind(&family.jkt)
     .execute(&mut **tx)
     .await
     .map_err(map_err)?;
@@ -523,7 +525,7 @@ impl UserStore for SqliteStore {
         let row = sqlx::query(
             "SELECT r.*, f.id AS f_id, f.grant_id AS f_grant_id, f.client_id AS f_client_id, \
              f.user_id AS f_user_id, f.created_at AS f_created_at, f.expires_at AS f_expires_at, \
-             f.revoked_at AS f_revoked_at FROM refresh_tokens r JOIN token_families f ON f.id = r.family_id \
+             f.revoked_at AS f_revoked_at, f.jkt AS f_jkt FROM refresh_tokens r JOIN token_families f ON f.id = r.family_id \
              WHERE r.hash = ?",
         )
         .bind(&hash.as_bytes()[..])

@@ -87,6 +87,8 @@ pub struct TokenFamily {
     /// Absolute end of its refresh tokens.
     pub expires_at: i64,
     pub revoked_at: Option<i64>,
+    /// DPoP (RFC 9449): the key thumbprint its refresh requests must prove, when it was issued with a proof.
+    pub jkt: Option<String>,
 }
 
 /// A refresh token as stored (only as SHA-256).

@@ -461,7 +461,7 @@ pub(super) async fn proceed(
             page(
                 StatusCode::OK,
                 "consent.html",
-                context! { client_name => req.client_name, username => user.username, scopes => listed,
+                context! { client_name => req.client_name, username => user.username, scopes => listed, device_code => req.device.as_deref().map(|c| format!("{}-{}", c.get(..4).unwrap_or(""), c.get(4..).unwrap_or(""))),
                 request_id, csrf => req.csrf, action => CONSENT_ACTION },
             )
         }

@@ -48,13 +48,20 @@ fn new_user_code() -> Result<String, getrandom::Error> {
     Ok(out)
 }
 
-/// What people type, normalized: upper case, without spaces and dashes.
-pub fn normalize_user_code(s: &str) -> String {
-    s.chars().filter(|c| !c.is_whitespace() && *c != '-').flat_map(char::to_uppercase).collect()
+/// What people type, normalized: upper case, without spaces and dashes; `None` unless it is 8
+/// characters of the alphabet (so nothing else is looked up or shown back).
+pub fn normalize_user_code(s: &str) -> Option<String> {
+    let code: String =
+        s.chars().filter(|c| !c.is_whitespace() && *c != '-').flat_map(char::to_uppercase).collect();
+    (code.len() == 8 && code.bytes().all(|b| ALPHABET.contains(&b))).then_some(code)
 }
 
+/// `XXXX-XXXX` of a normalized code (ASCII by construction).
 fn shown(code: &str) -> String {
-    if code.len() == 8 { format!("{}-{}", &code[..4], &code[4..]) } else { code.to_string() }
+    match (code.get(..4), code.get(4..)) {
+        (Some(a), Some(b)) if code.len() == 8 => format!("{a}-{b}"),
+        _ => String::new(),
+    }
 }
 
 /// `POST /oauth2/device_authorization` (RFC 8628 §3.1).
@@ -155,12 +162,13 @@ fn entry_page(status: StatusCode, user_code: &str, error: Option<&str>) -> Respo
 pub async fn device_page(RawQuery(query): RawQuery) -> Response {
     let query = query.unwrap_or_default();
     let form = CoreForm::parse(query.as_bytes());
-    let code = form.one("user_code").ok().flatten().map(normalize_user_code).unwrap_or_default();
-    let code = if code.len() <= 16 && code.chars().all(|c| c.is_ascii_alphabetic()) {
-        shown(&code)
-    } else {
-        String::new()
-    };
+    let code = form
+        .one("user_code")
+        .ok()
+        .flatten()
+        .and_then(normalize_user_code)
+        .map(|c| shown(&c))
+        .unwrap_or_default();
     entry_page(StatusCode::OK, &code, None)
 }
 
@@ -191,15 +199,18 @@ pub async fn device_entry(
             Some("Too many wrong codes. Wait a minute and try again."),
         );
     }
-    let entered = form.one("user_code").ok().flatten().map(normalize_user_code).unwrap_or_default();
-    let found = if entered.len() == 8 { state.store.find_device(&entered, now).await } else { Ok(None) };
+    let entered = form.one("user_code").ok().flatten().and_then(normalize_user_code);
+    let found = match &entered {
+        Some(code) => state.store.find_device(code, now).await,
+        None => Ok(None),
+    };
     let device = match found {
         Ok(Some(d)) => d,
         Ok(None) => {
             state.throttle.record_failure(peer.accountable, now);
             return entry_page(
                 StatusCode::BAD_REQUEST,
-                &shown(&entered.chars().take(16).collect::<String>()),
+                &entered.as_deref().map(shown).unwrap_or_default(),
                 Some("That code is not valid or has expired. Check your device and try again."),
             );
         }

@@ -69,6 +69,8 @@ async fn source_alive(state: &AppState, source: &Source, now: i64) -> Result<boo
 /// What the subject token says, once verified.
 struct Subj {
     sub: String,
+    /// Audiences the subject is limited to (personal access tokens); empty: none.
+    audiences: Vec<String>,
     consumer_id: Option<String>,
     family_id: Option<String>,
     scopes: Vec<String>,
@@ -110,6 +112,16 @@ pub(crate) async fn token_exchange(
                     "an exchanged token cannot be exchanged again",
                 ));
             }
+            // A DPoP-bound subject is exchanged only with a proof of its key (else exchange would strip
+            // the binding).
+            if let Some(jkt) = &info.jkt
+                && form.dpop_jkt() != Some(jkt.as_str())
+            {
+                return Err(OAuthError::new(
+                    OAuthErrorCode::InvalidDpopProof,
+                    "the subject_token is DPoP-bound: send a DPoP proof of its key",
+                ));
+            }
             let hex = SecretHash::of(subject).to_hex();
             let source = match (info.kind, info.format) {
                 (TokenKind::Personal, _) => Source::PersonalToken { h: hex },
@@ -122,6 +134,7 @@ pub(crate) async fn token_exchange(
             };
             Subj {
                 sub: info.subject.clone(),
+                audiences: if info.kind == TokenKind::Personal { info.audiences.clone() } else { Vec::new() },
                 consumer_id: (!info.consumer_id.is_empty()).then(|| info.consumer_id.clone()),
                 family_id: info.family_id.clone(),
                 scopes: info.scopes.clone(),
@@ -136,8 +149,16 @@ pub(crate) async fn token_exchange(
                 (DecisionCode::Valid, Some(k)) => k,
                 _ => return Err(bad_subject()),
             };
+            // What an exchanged token cannot carry: the key's address list and quota.
+            if key.allowed_ips.is_some() || key.has_quota {
+                return Err(OAuthError::new(
+                    OAuthErrorCode::InvalidGrant,
+                    "a key with an IP allow-list or a quota cannot be exchanged (the new token could not keep them)",
+                ));
+            }
             Subj {
                 sub: key.key_id.clone(),
+                audiences: Vec::new(),
                 consumer_id: Some(key.consumer_id.clone()),
                 family_id: None,
                 scopes: key.scopes.clone(),
@@ -193,10 +214,22 @@ pub(crate) async fn token_exchange(
         ));
     }
     let audiences = if wanted.is_empty() {
-        if client.audiences.is_empty() { vec![state.oauth.issuer()] } else { client.audiences.clone() }
+        if !subj.audiences.is_empty() {
+            subj.audiences.clone()
+        } else if client.audiences.is_empty() {
+            vec![state.oauth.issuer()]
+        } else {
+            client.audiences.clone()
+        }
     } else {
         wanted
     };
+    if !subj.audiences.is_empty() && audiences.iter().any(|a| !subj.audiences.contains(a)) {
+        return Err(OAuthError::new(
+            OAuthErrorCode::InvalidTarget,
+            "the subject_token is limited to other audiences",
+        ));
+    }
     if subj.expires_at <= now + 1000 {
         return Err(OAuthError::new(OAuthErrorCode::InvalidGrant, "the subject_token is about to expire"));
     }

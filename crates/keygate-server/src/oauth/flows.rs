@@ -78,6 +78,8 @@ pub struct Refreshed {
     pub response: Value,
     /// When the rotation happened (server clock): after the grace period the result is not handed out.
     pub at: i64,
+    /// The key the family is bound to (DPoP): a retry must prove it too.
+    pub jkt: Option<String>,
 }
 
 pub struct Flows {

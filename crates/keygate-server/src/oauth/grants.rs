@@ -162,6 +162,7 @@ pub(crate) async fn authorization_code(
         created_at: now,
         expires_at: now.saturating_add(client.refresh_absolute_seconds.saturating_mul(1000)),
         revoked_at: None,
+        jkt: form.dpop_jkt().map(str::to_owned),
     };
     let subject = Subject::User { user_id: &record.user_id, family_id: &family.id };
     let (issued, access) = state
@@ -225,6 +226,13 @@ pub(crate) async fn refresh_token(
     if out.client_id != client.id {
         return Err(invalid_grant("the refresh token is not valid"));
     }
+    // A retry sharing the rotation proves the same key the rotation did.
+    if out.jkt.is_some() && out.jkt.as_deref() != form.dpop_jkt() {
+        return Err(OAuthError::new(
+            OAuthErrorCode::InvalidDpopProof,
+            "the refresh token is DPoP-bound: send a proof of its key",
+        ));
+    }
     Ok(out.response.clone())
 }
 
@@ -242,6 +250,13 @@ async fn rotate(
     };
     if family.client_id != client.id {
         return Err(invalid_grant("the refresh token is not valid"));
+    }
+    // RFC 9449 §5: refresh tokens issued with a DPoP proof are refreshed only with a proof of that key.
+    if family.jkt.is_some() && family.jkt.as_deref() != jkt {
+        return Err(OAuthError::new(
+            OAuthErrorCode::InvalidDpopProof,
+            "the refresh token is DPoP-bound: send a proof of its key",
+        ));
     }
     if family.revoked_at.is_some() || state.oauth.family_revoked(&family.id) {
         return Err(invalid_grant("the refresh token was revoked"));
@@ -306,7 +321,12 @@ async fn rotate(
         state.oauth.opaque_issued(a);
     }
     state.metrics.record_grant(client.token_format.as_str());
-    Ok(Refreshed { client_id: client.id.clone(), response: response(&issued, Some(&secret)), at: now })
+    Ok(Refreshed {
+        client_id: client.id.clone(),
+        response: response(&issued, Some(&secret)),
+        at: now,
+        jkt: family.jkt,
+    })
 }
 
 /// `grant_type=urn:ietf:params:oauth:grant-type:device_code` (RFC 8628 §3.4–3.5): the device polls.
@@ -335,6 +355,9 @@ pub(crate) async fn device_code(
             OAuthErrorCode::ExpiredToken,
             "the device code has expired; start again",
         ));
+    }
+    if client.tokens_revoked_before.is_some_and(|t| device.created_at < t) {
+        return Err(invalid_grant("the device code was revoked with the client's tokens; start again"));
     }
     match device.status.as_str() {
         "pending" => {
@@ -375,6 +398,7 @@ pub(crate) async fn device_code(
         created_at: now,
         expires_at: now.saturating_add(client.refresh_absolute_seconds.saturating_mul(1000)),
         revoked_at: None,
+        jkt: form.dpop_jkt().map(str::to_owned),
     };
     let subject = Subject::User { user_id, family_id: &family.id };
     let (issued, access) = state

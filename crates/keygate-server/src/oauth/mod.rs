@@ -218,6 +218,13 @@ pub async fn token(
     let now = state.now();
     let peer_ip = client.ip;
     let mut form = Form::parse(&headers, &body)?;
+    let grant = form
+        .one("grant_type")?
+        .ok_or_else(|| OAuthError::new(OAuthErrorCode::InvalidRequest, "grant_type is missing"))?
+        .to_owned();
+    let client = authenticate(&state, &headers, &form, client, now)
+        .await?
+        .ok_or_else(|| OAuthError::invalid_client(false))?;
     // RFC 9449: a DPoP proof binds the tokens issued here to the client's key.
     if let Some(proof) = dpop_header(&headers)? {
         let url = format!("{}/oauth2/token", state.oauth.issuer());
@@ -229,13 +236,7 @@ pub async fn token(
             .map_err(|why| OAuthError::new(OAuthErrorCode::InvalidDpopProof, why))?;
         form.1 = Some(jkt);
     }
-    let grant = form
-        .one("grant_type")?
-        .ok_or_else(|| OAuthError::new(OAuthErrorCode::InvalidRequest, "grant_type is missing"))?;
-    let client = authenticate(&state, &headers, &form, client, now)
-        .await?
-        .ok_or_else(|| OAuthError::invalid_client(false))?;
-    let Some(grant) = keygate_store::GrantType::parse(grant) else {
+    let Some(grant) = keygate_store::GrantType::parse(&grant) else {
         return Err(OAuthError::new(
             OAuthErrorCode::UnsupportedGrantType,
             format!("grant_type {grant:?} is not supported"),
@@ -401,7 +402,7 @@ pub async fn introspect(
             "exp": info.expires_at / 1000,
             "iat": info.issued_at / 1000,
             "jti": info.jti,
-            "token_type": "Bearer",
+            "token_type": if info.jkt.is_some() { "DPoP" } else { "Bearer" },
         }),
         _ => json!({"active": false}),
     };

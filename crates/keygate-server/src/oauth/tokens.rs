@@ -266,8 +266,8 @@ fn lock_write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 
 /// The user of an opaque token: its subject, when it was issued for a user (a family, or exchanged
 /// from a personal access token).
-fn opaque_user(record: &AccessTokenRecord) -> Option<String> {
-    let from_pat = record.source.as_deref().is_some_and(|s| s.contains("\"personal_token\""));
+fn opaque_user(record: &AccessTokenRecord, source: Option<&Source>) -> Option<String> {
+    let from_pat = matches!(source, Some(Source::PersonalToken { .. }));
     (record.family_id.is_some() || from_pat).then(|| record.subject.clone())
 }
 
@@ -413,11 +413,11 @@ impl OAuth {
         if pat.expires_at.is_some_and(|e| e <= now) {
             return Ok(Err(DecisionCode::Expired));
         }
-        match self.user(store, &pat.user_id).await? {
+        let user = match self.user(store, &pat.user_id).await? {
             None => return Ok(Err(DecisionCode::Revoked)),
             Some(u) if u.disabled => return Ok(Err(DecisionCode::Disabled)),
-            Some(_) => {}
-        }
+            Some(u) => u,
+        };
         if let Some(aud) = audience
             && !pat.audiences.is_empty()
             && !pat.audiences.iter().any(|a| a == aud)
@@ -431,7 +431,11 @@ impl OAuth {
             client_id: String::new(),
             consumer_id: String::new(),
             subject: pat.user_id.clone(),
-            scopes: scope::usable_only(&pat.scopes),
+            // Within what the user may grant now (an admin may have narrowed it since).
+            scopes: super::authorize::within_user_limit(
+                &scope::usable_only(&pat.scopes),
+                user.allowed_scopes.as_deref(),
+            ),
             audiences: pat.audiences.clone(),
             issued_at: pat.updated_at,
             expires_at: pat.expires_at.unwrap_or(i64::MAX),
@@ -809,6 +813,12 @@ impl OAuth {
             if record.expires_at <= now {
                 return Ok(Err(DecisionCode::Expired));
             }
+            // A source that does not parse fails closed.
+            let source = match record.source.as_deref().map(serde_json::from_str::<Source>) {
+                None => None,
+                Some(Ok(s)) => Some(s),
+                Some(Err(_)) => return Ok(Err(DecisionCode::Revoked)),
+            };
             TokenInfo {
                 kind: TokenKind::Access,
                 format: TokenFormat::Opaque,
@@ -820,10 +830,10 @@ impl OAuth {
                 audiences: record.audiences.clone(),
                 issued_at: record.issued_at,
                 expires_at: record.expires_at,
-                user_id: opaque_user(&record),
+                user_id: opaque_user(&record, source.as_ref()),
                 family_id: record.family_id.clone(),
-                source: record.source.as_deref().and_then(|s| serde_json::from_str(s).ok()),
-                actor: record.source.as_ref().map(|_| record.client_id.clone()),
+                actor: source.as_ref().map(|_| record.client_id.clone()),
+                source,
                 jkt: record.jkt.clone(),
             }
         };

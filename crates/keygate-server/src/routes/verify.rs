@@ -280,12 +280,25 @@ pub async fn forward_auth(
 /// from the proxy's headers (Traefik: `X-Forwarded-Method`/`-Proto`/`-Host`/`-Uri`; nginx:
 /// `X-Original-Method`, `X-Original-URL`).
 fn forwarded_dpop(headers: &HeaderMap) -> Option<DpopInput> {
-    let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
-    let proof = h("dpop")?;
-    let method = h("x-forwarded-method").or_else(|| h("x-original-method"))?;
-    let url = match h("x-original-url") {
-        Some(u) => u.to_string(),
-        None => format!("{}://{}{}", h("x-forwarded-proto")?, h("x-forwarded-host")?, h("x-forwarded-uri")?),
+    let one = |n: &str| {
+        let mut all = headers.get_all(n).iter();
+        let first = all.next()?.to_str().ok();
+        if all.next().is_some() { None } else { first }
+    };
+    let proof = one("dpop")?;
+    // Two sources of the original request that disagree: a client may have set one of them itself
+    // (proxies pass client headers through), so neither is believed.
+    let method = match (one("x-forwarded-method"), one("x-original-method")) {
+        (Some(a), Some(b)) if a != b => return None,
+        (a, b) => a.or(b)?,
+    };
+    let forwarded = match (one("x-forwarded-proto"), one("x-forwarded-host"), one("x-forwarded-uri")) {
+        (Some(p), Some(h), Some(u)) => Some(format!("{p}://{h}{u}")),
+        _ => None,
+    };
+    let url = match (forwarded, one("x-original-url")) {
+        (Some(a), Some(b)) if a != b => return None,
+        (a, b) => a.or(b.map(str::to_owned))?,
     };
     Some(DpopInput { proof: proof.to_string(), method: method.to_string(), url })
 }

@@ -850,3 +850,74 @@ async fn refresh_tokens_expire_when_idle_and_at_their_absolute_end() {
     let (_, body) = refresh(&s, t["refresh_token"].as_str().unwrap()).await;
     assert_eq!(body["error"], "invalid_grant", "past 150 s since consent");
 }
+
+#[tokio::test]
+async fn dpop_bound_refresh_tokens_are_refreshed_only_with_their_key() {
+    use base64::Engine;
+    use p256::ecdsa::signature::Signer;
+    let s = setup_with(TestApp::start().await, json!({"public": true})).await;
+    let (verifier, challenge) = pkce();
+    let mut b = Browser::new();
+    let code = get_code(&s, &mut b, "articles:read", &challenge).await;
+    let b64 = |x: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(x);
+    let key = p256::ecdsa::SigningKey::from_slice(&[9u8; 32]).unwrap();
+    let point = key.verifying_key().to_encoded_point(false);
+    let jwk =
+        json!({"kty": "EC", "crv": "P-256", "x": b64(point.x().unwrap()), "y": b64(point.y().unwrap())});
+    let n = std::sync::atomic::AtomicU32::new(0);
+    let proof = || {
+        let header = json!({"typ": "dpop+jwt", "alg": "ES256", "jwk": jwk});
+        let claims = json!({"jti": format!("j{}", n.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
+            "htm": "POST", "htu": s.app.url("/oauth2/token"), "iat": s.app.state.now() / 1000});
+        let input = format!("{}.{}", b64(header.to_string().as_bytes()), b64(claims.to_string().as_bytes()));
+        let sig: p256::ecdsa::Signature = key.sign(input.as_bytes());
+        format!("{input}.{}", b64(&sig.to_bytes()))
+    };
+    let post = |form: Vec<(&'static str, String)>, dpop: Option<String>| {
+        let mut req = s.app.client.post(s.app.url("/oauth2/token")).form(&form);
+        if let Some(p) = dpop {
+            req = req.header("DPoP", p);
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, t) = post(
+        vec![
+            ("grant_type", "authorization_code".into()),
+            ("client_id", s.client_id.clone()),
+            ("code", code),
+            ("redirect_uri", REDIRECT.into()),
+            ("code_verifier", verifier),
+        ],
+        Some(proof()),
+    )
+    .await;
+    assert_eq!((status, t["token_type"].as_str()), (StatusCode::OK, Some("DPoP")), "{t}");
+    let refresh = |rt: &str| {
+        vec![
+            ("grant_type", "refresh_token".to_string()),
+            ("client_id", s.client_id.clone()),
+            ("refresh_token", rt.to_string()),
+        ]
+    };
+    // A stolen refresh token, without the key: refused, and the family lives on.
+    let (status, e) = post(refresh(t["refresh_token"].as_str().unwrap()), None).await;
+    assert_eq!((status, e["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_dpop_proof")), "{e}");
+    let (status, r) = post(refresh(t["refresh_token"].as_str().unwrap()), Some(proof())).await;
+    assert_eq!((status, r["token_type"].as_str()), (StatusCode::OK, Some("DPoP")), "{r}");
+
+    // Narrowing a user's allowed scopes narrows their personal access tokens at once.
+    let (_, p) = s
+        .app
+        .post(
+            &format!("/v1/users/{}/tokens", s.user_id),
+            json!({"name": "x", "scopes": ["articles:read", "articles:write"], "expires_in_seconds": 3600}),
+        )
+        .await;
+    let pat = p["token"].as_str().unwrap();
+    assert_eq!(s.app.verify_code(pat, &["articles:write"]).await, "VALID");
+    s.app.patch(&format!("/v1/users/{}", s.user_id), json!({"allowed_scopes": ["articles:read"]})).await;
+    assert_eq!(s.app.verify_code(pat, &["articles:write"]).await, "INSUFFICIENT_SCOPE");
+}

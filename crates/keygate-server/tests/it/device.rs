@@ -206,3 +206,22 @@ async fn setup_with_budget() -> Setup {
         .await;
     Setup { client_id: c["client_id"].as_str().unwrap().into(), app }
 }
+
+#[tokio::test]
+async fn odd_codes_are_refused_cleanly_and_revoke_tokens_reaches_approved_devices() {
+    let s = setup().await;
+    let mut b = Browser::new();
+    let (_, _, html) = b.get(&s.app.url("/oauth2/device?user_code=%E2%82%AC%E2%82%ACAB")).await;
+    for odd in ["€€AB", "BCDF-GHJ€", "bcdfghjkl", ""] {
+        let (status, _, _) = b.submit(&s.app.base, &parse_form(&html).set("user_code", odd), &[]).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{odd:?}");
+    }
+    let started = start(&s).await;
+    let (status, _) = answer(&s, &mut Browser::new(), started["user_code"].as_str().unwrap(), "allow").await;
+    assert_eq!(status, StatusCode::OK);
+    s.app.clock.advance(1);
+    s.app.post(&format!("/v1/clients/{}/revoke-tokens", s.client_id), json!({})).await;
+    s.app.clock.advance(2000);
+    let (_, e) = poll(&s, started["device_code"].as_str().unwrap()).await;
+    assert_eq!(e["error"], "invalid_grant", "{e}");
+}

@@ -219,3 +219,63 @@ async fn the_token_endpoint_refuses_bad_proofs_and_binds_opaque_tokens_too() {
         .unwrap();
     assert_eq!(intro["cnf"]["jkt"], keygate_server::oauth::dpop::thumbprint(&holder.jwk).unwrap().as_str());
 }
+
+#[tokio::test]
+async fn bound_refresh_tokens_and_bound_subjects_need_the_key_and_proxies_cannot_be_second_guessed() {
+    let app = TestApp::start().await;
+    let (id, secret) = client(&app, "jwt").await;
+    let holder = Holder::new();
+    let t = bound_token(&app, &holder, &id, &secret).await;
+    let token = t["access_token"].as_str().unwrap().to_string();
+    // Forward-auth with two disagreeing descriptions of the original request: refused.
+    let r = app
+        .client
+        .get(app.url("/v1/auth"))
+        .header("authorization", format!("DPoP {token}"))
+        .header("dpop", holder.proof(&app, "GET", API, Some(&token)))
+        .header("x-forwarded-method", "GET")
+        .header("x-original-method", "POST")
+        .header("x-original-url", API)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+
+    // Token exchange cannot strip the binding: without a proof of the subject's key it is refused.
+    let consumer = app.create_consumer("x").await;
+    let _ = consumer;
+    let (_, c) = app.get(&format!("/v1/clients/{id}")).await;
+    let (_, ex) = app
+        .post(
+            "/v1/clients",
+            json!({"consumer_id": c["consumer_id"], "name": "exchanger", "scopes": ["articles:read"],
+                   "grant_types": ["urn:ietf:params:oauth:grant-type:token-exchange"]}),
+        )
+        .await;
+    let form = [
+        ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
+        ("subject_token", token.as_str()),
+        ("subject_token_type", "urn:ietf:params:oauth:token-type:access_token"),
+    ];
+    let r = app
+        .client
+        .post(app.url("/oauth2/token"))
+        .basic_auth(ex["client_id"].as_str().unwrap(), ex["client_secret"].as_str())
+        .form(&form)
+        .send()
+        .await
+        .unwrap();
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"], "invalid_dpop_proof", "{e}");
+    let r = app
+        .client
+        .post(app.url("/oauth2/token"))
+        .basic_auth(ex["client_id"].as_str().unwrap(), ex["client_secret"].as_str())
+        .header("DPoP", holder.proof(&app, "POST", &app.url("/oauth2/token"), None))
+        .form(&form)
+        .send()
+        .await
+        .unwrap();
+    let x: Value = r.json().await.unwrap();
+    assert_eq!(x["token_type"], "DPoP", "the exchanged token stays bound: {x}");
+}

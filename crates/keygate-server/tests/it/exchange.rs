@@ -204,3 +204,37 @@ async fn access_tokens_and_personal_tokens_are_exchanged_and_revocation_follows(
     };
     assert_eq!(e["error"], "unauthorized_client");
 }
+
+#[tokio::test]
+async fn what_an_exchanged_token_could_not_keep_is_not_exchanged() {
+    let app = TestApp::start().await;
+    let consumer = app.create_consumer("acme").await;
+    let c = exchanger(&app, &consumer, "jwt").await;
+    for body in [
+        json!({"consumer_id": consumer, "name": "q", "scopes": ["articles:read"], "quota": {"remaining": 10}}),
+        json!({"consumer_id": consumer, "name": "ip", "scopes": ["articles:read"], "allowed_ips": ["10.0.0.0/8"]}),
+    ] {
+        let (_, key) = app.create_key_with(body).await;
+        let (_, e) = exchange(&app, &c, &[("subject_token", &key), ("subject_token_type", API_KEY)]).await;
+        assert_eq!(e["error"], "invalid_grant", "{e}");
+    }
+    // A PAT limited to one audience cannot be exchanged for another.
+    let (_, u) = app.post("/v1/users", json!({"username": "fay"})).await;
+    let (_, p) = app
+        .post(
+            &format!("/v1/users/{}/tokens", u["id"].as_str().unwrap()),
+            json!({"name": "x", "scopes": ["articles:read"], "expires_in_seconds": 3600, "audiences": ["https://only.example"]}),
+        )
+        .await;
+    let (_, e) = exchange(
+        &app,
+        &c,
+        &[
+            ("subject_token", p["token"].as_str().unwrap()),
+            ("subject_token_type", ACCESS),
+            ("resource", DOWNSTREAM),
+        ],
+    )
+    .await;
+    assert_eq!(e["error"], "invalid_target", "{e}");
+}
