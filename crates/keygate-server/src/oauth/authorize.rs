@@ -179,6 +179,24 @@ pub(super) fn set_cookie(names: &CookieNames, name: &str, value: &str, max_age: 
     .ok()
 }
 
+/// A new pending request's id and CSRF token, and the browser opening it: its existing `kg_browser`
+/// cookie (several tabs may be signing in), or a new one to set.
+pub(super) fn new_request_ids(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<(String, String, SecretHash, Option<HeaderValue>), Response> {
+    let (request_id, csrf) = (random_token()?, random_token()?);
+    let n = names(state);
+    match cookie(headers, n.browser) {
+        Some(b) if b.len() <= 64 => Ok((request_id, csrf, SecretHash::of(b), None)),
+        _ => {
+            let fresh = random_token()?;
+            let set = set_cookie(&n, n.browser, &fresh, SESSION_ABSOLUTE.as_secs());
+            Ok((request_id, csrf, SecretHash::of(&fresh), set))
+        }
+    }
+}
+
 /// A new login session for `user_id`, bound to this request: the cookie to set. A new id at every
 /// login, so a session id planted before the login is worthless.
 pub(super) fn new_session(
@@ -314,19 +332,11 @@ pub async fn authorize(
         Ok(v) => v,
         Err(r) => return r,
     };
-    let (request_id, csrf, fresh_browser) = match (random_token(), random_token(), random_token()) {
-        (Ok(a), Ok(b), Ok(c)) => (a, b, c),
-        (Err(r), _, _) | (_, Err(r), _) | (_, _, Err(r)) => return r,
+    let (request_id, csrf, browser, browser_cookie) = match new_request_ids(&state, &headers) {
+        Ok(v) => v,
+        Err(r) => return r,
     };
-    // The browser: its existing cookie (several tabs may be signing in), or a new one.
     let n = names(&state);
-    let (browser, browser_cookie) = match cookie(&headers, n.browser) {
-        Some(b) if b.len() <= 64 => (SecretHash::of(b), None),
-        _ => (
-            SecretHash::of(&fresh_browser),
-            set_cookie(&n, n.browser, &fresh_browser, SESSION_ABSOLUTE.as_secs()),
-        ),
-    };
     let always_ask = !client.confidential && !back.redirect_uri.starts_with("https://");
     let req = Arc::new(AuthRequest {
         client_id: client.id.clone(),

@@ -14,15 +14,13 @@ use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use keygate_core::oauth::Form as CoreForm;
-use keygate_core::{PlainSecret, SecretHash, SecretKind};
+use keygate_core::{PlainSecret, SecretKind};
 use keygate_store::{DeviceAuth, GrantType, StoreError};
 use minijinja::context;
 use serde_json::json;
 
-use super::authorize::{
-    cookie, error_page, form_body, login_page, names, page, proceed, random_token, set_cookie, usable_client,
-};
-use super::flows::{AuthRequest, SESSION_ABSOLUTE};
+use super::authorize::{cookie, error_page, form_body, login_page, names, page, proceed, usable_client};
+use super::flows::AuthRequest;
 use super::{Form, OAuthError, OAuthErrorCode, authenticate, no_store};
 use crate::auth::ClientIp;
 use crate::state::AppState;
@@ -226,18 +224,12 @@ pub async fn device_entry(
         Ok(None) => return error_page(StatusCode::BAD_REQUEST, "the application is disabled"),
         Err(r) => return r,
     };
-    let (request_id, csrf, fresh_browser) = match (random_token(), random_token(), random_token()) {
-        (Ok(a), Ok(b), Ok(c)) => (a, b, c),
-        (Err(r), _, _) | (_, Err(r), _) | (_, _, Err(r)) => return r,
-    };
+    let (request_id, csrf, browser, browser_cookie) =
+        match super::authorize::new_request_ids(&state, &headers) {
+            Ok(v) => v,
+            Err(r) => return r,
+        };
     let n = names(&state);
-    let (browser, browser_cookie) = match cookie(&headers, n.browser) {
-        Some(b) if b.len() <= 64 => (SecretHash::of(b), None),
-        _ => (
-            SecretHash::of(&fresh_browser),
-            set_cookie(&n, n.browser, &fresh_browser, SESSION_ABSOLUTE.as_secs()),
-        ),
-    };
     let req = Arc::new(AuthRequest {
         client_id: client.id.clone(),
         client_name: client.name.clone(),

@@ -86,6 +86,69 @@ fn still_allowed(granted: &[String], client: &OAuthClient, user: &super::tokens:
         .collect()
 }
 
+/// A new token family (one authorization) with its first tokens, not yet stored.
+struct FirstTokens {
+    family: TokenFamily,
+    issued: Issued,
+    access: Option<keygate_store::AccessTokenRecord>,
+    refresh: Option<(PlainSecret, RefreshRecord)>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn first_tokens(
+    state: &AppState,
+    client: &OAuthClient,
+    form: &Form,
+    grant_id: &str,
+    user_id: &str,
+    scopes: &[String],
+    audiences: &[String],
+    now: i64,
+) -> Result<FirstTokens, OAuthError> {
+    let family = TokenFamily {
+        id: crate::routes::common::new_id("fam", now)
+            .map_err(|_| issue_error(IssueError::Internal("random source failed".into())))?,
+        grant_id: grant_id.to_string(),
+        client_id: client.id.clone(),
+        user_id: user_id.to_string(),
+        created_at: now,
+        expires_at: now.saturating_add(client.refresh_absolute_seconds.saturating_mul(1000)),
+        revoked_at: None,
+        jkt: form.dpop_jkt().map(str::to_owned),
+    };
+    let subject = Subject::User { user_id, family_id: &family.id };
+    let (issued, access) =
+        state.oauth.mint(client, subject, scopes, audiences, form.dpop_jkt(), now).map_err(issue_error)?;
+    let refresh = if client.grant_types.contains(&GrantType::RefreshToken) {
+        Some(new_refresh(client, &family, scopes, audiences, now)?)
+    } else {
+        None
+    };
+    Ok(FirstTokens { family, issued, access, refresh })
+}
+
+impl FirstTokens {
+    /// What the store writes in one transaction when the code (or device code) is redeemed.
+    fn redemption(&self, hash: SecretHash, now: i64) -> keygate_store::Redemption {
+        keygate_store::Redemption {
+            hash,
+            at: now,
+            family: self.family.clone(),
+            refresh: self.refresh.as_ref().map(|(_, r)| r.clone()),
+            access: self.access.clone(),
+        }
+    }
+
+    /// Stored: remember an opaque token, count the grant, answer.
+    fn issued(self, state: &AppState, client: &OAuthClient) -> Value {
+        if let Some(a) = self.access {
+            state.oauth.opaque_issued(a);
+        }
+        state.metrics.record_grant(client.token_format.as_str());
+        response(&self.issued, self.refresh.as_ref().map(|(s, _)| s))
+    }
+}
+
 /// `grant_type=authorization_code`.
 pub(crate) async fn authorization_code(
     state: &AppState,
@@ -153,46 +216,22 @@ pub(crate) async fn authorization_code(
     if scopes.is_empty() && !record.scopes.is_empty() {
         return Err(invalid_grant("none of the granted scopes may be issued any more"));
     }
-    let family = TokenFamily {
-        id: crate::routes::common::new_id("fam", now)
-            .map_err(|_| issue_error(IssueError::Internal("random source failed".into())))?,
-        grant_id: record.grant_id.clone(),
-        client_id: client.id.clone(),
-        user_id: record.user_id.clone(),
-        created_at: now,
-        expires_at: now.saturating_add(client.refresh_absolute_seconds.saturating_mul(1000)),
-        revoked_at: None,
-        jkt: form.dpop_jkt().map(str::to_owned),
-    };
-    let subject = Subject::User { user_id: &record.user_id, family_id: &family.id };
-    let (issued, access) = state
-        .oauth
-        .mint(client, subject, &scopes, &record.audiences, form.dpop_jkt(), now)
-        .map_err(issue_error)?;
-    let refresh = if client.grant_types.contains(&GrantType::RefreshToken) {
-        Some(new_refresh(client, &family, &scopes, &record.audiences, now)?)
-    } else {
-        None
-    };
-    let redemption = keygate_store::Redemption {
-        hash,
-        at: now,
-        family: family.clone(),
-        refresh: refresh.as_ref().map(|(_, r)| r.clone()),
-        access: access.clone(),
-    };
-    let outcome = state.oauth.redeem_code(store, redemption).await?;
+    let first = first_tokens(
+        state,
+        client,
+        form,
+        &record.grant_id,
+        &record.user_id,
+        &scopes,
+        &record.audiences,
+        now,
+    )?;
+    let outcome = state.oauth.redeem_code(store, first.redemption(hash, now)).await?;
     match outcome {
-        Redeemed::Issued => {
-            if let Some(a) = access {
-                state.oauth.opaque_issued(a);
-            }
-            state.metrics.record_grant(client.token_format.as_str());
-            Ok(response(&issued, refresh.as_ref().map(|(s, _)| s)))
-        }
+        Redeemed::Issued => Ok(first.issued(state, client)),
         Redeemed::Replayed { family_id } => {
             if let Some(f) = family_id {
-                state.oauth.families_revoked(&[(f, family.expires_at)]);
+                state.oauth.families_revoked(&[(f, first.family.expires_at)]);
             }
             Err(invalid())
         }
@@ -389,40 +428,9 @@ pub(crate) async fn device_code(
     if scopes.is_empty() && !granted.is_empty() {
         return Err(invalid_grant("none of the granted scopes may be issued any more"));
     }
-    let family = TokenFamily {
-        id: crate::routes::common::new_id("fam", now)
-            .map_err(|_| issue_error(IssueError::Internal("random source failed".into())))?,
-        grant_id: grant_id.clone(),
-        client_id: client.id.clone(),
-        user_id: user_id.clone(),
-        created_at: now,
-        expires_at: now.saturating_add(client.refresh_absolute_seconds.saturating_mul(1000)),
-        revoked_at: None,
-        jkt: form.dpop_jkt().map(str::to_owned),
-    };
-    let subject = Subject::User { user_id, family_id: &family.id };
-    let (issued, access) = state
-        .oauth
-        .mint(client, subject, &scopes, &device.audiences, form.dpop_jkt(), now)
-        .map_err(issue_error)?;
-    let refresh = if client.grant_types.contains(&GrantType::RefreshToken) {
-        Some(new_refresh(client, &family, &scopes, &device.audiences, now)?)
-    } else {
-        None
-    };
-    let redemption = keygate_store::Redemption {
-        hash,
-        at: now,
-        family,
-        refresh: refresh.as_ref().map(|(_, r)| r.clone()),
-        access: access.clone(),
-    };
-    if !store.redeem_device(&hash, &redemption).await? {
+    let first = first_tokens(state, client, form, grant_id, user_id, &scopes, &device.audiences, now)?;
+    if !store.redeem_device(&hash, &first.redemption(hash, now)).await? {
         return Err(invalid_grant("the device code was already used"));
     }
-    if let Some(a) = access {
-        state.oauth.opaque_issued(a);
-    }
-    state.metrics.record_grant(client.token_format.as_str());
-    Ok(response(&issued, refresh.as_ref().map(|(s, _)| s)))
+    Ok(first.issued(state, client))
 }
