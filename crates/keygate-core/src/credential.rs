@@ -79,6 +79,11 @@ impl SecretKind {
         (SecretKind::DeviceCode, "kgdc_"),
     ];
 
+    /// Every kind of secret Keygate issues.
+    pub fn all() -> impl Iterator<Item = SecretKind> {
+        Self::ALL.into_iter().map(|(k, _)| k)
+    }
+
     pub fn prefix(self) -> &'static str {
         match self {
             SecretKind::ApiKey(Environment::Live) => "kg_live_",
@@ -92,6 +97,21 @@ impl SecretKind {
         }
     }
 }
+
+/// Regular expressions for secret scanners (GitHub secret scanning, GitLab, trufflehog…): one per kind
+/// of secret Keygate issues, each matching exactly that kind and nothing else (the 38 characters after
+/// the prefix are 32 random and 6 checksum base62 characters; a scanner can confirm a match with the
+/// checksum, see `docs/SECRET_FORMATS.md`). The same list is printed there; a test keeps them equal.
+pub const SCANNER_PATTERNS: &[(&str, &str)] = &[
+    ("keygate_api_key_live", r"\bkg_live_[0-9A-Za-z]{38}\b"),
+    ("keygate_api_key_test", r"\bkg_test_[0-9A-Za-z]{38}\b"),
+    ("keygate_access_token", r"\bkgat_[0-9A-Za-z]{38}\b"),
+    ("keygate_client_secret", r"\bkgcs_[0-9A-Za-z]{38}\b"),
+    ("keygate_refresh_token", r"\bkgrt_[0-9A-Za-z]{38}\b"),
+    ("keygate_authorization_code", r"\bkgac_[0-9A-Za-z]{38}\b"),
+    ("keygate_personal_access_token", r"\bkgpat_[0-9A-Za-z]{38}\b"),
+    ("keygate_device_code", r"\bkgdc_[0-9A-Za-z]{38}\b"),
+];
 
 /// Why a presented string is not a Keygate secret. Every variant maps to the `MALFORMED` decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
