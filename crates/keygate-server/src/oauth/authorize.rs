@@ -133,7 +133,6 @@ impl Back {
 
     fn error(&self, code: &str, description: &str) -> Response {
         if self.device {
-            let _ = code;
             return error_page(StatusCode::FORBIDDEN, description);
         }
         self.to(&[("error", code), ("error_description", description)])
@@ -586,7 +585,7 @@ fn pending(
             "the form's security check failed; go back to the application and start again",
         )
     };
-    if headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) == Some("cross-site") {
+    if cross_site(headers) {
         return Err(forged());
     }
     let id = form.one("request_id").ok().flatten().ok_or_else(expired)?;
@@ -600,6 +599,12 @@ fn pending(
         return Err(expired());
     }
     Ok((id.to_string(), req))
+}
+
+/// Did the browser say this form was submitted from another site (`Sec-Fetch-Site: cross-site`)? Forms
+/// of these pages are never submitted from elsewhere.
+pub(super) fn cross_site(headers: &HeaderMap) -> bool {
+    headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) == Some("cross-site")
 }
 
 pub(super) fn form_body(headers: &HeaderMap, body: &[u8]) -> Result<Form, Response> {

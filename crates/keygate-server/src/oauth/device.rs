@@ -187,7 +187,7 @@ pub async fn device_entry(
         Ok(f) => f,
         Err(r) => return r,
     };
-    if headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) == Some("cross-site") {
+    if super::authorize::cross_site(&headers) {
         return error_page(StatusCode::FORBIDDEN, "the form's security check failed; open this page again");
     }
     if state.throttle.blocked(peer.accountable, now).is_some() {

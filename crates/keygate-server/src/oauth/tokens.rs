@@ -637,8 +637,7 @@ impl OAuth {
     ) -> Result<Issued, IssueError> {
         let (issued, record) = self.mint(client, Subject::Client, scopes, audiences, jkt, now)?;
         if let Some(record) = record {
-            self.writer.submit(store, record.clone()).await.map_err(IssueError::Store)?;
-            self.opaque_issued(record);
+            self.store_opaque(store, record).await.map_err(IssueError::Store)?;
         }
         Ok(issued)
     }

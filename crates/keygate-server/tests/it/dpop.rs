@@ -242,8 +242,6 @@ async fn bound_refresh_tokens_and_bound_subjects_need_the_key_and_proxies_cannot
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 
     // Token exchange cannot strip the binding: without a proof of the subject's key it is refused.
-    let consumer = app.create_consumer("x").await;
-    let _ = consumer;
     let (_, c) = app.get(&format!("/v1/clients/{id}")).await;
     let (_, ex) = app
         .post(
