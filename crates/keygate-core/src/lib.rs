@@ -7,6 +7,7 @@
 
 pub mod credential;
 pub mod decision;
+pub mod events;
 pub mod forwarded;
 pub mod id;
 pub mod limits;

@@ -139,6 +139,7 @@ fn jwt_fixture(alg: keygate_server::oauth::keys::KeyAlg) -> JwtFixture {
         system: false,
         rate_limits: None,
         external_id: None,
+        leak_policy: keygate_store::LeakPolicy::Revoke,
         created_at: 0,
         updated_at: 0,
     });

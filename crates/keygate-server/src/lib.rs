@@ -17,6 +17,7 @@ pub mod seal;
 pub mod state;
 pub mod time;
 pub mod verify;
+pub mod webhooks;
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
@@ -78,7 +79,7 @@ pub fn app_for(state: Arc<AppState>, surface: Surface) -> axum::Router {
 /// listener and added by `app_for`). Routes are
 /// registered with their OpenAPI operation (utoipa-axum), so the document cannot miss one.
 fn public_routes() -> OpenApiRouter<Arc<AppState>> {
-    OpenApiRouter::new().merge(routes::verify::router()).merge(oauth::router())
+    OpenApiRouter::new().merge(routes::verify::router()).merge(oauth::router()).merge(routes::leaks::router())
 }
 
 /// What operators reach: the admin API and `/metrics` (the docs are added by `app_for`).
@@ -91,6 +92,8 @@ fn admin_routes() -> OpenApiRouter<Arc<AppState>> {
         .merge(routes::usage::router())
         .merge(routes::clients::router())
         .merge(routes::users::router())
+        .merge(routes::webhooks::router())
+        .merge(routes::leaks::admin_router())
         .merge(routes::ops::metrics_router())
 }
 
@@ -157,11 +160,24 @@ pub async fn launch_split(
         }
         Err(e) => return Err(std::io::Error::other(format!("cannot load the master key: {e}"))),
     };
+    state.webhooks.set_master(master.clone());
+    if let Some(path) = &state.config.leak_reporter_keys {
+        match routes::leaks::load_reporters(path) {
+            Ok(keys) => {
+                tracing::info!(keys = keys.len(), "leak reports accepted at /v1/leaks");
+                state.webhooks.set_reporters(keys);
+            }
+            Err(e) => {
+                return Err(std::io::Error::other(format!("cannot load the leak reporters' keys: {e}")));
+            }
+        }
+    }
     if let Err(e) = state.oauth.load(state.store.as_ref(), master, state.now()).await {
         return Err(std::io::Error::other(format!("cannot load OAuth signing keys and clients: {e}")));
     }
     state.oauth.start(state.store.clone());
     let background = tokio::spawn(background(state.clone()));
+    let deliveries = tokio::spawn(webhooks::run(state.clone()));
     let result = match admin {
         None => {
             axum::serve(listener, app(state.clone()).into_make_service_with_connect_info::<SocketAddr>())
@@ -192,6 +208,7 @@ pub async fn launch_split(
         }
     };
     background.abort();
+    deliveries.abort();
     final_flush(&state).await;
     result
 }
@@ -200,11 +217,13 @@ async fn background(state: Arc<AppState>) {
     let mut flush = tokio::time::interval(state.config.flush_interval);
     let mut follow = tokio::time::interval(std::time::Duration::from_secs(1));
     let mut retention = tokio::time::interval(std::time::Duration::from_secs(600));
+    // `key.expiring` events: at start, then hourly.
+    let mut expiring = tokio::time::interval(std::time::Duration::from_secs(3600));
     // Signing keys are checked often enough for the configured rotation interval, at most once a minute.
     let key_check = (state.config.key_rotation_interval / 4)
         .clamp(std::time::Duration::from_millis(100), std::time::Duration::from_secs(60));
     let mut keys = tokio::time::interval(key_check);
-    for t in [&mut flush, &mut follow, &mut retention, &mut keys] {
+    for t in [&mut flush, &mut follow, &mut retention, &mut keys, &mut expiring] {
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     }
     loop {
@@ -226,13 +245,23 @@ async fn background(state: Arc<AppState>) {
                 let newest = state.oauth.keys.records().iter().filter(|k| k.revoked_at.is_none()).map(|k| k.active_from).max().unwrap_or(now);
                 if every > 0 && now - newest >= every {
                     let ahead = state.config.key_publish_ahead.as_millis() as i64;
-                    match state.oauth.keys.rotate(state.store.as_ref(), state.oauth.alg, now, ahead, None).await {
+                    let audit = scheduled_rotation_audit(now);
+                    match state.oauth.keys.rotate(state.store.as_ref(), state.oauth.alg, now, ahead, audit.as_ref()).await {
                         Ok(k) => tracing::info!(kid = %k.kid, "rotated the JWT signing key on schedule"),
                         Err(e) => tracing::warn!(error = %e, "scheduled signing-key rotation failed; retrying"),
                     }
                 }
             }
+            _ = expiring.tick() => {
+                if let Err(e) = webhooks::sweep_expiring(&state).await {
+                    tracing::warn!(error = %e, "looking for keys about to expire failed; retrying in an hour");
+                }
+            }
             _ = retention.tick() => {
+                // Finished deliveries and their events are kept 30 days.
+                if let Err(e) = state.store.expire_events(state.now() - 30 * 86_400_000).await {
+                    tracing::warn!(error = %e, "expiring old webhook deliveries failed; retrying later");
+                }
                 if let Err(e) = state.store.expire_tokens(state.now()).await {
                     tracing::warn!(error = %e, "expiring old tokens failed; retrying later");
                 }
@@ -244,6 +273,20 @@ async fn background(state: Arc<AppState>) {
             }
         }
     }
+}
+
+/// The audit record (and `signing_key.rotated` event) of a rotation on schedule.
+fn scheduled_rotation_audit(now: i64) -> Option<keygate_store::NewAudit> {
+    Some(keygate_store::NewAudit {
+        id: keygate_core::id::new_id("evt", now).ok()?,
+        at: now,
+        actor: "system".into(),
+        action: "signing_key.rotate".into(),
+        target_type: "signing_key".into(),
+        target_id: "scheduled".into(),
+        ip: None,
+        details: serde_json::json!({"scheduled": true}),
+    })
 }
 
 async fn final_flush(state: &AppState) {

@@ -268,6 +268,7 @@ impl KeyRuntime {
         } else {
             None
         };
+        let quota_refill = st.quota.as_ref().and_then(|q| q.refill.as_ref()).map(|r| r.amount);
         KeyUsage {
             key_id: self.key_id.clone(),
             consumer_id: self.consumer_id.clone(),
@@ -275,6 +276,7 @@ impl KeyRuntime {
             counts,
             last_used,
             quota,
+            quota_refill,
         }
     }
 
@@ -360,14 +362,21 @@ impl Registry {
     /// back and go out with the next flush. Flushes run one at a time, so a caller that flushes before
     /// reading (a usage report) also waits for a flush already under way instead of reading before it
     /// commits.
-    pub async fn flush(&self, store: &dyn Store, now_ms: i64) -> Result<usize, StoreError> {
+    /// The events the batch gives rise to (quota and rate-limit events) are written with it.
+    pub async fn flush(
+        &self,
+        store: &dyn Store,
+        now_ms: i64,
+        quota_low_percent: u64,
+    ) -> Result<usize, StoreError> {
         let _one_at_a_time = self.flushing.lock().await;
         let dirty = std::mem::take(&mut *lock(&self.dirty));
         if dirty.is_empty() {
             return Ok(0);
         }
         let batch: Vec<KeyUsage> = dirty.iter().map(|rt| rt.take(now_ms)).collect();
-        match store.flush_usage(&batch).await {
+        let events = crate::webhooks::usage_events(&batch, quota_low_percent);
+        match store.flush_usage(&batch, &events).await {
             Ok(()) => Ok(batch.len()),
             Err(e) => {
                 for (rt, u) in dirty.iter().zip(&batch) {

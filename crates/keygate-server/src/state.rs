@@ -72,6 +72,10 @@ pub struct ServerConfig {
     pub pat_allow_no_expiry: bool,
     /// How often a device may poll the token endpoint (RFC 8628 `interval`).
     pub device_poll_interval: Duration,
+    pub webhooks: crate::webhooks::WebhookConfig,
+    /// A JSON file with the public keys of secret-scanning partners allowed to report leaks to
+    /// `/v1/leaks` (GitHub's `{"public_keys": [{"key_identifier", "key"}]}` form); `None`: off.
+    pub leak_reporter_keys: Option<PathBuf>,
 }
 
 /// How long usage buckets of each size are kept.
@@ -119,6 +123,8 @@ impl Default for ServerConfig {
             pat_max_lifetime: Duration::from_secs(90 * 86_400),
             pat_allow_no_expiry: false,
             device_poll_interval: Duration::from_secs(5),
+            webhooks: crate::webhooks::WebhookConfig::default(),
+            leak_reporter_keys: None,
         }
     }
 }
@@ -135,6 +141,7 @@ pub struct AppState {
     pub throttle: FailureThrottle,
     /// Failed logins per username (by the hash of its lower-cased form).
     pub login_throttle: FailureThrottle<keygate_core::SecretHash>,
+    pub webhooks: crate::webhooks::Webhooks,
     pub config: ServerConfig,
 }
 
@@ -210,6 +217,7 @@ impl AppState {
             metrics: Metrics::new(),
             throttle,
             login_throttle: FailureThrottle::quiet(config.failures_per_minute),
+            webhooks: crate::webhooks::Webhooks::default(),
             config,
         })
     }
@@ -222,7 +230,12 @@ impl AppState {
     /// Writes pending usage counts, last-used times and quotas now.
     pub async fn flush(&self) -> Result<usize, StoreError> {
         let pats = self.oauth.flush_pat_uses(self.store.as_ref()).await?;
-        Ok(self.verifier.runtimes.flush(self.store.as_ref(), self.now()).await? + pats)
+        Ok(self
+            .verifier
+            .runtimes
+            .flush(self.store.as_ref(), self.now(), self.config.webhooks.quota_low_percent)
+            .await?
+            + pats)
     }
 
     /// Deletes usage buckets older than the retention of their size.
@@ -285,6 +298,7 @@ pub async fn bootstrap(store: &dyn Store) -> Result<Option<PlainSecret>, OpenErr
         system: true,
         rate_limits: None,
         external_id: None,
+        leak_policy: keygate_store::LeakPolicy::default(),
         created_at: now,
         updated_at: now,
     };

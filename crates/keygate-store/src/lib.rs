@@ -7,13 +7,16 @@
 //!   the caller learns that nothing was acknowledged and can retry.
 //! - Times are integers: milliseconds since the Unix epoch, UTC. Secrets are stored only as SHA-256.
 
+mod events;
 mod model;
 mod oauth;
 mod sqlite;
+mod sqlite_events;
 mod sqlite_oauth;
 mod sqlite_users;
 mod users;
 
+pub use events::*;
 pub use model::*;
 pub use oauth::*;
 pub use sqlite::{SqliteOptions, SqliteStore};
@@ -56,8 +59,8 @@ pub struct AuditFilter {
 }
 
 /// Everything Keygate keeps: API keys ([`Store`]) and OAuth ([`OAuthStore`]).
-pub trait Backend: Store + OAuthStore {}
-impl<T: Store + OAuthStore> Backend for T {}
+pub trait Backend: Store + OAuthStore + EventStore {}
+impl<T: Store + OAuthStore + EventStore> Backend for T {}
 
 /// Everything Keygate keeps about consumers and API keys. Implementations must be safe to share between request handlers.
 #[async_trait]
@@ -122,6 +125,8 @@ pub trait Store: Send + Sync + 'static {
     async fn find_secret(&self, hash: &SecretHash) -> Result<Option<SecretRecord>>;
 
     async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>>;
+    /// Keys that are neither revoked nor disabled and expire in `(from, to]`, in id order.
+    async fn keys_expiring_between(&self, from: i64, to: i64, page: &Page) -> Result<Vec<ApiKey>>;
 
     /// Inserts imported keys and their audit events in one transaction: all or none.
     async fn import_keys(&self, keys: &[(ApiKey, StoredSecret)], audits: &[NewAudit]) -> Result<()>;
@@ -136,8 +141,9 @@ pub trait Store: Send + Sync + 'static {
     /// sequences do not promise this: a transaction can take a lower id and commit after a higher one.)
     async fn secret_changes_after(&self, seq: i64, limit: u32) -> Result<Vec<(i64, SecretHash)>>;
 
-    /// Writes a batch of usage counts, last-used times and quota states, in one transaction.
-    async fn flush_usage(&self, batch: &[KeyUsage]) -> Result<()>;
+    /// Writes a batch of usage counts, last-used times and quota states, with the events they give rise
+    /// to (quota and rate-limit events, each once per dedup key), in one transaction.
+    async fn flush_usage(&self, batch: &[KeyUsage], events: &[NewEvent]) -> Result<()>;
     async fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>>;
     /// Deletes usage buckets of each granularity older than its time. Returns how many.
     async fn expire_usage(&self, before: &[(Granularity, i64)]) -> Result<u64>;

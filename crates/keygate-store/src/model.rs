@@ -16,8 +16,38 @@ pub struct Consumer {
     pub rate_limits: Option<Vec<RateLimit>>,
     /// The API provider's own id for this account; unique when set.
     pub external_id: Option<String>,
+    /// What Keygate does when one of this consumer's credentials is reported leaked.
+    pub leak_policy: LeakPolicy,
     pub created_at: i64,
     pub updated_at: i64,
+}
+
+/// What Keygate does with a credential a secret-scanning partner reports as exposed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeakPolicy {
+    /// Revoke it at once, and report `credential.leaked` (the default: a public secret is a used secret).
+    #[default]
+    Revoke,
+    /// Only report `credential.leaked`; the consumer's owner decides.
+    Notify,
+}
+
+impl LeakPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeakPolicy::Revoke => "revoke",
+            LeakPolicy::Notify => "notify",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "revoke" => Some(LeakPolicy::Revoke),
+            "notify" => Some(LeakPolicy::Notify),
+            _ => None,
+        }
+    }
 }
 
 /// How to find one consumer other than by id.
@@ -37,6 +67,7 @@ pub struct ConsumerPatch {
     pub rate_limits: Option<Option<Vec<RateLimit>>>,
     /// `Some(None)` removes the external id.
     pub external_id: Option<Option<String>>,
+    pub leak_policy: Option<LeakPolicy>,
     pub updated_at: i64,
 }
 
@@ -212,6 +243,8 @@ pub struct KeyUsage {
     pub last_used: Option<(i64, Option<String>)>,
     /// Quota remaining and its refill clock.
     pub quota: Option<(u64, i64)>,
+    /// How much each refill adds (for the `quota.low` threshold), if the quota refills.
+    pub quota_refill: Option<u64>,
 }
 
 #[derive(Debug, Clone)]

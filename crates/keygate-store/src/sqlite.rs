@@ -14,7 +14,8 @@ use sqlx::{Row, SqlitePool};
 
 use crate::{
     ApiKey, AuditEvent, AuditFilter, Consumer, ConsumerLookup, ConsumerPatch, Granularity, KeyPatch,
-    KeyUsage, NewAudit, Page, Result, SecretRecord, Store, StoreError, StoredSecret, UsageQuery, UsageRow,
+    KeyUsage, LeakPolicy, NewAudit, NewEvent, Page, Result, SecretRecord, Store, StoreError, StoredSecret,
+    UsageQuery, UsageRow,
 };
 use keygate_core::limits::Quota;
 use serde::Serialize;
@@ -335,6 +336,66 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE token_families ADD COLUMN jkt TEXT;
     "#,
+    // 13: events. Webhook endpoints, the outbox of events (written in the transaction of the change they
+    // report), deliveries and their attempts; leak reports from secret-scanning partners; what a
+    // consumer wants done when one of its credentials is reported leaked.
+    r#"
+    CREATE TABLE webhook_endpoints (
+        id              TEXT PRIMARY KEY,
+        url             TEXT NOT NULL,
+        events          TEXT NOT NULL,                -- JSON list of event types, or ["*"]
+        description     TEXT,
+        enabled         INTEGER NOT NULL DEFAULT 1,
+        secret_sealed   BLOB NOT NULL,                -- sealed under the master key
+        failing_since   INTEGER,
+        disabled_reason TEXT,
+        created_at      INTEGER NOT NULL,
+        updated_at      INTEGER NOT NULL
+    );
+    CREATE TABLE events (
+        seq        INTEGER PRIMARY KEY,
+        id         TEXT NOT NULL UNIQUE,
+        type       TEXT NOT NULL,
+        at         INTEGER NOT NULL,
+        payload    TEXT NOT NULL,                     -- the exact JSON body receivers get
+        dedup      TEXT UNIQUE                        -- events written apart from a change: once per key
+    );
+    CREATE INDEX events_by_at ON events (at);
+    CREATE TABLE webhook_deliveries (
+        id          INTEGER PRIMARY KEY,
+        endpoint_id TEXT NOT NULL REFERENCES webhook_endpoints (id) ON DELETE CASCADE,
+        event_id    TEXT NOT NULL,
+        status      TEXT NOT NULL DEFAULT 'pending',  -- pending | delivered | failed
+        attempts    INTEGER NOT NULL DEFAULT 0,
+        next_at     INTEGER,                          -- NULL once finished
+        created_at  INTEGER NOT NULL,
+        UNIQUE (event_id, endpoint_id)
+    );
+    CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_at) WHERE status = 'pending';
+    CREATE INDEX webhook_deliveries_by_endpoint ON webhook_deliveries (endpoint_id, id);
+    CREATE TABLE webhook_attempts (
+        delivery_id INTEGER NOT NULL REFERENCES webhook_deliveries (id) ON DELETE CASCADE,
+        at          INTEGER NOT NULL,
+        status_code INTEGER,
+        latency_ms  INTEGER NOT NULL,
+        error       TEXT
+    );
+    CREATE INDEX webhook_attempts_by_delivery ON webhook_attempts (delivery_id, at);
+    CREATE TABLE leak_reports (
+        id              TEXT PRIMARY KEY,
+        at              INTEGER NOT NULL,
+        reporter        TEXT NOT NULL,
+        token_hash      TEXT NOT NULL,
+        token_type      TEXT NOT NULL,
+        url             TEXT,
+        source          TEXT,
+        label           TEXT NOT NULL,
+        credential_type TEXT,
+        credential_id   TEXT,
+        action          TEXT NOT NULL
+    );
+    ALTER TABLE consumers ADD COLUMN leak_policy TEXT NOT NULL DEFAULT 'revoke';
+    "#,
 ];
 
 /// Options for opening the SQLite store.
@@ -426,6 +487,10 @@ fn consumer_from_row(row: &SqliteRow) -> Result<Consumer> {
         system: row.try_get("system").map_err(map_err)?,
         rate_limits: parse_opt(row, "rate_limits")?,
         external_id: row.try_get("external_id").map_err(map_err)?,
+        leak_policy: {
+            let p: &str = row.try_get("leak_policy").map_err(map_err)?;
+            LeakPolicy::parse(p).ok_or_else(|| StoreError::Corrupt(format!("unknown leak policy {p:?}")))?
+        },
         created_at: row.try_get("created_at").map_err(map_err)?,
         updated_at: row.try_get("updated_at").map_err(map_err)?,
     })
@@ -527,13 +592,13 @@ pub(crate) async fn insert_audit(tx: &mut Tx<'_>, a: &NewAudit) -> Result<()> {
     .execute(&mut **tx)
     .await
     .map_err(map_err)?;
-    Ok(())
+    crate::sqlite_events::enqueue_audit_event(tx, a).await
 }
 
 async fn insert_consumer_tx(tx: &mut Tx<'_>, c: &Consumer) -> Result<()> {
     sqlx::query(
-        "INSERT INTO consumers (id, name, metadata, disabled, system, rate_limits, external_id, created_at, \
-         updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO consumers (id, name, metadata, disabled, system, rate_limits, external_id, leak_policy, \
+         created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(&c.id)
     .bind(&c.name)
@@ -542,6 +607,7 @@ async fn insert_consumer_tx(tx: &mut Tx<'_>, c: &Consumer) -> Result<()> {
     .bind(c.system)
     .bind(opt_json(&c.rate_limits)?)
     .bind(&c.external_id)
+    .bind(c.leak_policy.as_str())
     .bind(c.created_at)
     .bind(c.updated_at)
     .execute(&mut **tx)
@@ -738,7 +804,8 @@ impl Store for SqliteStore {
         let row = sqlx::query(
             "UPDATE consumers SET name = COALESCE(?, name), metadata = COALESCE(?, metadata), \
              disabled = COALESCE(?, disabled), rate_limits = CASE WHEN ? THEN ? ELSE rate_limits END, \
-             external_id = CASE WHEN ? THEN ? ELSE external_id END, updated_at = ? WHERE id = ? RETURNING *",
+             external_id = CASE WHEN ? THEN ? ELSE external_id END, leak_policy = COALESCE(?, leak_policy), \
+             updated_at = ? WHERE id = ? RETURNING *",
         )
         .bind(&patch.name)
         .bind(patch.metadata.as_ref().map(json_text))
@@ -747,6 +814,7 @@ impl Store for SqliteStore {
         .bind(opt_json(&patch.rate_limits.clone().flatten())?)
         .bind(patch.external_id.is_some())
         .bind(patch.external_id.clone().flatten())
+        .bind(patch.leak_policy.map(LeakPolicy::as_str))
         .bind(patch.updated_at)
         .bind(id)
         .fetch_optional(&mut *tx)
@@ -954,11 +1022,22 @@ impl Store for SqliteStore {
         rows.iter().map(|r| Ok((r.try_get("seq").map_err(map_err)?, hash_from_row(r)?))).collect()
     }
 
-    async fn flush_usage(&self, batch: &[KeyUsage]) -> Result<()> {
-        if batch.is_empty() {
+    async fn flush_usage(&self, batch: &[KeyUsage], events: &[NewEvent]) -> Result<()> {
+        if batch.is_empty() && events.is_empty() {
             return Ok(());
         }
         let mut tx = self.pool.begin().await.map_err(map_err)?;
+        for e in events {
+            crate::sqlite_events::insert_event_tx(
+                &mut tx,
+                &e.id,
+                &e.event_type,
+                e.at,
+                &e.payload,
+                Some(&e.dedup),
+            )
+            .await?;
+        }
         for u in batch {
             for (code, count) in &u.counts {
                 for g in Granularity::ALL {
@@ -1046,6 +1125,21 @@ impl Store for SqliteStore {
         Ok(deleted)
     }
 
+    async fn keys_expiring_between(&self, from: i64, to: i64, page: &Page) -> Result<Vec<ApiKey>> {
+        let rows = sqlx::query(
+            "SELECT * FROM api_keys WHERE revoked_at IS NULL AND disabled = 0 AND expires_at > ? \
+             AND expires_at <= ? AND id > ? ORDER BY id LIMIT ?",
+        )
+        .bind(from)
+        .bind(to)
+        .bind(page.after.as_deref().unwrap_or(""))
+        .bind(i64::from(page.limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
     async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>> {
         let rows = sqlx::query(
             "SELECT e.*, k.name AS actor_name FROM audit_events e LEFT JOIN api_keys k ON k.id = e.actor \
@@ -1104,6 +1198,7 @@ mod tests {
             system: false,
             rate_limits: None,
             external_id: None,
+            leak_policy: crate::LeakPolicy::Revoke,
             created_at: 0,
             updated_at: 0,
         };

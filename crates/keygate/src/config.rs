@@ -466,6 +466,115 @@ pub static SETTINGS: &[Setting] = &[
         },
     },
     Setting {
+        key: "webhooks.allow_private",
+        doc: "Let webhooks use http:// and reach loopback, private and link-local addresses. For local\n\
+              testing only: in production a webhook URL could otherwise probe your internal network.",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| Some(Value::Boolean(r.server.webhooks.allow_private)),
+        set: |r, v| {
+            r.server.webhooks.allow_private = boolean(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        key: "webhooks.allow_networks",
+        doc: "Private networks (addresses or CIDR ranges) webhooks may reach anyway, e.g. [\"10.20.0.0/16\"]\n\
+              for a receiver inside your network. Everything else private stays refused.",
+        unset: None,
+        list: true,
+        alias: None,
+        get: |r| {
+            Some(Value::Array(
+                r.server.webhooks.allow_networks.iter().map(|p| Value::String(p.to_string())).collect(),
+            ))
+        },
+        set: |r, v| {
+            let list: Vec<String> =
+                v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+            r.server.webhooks.allow_networks =
+                keygate_core::limits::parse_allowed_ips(&list).map_err(|e| e.to_string())?;
+            Ok(())
+        },
+    },
+    Setting {
+        key: "webhooks.first_retry_seconds",
+        doc: "Delay before a failed delivery's first retry; each next retry waits four times longer (at\n\
+              most 6 hours), with 20 % jitter.",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| n(r.server.webhooks.first_retry.as_secs()),
+        set: |r, v| {
+            r.server.webhooks.first_retry = Duration::from_secs(num(v, 1, 3600)?);
+            Ok(())
+        },
+    },
+    Setting {
+        key: "webhooks.retry_hours",
+        doc: "How long a delivery is retried before it is given up (each attempt is kept and listed).",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| n(r.server.webhooks.retry_for.as_secs() / 3600),
+        set: |r, v| {
+            r.server.webhooks.retry_for = Duration::from_secs(num(v, 1, 168)? * 3600);
+            Ok(())
+        },
+    },
+    Setting {
+        key: "webhooks.disable_after_days",
+        doc: "An endpoint whose every delivery has failed for this many days is disabled, and the\n\
+              `webhook.disabled` event and a warning in the log say so. 0 disables it at its first failure.",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| n(r.server.webhooks.disable_after.as_secs() / 86_400),
+        set: |r, v| {
+            r.server.webhooks.disable_after = Duration::from_secs(num(v, 0, 90)? * 86_400);
+            Ok(())
+        },
+    },
+    Setting {
+        key: "webhooks.timeout_seconds",
+        doc: "How long a receiver has to answer a delivery.",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| n(r.server.webhooks.timeout.as_secs()),
+        set: |r, v| {
+            r.server.webhooks.timeout = Duration::from_secs(num(v, 1, 60)?);
+            Ok(())
+        },
+    },
+    Setting {
+        key: "webhooks.quota_low_percent",
+        doc: "`quota.low` is sent when a refilling quota falls to this percentage of its refill amount.",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| n(r.server.webhooks.quota_low_percent),
+        set: |r, v| {
+            r.server.webhooks.quota_low_percent = num(v, 1, 99)?;
+            Ok(())
+        },
+    },
+    Setting {
+        key: "leaks.reporter_keys_file",
+        doc: "Turns on the leaked-secret receiver (POST /v1/leaks): a JSON file with the public keys of the\n\
+              secret-scanning partners allowed to report, in GitHub's form {\"public_keys\": [{\n\
+              \"key_identifier\": ..., \"key\": PEM}]} (save https://api.github.com/meta/public_keys/secret_scanning).",
+        unset: Some(("leak reports are refused", "\"/etc/keygate/secret-scanning-keys.json\"")),
+        list: false,
+        alias: None,
+        get: |r| r.server.leak_reporter_keys.as_ref().and_then(|p| s(p.display().to_string())),
+        set: |r, v| {
+            r.server.leak_reporter_keys = Some(PathBuf::from(v));
+            Ok(())
+        },
+    },
+    Setting {
         key: "login.trusted_header",
         doc: "For sites with their own single sign-on: a header a front proxy sets to the username it has\n\
               already authenticated (e.g. \"x-remote-user\"). Believed only from trusted_proxies, and only for\n\

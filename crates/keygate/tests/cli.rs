@@ -809,6 +809,7 @@ fn device_flow_token_exchange_and_dpop_with_authlib_and_pyjwt() {
     assert_eq!(s.decision(&admin, &[seen["bound"].as_str().unwrap()])["code"], "DPOP_PROOF_INVALID");
     let body = serde_json::json!({"credential": seen["bound"], "dpop": {"proof": seen["proof"], "method": "GET", "url": seen["url"]}});
     let d: Value = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        keygate_server::webhooks::install_tls();
         let r = reqwest::Client::new()
             .post(format!("{}/v1/verify", s.url))
             .bearer_auth(&admin)

@@ -382,7 +382,9 @@ impl SigningKeys {
     ) -> Result<SigningKey, KeyError> {
         let active_from = now + publish_ahead_ms.max(0);
         let new = generate(alg, now, active_from)?;
-        self.insert(store, &new, audit).await?;
+        // The audit record (and the `signing_key.rotated` event) names the new key.
+        let audit = audit.map(|a| keygate_store::NewAudit { target_id: new.kid.clone(), ..a.clone() });
+        self.insert(store, &new, audit.as_ref()).await?;
         for k in self.records() {
             if k.revoked_at.is_none() && k.retired_at.is_none_or(|r| r > active_from) && k.kid != new.kid {
                 let publish_until = active_from + MAX_TOKEN_LIFETIME_SECONDS * 1000;

@@ -471,7 +471,7 @@ pub async fn get_client(
     Ok(Json(load_client(&state, &id).await?.into()))
 }
 
-async fn patch_client(
+pub(crate) async fn patch_client(
     state: &AppState,
     actor: &crate::auth::Actor,
     id: &str,

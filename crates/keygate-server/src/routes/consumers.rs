@@ -9,7 +9,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use keygate_core::limits::RateLimit;
-use keygate_store::{Consumer, ConsumerLookup, ConsumerPatch};
+use keygate_store::{Consumer, ConsumerLookup, ConsumerPatch, LeakPolicy};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::{IntoParams, ToSchema};
@@ -42,6 +42,10 @@ pub struct ConsumerView {
     pub rate_limits: Option<Vec<RateLimit>>,
     /// Your own id for this account (unique).
     pub external_id: Option<String>,
+    /// What Keygate does when one of this consumer's credentials is reported leaked: `revoke` (default)
+    /// or `notify` (only the `credential.leaked` event).
+    #[schema(value_type = String, example = "revoke")]
+    pub leak_policy: LeakPolicy,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -56,6 +60,7 @@ impl From<Consumer> for ConsumerView {
             system: c.system,
             rate_limits: c.rate_limits,
             external_id: c.external_id,
+            leak_policy: c.leak_policy,
             created_at: rfc3339(c.created_at),
             updated_at: rfc3339(c.updated_at),
         }
@@ -83,6 +88,10 @@ pub struct CreateConsumer {
     /// Your own id for this account (e.g. your customer id), unique among consumers; 1–200 characters.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub external_id: Option<String>,
+    /// `revoke` (default) or `notify`: what Keygate does when one of its credentials is reported leaked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub leak_policy: Option<LeakPolicy>,
 }
 
 #[derive(Debug, Default, Deserialize, serde::Serialize, ToSchema)]
@@ -101,6 +110,10 @@ pub struct UpdateConsumer {
     #[serde(skip_serializing_if = "Option::is_none", default, deserialize_with = "present")]
     #[schema(value_type = Option<String>)]
     pub external_id: Option<Option<String>>,
+    /// `revoke` or `notify`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub leak_policy: Option<LeakPolicy>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -194,6 +207,7 @@ pub async fn create_consumer(
         system: false,
         rate_limits: req.rate_limits,
         external_id: req.external_id,
+        leak_policy: req.leak_policy.unwrap_or_default(),
         created_at: now,
         updated_at: now,
     };
@@ -248,11 +262,15 @@ pub async fn update_consumer(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<UpdateConsumer>,
 ) -> ApiResult<Json<ConsumerView>> {
-    if req.name.is_none() && req.metadata.is_none() && req.rate_limits.is_none() && req.external_id.is_none()
+    if req.name.is_none()
+        && req.metadata.is_none()
+        && req.rate_limits.is_none()
+        && req.external_id.is_none()
+        && req.leak_policy.is_none()
     {
         return Err(ApiError::new(
             ErrorCode::ValidationFailed,
-            "the update changes nothing; send name, metadata, rate_limits or external_id",
+            "the update changes nothing; send name, metadata, rate_limits, external_id or leak_policy",
         ));
     }
     if let Some(Some(e)) = &req.external_id {
@@ -276,13 +294,14 @@ pub async fn update_consumer(
     }
     let now = state.now();
     let details = json!({"name": req.name, "metadata_changed": req.metadata.is_some(),
-        "rate_limits": req.rate_limits, "external_id": req.external_id});
+        "rate_limits": req.rate_limits, "external_id": req.external_id, "leak_policy": req.leak_policy});
     let patch = ConsumerPatch {
         name: req.name,
         metadata: req.metadata,
         disabled: None,
         rate_limits: req.rate_limits,
         external_id: req.external_id,
+        leak_policy: req.leak_policy,
         updated_at: now,
     };
     set_consumer(&state, &actor, &id, patch, "consumer.update", details).await

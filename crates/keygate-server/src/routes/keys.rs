@@ -312,7 +312,7 @@ pub async fn get_key(
     Ok(Json(key_view(&state, load_key(&state, &id).await?, state.now())))
 }
 
-async fn patch_key(
+pub(crate) async fn patch_key(
     state: &AppState,
     actor: &Actor,
     id: &str,

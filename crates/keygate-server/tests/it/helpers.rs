@@ -98,6 +98,7 @@ impl Builder {
 
 impl TestApp {
     pub fn builder() -> Builder {
+        keygate_server::webhooks::install_tls();
         let dir = tempfile::tempdir().unwrap();
         let config = ServerConfig { data_dir: dir.path().join("data"), ..ServerConfig::default() };
         Builder { config, dir: Some(dir), admin_key: None }

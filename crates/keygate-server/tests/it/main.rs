@@ -8,6 +8,7 @@ mod authcode;
 mod bad_input;
 mod device;
 mod dpop;
+mod events;
 mod exchange;
 mod hardening;
 mod helpers;

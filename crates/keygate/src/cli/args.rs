@@ -99,6 +99,14 @@ pub fn consumer_id(s: &str) -> Result<String, String> {
     id("cons", "consumer", s)
 }
 
+pub fn webhook_id(s: &str) -> Result<String, String> {
+    id("whk", "webhook", s)
+}
+
+pub fn leak_policy(s: &str) -> Result<keygate_store::LeakPolicy, String> {
+    keygate_store::LeakPolicy::parse(s).ok_or_else(|| "must be revoke or notify".to_string())
+}
+
 pub fn key_id(s: &str) -> Result<String, String> {
     id("key", "key", s)
 }

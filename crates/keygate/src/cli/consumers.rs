@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::Subcommand;
 use keygate_core::limits::RateLimit;
 use keygate_server::routes::consumers::{CreateConsumer, UpdateConsumer};
+use keygate_store::LeakPolicy;
 use reqwest::Method;
 use serde_json::Value;
 
@@ -30,6 +31,10 @@ pub enum Cmd {
         /// Your own id for this account (unique), to find it again with `consumers show --external-id`.
         #[arg(long)]
         external_id: Option<String>,
+        /// When a secret-scanning partner reports one of its credentials leaked: revoke it (default) or
+        /// only notify (the `credential.leaked` event).
+        #[arg(long, value_parser = args::leak_policy)]
+        leak_policy: Option<LeakPolicy>,
     },
     /// List consumers, oldest first.
     List {
@@ -68,6 +73,9 @@ pub enum Cmd {
         /// Remove the external id.
         #[arg(long)]
         no_external_id: bool,
+        /// revoke or notify: what happens when one of its credentials is reported leaked.
+        #[arg(long, value_parser = args::leak_policy)]
+        leak_policy: Option<LeakPolicy>,
     },
     /// Disable a consumer: its keys, clients and tokens stop working until it is enabled.
     Disable {
@@ -85,12 +93,13 @@ pub enum Cmd {
 
 pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
     match cmd {
-        Cmd::Create { name, metadata, rate_limits, external_id } => {
+        Cmd::Create { name, metadata, rate_limits, external_id, leak_policy } => {
             let body = CreateConsumer {
                 name,
                 metadata,
                 rate_limits: (!rate_limits.is_empty()).then_some(rate_limits),
                 external_id,
+                leak_policy,
             };
             let v = c.send(Method::POST, &["v1", "consumers"], &body).await?;
             output(c, &v, |v| {
@@ -141,7 +150,16 @@ pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
             };
             output(c, &v, print_object);
         }
-        Cmd::Update { id, name, metadata, rate_limits, no_rate_limits, external_id, no_external_id } => {
+        Cmd::Update {
+            id,
+            name,
+            metadata,
+            rate_limits,
+            no_rate_limits,
+            external_id,
+            no_external_id,
+            leak_policy,
+        } => {
             let body = UpdateConsumer {
                 name,
                 metadata,
@@ -151,6 +169,7 @@ pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
                     (!rate_limits.is_empty()).then_some(Some(rate_limits))
                 },
                 external_id: if no_external_id { Some(None) } else { external_id.map(Some) },
+                leak_policy,
             };
             let v = c.send(Method::PATCH, &["v1", "consumers", &id], &body).await?;
             output(c, &v, |v| {

@@ -19,6 +19,7 @@ mod reports;
 mod signing_keys;
 mod users;
 mod verify;
+mod webhooks;
 
 use std::process::ExitCode;
 
@@ -112,6 +113,13 @@ pub enum Remote {
         #[command(subcommand)]
         command: signing_keys::Cmd,
     },
+    /// Send events to your own endpoints: signed webhooks (Standard Webhooks), delivered at least once.
+    Webhooks {
+        #[command(subcommand)]
+        command: webhooks::Cmd,
+    },
+    /// Reports of leaked credentials received from secret-scanning partners, newest first.
+    Leaks(webhooks::LeaksArgs),
     /// Verify a credential, as your API would. Exit code 0 if valid, 4 if not.
     Verify(verify::VerifyArgs),
     /// Get an access token with the client credentials grant, as an application would.
@@ -151,6 +159,8 @@ async fn run_remote(global: GlobalArgs, remote: Remote) -> Result<ExitCode, Fail
         Remote::SigningKeys { command } => signing_keys::run(&c, command).await,
         Remote::Users { command } => users::run(&c, command).await,
         Remote::Scopes { command } => users::run_scopes(&c, command).await,
+        Remote::Webhooks { command } => webhooks::run(&c, command).await,
+        Remote::Leaks(a) => webhooks::leaks(&c, a).await,
         Remote::Verify(a) => verify::verify(&c, a).await,
         Remote::Token(a) => verify::token(&c, a).await,
         Remote::Usage(a) => reports::usage(&c, a).await,

@@ -1,0 +1,445 @@
+//! The SQLite implementation of [`EventStore`], and the outbox writes every audited change makes.
+
+use async_trait::async_trait;
+use keygate_core::events::{audit_data, event_for_action, payload};
+use sqlx::Row;
+use sqlx::sqlite::SqliteRow;
+
+use crate::events::{
+    Attempt, AttemptOutcome, Delivery, DueDelivery, EventStore, LeakReport, NewEvent, StoredEvent,
+    WebhookEndpoint, WebhookPatch,
+};
+use crate::sqlite::{Tx, fetch_by_id, fetch_page, insert_audit, map_err};
+use crate::sqlite_oauth::{json_list, to_json};
+use crate::{NewAudit, Page, Result, SqliteStore};
+
+/// Writes the event an audited change reports, if it reports one, with its deliveries (called by
+/// `insert_audit`, in the change's transaction).
+pub(crate) async fn enqueue_audit_event(tx: &mut Tx<'_>, a: &NewAudit) -> Result<()> {
+    let Some(event_type) = event_for_action(&a.action) else { return Ok(()) };
+    let body = payload(event_type, a.at, audit_data(&a.target_type, &a.target_id, &a.actor, &a.details));
+    insert_event_tx(tx, &a.id, event_type, a.at, &body, None).await?;
+    Ok(())
+}
+
+/// Inserts an event (ignored if its id or dedup key exists) and a pending delivery for each enabled
+/// endpoint that takes it. True if the event is new.
+pub(crate) async fn insert_event_tx(
+    tx: &mut Tx<'_>,
+    id: &str,
+    event_type: &str,
+    at: i64,
+    body: &str,
+    dedup: Option<&str>,
+) -> Result<bool> {
+    let inserted =
+        sqlx::query("INSERT OR IGNORE INTO events (id, type, at, payload, dedup) VALUES (?, ?, ?, ?, ?)")
+            .bind(id)
+            .bind(event_type)
+            .bind(at)
+            .bind(body)
+            .bind(dedup)
+            .execute(&mut **tx)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
+    if inserted == 0 {
+        return Ok(false);
+    }
+    sqlx::query(
+        "INSERT INTO webhook_deliveries (endpoint_id, event_id, next_at, created_at) \
+         SELECT w.id, ?, ?, ? FROM webhook_endpoints w WHERE w.enabled = 1 \
+         AND EXISTS (SELECT 1 FROM json_each(w.events) j WHERE j.value = ? OR j.value = '*')",
+    )
+    .bind(id)
+    .bind(at)
+    .bind(at)
+    .bind(event_type)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(true)
+}
+
+fn endpoint_from_row(row: &SqliteRow) -> Result<WebhookEndpoint> {
+    Ok(WebhookEndpoint {
+        id: row.try_get("id").map_err(map_err)?,
+        url: row.try_get("url").map_err(map_err)?,
+        events: json_list(row, "events")?,
+        description: row.try_get("description").map_err(map_err)?,
+        enabled: row.try_get("enabled").map_err(map_err)?,
+        secret_sealed: row.try_get("secret_sealed").map_err(map_err)?,
+        failing_since: row.try_get("failing_since").map_err(map_err)?,
+        disabled_reason: row.try_get("disabled_reason").map_err(map_err)?,
+        created_at: row.try_get("created_at").map_err(map_err)?,
+        updated_at: row.try_get("updated_at").map_err(map_err)?,
+    })
+}
+
+fn leak_from_row(row: &SqliteRow) -> Result<LeakReport> {
+    let ctype: Option<String> = row.try_get("credential_type").map_err(map_err)?;
+    let cid: Option<String> = row.try_get("credential_id").map_err(map_err)?;
+    Ok(LeakReport {
+        id: row.try_get("id").map_err(map_err)?,
+        at: row.try_get("at").map_err(map_err)?,
+        reporter: row.try_get("reporter").map_err(map_err)?,
+        token_hash: row.try_get("token_hash").map_err(map_err)?,
+        token_type: row.try_get("token_type").map_err(map_err)?,
+        url: row.try_get("url").map_err(map_err)?,
+        source: row.try_get("source").map_err(map_err)?,
+        label: row.try_get("label").map_err(map_err)?,
+        credential: ctype.zip(cid),
+        action: row.try_get("action").map_err(map_err)?,
+    })
+}
+
+#[async_trait]
+impl EventStore for SqliteStore {
+    async fn insert_webhook(&self, e: &WebhookEndpoint, audit: &NewAudit) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        sqlx::query(
+            "INSERT INTO webhook_endpoints (id, url, events, description, enabled, secret_sealed, failing_since, \
+             disabled_reason, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&e.id)
+        .bind(&e.url)
+        .bind(to_json(&e.events)?)
+        .bind(&e.description)
+        .bind(e.enabled)
+        .bind(&e.secret_sealed)
+        .bind(e.failing_since)
+        .bind(&e.disabled_reason)
+        .bind(e.created_at)
+        .bind(e.updated_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn get_webhook(&self, id: &str) -> Result<Option<WebhookEndpoint>> {
+        fetch_by_id(&self.pool, "SELECT * FROM webhook_endpoints WHERE id = ?", id, endpoint_from_row).await
+    }
+
+    async fn list_webhooks(&self, page: &Page) -> Result<Vec<WebhookEndpoint>> {
+        fetch_page(
+            &self.pool,
+            "SELECT * FROM webhook_endpoints WHERE id > ? ORDER BY id LIMIT ?",
+            page,
+            endpoint_from_row,
+        )
+        .await
+    }
+
+    async fn update_webhook(
+        &self,
+        id: &str,
+        p: &WebhookPatch,
+        audit: &NewAudit,
+    ) -> Result<Option<WebhookEndpoint>> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let events = p.events.as_ref().map(to_json).transpose()?;
+        // Enabling clears the failure run and Keygate's reason; disabling keeps the reason given.
+        let row = sqlx::query(
+            "UPDATE webhook_endpoints SET url = COALESCE(?, url), events = COALESCE(?, events), \
+             description = CASE WHEN ? THEN ? ELSE description END, enabled = COALESCE(?, enabled), \
+             secret_sealed = COALESCE(?, secret_sealed), \
+             failing_since = CASE WHEN ? = 1 THEN NULL ELSE failing_since END, \
+             disabled_reason = CASE WHEN ? = 1 THEN NULL WHEN ? = 0 THEN ? ELSE disabled_reason END, \
+             updated_at = ? WHERE id = ? RETURNING *",
+        )
+        .bind(&p.url)
+        .bind(events)
+        .bind(p.description.is_some())
+        .bind(p.description.clone().flatten())
+        .bind(p.enabled)
+        .bind(&p.secret_sealed)
+        .bind(p.enabled)
+        .bind(p.enabled)
+        .bind(p.enabled)
+        .bind(&p.disabled_reason)
+        .bind(p.updated_at)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let Some(row) = row else { return Ok(None) };
+        let endpoint = endpoint_from_row(&row)?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(Some(endpoint))
+    }
+
+    async fn delete_webhook(&self, id: &str, audit: &NewAudit) -> Result<bool> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let n = sqlx::query("DELETE FROM webhook_endpoints WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
+        if n == 0 {
+            return Ok(false);
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(true)
+    }
+
+    async fn record_audit(&self, audit: &NewAudit) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn insert_events(&self, events: &[NewEvent]) -> Result<u64> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let mut new = 0;
+        for e in events {
+            if insert_event_tx(&mut tx, &e.id, &e.event_type, e.at, &e.payload, Some(&e.dedup)).await? {
+                new += 1;
+            }
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(new)
+    }
+
+    async fn list_events(&self, before: Option<&str>, limit: u32) -> Result<Vec<StoredEvent>> {
+        let rows = sqlx::query(
+            "SELECT id, type, at, payload FROM events \
+             WHERE ? IS NULL OR seq < (SELECT seq FROM events WHERE id = ?) ORDER BY seq DESC LIMIT ?",
+        )
+        .bind(before)
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok(StoredEvent {
+                    id: r.try_get("id").map_err(map_err)?,
+                    event_type: r.try_get("type").map_err(map_err)?,
+                    at: r.try_get("at").map_err(map_err)?,
+                    payload: r.try_get("payload").map_err(map_err)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn claim_deliveries(&self, now: i64, lease_until: i64, limit: u32) -> Result<Vec<DueDelivery>> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        // Lease first (one write statement), then read what was leased.
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "UPDATE webhook_deliveries SET next_at = ? WHERE id IN (SELECT d.id FROM webhook_deliveries d \
+             JOIN webhook_endpoints w ON w.id = d.endpoint_id \
+             WHERE d.status = 'pending' AND d.next_at <= ? AND w.enabled = 1 ORDER BY d.next_at LIMIT ?) \
+             RETURNING id",
+        )
+        .bind(lease_until)
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(
+            "SELECT d.id, d.endpoint_id, w.url, w.secret_sealed, d.event_id, e.type, e.at, e.payload, d.attempts, \
+             d.created_at FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id \
+             JOIN events e ON e.id = d.event_id WHERE d.id IN (SELECT value FROM json_each(?)) ORDER BY d.id",
+        )
+        .bind(to_json(&ids)?)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        tx.commit().await.map_err(map_err)?;
+        rows.iter()
+            .map(|r| {
+                let attempts: i64 = r.try_get("attempts").map_err(map_err)?;
+                Ok(DueDelivery {
+                    id: r.try_get("id").map_err(map_err)?,
+                    endpoint_id: r.try_get("endpoint_id").map_err(map_err)?,
+                    url: r.try_get("url").map_err(map_err)?,
+                    secret_sealed: r.try_get("secret_sealed").map_err(map_err)?,
+                    event_id: r.try_get("event_id").map_err(map_err)?,
+                    event_type: r.try_get("type").map_err(map_err)?,
+                    event_at: r.try_get("at").map_err(map_err)?,
+                    payload: r.try_get("payload").map_err(map_err)?,
+                    attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                    created_at: r.try_get("created_at").map_err(map_err)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn finish_attempt(
+        &self,
+        d: &DueDelivery,
+        a: &Attempt,
+        outcome: AttemptOutcome,
+    ) -> Result<Option<i64>> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        sqlx::query(
+            "INSERT INTO webhook_attempts (delivery_id, at, status_code, latency_ms, error) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(d.id)
+        .bind(a.at)
+        .bind(a.status_code.map(i64::from))
+        .bind(a.latency_ms)
+        .bind(&a.error)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let next_at = match outcome {
+            AttemptOutcome::Retry(at) => Some(at),
+            AttemptOutcome::Delivered | AttemptOutcome::Failed => None,
+        };
+        sqlx::query(
+            "UPDATE webhook_deliveries SET status = ?, attempts = attempts + 1, next_at = ? WHERE id = ?",
+        )
+        .bind(outcome.status())
+        .bind(next_at)
+        .bind(d.id)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let failing: Option<Option<i64>> = sqlx::query_scalar(
+            "UPDATE webhook_endpoints SET failing_since = CASE WHEN ? THEN NULL ELSE COALESCE(failing_since, ?) END \
+             WHERE id = ? RETURNING failing_since",
+        )
+        .bind(outcome == AttemptOutcome::Delivered)
+        .bind(a.at)
+        .bind(&d.endpoint_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(failing.flatten())
+    }
+
+    async fn list_deliveries(
+        &self,
+        endpoint_id: &str,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<Delivery>> {
+        let rows = sqlx::query(
+            "SELECT d.id, d.endpoint_id, d.event_id, e.type, d.status, d.next_at, d.created_at \
+             FROM webhook_deliveries d JOIN events e ON e.id = d.event_id \
+             WHERE d.endpoint_id = ? AND (? IS NULL OR d.id < ?) ORDER BY d.id DESC LIMIT ?",
+        )
+        .bind(endpoint_id)
+        .bind(before)
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let mut out: Vec<Delivery> = rows
+            .iter()
+            .map(|r| {
+                Ok(Delivery {
+                    id: r.try_get("id").map_err(map_err)?,
+                    endpoint_id: r.try_get("endpoint_id").map_err(map_err)?,
+                    event_id: r.try_get("event_id").map_err(map_err)?,
+                    event_type: r.try_get("type").map_err(map_err)?,
+                    status: r.try_get("status").map_err(map_err)?,
+                    next_attempt_at: r.try_get("next_at").map_err(map_err)?,
+                    created_at: r.try_get("created_at").map_err(map_err)?,
+                    attempts: Vec::new(),
+                })
+            })
+            .collect::<Result<_>>()?;
+        if out.is_empty() {
+            return Ok(out);
+        }
+        let ids: Vec<i64> = out.iter().map(|d| d.id).collect();
+        let attempts = sqlx::query(
+            "SELECT delivery_id, at, status_code, latency_ms, error FROM webhook_attempts \
+             WHERE delivery_id IN (SELECT value FROM json_each(?)) ORDER BY delivery_id, at",
+        )
+        .bind(to_json(&ids)?)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        for r in attempts {
+            let id: i64 = r.try_get("delivery_id").map_err(map_err)?;
+            let code: Option<i64> = r.try_get("status_code").map_err(map_err)?;
+            let attempt = Attempt {
+                at: r.try_get("at").map_err(map_err)?,
+                status_code: code.and_then(|c| u16::try_from(c).ok()),
+                latency_ms: r.try_get("latency_ms").map_err(map_err)?,
+                error: r.try_get("error").map_err(map_err)?,
+            };
+            if let Some(d) = out.iter_mut().find(|d| d.id == id) {
+                d.attempts.push(attempt);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn expire_events(&self, before: i64) -> Result<u64> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let a = sqlx::query("DELETE FROM webhook_deliveries WHERE status != 'pending' AND created_at < ?")
+            .bind(before)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
+        let b = sqlx::query(
+            "DELETE FROM events WHERE at < ? AND NOT EXISTS \
+             (SELECT 1 FROM webhook_deliveries d WHERE d.event_id = events.id)",
+        )
+        .bind(before)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?
+        .rows_affected();
+        tx.commit().await.map_err(map_err)?;
+        Ok(a + b)
+    }
+
+    async fn insert_leak_report(&self, r: &LeakReport, audit: Option<&NewAudit>) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        sqlx::query(
+            "INSERT INTO leak_reports (id, at, reporter, token_hash, token_type, url, source, label, \
+             credential_type, credential_id, action) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&r.id)
+        .bind(r.at)
+        .bind(&r.reporter)
+        .bind(&r.token_hash)
+        .bind(&r.token_type)
+        .bind(&r.url)
+        .bind(&r.source)
+        .bind(&r.label)
+        .bind(r.credential.as_ref().map(|c| c.0.as_str()))
+        .bind(r.credential.as_ref().map(|c| c.1.as_str()))
+        .bind(&r.action)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        if let Some(a) = audit {
+            insert_audit(&mut tx, a).await?;
+        }
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn list_leak_reports(&self, before: Option<&str>, limit: u32) -> Result<Vec<LeakReport>> {
+        let rows =
+            sqlx::query("SELECT * FROM leak_reports WHERE ? IS NULL OR id < ? ORDER BY id DESC LIMIT ?")
+                .bind(before)
+                .bind(before)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(map_err)?;
+        rows.iter().map(leak_from_row).collect()
+    }
+}
