@@ -26,14 +26,14 @@ class Handler(BaseHTTPRequestHandler):
             with open(os.environ["SECRET_FILE"]) as f:
                 secret = f.read().strip()
             payload = Webhook(secret).verify(body, headers)
-            verified, event_type = True, payload.get("type")
+            verified, event_type, object_id = True, payload.get("type"), payload["data"].get("id")
         except Exception as e:  # noqa: BLE001 - a failed check is a result, logged for the test
-            verified, event_type = False, str(e)
+            verified, event_type, object_id = False, str(e), None
         with lock:
             state["seen"] += 1
             fail = state["seen"] <= FAIL_FIRST
             with open(os.environ["LOG"], "a") as f:
-                f.write(json.dumps({"id": headers.get("webhook-id"), "type": event_type,
+                f.write(json.dumps({"id": headers.get("webhook-id"), "type": event_type, "object_id": object_id,
                                     "verified": verified, "answered": 500 if fail else 204}) + "\n")
         self.send_response(500 if fail else 204)
         self.send_header("content-length", "0")

@@ -556,7 +556,7 @@ mod tests {
             "https://a.localhost/",
             "https://user:pw@hooks.example.com/",
             "ftp://hooks.example.com/",
-            "https:///nohost",
+            "https://",
             "not a url",
         ] {
             assert!(strict.check_url(bad).is_err(), "{bad} must be refused");
@@ -571,6 +571,20 @@ mod tests {
         assert!(listed.check_url("https://192.168.0.1/").is_err());
         let local = WebhookConfig { allow_private: true, ..WebhookConfig::default() };
         assert!(local.check_url("http://127.0.0.1:9000/hook").is_ok());
+    }
+
+    #[tokio::test]
+    async fn names_that_resolve_inside_are_never_connected_to() {
+        use reqwest::dns::Resolve;
+        let Ok(name) = "localhost".parse::<reqwest::dns::Name>() else { panic!("a valid name") };
+        let strict = GuardedResolver(Arc::new(WebhookConfig::default()));
+        let refused = strict.resolve(name).await.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(refused.contains("loopback"), "{refused}");
+        let local =
+            GuardedResolver(Arc::new(WebhookConfig { allow_private: true, ..WebhookConfig::default() }));
+        let Ok(name) = "localhost".parse::<reqwest::dns::Name>() else { panic!("a valid name") };
+        let found: Vec<SocketAddr> = local.resolve(name).await.map(|a| a.collect()).unwrap_or_default();
+        assert!(found.iter().all(|a| a.ip().is_loopback()) && !found.is_empty());
     }
 
     #[test]

@@ -39,11 +39,16 @@ struct Server {
 
 impl Server {
     fn start(dir: &Path, log_path: &Path) -> Server {
+        Self::start_env(dir, log_path, &[])
+    }
+
+    fn start_env(dir: &Path, log_path: &Path, env: &[(&str, &str)]) -> Server {
         let stderr = std::fs::File::create(log_path).unwrap();
         let mut child = keygate()
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir)
             .env("KEYGATE_LOG", "trace")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
@@ -109,6 +114,12 @@ impl Server {
         let mut resp = String::new();
         s.read_to_string(&mut resp).unwrap();
         resp
+    }
+
+    /// Kills the server the hard way (SIGKILL): no shutdown, no final flush.
+    fn kill9(&self) {
+        let status = Command::new("kill").args(["-KILL", &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
     }
 
     /// Stops with SIGTERM, as a service manager would, and returns (stdout, stderr).
@@ -1147,5 +1158,155 @@ fn readme_walkthrough_runs_as_written() {
         set("kgcs_…", &v["client_secret"]);
         set("eyJ…", &v["access_token"]);
     }
+    s.stop();
+}
+
+fn pip_install(packages: &[&str]) {
+    let pip = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+        .args(packages)
+        .output()
+        .unwrap();
+    assert!(pip.status.success(), "pip install failed: {}", stderr(&pip));
+}
+
+/// The test receiver (tests/interop/webhook_receiver.py): verifies with the `standardwebhooks` package.
+struct Receiver {
+    child: Child,
+    url: String,
+    log: PathBuf,
+}
+
+impl Receiver {
+    fn start(dir: &Path, secret_file: &Path, fail_first: u32) -> Receiver {
+        let log = dir.join("received.jsonl");
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/interop/webhook_receiver.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .env("SECRET_FILE", secret_file)
+            .env("LOG", &log)
+            .env("FAIL_FIRST", fail_first.to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let port: u16 = line.trim().parse().unwrap_or_else(|_| panic!("receiver printed {line:?}"));
+        Receiver { child, url: format!("http://127.0.0.1:{port}/hook"), log }
+    }
+
+    fn lines(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn webhooks_survive_kill_9_with_every_event_delivered_and_verified_by_standardwebhooks() {
+    pip_install(&["standardwebhooks"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let admin = init(&dir);
+    let env = [("KEYGATE_WEBHOOKS_ALLOW_PRIVATE", "true"), ("KEYGATE_WEBHOOKS_FIRST_RETRY_SECONDS", "1")];
+    let s = Server::start_env(&dir, &tmp.path().join("log1"), &env);
+    let secret_file = tmp.path().join("secret");
+    // The receiver fails its first two requests: those deliveries are retried.
+    let rx = Receiver::start(tmp.path(), &secret_file, 2);
+    // Without allow_private the same URL would be refused: it is a loopback address.
+    let hook = s.json(&admin, &["webhooks", "create", &rx.url, "--event", "consumer.created"]);
+    let secret = hook["secret"].as_str().unwrap();
+    assert!(secret.starts_with("whsec_"));
+    std::fs::write(&secret_file, secret).unwrap();
+    let hook_id = hook["id"].as_str().unwrap().to_string();
+    let listed = s.cli(&admin, &["webhooks", "list"]);
+    assert!(stdout(&listed).contains(&hook_id) && !stdout(&listed).contains(secret));
+
+    // A burst of changes from four writers; the server is killed with SIGKILL in the middle of it.
+    let acknowledged = Mutex::new(Vec::new());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        for w in 0..4 {
+            let (s, admin, acknowledged, stop) = (&s, &admin, &acknowledged, &stop);
+            scope.spawn(move || {
+                for i in 0.. {
+                    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        break;
+                    }
+                    let out =
+                        s.cli(admin, &["consumers", "create", "--name", &format!("w{w}-{i}"), "--json"]);
+                    if out.status.success() {
+                        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+                        acknowledged.lock().unwrap().push(v["id"].as_str().unwrap().to_string());
+                    }
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while acknowledged.lock().unwrap().len() < 24 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        s.kill9();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let mut s = s;
+    s.child.wait().unwrap();
+    let acknowledged = acknowledged.into_inner().unwrap();
+    assert!(acknowledged.len() >= 24, "{} changes acknowledged", acknowledged.len());
+
+    // Restarted on the same data: every acknowledged change's event arrives.
+    let s = Server::start_env(&dir, &tmp.path().join("log2"), &env);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let lines = loop {
+        let lines = rx.lines();
+        let got: std::collections::HashSet<_> =
+            lines.iter().filter(|l| l["answered"] == 204).filter_map(|l| l["object_id"].as_str()).collect();
+        if acknowledged.iter().all(|id| got.contains(id.as_str())) {
+            break lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "missing events: {:?}",
+            acknowledged.iter().filter(|i| !got.contains(i.as_str())).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(lines.iter().all(|l| l["verified"] == true), "every delivery verifies: {lines:?}");
+    assert!(lines.iter().all(|l| l["type"] == "consumer.created"));
+    // Duplicates only with the same webhook-id.
+    let mut ids: std::collections::HashMap<String, std::collections::HashSet<String>> = Default::default();
+    for l in &lines {
+        ids.entry(l["object_id"].as_str().unwrap().to_string())
+            .or_default()
+            .insert(l["id"].as_str().unwrap().to_string());
+    }
+    assert!(ids.values().all(|w| w.len() == 1), "{ids:?}");
+    // The two refused attempts were retried, and the attempts are listed.
+    assert!(lines.iter().filter(|l| l["answered"] == 500).count() == 2);
+    let d = s.json(&admin, &["webhooks", "deliveries", &hook_id, "--limit", "1000"]);
+    let retried: Vec<&Value> = d["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["attempts"].as_array().unwrap().iter().any(|a| a["status_code"] == 500))
+        .collect();
+    assert!(!retried.is_empty(), "{d}");
+    assert!(retried.iter().all(|d| d["status"] == "delivered"), "{d}");
+    let human = s.cli(&admin, &["webhooks", "deliveries", &hook_id]);
+    assert!(stdout(&human).contains("delivered"), "{}", stdout(&human));
+    let types = s.json(&admin, &["webhooks", "event-types"]);
+    assert!(types.as_array().unwrap().len() > 20);
+    let bad = s.cli(&admin, &["webhooks", "create", "ftp://x", "--event", "*"]);
+    assert_ne!(bad.status.code(), Some(0));
+    assert!(stderr(&bad).contains("url"), "{}", stderr(&bad));
     s.stop();
 }

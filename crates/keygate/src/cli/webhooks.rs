@@ -15,10 +15,11 @@ use super::output::{cell, emit, field, items, output, print_next, print_object, 
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
     /// Register an endpoint; its signing secret (whsec_…) is printed once.
+    /// (The URL is an argument, not `--url`: that global option names the Keygate server.)
     Create {
         /// Where events are POSTed (https; http only with webhooks.allow_private).
-        #[arg(long)]
-        url: String,
+        #[arg(value_name = "URL")]
+        endpoint: String,
         /// An event type to send (repeatable), or * for all; `keygate webhooks event-types` lists them.
         #[arg(long = "event", value_name = "TYPE", required = true)]
         events: Vec<String>,
@@ -42,8 +43,9 @@ pub enum Cmd {
     Update {
         #[arg(value_parser = args::Quiet(args::webhook_id))]
         id: String,
-        #[arg(long)]
-        url: Option<String>,
+        /// A new URL for the endpoint.
+        #[arg(long, value_name = "URL")]
+        endpoint: Option<String>,
         /// Replace the event types (repeatable).
         #[arg(long = "event", value_name = "TYPE")]
         events: Vec<String>,
@@ -89,8 +91,9 @@ fn print_webhook_with_secret(v: &Value, what: &str) {
 
 pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
     match cmd {
-        Cmd::Create { url, events, description, disabled } => {
-            let body = CreateWebhook { url, events, description, enabled: disabled.then_some(false) };
+        Cmd::Create { endpoint, events, description, disabled } => {
+            let body =
+                CreateWebhook { url: endpoint, events, description, enabled: disabled.then_some(false) };
             let v = c.send(Method::POST, &["v1", "webhooks"], &body).await?;
             output(c, &v, |v| print_webhook_with_secret(v, "Created"));
         }
@@ -119,9 +122,9 @@ pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
             let v = c.call(Method::GET, &["v1", "webhooks", &id], &[], None).await?;
             output(c, &v, print_object);
         }
-        Cmd::Update { id, url, events, description } => {
+        Cmd::Update { id, endpoint, events, description } => {
             let body = UpdateWebhook {
-                url,
+                url: endpoint,
                 events: (!events.is_empty()).then_some(events),
                 description: description.map(Some),
                 enabled: None,
