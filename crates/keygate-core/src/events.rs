@@ -72,6 +72,7 @@ const ACTION_EVENTS: &[(&str, &str)] = &[
     ("pat.rotate", "token.rotated"),
     ("pat.revoke", "token.revoked"),
     ("grant.revoke", "token.revoked"),
+    ("token.revoke", "token.revoked"),
     ("credential.leak", "credential.leaked"),
     ("signing_key.rotate", "signing_key.rotated"),
     ("signing_key.revoke", "signing_key.revoked"),

@@ -15,7 +15,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use hmac::{Hmac, Mac};
 use ipnet::IpNet;
 use keygate_core::events::payload;
-use keygate_store::{Attempt, AttemptOutcome, DueDelivery, KeyUsage, NewEvent, WebhookPatch};
+use keygate_store::{Attempt, AttemptOutcome, DueDelivery, KeyUsage, NewEvent};
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
@@ -73,6 +73,10 @@ pub fn install_tls() {
     // An error means a provider is already installed.
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
+
+/// A failure this long after the endpoint's previous one starts a new failure run (longer than the
+/// longest wait between retries, so a run of retries never looks like two runs).
+const NEW_RUN_AFTER_MS: i64 = 7 * 3600 * 1000;
 
 /// Delays retries: the first after `first`, each next four times longer, at most 6 h.
 pub fn retry_delay(first: Duration, attempts_made: u32, jitter: f64) -> Duration {
@@ -136,9 +140,14 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || (s[0] & 0xffc0) == 0xfe80
                 || (s[0] & 0xffc0) == 0xfec0
                 || (s[0] == 0x2001 && s[1] == 0x0db8)
-                // NAT64 and the deprecated IPv4-compatible form embed an IPv4 address: judge that one.
-                || (s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0])
-                || s[0..6] == [0, 0, 0, 0, 0, 0])
+                // NAT64 (well-known and local-use), 6to4, Teredo, the IPv4-compatible and IPv4-translated
+                // forms and the discard prefix embed or reach IPv4 space we cannot judge safely: refused.
+                || (s[0] == 0x64 && s[1] == 0xff9b)
+                || s[0] == 0x2002
+                || (s[0] == 0x2001 && s[1] == 0)
+                || (s[0] == 0x100 && s[1..4] == [0, 0, 0])
+                || s[0..6] == [0, 0, 0, 0, 0, 0]
+                || (s[0..4] == [0, 0, 0, 0] && s[4] == 0xffff && s[5] == 0))
         }
     }
 }
@@ -317,8 +326,10 @@ async fn deliver(state: &AppState, d: DueDelivery) {
             outcome = outcome.status(), "webhook delivery failed");
     }
     let record = Attempt { at, status_code, latency_ms, error };
-    let failing_since = match state.store.finish_attempt(&d, &record, outcome).await {
-        Ok(f) => f,
+    let failing_since = match state.store.finish_attempt(&d, &record, outcome, NEW_RUN_AFTER_MS).await {
+        Ok(Some(f)) => f,
+        // The lease ran out first: another attempt owns the delivery now.
+        Ok(None) => return,
         Err(e) => {
             // The lease runs out and the delivery is tried again: at least once, never lost.
             tracing::warn!(error = %e, "recording a webhook attempt failed; it will be retried");
@@ -403,16 +414,13 @@ async fn disable_failing(state: &AppState, endpoint_id: &str, since: i64) {
         ip: None,
         details: serde_json::json!({"failing_since": crate::time::rfc3339(since), "reason": reason}),
     };
-    let patch = WebhookPatch {
-        enabled: Some(false),
-        disabled_reason: Some(reason),
-        updated_at: now,
-        ..WebhookPatch::default()
-    };
-    match state.store.update_webhook(endpoint_id, &patch, &audit).await {
-        Ok(_) => {
-            tracing::warn!(endpoint = %endpoint_id, "disabled a webhook endpoint whose deliveries kept failing; enable it again when it is fixed")
+    // Only if it is still enabled and still in this failure run: concurrent failures disable it once, and
+    // an admin's change in between wins.
+    match state.store.disable_failing_webhook(endpoint_id, since, &reason, &audit).await {
+        Ok(true) => {
+            tracing::warn!(endpoint = %endpoint_id, "disabled a webhook endpoint whose deliveries kept failing; its events wait until it is enabled again")
         }
+        Ok(false) => {}
         Err(e) => tracing::warn!(error = %e, "could not disable a failing webhook endpoint"),
     }
 }
@@ -529,6 +537,11 @@ mod tests {
             "::ffff:127.0.0.1",
             "::ffff:10.0.0.1",
             "64:ff9b::a00:1",
+            "64:ff9b:1::a00:1",
+            "2002:a00:1::1",
+            "2001:0:4136:e378::1",
+            "::ffff:0:a00:1",
+            "100::1",
             "2001:db8::1",
             "198.18.0.1",
             "192.0.0.8",

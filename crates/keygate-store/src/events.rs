@@ -6,9 +6,14 @@
 //!   the change**: a change is never committed without its event, nor an event without its change.
 //! - Events written apart from a change ([`EventStore::insert_events`]) carry a `dedup` key: a second
 //!   event with the same key is ignored, so a sweep that runs again reports nothing twice.
+//! - Deliveries are queued for every endpoint whose filter takes the event, enabled or not; only enabled
+//!   endpoints' deliveries are claimed, so a disabled endpoint's wait until it is enabled (or expire).
 //! - [`EventStore::claim_deliveries`] leases due deliveries (their next attempt moves to the lease's
 //!   end), so a node that dies while delivering leaves them due again when the lease runs out: every
-//!   event is delivered at least once, with the same id each time.
+//!   event is delivered at least once, with the same id each time. At most 4 deliveries per endpoint are
+//!   leased at once (1 while it is failing), so one dead receiver cannot hold every slot.
+//! - [`EventStore::finish_attempt`] applies only while the caller still holds the lease: a late finisher
+//!   whose lease ran out (and whose delivery was leased again) changes nothing.
 
 use crate::{NewAudit, Page, Result};
 use async_trait::async_trait;
@@ -72,6 +77,8 @@ pub struct DueDelivery {
     /// Attempts made before this one.
     pub attempts: u32,
     pub created_at: i64,
+    /// The lease this claim holds (see [`EventStore::finish_attempt`]).
+    pub leased_until: i64,
 }
 
 /// What one attempt found.
@@ -173,14 +180,26 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Up to `limit` deliveries due at `now` to enabled endpoints, each leased until `lease_until`.
     async fn claim_deliveries(&self, now: i64, lease_until: i64, limit: u32) -> Result<Vec<DueDelivery>>;
-    /// Records an attempt and what follows from it. On failure, the endpoint's `failing_since` is set
-    /// (if unset); on success it is cleared. Returns the endpoint's `failing_since` afterwards.
+    /// Records an attempt and what follows from it, if the caller still holds the delivery's lease
+    /// (`None` otherwise, changing nothing). On failure the endpoint's failure run goes on, or starts
+    /// now when its previous failure is more than `new_run_after` ms old; on success it ends. Returns
+    /// `Some(failing_since)` afterwards.
     async fn finish_attempt(
         &self,
         delivery: &DueDelivery,
         attempt: &Attempt,
         outcome: AttemptOutcome,
-    ) -> Result<Option<i64>>;
+        new_run_after: i64,
+    ) -> Result<Option<Option<i64>>>;
+    /// Disables an endpoint Keygate found failing since `failing_since`, with `audit`, only if it is still
+    /// enabled and still in that failure run (an admin's change in between wins). True if it did.
+    async fn disable_failing_webhook(
+        &self,
+        id: &str,
+        failing_since: i64,
+        reason: &str,
+        audit: &NewAudit,
+    ) -> Result<bool>;
     /// An endpoint's deliveries, newest first (continue with `before`, a delivery id).
     async fn list_deliveries(
         &self,
@@ -188,10 +207,14 @@ pub trait EventStore: Send + Sync + 'static {
         before: Option<i64>,
         limit: u32,
     ) -> Result<Vec<Delivery>>;
-    /// Deletes finished deliveries (and their attempts) and events created before `before`.
+    /// Deletes finished deliveries (and their attempts) and events created before `before`; pending
+    /// deliveries that old (their endpoint stayed disabled) are given up first.
     async fn expire_events(&self, before: i64) -> Result<u64>;
 
     /// Keeps a leak report (and the audit record of what was done about it) in one transaction.
     async fn insert_leak_report(&self, report: &LeakReport, audit: Option<&NewAudit>) -> Result<()>;
     async fn list_leak_reports(&self, before: Option<&str>, limit: u32) -> Result<Vec<LeakReport>>;
+    /// Whether a token with this hash was reported before as found at `url` (a partner's retry, or a
+    /// replay).
+    async fn leak_reported(&self, token_hash: &str, url: Option<&str>) -> Result<bool>;
 }

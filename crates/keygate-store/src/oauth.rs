@@ -133,10 +133,23 @@ pub trait OAuthStore: crate::UserStore + Send + Sync + 'static {
     /// Inserts opaque tokens in one transaction (the token endpoint group-commits them).
     async fn insert_access_tokens(&self, tokens: &[AccessTokenRecord]) -> Result<()>;
     async fn find_access_token(&self, hash: &SecretHash) -> Result<Option<AccessTokenRecord>>;
-    /// Marks an opaque token revoked; returns it if it existed.
-    async fn revoke_access_token(&self, hash: &SecretHash, at: i64) -> Result<Option<AccessTokenRecord>>;
-    /// Remembers a revoked JWT id until its token expires.
-    async fn revoke_jti(&self, jti: &str, client_id: &str, expires_at: i64, at: i64) -> Result<()>;
+    /// Marks an opaque token revoked; returns it if it was revoked now (not before), writing `audit` (and
+    /// its `token.revoked` event) in the same transaction.
+    async fn revoke_access_token(
+        &self,
+        hash: &SecretHash,
+        at: i64,
+        audit: Option<&NewAudit>,
+    ) -> Result<Option<AccessTokenRecord>>;
+    /// Remembers a revoked JWT id until its token expires (and writes `audit` if it is new).
+    async fn revoke_jti(
+        &self,
+        jti: &str,
+        client_id: &str,
+        expires_at: i64,
+        at: i64,
+        audit: Option<&NewAudit>,
+    ) -> Result<()>;
     /// Revoked JWT ids of tokens not yet expired at `now`.
     async fn revoked_jtis(&self, now: i64) -> Result<Vec<(String, i64)>>;
     /// Drops expired tokens and revoked ids. Returns how many rows went.

@@ -347,7 +347,8 @@ const MIGRATIONS: &[&str] = &[
         description     TEXT,
         enabled         INTEGER NOT NULL DEFAULT 1,
         secret_sealed   BLOB NOT NULL,                -- sealed under the master key
-        failing_since   INTEGER,
+        failing_since   INTEGER,                      -- start of the current run of failed attempts
+        last_failure_at INTEGER,                      -- a failure long after the last one starts a new run
         disabled_reason TEXT,
         created_at      INTEGER NOT NULL,
         updated_at      INTEGER NOT NULL
@@ -368,6 +369,7 @@ const MIGRATIONS: &[&str] = &[
         status      TEXT NOT NULL DEFAULT 'pending',  -- pending | delivered | failed
         attempts    INTEGER NOT NULL DEFAULT 0,
         next_at     INTEGER,                          -- NULL once finished
+        leased_until INTEGER,                         -- set while a node is attempting it
         created_at  INTEGER NOT NULL,
         UNIQUE (event_id, endpoint_id)
     );

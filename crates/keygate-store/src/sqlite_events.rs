@@ -48,8 +48,7 @@ pub(crate) async fn insert_event_tx(
     }
     sqlx::query(
         "INSERT INTO webhook_deliveries (endpoint_id, event_id, next_at, created_at) \
-         SELECT w.id, ?, ?, ? FROM webhook_endpoints w WHERE w.enabled = 1 \
-         AND EXISTS (SELECT 1 FROM json_each(w.events) j WHERE j.value = ? OR j.value = '*')",
+         SELECT w.id, ?, ?, ? FROM webhook_endpoints w WHERE EXISTS (SELECT 1 FROM json_each(w.events) j WHERE j.value = ? OR j.value = '*')",
     )
     .bind(id)
     .bind(at)
@@ -145,7 +144,8 @@ impl EventStore for SqliteStore {
             "UPDATE webhook_endpoints SET url = COALESCE(?, url), events = COALESCE(?, events), \
              description = CASE WHEN ? THEN ? ELSE description END, enabled = COALESCE(?, enabled), \
              secret_sealed = COALESCE(?, secret_sealed), \
-             failing_since = CASE WHEN ? = 1 THEN NULL ELSE failing_since END, \
+             failing_since = CASE WHEN ? = 1 OR ? OR ? THEN NULL ELSE failing_since END, \
+             last_failure_at = CASE WHEN ? = 1 OR ? OR ? THEN NULL ELSE last_failure_at END, \
              disabled_reason = CASE WHEN ? = 1 THEN NULL WHEN ? = 0 THEN ? ELSE disabled_reason END, \
              updated_at = ? WHERE id = ? RETURNING *",
         )
@@ -156,6 +156,11 @@ impl EventStore for SqliteStore {
         .bind(p.enabled)
         .bind(&p.secret_sealed)
         .bind(p.enabled)
+        .bind(p.url.is_some())
+        .bind(p.secret_sealed.is_some())
+        .bind(p.enabled)
+        .bind(p.url.is_some())
+        .bind(p.secret_sealed.is_some())
         .bind(p.enabled)
         .bind(p.enabled)
         .bind(&p.disabled_reason)
@@ -232,15 +237,36 @@ impl EventStore for SqliteStore {
     }
 
     async fn claim_deliveries(&self, now: i64, lease_until: i64, limit: u32) -> Result<Vec<DueDelivery>> {
+        // A read first: an idle worker does not take the write lock.
+        let due: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM webhook_deliveries WHERE status = 'pending' AND next_at <= ?)",
+        )
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_err)?;
+        if !due {
+            return Ok(Vec::new());
+        }
         let mut tx = self.pool.begin().await.map_err(map_err)?;
-        // Lease first (one write statement), then read what was leased.
+        // Lease first (one write statement), then read what was leased. Per endpoint, at most 4 leases at
+        // once (1 while it is failing), counting those other claims hold.
         let ids: Vec<i64> = sqlx::query_scalar(
-            "UPDATE webhook_deliveries SET next_at = ? WHERE id IN (SELECT d.id FROM webhook_deliveries d \
-             JOIN webhook_endpoints w ON w.id = d.endpoint_id \
-             WHERE d.status = 'pending' AND d.next_at <= ? AND w.enabled = 1 ORDER BY d.next_at LIMIT ?) \
+            "UPDATE webhook_deliveries SET next_at = ?, leased_until = ? WHERE id IN (\
+               SELECT id FROM (\
+                 SELECT d.id, d.next_at, \
+                   ROW_NUMBER() OVER (PARTITION BY d.endpoint_id ORDER BY d.next_at, d.id) AS rn, \
+                   CASE WHEN w.failing_since IS NULL THEN 4 ELSE 1 END AS cap, \
+                   (SELECT COUNT(*) FROM webhook_deliveries x WHERE x.endpoint_id = d.endpoint_id \
+                      AND x.status = 'pending' AND x.leased_until > ?) AS held \
+                 FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id \
+                 WHERE d.status = 'pending' AND d.next_at <= ? AND w.enabled = 1) \
+               WHERE rn + held <= cap ORDER BY next_at LIMIT ?) \
              RETURNING id",
         )
         .bind(lease_until)
+        .bind(lease_until)
+        .bind(now)
         .bind(now)
         .bind(i64::from(limit))
         .fetch_all(&mut *tx)
@@ -273,6 +299,7 @@ impl EventStore for SqliteStore {
                     payload: r.try_get("payload").map_err(map_err)?,
                     attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
                     created_at: r.try_get("created_at").map_err(map_err)?,
+                    leased_until: lease_until,
                 })
             })
             .collect()
@@ -283,8 +310,30 @@ impl EventStore for SqliteStore {
         d: &DueDelivery,
         a: &Attempt,
         outcome: AttemptOutcome,
-    ) -> Result<Option<i64>> {
+        new_run_after: i64,
+    ) -> Result<Option<Option<i64>>> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let next_at = match outcome {
+            AttemptOutcome::Retry(at) => Some(at),
+            AttemptOutcome::Delivered | AttemptOutcome::Failed => None,
+        };
+        // Only under our lease: a finisher whose lease ran out (the delivery was leased again, or its
+        // endpoint deleted) changes nothing.
+        let held = sqlx::query(
+            "UPDATE webhook_deliveries SET status = ?, attempts = attempts + 1, next_at = ?, leased_until = NULL \
+             WHERE id = ? AND status = 'pending' AND leased_until = ?",
+        )
+        .bind(outcome.status())
+        .bind(next_at)
+        .bind(d.id)
+        .bind(d.leased_until)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?
+        .rows_affected();
+        if held == 0 {
+            return Ok(None);
+        }
         sqlx::query(
             "INSERT INTO webhook_attempts (delivery_id, at, status_code, latency_ms, error) VALUES (?, ?, ?, ?, ?)",
         )
@@ -296,31 +345,54 @@ impl EventStore for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(map_err)?;
-        let next_at = match outcome {
-            AttemptOutcome::Retry(at) => Some(at),
-            AttemptOutcome::Delivered | AttemptOutcome::Failed => None,
-        };
-        sqlx::query(
-            "UPDATE webhook_deliveries SET status = ?, attempts = attempts + 1, next_at = ? WHERE id = ?",
-        )
-        .bind(outcome.status())
-        .bind(next_at)
-        .bind(d.id)
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
+        let delivered = outcome == AttemptOutcome::Delivered;
         let failing: Option<Option<i64>> = sqlx::query_scalar(
-            "UPDATE webhook_endpoints SET failing_since = CASE WHEN ? THEN NULL ELSE COALESCE(failing_since, ?) END \
+            "UPDATE webhook_endpoints SET \
+               failing_since = CASE WHEN ? THEN NULL \
+                 WHEN failing_since IS NULL OR last_failure_at IS NULL OR last_failure_at < ? THEN ? \
+                 ELSE failing_since END, \
+               last_failure_at = CASE WHEN ? THEN NULL ELSE ? END \
              WHERE id = ? RETURNING failing_since",
         )
-        .bind(outcome == AttemptOutcome::Delivered)
+        .bind(delivered)
+        .bind(a.at - new_run_after)
+        .bind(a.at)
+        .bind(delivered)
         .bind(a.at)
         .bind(&d.endpoint_id)
         .fetch_optional(&mut *tx)
         .await
         .map_err(map_err)?;
         tx.commit().await.map_err(map_err)?;
-        Ok(failing.flatten())
+        Ok(Some(failing.flatten()))
+    }
+
+    async fn disable_failing_webhook(
+        &self,
+        id: &str,
+        failing_since: i64,
+        reason: &str,
+        audit: &NewAudit,
+    ) -> Result<bool> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let n = sqlx::query(
+            "UPDATE webhook_endpoints SET enabled = 0, disabled_reason = ?, updated_at = ? \
+             WHERE id = ? AND enabled = 1 AND failing_since = ?",
+        )
+        .bind(reason)
+        .bind(audit.at)
+        .bind(id)
+        .bind(failing_since)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?
+        .rows_affected();
+        if n == 0 {
+            return Ok(false);
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(true)
     }
 
     async fn list_deliveries(
@@ -386,6 +458,14 @@ impl EventStore for SqliteStore {
 
     async fn expire_events(&self, before: i64) -> Result<u64> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
+        sqlx::query(
+            "UPDATE webhook_deliveries SET status = 'failed', next_at = NULL, leased_until = NULL \
+             WHERE status = 'pending' AND created_at < ?",
+        )
+        .bind(before)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
         let a = sqlx::query("DELETE FROM webhook_deliveries WHERE status != 'pending' AND created_at < ?")
             .bind(before)
             .execute(&mut *tx)
@@ -429,6 +509,17 @@ impl EventStore for SqliteStore {
             insert_audit(&mut tx, a).await?;
         }
         tx.commit().await.map_err(map_err)
+    }
+
+    async fn leak_reported(&self, token_hash: &str, url: Option<&str>) -> Result<bool> {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM leak_reports WHERE token_hash = ? AND token_hash != '' AND url IS ?)",
+        )
+        .bind(token_hash)
+        .bind(url)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_err)
     }
 
     async fn list_leak_reports(&self, before: Option<&str>, limit: u32) -> Result<Vec<LeakReport>> {

@@ -312,20 +312,39 @@ impl OAuthStore for SqliteStore {
         row.as_ref().map(token_from_row).transpose()
     }
 
-    async fn revoke_access_token(&self, hash: &SecretHash, at: i64) -> Result<Option<AccessTokenRecord>> {
+    async fn revoke_access_token(
+        &self,
+        hash: &SecretHash,
+        at: i64,
+        audit: Option<&NewAudit>,
+    ) -> Result<Option<AccessTokenRecord>> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
         let row = sqlx::query(
-            "UPDATE access_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE hash = ? RETURNING *",
+            "UPDATE access_tokens SET revoked_at = ? WHERE hash = ? AND revoked_at IS NULL RETURNING *",
         )
         .bind(at)
         .bind(&hash.as_bytes()[..])
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(map_err)?;
-        row.as_ref().map(token_from_row).transpose()
+        let record = row.as_ref().map(token_from_row).transpose()?;
+        if let (Some(_), Some(a)) = (&record, audit) {
+            insert_audit(&mut tx, a).await?;
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(record)
     }
 
-    async fn revoke_jti(&self, jti: &str, client_id: &str, expires_at: i64, at: i64) -> Result<()> {
-        sqlx::query(
+    async fn revoke_jti(
+        &self,
+        jti: &str,
+        client_id: &str,
+        expires_at: i64,
+        at: i64,
+        audit: Option<&NewAudit>,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let new = sqlx::query(
             "INSERT INTO revoked_jtis (jti, client_id, expires_at, revoked_at) VALUES (?, ?, ?, ?) \
              ON CONFLICT (jti) DO NOTHING",
         )
@@ -333,10 +352,14 @@ impl OAuthStore for SqliteStore {
         .bind(client_id)
         .bind(expires_at)
         .bind(at)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
-        .map_err(map_err)?;
-        Ok(())
+        .map_err(map_err)?
+        .rows_affected();
+        if let (1, Some(a)) = (new, audit) {
+            insert_audit(&mut tx, a).await?;
+        }
+        tx.commit().await.map_err(map_err)
     }
 
     async fn revoked_jtis(&self, now: i64) -> Result<Vec<(String, i64)>> {

@@ -565,9 +565,12 @@ impl UserStore for SqliteStore {
         Ok(out)
     }
 
-    async fn revoke_family(&self, family_id: &str, at: i64) -> Result<bool> {
+    async fn revoke_family(&self, family_id: &str, at: i64, audit: Option<&NewAudit>) -> Result<bool> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
         let revoked = revoke_families_where(&mut tx, Families::Id, family_id, at).await?;
+        if let (false, Some(a)) = (revoked.is_empty(), audit) {
+            insert_audit(&mut tx, a).await?;
+        }
         tx.commit().await.map_err(map_err)?;
         Ok(!revoked.is_empty())
     }

@@ -228,8 +228,9 @@ pub trait UserStore: Send + Sync + 'static {
     /// Applies rotations in one transaction: for each, marks `old` used and writes its successor (and
     /// an opaque access token). Per rotation: false if `old` was already used or its family revoked.
     async fn rotate_refreshes(&self, rotations: &[Rotation]) -> Result<Vec<bool>>;
-    /// Revokes a family (reuse detected, or the refresh token revoked). False if it was already.
-    async fn revoke_family(&self, family_id: &str, at: i64) -> Result<bool>;
+    /// Revokes a family (reuse detected, or the refresh token revoked), with `audit` in the same
+    /// transaction. False if it was already.
+    async fn revoke_family(&self, family_id: &str, at: i64, audit: Option<&NewAudit>) -> Result<bool>;
     /// Revoked families whose tokens may still be presented: (id, absolute end).
     async fn revoked_families(&self, now: i64) -> Result<Vec<(String, i64)>>;
 

@@ -172,8 +172,18 @@ pub(crate) async fn authorization_code(
     let Some(record) = store.get_code(&hash).await? else { return Err(invalid()) };
     if record.used_at.is_some() {
         // RFC 6749 §4.1.2: a code used twice revokes what was issued from it.
+        let audit = match &record.family_id {
+            Some(family) => Some(super::tokens::token_audit(
+                now,
+                "system",
+                "token_family",
+                family,
+                serde_json::json!({"client_id": client.id, "reason": "authorization code used twice"}),
+            )?),
+            None => None,
+        };
         if let Some(family) = &record.family_id
-            && store.revoke_family(family, now).await?
+            && store.revoke_family(family, now, audit.as_ref()).await?
         {
             tracing::warn!(client = %client.id, family = %family, "an authorization code was used twice; its tokens are revoked");
         }
@@ -307,7 +317,14 @@ async fn rotate(
                 "the refresh token was just used; use the refresh token that use returned",
             ));
         }
-        if store.revoke_family(&family.id, now).await? {
+        let audit = super::tokens::token_audit(
+            now,
+            "system",
+            "token_family",
+            &family.id,
+            serde_json::json!({"client_id": client.id, "user_id": family.user_id, "reason": "refresh token reused"}),
+        )?;
+        if store.revoke_family(&family.id, now, Some(&audit)).await? {
             tracing::warn!(client = %client.id, family = %family.id, "a refresh token was used twice; its family is revoked");
         }
         state.oauth.families_revoked(&[(family.id.clone(), family.expires_at)]);

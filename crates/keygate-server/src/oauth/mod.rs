@@ -430,7 +430,8 @@ pub async fn revoke(
         Inspector::Client(id) => Some(id.as_str()),
         Inspector::Keygate => None,
     };
-    state.oauth.revoke(state.store.as_ref(), token, client, now).await?;
+    let actor = client.unwrap_or("oauth2/revoke");
+    state.oauth.revoke(state.store.as_ref(), token, client, now, actor, "revocation request").await?;
     Ok(no_store(StatusCode::OK.into_response()))
 }
 

@@ -924,13 +924,16 @@ impl OAuth {
     }
 
     /// Revokes a presented token if it is one of ours and (when `client_id` is given) that client's.
-    /// Unknown and malformed tokens are ignored, as RFC 7009 asks.
+    /// Unknown and malformed tokens are ignored, as RFC 7009 asks. `actor` and `reason` go into the
+    /// audit record (and the `token.revoked` event) written with the revocation.
     pub async fn revoke(
         &self,
         store: &dyn OAuthStore,
         token: &str,
         client_id: Option<&str>,
         now: i64,
+        actor: &str,
+        reason: &str,
     ) -> Result<bool, StoreError> {
         if looks_like_jwt(token) {
             // Only tokens we signed: a forged one must not fill the revocation list.
@@ -938,7 +941,9 @@ impl OAuth {
             if client_id.is_some_and(|c| c != info.client_id) {
                 return Ok(false);
             }
-            store.revoke_jti(&info.jti, &info.client_id, info.expires_at, now).await?;
+            let details = serde_json::json!({"client_id": info.client_id, "format": "jwt", "reason": reason});
+            let audit = token_audit(now, actor, "access_token", &info.jti, details)?;
+            store.revoke_jti(&info.jti, &info.client_id, info.expires_at, now, Some(&audit)).await?;
             lock_write(&self.revoked).insert(info.jti, info.expires_at);
             return Ok(true);
         }
@@ -948,16 +953,10 @@ impl OAuth {
                 return Ok(false);
             }
             let Some(pat) = store.find_pat(&SecretHash::of(token)).await? else { return Ok(false) };
+            let details = serde_json::json!({"user_id": pat.user_id, "reason": reason});
             let audit = keygate_store::NewAudit {
-                id: keygate_core::id::new_id("evt", now)
-                    .map_err(|e| StoreError::Unavailable(e.to_string()))?,
-                at: now,
-                actor: "oauth2/revoke".into(),
                 action: "pat.revoke".into(),
-                target_type: "personal_token".into(),
-                target_id: pat.id.clone(),
-                ip: None,
-                details: serde_json::json!({"user_id": pat.user_id}),
+                ..token_audit(now, actor, "personal_token", &pat.id, details)?
             };
             let revoked = store.revoke_pat(&pat.id, now, &audit).await?.is_some();
             self.pats_changed();
@@ -971,7 +970,9 @@ impl OAuth {
             if client_id.is_some_and(|c| c != family.client_id) {
                 return Ok(false);
             }
-            let revoked = store.revoke_family(&family.id, now).await?;
+            let details = serde_json::json!({"client_id": family.client_id, "user_id": family.user_id, "reason": reason});
+            let audit = token_audit(now, actor, "token_family", &family.id, details)?;
+            let revoked = store.revoke_family(&family.id, now, Some(&audit)).await?;
             self.families_revoked(&[(family.id, family.expires_at)]);
             return Ok(revoked);
         }
@@ -979,13 +980,14 @@ impl OAuth {
             return Ok(false);
         }
         let hash = SecretHash::of(token);
-        if let Some(cid) = client_id
-            && let Some(r) = store.find_access_token(&hash).await?
-            && r.client_id != cid
-        {
+        let Some(record) = store.find_access_token(&hash).await? else { return Ok(false) };
+        if client_id.is_some_and(|cid| record.client_id != cid) {
             return Ok(false);
         }
-        let revoked = store.revoke_access_token(&hash, now).await?.is_some();
+        let details =
+            serde_json::json!({"client_id": record.client_id, "format": "opaque", "reason": reason});
+        let audit = token_audit(now, actor, "access_token", &record.jti, details)?;
+        let revoked = store.revoke_access_token(&hash, now, Some(&audit)).await?.is_some();
         self.opaque.invalidate([&hash]);
         Ok(revoked)
     }
@@ -1090,4 +1092,24 @@ pub async fn all_clients(store: &dyn OAuthStore) -> Result<Vec<OAuthClient>, Sto
             return Ok(out);
         }
     }
+}
+
+/// The audit record of a token revocation (`token.revoke`, reported as `token.revoked`).
+pub fn token_audit(
+    now: i64,
+    actor: &str,
+    target_type: &str,
+    target_id: &str,
+    details: serde_json::Value,
+) -> Result<keygate_store::NewAudit, StoreError> {
+    Ok(keygate_store::NewAudit {
+        id: keygate_core::id::new_id("evt", now).map_err(|e| StoreError::Unavailable(e.to_string()))?,
+        at: now,
+        actor: actor.into(),
+        action: "token.revoke".into(),
+        target_type: target_type.into(),
+        target_id: target_id.into(),
+        ip: None,
+        details,
+    })
 }

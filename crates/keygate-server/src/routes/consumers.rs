@@ -211,7 +211,8 @@ pub async fn create_consumer(
         created_at: now,
         updated_at: now,
     };
-    let details = json!({"name": consumer.name, "external_id": consumer.external_id});
+    let details = json!({"name": consumer.name, "external_id": consumer.external_id,
+        "leak_policy": consumer.leak_policy});
     let audit = audit(&actor, now, "consumer.create", "consumer", &consumer.id, details)?;
     state.store.insert_consumer(&consumer, &audit).await.map_err(unique_violation)?;
     Ok((StatusCode::CREATED, Json(consumer.into())))

@@ -173,10 +173,11 @@ pub async fn receive_leaks(
     if signature.is_none_or(|s| reporter.key.verify(&body, &s).is_err()) {
         return Err(unauthorized(&state, headers, peer, "the report's signature does not verify"));
     }
-    let items: Vec<ReportedToken> = serde_json::from_slice(&body).map_err(|e| {
+    // A fixed message: serde's would quote the offending value, which may be a secret.
+    let items: Vec<ReportedToken> = serde_json::from_slice(&body).map_err(|_| {
         ApiError::new(
             ErrorCode::InvalidRequest,
-            format!("expected a JSON array of {{token, type, url, source}}: {e}"),
+            "expected a JSON array of {\"token\", \"type\", \"url\", \"source\"}",
         )
     })?;
     if items.len() > MAX_ITEMS {
@@ -302,7 +303,7 @@ async fn revoke(state: &AppState, found: &Found, token: &str, why: serde_json::V
                     .await?;
         }
         _ => {
-            state.oauth.revoke(state.store.as_ref(), token, None, now).await?;
+            state.oauth.revoke(state.store.as_ref(), token, None, now, ACTOR, "leaked").await?;
         }
     }
     Ok(())
@@ -332,6 +333,24 @@ async fn handle(state: &AppState, reporter: &str, item: &ReportedToken) -> ApiRe
         state.store.insert_leak_report(&report, None).await?;
         return Ok(Classification { token_hash, token_type, label: "false_positive" });
     };
+    // A partner's retry or a replayed report (the same token found at the same place): recorded, but
+    // acted on and reported once.
+    if state.store.leak_reported(&token_hash, url.as_deref()).await? {
+        let report = LeakReport {
+            id: new_id("leak", now)?,
+            at: now,
+            reporter: reporter.into(),
+            token_hash: token_hash.clone(),
+            token_type: token_type.clone(),
+            url,
+            source,
+            label: "true_positive".into(),
+            credential: Some((found.kind.into(), found.id)),
+            action: "none".into(),
+        };
+        state.store.insert_leak_report(&report, None).await?;
+        return Ok(Classification { token_hash, token_type, label: "true_positive" });
+    }
     let why = json!({"reason": "leaked", "url": url, "source": source, "reporter": reporter});
     let action = if found.dead {
         "none"

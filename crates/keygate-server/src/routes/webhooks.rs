@@ -219,6 +219,11 @@ fn check_description(d: &str) -> ApiResult<()> {
     Ok(())
 }
 
+/// A URL for the audit log: its query may hold a token of the receiver's.
+fn without_query(url: &str) -> String {
+    url.split(['?', '#']).next().unwrap_or_default().to_string()
+}
+
 fn check_url(state: &AppState, url: &str) -> ApiResult<String> {
     state.config.webhooks.check_url(url).map(|u| u.to_string()).map_err(|e| ApiError::invalid("url", e))
 }
@@ -273,7 +278,7 @@ pub async fn create_webhook(
         created_at: now,
         updated_at: now,
     };
-    let details = json!({"url": endpoint.url, "events": endpoint.events});
+    let details = json!({"url": without_query(&endpoint.url), "events": endpoint.events});
     let audit = audit(&actor, now, "webhook.create", "webhook", &id, details)?;
     state.store.insert_webhook(&endpoint, &audit).await?;
     Ok((StatusCode::CREATED, Json(WebhookWithSecret { webhook: endpoint.into(), secret })))
@@ -331,7 +336,8 @@ pub async fn update_webhook(
         check_description(d)?;
     }
     let now = state.now();
-    let details = json!({"url": url, "events": req.events, "enabled": req.enabled});
+    let details =
+        json!({"url": url.as_deref().map(without_query), "events": req.events, "enabled": req.enabled});
     let audit = audit(&actor, now, "webhook.update", "webhook", &id, details)?;
     let patch = WebhookPatch {
         url,

@@ -235,6 +235,8 @@ async fn a_failing_receiver_gets_retries_and_a_dead_one_is_disabled() {
     let v: Value = serde_json::from_str(&told[0].1).unwrap();
     assert_eq!(v["type"], "webhook.disabled");
     assert_eq!(v["data"]["id"], dead_id.as_str());
+    let (_, audit) = app.get(&format!("/v1/audit?target_id={dead_id}&action=webhook.auto_disable")).await;
+    assert_eq!(audit["items"].as_array().unwrap().len(), 1, "disabled once: {audit}");
     // Enabling it again clears Keygate's reason.
     let (_, h) = app.patch(&format!("/v1/webhooks/{dead_id}"), json!({"enabled": true})).await;
     assert_eq!(h["enabled"], true);
@@ -423,9 +425,17 @@ async fn a_signed_leak_report_revokes_by_policy_and_an_unsigned_one_changes_noth
     assert_eq!(about_leaked["payload"]["data"]["details"]["url"], "https://github.com/o/r/blob/1/.env");
     let about_kept = leaks.iter().find(|e| e["payload"]["data"]["id"] == kept_id.as_str()).unwrap();
     assert_eq!(about_kept["payload"]["data"]["details"]["action"], "notified");
+    // The partner retries the same report: recorded again, acted on and reported once.
+    let (status, again) = report(&app, &body, "partner-key-1", Some(&sk)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(again, answer);
+    let (_, events_again) = app.get("/v1/events?limit=100").await;
+    let leaks_again =
+        events_again["items"].as_array().unwrap().iter().filter(|e| e["type"] == "credential.leaked").count();
+    assert_eq!(leaks_again, 3, "a replay reports nothing new");
     let (_, list) = app.get("/v1/leaks").await;
     let items = list["items"].as_array().unwrap();
-    assert_eq!(items.len(), 5, "{list}");
+    assert_eq!(items.len(), 10, "{list}");
     for r in items.iter().filter(|r| r["label"] == "false_positive") {
         assert_eq!(r["token_hash"], "", "nothing about tokens that are not ours: {r}");
     }
@@ -441,4 +451,68 @@ async fn leak_reports_are_refused_where_not_configured() {
     let (status, body) = report(&app, "[]", "partner-key-1", None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(body["message"].as_str().unwrap().contains("leaks.reporter_keys_file"), "{body}");
+}
+
+#[tokio::test]
+async fn token_revocations_report_token_revoked_with_their_cause() {
+    use crate::oauth::{client, get_token};
+    let app = TestApp::start().await;
+    let consumer = app.create_consumer("apps").await;
+    let c = client(
+        &app,
+        json!({"consumer_id": consumer, "name": "o", "scopes": ["a"], "token_format": "opaque"}),
+    )
+    .await;
+    let j = client(&app, json!({"consumer_id": consumer, "name": "j", "scopes": ["a"]})).await;
+    let mut revoked = Vec::new();
+    for c in [&c, &j] {
+        let at = get_token(&app, c, &[("grant_type", "client_credentials")]).await["access_token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        for _ in 0..2 {
+            // Revoking twice reports once.
+            let resp = app
+                .client
+                .post(app.url("/oauth2/revoke"))
+                .basic_auth(&c.id, Some(&c.secret))
+                .form(&[("token", at.as_str())])
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+        }
+        assert_eq!(app.verify_code(&at, &[]).await, "REVOKED");
+        revoked.push(c.id.clone());
+    }
+    let (_, events) = app.get("/v1/events?limit=100").await;
+    let token_events: Vec<&Value> =
+        events["items"].as_array().unwrap().iter().filter(|e| e["type"] == "token.revoked").collect();
+    assert_eq!(token_events.len(), 2, "{events}");
+    for e in &token_events {
+        let d = &e["payload"]["data"];
+        assert_eq!(d["object"], "access_token");
+        assert!(revoked.contains(&d["actor"].as_str().unwrap().to_string()), "{d}");
+        assert_eq!(d["details"]["reason"], "revocation request");
+    }
+    let formats: Vec<&str> =
+        token_events.iter().map(|e| e["payload"]["data"]["details"]["format"].as_str().unwrap()).collect();
+    assert!(formats.contains(&"opaque") && formats.contains(&"jwt"), "{formats:?}");
+}
+
+#[tokio::test]
+async fn a_disabled_endpoint_keeps_its_events_until_it_is_enabled() {
+    let app = TestApp::builder().config(local()).start().await;
+    let (url, got) = receiver(vec![]).await;
+    let (_, hook) = app.post("/v1/webhooks", json!({"url": url, "events": ["consumer.created"]})).await;
+    let id = hook["id"].as_str().unwrap();
+    let (_, off) = app.patch(&format!("/v1/webhooks/{id}"), json!({"enabled": false})).await;
+    assert_eq!(off["enabled"], false);
+    let consumer = app.create_consumer("while-off").await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(got.lock().unwrap().is_empty(), "nothing is sent to a disabled endpoint");
+    app.patch(&format!("/v1/webhooks/{id}"), json!({"enabled": true})).await;
+    let seen = wait_for(&got, 1).await;
+    let v: Value = serde_json::from_str(&seen[0].1).unwrap();
+    assert_eq!(v["data"]["id"], consumer.as_str());
 }

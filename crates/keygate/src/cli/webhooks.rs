@@ -49,8 +49,11 @@ pub enum Cmd {
         /// Replace the event types (repeatable).
         #[arg(long = "event", value_name = "TYPE")]
         events: Vec<String>,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "no_description")]
         description: Option<String>,
+        /// Remove the description.
+        #[arg(long)]
+        no_description: bool,
     },
     /// Stop sending to an endpoint (deliveries wait until it is enabled).
     Disable {
@@ -76,8 +79,11 @@ pub enum Cmd {
     Deliveries {
         #[arg(value_parser = args::Quiet(args::webhook_id))]
         id: String,
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
         limit: u32,
+        /// Continue with deliveries older than this one (printed at the end of the previous page).
+        #[arg(long)]
+        before: Option<i64>,
     },
     /// The event types an endpoint can take.
     EventTypes,
@@ -122,11 +128,16 @@ pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
             let v = c.call(Method::GET, &["v1", "webhooks", &id], &[], None).await?;
             output(c, &v, print_object);
         }
-        Cmd::Update { id, endpoint, events, description } => {
+        Cmd::Update { id, endpoint, events, description, no_description } => {
+            if endpoint.is_none() && events.is_empty() && description.is_none() && !no_description {
+                return Err(super::Failure::usage(
+                    "nothing to change: give --endpoint, --event, --description or --no-description",
+                ));
+            }
             let body = UpdateWebhook {
                 url: endpoint,
                 events: (!events.is_empty()).then_some(events),
-                description: description.map(Some),
+                description: if no_description { Some(None) } else { description.map(Some) },
                 enabled: None,
             };
             let v = c.send(Method::PATCH, &["v1", "webhooks", &id], &body).await?;
@@ -156,8 +167,9 @@ pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
             let v = c.call(Method::POST, &["v1", "webhooks", &id, "rotate-secret"], &[], None).await?;
             output(c, &v, |v| print_webhook_with_secret(v, "Rotated the secret of"));
         }
-        Cmd::Deliveries { id, limit } => {
-            let q = [("limit", limit.to_string())];
+        Cmd::Deliveries { id, limit, before } => {
+            let mut q = vec![("limit", limit.to_string())];
+            q.extend(before.map(|b| ("before", b.to_string())));
             let v = c.call(Method::GET, &["v1", "webhooks", &id, "deliveries"], &q, None).await?;
             output(c, &v, |v| {
                 table(
@@ -180,6 +192,9 @@ pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
                         ("NEXT ATTEMPT", &field("next_attempt_at")),
                     ],
                 );
+                if let Some(b) = v["next_before"].as_i64() {
+                    emit(format!("More: --before {b}"));
+                }
             });
         }
         Cmd::EventTypes => {
