@@ -115,12 +115,13 @@ http {{
 
 
 class Keygate:
-    def __init__(self, binary, tmp, port, name="keygate"):
+    def __init__(self, binary, tmp, port, name="keygate", extra_env=None):
         self.data = os.path.join(tmp, f"{name}-data")
         env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")}
         out = subprocess.run([binary, "init", "--json", "--data-dir", self.data], check=True, capture_output=True, env=env)
         self.admin = json.loads(out.stdout)["admin_key"]
         env["KEYGATE_LOG"] = "warn"
+        env.update(extra_env or {})
         self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen(
             [binary, "serve", "--data-dir", self.data, "--listen", f"127.0.0.1:{port}"],
@@ -524,6 +525,64 @@ end
         kg.stop()
 
 
+def measure_events(binary, tmp, endpoints, seconds, rounds):
+    """Admin writes (POST /v1/consumers, 32 connections) without webhooks and with `endpoints` endpoints
+    taking every event (each write then also queues that many deliveries in its transaction), interleaved
+    in one run; then how fast the worker delivers the backlog to a local receiver that answers 204."""
+    import http.server
+    import threading
+    received = {"n": 0}
+    lock = threading.Lock()
+
+    class Sink(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("content-length", "0")))
+            with lock:
+                received["n"] += 1
+            self.send_response(204)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    sink = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    sub = tempfile.mkdtemp(prefix="events-", dir=tmp)
+    plain = Keygate(binary, sub, free_port(), "no-webhooks")
+    hooked = Keygate(binary, sub, free_port(), "webhooks", {"KEYGATE_WEBHOOKS_ALLOW_PRIVATE": "true"})
+    try:
+        for i in range(endpoints):
+            hooked.api("POST", "/v1/webhooks", {"url": f"http://127.0.0.1:{sink.server_address[1]}/hook/{i}",
+                                                 "events": ["*"]})
+        scripts = {name: write_script(sub, f"create-consumer-{name}", "POST", "/v1/consumers",
+                                      {"Content-Type": "application/json", "Authorization": f"Bearer {kg.admin}"},
+                                      '{"name":"load"}')
+                   for name, kg in (("plain", plain), ("hooked", hooked))}
+        runs = {"plain": [], "hooked": []}
+        for _ in range(rounds):
+            for name, kg in (("plain", plain), ("hooked", hooked)):
+                runs[name].append(run_wrk(kg.url, scripts[name], 32, seconds))
+        created = sum(r["requests"] for r in runs["hooked"])
+        expected = created * endpoints
+        started = time.time()
+        while received["n"] < expected and time.time() - started < 600:
+            time.sleep(0.2)
+        drain = time.time() - started
+        med = lambda rs: sorted(rs, key=lambda r: r["rps"])[len(rs) // 2]
+        p, h = med(runs["plain"]), med(runs["hooked"])
+        return {"endpoints": endpoints, "plain_rps": p["rps"], "plain_p99_us": p["p99_us"], "hooked_rps": h["rps"],
+                "hooked_p99_us": h["p99_us"], "ratio": h["rps"] / p["rps"] if p["rps"] else float("nan"),
+                "delivered": received["n"], "expected": expected, "drain_seconds": drain,
+                "errors": sum(r["errors"] for rs in runs.values() for r in rs)}
+    finally:
+        plain.stop()
+        hooked.stop()
+        sink.shutdown()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=int, default=10, help="duration of each measurement (default 10)")
@@ -539,6 +598,8 @@ def main():
                     "with this many token families seeded through the authorization code flow (e.g. 40000)")
     ap.add_argument("--dpop", type=int, default=0, help="also measure /v1/verify of a DPoP-bound token at 32 "
                     "connections, with this many fresh proofs made beforehand (e.g. 60000; needs PyJWT[crypto])")
+    ap.add_argument("--events", type=int, default=0, help="also measure admin writes with this many webhook "
+                    "endpoints taking every event, against none, and how fast the backlog is delivered (e.g. 3)")
     ap.add_argument("--scale", default="", help="comma-separated stored-key counts to measure verify at, e.g. 1000,1000000")
     args = ap.parse_args()
     if args.smoke:
@@ -638,10 +699,19 @@ def main():
             print(f"\nPOST /v1/verify, 32 connections: bearer JWT {b['rps']:,.0f}/s (p99 {fmt_us(b['p99_us'])}); "
                   f"DPoP-bound JWT with a fresh ES256 proof each {d['rps']:,.0f}/s (p99 {fmt_us(d['p99_us'])}), "
                   f"{d['rps'] / b['rps']:.2f}x; errors {d['errors']}")
+        events = None
+        if args.events:
+            events = measure_events(binary, tmp, args.events, args.seconds, args.rounds)
+            failed |= events["errors"] > 0 or events["delivered"] < events["expected"]
+            e = events
+            print(f"\nPOST /v1/consumers, 32 connections: no webhooks {e['plain_rps']:,.0f}/s (p99 "
+                  f"{fmt_us(e['plain_p99_us'])}); {e['endpoints']} endpoints taking every event {e['hooked_rps']:,.0f}/s "
+                  f"(p99 {fmt_us(e['hooked_p99_us'])}), {e['ratio']:.2f}x; {e['delivered']:,} of {e['expected']:,} "
+                  f"deliveries made {e['drain_seconds']:.1f} s after the writes ended; errors {e['errors']}")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"machine": machine(), "rss_mib": rss, "results": summary, "scale": scale,
-                           "refresh": refresh, "dpop": dpop}, f, indent=2)
+                           "refresh": refresh, "dpop": dpop, "events": events}, f, indent=2)
         if failed:
             print("\nFAILED: some requests errored (see the errors column)", file=sys.stderr)
             return 1
