@@ -248,27 +248,58 @@ impl EventStore for SqliteStore {
         if !due {
             return Ok(Vec::new());
         }
+        // Per endpoint (there are few): room for more leases (at most 16 at once, 1 while it is failing, so
+        // one dead receiver cannot hold every slot), then its oldest due deliveries, by index. Reads
+        // outside the write transaction; the lease itself re-checks that each delivery is still due, so
+        // two nodes never lease one delivery (the per-endpoint cap is soft across nodes).
+        let endpoints = sqlx::query(
+            "SELECT w.id, CASE WHEN w.failing_since IS NULL THEN 16 ELSE 1 END - \
+               (SELECT COUNT(*) FROM webhook_deliveries x WHERE x.endpoint_id = w.id AND x.status = 'pending' \
+                  AND x.next_at > ? AND x.leased_until > ?) AS room, \
+               (SELECT MIN(next_at) FROM webhook_deliveries x WHERE x.endpoint_id = w.id AND x.status = 'pending') \
+                  AS oldest \
+             FROM webhook_endpoints w WHERE w.enabled = 1 ORDER BY oldest",
+        )
+        .bind(now)
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let mut chosen: Vec<i64> = Vec::new();
+        for e in &endpoints {
+            let left = i64::from(limit) - chosen.len() as i64;
+            let room: i64 = e.try_get("room").map_err(map_err)?;
+            if left <= 0 {
+                break;
+            }
+            if room <= 0 {
+                continue;
+            }
+            let id: String = e.try_get("id").map_err(map_err)?;
+            let due: Vec<i64> = sqlx::query_scalar(
+                "SELECT id FROM webhook_deliveries WHERE endpoint_id = ? AND status = 'pending' AND next_at <= ? \
+                 ORDER BY next_at, id LIMIT ?",
+            )
+            .bind(&id)
+            .bind(now)
+            .bind(room.min(left))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+            chosen.extend(due);
+        }
+        if chosen.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut tx = self.pool.begin().await.map_err(map_err)?;
-        // Lease first (one write statement), then read what was leased. Per endpoint, at most 4 leases at
-        // once (1 while it is failing), counting those other claims hold.
         let ids: Vec<i64> = sqlx::query_scalar(
-            "UPDATE webhook_deliveries SET next_at = ?, leased_until = ? WHERE id IN (\
-               SELECT id FROM (\
-                 SELECT d.id, d.next_at, \
-                   ROW_NUMBER() OVER (PARTITION BY d.endpoint_id ORDER BY d.next_at, d.id) AS rn, \
-                   CASE WHEN w.failing_since IS NULL THEN 4 ELSE 1 END AS cap, \
-                   (SELECT COUNT(*) FROM webhook_deliveries x WHERE x.endpoint_id = d.endpoint_id \
-                      AND x.status = 'pending' AND x.leased_until > ?) AS held \
-                 FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id \
-                 WHERE d.status = 'pending' AND d.next_at <= ? AND w.enabled = 1) \
-               WHERE rn + held <= cap ORDER BY next_at LIMIT ?) \
-             RETURNING id",
+            "UPDATE webhook_deliveries SET next_at = ?, leased_until = ? \
+             WHERE id IN (SELECT value FROM json_each(?)) AND status = 'pending' AND next_at <= ? RETURNING id",
         )
         .bind(lease_until)
         .bind(lease_until)
+        .bind(to_json(&chosen)?)
         .bind(now)
-        .bind(now)
-        .bind(i64::from(limit))
         .fetch_all(&mut *tx)
         .await
         .map_err(map_err)?;

@@ -203,6 +203,13 @@ struct Found {
     dead: bool,
 }
 
+/// The consumer that owns a client, and its leak policy (the default when either is gone).
+async fn client_owner(state: &AppState, client_id: &str) -> ApiResult<(Option<String>, LeakPolicy)> {
+    let Some(client) = state.store.get_client(client_id).await? else { return Ok((None, LeakPolicy::default())) };
+    let policy = state.store.get_consumer(&client.consumer_id).await?.map(|c| c.leak_policy).unwrap_or_default();
+    Ok((Some(client.consumer_id), policy))
+}
+
 async fn find(state: &AppState, token: &str) -> ApiResult<Option<Found>> {
     let Ok(parsed) = credential::parse(token) else { return Ok(None) };
     let hash = SecretHash::of(token);
@@ -239,34 +246,26 @@ async fn find(state: &AppState, token: &str) -> ApiResult<Option<Found>> {
         SecretKind::AccessToken => match state.store.find_access_token(&hash).await? {
             None => None,
             Some(t) => {
-                let client = state.store.get_client(&t.client_id).await?;
-                let consumer = match &client {
-                    Some(c) => state.store.get_consumer(&c.consumer_id).await?,
-                    None => None,
-                };
+                let (consumer_id, policy) = client_owner(state, &t.client_id).await?;
                 Some(Found {
                     kind: "access_token",
                     dead: t.revoked_at.is_some() || t.expires_at <= now,
                     id: t.jti,
-                    consumer_id: client.map(|c| c.consumer_id),
-                    policy: policy_of(consumer),
+                    consumer_id,
+                    policy,
                 })
             }
         },
         SecretKind::RefreshToken => match state.store.find_refresh(&hash).await? {
             None => None,
             Some((_, family)) => {
-                let client = state.store.get_client(&family.client_id).await?;
-                let consumer = match &client {
-                    Some(c) => state.store.get_consumer(&c.consumer_id).await?,
-                    None => None,
-                };
+                let (consumer_id, policy) = client_owner(state, &family.client_id).await?;
                 Some(Found {
                     kind: "refresh_token",
                     dead: family.revoked_at.is_some() || family.expires_at <= now,
                     id: family.id,
-                    consumer_id: client.map(|c| c.consumer_id),
-                    policy: policy_of(consumer),
+                    consumer_id,
+                    policy,
                 })
             }
         },
@@ -309,49 +308,61 @@ async fn revoke(state: &AppState, found: &Found, token: &str, why: serde_json::V
     Ok(())
 }
 
+/// What one report item was, as it is kept: the report's metadata, and for a Keygate credential its
+/// hash and what was done.
+struct Seen<'a> {
+    reporter: &'a str,
+    token_hash: String,
+    token_type: String,
+    url: Option<String>,
+    source: Option<String>,
+}
+
+impl Seen<'_> {
+    /// The one constructor of a kept report. `found`: the credential and the action taken, for a
+    /// true positive (only then is the token's hash kept).
+    fn report(&self, now: i64, found: Option<(&Found, &str)>) -> ApiResult<LeakReport> {
+        Ok(LeakReport {
+            id: new_id("leak", now)?,
+            at: now,
+            reporter: self.reporter.into(),
+            token_hash: if found.is_some() { self.token_hash.clone() } else { String::new() },
+            token_type: self.token_type.clone(),
+            url: self.url.clone(),
+            source: self.source.clone(),
+            label: if found.is_some() { "true_positive" } else { "false_positive" }.into(),
+            credential: found.map(|(f, _)| (f.kind.to_string(), f.id.clone())),
+            action: found.map_or("none", |(_, a)| a).into(),
+        })
+    }
+
+    fn answer(self, label: &'static str) -> Classification {
+        Classification { token_hash: self.token_hash, token_type: self.token_type, label }
+    }
+}
+
 async fn handle(state: &AppState, reporter: &str, item: &ReportedToken) -> ApiResult<Classification> {
-    let token_hash = SecretHash::of(&item.token).to_hex();
-    let token_type: String = item.token_type.chars().take(100).collect();
-    let url = item.url.as_ref().filter(|u| !u.is_empty()).map(|u| u.chars().take(2000).collect::<String>());
-    let source = item.source.as_ref().map(|s| s.chars().take(100).collect::<String>());
+    let seen = Seen {
+        reporter,
+        token_hash: SecretHash::of(&item.token).to_hex(),
+        token_type: item.token_type.chars().take(100).collect(),
+        url: item.url.as_ref().filter(|u| !u.is_empty()).map(|u| u.chars().take(2000).collect()),
+        source: item.source.as_ref().map(|s| s.chars().take(100).collect()),
+    };
     let now = state.now();
     let found = if item.token.len() <= 1000 { find(state, &item.token).await? } else { None };
     let Some(found) = found else {
         // Not ours: only the report's metadata is kept, not even the token's hash.
-        let report = LeakReport {
-            id: new_id("leak", now)?,
-            at: now,
-            reporter: reporter.into(),
-            token_hash: String::new(),
-            token_type: token_type.clone(),
-            url,
-            source,
-            label: "false_positive".into(),
-            credential: None,
-            action: "none".into(),
-        };
-        state.store.insert_leak_report(&report, None).await?;
-        return Ok(Classification { token_hash, token_type, label: "false_positive" });
+        state.store.insert_leak_report(&seen.report(now, None)?, None).await?;
+        return Ok(seen.answer("false_positive"));
     };
     // A partner's retry or a replayed report (the same token found at the same place): recorded, but
     // acted on and reported once.
-    if state.store.leak_reported(&token_hash, url.as_deref()).await? {
-        let report = LeakReport {
-            id: new_id("leak", now)?,
-            at: now,
-            reporter: reporter.into(),
-            token_hash: token_hash.clone(),
-            token_type: token_type.clone(),
-            url,
-            source,
-            label: "true_positive".into(),
-            credential: Some((found.kind.into(), found.id)),
-            action: "none".into(),
-        };
-        state.store.insert_leak_report(&report, None).await?;
-        return Ok(Classification { token_hash, token_type, label: "true_positive" });
+    if state.store.leak_reported(&seen.token_hash, seen.url.as_deref()).await? {
+        state.store.insert_leak_report(&seen.report(now, Some((&found, "none")))?, None).await?;
+        return Ok(seen.answer("true_positive"));
     }
-    let why = json!({"reason": "leaked", "url": url, "source": source, "reporter": reporter});
+    let why = json!({"reason": "leaked", "url": seen.url, "source": seen.source, "reporter": reporter});
     let action = if found.dead {
         "none"
     } else if found.policy == LeakPolicy::Revoke {
@@ -370,7 +381,8 @@ async fn handle(state: &AppState, reporter: &str, item: &ReportedToken) -> ApiRe
     };
     let details = json!({
         "credential_type": found.kind, "credential_id": found.id, "consumer_id": found.consumer_id,
-        "url": url, "source": source, "reporter": reporter, "token_type": token_type, "action": action,
+        "url": seen.url, "source": seen.source, "reporter": reporter, "token_type": seen.token_type,
+        "action": action,
     });
     let audit = NewAudit {
         id: new_id("evt", now)?,
@@ -382,20 +394,8 @@ async fn handle(state: &AppState, reporter: &str, item: &ReportedToken) -> ApiRe
         ip: None,
         details,
     };
-    let report = LeakReport {
-        id: new_id("leak", now)?,
-        at: now,
-        reporter: reporter.into(),
-        token_hash: token_hash.clone(),
-        token_type: token_type.clone(),
-        url,
-        source,
-        label: "true_positive".into(),
-        credential: Some((found.kind.into(), found.id)),
-        action: action.into(),
-    };
-    state.store.insert_leak_report(&report, Some(&audit)).await?;
-    Ok(Classification { token_hash, token_type, label: "true_positive" })
+    state.store.insert_leak_report(&seen.report(now, Some((&found, action)))?, Some(&audit)).await?;
+    Ok(seen.answer("true_positive"))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
