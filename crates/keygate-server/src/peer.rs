@@ -85,6 +85,18 @@ impl<K: std::hash::Hash + Eq + Send + Sync + Clone + std::fmt::Debug + 'static> 
         }
     }
 
+    /// A budget of `limit` events per `window_seconds` (e.g. registrations per hour); 0 turns it off.
+    pub fn per_window(limit: u64, window_seconds: u64) -> Self {
+        FailureThrottle {
+            limit: (limit > 0).then(|| RateLimit { name: "events".into(), limit, window_seconds }),
+            cells: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(Duration::from_secs(window_seconds.saturating_mul(2)))
+                .build(),
+            ..Self::new(0)
+        }
+    }
+
     /// The same, without naming keys in the log.
     pub fn quiet(failures_per_minute: u64) -> Self {
         FailureThrottle { log_keys: false, ..Self::new(failures_per_minute) }

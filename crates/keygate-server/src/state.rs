@@ -76,6 +76,13 @@ pub struct ServerConfig {
     /// A JSON file with the public keys of secret-scanning partners allowed to report leaks to
     /// `/v1/leaks` (GitHub's `{"public_keys": [{"key_identifier", "key"}]}` form); `None`: off.
     pub leak_reporter_keys: Option<PathBuf>,
+    /// Protected resources (RFC 9728) forward-auth guards: their metadata is served, refusals name it,
+    /// and tokens must be issued for them (RFC 8707).
+    pub protected_resources: Vec<String>,
+    /// A page about the protected resources, for their metadata's `resource_documentation`.
+    pub resource_documentation: Option<String>,
+    /// Dynamic client registration (RFC 7591).
+    pub registration: crate::oauth::register::RegistrationConfig,
 }
 
 /// How long usage buckets of each size are kept.
@@ -125,6 +132,9 @@ impl Default for ServerConfig {
             device_poll_interval: Duration::from_secs(5),
             webhooks: crate::webhooks::WebhookConfig::default(),
             leak_reporter_keys: None,
+            protected_resources: Vec::new(),
+            resource_documentation: None,
+            registration: crate::oauth::register::RegistrationConfig::default(),
         }
     }
 }
@@ -142,6 +152,8 @@ pub struct AppState {
     /// Failed logins per username (by the hash of its lower-cased form).
     pub login_throttle: FailureThrottle<keygate_core::SecretHash>,
     pub webhooks: crate::webhooks::Webhooks,
+    /// Dynamic registrations per address.
+    pub registrations: FailureThrottle,
     pub config: ServerConfig,
 }
 
@@ -218,6 +230,7 @@ impl AppState {
             throttle,
             login_throttle: FailureThrottle::quiet(config.failures_per_minute),
             webhooks: crate::webhooks::Webhooks::default(),
+            registrations: FailureThrottle::per_window(config.registration.per_hour, 3600),
             config,
         })
     }

@@ -156,6 +156,10 @@ pub trait OAuthStore: crate::UserStore + Send + Sync + 'static {
     async fn expire_tokens(&self, now: i64) -> Result<u64>;
 
     async fn insert_signing_key(&self, key: &SigningKey, audit: Option<&NewAudit>) -> Result<()>;
+    /// Sets the registration access token (RFC 7592) of a client that registered itself.
+    async fn set_registration_token(&self, client_id: &str, hash: &SecretHash, at: i64) -> Result<()>;
+    /// The hash of a client's registration access token, if it registered itself.
+    async fn registration_token(&self, client_id: &str) -> Result<Option<SecretHash>>;
     async fn list_signing_keys(&self) -> Result<Vec<SigningKey>>;
     async fn retire_signing_key(&self, kid: &str, retired_at: i64, publish_until: i64) -> Result<()>;
     /// Replaces a key's stored private key bytes (sealing keys stored in clear by older versions).

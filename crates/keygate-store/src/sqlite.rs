@@ -400,6 +400,15 @@ const MIGRATIONS: &[&str] = &[
     );
     ALTER TABLE consumers ADD COLUMN leak_policy TEXT NOT NULL DEFAULT 'revoke';
     "#,
+    // 14: dynamic client registration (RFC 7591/7592): the registration access token of a client that
+    // registered itself.
+    r#"
+    CREATE TABLE client_registrations (
+        client_id  TEXT PRIMARY KEY REFERENCES oauth_clients (id) ON DELETE CASCADE,
+        token_hash BLOB NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// Options for opening the SQLite store.

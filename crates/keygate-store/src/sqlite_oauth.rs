@@ -396,6 +396,29 @@ impl OAuthStore for SqliteStore {
         Ok(n)
     }
 
+    async fn set_registration_token(&self, client_id: &str, hash: &SecretHash, at: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO client_registrations (client_id, token_hash, created_at) VALUES (?, ?, ?) \
+             ON CONFLICT (client_id) DO UPDATE SET token_hash = excluded.token_hash",
+        )
+        .bind(client_id)
+        .bind(&hash.as_bytes()[..])
+        .bind(at)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn registration_token(&self, client_id: &str) -> Result<Option<SecretHash>> {
+        let row = sqlx::query("SELECT token_hash AS hash FROM client_registrations WHERE client_id = ?")
+            .bind(client_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(hash_from_row).transpose()
+    }
+
     async fn insert_signing_key(&self, k: &SigningKey, audit: Option<&NewAudit>) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
         sqlx::query(

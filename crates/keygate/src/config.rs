@@ -21,6 +21,7 @@ use clap::parser::ValueSource;
 use clap::{Arg, ArgAction, ArgMatches, Command};
 use keygate_server::ServerConfig;
 use keygate_server::oauth::keys::KeyAlg;
+use keygate_server::oauth::register::RegistrationMode;
 use keygate_server::seal::MasterKeySource;
 use toml::Value;
 
@@ -69,6 +70,9 @@ impl Setting {
         (self.get)(&Resolved::default())
     }
 }
+
+/// The initial access token of `oauth.registration = "token"` (environment only: it is a secret).
+pub const REGISTRATION_TOKEN_ENV: &str = "KEYGATE_OAUTH_REGISTRATION_TOKEN";
 
 fn s(v: impl Into<String>) -> Option<Value> {
     Some(Value::String(v.into()))
@@ -575,6 +579,89 @@ pub static SETTINGS: &[Setting] = &[
         },
     },
     Setting {
+        key: "oauth.protected_resources",
+        doc: "The APIs forward-auth guards, as resource URLs (e.g. [\"https://api.example.com/mcp\"]). For each,\n\
+              Keygate serves RFC 9728 metadata at /.well-known/oauth-protected-resource/<path> (route it there\n\
+              from the API's host), names it in 401/403 WWW-Authenticate, and accepts only tokens issued for\n\
+              it (RFC 8707 audience) when /v1/auth is asked with ?resource= or the proxy's X-Forwarded-* headers.",
+        unset: None,
+        list: true,
+        alias: None,
+        get: |r| {
+            Some(Value::Array(
+                r.server.protected_resources.iter().map(|p| Value::String(p.clone())).collect(),
+            ))
+        },
+        set: |r, v| {
+            r.server.protected_resources = v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(keygate_server::oauth::resource::check_resource)
+                .collect::<Result<_, _>>()?;
+            Ok(())
+        },
+    },
+    Setting {
+        key: "oauth.resource_documentation",
+        doc: "A page about the protected resources, listed in their metadata.",
+        unset: Some(("not listed", "\"https://docs.example.com/api\"")),
+        list: false,
+        alias: None,
+        get: |r| r.server.resource_documentation.as_ref().and_then(|d| s(d.clone())),
+        set: |r, v| {
+            let u = url::Url::parse(v.trim()).map_err(|e| format!("is not a URL: {e}"))?;
+            r.server.resource_documentation = Some(u.to_string());
+            Ok(())
+        },
+    },
+    Setting {
+        key: "oauth.registration",
+        doc: "Dynamic client registration (RFC 7591) at /oauth2/register, for AI agents and other clients\n\
+              nobody registers by hand: off, open (rate-limited per address), or token (clients present the\n\
+              initial access token from KEYGATE_OAUTH_REGISTRATION_TOKEN).",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| s(r.server.registration.mode.as_str()),
+        set: |r, v| {
+            r.server.registration.mode =
+                RegistrationMode::parse(v.trim()).ok_or("must be off, open or token")?;
+            Ok(())
+        },
+    },
+    Setting {
+        key: "oauth.registration_scopes",
+        doc: "The scopes a registered client may ask for (each gets all of them unless it asks for fewer).",
+        unset: None,
+        list: true,
+        alias: None,
+        get: |r| {
+            Some(Value::Array(
+                r.server.registration.scopes.iter().map(|p| Value::String(p.clone())).collect(),
+            ))
+        },
+        set: |r, v| {
+            let list: Vec<String> =
+                v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+            r.server.registration.scopes =
+                keygate_core::scope::normalize_scopes(list).map_err(|e| e.to_string())?;
+            Ok(())
+        },
+    },
+    Setting {
+        key: "oauth.registrations_per_hour",
+        doc: "Registrations one address may make per hour (0: no limit).",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| n(r.server.registration.per_hour),
+        set: |r, v| {
+            r.server.registration.per_hour = num(v, 0, 100_000)?;
+            Ok(())
+        },
+    },
+    Setting {
         key: "login.trusted_header",
         doc: "For sites with their own single sign-on: a header a front proxy sets to the username it has\n\
               already authenticated (e.g. \"x-remote-user\"). Believed only from trusted_proxies, and only for\n\
@@ -753,6 +840,17 @@ pub fn resolve(args: &ServerArgs) -> Result<Resolved, String> {
     };
     if r.server.admin_listen.is_some_and(|a| a == r.server.listen && a.port() != 0) {
         return Err("admin_listen must differ from listen".into());
+    }
+    // A secret: from the environment only (flags show up in process lists, files get copied).
+    r.server.registration.initial_token =
+        std::env::var(REGISTRATION_TOKEN_ENV).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty());
+    if r.server.registration.mode == RegistrationMode::Token
+        && r.server.registration.initial_token.as_ref().is_none_or(|t| t.len() < 16)
+    {
+        return Err(format!(
+            "oauth.registration = \"token\" needs the initial access token in {REGISTRATION_TOKEN_ENV} \
+             (at least 16 characters; e.g. `openssl rand -hex 32`)"
+        ));
     }
     Ok(r)
 }

@@ -470,7 +470,7 @@ pub(super) async fn proceed(
             page(
                 StatusCode::OK,
                 "consent.html",
-                context! { client_name => req.client_name, username => user.username, scopes => listed, device_code => req.device.as_deref().map(|c| format!("{}-{}", c.get(..4).unwrap_or(""), c.get(4..).unwrap_or(""))),
+                context! { client_name => req.client_name, client_host => client_host(&req.client_id), resources => req.audiences, username => user.username, scopes => listed, device_code => req.device.as_deref().map(|c| format!("{}-{}", c.get(..4).unwrap_or(""), c.get(4..).unwrap_or(""))),
                 request_id, csrf => req.csrf, action => CONSENT_ACTION },
             )
         }
@@ -479,6 +479,15 @@ pub(super) async fn proceed(
         resp.headers_mut().append(header::SET_COOKIE, c);
     }
     resp
+}
+
+/// For a client known by its metadata document's URL: the host that vouches for it, shown beside the
+/// name it gives itself.
+fn client_host(client_id: &str) -> Option<String> {
+    if !client_id.starts_with("https://") && !client_id.starts_with("http://") {
+        return None;
+    }
+    url::Url::parse(client_id).ok().and_then(|u| u.host_str().map(str::to_owned))
 }
 
 /// Which grant a new code belongs to.

@@ -35,6 +35,12 @@ pub enum OAuthErrorCode {
     ExpiredToken,
     /// RFC 9449: the DPoP proof is missing parts, does not verify, or does not match the request.
     InvalidDpopProof,
+    /// RFC 7591 §3.2.2: a redirect URI registration refuses.
+    InvalidRedirectUri,
+    /// RFC 7591 §3.2.2: other client metadata registration refuses.
+    InvalidClientMetadata,
+    /// RFC 6750 §3.1 (registration management, RFC 7592): a missing or wrong registration access token.
+    InvalidToken,
     TemporarilyUnavailable,
     ServerError,
 }
@@ -55,6 +61,9 @@ impl OAuthErrorCode {
             OAuthErrorCode::AccessDenied => "access_denied",
             OAuthErrorCode::ExpiredToken => "expired_token",
             OAuthErrorCode::InvalidDpopProof => "invalid_dpop_proof",
+            OAuthErrorCode::InvalidRedirectUri => "invalid_redirect_uri",
+            OAuthErrorCode::InvalidClientMetadata => "invalid_client_metadata",
+            OAuthErrorCode::InvalidToken => "invalid_token",
             OAuthErrorCode::TemporarilyUnavailable => "temporarily_unavailable",
             OAuthErrorCode::ServerError => "server_error",
         }
@@ -62,7 +71,7 @@ impl OAuthErrorCode {
 
     pub fn status(self) -> StatusCode {
         match self {
-            OAuthErrorCode::InvalidClient { .. } => StatusCode::UNAUTHORIZED,
+            OAuthErrorCode::InvalidClient { .. } | OAuthErrorCode::InvalidToken => StatusCode::UNAUTHORIZED,
             OAuthErrorCode::InsufficientScope => StatusCode::FORBIDDEN,
             OAuthErrorCode::SlowDown => StatusCode::TOO_MANY_REQUESTS,
             OAuthErrorCode::TemporarilyUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -76,6 +85,7 @@ impl OAuthErrorCode {
         match self {
             OAuthErrorCode::InvalidClient { basic: true } => Some("Basic realm=\"keygate\""),
             OAuthErrorCode::InvalidClient { basic: false } => Some("Bearer realm=\"keygate\""),
+            OAuthErrorCode::InvalidToken => Some("Bearer realm=\"keygate\", error=\"invalid_token\""),
             _ => None,
         }
     }

@@ -14,6 +14,8 @@ pub mod exchange;
 pub mod flows;
 pub mod grants;
 pub mod keys;
+pub mod register;
+pub mod resource;
 pub mod tokens;
 
 use std::sync::Arc;
@@ -45,6 +47,14 @@ pub fn router() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(revoke))
         .routes(routes!(discovery))
         .routes(routes!(jwks))
+        .routes(routes!(register::register))
+        .routes(routes!(
+            register::read_registration,
+            register::update_registration,
+            register::delete_registration
+        ))
+        .routes(routes!(resource::metadata_root))
+        .routes(routes!(resource::metadata_path))
 }
 
 /// A form body, after checking its content type (the parsing rules are in `keygate_core::oauth`).
@@ -466,6 +476,7 @@ async fn discovery_document(state: &AppState) -> Result<Value, OAuthError> {
         "grant_types_supported": keygate_store::GrantType::ALL.map(keygate_store::GrantType::as_str),
         "authorization_endpoint": format!("{iss}/oauth2/authorize"),
         "device_authorization_endpoint": format!("{iss}/oauth2/device_authorization"),
+
         "response_types_supported": ["code"],
         "response_modes_supported": ["query"],
         "code_challenge_methods_supported": ["S256"],
@@ -479,6 +490,9 @@ async fn discovery_document(state: &AppState) -> Result<Value, OAuthError> {
     });
     if state.config.publish_scopes {
         doc["scopes_supported"] = json!(scopes);
+    }
+    if state.config.registration.mode != register::RegistrationMode::Off {
+        doc["registration_endpoint"] = json!(format!("{iss}/oauth2/register"));
     }
     Ok(doc)
 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::ToSchema;
 
-use crate::auth::AdminCaller;
+use crate::auth::{Actor, AdminCaller};
 use crate::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, ErrorCode};
 use crate::oauth::keys::{KeyAlg, MAX_TOKEN_LIFETIME_SECONDS};
 use crate::routes::common::{
@@ -347,6 +347,16 @@ pub async fn create_client(
     AdminCaller(actor): AdminCaller,
     ApiJson(req): ApiJson<CreateClient>,
 ) -> ApiResult<(StatusCode, Json<ClientWithSecret>)> {
+    Ok((StatusCode::CREATED, Json(new_client(&state, &actor, req).await?)))
+}
+
+/// The one constructor of OAuth clients: every rule of the admin API, for every way a client is made
+/// (the admin API, dynamic registration).
+pub(crate) async fn new_client(
+    state: &AppState,
+    actor: &Actor,
+    req: CreateClient,
+) -> ApiResult<ClientWithSecret> {
     check_name(&req.name)?;
     let grants = match &req.grant_types {
         Some(g) => check_grants(g)?,
@@ -388,7 +398,7 @@ pub async fn create_client(
         }
         (None, false) => {}
     }
-    let consumer = load_consumer(&state, &req.consumer_id)
+    let consumer = load_consumer(state, &req.consumer_id)
         .await
         .map_err(|e| ApiError { field: Some("consumer_id".into()), ..e })?;
     if consumer.disabled {
@@ -424,7 +434,7 @@ pub async fn create_client(
     let details = json!({"consumer_id": client.consumer_id, "name": client.name, "scopes": client.scopes,
         "audiences": client.audiences, "token_format": client.token_format, "public": req.public,
         "redirect_uris": client.redirect_uris});
-    let audit = audit(&actor, now, "client.create", "client", &id, details)?;
+    let audit = audit(actor, now, "client.create", "client", &id, details)?;
     // A private_key_jwt client has no secret: nothing to store, nothing to show.
     let stored_secret = has_secret.then_some(&key_secret);
     state.store.insert_client(&client, stored_secret, &audit).await?;
@@ -434,14 +444,11 @@ pub async fn create_client(
         state.store.get_consumer(&client.consumer_id).await.ok().flatten().unwrap_or(consumer_state);
     state.oauth.consumer_changed(&consumer_now);
     state.oauth.client_changed(&client);
-    Ok((
-        StatusCode::CREATED,
-        Json(ClientWithSecret {
-            client_secret: has_secret.then(|| secret.expose().to_string()),
-            previous_expires_at: None,
-            client: client.into(),
-        }),
-    ))
+    Ok(ClientWithSecret {
+        client_secret: has_secret.then(|| secret.expose().to_string()),
+        previous_expires_at: None,
+        client: client.into(),
+    })
 }
 
 /// List OAuth clients (never their secrets).
@@ -604,13 +611,19 @@ pub async fn delete_client(
     AdminCaller(actor): AdminCaller,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let now = state.now();
-    let audit = audit(&actor, now, "client.delete", "client", &id, json!({}))?;
-    if !state.store.delete_client(&id, &audit).await? {
-        return Err(ApiError::not_found("client", &id));
-    }
-    state.oauth.client_deleted(&id);
+    remove_client(&state, &actor, &id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Deletes a client (and with it its secrets and tokens); every node's caches forget it.
+pub(crate) async fn remove_client(state: &AppState, actor: &Actor, id: &str) -> ApiResult<()> {
+    let now = state.now();
+    let audit = audit(actor, now, "client.delete", "client", id, json!({}))?;
+    if !state.store.delete_client(id, &audit).await? {
+        return Err(ApiError::not_found("client", id));
+    }
+    state.oauth.client_deleted(id);
+    Ok(())
 }
 
 /// Rotate a client's secret; the old one keeps working for `overlap_seconds`.

@@ -205,8 +205,11 @@ struct Found {
 
 /// The consumer that owns a client, and its leak policy (the default when either is gone).
 async fn client_owner(state: &AppState, client_id: &str) -> ApiResult<(Option<String>, LeakPolicy)> {
-    let Some(client) = state.store.get_client(client_id).await? else { return Ok((None, LeakPolicy::default())) };
-    let policy = state.store.get_consumer(&client.consumer_id).await?.map(|c| c.leak_policy).unwrap_or_default();
+    let Some(client) = state.store.get_client(client_id).await? else {
+        return Ok((None, LeakPolicy::default()));
+    };
+    let policy =
+        state.store.get_consumer(&client.consumer_id).await?.map(|c| c.leak_policy).unwrap_or_default();
     Ok((Some(client.consumer_id), policy))
 }
 

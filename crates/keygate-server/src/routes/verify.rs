@@ -206,13 +206,18 @@ fn required_scopes(headers: &HeaderMap, uri: &Uri) -> Vec<String> {
     out
 }
 
-fn www_authenticate(error: Option<(&str, &str)>, scope: Option<&str>) -> HeaderValue {
+fn www_authenticate(error: Option<(&str, &str)>, scope: Option<&str>, resource: Option<&str>) -> HeaderValue {
     let mut v = String::from("Bearer realm=\"keygate\"");
     if let Some((code, description)) = error {
         v.push_str(&format!(", error=\"{code}\", error_description=\"{description}\""));
     }
     if let Some(s) = scope {
         v.push_str(&format!(", scope=\"{}\"", s.replace(['"', '\\'], "")));
+    }
+    // RFC 9728 §5.1: where a client finds out which authorization server to ask (the resource is one
+    // the operator configured, so the URL is never a client's input).
+    if let Some(r) = resource {
+        v.push_str(&format!(", resource_metadata=\"{}\"", crate::oauth::resource::metadata_url(r)));
     }
     HeaderValue::from_str(&v).unwrap_or_else(|_| HeaderValue::from_static("Bearer realm=\"keygate\""))
 }
@@ -249,13 +254,19 @@ pub async fn forward_auth(
             })),
         )
             .into_response();
-        resp.headers_mut().insert(header::WWW_AUTHENTICATE, www_authenticate(None, None));
+        let resource =
+            crate::oauth::resource::resource_for(&state, query_param(&uri, "resource").as_deref(), &headers);
+        let scope = resource.map(|_| required_scopes(&headers, &uri).join(" ")).filter(|s| !s.is_empty());
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, www_authenticate(None, scope.as_deref(), resource));
         return Ok(resp);
     };
     let required = required_scopes(&headers, &uri);
-    let audience = uri.query().and_then(|q| {
-        form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "audience").map(|(_, v)| v.into_owned())
-    });
+    // A configured protected resource (RFC 9728): tokens must be issued for it (RFC 8707), and refusals
+    // say where its metadata is.
+    let resource =
+        crate::oauth::resource::resource_for(&state, query_param(&uri, "resource").as_deref(), &headers);
+    let audience = query_param(&uri, "audience").or_else(|| resource.map(str::to_owned));
     let dpop = forwarded_dpop(&headers);
     let decision = decide_credential(
         &state,
@@ -273,7 +284,13 @@ pub async fn forward_auth(
         state.throttle.record_failure(client.accountable, now);
     }
     record(&state, &decision, started);
-    Ok(forward_auth_response(&decision))
+    Ok(forward_auth_response(&decision, resource))
+}
+
+fn query_param(uri: &Uri, name: &str) -> Option<String> {
+    uri.query().and_then(|q| {
+        form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
+    })
 }
 
 /// Forward-auth and DPoP: the proof from the `DPoP` header, and the original request's method and URL
@@ -309,7 +326,7 @@ fn set_header(h: &mut HeaderMap, name: &'static str, value: &str) {
     }
 }
 
-fn forward_auth_response(decision: &Decision) -> Response {
+fn forward_auth_response(decision: &Decision, resource: Option<&str>) -> Response {
     if let (DecisionCode::Valid, Some(t)) = (decision.code, &decision.token) {
         let mut resp = Response::new(Body::empty());
         let h = resp.headers_mut();
@@ -346,6 +363,7 @@ fn forward_auth_response(decision: &Decision) -> Response {
                 www_authenticate(
                     Some(("insufficient_scope", "the credential lacks a required scope")),
                     Some(&missing),
+                    resource,
                 ),
             );
             resp
@@ -377,7 +395,7 @@ fn forward_auth_response(decision: &Decision) -> Response {
             *resp.status_mut() = StatusCode::UNAUTHORIZED;
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
-                www_authenticate(Some(("invalid_token", code.message())), None),
+                www_authenticate(Some(("invalid_token", code.message())), None, resource),
             );
             resp
         }

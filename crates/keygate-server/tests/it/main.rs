@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly on purpose")]
 
 mod admin;
+mod agents;
 mod authcode;
 mod bad_input;
 mod device;
