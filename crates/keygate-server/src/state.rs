@@ -83,6 +83,8 @@ pub struct ServerConfig {
     pub resource_documentation: Option<String>,
     /// Dynamic client registration (RFC 7591).
     pub registration: crate::oauth::register::RegistrationConfig,
+    /// Client ID Metadata Documents (clients known by an https URL).
+    pub metadata_docs: crate::oauth::metadata_doc::MetadataDocConfig,
 }
 
 /// How long usage buckets of each size are kept.
@@ -135,6 +137,7 @@ impl Default for ServerConfig {
             protected_resources: Vec::new(),
             resource_documentation: None,
             registration: crate::oauth::register::RegistrationConfig::default(),
+            metadata_docs: crate::oauth::metadata_doc::MetadataDocConfig::default(),
         }
     }
 }
@@ -154,6 +157,7 @@ pub struct AppState {
     pub webhooks: crate::webhooks::Webhooks,
     /// Dynamic registrations per address.
     pub registrations: FailureThrottle,
+    pub metadata_docs: crate::oauth::metadata_doc::MetadataDocs,
     pub config: ServerConfig,
 }
 
@@ -231,6 +235,7 @@ impl AppState {
             login_throttle: FailureThrottle::quiet(config.failures_per_minute),
             webhooks: crate::webhooks::Webhooks::default(),
             registrations: FailureThrottle::per_window(config.registration.per_hour, 3600),
+            metadata_docs: crate::oauth::metadata_doc::MetadataDocs::default(),
             config,
         })
     }

@@ -206,7 +206,12 @@ fn not_reachable() -> String {
 /// Resolves receivers' names and keeps only addresses webhooks may reach, so a name that resolves to
 /// an internal address (now or after a DNS change) is never connected to.
 #[derive(Clone)]
-struct GuardedResolver(Arc<WebhookConfig>);
+pub struct GuardedResolver(Arc<WebhookConfig>);
+
+/// A resolver for any client that fetches URLs given by others (webhooks, client metadata documents).
+pub fn guarded_resolver(config: WebhookConfig) -> GuardedResolver {
+    GuardedResolver(Arc::new(config))
+}
 
 impl reqwest::dns::Resolve for GuardedResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
@@ -376,7 +381,7 @@ async fn attempt(state: &AppState, d: &DueDelivery, now: i64) -> Result<u16, Str
 }
 
 /// A transport error in a few words, without the URL (it may hold a token of the receiver's).
-fn describe(e: &reqwest::Error) -> String {
+pub fn describe(e: &reqwest::Error) -> String {
     let kind = if e.is_timeout() {
         "timed out"
     } else if e.is_connect() {

@@ -95,6 +95,21 @@ fn boolean(v: &str) -> Result<bool, String> {
     }
 }
 
+/// A list of host names (lower-cased), for domain allow and deny lists.
+fn domains(v: &str) -> Result<Vec<String>, String> {
+    v.split(',')
+        .map(|d| d.trim().trim_start_matches("*.").to_ascii_lowercase())
+        .filter(|d| !d.is_empty())
+        .map(|d| {
+            if d.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-') {
+                Ok(d)
+            } else {
+                Err(format!("{d:?} is not a host name"))
+            }
+        })
+        .collect()
+}
+
 fn addr(v: &str) -> Result<SocketAddr, String> {
     v.trim().parse().map_err(|_| "is not an address: write IP:PORT, e.g. 127.0.0.1:8080".into())
 }
@@ -658,6 +673,64 @@ pub static SETTINGS: &[Setting] = &[
         get: |r| n(r.server.registration.per_hour),
         set: |r, v| {
             r.server.registration.per_hour = num(v, 0, 100_000)?;
+            Ok(())
+        },
+    },
+    Setting {
+        key: "oauth.client_metadata_documents",
+        doc: "Accept clients whose client_id is an https URL of a Client ID Metadata Document (the MCP way for\n\
+              agents to introduce themselves without registering). The document is fetched through the\n\
+              webhook SSRF guard, checked, cached and shown with its host on the consent page.",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| Some(Value::Boolean(r.server.metadata_docs.enabled)),
+        set: |r, v| {
+            r.server.metadata_docs.enabled = boolean(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        key: "oauth.client_metadata_allow_domains",
+        doc: "Only these hosts (and their subdomains) may describe clients; empty: any host not denied.",
+        unset: None,
+        list: true,
+        alias: None,
+        get: |r| {
+            Some(Value::Array(
+                r.server.metadata_docs.allow_domains.iter().map(|d| Value::String(d.clone())).collect(),
+            ))
+        },
+        set: |r, v| {
+            r.server.metadata_docs.allow_domains = domains(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        key: "oauth.client_metadata_deny_domains",
+        doc: "Hosts (and their subdomains) whose client metadata documents are refused.",
+        unset: None,
+        list: true,
+        alias: None,
+        get: |r| {
+            Some(Value::Array(
+                r.server.metadata_docs.deny_domains.iter().map(|d| Value::String(d.clone())).collect(),
+            ))
+        },
+        set: |r, v| {
+            r.server.metadata_docs.deny_domains = domains(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        key: "oauth.client_metadata_allow_private",
+        doc: "Accept http:// and private addresses for client metadata documents (local testing only).",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| Some(Value::Boolean(r.server.metadata_docs.allow_private)),
+        set: |r, v| {
+            r.server.metadata_docs.allow_private = boolean(v)?;
             Ok(())
         },
     },

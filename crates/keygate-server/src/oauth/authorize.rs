@@ -266,6 +266,12 @@ pub async fn authorize(
         }
         Err(e) => return error_page(StatusCode::BAD_REQUEST, &e.to_string()),
     };
+    // A client known by its metadata document's URL: fetched, checked and stored before it is used.
+    if super::metadata_doc::is_document_id(&state, client_id)
+        && let Err(why) = super::metadata_doc::ensure(&state, client_id).await
+    {
+        return error_page(StatusCode::BAD_REQUEST, &why);
+    }
     let client = match usable_client(&state, client_id).await {
         Ok(Some(c)) => c,
         Ok(None) => return error_page(StatusCode::BAD_REQUEST, "no such application, or it is disabled"),

@@ -14,6 +14,7 @@ pub mod exchange;
 pub mod flows;
 pub mod grants;
 pub mod keys;
+pub mod metadata_doc;
 pub mod register;
 pub mod resource;
 pub mod tokens;
@@ -493,6 +494,9 @@ async fn discovery_document(state: &AppState) -> Result<Value, OAuthError> {
     }
     if state.config.registration.mode != register::RegistrationMode::Off {
         doc["registration_endpoint"] = json!(format!("{iss}/oauth2/register"));
+    }
+    if state.config.metadata_docs.enabled {
+        doc["client_id_metadata_document_supported"] = json!(true);
     }
     Ok(doc)
 }

@@ -171,6 +171,10 @@ pub struct CreateClient {
     /// 31536000 (default 7776000, 90 days).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refresh_absolute_seconds: Option<i64>,
+    /// Set only inside Keygate: a client known by its metadata document's URL has that URL as its id.
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub id: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, serde::Serialize, ToSchema)]
@@ -407,7 +411,10 @@ pub(crate) async fn new_client(
     let now = state.now();
     let secret = PlainSecret::generate(SecretKind::ClientSecret)
         .map_err(|e| ApiError::internal("random source failed", e))?;
-    let id = new_id("kgc", now)?;
+    let id = match req.id {
+        Some(id) => id,
+        None => new_id("kgc", now)?,
+    };
     let consumer_state = consumer.clone();
     let client = OAuthClient {
         id: id.clone(),

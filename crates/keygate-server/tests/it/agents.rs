@@ -268,3 +268,297 @@ async fn registration_is_off_by_default_and_can_require_an_initial_token() {
     );
     assert_eq!(reg["client_secret_expires_at"], 0);
 }
+
+type Docs =
+    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (u16, Vec<(String, String)>, String)>>>;
+
+/// A site serving client metadata documents, which the test sets once it knows the site's address.
+struct DocSite {
+    base: String,
+    docs: Docs,
+}
+
+impl DocSite {
+    async fn start() -> DocSite {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let docs: Docs = Default::default();
+        let served = docs.clone();
+        let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+            let served = served.clone();
+            async move {
+                let found = served.lock().unwrap().get(uri.path()).cloned();
+                let Some((status, headers, body)) = found else {
+                    return (axum::http::StatusCode::NOT_FOUND, axum::http::HeaderMap::new(), String::new());
+                };
+                let mut h = axum::http::HeaderMap::new();
+                for (k, v) in headers {
+                    h.insert(axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+                }
+                (axum::http::StatusCode::from_u16(status).unwrap(), h, body)
+            }
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        DocSite { base, docs }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn set(&self, path: &str, status: u16, headers: &[(&str, &str)], body: String) {
+        let headers = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        self.docs.lock().unwrap().insert(path.into(), (status, headers, body));
+    }
+
+    /// A well-formed document at `path` naming itself.
+    fn agent(&self, path: &str, name: &str) -> String {
+        let id = self.url(path);
+        let doc = json!({"client_id": id, "client_name": name, "redirect_uris": [AGENT_REDIRECT],
+            "token_endpoint_auth_method": "none"});
+        self.set(path, 200, &[("cache-control", "max-age=300")], doc.to_string());
+        id
+    }
+}
+
+const AGENT_REDIRECT: &str = "http://127.0.0.1:7777/callback";
+
+/// The whole MCP-style journey of one client: 401 → resource metadata → AS metadata → authorize with
+/// PKCE and `resource` → login and consent → token for the resource → call → refresh → call.
+async fn journey(app: &TestApp, client_id: &str, consent_must_show: &[&str]) {
+    use crate::authcode::{Browser, parse_form, pkce};
+    let proxied = [
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "api.example.com"),
+        ("x-forwarded-uri", "/mcp"),
+    ];
+    let r = auth(app, "?scope=tools:call", &proxied).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let c = challenge(&r);
+    let metadata_url = c.split("resource_metadata=\"").nth(1).unwrap().split('"').next().unwrap().to_string();
+    assert_eq!(metadata_url, METADATA);
+    // The proxy routes the resource's well-known path to Keygate.
+    let path = metadata_url.trim_start_matches("https://api.example.com");
+    let rm: Value = app.client.get(app.url(path)).send().await.unwrap().json().await.unwrap();
+    let issuer = rm["authorization_servers"][0].as_str().unwrap();
+    let asm: Value = app
+        .client
+        .get(format!("{issuer}/.well-known/oauth-authorization-server"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (verifier, challenge_) = pkce();
+    let q: String = form_urlencoded::Serializer::new(String::new())
+        .append_pair("response_type", "code")
+        .append_pair("client_id", client_id)
+        .append_pair("redirect_uri", AGENT_REDIRECT)
+        .append_pair("scope", "tools:call")
+        .append_pair("state", "s1")
+        .append_pair("code_challenge", &challenge_)
+        .append_pair("code_challenge_method", "S256")
+        .append_pair("resource", MCP)
+        .finish();
+    let mut browser = Browser::new();
+    let (status, _, html) =
+        browser.get(&format!("{}?{q}", asm["authorization_endpoint"].as_str().unwrap())).await;
+    assert_eq!(status, StatusCode::OK, "{html}");
+    let login = parse_form(&html).set("username", "alice").set("password", "a long passphrase 42");
+    let (status, _, html) = browser.submit(&app.base, &login, &[]).await;
+    assert_eq!(status, StatusCode::OK, "{html}");
+    let text = html.replace("&#x2f;", "/");
+    for shown in consent_must_show.iter().chain([&MCP]) {
+        assert!(text.contains(shown), "the consent page shows {shown}: {html}");
+    }
+    let (status, headers, _) = browser.submit(&app.base, &parse_form(&html), &[("decision", "allow")]).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let loc = url::Url::parse(headers["location"].to_str().unwrap()).unwrap();
+    let code = loc.query_pairs().find(|(k, _)| k == "code").unwrap().1.into_owned();
+    let token_endpoint = asm["token_endpoint"].as_str().unwrap();
+    let tok: Value = app
+        .client
+        .post(token_endpoint)
+        .form(&[
+            ("grant_type", "authorization_code"),
+            ("code", &code),
+            ("redirect_uri", AGENT_REDIRECT),
+            ("code_verifier", &verifier),
+            ("client_id", client_id),
+            ("resource", MCP),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let at = tok["access_token"].as_str().unwrap_or_else(|| panic!("{tok}"));
+    let bearer = format!("Bearer {at}");
+    let mut call = proxied.to_vec();
+    call.push(("authorization", bearer.as_str()));
+    assert_eq!(auth(app, "?scope=tools:call", &call).await.status(), StatusCode::OK);
+    // The same token at another resource is refused.
+    let elsewhere = [("authorization", bearer.as_str())];
+    assert_eq!(
+        auth(app, "?resource=https://other.example.com", &elsewhere).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let renewed: Value = app
+        .client
+        .post(token_endpoint)
+        .form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", tok["refresh_token"].as_str().unwrap()),
+            ("client_id", client_id),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let bearer =
+        format!("Bearer {}", renewed["access_token"].as_str().unwrap_or_else(|| panic!("{renewed}")));
+    let mut call = proxied.to_vec();
+    call.push(("authorization", bearer.as_str()));
+    assert_eq!(auth(app, "?scope=tools:call", &call).await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn agents_reach_a_resource_by_registration_or_by_metadata_document() {
+    let site = DocSite::start().await;
+    let agent = site.agent("/agent.json", "Agent Smith");
+    let app = TestApp::builder()
+        .config(|c| {
+            c.protected_resources = vec![MCP.into(), "https://other.example.com".into()];
+            c.registration.mode = keygate_server::oauth::register::RegistrationMode::Open;
+            c.registration.scopes = vec!["tools:call".into()];
+            c.metadata_docs.enabled = true;
+            c.metadata_docs.allow_private = true;
+        })
+        .start()
+        .await;
+    let (s, _) =
+        app.post("/v1/users", json!({"username": "alice", "password": "a long passphrase 42"})).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let asm: Value = app
+        .client
+        .get(app.url("/.well-known/oauth-authorization-server"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(asm["client_id_metadata_document_supported"], true);
+
+    // 1. Dynamic registration.
+    let (status, reg) =
+        register(&app, json!({"client_name": "Registered Agent", "redirect_uris": [AGENT_REDIRECT]}), None)
+            .await;
+    assert_eq!(status, StatusCode::CREATED, "{reg}");
+    journey(&app, reg["client_id"].as_str().unwrap(), &["Registered Agent"]).await;
+
+    // 2. A metadata document: the consent page names the client and the host that vouches for it.
+    journey(&app, &agent, &["Agent Smith", "127.0.0.1"]).await;
+    let (_, listed) = app.get("/v1/clients?limit=100").await;
+    let stored =
+        listed["items"].as_array().unwrap().iter().find(|c| c["client_id"] == agent.as_str()).cloned();
+    assert_eq!(stored.unwrap()["name"], "Agent Smith", "{listed}");
+
+    // Refusals, each an error page and no client: a document naming another client_id, one that
+    // redirects, one too large, one that is not JSON, a redirect URI the document does not list.
+    let authorize = |client_id: &str, redirect: &str| {
+        let q: String = form_urlencoded::Serializer::new(String::new())
+            .append_pair("response_type", "code")
+            .append_pair("client_id", client_id)
+            .append_pair("redirect_uri", redirect)
+            .append_pair("code_challenge", &"a".repeat(43))
+            .append_pair("code_challenge_method", "S256")
+            .finish();
+        app.url(&format!("/oauth2/authorize?{q}"))
+    };
+    site.set(
+        "/liar.json",
+        200,
+        &[],
+        json!({"client_id": "https://trusted.example/agent.json",
+        "redirect_uris": [AGENT_REDIRECT]})
+        .to_string(),
+    );
+    site.set("/moved.json", 302, &[("location", "/agent.json")], String::new());
+    site.set(
+        "/big.json",
+        200,
+        &[],
+        format!("{{\"client_id\": \"{}\", \"pad\": \"{}\"}}", site.url("/big.json"), "x".repeat(10_000)),
+    );
+    site.set("/html.json", 200, &[], "<html>hello</html>".into());
+    site.set(
+        "/wild.json",
+        200,
+        &[],
+        json!({"client_id": site.url("/wild.json"), "redirect_uris": ["https://*.example/cb"]}).to_string(),
+    );
+    for (path, why) in [
+        ("/liar.json", "another client_id"),
+        ("/moved.json", "302"),
+        ("/big.json", "larger than"),
+        ("/html.json", "not a JSON"),
+        ("/wild.json", "wildcards"),
+        ("/missing.json", "404"),
+    ] {
+        let r = app.client.get(authorize(&site.url(path), AGENT_REDIRECT)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{path}");
+        let page = r.text().await.unwrap();
+        assert!(page.contains(why), "{path}: {page}");
+        assert_eq!(
+            app.get(&format!("/v1/clients/{}", urlencode(&site.url(path)))).await.0,
+            StatusCode::NOT_FOUND
+        );
+    }
+    let r = app.client.get(authorize(&agent, "http://127.0.0.1:7777/elsewhere")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert!(r.text().await.unwrap().contains("not registered"));
+}
+
+fn urlencode(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+#[tokio::test]
+async fn metadata_documents_on_private_addresses_or_denied_hosts_are_refused() {
+    let site = DocSite::start().await;
+    let agent = site.agent("/agent.json", "Local Agent");
+    // Without allow_private: http and loopback addresses are refused before anything is fetched.
+    let app = TestApp::builder()
+        .config(|c| {
+            c.metadata_docs.enabled = true;
+            c.metadata_docs.deny_domains = vec!["evil.example".into()];
+        })
+        .start()
+        .await;
+    for (id, why) in [
+        (agent.clone(), "https"),
+        (agent.replacen("http://", "https://", 1), "loopback"),
+        ("https://agent.evil.example/agent.json".to_string(), "not accepted"),
+        ("https://10.0.0.7/agent.json".to_string(), "private"),
+    ] {
+        let q: String = form_urlencoded::Serializer::new(String::new())
+            .append_pair("response_type", "code")
+            .append_pair("client_id", &id)
+            .append_pair("redirect_uri", AGENT_REDIRECT)
+            .finish();
+        let r = app.client.get(app.url(&format!("/oauth2/authorize?{q}"))).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{id}");
+        let page = r.text().await.unwrap();
+        assert!(page.contains(why), "{id}: {page}");
+    }
+    // Off (the default): a URL client_id is just an unknown client.
+    let off = TestApp::start().await;
+    let q: String = form_urlencoded::Serializer::new(String::new()).append_pair("client_id", &agent).finish();
+    let r = off.client.get(off.url(&format!("/oauth2/authorize?{q}"))).send().await.unwrap();
+    assert!(r.text().await.unwrap().contains("no such application"));
+}

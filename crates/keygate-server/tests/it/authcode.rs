@@ -118,7 +118,7 @@ fn location_params(headers: &reqwest::header::HeaderMap) -> HashMap<String, Stri
     url.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect()
 }
 
-fn pkce() -> (String, String) {
+pub fn pkce() -> (String, String) {
     let verifier = format!("v{}", "x".repeat(50));
     let challenge =
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier.as_bytes()));

@@ -168,6 +168,7 @@ pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
                 public,
                 refresh_idle_seconds: refresh_idle.map(secs),
                 refresh_absolute_seconds: refresh_absolute.map(secs),
+                id: None,
             };
             let v = c.send(Method::POST, &["v1", "clients"], &body).await?;
             output(c, &v, |v| {
