@@ -1310,3 +1310,51 @@ fn webhooks_survive_kill_9_with_every_event_delivered_and_verified_by_standardwe
     assert!(stderr(&bad).contains("url"), "{}", stderr(&bad));
     s.stop();
 }
+
+#[test]
+fn an_mcp_agent_built_on_oauth4webapi_reaches_a_protected_api() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let admin = init(&dir);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let resource = format!("http://127.0.0.1:{port}/mcp");
+    let env = [
+        ("KEYGATE_OAUTH_PROTECTED_RESOURCES", resource.as_str()),
+        ("KEYGATE_OAUTH_REGISTRATION", "open"),
+        ("KEYGATE_OAUTH_REGISTRATION_SCOPES", "tools:call"),
+    ];
+    let s = Server::start_env(&dir, &tmp.path().join("log"), &env);
+    let password = "a long passphrase 42";
+    let mut cmd = keygate();
+    cmd.args(["users", "create", "--username", "agent-user", "--password-stdin"])
+        .env("KEYGATE_URL", &s.url)
+        .env("KEYGATE_ADMIN_KEY", &admin);
+    let out = with_stdin(cmd, &format!("{password}\n"));
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let modules = tmp.path().join("node");
+    std::fs::create_dir_all(&modules).unwrap();
+    let npm = Command::new("npm")
+        .args(["install", "--silent", "--no-audit", "--no-fund", "oauth4webapi@3"])
+        .current_dir(&modules)
+        .output()
+        .unwrap();
+    assert!(npm.status.success(), "npm install failed: {}", stderr(&npm));
+    let o4w = modules.join("node_modules/oauth4webapi/build/index.js");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/interop/mcp_oauth4webapi.mjs");
+    let run = Command::new("node")
+        .arg(script)
+        .env("O4W", format!("file://{}", o4w.display()))
+        .env("ISSUER", &s.url)
+        .env("RESOURCE_PORT", port.to_string())
+        .env("USERNAME", "agent-user")
+        .env("PASSWORD", password)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}{}", stdout(&run), stderr(&run));
+    assert!(stdout(&run).contains("mcp: ok"), "{}", stdout(&run));
+    // The operator sees the agent's client, under "Registered clients".
+    let clients = s.json(&admin, &["clients", "list"]);
+    assert!(clients["items"].as_array().unwrap().iter().any(|c| c["name"] == "o4w agent"), "{clients}");
+    s.stop();
+}
