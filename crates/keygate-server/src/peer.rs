@@ -111,6 +111,20 @@ impl<K: std::hash::Hash + Eq + Send + Sync + Clone + std::fmt::Debug + 'static> 
         (!c.allowed).then_some(c.retry_after_ms.max(1))
     }
 
+    /// Spends one unit of `key`'s budget if any is left (check and spend under one lock, so concurrent
+    /// callers cannot overdraw it). True if it was spent; always true when the budget is off or the key
+    /// unknown.
+    pub fn try_take(&self, key: Option<K>, now_ms: i64) -> bool {
+        let (Some(limit), Some(key)) = (self.limit.as_ref(), key) else { return true };
+        let cell = self.cells.get_with(key, || Arc::new(Mutex::new(Gcra::default())));
+        let mut g = cell.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let c = g.check(limit, now_ms, 1);
+        if c.allowed {
+            *g = c.next;
+        }
+        c.allowed
+    }
+
     pub fn record_failure(&self, ip: Option<K>, now_ms: i64) {
         let (Some(limit), Some(ip)) = (self.limit.as_ref(), ip) else { return };
         let cell = self.cells.get_with(ip.clone(), || Arc::new(Mutex::new(Gcra::default())));

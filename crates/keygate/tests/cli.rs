@@ -1322,6 +1322,8 @@ fn an_mcp_agent_built_on_oauth4webapi_reaches_a_protected_api() {
         ("KEYGATE_OAUTH_PROTECTED_RESOURCES", resource.as_str()),
         ("KEYGATE_OAUTH_REGISTRATION", "open"),
         ("KEYGATE_OAUTH_REGISTRATION_SCOPES", "tools:call"),
+        // The API's forward-auth calls come from this host: its X-Forwarded-* name the resource.
+        ("KEYGATE_TRUSTED_PROXIES", "127.0.0.1"),
     ];
     let s = Server::start_env(&dir, &tmp.path().join("log"), &env);
     let password = "a long passphrase 42";

@@ -267,10 +267,11 @@ pub async fn authorize(
         Err(e) => return error_page(StatusCode::BAD_REQUEST, &e.to_string()),
     };
     // A client known by its metadata document's URL: fetched, checked and stored before it is used.
-    if super::metadata_doc::is_document_id(&state, client_id)
-        && let Err(why) = super::metadata_doc::ensure(&state, client_id).await
-    {
-        return error_page(StatusCode::BAD_REQUEST, &why);
+    if super::metadata_doc::is_document_id(client_id) {
+        let ip = crate::peer::client_of(peer, &headers, &state.config.trusted_proxies).accountable;
+        if let Err(why) = super::metadata_doc::ensure(&state, client_id, ip).await {
+            return error_page(StatusCode::BAD_REQUEST, &why);
+        }
     }
     let client = match usable_client(&state, client_id).await {
         Ok(Some(c)) => c,
@@ -299,6 +300,9 @@ pub async fn authorize(
         iss: state.oauth.issuer(),
         device: false,
     };
+    // Clients that registered themselves (or came with a metadata document) get tokens for the one
+    // resource they name (RFC 8707), never for every resource by default, and always ask the user.
+    let self_registered = super::register::is_self_registered(&state, &client).await;
     let one = |name: &str| form.one(name).map_err(|e| back.error("invalid_request", &e.to_string()));
     let checked = (|| {
         let rt = one("response_type")?;
@@ -326,6 +330,10 @@ pub async fn authorize(
         if resources.iter().any(|r| !client.audiences.iter().any(|a| a == r)) {
             return Err(back.error("invalid_target", "the client may not ask for one of the resources"));
         }
+        if self_registered && !client.audiences.is_empty() && resources.len() != 1 {
+            return Err(back
+                .error("invalid_target", "name the one resource the token is for (the resource parameter)"));
+        }
         let audiences = if resources.is_empty() {
             if client.audiences.is_empty() { vec![state.oauth.issuer()] } else { client.audiences.clone() }
         } else {
@@ -342,7 +350,7 @@ pub async fn authorize(
         Err(r) => return r,
     };
     let n = names(&state);
-    let always_ask = !client.confidential && !back.redirect_uri.starts_with("https://");
+    let always_ask = self_registered || (!client.confidential && !back.redirect_uri.starts_with("https://"));
     let req = Arc::new(AuthRequest {
         client_id: client.id.clone(),
         client_name: client.name.clone(),

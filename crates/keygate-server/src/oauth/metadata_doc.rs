@@ -6,9 +6,10 @@
 //! (under "Registered clients", where the operator sees, disables or deletes it). The consent page shows
 //! the document's host beside the name the client gives itself.
 
-use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
+
+use moka::sync::Cache;
 
 use keygate_store::ClientPatch;
 use serde::Deserialize;
@@ -37,11 +38,28 @@ pub struct MetadataDocConfig {
     pub allow_private: bool,
 }
 
-/// Documents fetched, by URL: until when each is fresh (ms).
-#[derive(Default)]
+/// Longest metadata-document `client_id` (client ids appear in tokens and headers).
+const MAX_URL: usize = 255;
+
+/// Documents fetched, by URL: until when each is fresh (ms); and recent failures, so that a bad URL is
+/// not fetched again on every request. Both bounded.
 pub struct MetadataDocs {
-    fresh_until: Mutex<HashMap<String, i64>>,
+    fresh_until: Cache<String, i64>,
+    failed: Cache<String, String>,
     client: OnceLock<reqwest::Client>,
+}
+
+impl Default for MetadataDocs {
+    fn default() -> Self {
+        MetadataDocs {
+            fresh_until: Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(Duration::from_secs(86_400))
+                .build(),
+            failed: Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(60)).build(),
+            client: OnceLock::new(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -54,21 +72,32 @@ struct Document {
     grant_types: Option<Vec<String>>,
 }
 
-/// Is `client_id` one this server would treat as a metadata document URL?
-pub fn is_document_id(state: &AppState, client_id: &str) -> bool {
-    // http:// too, so that it is refused with a reason rather than as an unknown client.
-    state.config.metadata_docs.enabled
-        && (client_id.starts_with("https://") || client_id.starts_with("http://"))
+/// Is `client_id` shaped like a metadata document URL (http:// too, so that it is refused with a
+/// reason rather than as an unknown client)?
+pub fn is_document_id(client_id: &str) -> bool {
+    client_id.starts_with("https://") || client_id.starts_with("http://")
+}
+
+/// May this client id be used now? Any `kgc_…` id; a URL only while the feature is on and its host is
+/// allowed (so turning it off, or denying a host, stops such clients at once, without a fetch).
+pub fn permitted(state: &AppState, client_id: &str) -> bool {
+    !is_document_id(client_id)
+        || (state.config.metadata_docs.enabled && check_url(&state.config.metadata_docs, client_id).is_ok())
 }
 
 fn host_matches(host: &str, domain: &str) -> bool {
-    let (host, domain) = (host.to_ascii_lowercase(), domain.to_ascii_lowercase());
+    // `bad.example.` is `bad.example` to DNS.
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
     host == domain || host.ends_with(&format!(".{domain}"))
 }
 
 /// The guard every fetched URL passes: the webhook rules (https, no credentials, no internal address)
 /// and the operator's domain lists.
 fn check_url(config: &MetadataDocConfig, raw: &str) -> Result<url::Url, String> {
+    if raw.len() > MAX_URL {
+        return Err(format!("a client_id URL is at most {MAX_URL} characters"));
+    }
     let guard = WebhookConfig { allow_private: config.allow_private, ..WebhookConfig::default() };
     let url = guard.check_url(raw).map_err(|e| format!("the client_id URL {e}"))?;
     if url.path() == "/" || url.path().is_empty() || url.query().is_some() {
@@ -152,60 +181,40 @@ impl MetadataDocs {
 
 /// Makes sure the client a metadata-document URL names is known and current: fetched (when not fresh),
 /// checked, and stored. The error is a sentence for the error page.
-pub async fn ensure(state: &AppState, client_id: &str) -> Result<(), String> {
+pub async fn ensure(state: &AppState, client_id: &str, ip: Option<std::net::IpAddr>) -> Result<(), String> {
     let config = &state.config.metadata_docs;
+    if !config.enabled {
+        return Err(
+            "clients described by a metadata document (a URL as client_id) are not accepted here".into()
+        );
+    }
     let url = check_url(config, client_id)?;
     let now = state.now();
-    let fresh = state
-        .metadata_docs
-        .fresh_until
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .get(client_id)
-        .is_some_and(|until| *until > now);
+    let fresh = state.metadata_docs.fresh_until.get(client_id).is_some_and(|until| until > now);
     let existing = state.store.get_client(client_id).await.map_err(|e| e.to_string())?;
     if fresh && existing.is_some() {
         return Ok(());
     }
-    let (doc, fresh_ms) = state.metadata_docs.fetch(config, &url).await?;
-    if doc.client_id != client_id {
-        return Err("the client's metadata document names another client_id than its own URL".into());
+    if let Some(why) = state.metadata_docs.failed.get(client_id) {
+        return Err(why);
     }
-    if doc.redirect_uris.is_empty() || doc.redirect_uris.len() > 10 {
-        return Err("the client's metadata document lists 1 to 10 redirect_uris".into());
+    // Every fetch counts against the address's registration budget: anyone can name any URL here.
+    if !state.registrations.try_take(ip, now) {
+        return Err("too many new applications from this address; try again later".into());
     }
-    for u in &doc.redirect_uris {
-        check_registered_redirect(u).map_err(|e| e.description)?;
-    }
-    if doc.token_endpoint_auth_method.as_deref().is_some_and(|m| m != "none") {
-        return Err(
-            "clients described by a metadata document are public here (token_endpoint_auth_method none)"
-                .into(),
-        );
-    }
-    let grants = doc.grant_types.unwrap_or_else(|| vec!["authorization_code".into(), "refresh_token".into()]);
-    if !grants.iter().any(|g| g == "authorization_code")
-        || grants.iter().any(|g| g != "authorization_code" && g != "refresh_token")
-    {
-        return Err(
-            "the client's metadata document asks for grants other than authorization_code and refresh_token"
-                .into(),
-        );
-    }
-    let name: String = doc
-        .client_name
-        .filter(|n| !n.trim().is_empty())
-        .unwrap_or_else(|| url.host_str().unwrap_or("client").to_string())
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(200)
-        .collect();
-    let actor = Actor { key_id: ACTOR.into(), ip: None };
+    let checked = fetch_and_check(state, &url, client_id).await;
+    let (doc, name, grants, fresh_ms) = match checked {
+        Ok(v) => v,
+        Err(why) => {
+            state.metadata_docs.failed.insert(client_id.to_string(), why.clone());
+            return Err(why);
+        }
+    };
+    let actor = Actor { key_id: ACTOR.into(), ip };
     match existing {
-        Some(c) if c.redirect_uris == doc.redirect_uris && c.name == name => {}
+        Some(c) if c.redirect_uris == doc.redirect_uris => {}
         Some(c) => {
             let patch = ClientPatch {
-                name: Some(name),
                 redirect_uris: Some(doc.redirect_uris),
                 updated_at: now,
                 ..ClientPatch::default()
@@ -234,16 +243,61 @@ pub async fn ensure(state: &AppState, client_id: &str) -> Result<(), String> {
                 id: Some(client_id.to_string()),
                 ..CreateClient::default()
             };
-            new_client(state, &actor, req).await.map_err(|e| api_to_oauth(e).description)?;
+            if let Err(e) = new_client(state, &actor, req).await {
+                // Made by a concurrent first authorization of the same client meanwhile.
+                if state.store.get_client(client_id).await.ok().flatten().is_none() {
+                    return Err(api_to_oauth(e).description);
+                }
+            }
         }
     }
-    state
-        .metadata_docs
-        .fresh_until
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .insert(client_id.to_string(), now + fresh_ms);
+    state.metadata_docs.fresh_until.insert(client_id.to_string(), now + fresh_ms);
     Ok(())
+}
+
+/// The document, checked: the document, the name to show, its grants, and how long it is fresh.
+async fn fetch_and_check(
+    state: &AppState,
+    url: &url::Url,
+    client_id: &str,
+) -> Result<(Document, String, Vec<String>, i64), String> {
+    let (doc, fresh_ms) = state.metadata_docs.fetch(&state.config.metadata_docs, url).await?;
+    if doc.client_id != client_id {
+        return Err("the client's metadata document names another client_id than its own URL".into());
+    }
+    if doc.redirect_uris.is_empty() || doc.redirect_uris.len() > 10 {
+        return Err("the client's metadata document lists 1 to 10 redirect_uris".into());
+    }
+    for u in &doc.redirect_uris {
+        check_registered_redirect(u).map_err(|e| e.description)?;
+    }
+    if doc.token_endpoint_auth_method.as_deref().is_some_and(|m| m != "none") {
+        return Err(
+            "clients described by a metadata document are public here (token_endpoint_auth_method none)"
+                .into(),
+        );
+    }
+    let grants =
+        doc.grant_types.clone().unwrap_or_else(|| vec!["authorization_code".into(), "refresh_token".into()]);
+    if !grants.iter().any(|g| g == "authorization_code")
+        || grants.iter().any(|g| g != "authorization_code" && g != "refresh_token")
+    {
+        return Err(
+            "the client's metadata document asks for grants other than authorization_code and refresh_token"
+                .into(),
+        );
+    }
+    let name: String = doc
+        .client_name
+        .as_deref()
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(200)
+        .collect();
+    // A name of its own, or the host that vouches for it.
+    let name = if name.trim().is_empty() { url.host_str().unwrap_or("client").to_string() } else { name };
+    Ok((doc, name, grants, fresh_ms))
 }
 
 #[cfg(test)]
@@ -270,6 +324,12 @@ mod tests {
         };
         assert!(check_url(&listed, "https://a.example.com/c.json").is_ok());
         assert!(check_url(&listed, "https://x.bad.example.com/c.json").is_err());
+        assert!(
+            check_url(&listed, "https://bad.example.com./c.json").is_err(),
+            "a trailing dot is the same host"
+        );
+        let long = format!("https://a.example.com/{}", "x".repeat(300));
+        assert!(check_url(&listed, &long).is_err());
         assert!(check_url(&listed, "https://example.org/c.json").is_err());
         assert!(check_url(&listed, "https://notexample.com/c.json").is_err());
     }

@@ -198,7 +198,13 @@ async fn authenticate(
     let (found, basic) = match client_credentials(headers, form)? {
         None => return Ok(None),
         Some(Presented::Secret { id, secret, basic }) if secret.is_empty() && !basic => {
-            (state.oauth.authenticate_public(state.store.as_ref(), &id).await?, false)
+            // A metadata-document client stops when the feature is turned off or its host denied.
+            let found = if metadata_doc::permitted(state, &id) {
+                state.oauth.authenticate_public(state.store.as_ref(), &id).await?
+            } else {
+                None
+            };
+            (found, false)
         }
         Some(Presented::Secret { id, secret, basic }) => {
             (state.oauth.authenticate_client(state.store.as_ref(), &id, &secret, now).await?, basic)

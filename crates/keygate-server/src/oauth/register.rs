@@ -165,6 +165,7 @@ fn to_request(state: &AppState, m: ClientMetadata, consumer_id: String) -> Resul
         }
     };
     let name = m.client_name.unwrap_or_else(|| "Registered client".into());
+    keygate_core::validate::validate_name(&name).map_err(|e| bad_metadata(format!("client_name: {e}")))?;
     Ok(CreateClient {
         consumer_id,
         name,
@@ -219,6 +220,19 @@ pub(crate) async fn registered_consumer(state: &AppState) -> Result<Consumer, OA
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Did this client register itself, or introduce itself with a metadata document? (Such clients must
+/// name the one resource they want, and always ask the user.)
+pub(crate) async fn is_self_registered(state: &AppState, client: &keygate_store::OAuthClient) -> bool {
+    super::metadata_doc::is_document_id(&client.id)
+        || state
+            .store
+            .get_consumer(&client.consumer_id)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|c| c.external_id.as_deref() == Some(REGISTERED_CONSUMER))
 }
 
 fn system_actor(ip: Option<std::net::IpAddr>) -> Actor {
@@ -284,6 +298,12 @@ pub async fn register(
             return Ok(not_found("dynamic client registration is off here (oauth.registration)".into()));
         }
         RegistrationMode::Token => {
+            if let Some(retry) = state.throttle.blocked(client.accountable, state.now()) {
+                return Err(OAuthError::new(
+                    OAuthErrorCode::SlowDown,
+                    format!("too many failed attempts; retry in {} s", retry / 1000 + 1),
+                ));
+            }
             let ok = matches!((bearer(&headers), config.initial_token.as_deref()), (Some(t), Some(want)) if same_secret(t, want));
             if !ok {
                 state.throttle.record_failure(client.accountable, state.now());
@@ -296,13 +316,13 @@ pub async fn register(
         RegistrationMode::Open => {}
     }
     let now = state.now();
-    if state.registrations.blocked(client.accountable, now).is_some() {
+    // Checked and spent at once, refused attempts too: a flood cannot overdraw it.
+    if !state.registrations.try_take(client.accountable, now) {
         return Err(OAuthError::new(
             OAuthErrorCode::SlowDown,
             "too many registrations from this address; try again later",
         ));
     }
-    state.registrations.record_failure(client.accountable, now);
     let metadata: ClientMetadata = serde_json::from_slice(&body)
         .map_err(|_| bad_metadata("send the client metadata as a JSON object (RFC 7591 section 2)"))?;
     let consumer = registered_consumer(&state).await?;
@@ -350,6 +370,18 @@ async fn managed(
     client_id: &str,
     accountable: Option<std::net::IpAddr>,
 ) -> Result<keygate_store::OAuthClient, OAuthError> {
+    if state.config.registration.mode == RegistrationMode::Off {
+        return Err(OAuthError::new(
+            OAuthErrorCode::InvalidRequest,
+            "dynamic client registration is off here",
+        ));
+    }
+    if let Some(retry) = state.throttle.blocked(accountable, state.now()) {
+        return Err(OAuthError::new(
+            OAuthErrorCode::SlowDown,
+            format!("too many failed attempts; retry in {} s", retry / 1000 + 1),
+        ));
+    }
     let refuse = || {
         state.throttle.record_failure(accountable, state.now());
         OAuthError::new(OAuthErrorCode::InvalidToken, "a registration access token for this client is needed")

@@ -51,9 +51,15 @@ fn covers(resource: &str, url: &str) -> bool {
     up == rp || rp.is_empty() || up.strip_prefix(rp).is_some_and(|rest| rest.starts_with('/'))
 }
 
-/// The configured resource a forward-auth request is for: named by `?resource=` (which must be
-/// configured), or else found from the proxy's `X-Forwarded-Proto`/`-Host`/`-Uri` (longest match).
-pub fn resource_for<'a>(state: &'a AppState, explicit: Option<&str>, headers: &HeaderMap) -> Option<&'a str> {
+/// The configured resource a forward-auth request is for: named by `?resource=` (the way to prefer: a
+/// proxy route names its resource), or else found from `X-Forwarded-Proto`/`-Host`/`-Uri` (longest
+/// match) — believed only from a trusted proxy (`trusted_proxies`), which must set them itself.
+pub fn resource_for<'a>(
+    state: &'a AppState,
+    explicit: Option<&str>,
+    headers: &HeaderMap,
+    peer: Option<std::net::IpAddr>,
+) -> Option<&'a str> {
     let resources = &state.config.protected_resources;
     if resources.is_empty() {
         return None;
@@ -61,6 +67,9 @@ pub fn resource_for<'a>(state: &'a AppState, explicit: Option<&str>, headers: &H
     if let Some(r) = explicit {
         let r = r.trim_end_matches('/');
         return resources.iter().find(|c| c.as_str() == r).map(String::as_str);
+    }
+    if !peer.is_some_and(|p| state.config.trusted_proxies.iter().any(|n| n.contains(&p))) {
+        return None;
     }
     let one = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
     let (Some(proto), Some(host), Some(uri)) =
@@ -105,7 +114,7 @@ async fn metadata_for(state: &AppState, path: &str, headers: &HeaderMap) -> Resu
     // Several resources with this path on different hosts: the one this request's host names.
     let resource = candidates
         .iter()
-        .find(|r| host.is_some_and(|h| Url::parse(r).is_ok_and(|u| u.authority() == h)))
+        .find(|r| host.is_some_and(|h| Url::parse(r).is_ok_and(|u| u.authority().eq_ignore_ascii_case(h))))
         .or_else(|| candidates.first())
         .ok_or_else(|| {
             ApiError::new(ErrorCode::NotFound, "no protected resource is configured at this path")
@@ -138,7 +147,7 @@ pub async fn metadata_root(
 
 /// RFC 9728 protected-resource metadata of a resource with a path (`/.well-known/oauth-protected-resource/mcp`
 /// for `https://api.example.com/mcp`).
-#[utoipa::path(get, path = "/.well-known/oauth-protected-resource/{path}", tag = "oauth2",
+#[utoipa::path(get, path = "/.well-known/oauth-protected-resource/{*path}", tag = "oauth2",
     params(("path" = String, Path, description = "the resource's path")),
     responses((status = 200, description = "RFC 9728 metadata"), (status = 404, description = "no such resource")))]
 pub async fn metadata_path(

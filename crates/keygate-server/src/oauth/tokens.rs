@@ -31,6 +31,9 @@ pub struct ClientState {
     pub consumer_id: String,
     pub disabled: bool,
     pub tokens_revoked_before: Option<i64>,
+    /// Tokens issued before the client existed belong to an earlier client with the same id (a client
+    /// known by its metadata document's URL, deleted and made again): they never verify.
+    pub created_at: i64,
 }
 
 /// What the token path needs to know about a consumer that holds clients.
@@ -499,6 +502,7 @@ impl OAuth {
                 consumer_id: c.consumer_id.clone(),
                 disabled: c.disabled,
                 tokens_revoked_before: c.tokens_revoked_before,
+                created_at: c.created_at,
             },
         );
         self.secrets.invalidate_all();
@@ -585,7 +589,8 @@ impl OAuth {
         store: &dyn OAuthStore,
         client_id: &str,
     ) -> Result<Option<OAuthClient>, StoreError> {
-        if client_id.is_empty() || client_id.len() > 128 {
+        // Client ids are `kgc_…`, or the URL of a client metadata document (at most 255 characters).
+        if client_id.is_empty() || client_id.len() > 255 {
             return Ok(None);
         }
         let Some(client) = store.get_client(client_id).await? else { return Ok(None) };
@@ -844,7 +849,10 @@ impl OAuth {
             if client.disabled || self.consumer(&client.consumer_id).is_none_or(|c| c.disabled) {
                 return Ok(Err(DecisionCode::Disabled));
             }
-            if client.tokens_revoked_before.is_some_and(|t| info.issued_at < t) {
+            // Revoked by "revoke all", or issued to an earlier client with the same id.
+            if client.tokens_revoked_before.is_some_and(|t| info.issued_at < t)
+                || info.issued_at < client.created_at
+            {
                 return Ok(Err(DecisionCode::Revoked));
             }
             info.consumer_id = client.consumer_id.clone();
@@ -999,6 +1007,7 @@ impl OAuth {
             !c.disabled
                 && self.consumer(&c.consumer_id).is_some_and(|s| !s.disabled)
                 && c.tokens_revoked_before.is_none_or(|t| issued_at >= t)
+                && issued_at >= c.created_at
         })
     }
 

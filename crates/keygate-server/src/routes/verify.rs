@@ -240,11 +240,16 @@ fn www_authenticate(error: Option<(&str, &str)>, scope: Option<&str>, resource: 
 pub async fn forward_auth(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
+    crate::auth::Peer(peer): crate::auth::Peer,
     headers: HeaderMap,
     uri: Uri,
 ) -> ApiResult<Response> {
     let started = Instant::now();
     let now = state.now();
+    // A configured protected resource (RFC 9728): tokens must be issued for it (RFC 8707), and refusals
+    // say where its metadata is.
+    let named = query_param(&uri, "resource");
+    let resource = crate::oauth::resource::resource_for(&state, named.as_deref(), &headers, peer);
     let Some(secret) = presented_credential(&headers) else {
         let mut resp = (
             StatusCode::UNAUTHORIZED,
@@ -254,19 +259,14 @@ pub async fn forward_auth(
             })),
         )
             .into_response();
-        let resource =
-            crate::oauth::resource::resource_for(&state, query_param(&uri, "resource").as_deref(), &headers);
         let scope = resource.map(|_| required_scopes(&headers, &uri).join(" ")).filter(|s| !s.is_empty());
         resp.headers_mut()
             .insert(header::WWW_AUTHENTICATE, www_authenticate(None, scope.as_deref(), resource));
         return Ok(resp);
     };
     let required = required_scopes(&headers, &uri);
-    // A configured protected resource (RFC 9728): tokens must be issued for it (RFC 8707), and refusals
-    // say where its metadata is.
-    let resource =
-        crate::oauth::resource::resource_for(&state, query_param(&uri, "resource").as_deref(), &headers);
-    let audience = query_param(&uri, "audience").or_else(|| resource.map(str::to_owned));
+    // A named resource is the audience even when it is not configured (fail closed).
+    let audience = query_param(&uri, "audience").or(named).or_else(|| resource.map(str::to_owned));
     let dpop = forwarded_dpop(&headers);
     let decision = decide_credential(
         &state,
@@ -277,6 +277,28 @@ pub async fn forward_auth(
         dpop.as_ref(),
     )
     .await?;
+    // A token made only for protected resources is good only where one of them is named: a request that
+    // names none cannot accept it (else dropping the resource would skip the audience check).
+    let resources = &state.config.protected_resources;
+    if audience.is_none()
+        && decision.code == DecisionCode::Valid
+        && decision.token.as_ref().is_some_and(|t| {
+            !resources.is_empty()
+                && !t.audiences.is_empty()
+                && t.audiences.iter().all(|a| resources.contains(a))
+        })
+    {
+        let mut resp = Response::new(Body::from(
+            r#"{"valid":false,"code":"NOT_FOUND","message":"this token is for a protected resource; the request must name it"}"#,
+        ));
+        *resp.status_mut() = StatusCode::UNAUTHORIZED;
+        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            www_authenticate(Some(("invalid_token", "the token is for another resource")), None, None),
+        );
+        return Ok(resp);
+    }
     if is_failure(&decision) {
         if let Some(retry) = state.throttle.blocked(client.accountable, now) {
             return Err(ApiError::throttled(retry));

@@ -28,6 +28,8 @@ async fn protected_resources_publish_metadata_name_it_in_401s_and_take_only_thei
         .config(|c| {
             c.protected_resources = vec![MCP.into(), "https://other.example.com".into()];
             c.resource_documentation = Some("https://docs.example.com/".into());
+            // The proxy in front of the API is the only peer whose X-Forwarded-* are believed.
+            c.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
         })
         .start()
         .await;
@@ -110,6 +112,15 @@ async fn protected_resources_publish_metadata_name_it_in_401s_and_take_only_thei
     let mut with_proxy = proxied.to_vec();
     with_proxy.push(("authorization", bearer.as_str()));
     assert_eq!(auth(&app, "?scope=tools:call", &with_proxy).await.status(), StatusCode::OK);
+    // A resource-bound token where no resource is named, or at an unconfigured resource that is named:
+    // refused (dropping the resource must not skip the audience check).
+    let bare = [("authorization", bearer.as_str())];
+    assert_eq!(auth(&app, "", &bare).await.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        auth(&app, "?resource=https://unknown.example.com", &bare).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(auth(&app, &format!("?resource={MCP}"), &bare).await.status(), StatusCode::OK);
     // Missing scope: 403 insufficient_scope with the scopes needed and the metadata, so agents can step up.
     let r = auth(&app, "?scope=tools:admin", &with_proxy).await;
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
@@ -325,7 +336,7 @@ const AGENT_REDIRECT: &str = "http://127.0.0.1:7777/callback";
 
 /// The whole MCP-style journey of one client: 401 → resource metadata → AS metadata → authorize with
 /// PKCE and `resource` → login and consent → token for the resource → call → refresh → call.
-async fn journey(app: &TestApp, client_id: &str, consent_must_show: &[&str]) {
+async fn journey(app: &TestApp, client_id: &str, consent_must_show: &[&str]) -> String {
     use crate::authcode::{Browser, parse_form, pkce};
     let proxied = [
         ("x-forwarded-proto", "https"),
@@ -424,6 +435,7 @@ async fn journey(app: &TestApp, client_id: &str, consent_must_show: &[&str]) {
     let mut call = proxied.to_vec();
     call.push(("authorization", bearer.as_str()));
     assert_eq!(auth(app, "?scope=tools:call", &call).await.status(), StatusCode::OK);
+    bearer
 }
 
 #[tokio::test]
@@ -437,6 +449,7 @@ async fn agents_reach_a_resource_by_registration_or_by_metadata_document() {
             c.registration.scopes = vec!["tools:call".into()];
             c.metadata_docs.enabled = true;
             c.metadata_docs.allow_private = true;
+            c.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
         })
         .start()
         .await;
@@ -462,7 +475,7 @@ async fn agents_reach_a_resource_by_registration_or_by_metadata_document() {
     journey(&app, reg["client_id"].as_str().unwrap(), &["Registered Agent"]).await;
 
     // 2. A metadata document: the consent page names the client and the host that vouches for it.
-    journey(&app, &agent, &["Agent Smith", "127.0.0.1"]).await;
+    let old = journey(&app, &agent, &["Agent Smith", "127.0.0.1"]).await;
     let (_, listed) = app.get("/v1/clients?limit=100").await;
     let stored =
         listed["items"].as_array().unwrap().iter().find(|c| c["client_id"] == agent.as_str()).cloned();
@@ -522,6 +535,26 @@ async fn agents_reach_a_resource_by_registration_or_by_metadata_document() {
     let r = app.client.get(authorize(&agent, "http://127.0.0.1:7777/elsewhere")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     assert!(r.text().await.unwrap().contains("not registered"));
+    // Without naming the resource, a self-registered client gets no token for every resource at once.
+    let no_redirects =
+        reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let r = no_redirects.get(authorize(&agent, AGENT_REDIRECT)).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert!(r.headers()["location"].to_str().unwrap().contains("error=invalid_target"));
+
+    // Deleted, and made again by the next authorization: its earlier tokens stay dead.
+    let (status, _) =
+        app.call(reqwest::Method::DELETE, &format!("/v1/clients/{}", urlencode(&agent)), None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let q = format!("{}&resource={}", authorize(&agent, AGENT_REDIRECT), urlencode(MCP));
+    assert_eq!(app.client.get(q).send().await.unwrap().status(), StatusCode::OK);
+    let mut call = vec![
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "api.example.com"),
+        ("x-forwarded-uri", "/mcp"),
+    ];
+    call.push(("authorization", old.as_str()));
+    assert_eq!(auth(&app, "", &call).await.status(), StatusCode::UNAUTHORIZED);
 }
 
 fn urlencode(s: &str) -> String {
@@ -560,5 +593,18 @@ async fn metadata_documents_on_private_addresses_or_denied_hosts_are_refused() {
     let off = TestApp::start().await;
     let q: String = form_urlencoded::Serializer::new(String::new()).append_pair("client_id", &agent).finish();
     let r = off.client.get(off.url(&format!("/oauth2/authorize?{q}"))).send().await.unwrap();
-    assert!(r.text().await.unwrap().contains("no such application"));
+    assert!(r.text().await.unwrap().contains("not accepted here"));
+}
+
+#[tokio::test]
+async fn forwarded_headers_name_the_resource_only_from_a_trusted_proxy() {
+    let app = TestApp::builder().config(|c| c.protected_resources = vec![MCP.into()]).start().await;
+    let proxied = [
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "api.example.com"),
+        ("x-forwarded-uri", "/mcp"),
+    ];
+    // Any client can send these headers; without trusted_proxies they name nothing.
+    assert!(!challenge(&auth(&app, "", &proxied).await).contains("resource_metadata"));
+    assert!(challenge(&auth(&app, &format!("?resource={MCP}"), &[]).await).contains(METADATA));
 }
