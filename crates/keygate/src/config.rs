@@ -388,6 +388,147 @@ pub static SETTINGS: &[Setting] = &[
         },
     },
     Setting {
+        key: "oauth.protected_resources",
+        doc: "The APIs forward-auth guards, as resource URLs (e.g. [\"https://api.example.com/mcp\"]). For each,\n\
+              Keygate serves RFC 9728 metadata at /.well-known/oauth-protected-resource/<path> (route it there\n\
+              from the API's host), names it in 401/403 WWW-Authenticate, and accepts only tokens issued for\n\
+              it (RFC 8707 audience) when /v1/auth is asked with ?resource= or the proxy's X-Forwarded-* headers.",
+        unset: None,
+        list: true,
+        alias: None,
+        get: |r| {
+            Some(Value::Array(
+                r.server.protected_resources.iter().map(|p| Value::String(p.clone())).collect(),
+            ))
+        },
+        set: |r, v| {
+            r.server.protected_resources = v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(keygate_server::oauth::resource::check_resource)
+                .collect::<Result<_, _>>()?;
+            Ok(())
+        },
+    },
+    Setting {
+        key: "oauth.resource_documentation",
+        doc: "A page about the protected resources, listed in their metadata.",
+        unset: Some(("not listed", "\"https://docs.example.com/api\"")),
+        list: false,
+        alias: None,
+        get: |r| r.server.resource_documentation.as_ref().and_then(|d| s(d.clone())),
+        set: |r, v| {
+            let u = url::Url::parse(v.trim()).map_err(|e| format!("is not a URL: {e}"))?;
+            r.server.resource_documentation = Some(u.to_string());
+            Ok(())
+        },
+    },
+    Setting {
+        key: "oauth.registration",
+        doc: "Dynamic client registration (RFC 7591) at /oauth2/register, for AI agents and other clients\n\
+              nobody registers by hand: off, open (rate-limited per address), or token (clients present the\n\
+              initial access token from KEYGATE_OAUTH_REGISTRATION_TOKEN).",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| s(r.server.registration.mode.as_str()),
+        set: |r, v| {
+            r.server.registration.mode =
+                RegistrationMode::parse(v.trim()).ok_or("must be off, open or token")?;
+            Ok(())
+        },
+    },
+    Setting {
+        key: "oauth.registration_scopes",
+        doc: "The scopes a registered client may ask for (each gets all of them unless it asks for fewer).",
+        unset: None,
+        list: true,
+        alias: None,
+        get: |r| {
+            Some(Value::Array(
+                r.server.registration.scopes.iter().map(|p| Value::String(p.clone())).collect(),
+            ))
+        },
+        set: |r, v| {
+            let list: Vec<String> =
+                v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+            r.server.registration.scopes =
+                keygate_core::scope::normalize_scopes(list).map_err(|e| e.to_string())?;
+            Ok(())
+        },
+    },
+    Setting {
+        key: "oauth.registrations_per_hour",
+        doc: "Registrations one address may make per hour (0: no limit).",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| n(r.server.registration.per_hour),
+        set: |r, v| {
+            r.server.registration.per_hour = num(v, 0, 100_000)?;
+            Ok(())
+        },
+    },
+    Setting {
+        key: "oauth.client_metadata_documents",
+        doc: "Accept clients whose client_id is an https URL of a Client ID Metadata Document (the MCP way for\n\
+              agents to introduce themselves without registering). The document is fetched through the\n\
+              webhook SSRF guard, checked, cached and shown with its host on the consent page.",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| Some(Value::Boolean(r.server.metadata_docs.enabled)),
+        set: |r, v| {
+            r.server.metadata_docs.enabled = boolean(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        key: "oauth.client_metadata_allow_domains",
+        doc: "Only these hosts (and their subdomains) may describe clients; empty: any host not denied.",
+        unset: None,
+        list: true,
+        alias: None,
+        get: |r| {
+            Some(Value::Array(
+                r.server.metadata_docs.allow_domains.iter().map(|d| Value::String(d.clone())).collect(),
+            ))
+        },
+        set: |r, v| {
+            r.server.metadata_docs.allow_domains = domains(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        key: "oauth.client_metadata_deny_domains",
+        doc: "Hosts (and their subdomains) whose client metadata documents are refused.",
+        unset: None,
+        list: true,
+        alias: None,
+        get: |r| {
+            Some(Value::Array(
+                r.server.metadata_docs.deny_domains.iter().map(|d| Value::String(d.clone())).collect(),
+            ))
+        },
+        set: |r, v| {
+            r.server.metadata_docs.deny_domains = domains(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        key: "oauth.client_metadata_allow_private",
+        doc: "Accept http:// and private addresses for client metadata documents (local testing only).",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| Some(Value::Boolean(r.server.metadata_docs.allow_private)),
+        set: |r, v| {
+            r.server.metadata_docs.allow_private = boolean(v)?;
+            Ok(())
+        },
+    },
+    Setting {
         key: "usage.minute_retention_hours",
         doc: "How long per-minute usage buckets are kept, in hours.",
         unset: None,
@@ -590,147 +731,6 @@ pub static SETTINGS: &[Setting] = &[
         get: |r| r.server.leak_reporter_keys.as_ref().and_then(|p| s(p.display().to_string())),
         set: |r, v| {
             r.server.leak_reporter_keys = Some(PathBuf::from(v));
-            Ok(())
-        },
-    },
-    Setting {
-        key: "oauth.protected_resources",
-        doc: "The APIs forward-auth guards, as resource URLs (e.g. [\"https://api.example.com/mcp\"]). For each,\n\
-              Keygate serves RFC 9728 metadata at /.well-known/oauth-protected-resource/<path> (route it there\n\
-              from the API's host), names it in 401/403 WWW-Authenticate, and accepts only tokens issued for\n\
-              it (RFC 8707 audience) when /v1/auth is asked with ?resource= or the proxy's X-Forwarded-* headers.",
-        unset: None,
-        list: true,
-        alias: None,
-        get: |r| {
-            Some(Value::Array(
-                r.server.protected_resources.iter().map(|p| Value::String(p.clone())).collect(),
-            ))
-        },
-        set: |r, v| {
-            r.server.protected_resources = v
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(keygate_server::oauth::resource::check_resource)
-                .collect::<Result<_, _>>()?;
-            Ok(())
-        },
-    },
-    Setting {
-        key: "oauth.resource_documentation",
-        doc: "A page about the protected resources, listed in their metadata.",
-        unset: Some(("not listed", "\"https://docs.example.com/api\"")),
-        list: false,
-        alias: None,
-        get: |r| r.server.resource_documentation.as_ref().and_then(|d| s(d.clone())),
-        set: |r, v| {
-            let u = url::Url::parse(v.trim()).map_err(|e| format!("is not a URL: {e}"))?;
-            r.server.resource_documentation = Some(u.to_string());
-            Ok(())
-        },
-    },
-    Setting {
-        key: "oauth.registration",
-        doc: "Dynamic client registration (RFC 7591) at /oauth2/register, for AI agents and other clients\n\
-              nobody registers by hand: off, open (rate-limited per address), or token (clients present the\n\
-              initial access token from KEYGATE_OAUTH_REGISTRATION_TOKEN).",
-        unset: None,
-        list: false,
-        alias: None,
-        get: |r| s(r.server.registration.mode.as_str()),
-        set: |r, v| {
-            r.server.registration.mode =
-                RegistrationMode::parse(v.trim()).ok_or("must be off, open or token")?;
-            Ok(())
-        },
-    },
-    Setting {
-        key: "oauth.registration_scopes",
-        doc: "The scopes a registered client may ask for (each gets all of them unless it asks for fewer).",
-        unset: None,
-        list: true,
-        alias: None,
-        get: |r| {
-            Some(Value::Array(
-                r.server.registration.scopes.iter().map(|p| Value::String(p.clone())).collect(),
-            ))
-        },
-        set: |r, v| {
-            let list: Vec<String> =
-                v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
-            r.server.registration.scopes =
-                keygate_core::scope::normalize_scopes(list).map_err(|e| e.to_string())?;
-            Ok(())
-        },
-    },
-    Setting {
-        key: "oauth.registrations_per_hour",
-        doc: "Registrations one address may make per hour (0: no limit).",
-        unset: None,
-        list: false,
-        alias: None,
-        get: |r| n(r.server.registration.per_hour),
-        set: |r, v| {
-            r.server.registration.per_hour = num(v, 0, 100_000)?;
-            Ok(())
-        },
-    },
-    Setting {
-        key: "oauth.client_metadata_documents",
-        doc: "Accept clients whose client_id is an https URL of a Client ID Metadata Document (the MCP way for\n\
-              agents to introduce themselves without registering). The document is fetched through the\n\
-              webhook SSRF guard, checked, cached and shown with its host on the consent page.",
-        unset: None,
-        list: false,
-        alias: None,
-        get: |r| Some(Value::Boolean(r.server.metadata_docs.enabled)),
-        set: |r, v| {
-            r.server.metadata_docs.enabled = boolean(v)?;
-            Ok(())
-        },
-    },
-    Setting {
-        key: "oauth.client_metadata_allow_domains",
-        doc: "Only these hosts (and their subdomains) may describe clients; empty: any host not denied.",
-        unset: None,
-        list: true,
-        alias: None,
-        get: |r| {
-            Some(Value::Array(
-                r.server.metadata_docs.allow_domains.iter().map(|d| Value::String(d.clone())).collect(),
-            ))
-        },
-        set: |r, v| {
-            r.server.metadata_docs.allow_domains = domains(v)?;
-            Ok(())
-        },
-    },
-    Setting {
-        key: "oauth.client_metadata_deny_domains",
-        doc: "Hosts (and their subdomains) whose client metadata documents are refused.",
-        unset: None,
-        list: true,
-        alias: None,
-        get: |r| {
-            Some(Value::Array(
-                r.server.metadata_docs.deny_domains.iter().map(|d| Value::String(d.clone())).collect(),
-            ))
-        },
-        set: |r, v| {
-            r.server.metadata_docs.deny_domains = domains(v)?;
-            Ok(())
-        },
-    },
-    Setting {
-        key: "oauth.client_metadata_allow_private",
-        doc: "Accept http:// and private addresses for client metadata documents (local testing only).",
-        unset: None,
-        list: false,
-        alias: None,
-        get: |r| Some(Value::Boolean(r.server.metadata_docs.allow_private)),
-        set: |r, v| {
-            r.server.metadata_docs.allow_private = boolean(v)?;
             Ok(())
         },
     },
