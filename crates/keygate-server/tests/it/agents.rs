@@ -26,7 +26,8 @@ fn challenge(resp: &reqwest::Response) -> String {
 async fn protected_resources_publish_metadata_name_it_in_401s_and_take_only_their_tokens() {
     let app = TestApp::builder()
         .config(|c| {
-            c.protected_resources = vec![MCP.into(), "https://other.example.com".into()];
+            c.protected_resources =
+                vec![MCP.into(), "https://other.example.com".into(), "https://api.example.com/v2/mcp".into()];
             c.resource_documentation = Some("https://docs.example.com/".into());
             // The proxy in front of the API is the only peer whose X-Forwarded-* are believed.
             c.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
@@ -54,6 +55,17 @@ async fn protected_resources_publish_metadata_name_it_in_401s_and_take_only_thei
     assert_eq!(meta["bearer_methods_supported"], json!(["header"]));
     assert_eq!(meta["resource_documentation"], "https://docs.example.com/");
     assert!(meta["scopes_supported"].as_array().unwrap().contains(&json!("tools:call")), "{meta}");
+    // A resource with a longer path has its metadata below the same well-known prefix.
+    let deep: Value = app
+        .client
+        .get(app.url("/.well-known/oauth-protected-resource/v2/mcp"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(deep["resource"], "https://api.example.com/v2/mcp");
     let root: Value = app
         .client
         .get(app.url("/.well-known/oauth-protected-resource"))

@@ -95,7 +95,7 @@ async fn openapi_covers_every_route_and_docs_work_offline() {
         ("/oauth2/register", &["post"]),
         ("/oauth2/register/{client_id}", &["get", "put", "delete"]),
         ("/.well-known/oauth-protected-resource", &["get"]),
-        ("/.well-known/oauth-protected-resource/{path}", &["get"]),
+        ("/.well-known/oauth-protected-resource/{*path}", &["get"]),
         ("/v1/verify", &["post"]),
         ("/v1/auth", &["get"]),
         ("/healthz", &["get"]),
