@@ -173,7 +173,7 @@ async fn a_failing_receiver_gets_retries_and_a_dead_one_is_disabled() {
     let app = TestApp::builder()
         .config(|c| {
             c.webhooks.allow_private = true;
-            c.webhooks.disable_after = Duration::from_secs(86_400);
+            c.webhooks.disable_after = Duration::from_secs(3600);
         })
         .start()
         .await;
@@ -211,23 +211,37 @@ async fn a_failing_receiver_gets_retries_and_a_dead_one_is_disabled() {
 
     // A receiver that never recovers: after disable_after of failures the endpoint is disabled and the
     // other endpoints hear of it.
-    let (dead_url, _) = receiver(vec![500; 100]).await;
+    let (dead_url, dead_got) = receiver(vec![500; 100]).await;
     let (_, dead) = app.post("/v1/webhooks", json!({"url": dead_url, "events": ["consumer.created"]})).await;
     let dead_id = dead["id"].as_str().unwrap().to_string();
     let (watch_url, watch) = receiver(vec![]).await;
     app.post("/v1/webhooks", json!({"url": watch_url, "events": ["webhook.disabled"]})).await;
     app.create_consumer("never-arrives").await;
+    // Move the clock past each retry only once its attempt has been seen (retries wait 5 s, 20 s, 80 s,
+    // …, ±20 %): after an hour of failures (this test's disable_after) the endpoint is disabled.
     let mut disabled = Value::Null;
-    for step in 0..300 {
-        let (_, h) = app.get(&format!("/v1/webhooks/{dead_id}")).await;
-        if h["enabled"] == false {
+    for attempt in 1..=8u32 {
+        assert_eq!(wait_for(&dead_got, attempt as usize).await.len(), attempt as usize, "attempt {attempt}");
+        // Wait until the attempt is recorded (its next retry is then scheduled from the current time).
+        for _ in 0..400 {
+            let (_, d) = app.get(&format!("/v1/webhooks/{dead_id}/deliveries")).await;
+            if d["items"][0]["attempts"].as_array().is_some_and(|a| a.len() >= attempt as usize) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        for _ in 0..40 {
+            let (_, h) = app.get(&format!("/v1/webhooks/{dead_id}")).await;
             disabled = h;
+            if disabled["enabled"] == false {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        if disabled["enabled"] == false {
             break;
         }
-        if step % 10 == 9 {
-            app.clock.advance(6 * 3600 * 1000);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        app.clock.advance(5_000 * 4i64.pow(attempt - 1) * 5 / 4);
     }
     assert_eq!(disabled["enabled"], false, "{disabled}");
     assert!(disabled["disabled_reason"].as_str().unwrap().contains("failed"), "{disabled}");
