@@ -366,7 +366,16 @@ async fn attempt(state: &AppState, d: &DueDelivery, now: i64) -> Result<u16, Str
     config.check_url(&d.url)?;
     let client = state.webhooks.client(config)?;
     let timestamp = now / 1000;
-    let signature = sign(&secret, &d.event_id, timestamp, &d.payload);
+    let mut signature = sign(&secret, &d.event_id, timestamp, &d.payload);
+    // During a rotation's overlap, the previous secret signs too (space-separated, as Standard
+    // Webhooks allows), so receivers that still hold it keep verifying.
+    if let Some(previous) = &d.previous_secret_sealed
+        && let Ok(old) = master.unseal(&seal_context(&d.endpoint_id), previous)
+    {
+        let old = Zeroizing::new(old);
+        signature.push(' ');
+        signature.push_str(&sign(&old, &d.event_id, timestamp, &d.payload));
+    }
     let resp = client
         .post(&d.url)
         .header("content-type", "application/json")

@@ -29,6 +29,8 @@ pub struct WebhookEndpoint {
     pub enabled: bool,
     /// The signing secret, sealed under the master key (never stored in clear).
     pub secret_sealed: Vec<u8>,
+    /// After a rotation with an overlap: the previous secret signs too, until this time.
+    pub previous_secret_until: Option<i64>,
     /// When the current run of failed attempts began; `None` after a success.
     pub failing_since: Option<i64>,
     /// Why Keygate disabled the endpoint, if it did.
@@ -46,7 +48,9 @@ pub struct WebhookPatch {
     pub enabled: Option<bool>,
     /// Set with `enabled: Some(false)` when Keygate disables it; cleared whenever it is enabled.
     pub disabled_reason: Option<String>,
+    /// A new signing secret; the current one keeps signing too until `previous_until` (if given).
     pub secret_sealed: Option<Vec<u8>>,
+    pub previous_until: Option<i64>,
     pub updated_at: i64,
 }
 
@@ -70,6 +74,8 @@ pub struct DueDelivery {
     pub endpoint_id: String,
     pub url: String,
     pub secret_sealed: Vec<u8>,
+    /// The previous secret while its overlap lasts: deliveries carry both signatures.
+    pub previous_secret_sealed: Option<Vec<u8>>,
     pub event_id: String,
     pub event_type: String,
     pub event_at: i64,

@@ -347,6 +347,8 @@ const MIGRATIONS: &[&str] = &[
         description     TEXT,
         enabled         INTEGER NOT NULL DEFAULT 1,
         secret_sealed   BLOB NOT NULL,                -- sealed under the master key
+        previous_secret_sealed BLOB,                  -- after a rotation with overlap: also signs until
+        previous_secret_until  INTEGER,
         failing_since   INTEGER,                      -- start of the current run of failed attempts
         last_failure_at INTEGER,                      -- a failure long after the last one starts a new run
         disabled_reason TEXT,

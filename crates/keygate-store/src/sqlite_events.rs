@@ -68,6 +68,7 @@ fn endpoint_from_row(row: &SqliteRow) -> Result<WebhookEndpoint> {
         description: row.try_get("description").map_err(map_err)?,
         enabled: row.try_get("enabled").map_err(map_err)?,
         secret_sealed: row.try_get("secret_sealed").map_err(map_err)?,
+        previous_secret_until: row.try_get("previous_secret_until").map_err(map_err)?,
         failing_since: row.try_get("failing_since").map_err(map_err)?,
         disabled_reason: row.try_get("disabled_reason").map_err(map_err)?,
         created_at: row.try_get("created_at").map_err(map_err)?,
@@ -143,6 +144,9 @@ impl EventStore for SqliteStore {
         let row = sqlx::query(
             "UPDATE webhook_endpoints SET url = COALESCE(?, url), events = COALESCE(?, events), \
              description = CASE WHEN ? THEN ? ELSE description END, enabled = COALESCE(?, enabled), \
+             previous_secret_sealed = CASE WHEN ? IS NULL THEN previous_secret_sealed \
+               WHEN ? IS NULL THEN NULL ELSE secret_sealed END, \
+             previous_secret_until = CASE WHEN ? IS NULL THEN previous_secret_until ELSE ? END, \
              secret_sealed = COALESCE(?, secret_sealed), \
              failing_since = CASE WHEN ? = 1 OR ? OR ? THEN NULL ELSE failing_since END, \
              last_failure_at = CASE WHEN ? = 1 OR ? OR ? THEN NULL ELSE last_failure_at END, \
@@ -154,6 +158,10 @@ impl EventStore for SqliteStore {
         .bind(p.description.is_some())
         .bind(p.description.clone().flatten())
         .bind(p.enabled)
+        .bind(&p.secret_sealed)
+        .bind(p.previous_until)
+        .bind(&p.secret_sealed)
+        .bind(p.previous_until)
         .bind(&p.secret_sealed)
         .bind(p.enabled)
         .bind(p.url.is_some())
@@ -307,10 +315,13 @@ impl EventStore for SqliteStore {
             return Ok(Vec::new());
         }
         let rows = sqlx::query(
-            "SELECT d.id, d.endpoint_id, w.url, w.secret_sealed, d.event_id, e.type, e.at, e.payload, d.attempts, \
+            "SELECT d.id, d.endpoint_id, w.url, w.secret_sealed, \
+             CASE WHEN w.previous_secret_until > ? THEN w.previous_secret_sealed END AS previous_secret_sealed, \
+             d.event_id, e.type, e.at, e.payload, d.attempts, \
              d.created_at FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id \
              JOIN events e ON e.id = d.event_id WHERE d.id IN (SELECT value FROM json_each(?)) ORDER BY d.id",
         )
+        .bind(now)
         .bind(to_json(&ids)?)
         .fetch_all(&mut *tx)
         .await
@@ -324,6 +335,7 @@ impl EventStore for SqliteStore {
                     endpoint_id: r.try_get("endpoint_id").map_err(map_err)?,
                     url: r.try_get("url").map_err(map_err)?,
                     secret_sealed: r.try_get("secret_sealed").map_err(map_err)?,
+                    previous_secret_sealed: r.try_get("previous_secret_sealed").map_err(map_err)?,
                     event_id: r.try_get("event_id").map_err(map_err)?,
                     event_type: r.try_get("type").map_err(map_err)?,
                     event_at: r.try_get("at").map_err(map_err)?,

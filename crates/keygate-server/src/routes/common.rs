@@ -70,6 +70,20 @@ pub fn audit(
     })
 }
 
+/// A JSON body that may be left out (no body, or only whitespace, is `T::default()`).
+pub fn optional_json<T: Default + serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        if e.is_data() {
+            ApiError::new(ErrorCode::InvalidRequest, e.to_string())
+        } else {
+            ApiError::new(ErrorCode::MalformedJson, format!("the body is not valid JSON: {e}"))
+        }
+    })
+}
+
 pub fn check_name(name: &str) -> ApiResult<()> {
     validate_name(name).map_err(|e| ApiError::invalid("name", e))
 }

@@ -473,17 +473,7 @@ pub async fn rotate_key(
     body: axum::body::Bytes,
 ) -> ApiResult<Json<KeyWithSecret>> {
     // The body is optional: no body means an overlap of 0.
-    let req: RotateKey = if body.iter().all(u8::is_ascii_whitespace) {
-        RotateKey::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| {
-            if e.is_data() {
-                ApiError::new(ErrorCode::InvalidRequest, e.to_string())
-            } else {
-                ApiError::new(ErrorCode::MalformedJson, format!("the body is not valid JSON: {e}"))
-            }
-        })?
-    };
+    let req: RotateKey = optional_json(&body)?;
     if req.overlap_seconds > MAX_OVERLAP_SECONDS {
         return Err(ApiError::invalid(
             "overlap_seconds",

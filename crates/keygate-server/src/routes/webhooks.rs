@@ -43,6 +43,8 @@ pub struct WebhookView {
     pub failing_since: Option<String>,
     /// Why Keygate disabled the endpoint, if it did.
     pub disabled_reason: Option<String>,
+    /// After a rotation with an overlap: until when the previous secret signs too.
+    pub previous_secret_expires_at: Option<String>,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -57,6 +59,7 @@ impl From<WebhookEndpoint> for WebhookView {
             enabled: e.enabled,
             failing_since: e.failing_since.map(rfc3339),
             disabled_reason: e.disabled_reason,
+            previous_secret_expires_at: e.previous_secret_until.map(rfc3339),
             created_at: rfc3339(e.created_at),
             updated_at: rfc3339(e.updated_at),
         }
@@ -273,6 +276,7 @@ pub async fn create_webhook(
         description: req.description,
         enabled: req.enabled.unwrap_or(true),
         secret_sealed,
+        previous_secret_until: None,
         failing_since: None,
         disabled_reason: None,
         created_at: now,
@@ -373,20 +377,47 @@ pub async fn delete_webhook(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Replace an endpoint's signing secret; the new one signs from the next attempt and is shown once.
+/// How long the previous secret keeps signing after a rotation.
+#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotateWebhookSecret {
+    /// 0 (default) to 604800 (7 days): deliveries carry both signatures meanwhile.
+    #[serde(default)]
+    pub overlap_seconds: u64,
+}
+
+const MAX_SECRET_OVERLAP: u64 = 7 * 86_400;
+
+/// Replace an endpoint's signing secret (shown once). With `overlap_seconds`, deliveries carry a
+/// signature with each secret until the overlap ends, so the receiver can switch without a gap.
 #[utoipa::path(post, path = "/v1/webhooks/{id}/rotate-secret", tag = "webhooks", params(("id" = String, Path)),
+    request_body(content = Option<RotateWebhookSecret>),
     responses((status = 200, body = WebhookWithSecret), (status = "4XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn rotate_webhook_secret(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
     Path(id): Path<String>,
+    body: axum::body::Bytes,
 ) -> ApiResult<Json<WebhookWithSecret>> {
+    let req: RotateWebhookSecret = optional_json(&body)?;
+    if req.overlap_seconds > MAX_SECRET_OVERLAP {
+        return Err(ApiError::invalid(
+            "overlap_seconds",
+            format!("must be at most {MAX_SECRET_OVERLAP} (7 days)"),
+        ));
+    }
     load_webhook(&state, &id).await?;
     let now = state.now();
     let (secret, sealed) = sealed_secret(&state, &id)?;
-    let audit = audit(&actor, now, "webhook.rotate_secret", "webhook", &id, json!({}))?;
-    let patch = WebhookPatch { secret_sealed: Some(sealed), updated_at: now, ..WebhookPatch::default() };
+    let details = json!({"overlap_seconds": req.overlap_seconds});
+    let audit = audit(&actor, now, "webhook.rotate_secret", "webhook", &id, details)?;
+    let patch = WebhookPatch {
+        secret_sealed: Some(sealed),
+        previous_until: (req.overlap_seconds > 0).then(|| now + (req.overlap_seconds * 1000) as i64),
+        updated_at: now,
+        ..WebhookPatch::default()
+    };
     let updated = state
         .store
         .update_webhook(&id, &patch, &audit)

@@ -530,3 +530,32 @@ async fn a_disabled_endpoint_keeps_its_events_until_it_is_enabled() {
     let v: Value = serde_json::from_str(&seen[0].1).unwrap();
     assert_eq!(v["data"]["id"], consumer.as_str());
 }
+
+#[tokio::test]
+async fn a_rotation_with_overlap_signs_with_both_secrets_until_it_ends() {
+    let app = TestApp::builder().config(local()).start().await;
+    let (url, got) = receiver(vec![]).await;
+    let (_, hook) = app.post("/v1/webhooks", json!({"url": url, "events": ["consumer.created"]})).await;
+    let id = hook["id"].as_str().unwrap().to_string();
+    let old = hook["secret"].as_str().unwrap().to_string();
+    let (status, rotated) =
+        app.post(&format!("/v1/webhooks/{id}/rotate-secret"), json!({"overlap_seconds": 3600})).await;
+    assert_eq!(status, StatusCode::OK, "{rotated}");
+    let new = rotated["secret"].as_str().unwrap().to_string();
+    assert!(rotated["previous_secret_expires_at"].is_string(), "{rotated}");
+    app.create_consumer("during-overlap").await;
+    let seen = wait_for(&got, 1).await;
+    let (headers, body) = &seen[0];
+    assert_eq!(headers["webhook-signature"].to_str().unwrap().matches("v1,").count(), 2);
+    assert!(signature_ok(&old, headers, body) && signature_ok(&new, headers, body));
+    // After the overlap, only the new secret signs.
+    app.clock.advance(3_601_000);
+    app.create_consumer("after-overlap").await;
+    let seen = wait_for(&got, 2).await;
+    let (headers, body) = &seen[1];
+    assert_eq!(headers["webhook-signature"].to_str().unwrap().matches("v1,").count(), 1);
+    assert!(signature_ok(&new, headers, body) && !signature_ok(&old, headers, body));
+    let (status, e) =
+        app.post(&format!("/v1/webhooks/{id}/rotate-secret"), json!({"overlap_seconds": 8 * 86_400})).await;
+    assert_eq!((status, e["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("overlap_seconds")));
+}

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use keygate_server::routes::webhooks::{CreateWebhook, UpdateWebhook};
+use keygate_server::routes::webhooks::{CreateWebhook, RotateWebhookSecret, UpdateWebhook};
 use reqwest::Method;
 use serde_json::Value;
 
@@ -70,10 +70,14 @@ pub enum Cmd {
         #[arg(value_parser = args::Quiet(args::webhook_id))]
         id: String,
     },
-    /// Replace the signing secret (printed once); the next attempt is signed with it.
+    /// Replace the signing secret (printed once). With --overlap, deliveries are signed with both
+    /// secrets until it ends, so the receiver can switch without a gap.
     RotateSecret {
         #[arg(value_parser = args::Quiet(args::webhook_id))]
         id: String,
+        /// How long the old secret keeps signing too, e.g. 1h or 1d (at most 7d).
+        #[arg(long, value_name = "DURATION", value_parser = args::duration_secs, default_value = "0")]
+        overlap: u64,
     },
     /// An endpoint's deliveries, newest first, with each attempt's status code, latency and error.
     Deliveries {
@@ -163,8 +167,9 @@ pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
                 emit(format!("Deleted webhook {id}"));
             }
         }
-        Cmd::RotateSecret { id } => {
-            let v = c.call(Method::POST, &["v1", "webhooks", &id, "rotate-secret"], &[], None).await?;
+        Cmd::RotateSecret { id, overlap } => {
+            let body = RotateWebhookSecret { overlap_seconds: overlap };
+            let v = c.send(Method::POST, &["v1", "webhooks", &id, "rotate-secret"], &body).await?;
             output(c, &v, |v| print_webhook_with_secret(v, "Rotated the secret of"));
         }
         Cmd::Deliveries { id, limit, before } => {
