@@ -407,7 +407,8 @@ pub async fn read_registration(
     Ok(no_store(StatusCode::OK, client_info(&state, &c)))
 }
 
-/// Update a registration (RFC 7592 §2.2): the metadata sent replaces what was registered.
+/// Update a registration (RFC 7592 §2.2): the metadata sent replaces what was registered; the answer
+/// carries a new registration access token (the old one stops working).
 #[utoipa::path(put, path = "/oauth2/register/{client_id}", tag = "oauth2", params(("client_id" = String, Path)),
     responses((status = 200, description = "the client's new metadata"), (status = 400, description = "invalid_redirect_uri or invalid_client_metadata"), (status = 401, description = "invalid_token")))]
 pub async fn update_registration(
@@ -456,7 +457,14 @@ pub async fn update_registration(
         .get_client(&client_id)
         .await?
         .ok_or_else(|| OAuthError::new(OAuthErrorCode::InvalidToken, "the client is gone"))?;
-    Ok(no_store(StatusCode::OK, client_info(&state, &c)))
+    // A new registration access token with every update (RFC 7592 §2.2): the old one stops, so a
+    // leaked token is good at most until the client's next update.
+    let token = PlainSecret::generate(SecretKind::ClientSecret)
+        .map_err(|e| OAuthError::new(OAuthErrorCode::ServerError, e.to_string()))?;
+    state.store.set_registration_token(&client_id, &token.hash(), now).await?;
+    let mut body = client_info(&state, &c);
+    body["registration_access_token"] = json!(token.expose());
+    Ok(no_store(StatusCode::OK, body))
 }
 
 /// Delete a registration (RFC 7592 §2.3): the client and its tokens stop working.

@@ -216,6 +216,14 @@ async fn clients_register_themselves_within_the_operators_limits() {
     assert_eq!(r.status(), StatusCode::OK);
     let updated: Value = r.json().await.unwrap();
     assert_eq!(updated["redirect_uris"], json!(["https://claude.example/cb"]));
+    // Each update hands out a new registration access token; the old one stops.
+    let old_rat = rat.clone();
+    let rat = updated["registration_access_token"].as_str().unwrap().to_string();
+    assert_ne!(rat, old_rat);
+    assert_eq!(
+        app.client.get(&uri).bearer_auth(&old_rat).send().await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
     assert_eq!(updated["scope"], "tools:call tools:read", "scope omitted: all registration scopes");
 
     // Refusals: redirect URIs that are not loopback or https, wildcards, scopes not open to registration.
