@@ -10,8 +10,10 @@
 //!   endpoints' deliveries are claimed, so a disabled endpoint's wait until it is enabled (or expire).
 //! - [`EventStore::claim_deliveries`] leases due deliveries (their next attempt moves to the lease's
 //!   end), so a node that dies while delivering leaves them due again when the lease runs out: every
-//!   event is delivered at least once, with the same id each time. At most 16 deliveries per endpoint are
-//!   leased at once (1 while it is failing), so one dead receiver cannot hold every slot.
+//!   event is delivered at least once, with the same id each time. A claim leaves an endpoint at most 16
+//!   leases at once (1 while it is failing), so one dead receiver cannot hold every slot; the count is
+//!   read before the lease is taken, so concurrent claimers (several nodes) may together exceed it, but
+//!   never share a delivery.
 //! - [`EventStore::finish_attempt`] applies only while the caller still holds the lease: a late finisher
 //!   whose lease ran out (and whose delivery was leased again) changes nothing.
 

@@ -1,0 +1,274 @@
+//! The store's contracts, written once against the backend-neutral traits (`Backend`), so that every
+//! backend runs the same suite: today SQLite; PostgreSQL (issue 11) adds a second `open_*` and runs these
+//! again. Each test says which contract it holds the backend to.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly on purpose")]
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use keygate_store::{
+    Attempt, AttemptOutcome, Backend, Consumer, LeakPolicy, LeakReport, NewAudit, NewEvent, SqliteOptions,
+    SqliteStore, Store, WebhookEndpoint, WebhookPatch,
+};
+use serde_json::json;
+
+/// A fresh SQLite backend in a temporary directory (kept alive by the returned guard).
+async fn sqlite() -> (Arc<dyn Backend>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("k.db"), &SqliteOptions::default()).await.unwrap();
+    store.migrate().await.unwrap();
+    (Arc::new(store), dir)
+}
+
+fn audit(id: &str, action: &str, target: &str, at: i64) -> NewAudit {
+    NewAudit {
+        id: id.into(),
+        at,
+        actor: "test".into(),
+        action: action.into(),
+        target_type: "consumer".into(),
+        target_id: target.into(),
+        ip: None,
+        details: json!({}),
+    }
+}
+
+fn consumer(id: &str) -> Consumer {
+    Consumer {
+        id: id.into(),
+        name: id.into(),
+        metadata: json!({}),
+        disabled: false,
+        system: false,
+        rate_limits: None,
+        external_id: None,
+        leak_policy: LeakPolicy::Revoke,
+        created_at: 1,
+        updated_at: 1,
+    }
+}
+
+fn endpoint(id: &str, events: &[&str], enabled: bool) -> WebhookEndpoint {
+    WebhookEndpoint {
+        id: id.into(),
+        url: format!("https://hooks.example.com/{id}"),
+        events: events.iter().map(|e| e.to_string()).collect(),
+        description: None,
+        enabled,
+        secret_sealed: vec![1, 2, 3],
+        previous_secret_until: None,
+        failing_since: None,
+        disabled_reason: None,
+        created_at: 1,
+        updated_at: 1,
+    }
+}
+
+fn event(id: &str, dedup: &str, at: i64) -> NewEvent {
+    NewEvent {
+        id: id.into(),
+        event_type: "key.expiring".into(),
+        at,
+        payload: "{}".into(),
+        dedup: dedup.into(),
+    }
+}
+
+/// Contract: an audited change that reports an event writes the event and a delivery for every endpoint
+/// whose filter takes it, in the change's transaction; only enabled endpoints' deliveries are claimed,
+/// and a disabled endpoint's wait for it.
+async fn outbox_is_written_with_the_change(store: Arc<dyn Backend>) {
+    store
+        .insert_webhook(
+            &endpoint("whk_a", &["consumer.created"], true),
+            &audit("evt_w1", "webhook.create", "whk_a", 1),
+        )
+        .await
+        .unwrap();
+    store
+        .insert_webhook(&endpoint("whk_b", &["*"], false), &audit("evt_w2", "webhook.create", "whk_b", 1))
+        .await
+        .unwrap();
+    store
+        .insert_webhook(
+            &endpoint("whk_c", &["key.revoked"], true),
+            &audit("evt_w3", "webhook.create", "whk_c", 1),
+        )
+        .await
+        .unwrap();
+    store
+        .insert_consumer(&consumer("cons_1"), &audit("evt_c1", "consumer.create", "cons_1", 10))
+        .await
+        .unwrap();
+    let events = store.list_events(None, 10).await.unwrap();
+    assert_eq!(events.len(), 1, "webhook changes report no event; the consumer's does");
+    assert_eq!((events[0].id.as_str(), events[0].event_type.as_str()), ("evt_c1", "consumer.created"));
+    let claimed = store.claim_deliveries(100, 1_000, 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!((claimed[0].endpoint_id.as_str(), claimed[0].event_id.as_str()), ("whk_a", "evt_c1"));
+    let patch = WebhookPatch { enabled: Some(true), updated_at: 20, ..WebhookPatch::default() };
+    store.update_webhook("whk_b", &patch, &audit("evt_w4", "webhook.update", "whk_b", 20)).await.unwrap();
+    let waited = store.claim_deliveries(100, 1_000, 10).await.unwrap();
+    assert_eq!(waited.len(), 1, "the disabled endpoint's delivery waited for it");
+    assert_eq!(waited[0].endpoint_id, "whk_b");
+}
+
+/// Contract: a claim leases; concurrent claims (several nodes) never hand one delivery to two callers;
+/// one claimer (a node's worker) never holds more than 16 leases of one endpoint at once. (Across
+/// nodes the cap is per node.)
+async fn claims_are_exclusive_and_capped(store: Arc<dyn Backend>) {
+    store
+        .insert_webhook(&endpoint("whk_a", &["*"], true), &audit("evt_w1", "webhook.create", "whk_a", 1))
+        .await
+        .unwrap();
+    let events: Vec<NewEvent> =
+        (0..50).map(|i| event(&format!("evt_{i:03}"), &format!("d{i}"), 10)).collect();
+    assert_eq!(store.insert_events(&events).await.unwrap(), 50);
+    let mut handles = Vec::new();
+    for _ in 0..8 {
+        let s = store.clone();
+        handles.push(tokio::spawn(async move { s.claim_deliveries(100, 10_000, 10).await.unwrap() }));
+    }
+    let mut seen = HashSet::new();
+    for h in handles {
+        for d in h.await.unwrap() {
+            assert!(seen.insert(d.id), "delivery {} handed out twice", d.id);
+        }
+    }
+    assert!(!seen.is_empty());
+    // One claimer, later (every lease above still held): the endpoint's cap is already spent.
+    assert!(
+        store.claim_deliveries(200, 10_000, 50).await.unwrap().is_empty(),
+        "{} already leased",
+        seen.len()
+    );
+    // A fresh endpoint: one claimer gets at most 16 of its deliveries at once.
+    store
+        .insert_webhook(
+            &endpoint("whk_b", &["key.revoked"], true),
+            &audit("evt_w2", "webhook.create", "whk_b", 1),
+        )
+        .await
+        .unwrap();
+    let revoked: Vec<NewEvent> = (0..30)
+        .map(|i| NewEvent {
+            event_type: "key.revoked".into(),
+            ..event(&format!("evt_r{i:03}"), &format!("r{i}"), 10)
+        })
+        .collect();
+    store.insert_events(&revoked).await.unwrap();
+    let first = store.claim_deliveries(300, 10_000, 50).await.unwrap();
+    assert_eq!(first.len(), 16);
+    assert!(store.claim_deliveries(300, 10_000, 50).await.unwrap().is_empty());
+}
+
+/// Contract: an attempt counts only under the lease it was claimed with; a finisher whose lease ran out
+/// (and whose delivery was leased again) changes nothing.
+async fn late_finishers_change_nothing(store: Arc<dyn Backend>) {
+    store
+        .insert_webhook(&endpoint("whk_a", &["*"], true), &audit("evt_w1", "webhook.create", "whk_a", 1))
+        .await
+        .unwrap();
+    store.insert_events(&[event("evt_1", "d1", 10)]).await.unwrap();
+    let first = store.claim_deliveries(100, 200, 10).await.unwrap().remove(0);
+    let second = store.claim_deliveries(300, 400, 10).await.unwrap().remove(0);
+    assert_eq!(first.id, second.id, "the lease ran out: claimed again");
+    let attempt = Attempt { at: 350, status_code: Some(500), latency_ms: 3, error: Some("boom".into()) };
+    assert_eq!(
+        store.finish_attempt(&first, &attempt, AttemptOutcome::Retry(9_000), 1_000).await.unwrap(),
+        None
+    );
+    let ok = Attempt { at: 360, status_code: Some(204), latency_ms: 2, error: None };
+    assert_eq!(
+        store.finish_attempt(&second, &ok, AttemptOutcome::Delivered, 1_000).await.unwrap(),
+        Some(None)
+    );
+    let listed = store.list_deliveries("whk_a", None, 10).await.unwrap();
+    assert_eq!(listed[0].status, "delivered");
+    assert_eq!(listed[0].attempts, vec![ok], "only the current lease's attempt is kept");
+}
+
+/// Contract: events apart from changes are written once per dedup key.
+async fn dedup_keys_write_once(store: Arc<dyn Backend>) {
+    assert_eq!(store.insert_events(&[event("evt_1", "k", 1), event("evt_2", "k", 2)]).await.unwrap(), 1);
+    assert_eq!(store.insert_events(&[event("evt_3", "k", 3)]).await.unwrap(), 0);
+    assert_eq!(store.list_events(None, 10).await.unwrap().len(), 1);
+}
+
+/// Contract: failures make a run (a failure long after the previous one starts a new run), a success
+/// ends it, and Keygate's disable applies only to the run it saw, once.
+async fn failure_runs_and_conditional_disable(store: Arc<dyn Backend>) {
+    store
+        .insert_webhook(&endpoint("whk_a", &["*"], true), &audit("evt_w1", "webhook.create", "whk_a", 1))
+        .await
+        .unwrap();
+    let fail = |at| Attempt { at, status_code: Some(500), latency_ms: 1, error: Some("x".into()) };
+    let mut since = None;
+    for (i, at) in [100i64, 1_000, 100_000].into_iter().enumerate() {
+        store.insert_events(&[event(&format!("evt_{i}"), &format!("d{i}"), at)]).await.unwrap();
+        let d = store.claim_deliveries(at, at + 50, 1).await.unwrap().remove(0);
+        since = store.finish_attempt(&d, &fail(at), AttemptOutcome::Failed, 10_000).await.unwrap().unwrap();
+        let expected = if at == 100_000 { 100_000 } else { 100 };
+        assert_eq!(since, Some(expected), "after the failure at {at}");
+    }
+    let since = since.unwrap();
+    let a = audit("evt_d1", "webhook.auto_disable", "whk_a", 200_000);
+    assert!(!store.disable_failing_webhook("whk_a", 100, "old run", &a).await.unwrap());
+    assert!(store.disable_failing_webhook("whk_a", since, "failing", &a).await.unwrap());
+    let a2 = audit("evt_d2", "webhook.auto_disable", "whk_a", 200_001);
+    assert!(!store.disable_failing_webhook("whk_a", since, "failing", &a2).await.unwrap(), "once");
+    let e = store.get_webhook("whk_a").await.unwrap().unwrap();
+    assert!(!e.enabled && e.disabled_reason.as_deref() == Some("failing"));
+}
+
+/// Contract: registration access tokens and leak reports are kept and found.
+async fn registrations_and_leak_reports(store: Arc<dyn Backend>) {
+    assert!(store.registration_token("kgc_x").await.unwrap().is_none());
+    let report = LeakReport {
+        id: "leak_1".into(),
+        at: 1,
+        reporter: "gh".into(),
+        token_hash: "ab".into(),
+        token_type: "t".into(),
+        url: Some("https://x".into()),
+        source: None,
+        label: "true_positive".into(),
+        credential: Some(("key".into(), "key_1".into())),
+        action: "revoked".into(),
+    };
+    assert!(!store.leak_reported("ab", Some("https://x")).await.unwrap());
+    store.insert_leak_report(&report, None).await.unwrap();
+    assert!(store.leak_reported("ab", Some("https://x")).await.unwrap());
+    assert!(!store.leak_reported("ab", Some("https://elsewhere")).await.unwrap());
+    assert_eq!(store.list_leak_reports(None, 10).await.unwrap(), vec![report]);
+}
+
+macro_rules! suite {
+    ($backend:ident: $($test:ident),* $(,)?) => {
+        mod $backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let (store, _guard) = super::$backend().await;
+                    super::$test(store).await;
+                }
+            )*
+        }
+    };
+}
+
+suite!(sqlite:
+    outbox_is_written_with_the_change,
+    claims_are_exclusive_and_capped,
+    late_finishers_change_nothing,
+    dedup_keys_write_once,
+    failure_runs_and_conditional_disable,
+    registrations_and_leak_reports,
+);
+
+/// `Store` is one of the traits a backend implements (a compile-time check that the suite names them).
+#[allow(dead_code)]
+fn backend_is_a_store(b: &dyn Backend) -> &dyn Store {
+    b
+}
