@@ -7,9 +7,11 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use keygate_core::{Environment, SecretHash};
 use keygate_store::{
-    Attempt, AttemptOutcome, Backend, Consumer, LeakPolicy, LeakReport, NewAudit, NewEvent, SqliteOptions,
-    SqliteStore, Store, WebhookEndpoint, WebhookPatch,
+    ApiKey, Attempt, AttemptOutcome, AuditFilter, Backend, Consumer, Granularity, KeyPatch, KeyUsage,
+    LeakPolicy, LeakReport, NewAudit, NewEvent, Page, SqliteOptions, SqliteStore, Store, StoreError,
+    StoredSecret, UsageQuery, WebhookEndpoint, WebhookPatch,
 };
 use serde_json::json;
 
@@ -244,6 +246,140 @@ async fn registrations_and_leak_reports(store: Arc<dyn Backend>) {
     assert_eq!(store.list_leak_reports(None, 10).await.unwrap(), vec![report]);
 }
 
+/// Contract: a key's lifecycle is readable through the verify path's one read, every change has its
+/// audit record (newest first), and a revoked key stays revoked.
+async fn key_lifecycle_with_audit(store: Arc<dyn Backend>) {
+    store
+        .insert_consumer(&consumer("cons_1"), &audit("evt_001", "consumer.create", "cons_1", 1))
+        .await
+        .unwrap();
+    let key = ApiKey::new(
+        "key_1".into(),
+        "cons_1".into(),
+        "k".into(),
+        Environment::Live,
+        vec!["a".into()],
+        json!({}),
+        None,
+        "kg_live_ab".into(),
+        2,
+    );
+    let hash = SecretHash::of("kg_live_secret-for-the-suite");
+    store
+        .insert_key(
+            &key,
+            &StoredSecret::new(hash, "key_1", "kg_live_ab", 2),
+            &audit("evt_002", "key.create", "key_1", 2),
+        )
+        .await
+        .unwrap();
+    let found = store.find_secret(&hash).await.unwrap().unwrap();
+    assert_eq!((found.key.id.as_str(), found.consumer_disabled), ("key_1", false));
+    let patch = KeyPatch { revoked_at: Some(3), updated_at: 3, ..KeyPatch::default() };
+    store.update_key("key_1", &patch, &audit("evt_003", "key.revoke", "key_1", 3)).await.unwrap().unwrap();
+    assert_eq!(store.find_secret(&hash).await.unwrap().unwrap().key.revoked_at, Some(3));
+    let again = KeyPatch { name: Some("x".into()), updated_at: 4, ..KeyPatch::default() };
+    assert!(
+        store
+            .update_key("key_1", &again, &audit("evt_004", "key.update", "key_1", 4))
+            .await
+            .unwrap()
+            .is_none(),
+        "revoked keys do not change"
+    );
+    let log = store.list_audit(&AuditFilter { limit: 10, ..AuditFilter::default() }).await.unwrap();
+    let ids: Vec<&str> = log.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["evt_003", "evt_002", "evt_001"],
+        "no audit record for the refused change; newest first"
+    );
+}
+
+/// Contract: listings page in id order; a unique rule broken is `Conflict`, not another error.
+async fn paging_order_and_conflicts(store: Arc<dyn Backend>) {
+    for i in [3, 1, 2, 5, 4] {
+        let id = format!("cons_{i}");
+        store
+            .insert_consumer(&consumer(&id), &audit(&format!("evt_{i}"), "consumer.create", &id, i))
+            .await
+            .unwrap();
+    }
+    let first = store.list_consumers(&Page { after: None, limit: 2 }).await.unwrap();
+    let next = store.list_consumers(&Page { after: Some("cons_2".into()), limit: 2 }).await.unwrap();
+    let ids = |v: &[Consumer]| v.iter().map(|c| c.id.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        (ids(&first), ids(&next)),
+        (vec!["cons_1".to_string(), "cons_2".into()], vec!["cons_3".to_string(), "cons_4".into()])
+    );
+    let twice =
+        store.insert_consumer(&consumer("cons_1"), &audit("evt_dup", "consumer.create", "cons_1", 9)).await;
+    assert!(matches!(twice, Err(StoreError::Conflict(_))), "{twice:?}");
+    assert!(
+        store
+            .list_audit(&AuditFilter {
+                action: None,
+                target_id: Some("cons_1".into()),
+                before: None,
+                limit: 10
+            })
+            .await
+            .unwrap()
+            .len()
+            == 1,
+        "the refused insert wrote no audit record"
+    );
+}
+
+/// Contract: usage counts of one bucket add up across flushes.
+async fn usage_upserts_add_up(store: Arc<dyn Backend>) {
+    store
+        .insert_consumer(&consumer("cons_1"), &audit("evt_001", "consumer.create", "cons_1", 1))
+        .await
+        .unwrap();
+    let key = ApiKey::new(
+        "key_1".into(),
+        "cons_1".into(),
+        "k".into(),
+        Environment::Live,
+        vec![],
+        json!({}),
+        None,
+        "kg_live_ab".into(),
+        2,
+    );
+    store
+        .insert_key(
+            &key,
+            &StoredSecret::new(SecretHash::of("s"), "key_1", "kg_live_ab", 2),
+            &audit("evt_002", "key.create", "key_1", 2),
+        )
+        .await
+        .unwrap();
+    let usage = |n| KeyUsage {
+        key_id: "key_1".into(),
+        consumer_id: "cons_1".into(),
+        at: 120_000,
+        counts: vec![("VALID", n)],
+        last_used: None,
+        quota: None,
+        quota_refill: None,
+    };
+    store.flush_usage(&[usage(3)], &[]).await.unwrap();
+    store.flush_usage(&[usage(4)], &[]).await.unwrap();
+    let rows = store
+        .usage(&UsageQuery {
+            key_id: Some("key_1".into()),
+            consumer_id: None,
+            granularity: Granularity::Minute,
+            from: 0,
+            to: 600_000,
+        })
+        .await
+        .unwrap();
+    assert_eq!(rows.iter().map(|r| r.count).sum::<i64>(), 7, "{rows:?}");
+}
+
 macro_rules! suite {
     ($backend:ident: $($test:ident),* $(,)?) => {
         mod $backend {
@@ -265,6 +401,9 @@ suite!(sqlite:
     dedup_keys_write_once,
     failure_runs_and_conditional_disable,
     registrations_and_leak_reports,
+    key_lifecycle_with_audit,
+    paging_order_and_conflicts,
+    usage_upserts_add_up,
 );
 
 /// `Store` is one of the traits a backend implements (a compile-time check that the suite names them).
