@@ -28,10 +28,12 @@ pub enum DecisionCode {
     QuotaExceeded,
     /// The token is bound to a key (DPoP, RFC 9449) and the request carried no valid proof of it.
     DpopProofInvalid,
+    /// The token was issued for another resource (its audience, RFC 8707) than the one asked about.
+    WrongAudience,
 }
 
 impl DecisionCode {
-    pub const ALL: [DecisionCode; 11] = [
+    pub const ALL: [DecisionCode; 12] = [
         DecisionCode::Valid,
         DecisionCode::Malformed,
         DecisionCode::NotFound,
@@ -43,6 +45,7 @@ impl DecisionCode {
         DecisionCode::RateLimited,
         DecisionCode::QuotaExceeded,
         DecisionCode::DpopProofInvalid,
+        DecisionCode::WrongAudience,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,6 +61,7 @@ impl DecisionCode {
             DecisionCode::RateLimited => "RATE_LIMITED",
             DecisionCode::QuotaExceeded => "QUOTA_EXCEEDED",
             DecisionCode::DpopProofInvalid => "DPOP_PROOF_INVALID",
+            DecisionCode::WrongAudience => "WRONG_AUDIENCE",
         }
     }
 
@@ -88,6 +92,7 @@ impl DecisionCode {
             DecisionCode::DpopProofInvalid => {
                 "the token is bound to a key (DPoP) and the request carried no valid proof of possession"
             }
+            DecisionCode::WrongAudience => "the token was issued for another resource (audience)",
         }
     }
 }

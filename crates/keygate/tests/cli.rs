@@ -1292,15 +1292,22 @@ fn webhooks_survive_kill_9_with_every_event_delivered_and_verified_by_standardwe
     assert!(ids.values().all(|w| w.len() == 1), "{ids:?}");
     // The two refused attempts were retried, and the attempts are listed.
     assert!(lines.iter().filter(|l| l["answered"] == 500).count() == 2);
-    let d = s.json(&admin, &["webhooks", "deliveries", &hook_id, "--limit", "1000"]);
-    let retried: Vec<&Value> = d["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|d| d["attempts"].as_array().unwrap().iter().any(|a| a["status_code"] == 500))
-        .collect();
-    assert!(!retried.is_empty(), "{d}");
-    assert!(retried.iter().all(|d| d["status"] == "delivered"), "{d}");
+    // (The receiver logs before Keygate records the attempt: look again until they are recorded.)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = s.json(&admin, &["webhooks", "deliveries", &hook_id, "--limit", "1000"]);
+        let retried: Vec<&Value> = d["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["attempts"].as_array().unwrap().iter().any(|a| a["status_code"] == 500))
+            .collect();
+        if !retried.is_empty() && retried.iter().all(|d| d["status"] == "delivered") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the refused deliveries were retried and delivered: {d}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let human = s.cli(&admin, &["webhooks", "deliveries", &hook_id]);
     assert!(stdout(&human).contains("delivered"), "{}", stdout(&human));
     let types = s.json(&admin, &["webhooks", "event-types"]);

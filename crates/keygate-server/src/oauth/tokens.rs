@@ -874,7 +874,8 @@ impl OAuth {
         if let Some(aud) = audience
             && !info.audiences.iter().any(|a| a == aud)
         {
-            return Ok(Err(DecisionCode::NotFound));
+            // A real token at the wrong place: not a guess, so not a failed check for the throttle.
+            return Ok(Err(DecisionCode::WrongAudience));
         }
         Ok(Ok(Arc::new(info)))
     }

@@ -289,7 +289,7 @@ pub async fn forward_auth(
         })
     {
         let mut resp = Response::new(Body::from(
-            r#"{"valid":false,"code":"NOT_FOUND","message":"this token is for a protected resource; the request must name it"}"#,
+            r#"{"valid":false,"code":"WRONG_AUDIENCE","message":"this token is for a protected resource; the request must name it"}"#,
         ));
         *resp.status_mut() = StatusCode::UNAUTHORIZED;
         resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));

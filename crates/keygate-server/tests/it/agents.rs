@@ -118,6 +118,9 @@ async fn protected_resources_publish_metadata_name_it_in_401s_and_take_only_thei
     let bearer = format!("Bearer {other}");
     let r = auth(&app, &format!("?resource={MCP}"), &[("authorization", bearer.as_str())]).await;
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "WRONG_AUDIENCE", "a real token at the wrong place is not a guess: {body}");
+    let r = auth(&app, &format!("?resource={MCP}"), &[("authorization", bearer.as_str())]).await;
     assert!(challenge(&r).contains("invalid_token") && challenge(&r).contains(METADATA), "{}", challenge(&r));
     let mine = get_token(&app, &c, &[("grant_type", "client_credentials"), ("resource", MCP)]).await;
     let bearer = format!("Bearer {}", mine["access_token"].as_str().unwrap());

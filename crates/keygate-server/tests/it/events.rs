@@ -154,7 +154,15 @@ async fn changes_are_delivered_signed_in_order_of_events_with_attempts_listed() 
     types.sort();
     assert_eq!(types, ["key.created", "key.revoked"]);
     let hook_id = hook["id"].as_str().unwrap();
-    let (_, deliveries) = app.get(&format!("/v1/webhooks/{hook_id}/deliveries")).await;
+    // The receiver has answered; the attempts are recorded right after.
+    let mut deliveries = Value::Null;
+    for _ in 0..200 {
+        deliveries = app.get(&format!("/v1/webhooks/{hook_id}/deliveries")).await.1;
+        if deliveries["items"].as_array().is_some_and(|i| i.iter().all(|d| d["status"] == "delivered")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let items = deliveries["items"].as_array().unwrap();
     assert_eq!(items.len(), 2, "{deliveries}");
     for d in items {
