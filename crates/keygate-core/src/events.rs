@@ -31,7 +31,7 @@ pub const EVENT_TYPES: &[(&str, &str)] = &[
     ("token.created", "a personal access token was created"),
     ("token.rotated", "a personal access token was rotated"),
     ("token.revoked", "tokens were revoked: a personal access token, a grant or all of a client's"),
-    ("quota.low", "a key's quota fell to the low threshold of its refill amount"),
+    ("quota.low", "a key's quota fell to the low threshold (a share of its refill, or uses left)"),
     ("quota.exhausted", "a key's quota reached zero"),
     ("rate_limit.exceeded", "a key was refused for its rate limit (at most one event per key per minute)"),
     ("credential.leaked", "a secret-scanning partner reported a credential as exposed"),

@@ -367,7 +367,7 @@ impl Registry {
         &self,
         store: &dyn Store,
         now_ms: i64,
-        quota_low_percent: u64,
+        events: &crate::webhooks::WebhookConfig,
     ) -> Result<usize, StoreError> {
         let _one_at_a_time = self.flushing.lock().await;
         let dirty = std::mem::take(&mut *lock(&self.dirty));
@@ -375,7 +375,7 @@ impl Registry {
             return Ok(0);
         }
         let batch: Vec<KeyUsage> = dirty.iter().map(|rt| rt.take(now_ms)).collect();
-        let events = crate::webhooks::usage_events(&batch, quota_low_percent);
+        let events = crate::webhooks::usage_events(&batch, events);
         match store.flush_usage(&batch, &events).await {
             Ok(()) => Ok(batch.len()),
             Err(e) => {

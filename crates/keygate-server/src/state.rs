@@ -248,12 +248,7 @@ impl AppState {
     /// Writes pending usage counts, last-used times and quotas now.
     pub async fn flush(&self) -> Result<usize, StoreError> {
         let pats = self.oauth.flush_pat_uses(self.store.as_ref()).await?;
-        Ok(self
-            .verifier
-            .runtimes
-            .flush(self.store.as_ref(), self.now(), self.config.webhooks.quota_low_percent)
-            .await?
-            + pats)
+        Ok(self.verifier.runtimes.flush(self.store.as_ref(), self.now(), &self.config.webhooks).await? + pats)
     }
 
     /// Deletes usage buckets older than the retention of their size.

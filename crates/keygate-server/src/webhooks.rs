@@ -37,8 +37,10 @@ pub struct WebhookConfig {
     pub disable_after: Duration,
     /// Longest wait for a receiver's answer.
     pub timeout: Duration,
-    /// `quota.low` is sent when a refilling quota falls to this percentage of its refill amount.
+    /// `quota.low` is sent when a refilling quota falls to this percentage of its refill amount…
     pub quota_low_percent: u64,
+    /// …or a quota that does not refill to this many uses left (0: not for such quotas).
+    pub quota_low_remaining: u64,
 }
 
 impl Default for WebhookConfig {
@@ -51,6 +53,7 @@ impl Default for WebhookConfig {
             disable_after: Duration::from_secs(5 * 86_400),
             timeout: Duration::from_secs(10),
             quota_low_percent: 10,
+            quota_low_remaining: 0,
         }
     }
 }
@@ -452,8 +455,9 @@ pub fn new_event(event_type: &str, now: i64, data: serde_json::Value, dedup: Str
 }
 
 /// The events a usage flush reports: `rate_limit.exceeded` (once per key per minute), `quota.exhausted`
-/// (once per refill period) and `quota.low` (once per refill period, refilling quotas only).
-pub fn usage_events(batch: &[KeyUsage], low_percent: u64) -> Vec<NewEvent> {
+/// (once per refill period) and `quota.low` (once per refill period: at `quota_low_percent` of a
+/// refilling quota's amount, or `quota_low_remaining` uses left of one that does not refill).
+pub fn usage_events(batch: &[KeyUsage], config: &WebhookConfig) -> Vec<NewEvent> {
     let mut out = Vec::new();
     for u in batch {
         let limited: u64 = u.counts.iter().filter(|(c, _)| *c == "RATE_LIMITED").map(|(_, n)| n).sum();
@@ -477,9 +481,12 @@ pub fn usage_events(batch: &[KeyUsage], low_percent: u64) -> Vec<NewEvent> {
                     data,
                     format!("quota.exhausted:{}:{refilled_at}", u.key_id),
                 ));
-            } else if let Some(amount) = u.quota_refill
-                && remaining.saturating_mul(100) <= amount.saturating_mul(low_percent)
-            {
+            } else if match u.quota_refill {
+                Some(amount) => {
+                    remaining.saturating_mul(100) <= amount.saturating_mul(config.quota_low_percent)
+                }
+                None => remaining <= config.quota_low_remaining,
+            } {
                 out.extend(new_event(
                     "quota.low",
                     u.at,

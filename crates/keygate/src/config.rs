@@ -721,6 +721,18 @@ pub static SETTINGS: &[Setting] = &[
         },
     },
     Setting {
+        key: "webhooks.quota_low_remaining",
+        doc: "`quota.low` for a quota that does not refill: sent when this many uses are left (0: never).",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| n(r.server.webhooks.quota_low_remaining),
+        set: |r, v| {
+            r.server.webhooks.quota_low_remaining = num(v, 0, 1_000_000_000)?;
+            Ok(())
+        },
+    },
+    Setting {
         key: "leaks.reporter_keys_file",
         doc: "Turns on the leaked-secret receiver (POST /v1/leaks): a JSON file with the public keys of the\n\
               secret-scanning partners allowed to report, in GitHub's form {\"public_keys\": [{\n\

@@ -296,7 +296,7 @@ async fn a_slow_receiver_never_holds_up_the_admin_api_or_verify() {
 
 #[tokio::test]
 async fn quota_rate_limit_and_expiry_events_are_written_once() {
-    let app = TestApp::start().await;
+    let app = TestApp::builder().config(|c| c.webhooks.quota_low_remaining = 3).start().await;
     let consumer = app.create_consumer("metered").await;
     let (quota_key_id, quota_key) =
         app.create_key_with(json!({"consumer_id": consumer, "name": "q", "quota": {"remaining": 2}})).await;
@@ -304,6 +304,12 @@ async fn quota_rate_limit_and_expiry_events_are_written_once() {
         .create_key_with(json!({"consumer_id": consumer, "name": "r",
             "rate_limits": [{"name": "m", "limit": 1, "window_seconds": 60}]}))
         .await;
+    let (once_id, once) = app
+        .create_key_with(json!({"consumer_id": consumer, "name": "once", "quota": {"remaining": 10}}))
+        .await;
+    for _ in 0..7 {
+        app.verify(&once, &[]).await;
+    }
     let (low_id, low) = app
         .create_key_with(json!({"consumer_id": consumer, "name": "low",
             "quota": {"remaining": 20, "refill": {"amount": 20, "interval_seconds": 86400}}}))
@@ -334,8 +340,10 @@ async fn quota_rate_limit_and_expiry_events_are_written_once() {
     assert_eq!(limited_events.len(), 1, "once per key per minute: {events}");
     assert_eq!(limited_events[0]["payload"]["data"]["key_id"], limited_id.as_str());
     let low_events = of("quota.low");
-    assert_eq!(low_events.len(), 1, "{events}");
-    assert_eq!(low_events[0]["payload"]["data"]["key_id"], low_id.as_str());
+    assert_eq!(low_events.len(), 2, "a refilling quota at 10 % and a one-off quota at 3 left: {events}");
+    for id in [&low_id, &once_id] {
+        assert!(low_events.iter().any(|e| e["payload"]["data"]["key_id"] == id.as_str()), "{id}: {events}");
+    }
     let expiring = of("key.expiring");
     assert_eq!(expiring.len(), 1, "{events}");
     assert_eq!(expiring[0]["payload"]["data"]["key_id"], expiring_id.as_str());
