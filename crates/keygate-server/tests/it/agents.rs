@@ -18,6 +18,11 @@ async fn auth(app: &TestApp, query: &str, headers: &[(&str, &str)]) -> reqwest::
     req.send().await.unwrap()
 }
 
+/// An unauthenticated GET of a JSON document (discovery, metadata).
+async fn public_json(app: &TestApp, path: &str) -> Value {
+    app.client.get(app.url(path)).send().await.unwrap().json().await.unwrap()
+}
+
 fn challenge(resp: &reqwest::Response) -> String {
     resp.headers().get("www-authenticate").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default()
 }
@@ -41,40 +46,16 @@ async fn protected_resources_publish_metadata_name_it_in_401s_and_take_only_thei
         .send()
         .await
         .unwrap();
-    let meta: Value = app
-        .client
-        .get(app.url("/.well-known/oauth-protected-resource/mcp"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let meta: Value = public_json(&app, "/.well-known/oauth-protected-resource/mcp").await;
     assert_eq!(meta["resource"], MCP);
     assert_eq!(meta["authorization_servers"], json!([app.base]));
     assert_eq!(meta["bearer_methods_supported"], json!(["header"]));
     assert_eq!(meta["resource_documentation"], "https://docs.example.com/");
     assert!(meta["scopes_supported"].as_array().unwrap().contains(&json!("tools:call")), "{meta}");
     // A resource with a longer path has its metadata below the same well-known prefix.
-    let deep: Value = app
-        .client
-        .get(app.url("/.well-known/oauth-protected-resource/v2/mcp"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let deep: Value = public_json(&app, "/.well-known/oauth-protected-resource/v2/mcp").await;
     assert_eq!(deep["resource"], "https://api.example.com/v2/mcp");
-    let root: Value = app
-        .client
-        .get(app.url("/.well-known/oauth-protected-resource"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let root: Value = public_json(&app, "/.well-known/oauth-protected-resource").await;
     assert_eq!(root["resource"], "https://other.example.com");
     let none = app.client.get(app.url("/.well-known/oauth-protected-resource/nothing")).send().await.unwrap();
     assert_eq!(none.status(), StatusCode::NOT_FOUND);
@@ -167,15 +148,7 @@ async fn clients_register_themselves_within_the_operators_limits() {
         })
         .start()
         .await;
-    let meta: Value = app
-        .client
-        .get(app.url("/.well-known/oauth-authorization-server"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let meta: Value = public_json(&app, "/.well-known/oauth-authorization-server").await;
     assert_eq!(meta["registration_endpoint"], format!("{}/oauth2/register", app.base));
 
     let (status, reg) = register(
@@ -271,15 +244,7 @@ async fn registration_is_off_by_default_and_can_require_an_initial_token() {
     let app = TestApp::start().await;
     let (status, _) = register(&app, json!({"redirect_uris": ["https://a.example/cb"]}), None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    let meta: Value = app
-        .client
-        .get(app.url("/.well-known/oauth-authorization-server"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let meta: Value = public_json(&app, "/.well-known/oauth-authorization-server").await;
     assert!(meta.get("registration_endpoint").is_none());
 
     let app = TestApp::builder()
@@ -373,7 +338,7 @@ async fn journey(app: &TestApp, client_id: &str, consent_must_show: &[&str]) -> 
     assert_eq!(metadata_url, METADATA);
     // The proxy routes the resource's well-known path to Keygate.
     let path = metadata_url.trim_start_matches("https://api.example.com");
-    let rm: Value = app.client.get(app.url(path)).send().await.unwrap().json().await.unwrap();
+    let rm: Value = public_json(app, path).await;
     let issuer = rm["authorization_servers"][0].as_str().unwrap();
     let asm: Value = app
         .client
@@ -479,15 +444,7 @@ async fn agents_reach_a_resource_by_registration_or_by_metadata_document() {
     let (s, _) =
         app.post("/v1/users", json!({"username": "alice", "password": "a long passphrase 42"})).await;
     assert_eq!(s, StatusCode::CREATED);
-    let asm: Value = app
-        .client
-        .get(app.url("/.well-known/oauth-authorization-server"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let asm: Value = public_json(&app, "/.well-known/oauth-authorization-server").await;
     assert_eq!(asm["client_id_metadata_document_supported"], true);
 
     // 1. Dynamic registration.
