@@ -245,9 +245,8 @@ async fn registrations_and_leak_reports(store: Arc<dyn Backend>) {
     assert_eq!(store.list_leak_reports(None, 10).await.unwrap(), vec![report]);
 }
 
-/// Contract: a key's lifecycle is readable through the verify path's one read, every change has its
-/// audit record (newest first), and a revoked key stays revoked.
-async fn key_lifecycle_with_audit(store: Arc<dyn Backend>) {
+/// Consumer `cons_1` with key `key_1`, whose secret hashes to `hash`.
+async fn consumer_with_key(store: &Arc<dyn Backend>, hash: SecretHash) {
     store
         .insert_consumer(&consumer("cons_1"), &audit("evt_001", "consumer.create", "cons_1", 1))
         .await
@@ -263,15 +262,15 @@ async fn key_lifecycle_with_audit(store: Arc<dyn Backend>) {
         "kg_live_ab".into(),
         2,
     );
+    let secret = StoredSecret::new(hash, "key_1", "kg_live_ab", 2);
+    store.insert_key(&key, &secret, &audit("evt_002", "key.create", "key_1", 2)).await.unwrap();
+}
+
+/// Contract: a key's lifecycle is readable through the verify path's one read, every change has its
+/// audit record (newest first), and a revoked key stays revoked.
+async fn key_lifecycle_with_audit(store: Arc<dyn Backend>) {
     let hash = SecretHash::of("kg_live_secret-for-the-suite");
-    store
-        .insert_key(
-            &key,
-            &StoredSecret::new(hash, "key_1", "kg_live_ab", 2),
-            &audit("evt_002", "key.create", "key_1", 2),
-        )
-        .await
-        .unwrap();
+    consumer_with_key(&store, hash).await;
     let found = store.find_secret(&hash).await.unwrap().unwrap();
     assert_eq!((found.key.id.as_str(), found.consumer_disabled), ("key_1", false));
     let patch = KeyPatch { revoked_at: Some(3), updated_at: 3, ..KeyPatch::default() };
@@ -332,29 +331,7 @@ async fn paging_order_and_conflicts(store: Arc<dyn Backend>) {
 
 /// Contract: usage counts of one bucket add up across flushes.
 async fn usage_upserts_add_up(store: Arc<dyn Backend>) {
-    store
-        .insert_consumer(&consumer("cons_1"), &audit("evt_001", "consumer.create", "cons_1", 1))
-        .await
-        .unwrap();
-    let key = ApiKey::new(
-        "key_1".into(),
-        "cons_1".into(),
-        "k".into(),
-        Environment::Live,
-        vec![],
-        json!({}),
-        None,
-        "kg_live_ab".into(),
-        2,
-    );
-    store
-        .insert_key(
-            &key,
-            &StoredSecret::new(SecretHash::of("s"), "key_1", "kg_live_ab", 2),
-            &audit("evt_002", "key.create", "key_1", 2),
-        )
-        .await
-        .unwrap();
+    consumer_with_key(&store, SecretHash::of("s")).await;
     let usage = |n| KeyUsage {
         key_id: "key_1".into(),
         consumer_id: "cons_1".into(),

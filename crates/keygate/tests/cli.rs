@@ -549,20 +549,7 @@ fn clients_from_the_cli_and_python_interop_with_authlib_and_pyjwt() {
     let rotated = s.json(&admin, &["signing-keys", "rotate", "--publish-ahead", "0"]);
     assert_eq!(rotated.as_array().unwrap().len(), 2);
 
-    let pip = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "authlib",
-            "pyjwt[crypto]",
-            "requests",
-        ])
-        .output()
-        .unwrap();
-    assert!(pip.status.success(), "pip install failed: {}", stderr(&pip));
+    pip_install(&["authlib", "pyjwt[crypto]", "requests"]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/interop/oauth_interop.py");
     let run = Command::new("python3")
         .arg(script)
@@ -647,11 +634,7 @@ fn users_and_the_authorization_code_flow_from_the_cli_and_authlib() {
     assert_eq!(c["redirect_uris"][0], redirect);
     s.json(&admin, &["scopes", "describe", "articles:read", "Read your articles"]);
 
-    let pip = Command::new("python3")
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "authlib", "requests"])
-        .output()
-        .unwrap();
-    assert!(pip.status.success(), "pip install failed: {}", stderr(&pip));
+    pip_install(&["authlib", "requests"]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/interop/authcode_authlib.py");
     let run = Command::new("python3")
         .arg(script)
@@ -779,20 +762,7 @@ fn device_flow_token_exchange_and_dpop_with_authlib_and_pyjwt() {
     let key =
         s.json(&admin, &["keys", "create", "--consumer", &cid, "--name", "svc", "--scope", "articles:read"]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/interop/token_kinds_authlib.py");
-    let pip = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "authlib",
-            "requests",
-            "pyjwt[crypto]",
-        ])
-        .output()
-        .unwrap();
-    assert!(pip.status.success(), "pip install failed: {}", stderr(&pip));
+    pip_install(&["authlib", "requests", "pyjwt[crypto]"]);
     let run = Command::new("python3")
         .arg(script)
         .env("ISSUER", &s.url)

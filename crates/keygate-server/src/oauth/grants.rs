@@ -42,6 +42,12 @@ fn is_kind(s: &str, kind: SecretKind) -> bool {
     keygate_core::credential::parse(s).is_ok_and(|p| p.kind == kind)
 }
 
+/// A grant's required form parameter (`invalid_request` when missing).
+fn required<'f>(form: &'f Form, name: &str) -> Result<&'f str, OAuthError> {
+    form.one(name)?
+        .ok_or_else(|| OAuthError::new(OAuthErrorCode::InvalidRequest, format!("{name} is missing")))
+}
+
 fn response(issued: &Issued, refresh: Option<&PlainSecret>) -> Value {
     let mut body = json!({
         "access_token": issued.access_token,
@@ -156,9 +162,7 @@ pub(crate) async fn authorization_code(
     form: &Form,
     now: i64,
 ) -> Result<Value, OAuthError> {
-    let code = form
-        .one("code")?
-        .ok_or_else(|| OAuthError::new(OAuthErrorCode::InvalidRequest, "code is missing"))?;
+    let code = required(form, "code")?;
     let invalid = || {
         invalid_grant(
             "the code is not valid: unknown, expired, already used, or issued to another client or redirect URI",
@@ -256,9 +260,7 @@ pub(crate) async fn refresh_token(
     form: &Form,
     now: i64,
 ) -> Result<Value, OAuthError> {
-    let token = form
-        .one("refresh_token")?
-        .ok_or_else(|| OAuthError::new(OAuthErrorCode::InvalidRequest, "refresh_token is missing"))?;
+    let token = required(form, "refresh_token")?;
     if !is_kind(token, SecretKind::RefreshToken) {
         return Err(invalid_grant("the refresh token is not valid"));
     }
@@ -392,9 +394,7 @@ pub(crate) async fn device_code(
     form: &Form,
     now: i64,
 ) -> Result<Value, OAuthError> {
-    let code = form
-        .one("device_code")?
-        .ok_or_else(|| OAuthError::new(OAuthErrorCode::InvalidRequest, "device_code is missing"))?;
+    let code = required(form, "device_code")?;
     if !is_kind(code, SecretKind::DeviceCode) {
         return Err(invalid_grant("the device code is not valid"));
     }
