@@ -64,11 +64,31 @@ pub struct Actor {
     pub ip: Option<IpAddr>,
 }
 
+/// The web console's signed-in operator, put in the extensions of the admin API requests the console
+/// makes in-process (a client cannot set extensions): the admin routes take it as their caller, so the
+/// console runs every change through the same handlers, and audits it with the same actor.
+#[derive(Debug, Clone)]
+pub struct ConsoleActor(pub Actor);
+
 async fn authenticate(parts: &Parts, state: &AppState, permission: &str) -> Result<Actor, ApiError> {
+    if let Some(ConsoleActor(actor)) = parts.extensions.get::<ConsoleActor>() {
+        return Ok(actor.clone());
+    }
     let client = client_of(peer_ip(parts), &parts.headers, &state.config.trusted_proxies);
+    check_credential(state, presented_credential(&parts.headers), client, permission).await
+}
+
+/// Checks a presented Keygate credential for `permission`, counting failures against the client's
+/// address (and refusing it while it is throttled).
+pub async fn check_credential(
+    state: &AppState,
+    secret: Option<&str>,
+    client: Client,
+    permission: &str,
+) -> Result<Actor, ApiError> {
     let (ip, accountable) = (client.ip, client.accountable);
     let now = state.now();
-    let Some(secret) = presented_credential(&parts.headers) else {
+    let Some(secret) = secret else {
         return Err(ApiError::new(
             ErrorCode::Unauthorized,
             "this route needs a Keygate credential: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod cache;
+pub mod console;
 pub mod decision_body;
 pub mod error;
 pub mod fsmode;
@@ -63,7 +64,9 @@ pub fn app_for(state: Arc<AppState>, surface: Surface) -> axum::Router {
     };
     let (mut routes, _) = routes.merge(routes::ops::router()).split_for_parts();
     if surface != Surface::Public {
-        routes = routes.merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::document()));
+        routes = routes
+            .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::document()))
+            .merge(console::router());
     }
     routes
         .fallback(not_found)
@@ -83,7 +86,7 @@ fn public_routes() -> OpenApiRouter<Arc<AppState>> {
 }
 
 /// What operators reach: the admin API and `/metrics` (the docs are added by `app_for`).
-fn admin_routes() -> OpenApiRouter<Arc<AppState>> {
+pub(crate) fn admin_routes() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::new()
         .merge(routes::consumers::router())
         .merge(routes::keys::router())

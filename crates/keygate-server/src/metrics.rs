@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use keygate_core::DecisionCode;
 use metrics::{Counter, Histogram, Key, Label, Level, Metadata, Recorder};
@@ -43,7 +44,22 @@ pub struct Metrics {
     handle: PrometheusHandle,
     decisions: Vec<Counter>,
     verify_seconds: Histogram,
+    /// The same verify latencies, counted per bucket of `VERIFY_BUCKETS` (the last: above them all),
+    /// for the console's percentiles.
+    verify_buckets: [AtomicU64; VERIFY_BUCKETS.len() + 1],
+    tokens_issued: AtomicU64,
     requests: RwLock<RequestCounters>,
+}
+
+/// Verify latency on this node since it started.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LatencySummary {
+    pub count: u64,
+    /// Upper bound in seconds of the bucket holding p50, p90 and p99 (`None`: above the largest bucket,
+    /// or no verification yet).
+    pub p50: Option<f64>,
+    pub p90: Option<f64>,
+    pub p99: Option<f64>,
 }
 
 impl Metrics {
@@ -63,7 +79,15 @@ impl Metrics {
             .collect();
         let verify_seconds =
             recorder.register_histogram(&Key::from_static_name("keygate_verify_duration_seconds"), &METADATA);
-        Metrics { recorder, handle, decisions, verify_seconds, requests: RwLock::default() }
+        Metrics {
+            recorder,
+            handle,
+            decisions,
+            verify_seconds,
+            verify_buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            tokens_issued: AtomicU64::new(0),
+            requests: RwLock::default(),
+        }
     }
 
     pub fn record_decision(&self, code: DecisionCode, seconds: f64) {
@@ -71,6 +95,36 @@ impl Metrics {
             c.increment(1);
         }
         self.verify_seconds.record(seconds);
+        let i = VERIFY_BUCKETS.partition_point(|b| *b < seconds);
+        if let Some(b) = self.verify_buckets.get(i) {
+            b.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Verify latency percentiles on this node since it started, by bucket.
+    pub fn verify_latency(&self) -> LatencySummary {
+        let counts: Vec<u64> = self.verify_buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let count: u64 = counts.iter().sum();
+        let at = |p: f64| -> Option<f64> {
+            if count == 0 {
+                return None;
+            }
+            let rank = ((count as f64) * p).ceil().max(1.0) as u64;
+            let mut seen = 0;
+            for (i, c) in counts.iter().enumerate() {
+                seen += c;
+                if seen >= rank {
+                    return VERIFY_BUCKETS.get(i).copied();
+                }
+            }
+            None
+        };
+        LatencySummary { count, p50: at(0.5), p90: at(0.9), p99: at(0.99) }
+    }
+
+    /// Access tokens issued on this node since it started.
+    pub fn tokens_issued(&self) -> u64 {
+        self.tokens_issued.load(Ordering::Relaxed)
     }
 
     /// Counts a request. The counter handle of each (route, method, status) is registered once and
@@ -100,6 +154,7 @@ impl Metrics {
     }
 
     pub fn record_grant(&self, format: &'static str) {
+        self.tokens_issued.fetch_add(1, Ordering::Relaxed);
         let key = Key::from_parts(
             "keygate_oauth_tokens_issued_total",
             vec![Label::new("format", format.to_owned())],

@@ -158,6 +158,8 @@ pub struct AppState {
     /// Dynamic registrations per address.
     pub registrations: FailureThrottle,
     pub metadata_docs: crate::oauth::metadata_doc::MetadataDocs,
+    /// The web console's signed-in sessions.
+    pub console: crate::console::Sessions,
     pub config: ServerConfig,
 }
 
@@ -236,6 +238,7 @@ impl AppState {
             webhooks: crate::webhooks::Webhooks::default(),
             registrations: FailureThrottle::per_window(config.registration.per_hour, 3600),
             metadata_docs: crate::oauth::metadata_doc::MetadataDocs::default(),
+            console: crate::console::Sessions::default(),
             config,
         })
     }

@@ -504,7 +504,7 @@ pub async fn sweep_expiring(state: &AppState) -> Result<u64, keygate_store::Stor
     const WEEK_MS: i64 = 7 * 86_400_000;
     let now = state.now();
     let mut events = Vec::new();
-    let mut page = keygate_store::Page { after: None, limit: 500 };
+    let mut page = keygate_store::Page { after: None, limit: 500, search: None };
     loop {
         let keys = state.store.keys_expiring_between(now, now + WEEK_MS, &page).await?;
         let Some(last) = keys.last() else { break };

@@ -47,12 +47,46 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 pub struct Page {
     pub after: Option<String>,
     pub limit: u32,
+    /// Only records whose name contains this (ignoring ASCII case), or whose id (or a consumer's
+    /// external id) is exactly this.
+    pub search: Option<String>,
+}
+
+/// Which records a usage leader board ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaderGroup {
+    Key,
+    Consumer,
+}
+
+/// What a usage leader board ranks by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaderOrder {
+    /// All verifications.
+    Volume,
+    /// Verifications that did not answer `VALID`.
+    Failures,
+}
+
+/// One row of a usage leader board.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Leader {
+    /// Key or consumer id.
+    pub id: String,
+    pub total: i64,
+    pub failures: i64,
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct AuditFilter {
     pub target_id: Option<String>,
     pub action: Option<String>,
+    /// Only events made by this actor (a key id, or `system`).
+    pub actor: Option<String>,
+    /// Only events at or after this time (ms).
+    pub from: Option<i64>,
+    /// Only events before this time (ms).
+    pub to: Option<i64>,
     /// Newest first; continue with the id of the last event seen.
     pub before: Option<String>,
     pub limit: u32,
@@ -145,6 +179,17 @@ pub trait Store: Send + Sync + 'static {
     /// to (quota and rate-limit events, each once per dedup key), in one transaction.
     async fn flush_usage(&self, batch: &[KeyUsage], events: &[NewEvent]) -> Result<()>;
     async fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>>;
+    /// The `limit` keys or consumers with the most verifications (or failures) in the query's range, at
+    /// its granularity (the query's key and consumer are ignored). Most first, then by id.
+    async fn usage_leaders(
+        &self,
+        query: &UsageQuery,
+        group: LeaderGroup,
+        order: LeaderOrder,
+        limit: u32,
+    ) -> Result<Vec<Leader>>;
+    /// Up to `limit` live keys with a quota, fewest uses left first.
+    async fn keys_lowest_quota(&self, limit: u32) -> Result<Vec<ApiKey>>;
     /// Deletes usage buckets of each granularity older than its time. Returns how many.
     async fn expire_usage(&self, before: &[(Granularity, i64)]) -> Result<u64>;
 }

@@ -14,8 +14,8 @@ use sqlx::{Row, SqlitePool};
 
 use crate::{
     ApiKey, AuditEvent, AuditFilter, Consumer, ConsumerLookup, ConsumerPatch, Granularity, KeyPatch,
-    KeyUsage, LeakPolicy, NewAudit, NewEvent, Page, Result, SecretRecord, Store, StoreError, StoredSecret,
-    UsageQuery, UsageRow,
+    KeyUsage, Leader, LeaderGroup, LeaderOrder, LeakPolicy, NewAudit, NewEvent, Page, Result, SecretRecord,
+    Store, StoreError, StoredSecret, UsageQuery, UsageRow,
 };
 use keygate_core::limits::Quota;
 use serde::Serialize;
@@ -408,10 +408,34 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE client_registrations (
         client_id  TEXT PRIMARY KEY REFERENCES oauth_clients (id) ON DELETE CASCADE,
         token_hash BLOB NOT NULL,
-        created_at INTEGER NOT NULL
+                created_at INTEGER NOT NULL
     );
     "#,
+    // 15: the console's "lowest quotas" board reads keys with a quota by uses left.
+    r#"
+    CREATE INDEX api_keys_by_quota ON api_keys (quota_remaining) WHERE quota_remaining IS NOT NULL;
+    "#,
 ];
+
+/// A usage leader board's query: `$group` is a column, `$order` `total` or `failures` (literals only).
+macro_rules! leaders_sql {
+    ($group:literal, $order:literal) => {
+        concat!(
+            "SELECT ",
+            $group,
+            " AS id, SUM(count) AS total, ",
+            "SUM(CASE WHEN code = 'VALID' THEN 0 ELSE count END) AS failures FROM usage_buckets ",
+            "WHERE granularity = ? AND bucket_start >= ? AND bucket_start < ? ",
+            "GROUP BY ",
+            $group,
+            " HAVING ",
+            $order,
+            " > 0 ORDER BY ",
+            $order,
+            " DESC, id LIMIT ?"
+        )
+    };
+}
 
 /// Options for opening the SQLite store.
 #[derive(Debug, Clone)]
@@ -576,15 +600,26 @@ pub(crate) async fn fetch_by_id<T>(
 }
 
 /// A page of rows in id order; `sql` takes `?` for the id to start after and `?` for the limit.
+/// A page's search, as bound to `?3` (lower-cased, for `instr(lower(name), ?3)`) and `?4` (exact).
+fn search_terms(page: &Page) -> (Option<String>, Option<&str>) {
+    let exact = page.search.as_deref().map(str::trim).filter(|s| !s.is_empty());
+    (exact.map(str::to_ascii_lowercase), exact)
+}
+
+/// A page of `sql`, which binds `?1` = after, `?2` = limit, and may use `?3`/`?4`, the search
+/// ([`search_terms`]).
 pub(crate) async fn fetch_page<T>(
     pool: &SqlitePool,
     sql: &'static str,
     page: &Page,
     map: fn(&SqliteRow) -> Result<T>,
 ) -> Result<Vec<T>> {
+    let (search, exact) = search_terms(page);
     let rows = sqlx::query(sql)
         .bind(page.after.as_deref().unwrap_or(""))
         .bind(i64::from(page.limit))
+        .bind(search)
+        .bind(exact)
         .fetch_all(pool)
         .await
         .map_err(map_err)?;
@@ -782,7 +817,8 @@ impl Store for SqliteStore {
     }
 
     async fn list_consumers(&self, page: &Page) -> Result<Vec<Consumer>> {
-        let sql = "SELECT * FROM consumers WHERE id > ? ORDER BY id LIMIT ?";
+        let sql = "SELECT * FROM consumers WHERE id > ?1 AND (?3 IS NULL OR instr(lower(name), ?3) > 0 \
+                   OR id = ?4 OR external_id = ?4) ORDER BY id LIMIT ?2";
         fetch_page(&self.pool, sql, page, consumer_from_row).await
     }
 
@@ -854,16 +890,19 @@ impl Store for SqliteStore {
     }
 
     async fn list_keys(&self, consumer_id: Option<&str>, page: &Page) -> Result<Vec<ApiKey>> {
-        let after = page.after.as_deref().unwrap_or("");
-        let query = match consumer_id {
-            Some(c) => {
-                sqlx::query("SELECT * FROM api_keys WHERE consumer_id = ? AND id > ? ORDER BY id LIMIT ?")
-                    .bind(c)
-            }
-            None => sqlx::query("SELECT * FROM api_keys WHERE id > ? ORDER BY id LIMIT ?"),
-        };
-        let rows =
-            query.bind(after).bind(i64::from(page.limit)).fetch_all(&self.pool).await.map_err(map_err)?;
+        let (search, exact) = search_terms(page);
+        let rows = sqlx::query(
+            "SELECT * FROM api_keys WHERE (?1 IS NULL OR consumer_id = ?1) AND id > ?2 \
+             AND (?4 IS NULL OR instr(lower(name), ?4) > 0 OR id = ?5 OR start = ?5) ORDER BY id LIMIT ?3",
+        )
+        .bind(consumer_id)
+        .bind(page.after.as_deref().unwrap_or(""))
+        .bind(i64::from(page.limit))
+        .bind(search)
+        .bind(exact)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
         rows.iter().map(key_from_row).collect()
     }
 
@@ -1126,6 +1165,52 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn usage_leaders(
+        &self,
+        q: &UsageQuery,
+        group: LeaderGroup,
+        order: LeaderOrder,
+        limit: u32,
+    ) -> Result<Vec<Leader>> {
+        // Static SQL per choice (the column and order are never built from input); the range scan is
+        // on `usage_by_age`.
+        let sql = match (group, order) {
+            (LeaderGroup::Key, LeaderOrder::Volume) => leaders_sql!("key_id", "total"),
+            (LeaderGroup::Key, LeaderOrder::Failures) => leaders_sql!("key_id", "failures"),
+            (LeaderGroup::Consumer, LeaderOrder::Volume) => leaders_sql!("consumer_id", "total"),
+            (LeaderGroup::Consumer, LeaderOrder::Failures) => leaders_sql!("consumer_id", "failures"),
+        };
+        let rows = sqlx::query(sql)
+            .bind(q.granularity.as_str())
+            .bind(q.granularity.bucket(q.from))
+            .bind(q.to)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok(Leader {
+                    id: r.try_get("id").map_err(map_err)?,
+                    total: r.try_get("total").map_err(map_err)?,
+                    failures: r.try_get("failures").map_err(map_err)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn keys_lowest_quota(&self, limit: u32) -> Result<Vec<ApiKey>> {
+        let rows = sqlx::query(
+            "SELECT * FROM api_keys WHERE quota_remaining IS NOT NULL AND revoked_at IS NULL \
+             ORDER BY quota_remaining, id LIMIT ?",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
     async fn expire_usage(&self, before: &[(Granularity, i64)]) -> Result<u64> {
         let mut deleted = 0;
         for (g, t) in before {
@@ -1158,16 +1243,17 @@ impl Store for SqliteStore {
     async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>> {
         let rows = sqlx::query(
             "SELECT e.*, k.name AS actor_name FROM audit_events e LEFT JOIN api_keys k ON k.id = e.actor \
-             WHERE (? IS NULL OR e.target_id = ?) AND (? IS NULL OR e.action = ?) \
-             AND (? IS NULL OR e.id < ?) ORDER BY e.id DESC LIMIT ?",
+                          WHERE (?1 IS NULL OR e.target_id = ?1) AND (?2 IS NULL OR e.action = ?2) \
+             AND (?3 IS NULL OR e.id < ?3) AND (?5 IS NULL OR e.actor = ?5) \
+             AND (?6 IS NULL OR e.at >= ?6) AND (?7 IS NULL OR e.at < ?7) ORDER BY e.id DESC LIMIT ?4",
         )
         .bind(&filter.target_id)
-        .bind(&filter.target_id)
         .bind(&filter.action)
-        .bind(&filter.action)
-        .bind(&filter.before)
         .bind(&filter.before)
         .bind(i64::from(filter.limit))
+        .bind(&filter.actor)
+        .bind(filter.from)
+        .bind(filter.to)
         .fetch_all(&self.pool)
         .await
         .map_err(map_err)?;

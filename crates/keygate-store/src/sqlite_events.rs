@@ -125,7 +125,8 @@ impl EventStore for SqliteStore {
     async fn list_webhooks(&self, page: &Page) -> Result<Vec<WebhookEndpoint>> {
         fetch_page(
             &self.pool,
-            "SELECT * FROM webhook_endpoints WHERE id > ? ORDER BY id LIMIT ?",
+            "SELECT * FROM webhook_endpoints WHERE id > ?1 AND (?3 IS NULL OR instr(lower(url), ?3) > 0 OR id = ?4) \
+             ORDER BY id LIMIT ?2",
             page,
             endpoint_from_row,
         )

@@ -174,7 +174,8 @@ impl OAuthStore for SqliteStore {
     }
 
     async fn list_clients(&self, page: &Page) -> Result<Vec<OAuthClient>> {
-        let sql = "SELECT * FROM oauth_clients WHERE id > ? ORDER BY id LIMIT ?";
+        let sql = "SELECT * FROM oauth_clients WHERE id > ?1 AND (?3 IS NULL OR instr(lower(name), ?3) > 0 \
+                   OR id = ?4 OR consumer_id = ?4) ORDER BY id LIMIT ?2";
         fetch_page(&self.pool, sql, page, client_from_row).await
     }
 

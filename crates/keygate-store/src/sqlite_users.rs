@@ -338,8 +338,9 @@ impl UserStore for SqliteStore {
     }
 
     async fn list_users(&self, page: &Page) -> Result<Vec<User>> {
-        fetch_page(&self.pool, "SELECT * FROM users WHERE id > ? ORDER BY id LIMIT ?", page, user_from_row)
-            .await
+        let sql = "SELECT * FROM users WHERE id > ?1 AND (?3 IS NULL OR instr(lower(username), ?3) > 0 \
+                   OR id = ?4 OR email = ?4) ORDER BY id LIMIT ?2";
+        fetch_page(&self.pool, sql, page, user_from_row).await
     }
 
     async fn update_user(&self, id: &str, p: &UserPatch, audit: &NewAudit) -> Result<Option<User>> {

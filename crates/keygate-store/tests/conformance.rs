@@ -303,8 +303,9 @@ async fn paging_order_and_conflicts(store: Arc<dyn Backend>) {
             .await
             .unwrap();
     }
-    let first = store.list_consumers(&Page { after: None, limit: 2 }).await.unwrap();
-    let next = store.list_consumers(&Page { after: Some("cons_2".into()), limit: 2 }).await.unwrap();
+    let first = store.list_consumers(&Page { after: None, limit: 2, search: None }).await.unwrap();
+    let next =
+        store.list_consumers(&Page { after: Some("cons_2".into()), limit: 2, search: None }).await.unwrap();
     let ids = |v: &[Consumer]| v.iter().map(|c| c.id.clone()).collect::<Vec<_>>();
     assert_eq!(
         (ids(&first), ids(&next)),
@@ -316,10 +317,9 @@ async fn paging_order_and_conflicts(store: Arc<dyn Backend>) {
     assert!(
         store
             .list_audit(&AuditFilter {
-                action: None,
                 target_id: Some("cons_1".into()),
-                before: None,
-                limit: 10
+                limit: 10,
+                ..AuditFilter::default()
             })
             .await
             .unwrap()

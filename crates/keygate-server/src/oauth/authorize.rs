@@ -153,7 +153,7 @@ pub(super) fn random_token() -> Result<String, Response> {
         .map_err(|_| error_page(StatusCode::SERVICE_UNAVAILABLE, "the server cannot make random numbers"))
 }
 
-pub(super) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub(crate) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -626,7 +626,7 @@ fn pending(
 
 /// Did the browser say this form was submitted from another site (`Sec-Fetch-Site: cross-site`)? Forms
 /// of these pages are never submitted from elsewhere.
-pub(super) fn cross_site(headers: &HeaderMap) -> bool {
+pub(crate) fn cross_site(headers: &HeaderMap) -> bool {
     headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) == Some("cross-site")
 }
 

@@ -1094,7 +1094,9 @@ pub async fn all_clients(store: &dyn OAuthStore) -> Result<Vec<OAuthClient>, Sto
     let mut out = Vec::new();
     let mut after = None;
     loop {
-        let page = store.list_clients(&keygate_store::Page { after: after.clone(), limit: PAGE }).await?;
+        let page = store
+            .list_clients(&keygate_store::Page { after: after.clone(), limit: PAGE, search: None })
+            .await?;
         let full = page.len() == PAGE as usize;
         after = page.last().map(|c| c.id.clone());
         out.extend(page);

@@ -11,10 +11,10 @@ use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::AdminCaller;
-use crate::error::{ApiQuery, ApiResult, ErrorBody};
+use crate::error::{ApiError, ApiQuery, ApiResult, ErrorBody};
 use crate::routes::common::*;
 use crate::state::AppState;
-use crate::time::rfc3339;
+use crate::time::{parse_rfc3339, rfc3339};
 
 pub fn router() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::new().routes(routes!(list_audit))
@@ -66,6 +66,12 @@ pub struct AuditQuery {
     pub target_id: Option<String>,
     /// Only this action, e.g. `key.revoke`.
     pub action: Option<String>,
+    /// Only events made by this actor: a key id, or `system`.
+    pub actor: Option<String>,
+    /// RFC 3339: only events at or after this time.
+    pub from: Option<String>,
+    /// RFC 3339: only events before this time.
+    pub to: Option<String>,
     /// Continue with events older than this id (the previous page's `next_before`).
     pub before: Option<String>,
     pub limit: Option<u32>,
@@ -81,8 +87,19 @@ pub async fn list_audit(
     ApiQuery(q): ApiQuery<AuditQuery>,
 ) -> ApiResult<Json<AuditList>> {
     let page = page(None, q.limit)?;
-    let filter =
-        AuditFilter { target_id: q.target_id, action: q.action, before: q.before, limit: page.limit };
+    let time = |field: &str, v: Option<String>| -> ApiResult<Option<i64>> {
+        v.map(|t| parse_rfc3339(&t).ok_or_else(|| ApiError::invalid(field, "must be an RFC 3339 time")))
+            .transpose()
+    };
+    let filter = AuditFilter {
+        target_id: q.target_id,
+        action: q.action,
+        actor: q.actor,
+        from: time("from", q.from)?,
+        to: time("to", q.to)?,
+        before: q.before,
+        limit: page.limit,
+    };
     let items = state.store.list_audit(&filter).await?;
     let next_before = next_cursor(&items, page.limit, |e| &e.id);
     Ok(Json(AuditList { items: items.into_iter().map(Into::into).collect(), next_before }))

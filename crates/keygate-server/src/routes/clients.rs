@@ -16,7 +16,8 @@ use crate::auth::{Actor, AdminCaller};
 use crate::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, ErrorCode};
 use crate::oauth::keys::{KeyAlg, MAX_TOKEN_LIFETIME_SECONDS};
 use crate::routes::common::{
-    MAX_OVERLAP_SECONDS, PageQuery, audit, check_name, check_scopes, load_consumer, new_id, next_cursor, page,
+    MAX_OVERLAP_SECONDS, PageQuery, audit, check_name, check_scopes, load_consumer, new_id, next_cursor,
+    searched_page,
 };
 use crate::state::AppState;
 use crate::time::rfc3339;
@@ -467,7 +468,7 @@ pub async fn list_clients(
     AdminCaller(_): AdminCaller,
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> ApiResult<Json<ClientList>> {
-    let page = page(q.after, q.limit)?;
+    let page = searched_page(q.after, q.limit, q.q)?;
     let items = state.store.list_clients(&page).await?;
     let next_after = next_cursor(&items, page.limit, |c| &c.id);
     Ok(Json(ClientList { items: items.into_iter().map(Into::into).collect(), next_after }))

@@ -32,14 +32,27 @@ pub struct PageQuery {
     pub after: Option<String>,
     /// Page size, 1–1000 (default 100).
     pub limit: Option<u32>,
+    /// Only records whose name contains this (ignoring case), or whose id is exactly this.
+    pub q: Option<String>,
 }
+
+/// Longest search term a listing takes.
+pub const MAX_SEARCH: usize = 200;
 
 pub fn page(after: Option<String>, limit: Option<u32>) -> ApiResult<Page> {
     let limit = limit.unwrap_or(DEFAULT_PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(ApiError::invalid("limit", format!("must be between 1 and {MAX_PAGE}")));
     }
-    Ok(Page { after, limit })
+    Ok(Page { after, limit, search: None })
+}
+
+/// A page of a listing that can be searched (`q`).
+pub fn searched_page(after: Option<String>, limit: Option<u32>, q: Option<String>) -> ApiResult<Page> {
+    if q.as_ref().is_some_and(|q| q.len() > MAX_SEARCH) {
+        return Err(ApiError::invalid("q", format!("must be at most {MAX_SEARCH} bytes")));
+    }
+    Ok(Page { search: q.filter(|q| !q.trim().is_empty()), ..page(after, limit)? })
 }
 
 pub fn next_cursor<T>(items: &[T], limit: u32, id: impl Fn(&T) -> &str) -> Option<String> {

@@ -125,6 +125,8 @@ pub struct ConsumerListQuery {
     pub limit: Option<u32>,
     /// Only the consumer with this external id (at most one).
     pub external_id: Option<String>,
+    /// Only consumers whose name contains this (ignoring case), or whose id or external id is exactly this.
+    pub q: Option<String>,
 }
 
 pub fn check_external_id(e: &str) -> ApiResult<()> {
@@ -234,7 +236,7 @@ pub async fn list_consumers(
             next_after: None,
         }));
     }
-    let page = page(q.after, q.limit)?;
+    let page = searched_page(q.after, q.limit, q.q)?;
     let items = state.store.list_consumers(&page).await?;
     let next_after = next_cursor(&items, page.limit, |c| &c.id);
     Ok(Json(ConsumerList { items: items.into_iter().map(Into::into).collect(), next_after }))

@@ -30,6 +30,8 @@ pub fn router() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(revoke_key))
         .routes(routes!(rotate_key))
         .routes(routes!(change_quota))
+        .routes(routes!(lowest_quota_keys))
+        .routes(routes!(expiring_keys))
 }
 
 /// An API key as listings show it: never the secret, only its visible start.
@@ -222,6 +224,8 @@ pub struct KeyListQuery {
     pub consumer_id: Option<String>,
     pub after: Option<String>,
     pub limit: Option<u32>,
+    /// Only keys whose name contains this (ignoring case), or whose id or visible start is exactly this.
+    pub q: Option<String>,
 }
 
 /// Drops every cached verify entry of a key, so the next verify sees the change.
@@ -293,7 +297,7 @@ pub async fn list_keys(
     AdminCaller(_): AdminCaller,
     ApiQuery(q): ApiQuery<KeyListQuery>,
 ) -> ApiResult<Json<KeyList>> {
-    let page = page(q.after, q.limit)?;
+    let page = searched_page(q.after, q.limit, q.q)?;
     let items = state.store.list_keys(q.consumer_id.as_deref(), &page).await?;
     let next_after = next_cursor(&items, page.limit, |k| &k.id);
     let now = state.now();
@@ -568,4 +572,62 @@ pub async fn change_quota(
     let key = state.store.update_key(&id, &patch, &audit).await?.ok_or_else(key_revoked)?;
     invalidate_key(&state, &id).await;
     Ok(Json(key_view(&state, key, now)))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct LowestQuotaQuery {
+    /// How many, 1–100 (default 10).
+    pub limit: Option<u32>,
+}
+
+/// Live keys with a quota, fewest uses left first (the stored state, at most one flush old).
+#[utoipa::path(get, path = "/v1/keys/lowest-quota", tag = "keys", params(LowestQuotaQuery),
+    responses((status = 200, body = KeyList), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn lowest_quota_keys(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(_): AdminCaller,
+    ApiQuery(q): ApiQuery<LowestQuotaQuery>,
+) -> ApiResult<Json<KeyList>> {
+    let limit = q.limit.unwrap_or(10);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::invalid("limit", "must be between 1 and 100"));
+    }
+    state.flush().await?;
+    let now = state.now();
+    let items = state.store.keys_lowest_quota(limit).await?;
+    Ok(Json(KeyList {
+        items: items.into_iter().map(|k| key_view(&state, k, now)).collect(),
+        next_after: None,
+    }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ExpiringQuery {
+    /// Keys expiring within this many days from now, 1–365 (default 7).
+    pub within_days: Option<u32>,
+    pub after: Option<String>,
+    pub limit: Option<u32>,
+}
+
+/// Live keys (not revoked or disabled) that expire within the next days, in id order.
+#[utoipa::path(get, path = "/v1/keys/expiring", tag = "keys", params(ExpiringQuery),
+    responses((status = 200, body = KeyList), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn expiring_keys(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(_): AdminCaller,
+    ApiQuery(q): ApiQuery<ExpiringQuery>,
+) -> ApiResult<Json<KeyList>> {
+    let days = q.within_days.unwrap_or(7);
+    if !(1..=365).contains(&days) {
+        return Err(ApiError::invalid("within_days", "must be between 1 and 365"));
+    }
+    let page = page(q.after, q.limit)?;
+    let now = state.now();
+    let items = state.store.keys_expiring_between(now, now + i64::from(days) * 86_400_000, &page).await?;
+    let next_after = next_cursor(&items, page.limit, |k| &k.id);
+    Ok(Json(KeyList { items: items.into_iter().map(|k| key_view(&state, k, now)).collect(), next_after }))
 }

@@ -6,7 +6,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use axum::Json;
 use axum::extract::{Path, State};
-use keygate_store::{Granularity, UsageQuery};
+use keygate_store::{Granularity, LeaderGroup, LeaderOrder, UsageQuery};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -20,7 +20,11 @@ use crate::time::{parse_rfc3339, rfc3339};
 const MAX_BUCKETS: i64 = 10_000;
 
 pub fn router() -> OpenApiRouter<Arc<AppState>> {
-    OpenApiRouter::new().routes(routes!(key_usage)).routes(routes!(consumer_usage))
+    OpenApiRouter::new()
+        .routes(routes!(key_usage))
+        .routes(routes!(consumer_usage))
+        .routes(routes!(all_usage))
+        .routes(routes!(usage_leaders))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -53,12 +57,8 @@ pub struct UsageReport {
     pub buckets: Vec<UsageBucket>,
 }
 
-async fn report(
-    state: &AppState,
-    key_id: Option<String>,
-    consumer_id: Option<String>,
-    p: UsageParams,
-) -> ApiResult<UsageReport> {
+/// A report's granularity and range, checked.
+fn range(state: &AppState, p: &UsageParams) -> ApiResult<(Granularity, i64, i64)> {
     let granularity = match p.granularity.as_deref() {
         None => Granularity::Hour,
         Some(g) => Granularity::parse(g)
@@ -85,6 +85,16 @@ async fn report(
             format!("the range spans more than {MAX_BUCKETS} buckets; use a coarser granularity"),
         ));
     }
+    Ok((granularity, from, to))
+}
+
+async fn report(
+    state: &AppState,
+    key_id: Option<String>,
+    consumer_id: Option<String>,
+    p: UsageParams,
+) -> ApiResult<UsageReport> {
+    let (granularity, from, to) = range(state, &p)?;
     // Counts still in memory go to the database first, so the report is current.
     state.flush().await?;
     let rows = state.store.usage(&UsageQuery { key_id, consumer_id, granularity, from, to }).await?;
@@ -139,4 +149,98 @@ pub async fn consumer_usage(
 ) -> ApiResult<Json<UsageReport>> {
     load_consumer(&state, &id).await?;
     Ok(Json(report(&state, None, Some(id), p).await?))
+}
+
+/// Verify counts of every key, by outcome and time bucket.
+#[utoipa::path(get, path = "/v1/usage", tag = "usage", params(UsageParams),
+    responses((status = 200, body = UsageReport), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn all_usage(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(_): AdminCaller,
+    ApiQuery(p): ApiQuery<UsageParams>,
+) -> ApiResult<Json<UsageReport>> {
+    Ok(Json(report(&state, None, None, p).await?))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct LeaderParams {
+    /// `key` (default) or `consumer`.
+    pub group: Option<String>,
+    /// `volume` (default: all verifications) or `failures` (those not `VALID`).
+    pub order: Option<String>,
+    /// `minute`, `hour` (default) or `day`.
+    pub granularity: Option<String>,
+    /// RFC 3339 start (default: 1 hour, 24 hours or 30 days before `to`, by granularity).
+    pub from: Option<String>,
+    /// RFC 3339 end, exclusive (default: now).
+    pub to: Option<String>,
+    /// How many, 1–100 (default 10).
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LeaderView {
+    /// Key or consumer id.
+    pub id: String,
+    /// The key's or consumer's name, while it exists.
+    pub name: Option<String>,
+    pub total: i64,
+    /// Verifications that did not answer `VALID`.
+    pub failures: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LeaderBoard {
+    pub group: String,
+    pub order: String,
+    pub from: String,
+    pub to: String,
+    pub items: Vec<LeaderView>,
+}
+
+/// The keys or consumers with the most verifications, or the most failures, in a time range.
+#[utoipa::path(get, path = "/v1/usage/leaders", tag = "usage", params(LeaderParams),
+    responses((status = 200, body = LeaderBoard), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn usage_leaders(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(_): AdminCaller,
+    ApiQuery(p): ApiQuery<LeaderParams>,
+) -> ApiResult<Json<LeaderBoard>> {
+    let group = match p.group.as_deref() {
+        None | Some("key") => LeaderGroup::Key,
+        Some("consumer") => LeaderGroup::Consumer,
+        Some(_) => return Err(ApiError::invalid("group", "must be key or consumer")),
+    };
+    let order = match p.order.as_deref() {
+        None | Some("volume") => LeaderOrder::Volume,
+        Some("failures") => LeaderOrder::Failures,
+        Some(_) => return Err(ApiError::invalid("order", "must be volume or failures")),
+    };
+    let limit = p.limit.unwrap_or(10);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::invalid("limit", "must be between 1 and 100"));
+    }
+    let params = UsageParams { granularity: p.granularity, from: p.from, to: p.to };
+    let (granularity, from, to) = range(&state, &params)?;
+    state.flush().await?;
+    let query = UsageQuery { key_id: None, consumer_id: None, granularity, from, to };
+    let rows = state.store.usage_leaders(&query, group, order, limit).await?;
+    let mut items = Vec::with_capacity(rows.len());
+    for r in rows {
+        let name = match group {
+            LeaderGroup::Key => state.store.get_key(&r.id).await?.map(|k| k.name),
+            LeaderGroup::Consumer => state.store.get_consumer(&r.id).await?.map(|c| c.name),
+        };
+        items.push(LeaderView { id: r.id, name, total: r.total, failures: r.failures });
+    }
+    Ok(Json(LeaderBoard {
+        group: if group == LeaderGroup::Key { "key" } else { "consumer" }.into(),
+        order: if order == LeaderOrder::Volume { "volume" } else { "failures" }.into(),
+        from: rfc3339(from),
+        to: rfc3339(to),
+        items,
+    }))
 }

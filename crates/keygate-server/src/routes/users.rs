@@ -271,7 +271,7 @@ pub async fn list_users(
     AdminCaller(_): AdminCaller,
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> ApiResult<Json<UserList>> {
-    let page = page(q.after, q.limit)?;
+    let page = searched_page(q.after, q.limit, q.q)?;
     let items = state.store.list_users(&page).await?;
     let next_after = next_cursor(&items, page.limit, |u| &u.id);
     Ok(Json(UserList { items: items.into_iter().map(Into::into).collect(), next_after }))

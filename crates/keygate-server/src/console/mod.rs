@@ -1,0 +1,1177 @@
+//! The web console at `/console/`: server-rendered pages (minijinja templates and SVG charts compiled
+//! into the binary, one small script for the copy button) for operators.
+//!
+//! One implementation of every rule: each page reads, and each form changes, through the admin API's own
+//! handlers, called in-process with the signed-in operator as the caller ([`ConsoleActor`]). So a
+//! change made here is validated with the same messages and audited with the same action and actor as
+//! the same change made through the API or the CLI.
+//!
+//! Sign-in takes an admin key (`keygate:admin`). The session lives in this node's memory (30 minutes
+//! idle, 12 hours at most; signing out ends it), its cookie is `HttpOnly`, `SameSite=Strict`, and
+//! `Secure` with the `__Host-` prefix on https. Every state-changing form carries the session's CSRF
+//! token and is refused cross-site. Each request checks again that the admin key still works: revoking
+//! or disabling it (or its consumer) ends its sessions at the next click.
+
+// Handlers answer a page or a redirect on every path, errors included.
+#![allow(clippy::result_large_err)]
+
+pub mod chart;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use keygate_core::{SecretHash, scope};
+use minijinja::{Environment, Value as Ctx, context};
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+use tower::ServiceExt;
+
+use crate::auth::{Actor, ClientIp, ConsoleActor, check_credential};
+use crate::state::AppState;
+
+const IDLE: Duration = Duration::from_secs(30 * 60);
+const ABSOLUTE: Duration = Duration::from_secs(12 * 3600);
+/// Sessions one node keeps at most (the oldest idle ones go first).
+const MAX_SESSIONS: u64 = 10_000;
+/// Secrets waiting to be shown, per session.
+const MAX_REVEALS: usize = 16;
+/// Rows per listing page.
+const PAGE: u32 = 50;
+
+/// Signed-in console sessions of this node, by the hash of their cookie.
+pub struct Sessions {
+    cache: moka::sync::Cache<SecretHash, Arc<Session>>,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Sessions {
+            cache: moka::sync::Cache::builder()
+                .max_capacity(MAX_SESSIONS)
+                .time_to_idle(IDLE)
+                .time_to_live(ABSOLUTE)
+                .build(),
+        }
+    }
+}
+
+struct Session {
+    actor: Actor,
+    csrf: String,
+    /// A message for the next page (after a change), shown once.
+    flash: Mutex<Option<Flash>>,
+    /// New secrets waiting to be shown once, by a random id in the page's address.
+    reveals: Mutex<HashMap<String, Reveal>>,
+}
+
+#[derive(Clone, serde::Serialize)]
+struct Flash {
+    /// `notice` or `error`.
+    kind: &'static str,
+    message: String,
+}
+
+#[derive(Clone, serde::Serialize)]
+struct Reveal {
+    label: String,
+    secret: String,
+    note: Option<String>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/console", get(|| async { redirect("/console/") }))
+        .route("/console/", get(overview))
+        .route("/console/login", get(login_page).post(login))
+        .route("/console/logout", post(logout))
+        .route("/console/assets/{name}", get(asset))
+        .route("/console/consumers", get(consumers).post(create_consumer))
+        .route("/console/consumers/{id}", get(consumer))
+        .route("/console/keys", get(keys))
+        .route("/console/keys/{id}", get(key))
+        .route("/console/clients", get(clients))
+        .route("/console/clients/{id}", get(client))
+        .route("/console/users", get(users).post(create_user))
+        .route("/console/users/{id}", get(user))
+        .route("/console/signing-keys", get(signing_keys))
+        .route("/console/audit", get(audit))
+        .route("/console/{kind}/{id}/{action}", post(action))
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Rendering
+
+fn templates() -> &'static Environment<'static> {
+    static ENV: std::sync::OnceLock<Environment<'static>> = std::sync::OnceLock::new();
+    ENV.get_or_init(|| {
+        let mut env = Environment::new();
+        for (name, text) in [
+            ("layout.html", include_str!("../../templates/console/layout.html")),
+            ("macros.html", include_str!("../../templates/console/macros.html")),
+            ("login.html", include_str!("../../templates/console/login.html")),
+            ("overview.html", include_str!("../../templates/console/overview.html")),
+            ("consumers.html", include_str!("../../templates/console/consumers.html")),
+            ("consumer.html", include_str!("../../templates/console/consumer.html")),
+            ("keys.html", include_str!("../../templates/console/keys.html")),
+            ("key.html", include_str!("../../templates/console/key.html")),
+            ("clients.html", include_str!("../../templates/console/clients.html")),
+            ("client.html", include_str!("../../templates/console/client.html")),
+            ("users.html", include_str!("../../templates/console/users.html")),
+            ("user.html", include_str!("../../templates/console/user.html")),
+            ("signing_keys.html", include_str!("../../templates/console/signing_keys.html")),
+            ("audit.html", include_str!("../../templates/console/audit.html")),
+            ("error.html", include_str!("../../templates/console/error.html")),
+        ] {
+            if let Err(e) = env.add_template(name, text) {
+                tracing::error!(template = name, error = %e, "a built-in console template does not parse");
+            }
+        }
+        env
+    })
+}
+
+/// The console's headers: scripts and styles only from the console itself, no framing, no caching.
+fn secure_headers(h: &mut HeaderMap) {
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; \
+             form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+}
+
+fn render(status: StatusCode, template: &str, ctx: Ctx) -> Response {
+    let (status, body) = match templates().get_template(template).and_then(|t| t.render(ctx)) {
+        Ok(b) => (status, b),
+        Err(e) => {
+            tracing::error!(template, error = %e, "rendering a console page failed");
+            let page =
+                "<!doctype html><title>Error</title><p>internal error; the server log has the details</p>";
+            (StatusCode::INTERNAL_SERVER_ERROR, page.to_string())
+        }
+    };
+    let mut resp = (status, Html(body)).into_response();
+    secure_headers(resp.headers_mut());
+    resp
+}
+
+fn redirect(to: &str) -> Response {
+    let mut resp = StatusCode::SEE_OTHER.into_response();
+    if let Ok(v) = HeaderValue::from_str(to) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    secure_headers(resp.headers_mut());
+    resp
+}
+
+/// Percent-encodes one path segment or query value.
+fn enc(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+fn error_page(status: StatusCode, message: &str) -> Response {
+    render(status, "error.html", context! { message })
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Sessions and CSRF
+
+fn secure(state: &AppState) -> bool {
+    state.oauth.issuer().starts_with("https://")
+}
+
+fn cookie_name(state: &AppState, base: &'static str) -> String {
+    if secure(state) { format!("__Host-{base}") } else { base.to_string() }
+}
+
+fn set_cookie(state: &AppState, base: &'static str, value: &str, max_age: u64) -> Option<HeaderValue> {
+    let (name, secure) = (cookie_name(state, base), if secure(state) { "; Secure" } else { "" });
+    HeaderValue::from_str(&format!(
+        "{name}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
+    ))
+    .ok()
+}
+
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    crate::oauth::authorize::cookie(headers, name)
+}
+
+fn random() -> Option<String> {
+    keygate_core::credential::random_base62(32).ok()
+}
+
+fn ct_eq(a: &str, b: &str) -> bool {
+    a.as_bytes().ct_eq(b.as_bytes()).into()
+}
+
+/// The signed-in operator of a request, with the session.
+struct Signed {
+    session: Arc<Session>,
+}
+
+enum Gate {
+    In(Signed),
+    Out(Response),
+}
+
+/// The request's session, if it has one whose admin key still works; else the way to the login page.
+async fn signed_in(state: &AppState, headers: &HeaderMap) -> Gate {
+    let out = |why: Option<&str>| {
+        let to = match why {
+            Some(w) => format!("/console/login?why={w}"),
+            None => "/console/login".to_string(),
+        };
+        Gate::Out(redirect(&to))
+    };
+    let Some(id) = cookie(headers, &cookie_name(state, "kg_console")).filter(|c| c.len() <= 64) else {
+        return out(None);
+    };
+    let hash = SecretHash::of(id);
+    let Some(session) = state.console.cache.get(&hash) else { return out(Some("expired")) };
+    match admin_key_works(state, &session.actor.key_id).await {
+        Ok(true) => Gate::In(Signed { session }),
+        Ok(false) => {
+            state.console.cache.invalidate(&hash);
+            out(Some("revoked"))
+        }
+        Err(()) => Gate::Out(error_page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The database is unavailable; try again shortly.",
+        )),
+    }
+}
+
+/// Does this admin key still open the admin API: not revoked, disabled or expired, `keygate:admin`, its
+/// consumer enabled?
+async fn admin_key_works(state: &AppState, key_id: &str) -> Result<bool, ()> {
+    let Some(key) = state.store.get_key(key_id).await.map_err(|_| ())? else { return Ok(false) };
+    let now = state.now();
+    if key.revoked_at.is_some() || key.disabled || key.expires_at.is_some_and(|e| e <= now) {
+        return Ok(false);
+    }
+    if !key.scopes.iter().any(|s| scope::covers(s, scope::ADMIN)) {
+        return Ok(false);
+    }
+    let consumer = state.store.get_consumer(&key.consumer_id).await.map_err(|_| ())?;
+    Ok(consumer.is_some_and(|c| !c.disabled))
+}
+
+/// A form post's fields, after the CSRF check: the session's token, and never cross-site.
+fn checked_form(signed: &Signed, headers: &HeaderMap, body: &[u8]) -> Result<Form, Response> {
+    let forged = || {
+        error_page(
+            StatusCode::FORBIDDEN,
+            "The form's security check failed (a missing or stale CSRF token). Reload the page and try again.",
+        )
+    };
+    if crate::oauth::authorize::cross_site(headers) {
+        return Err(forged());
+    }
+    let form = Form::parse(headers, body).ok_or_else(forged)?;
+    if !ct_eq(form.get("csrf"), &signed.session.csrf) {
+        return Err(forged());
+    }
+    Ok(form)
+}
+
+struct Form(HashMap<String, Vec<String>>);
+
+impl Form {
+    fn parse(headers: &HeaderMap, body: &[u8]) -> Option<Form> {
+        let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        if !ct.to_ascii_lowercase().starts_with("application/x-www-form-urlencoded") {
+            return None;
+        }
+        let mut map: HashMap<String, Vec<String>> = HashMap::new();
+        for (k, v) in form_urlencoded::parse(body) {
+            map.entry(k.into_owned()).or_default().push(v.into_owned());
+        }
+        Some(Form(map))
+    }
+
+    fn get(&self, name: &str) -> &str {
+        self.0.get(name).and_then(|v| v.first()).map(String::as_str).unwrap_or("")
+    }
+
+    fn all(&self, name: &str) -> Vec<String> {
+        self.0.get(name).cloned().unwrap_or_default()
+    }
+
+    /// A field that names a list: split on commas, spaces and new lines.
+    fn list(&self, name: &str) -> Vec<String> {
+        self.get(name)
+            .split([',', ' ', '\n', '\r', '\t'])
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()
+    }
+}
+
+fn flash(signed: &Signed, kind: &'static str, message: impl Into<String>) {
+    *lock(&signed.session.flash) = Some(Flash { kind, message: message.into() });
+}
+
+/// Keeps a new secret for the next page to show once; the id to put in its address.
+fn reveal(signed: &Signed, label: &str, secret: &str, note: Option<String>) -> String {
+    let id = random().unwrap_or_default();
+    let mut reveals = lock(&signed.session.reveals);
+    if reveals.len() >= MAX_REVEALS {
+        reveals.clear();
+    }
+    reveals.insert(id.clone(), Reveal { label: label.into(), secret: secret.into(), note });
+    id
+}
+
+/// What every signed-in page has: the operator, the CSRF token, the flash message and (once) a secret.
+fn base(signed: &Signed, nav: &str, reveal_id: Option<&str>) -> Vec<(&'static str, Ctx)> {
+    let flash = lock(&signed.session.flash).take();
+    let revealed = reveal_id.and_then(|id| lock(&signed.session.reveals).remove(id));
+    vec![
+        ("nav", Ctx::from(nav)),
+        ("csrf", Ctx::from(signed.session.csrf.clone())),
+        ("actor", Ctx::from(signed.session.actor.key_id.clone())),
+        ("flash", Ctx::from_serialize(&flash)),
+        ("revealed", Ctx::from_serialize(&revealed)),
+    ]
+}
+
+fn page(
+    signed: &Signed,
+    template: &str,
+    nav: &str,
+    reveal_id: Option<&str>,
+    extra: Vec<(&'static str, Ctx)>,
+) -> Response {
+    let mut ctx = base(signed, nav, reveal_id);
+    ctx.extend(extra);
+    render(StatusCode::OK, template, Ctx::from_iter(ctx))
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The admin API, in-process
+
+/// An admin API error, as its JSON body says.
+struct Failure {
+    status: StatusCode,
+    message: String,
+    field: Option<String>,
+}
+
+impl Failure {
+    fn text(&self) -> String {
+        match &self.field {
+            Some(f) => format!("{f}: {}", self.message),
+            None => self.message.clone(),
+        }
+    }
+}
+
+fn admin_api() -> &'static Router<Arc<AppState>> {
+    static API: std::sync::OnceLock<Router<Arc<AppState>>> = std::sync::OnceLock::new();
+    API.get_or_init(|| crate::admin_routes().split_for_parts().0)
+}
+
+/// Calls an admin API route as the signed-in operator. `path` holds only encoded ids ([`enc`]).
+async fn api(
+    state: &Arc<AppState>,
+    signed: &Signed,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value, Failure> {
+    let internal =
+        |m: &str| Failure { status: StatusCode::INTERNAL_SERVER_ERROR, message: m.into(), field: None };
+    let body = match body {
+        Some(v) => Body::from(serde_json::to_vec(&v).map_err(|_| internal("could not encode the request"))?),
+        None => Body::empty(),
+    };
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .map_err(|_| internal("could not build the request"))?;
+    req.extensions_mut().insert(ConsoleActor(signed.session.actor.clone()));
+    let resp = admin_api()
+        .clone()
+        .with_state(state.clone())
+        .oneshot(req)
+        .await
+        .map_err(|_| internal("the admin API did not answer"))?;
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 16 * 1024 * 1024)
+        .await
+        .map_err(|_| internal("the admin API's answer was too large"))?;
+    let v: Value =
+        if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
+    if status.is_success() {
+        Ok(v)
+    } else {
+        Err(Failure {
+            status,
+            message: v["message"].as_str().unwrap_or("the request failed").to_string(),
+            field: v["field"].as_str().map(String::from),
+        })
+    }
+}
+
+/// A read for a page: an error becomes the error page (404 stays 404).
+async fn read(state: &Arc<AppState>, signed: &Signed, path: &str) -> Result<Value, Response> {
+    api(state, signed, Method::GET, path, None).await.map_err(|f| error_page(f.status, &f.text()))
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Sign-in
+
+#[derive(serde::Deserialize)]
+struct LoginQuery {
+    why: Option<String>,
+}
+
+async fn login_page(State(state): State<Arc<AppState>>, Query(q): Query<LoginQuery>) -> Response {
+    let message = match q.why.as_deref() {
+        Some("expired") => Some("Your session ended. Sign in again."),
+        Some("revoked") => Some("The admin key of your session no longer works. Sign in with a working one."),
+        Some("out") => Some("You are signed out."),
+        _ => None,
+    };
+    login_form(&state, StatusCode::OK, message)
+}
+
+/// The login form, with a fresh login CSRF token (double submit: the same value in a cookie).
+fn login_form(state: &AppState, status: StatusCode, message: Option<&str>) -> Response {
+    let Some(token) = random() else {
+        return error_page(StatusCode::SERVICE_UNAVAILABLE, "The server cannot make random numbers.");
+    };
+    let mut resp = render(status, "login.html", context! { message, csrf => token.clone() });
+    if let Some(c) = set_cookie(state, "kg_console_login", &token, 3600) {
+        resp.headers_mut().append(header::SET_COOKIE, c);
+    }
+    resp
+}
+
+async fn login(
+    State(state): State<Arc<AppState>>,
+    ClientIp(client): ClientIp,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(form) = Form::parse(&headers, &body) else {
+        return login_form(&state, StatusCode::BAD_REQUEST, Some("Send the form as a browser does."));
+    };
+    let expected = cookie(&headers, &cookie_name(&state, "kg_console_login")).unwrap_or("");
+    if crate::oauth::authorize::cross_site(&headers)
+        || expected.is_empty()
+        || !ct_eq(form.get("csrf"), expected)
+    {
+        return login_form(&state, StatusCode::FORBIDDEN, Some("The form expired. Sign in again."));
+    }
+    let key = form.get("key").trim();
+    let actor = match check_credential(&state, Some(key).filter(|k| !k.is_empty()), client, scope::ADMIN)
+        .await
+    {
+        Ok(a) => a,
+        Err(e) => {
+            let status = e.code.status();
+            let message = match status {
+                StatusCode::TOO_MANY_REQUESTS => "Too many failed sign-ins from this address. Wait a minute.",
+                StatusCode::FORBIDDEN => "This key works but is not an admin key (it lacks keygate:admin).",
+                StatusCode::SERVICE_UNAVAILABLE => "The database is unavailable; try again shortly.",
+                _ => "This is not a working admin key.",
+            };
+            return login_form(&state, status, Some(message));
+        }
+    };
+    let (Some(id), Some(csrf)) = (random(), random()) else {
+        return error_page(StatusCode::SERVICE_UNAVAILABLE, "The server cannot make random numbers.");
+    };
+    // A new session id at every sign-in: one planted before it is worthless.
+    if let Some(old) = cookie(&headers, &cookie_name(&state, "kg_console")) {
+        state.console.cache.invalidate(&SecretHash::of(old));
+    }
+    let session = Session { actor, csrf, flash: Mutex::new(None), reveals: Mutex::new(HashMap::new()) };
+    state.console.cache.insert(SecretHash::of(&id), Arc::new(session));
+    let mut resp = redirect("/console/");
+    for c in [
+        set_cookie(&state, "kg_console", &id, ABSOLUTE.as_secs()),
+        set_cookie(&state, "kg_console_login", "", 0),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        resp.headers_mut().append(header::SET_COOKIE, c);
+    }
+    resp
+}
+
+async fn logout(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let signed = match signed_in(&state, &headers).await {
+        Gate::In(s) => s,
+        Gate::Out(r) => return r,
+    };
+    if let Err(r) = checked_form(&signed, &headers, &body) {
+        return r;
+    }
+    if let Some(id) = cookie(&headers, &cookie_name(&state, "kg_console")) {
+        state.console.cache.invalidate(&SecretHash::of(id));
+    }
+    let mut resp = redirect("/console/login?why=out");
+    if let Some(c) = set_cookie(&state, "kg_console", "", 0) {
+        resp.headers_mut().append(header::SET_COOKIE, c);
+    }
+    resp
+}
+
+async fn asset(Path(name): Path<String>) -> Response {
+    let (body, ct) = match name.as_str() {
+        "console.css" => (include_str!("../../assets/console.css"), "text/css; charset=utf-8"),
+        "console.js" => (include_str!("../../assets/console.js"), "text/javascript; charset=utf-8"),
+        _ => return error_page(StatusCode::NOT_FOUND, "No such file."),
+    };
+    let mut resp = body.into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=3600"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    resp
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Pages
+
+macro_rules! signed {
+    ($state:expr, $headers:expr) => {
+        match signed_in(&$state, &$headers).await {
+            Gate::In(s) => s,
+            Gate::Out(r) => return r,
+        }
+    };
+}
+
+macro_rules! ok {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(r) => return r,
+        }
+    };
+}
+
+/// A chart range: its name, the granularity and span it asks the usage API for.
+fn range(name: Option<&str>) -> (&'static str, &'static str, i64) {
+    match name {
+        Some("1h") => ("1h", "minute", 3_600_000),
+        Some("7d") => ("7d", "hour", 7 * 86_400_000),
+        Some("30d") => ("30d", "day", 30 * 86_400_000),
+        _ => ("24h", "hour", 86_400_000),
+    }
+}
+
+/// The usage query of a range, ending now (rounded up to the next bucket, so the current one shows).
+fn usage_query(state: &AppState, range_name: Option<&str>) -> (String, &'static str) {
+    let (name, granularity, span) = range(range_name);
+    let step = match granularity {
+        "minute" => 60_000,
+        "day" => 86_400_000,
+        _ => 3_600_000,
+    };
+    let now = state.now();
+    let to = now - now.rem_euclid(step) + step;
+    let from = to - span;
+    let q = format!(
+        "granularity={granularity}&from={}&to={}",
+        enc(&crate::time::rfc3339(from)),
+        enc(&crate::time::rfc3339(to))
+    );
+    (q, name)
+}
+
+fn chart_ctx(report: &Value, label: &str) -> Vec<(&'static str, Ctx)> {
+    let s = chart::series(report);
+    let legend: Vec<Value> =
+        s.totals.iter().map(|(c, n)| json!({"code": c, "count": n, "colour": chart::colour(c)})).collect();
+    vec![
+        ("chart", Ctx::from_safe_string(chart::stacked(&s, label))),
+        ("legend", Ctx::from_serialize(&legend)),
+        ("total", Ctx::from(report["total"].as_i64().unwrap_or(0))),
+    ]
+}
+
+#[derive(serde::Deserialize)]
+struct RangeQuery {
+    range: Option<String>,
+    reveal: Option<String>,
+}
+
+async fn overview(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<RangeQuery>,
+) -> Response {
+    let signed = signed!(state, headers);
+    let (usage_q, range_name) = usage_query(&state, q.range.as_deref());
+    let report = ok!(read(&state, &signed, &format!("/v1/usage?{usage_q}")).await);
+    let board =
+        |group: &str, order: &str| format!("/v1/usage/leaders?group={group}&order={order}&limit=5&{usage_q}");
+    let top_keys = ok!(read(&state, &signed, &board("key", "volume")).await);
+    let failing_keys = ok!(read(&state, &signed, &board("key", "failures")).await);
+    let top_consumers = ok!(read(&state, &signed, &board("consumer", "volume")).await);
+    let failing_consumers = ok!(read(&state, &signed, &board("consumer", "failures")).await);
+    let low_quota = ok!(read(&state, &signed, "/v1/keys/lowest-quota?limit=5").await);
+    let expiring = ok!(read(&state, &signed, "/v1/keys/expiring?within_days=7&limit=10").await);
+    let mut extra = chart_ctx(&report, "Verifications by outcome");
+    extra.extend([
+        ("range", Ctx::from(range_name)),
+        ("top_keys", Ctx::from_serialize(&top_keys["items"])),
+        ("failing_keys", Ctx::from_serialize(&failing_keys["items"])),
+        ("top_consumers", Ctx::from_serialize(&top_consumers["items"])),
+        ("failing_consumers", Ctx::from_serialize(&failing_consumers["items"])),
+        ("low_quota", Ctx::from_serialize(&low_quota["items"])),
+        ("expiring", Ctx::from_serialize(&expiring["items"])),
+        ("latency", Ctx::from_serialize(state.metrics.verify_latency())),
+        ("tokens_issued", Ctx::from(state.metrics.tokens_issued())),
+    ]);
+    page(&signed, "overview.html", "overview", None, extra)
+}
+
+#[derive(serde::Deserialize)]
+struct ListQuery {
+    q: Option<String>,
+    after: Option<String>,
+}
+
+fn list_path(base: &str, q: &ListQuery, more: &str) -> String {
+    let mut path = format!("{base}?limit={PAGE}{more}");
+    if let Some(s) = q.q.as_deref().filter(|s| !s.is_empty()) {
+        path.push_str(&format!("&q={}", enc(s)));
+    }
+    if let Some(a) = q.after.as_deref().filter(|s| !s.is_empty()) {
+        path.push_str(&format!("&after={}", enc(a)));
+    }
+    path
+}
+
+fn list_ctx(list: &Value, q: &ListQuery) -> Vec<(&'static str, Ctx)> {
+    vec![
+        ("items", Ctx::from_serialize(&list["items"])),
+        ("next_after", Ctx::from_serialize(&list["next_after"])),
+        ("q", Ctx::from(q.q.clone().unwrap_or_default())),
+        ("paged", Ctx::from(q.after.is_some())),
+    ]
+}
+
+async fn consumers(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    let signed = signed!(state, headers);
+    let list = ok!(read(&state, &signed, &list_path("/v1/consumers", &q, "")).await);
+    page(&signed, "consumers.html", "consumers", None, list_ctx(&list, &q))
+}
+
+async fn consumer(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<RangeQuery>,
+) -> Response {
+    let signed = signed!(state, headers);
+    let c = ok!(read(&state, &signed, &format!("/v1/consumers/{}", enc(&id))).await);
+    let keys = ok!(read(&state, &signed, &format!("/v1/keys?consumer_id={}&limit=200", enc(&id))).await);
+    let clients = ok!(read(&state, &signed, &format!("/v1/clients?q={}&limit=200", enc(&id))).await);
+    let (usage_q, range_name) = usage_query(&state, q.range.as_deref());
+    let report = ok!(read(&state, &signed, &format!("/v1/consumers/{}/usage?{usage_q}", enc(&id))).await);
+    let clients: Vec<&Value> =
+        clients["items"].as_array().into_iter().flatten().filter(|x| x["consumer_id"] == c["id"]).collect();
+    let mut extra = chart_ctx(&report, "Verifications of this consumer's keys");
+    extra.extend([
+        ("c", Ctx::from_serialize(&c)),
+        ("c_json", json_ctx(&c, &["rate_limits", "metadata"])),
+        ("keys", Ctx::from_serialize(&keys["items"])),
+        ("clients", Ctx::from_serialize(&clients)),
+        ("range", Ctx::from(range_name)),
+    ]);
+    page(&signed, "consumer.html", "consumers", q.reveal.as_deref(), extra)
+}
+
+/// Pretty JSON of some of an object's fields, for the edit forms' text areas (empty for `null`).
+fn json_ctx(v: &Value, fields: &[&str]) -> Ctx {
+    let mut out = serde_json::Map::new();
+    for f in fields {
+        let text = match &v[*f] {
+            Value::Null => String::new(),
+            x => serde_json::to_string_pretty(x).unwrap_or_default(),
+        };
+        out.insert((*f).to_string(), Value::String(text));
+    }
+    Ctx::from_serialize(Value::Object(out))
+}
+
+async fn keys(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    let signed = signed!(state, headers);
+    let list = ok!(read(&state, &signed, &list_path("/v1/keys", &q, "")).await);
+    page(&signed, "keys.html", "keys", None, list_ctx(&list, &q))
+}
+
+async fn key(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<RangeQuery>,
+) -> Response {
+    let signed = signed!(state, headers);
+    let k = ok!(read(&state, &signed, &format!("/v1/keys/{}", enc(&id))).await);
+    let (usage_q, range_name) = usage_query(&state, q.range.as_deref());
+    let report = ok!(read(&state, &signed, &format!("/v1/keys/{}/usage?{usage_q}", enc(&id))).await);
+    let c = ok!(read(
+        &state,
+        &signed,
+        &format!("/v1/consumers/{}", enc(k["consumer_id"].as_str().unwrap_or("")))
+    )
+    .await);
+    // The quota gauge: uses left of what a refill gives (or of the most seen, without a refill).
+    let gauge = k["quota"]["remaining"].as_u64().map(|remaining| {
+        let max = k["quota"]["refill"]["amount"].as_u64().unwrap_or(remaining).max(remaining).max(1);
+        json!({"remaining": remaining, "max": max, "percent": remaining * 100 / max})
+    });
+    let mut extra = chart_ctx(&report, "Verifications of this key");
+    extra.extend([
+        ("k", Ctx::from_serialize(&k)),
+        ("k_json", json_ctx(&k, &["rate_limits", "quota", "metadata"])),
+        ("consumer", Ctx::from_serialize(&c)),
+        ("gauge", Ctx::from_serialize(&gauge)),
+        ("range", Ctx::from(range_name)),
+    ]);
+    page(&signed, "key.html", "keys", q.reveal.as_deref(), extra)
+}
+
+async fn clients(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    let signed = signed!(state, headers);
+    let list = ok!(read(&state, &signed, &list_path("/v1/clients", &q, "")).await);
+    page(&signed, "clients.html", "clients", None, list_ctx(&list, &q))
+}
+
+async fn client(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<RangeQuery>,
+) -> Response {
+    let signed = signed!(state, headers);
+    let c = ok!(read(&state, &signed, &format!("/v1/clients/{}", enc(&id))).await);
+    page(&signed, "client.html", "clients", q.reveal.as_deref(), vec![("c", Ctx::from_serialize(&c))])
+}
+
+async fn users(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    let signed = signed!(state, headers);
+    let list = ok!(read(&state, &signed, &list_path("/v1/users", &q, "")).await);
+    page(&signed, "users.html", "users", None, list_ctx(&list, &q))
+}
+
+async fn user(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let signed = signed!(state, headers);
+    let u = ok!(read(&state, &signed, &format!("/v1/users/{}", enc(&id))).await);
+    let grants = ok!(read(&state, &signed, &format!("/v1/users/{}/grants", enc(&id))).await);
+    let extra = vec![("u", Ctx::from_serialize(&u)), ("grants", Ctx::from_serialize(&grants["items"]))];
+    page(&signed, "user.html", "users", None, extra)
+}
+
+async fn signing_keys(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let signed = signed!(state, headers);
+    let list = ok!(read(&state, &signed, "/v1/signing-keys").await);
+    page(&signed, "signing_keys.html", "signing-keys", None, vec![("items", Ctx::from_serialize(&list))])
+}
+
+#[derive(serde::Deserialize)]
+struct AuditQuery {
+    actor: Option<String>,
+    action: Option<String>,
+    target: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    before: Option<String>,
+}
+
+async fn audit(State(state): State<Arc<AppState>>, headers: HeaderMap, RawQuery(raw): RawQuery) -> Response {
+    let signed = signed!(state, headers);
+    let q: AuditQuery = match serde_urlencoded_query(raw.as_deref()) {
+        Some(q) => q,
+        None => return error_page(StatusCode::BAD_REQUEST, "The filter is not valid."),
+    };
+    let mut path = format!("/v1/audit?limit={PAGE}");
+    let mut filters = serde_json::Map::new();
+    // Dates from the form's date inputs (YYYY-MM-DD) are days in UTC; full RFC 3339 times pass through.
+    let as_time = |s: &str| if s.len() == 10 { format!("{s}T00:00:00Z") } else { s.to_string() };
+    for (name, param, value) in [
+        ("actor", "actor", q.actor.clone()),
+        ("action", "action", q.action.clone()),
+        ("target", "target_id", q.target.clone()),
+        ("from", "from", q.from.as_deref().map(as_time)),
+        ("to", "to", q.to.as_deref().map(as_time)),
+        ("before", "before", q.before.clone()),
+    ] {
+        if let Some(v) = value.map(|v| v.trim().to_string()).filter(|v| !v.is_empty()) {
+            path.push_str(&format!("&{param}={}", enc(&v)));
+            if name != "before" {
+                filters.insert(name.into(), Value::String(v));
+            }
+        }
+    }
+    let (list, error) = match api(&state, &signed, Method::GET, &path, None).await {
+        Ok(l) => (l, None),
+        Err(f) => (json!({"items": []}), Some(f.text())),
+    };
+    let shown = |k: &str| q_value(&filters, k);
+    let extra = vec![
+        ("items", Ctx::from_serialize(&list["items"])),
+        ("next_before", Ctx::from_serialize(&list["next_before"])),
+        ("filter_error", Ctx::from_serialize(&error)),
+        ("f_actor", Ctx::from(shown("actor"))),
+        ("f_action", Ctx::from(shown("action"))),
+        ("f_target", Ctx::from(shown("target"))),
+        ("f_from", Ctx::from(q.from.unwrap_or_default())),
+        ("f_to", Ctx::from(q.to.unwrap_or_default())),
+        ("filter_query", Ctx::from(filter_query(&filters))),
+    ];
+    page(&signed, "audit.html", "audit", None, extra)
+}
+
+fn q_value(m: &serde_json::Map<String, Value>, k: &str) -> String {
+    m.get(k).and_then(Value::as_str).unwrap_or("").to_string()
+}
+
+/// The audit filters as a query string, for the next page's link.
+fn filter_query(m: &serde_json::Map<String, Value>) -> String {
+    m.iter().map(|(k, v)| format!("{k}={}", enc(v.as_str().unwrap_or("")))).collect::<Vec<_>>().join("&")
+}
+
+fn serde_urlencoded_query<T: serde::de::DeserializeOwned>(raw: Option<&str>) -> Option<T> {
+    let map: serde_json::Map<String, Value> = form_urlencoded::parse(raw.unwrap_or("").as_bytes())
+        .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
+        .collect();
+    serde_json::from_value(Value::Object(map)).ok()
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Changes
+
+/// Parses a JSON text area; empty is `null`.
+fn json_field(form: &Form, name: &str) -> Result<Value, String> {
+    let text = form.get(name).trim();
+    if text.is_empty() {
+        return Ok(Value::Null);
+    }
+    serde_json::from_str(text).map_err(|e| format!("{name}: not valid JSON ({e})"))
+}
+
+async fn create_consumer(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let signed = signed!(state, headers);
+    let form = ok!(checked_form(&signed, &headers, &body));
+    let mut req = json!({"name": form.get("name").trim()});
+    if !form.get("external_id").trim().is_empty() {
+        req["external_id"] = json!(form.get("external_id").trim());
+    }
+    match api(&state, &signed, Method::POST, "/v1/consumers", Some(req)).await {
+        Ok(c) => {
+            flash(&signed, "notice", "Consumer created.");
+            redirect(&format!("/console/consumers/{}", enc(c["id"].as_str().unwrap_or(""))))
+        }
+        Err(f) => {
+            flash(&signed, "error", f.text());
+            redirect("/console/consumers")
+        }
+    }
+}
+
+async fn create_user(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let signed = signed!(state, headers);
+    let form = ok!(checked_form(&signed, &headers, &body));
+    let mut req = json!({"username": form.get("username").trim()});
+    for f in ["password", "email", "display_name"] {
+        if !form.get(f).is_empty() {
+            req[f] = json!(form.get(f));
+        }
+    }
+    match api(&state, &signed, Method::POST, "/v1/users", Some(req)).await {
+        Ok(u) => {
+            flash(&signed, "notice", "User created.");
+            redirect(&format!("/console/users/{}", enc(u["id"].as_str().unwrap_or(""))))
+        }
+        Err(f) => {
+            flash(&signed, "error", f.text());
+            redirect("/console/users")
+        }
+    }
+}
+
+/// What a form post asks of the admin API, and where the browser goes afterwards.
+struct Call {
+    method: Method,
+    path: String,
+    body: Option<Value>,
+    back: String,
+    done: &'static str,
+}
+
+/// `POST /console/{kind}/{id}/{action}`: each of the detail pages' buttons and forms.
+async fn action(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((kind, id, act)): Path<(String, String, String)>,
+    body: Bytes,
+) -> Response {
+    let signed = signed!(state, headers);
+    let form = ok!(checked_form(&signed, &headers, &body));
+    let e = enc(&id);
+    let plan = match plan(&state, &signed, &kind, &id, &e, &act, &form).await {
+        Ok(p) => p,
+        Err((back, message)) => {
+            flash(&signed, "error", message);
+            return redirect(&back);
+        }
+    };
+    let Call { method, path, body, back, done } = plan;
+    match api(&state, &signed, method, &path, body).await {
+        Ok(v) => {
+            // A new secret is shown once, on the next page.
+            let secret = [("key", "API key"), ("client_secret", "Client secret")]
+                .into_iter()
+                .find_map(|(field, label)| v[field].as_str().map(|s| (label, s.to_string())));
+            let back = match secret {
+                Some((label, s)) => {
+                    let note = v["previous_expires_at"]
+                        .as_str()
+                        .map(|t| format!("The previous secret works until {t}."));
+                    let rid = reveal(&signed, label, &s, note);
+                    let target = match (kind.as_str(), act.as_str()) {
+                        ("consumers", "keys") => {
+                            format!("/console/keys/{}", enc(v["id"].as_str().unwrap_or("")))
+                        }
+                        ("consumers", "clients") => {
+                            format!("/console/clients/{}", enc(v["client_id"].as_str().unwrap_or("")))
+                        }
+                        _ => back,
+                    };
+                    format!("{target}?reveal={rid}")
+                }
+                None => {
+                    flash(&signed, "notice", done);
+                    back
+                }
+            };
+            redirect(&back)
+        }
+        Err(f) => {
+            flash(&signed, "error", f.text());
+            redirect(&back)
+        }
+    }
+}
+
+/// Builds the admin API call of a form post, or says (with the page to go back to) why not.
+async fn plan(
+    state: &Arc<AppState>,
+    signed: &Signed,
+    kind: &str,
+    id: &str,
+    e: &str,
+    act: &str,
+    form: &Form,
+) -> Result<Call, (String, String)> {
+    let back = match kind {
+        "signing-keys" => "/console/signing-keys".to_string(),
+        _ => format!("/console/{kind}/{e}"),
+    };
+    let call = |method: Method, path: String, body: Option<Value>, done: &'static str| Call {
+        method,
+        path,
+        body,
+        back: back.clone(),
+        done,
+    };
+    let fail = |m: String| (back.clone(), m);
+    let overlap = || -> Result<u64, (String, String)> {
+        let s = form.get("overlap_seconds").trim();
+        if s.is_empty() {
+            Ok(0)
+        } else {
+            s.parse().map_err(|_| fail("overlap_seconds: must be a number of seconds".into()))
+        }
+    };
+    // A destructive action needs its target typed out.
+    let confirmed = |expected: &str| -> Result<(), (String, String)> {
+        if form.get("confirm").trim() == expected {
+            Ok(())
+        } else {
+            Err(fail(format!("Type {expected} to confirm; nothing was changed.")))
+        }
+    };
+    Ok(match (kind, act) {
+        ("consumers", "disable" | "enable") => {
+            call(Method::POST, format!("/v1/consumers/{e}/{act}"), None, "Consumer updated.")
+        }
+        ("consumers", "update") => {
+            let current = api(state, signed, Method::GET, &format!("/v1/consumers/{e}"), None)
+                .await
+                .map_err(|f| fail(f.text()))?;
+            let mut body = serde_json::Map::new();
+            changed(&mut body, &current, "name", json!(form.get("name").trim()));
+            changed(&mut body, &current, "external_id", opt_text(form.get("external_id")));
+            changed(&mut body, &current, "leak_policy", json!(form.get("leak_policy")));
+            json_changed(&mut body, form, "rate_limits").map_err(fail)?;
+            json_changed(&mut body, form, "metadata").map_err(fail)?;
+            if body.is_empty() {
+                return Err(fail("Nothing changed.".into()));
+            }
+            call(Method::PATCH, format!("/v1/consumers/{e}"), Some(Value::Object(body)), "Consumer updated.")
+        }
+        ("consumers", "keys") => {
+            let mut body =
+                json!({"consumer_id": id, "name": form.get("name").trim(), "scopes": form.list("scopes")});
+            if !form.get("environment").is_empty() {
+                body["environment"] = json!(form.get("environment"));
+            }
+            if !form.get("expires_at").trim().is_empty() {
+                body["expires_at"] = json!(form.get("expires_at").trim());
+            }
+            call(Method::POST, "/v1/keys".into(), Some(body), "Key created.")
+        }
+        ("consumers", "clients") => {
+            let mut body = json!({
+                "consumer_id": id, "name": form.get("name").trim(), "scopes": form.list("scopes"),
+                "grant_types": form.all("grant_types"), "redirect_uris": form.list("redirect_uris"),
+            });
+            if !form.get("token_format").is_empty() {
+                body["token_format"] = json!(form.get("token_format"));
+            }
+            call(Method::POST, "/v1/clients".into(), Some(body), "Client created.")
+        }
+        ("keys", "disable" | "enable") => {
+            call(Method::POST, format!("/v1/keys/{e}/{act}"), None, "Key updated.")
+        }
+        ("keys", "revoke") => {
+            confirmed(id)?;
+            call(Method::POST, format!("/v1/keys/{e}/revoke"), None, "Key revoked.")
+        }
+        ("keys", "rotate") => call(
+            Method::POST,
+            format!("/v1/keys/{e}/rotate"),
+            Some(json!({"overlap_seconds": overlap()?})),
+            "Key rotated.",
+        ),
+        ("keys", "update") => {
+            let current = api(state, signed, Method::GET, &format!("/v1/keys/{e}"), None)
+                .await
+                .map_err(|f| fail(f.text()))?;
+            let mut body = serde_json::Map::new();
+            changed(&mut body, &current, "name", json!(form.get("name").trim()));
+            changed(&mut body, &current, "scopes", json!(form.list("scopes")));
+            changed(&mut body, &current, "expires_at", opt_text(form.get("expires_at")));
+            let ips = form.list("allowed_ips");
+            changed(
+                &mut body,
+                &current,
+                "allowed_ips",
+                if ips.is_empty() { Value::Null } else { json!(ips) },
+            );
+            for field in ["rate_limits", "quota", "metadata"] {
+                json_changed(&mut body, form, field).map_err(fail)?;
+            }
+            if body.is_empty() {
+                return Err(fail("Nothing changed.".into()));
+            }
+            call(Method::PATCH, format!("/v1/keys/{e}"), Some(Value::Object(body)), "Key updated.")
+        }
+        ("clients", "disable" | "enable" | "revoke-tokens") => {
+            call(Method::POST, format!("/v1/clients/{e}/{act}"), None, "Client updated.")
+        }
+        ("clients", "rotate-secret") => call(
+            Method::POST,
+            format!("/v1/clients/{e}/rotate-secret"),
+            Some(json!({"overlap_seconds": overlap()?})),
+            "Secret rotated.",
+        ),
+        ("clients", "delete") => {
+            confirmed(id)?;
+            let c = api(state, signed, Method::GET, &format!("/v1/clients/{e}"), None)
+                .await
+                .map_err(|f| fail(f.text()))?;
+            Call {
+                back: format!("/console/consumers/{}", enc(c["consumer_id"].as_str().unwrap_or(""))),
+                ..call(Method::DELETE, format!("/v1/clients/{e}"), None, "Client deleted.")
+            }
+        }
+        ("users", "disable" | "enable") => {
+            call(Method::POST, format!("/v1/users/{e}/{act}"), None, "User updated.")
+        }
+        ("users", "revoke-grant") => {
+            let grant = enc(form.get("grant_id"));
+            call(Method::DELETE, format!("/v1/users/{e}/grants/{grant}"), None, "Grant revoked.")
+        }
+        ("signing-keys", "revoke") => {
+            confirmed(id)?;
+            call(Method::POST, format!("/v1/signing-keys/{e}/revoke"), None, "Signing key revoked.")
+        }
+        ("signing-keys", "rotate") => call(
+            Method::POST,
+            "/v1/signing-keys/rotate".into(),
+            Some(json!({})),
+            "A new signing key is published.",
+        ),
+        _ => return Err(("/console/".into(), "No such action.".into())),
+    })
+}
+
+/// Adds `field` to a patch when the form's value differs from the current one.
+fn changed(body: &mut serde_json::Map<String, Value>, current: &Value, field: &str, value: Value) {
+    if current[field] != value {
+        body.insert(field.into(), value);
+    }
+}
+
+/// Adds a JSON text area's value to a patch when it differs from what the page showed (`orig_<field>`):
+/// a quota left as it was is not set again (uses made since would come back). An empty `metadata` is `{}`.
+fn json_changed(body: &mut serde_json::Map<String, Value>, form: &Form, field: &str) -> Result<(), String> {
+    let value = json_field(form, field)?;
+    let orig =
+        serde_json::from_str::<Value>(form.get(&format!("orig_{field}")).trim()).unwrap_or(Value::Null);
+    if value != orig {
+        let value = if field == "metadata" && value.is_null() { json!({}) } else { value };
+        body.insert(field.into(), value);
+    }
+    Ok(())
+}
+
+fn opt_text(s: &str) -> Value {
+    let s = s.trim();
+    if s.is_empty() { Value::Null } else { json!(s) }
+}
