@@ -1337,3 +1337,58 @@ fn an_mcp_agent_built_on_oauth4webapi_reaches_a_protected_api() {
     assert!(clients["items"].as_array().unwrap().iter().any(|c| c["name"] == "o4w agent"), "{clients}");
     s.stop();
 }
+
+/// Debian's Chromium, installed when missing (as root, from Debian's packages: the machines this runs on
+/// have no other source).
+fn chromium() -> PathBuf {
+    let path = PathBuf::from("/usr/bin/chromium");
+    if !path.exists() {
+        let apt = Command::new("sh")
+            .args(["-c", "apt-get update -qq && apt-get install -y -qq chromium"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .output()
+            .unwrap();
+        assert!(
+            apt.status.success() && path.exists(),
+            "the console test needs Debian's chromium; install it with `apt-get install chromium` (as root): {}",
+            stderr(&apt)
+        );
+    }
+    path
+}
+
+#[test]
+fn the_console_in_a_real_browser() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let admin = init(&dir);
+    let s = Server::start(&dir, &tmp.path().join("log"));
+    let browser = chromium();
+    let modules = tmp.path().join("node");
+    std::fs::create_dir_all(&modules).unwrap();
+    let npm = Command::new("npm")
+        .args(["install", "--silent", "--no-audit", "--no-fund", "playwright-core@1", "axe-core@4"])
+        .current_dir(&modules)
+        .output()
+        .unwrap();
+    assert!(npm.status.success(), "npm install failed: {}", stderr(&npm));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/interop/console_playwright.mjs");
+    let mut cmd = Command::new("node");
+    cmd.arg(script)
+        .env("BASE", &s.url)
+        .env("ADMIN_KEY", &admin)
+        .env("PW", modules.join("node_modules/playwright-core/index.js"))
+        .env("AXE", modules.join("node_modules/axe-core/axe.min.js"))
+        .env("CHROMIUM", &browser);
+    // `KEYGATE_TEST_SCREENSHOTS=DIR` keeps screenshots of the main pages (docs/console/ has them).
+    if let Ok(shots) = std::env::var("KEYGATE_TEST_SCREENSHOTS") {
+        cmd.env("SHOTS", shots);
+    }
+    let run = cmd.output().unwrap();
+    assert!(run.status.success(), "{}{}", stdout(&run), stderr(&run));
+    assert!(stdout(&run).contains("console: ok"), "{}", stdout(&run));
+    // What the browser did is in the audit log through the API too, with the admin key as the actor.
+    let audit = s.json(&admin, &["audit", "--action", "key.revoke"]);
+    assert_eq!(audit["items"].as_array().unwrap().len(), 1, "{audit}");
+    s.stop();
+}

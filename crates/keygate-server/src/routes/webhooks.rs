@@ -297,7 +297,7 @@ pub async fn list_webhooks(
     AdminCaller(_): AdminCaller,
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> ApiResult<Json<WebhookList>> {
-    let page = page(q.after, q.limit)?;
+    let page = searched_page(q.after, q.limit, q.q)?;
     let items = state.store.list_webhooks(&page).await?;
     let next_after = next_cursor(&items, page.limit, |w| &w.id);
     Ok(Json(WebhookList { items: items.into_iter().map(Into::into).collect(), next_after }))

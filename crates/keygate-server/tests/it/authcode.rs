@@ -78,6 +78,10 @@ impl Browser {
         }
     }
 
+    pub fn cookie_value(&self, name: &str) -> Option<String> {
+        self.cookies.get(name).cloned()
+    }
+
     fn cookie(&self) -> Option<String> {
         (!self.cookies.is_empty())
             .then(|| self.cookies.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("; "))
@@ -87,6 +91,25 @@ impl Browser {
         let mut req = self.http.get(url);
         if let Some(c) = &self.cookie() {
             req = req.header("cookie", c);
+        }
+        let resp = req.send().await.unwrap();
+        self.remember(&resp);
+        (resp.status(), resp.headers().clone(), resp.text().await.unwrap())
+    }
+
+    /// Posts form fields to `url` with the browser's cookies and any extra headers.
+    pub async fn post(
+        &mut self,
+        url: &str,
+        fields: &[(&str, &str)],
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, reqwest::header::HeaderMap, String) {
+        let mut req = self.http.post(url).form(fields);
+        if let Some(c) = &self.cookie() {
+            req = req.header("cookie", c);
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
         }
         let resp = req.send().await.unwrap();
         self.remember(&resp);

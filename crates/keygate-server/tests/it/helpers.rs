@@ -204,3 +204,9 @@ pub async fn oauth2_send(
     let bytes = resp.bytes().await?;
     Ok(builder.body(bytes.to_vec()).expect("a response built from a response"))
 }
+
+/// RFC 3339 time `ms` from now.
+pub fn rfc3339_in(ms: i64) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    keygate_server::time::rfc3339(now + ms)
+}

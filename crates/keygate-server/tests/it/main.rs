@@ -7,6 +7,7 @@ mod admin;
 mod agents;
 mod authcode;
 mod bad_input;
+mod console;
 mod device;
 mod dpop;
 mod events;

@@ -189,12 +189,16 @@ pub struct PageArgs {
     /// Continue after this id (printed at the end of the previous page).
     #[arg(long)]
     pub after: Option<String>,
+    /// Only those whose name contains this (ignoring case), or whose id is exactly this.
+    #[arg(long)]
+    pub search: Option<String>,
 }
 
 impl PageArgs {
     pub fn query(self) -> Vec<(&'static str, String)> {
         let mut q = vec![("limit", self.limit.to_string())];
         q.extend(self.after.map(|a| ("after", a)));
+        q.extend(self.search.map(|s| ("q", s)));
         q
     }
 }

@@ -85,6 +85,15 @@ pub struct AuditArgs {
     /// Only this action, e.g. key.revoke.
     #[arg(long)]
     pub action: Option<String>,
+    /// Only events made by this actor: a key id, or `system`.
+    #[arg(long)]
+    pub actor: Option<String>,
+    /// Only events at or after this time (RFC 3339, e.g. 2026-11-01T00:00:00Z).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Only events before this time (RFC 3339).
+    #[arg(long)]
+    pub to: Option<String>,
     /// Events older than this event id (printed at the end of the previous page).
     #[arg(long, value_parser = args::Quiet(args::event_id))]
     pub before: Option<String>,
@@ -97,6 +106,9 @@ pub async fn audit(c: &Api, a: AuditArgs) -> CliResult {
     let mut q = vec![("limit", a.limit.to_string())];
     q.extend(a.target.map(|t| ("target_id", t)));
     q.extend(a.action.map(|x| ("action", x)));
+    q.extend(a.actor.map(|x| ("actor", x)));
+    q.extend(a.from.map(|x| ("from", x)));
+    q.extend(a.to.map(|x| ("to", x)));
     q.extend(a.before.map(|b| ("before", b)));
     let v = c.call(Method::GET, &["v1", "audit"], &q, None).await?;
     output(c, &v, |v| {
