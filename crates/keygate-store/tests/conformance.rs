@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use keygate_core::{Environment, SecretHash};
 use keygate_store::{
-    ApiKey, Attempt, AttemptOutcome, AuditFilter, Backend, Consumer, Granularity, KeyPatch, KeyUsage,
-    LeakPolicy, LeakReport, NewAudit, NewEvent, Page, SqliteOptions, SqliteStore, Store, StoreError,
-    StoredSecret, UsageQuery, WebhookEndpoint, WebhookPatch,
+    ApiKey, Attempt, AttemptOutcome, AuditFilter, Backend, Consumer, Granularity, KeyPatch, KeyUsage, Leader,
+    LeaderGroup, LeaderOrder, LeakPolicy, LeakReport, NewAudit, NewEvent, Page, SqliteOptions, SqliteStore,
+    Store, StoreError, StoredSecret, UsageQuery, WebhookEndpoint, WebhookPatch,
 };
 use serde_json::json;
 
@@ -356,6 +356,89 @@ async fn usage_upserts_add_up(store: Arc<dyn Backend>) {
     assert_eq!(rows.iter().map(|r| r.count).sum::<i64>(), 7, "{rows:?}");
 }
 
+/// Contract: leader boards rank by volume or failures over a range, per key or consumer; the lowest
+/// quotas come first; searches match a name (ignoring case) or an exact id, and page like listings.
+async fn boards_quotas_and_search(store: Arc<dyn Backend>) {
+    consumer_with_key(&store, SecretHash::of("one")).await;
+    let mut second = ApiKey::new(
+        "key_2".into(),
+        "cons_1".into(),
+        "Second Key".into(),
+        Environment::Live,
+        vec![],
+        json!({}),
+        None,
+        "kg_live_cd".into(),
+        3,
+    );
+    second.quota = Some(keygate_core::limits::Quota { remaining: 4, refill: None });
+    let secret = StoredSecret::new(SecretHash::of("two"), "key_2", "kg_live_cd", 3);
+    store.insert_key(&second, &secret, &audit("evt_k2", "key.create", "key_2", 3)).await.unwrap();
+    let usage = |key: &str, counts: Vec<(&'static str, u64)>, at| KeyUsage {
+        key_id: key.into(),
+        consumer_id: "cons_1".into(),
+        at,
+        counts,
+        last_used: None,
+        quota: None,
+        quota_refill: None,
+    };
+    store
+        .flush_usage(
+            &[
+                usage("key_1", vec![("VALID", 10)], 60_000),
+                usage("key_2", vec![("VALID", 2), ("RATE_LIMITED", 3)], 60_000),
+                // Outside the range asked for below.
+                usage("key_2", vec![("NOT_FOUND", 100)], 7_200_000),
+            ],
+            &[],
+        )
+        .await
+        .unwrap();
+    let q = UsageQuery {
+        key_id: None,
+        consumer_id: None,
+        granularity: Granularity::Minute,
+        from: 0,
+        to: 3_600_000,
+    };
+    let volume = store.usage_leaders(&q, LeaderGroup::Key, LeaderOrder::Volume, 10).await.unwrap();
+    assert_eq!(
+        volume,
+        [
+            Leader { id: "key_1".into(), total: 10, failures: 0 },
+            Leader { id: "key_2".into(), total: 5, failures: 3 }
+        ]
+    );
+    let failing = store.usage_leaders(&q, LeaderGroup::Key, LeaderOrder::Failures, 10).await.unwrap();
+    assert_eq!(
+        failing,
+        [Leader { id: "key_2".into(), total: 5, failures: 3 }],
+        "keys without failures are left out"
+    );
+    let consumers = store.usage_leaders(&q, LeaderGroup::Consumer, LeaderOrder::Volume, 1).await.unwrap();
+    assert_eq!(consumers, [Leader { id: "cons_1".into(), total: 15, failures: 3 }]);
+
+    let low = store.keys_lowest_quota(10).await.unwrap();
+    assert_eq!(low.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(), ["key_2"], "only keys with a quota");
+
+    let search = |s: &str| Page { after: None, limit: 10, search: Some(s.into()) };
+    let names = |v: Vec<ApiKey>| v.into_iter().map(|k| k.id).collect::<Vec<_>>();
+    assert_eq!(names(store.list_keys(None, &search("second")).await.unwrap()), ["key_2"]);
+    assert_eq!(names(store.list_keys(Some("cons_1"), &search("key_1")).await.unwrap()), ["key_1"]);
+    assert_eq!(
+        names(store.list_keys(Some("cons_9"), &search("second")).await.unwrap()),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        names(store.list_keys(None, &search("%")).await.unwrap()),
+        Vec::<String>::new(),
+        "no wildcards"
+    );
+    let found = store.list_consumers(&search("CONS_")).await.unwrap();
+    assert_eq!(found.len(), 1, "names match ignoring case");
+}
+
 macro_rules! suite {
     ($backend:ident: $($test:ident),* $(,)?) => {
         mod $backend {
@@ -379,7 +462,8 @@ suite!(sqlite:
     registrations_and_leak_reports,
     key_lifecycle_with_audit,
     paging_order_and_conflicts,
-    usage_upserts_add_up,
+        usage_upserts_add_up,
+    boards_quotas_and_search,
 );
 
 /// `Store` is one of the traits a backend implements (a compile-time check that the suite names them).
