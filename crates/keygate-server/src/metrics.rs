@@ -13,7 +13,7 @@ use keygate_core::DecisionCode;
 use metrics::{Counter, Histogram, Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
-const VERIFY_BUCKETS: &[f64] =
+pub const VERIFY_BUCKETS: &[f64] =
     &[0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.05, 0.25];
 
 static METADATA: Metadata<'static> = Metadata::new("keygate", Level::INFO, Some("keygate_server"));

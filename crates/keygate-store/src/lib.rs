@@ -188,8 +188,9 @@ pub trait Store: Send + Sync + 'static {
         order: LeaderOrder,
         limit: u32,
     ) -> Result<Vec<Leader>>;
-    /// Up to `limit` live keys with a quota, fewest uses left first.
-    async fn keys_lowest_quota(&self, limit: u32) -> Result<Vec<ApiKey>>;
+    /// Up to `limit` keys with a quota that work at `now` (not revoked, disabled or expired), fewest uses
+    /// left first.
+    async fn keys_lowest_quota(&self, now: i64, limit: u32) -> Result<Vec<ApiKey>>;
     /// Deletes usage buckets of each granularity older than its time. Returns how many.
     async fn expire_usage(&self, before: &[(Granularity, i64)]) -> Result<u64>;
 }

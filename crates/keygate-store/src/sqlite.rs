@@ -891,18 +891,26 @@ impl Store for SqliteStore {
 
     async fn list_keys(&self, consumer_id: Option<&str>, page: &Page) -> Result<Vec<ApiKey>> {
         let (search, exact) = search_terms(page);
-        let rows = sqlx::query(
-            "SELECT * FROM api_keys WHERE (?1 IS NULL OR consumer_id = ?1) AND id > ?2 \
-             AND (?4 IS NULL OR instr(lower(name), ?4) > 0 OR id = ?5 OR start = ?5) ORDER BY id LIMIT ?3",
-        )
-        .bind(consumer_id)
-        .bind(page.after.as_deref().unwrap_or(""))
-        .bind(i64::from(page.limit))
-        .bind(search)
-        .bind(exact)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_err)?;
+        // Two statements, so that a consumer's keys are read through `api_keys_by_consumer`.
+        let sql = match consumer_id {
+            Some(_) => {
+                "SELECT * FROM api_keys WHERE consumer_id = ?1 AND id > ?2 \
+                 AND (?4 IS NULL OR instr(lower(name), ?4) > 0 OR id = ?5 OR start = ?5) ORDER BY id LIMIT ?3"
+            }
+            None => {
+                "SELECT * FROM api_keys WHERE ?1 IS NULL AND id > ?2 \
+                 AND (?4 IS NULL OR instr(lower(name), ?4) > 0 OR id = ?5 OR start = ?5) ORDER BY id LIMIT ?3"
+            }
+        };
+        let rows = sqlx::query(sql)
+            .bind(consumer_id)
+            .bind(page.after.as_deref().unwrap_or(""))
+            .bind(i64::from(page.limit))
+            .bind(search)
+            .bind(exact)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
         rows.iter().map(key_from_row).collect()
     }
 
@@ -1199,11 +1207,12 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn keys_lowest_quota(&self, limit: u32) -> Result<Vec<ApiKey>> {
+    async fn keys_lowest_quota(&self, now: i64, limit: u32) -> Result<Vec<ApiKey>> {
         let rows = sqlx::query(
-            "SELECT * FROM api_keys WHERE quota_remaining IS NOT NULL AND revoked_at IS NULL \
-             ORDER BY quota_remaining, id LIMIT ?",
+            "SELECT * FROM api_keys WHERE quota_remaining IS NOT NULL AND revoked_at IS NULL AND disabled = 0 \
+             AND (expires_at IS NULL OR expires_at > ?) ORDER BY quota_remaining, id LIMIT ?",
         )
+        .bind(now)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await

@@ -419,7 +419,7 @@ async fn boards_quotas_and_search(store: Arc<dyn Backend>) {
     let consumers = store.usage_leaders(&q, LeaderGroup::Consumer, LeaderOrder::Volume, 1).await.unwrap();
     assert_eq!(consumers, [Leader { id: "cons_1".into(), total: 15, failures: 3 }]);
 
-    let low = store.keys_lowest_quota(10).await.unwrap();
+    let low = store.keys_lowest_quota(0, 10).await.unwrap();
     assert_eq!(low.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(), ["key_2"], "only keys with a quota");
 
     let search = |s: &str| Page { after: None, limit: 10, search: Some(s.into()) };

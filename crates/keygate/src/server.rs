@@ -152,6 +152,7 @@ pub async fn serve(args: &ServerArgs) -> ExitCode {
         say!("Admin API listening on http://{admin_addr}");
     }
     say!("API docs: http://{admin_addr}/docs");
+    say!("Web console: http://{admin_addr}/console/ (sign in with an admin key)");
     lock.record_admin_url(&format!("http://{}", loopback_if_unspecified(admin_addr)));
     tracing::info!(%addr, %admin_addr, data_dir = %config.data_dir.display(), "keygate started");
     let state = AppState::new(store.clone(), ServerConfig { listen: addr, ..config });

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, RawQuery, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -34,6 +34,7 @@ use subtle::ConstantTimeEq;
 use tower::ServiceExt;
 
 use crate::auth::{Actor, ClientIp, ConsoleActor, check_credential};
+use crate::peer::Client;
 use crate::state::AppState;
 
 const IDLE: Duration = Duration::from_secs(30 * 60);
@@ -63,12 +64,15 @@ impl Default for Sessions {
 }
 
 struct Session {
-    actor: Actor,
+    /// The admin key signed in with, and the hash of the very secret presented: a rotation that ends
+    /// that secret ends the session.
+    key_id: String,
+    secret: SecretHash,
     csrf: String,
     /// A message for the next page (after a change), shown once.
     flash: Mutex<Option<Flash>>,
-    /// New secrets waiting to be shown once, by a random id in the page's address.
-    reveals: Mutex<HashMap<String, Reveal>>,
+    /// New secrets waiting to be shown once, by a random id in the page's address (oldest first).
+    reveals: Mutex<Vec<(String, Reveal)>>,
 }
 
 #[derive(Clone, serde::Serialize)]
@@ -220,9 +224,11 @@ fn ct_eq(a: &str, b: &str) -> bool {
     a.as_bytes().ct_eq(b.as_bytes()).into()
 }
 
-/// The signed-in operator of a request, with the session.
+/// The signed-in operator of a request: the session, and the caller the admin API sees (the key, and
+/// this request's address).
 struct Signed {
     session: Arc<Session>,
+    actor: Actor,
 }
 
 enum Gate {
@@ -230,8 +236,9 @@ enum Gate {
     Out(Response),
 }
 
-/// The request's session, if it has one whose admin key still works; else the way to the login page.
-async fn signed_in(state: &AppState, headers: &HeaderMap) -> Gate {
+/// The request's session, if it has one whose admin key (and secret) still works from this address;
+/// else the way to the login page.
+async fn signed_in(state: &AppState, headers: &HeaderMap, client: Client) -> Gate {
     let out = |why: Option<&str>| {
         let to = match why {
             Some(w) => format!("/console/login?why={w}"),
@@ -244,8 +251,11 @@ async fn signed_in(state: &AppState, headers: &HeaderMap) -> Gate {
     };
     let hash = SecretHash::of(id);
     let Some(session) = state.console.cache.get(&hash) else { return out(Some("expired")) };
-    match admin_key_works(state, &session.actor.key_id).await {
-        Ok(true) => Gate::In(Signed { session }),
+    match admin_key_works(state, &session, client.ip).await {
+        Ok(true) => {
+            let actor = Actor { key_id: session.key_id.clone(), ip: client.ip };
+            Gate::In(Signed { session, actor })
+        }
         Ok(false) => {
             state.console.cache.invalidate(&hash);
             out(Some("revoked"))
@@ -257,19 +267,35 @@ async fn signed_in(state: &AppState, headers: &HeaderMap) -> Gate {
     }
 }
 
-/// Does this admin key still open the admin API: not revoked, disabled or expired, `keygate:admin`, its
-/// consumer enabled?
-async fn admin_key_works(state: &AppState, key_id: &str) -> Result<bool, ()> {
-    let Some(key) = state.store.get_key(key_id).await.map_err(|_| ())? else { return Ok(false) };
-    let now = state.now();
-    if key.revoked_at.is_some() || key.disabled || key.expires_at.is_some_and(|e| e <= now) {
+/// Would the secret the session signed in with still open the admin API from this address: the secret
+/// not ended by a rotation, the key not revoked, disabled or expired, `keygate:admin`, the address in its
+/// allow-list, its consumer enabled? One read of the verify path's record, from the database (not a
+/// cache), so a change made on this node counts at once.
+async fn admin_key_works(
+    state: &AppState,
+    session: &Session,
+    ip: Option<std::net::IpAddr>,
+) -> Result<bool, ()> {
+    let Some(rec) = state.store.find_secret(&session.secret).await.map_err(|_| ())? else { return Ok(false) };
+    let (key, now) = (&rec.key, state.now());
+    let live = |t: Option<i64>| t.is_none_or(|t| t > now);
+    if rec.key.id != session.key_id
+        || rec.consumer_disabled
+        || key.revoked_at.is_some()
+        || key.disabled
+        || !live(key.expires_at)
+        || !live(rec.secret_expires_at)
+        || !key.scopes.iter().any(|s| scope::covers(s, scope::ADMIN))
+    {
         return Ok(false);
     }
-    if !key.scopes.iter().any(|s| scope::covers(s, scope::ADMIN)) {
-        return Ok(false);
+    if let Some(list) = &key.allowed_ips {
+        let ranges = keygate_core::limits::parse_allowed_ips(list).unwrap_or_default();
+        if !ip.is_some_and(|ip| keygate_core::limits::ip_allowed(&ranges, ip)) {
+            return Ok(false);
+        }
     }
-    let consumer = state.store.get_consumer(&key.consumer_id).await.map_err(|_| ())?;
-    Ok(consumer.is_some_and(|c| !c.disabled))
+    Ok(true)
 }
 
 /// A form post's fields, after the CSRF check: the session's token, and never cross-site.
@@ -313,6 +339,11 @@ impl Form {
         self.0.get(name).cloned().unwrap_or_default()
     }
 
+    /// A field with one entry per line.
+    fn lines(&self, name: &str) -> Vec<String> {
+        self.get(name).lines().map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
+    }
+
     /// A field that names a list: split on commas, spaces and new lines.
     fn list(&self, name: &str) -> Vec<String> {
         self.get(name)
@@ -332,20 +363,24 @@ fn reveal(signed: &Signed, label: &str, secret: &str, note: Option<String>) -> S
     let id = random().unwrap_or_default();
     let mut reveals = lock(&signed.session.reveals);
     if reveals.len() >= MAX_REVEALS {
-        reveals.clear();
+        reveals.remove(0);
     }
-    reveals.insert(id.clone(), Reveal { label: label.into(), secret: secret.into(), note });
+    reveals.push((id.clone(), Reveal { label: label.into(), secret: secret.into(), note }));
     id
 }
 
 /// What every signed-in page has: the operator, the CSRF token, the flash message and (once) a secret.
 fn base(signed: &Signed, nav: &str, reveal_id: Option<&str>) -> Vec<(&'static str, Ctx)> {
     let flash = lock(&signed.session.flash).take();
-    let revealed = reveal_id.and_then(|id| lock(&signed.session.reveals).remove(id));
+    let revealed = reveal_id.and_then(|id| {
+        let mut reveals = lock(&signed.session.reveals);
+        let at = reveals.iter().position(|(r, _)| r == id)?;
+        Some(reveals.remove(at).1)
+    });
     vec![
         ("nav", Ctx::from(nav)),
         ("csrf", Ctx::from(signed.session.csrf.clone())),
-        ("actor", Ctx::from(signed.session.actor.key_id.clone())),
+        ("actor", Ctx::from(signed.actor.key_id.clone())),
         ("flash", Ctx::from_serialize(&flash)),
         ("revealed", Ctx::from_serialize(&revealed)),
     ]
@@ -407,7 +442,7 @@ async fn api(
         .header(header::CONTENT_TYPE, "application/json")
         .body(body)
         .map_err(|_| internal("could not build the request"))?;
-    req.extensions_mut().insert(ConsoleActor(signed.session.actor.clone()));
+    req.extensions_mut().insert(ConsoleActor(signed.actor.clone()));
     let resp = admin_api()
         .clone()
         .with_state(state.clone())
@@ -436,15 +471,32 @@ async fn read(state: &Arc<AppState>, signed: &Signed, path: &str) -> Result<Valu
     api(state, signed, Method::GET, path, None).await.map_err(|f| error_page(f.status, &f.text()))
 }
 
+/// A page's query string, read leniently: a value that does not parse (or a repeated one) leaves the
+/// defaults, so a hand-edited address still gets the page (not a bare 400 without the console's headers).
+struct QueryOr<T>(T);
+
+impl<T: serde::de::DeserializeOwned + Default, S: Send + Sync> axum::extract::FromRequestParts<S>
+    for QueryOr<T>
+{
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(QueryOr(serde_urlencoded_query(parts.uri.query()).unwrap_or_default()))
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Sign-in
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, Default)]
 struct LoginQuery {
     why: Option<String>,
 }
 
-async fn login_page(State(state): State<Arc<AppState>>, Query(q): Query<LoginQuery>) -> Response {
+async fn login_page(State(state): State<Arc<AppState>>, QueryOr(q): QueryOr<LoginQuery>) -> Response {
     let message = match q.why.as_deref() {
         Some("expired") => Some("Your session ended. Sign in again."),
         Some("revoked") => Some("The admin key of your session no longer works. Sign in with a working one."),
@@ -505,7 +557,13 @@ async fn login(
     if let Some(old) = cookie(&headers, &cookie_name(&state, "kg_console")) {
         state.console.cache.invalidate(&SecretHash::of(old));
     }
-    let session = Session { actor, csrf, flash: Mutex::new(None), reveals: Mutex::new(HashMap::new()) };
+    let session = Session {
+        key_id: actor.key_id,
+        secret: SecretHash::of(key),
+        csrf,
+        flash: Mutex::new(None),
+        reveals: Mutex::new(Vec::new()),
+    };
     state.console.cache.insert(SecretHash::of(&id), Arc::new(session));
     let mut resp = redirect("/console/");
     for c in [
@@ -520,8 +578,13 @@ async fn login(
     resp
 }
 
-async fn logout(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    let signed = match signed_in(&state, &headers).await {
+async fn logout(
+    State(state): State<Arc<AppState>>,
+    ClientIp(client): ClientIp,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let signed = match signed_in(&state, &headers, client).await {
         Gate::In(s) => s,
         Gate::Out(r) => return r,
     };
@@ -556,8 +619,8 @@ async fn asset(Path(name): Path<String>) -> Response {
 // Pages
 
 macro_rules! signed {
-    ($state:expr, $headers:expr) => {
-        match signed_in(&$state, &$headers).await {
+    ($state:expr, $headers:expr, $client:expr) => {
+        match signed_in(&$state, &$headers, $client).await {
             Gate::In(s) => s,
             Gate::Out(r) => return r,
         }
@@ -613,7 +676,7 @@ fn chart_ctx(report: &Value, label: &str) -> Vec<(&'static str, Ctx)> {
     ]
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, Default)]
 struct RangeQuery {
     range: Option<String>,
     reveal: Option<String>,
@@ -621,10 +684,11 @@ struct RangeQuery {
 
 async fn overview(
     State(state): State<Arc<AppState>>,
+    ClientIp(client): ClientIp,
     headers: HeaderMap,
-    Query(q): Query<RangeQuery>,
+    QueryOr(q): QueryOr<RangeQuery>,
 ) -> Response {
-    let signed = signed!(state, headers);
+    let signed = signed!(state, headers, client);
     let (usage_q, range_name) = usage_query(&state, q.range.as_deref());
     let report = ok!(read(&state, &signed, &format!("/v1/usage?{usage_q}")).await);
     let board =
@@ -634,7 +698,13 @@ async fn overview(
     let top_consumers = ok!(read(&state, &signed, &board("consumer", "volume")).await);
     let failing_consumers = ok!(read(&state, &signed, &board("consumer", "failures")).await);
     let low_quota = ok!(read(&state, &signed, "/v1/keys/lowest-quota?limit=5").await);
-    let expiring = ok!(read(&state, &signed, "/v1/keys/expiring?within_days=7&limit=10").await);
+    // The ten expiring soonest (the listing is in id order).
+    let expiring = ok!(read(&state, &signed, "/v1/keys/expiring?within_days=7&limit=1000").await);
+    let mut soonest: Vec<Value> = expiring["items"].as_array().cloned().unwrap_or_default();
+    soonest.sort_by(|a, b| a["expires_at"].as_str().cmp(&b["expires_at"].as_str()));
+    let more_expiring =
+        soonest.len().saturating_sub(10) + if expiring["next_after"].is_null() { 0 } else { 1 };
+    soonest.truncate(10);
     let mut extra = chart_ctx(&report, "Verifications by outcome");
     extra.extend([
         ("range", Ctx::from(range_name)),
@@ -643,21 +713,39 @@ async fn overview(
         ("top_consumers", Ctx::from_serialize(&top_consumers["items"])),
         ("failing_consumers", Ctx::from_serialize(&failing_consumers["items"])),
         ("low_quota", Ctx::from_serialize(&low_quota["items"])),
-        ("expiring", Ctx::from_serialize(&expiring["items"])),
-        ("latency", Ctx::from_serialize(state.metrics.verify_latency())),
+        ("expiring", Ctx::from_serialize(&soonest)),
+        ("more_expiring", Ctx::from(more_expiring)),
+        ("latency", Ctx::from_serialize(latency_view(&state.metrics.verify_latency()))),
         ("tokens_issued", Ctx::from(state.metrics.tokens_issued())),
     ]);
     page(&signed, "overview.html", "overview", None, extra)
 }
 
-#[derive(serde::Deserialize)]
+/// Verify latency for the overview: each percentile as text (`–` before any verification, `> 250 ms`
+/// above the largest bucket).
+fn latency_view(l: &crate::metrics::LatencySummary) -> Value {
+    let show = |v: Option<f64>| match v {
+        _ if l.count == 0 => "–".to_string(),
+        None => format!("> {} ms", crate::metrics::VERIFY_BUCKETS.last().map_or(0.0, |b| b * 1000.0)),
+        Some(s) if s < 0.001 => format!("≤ {} µs", (s * 1e6).round()),
+        Some(s) => format!("≤ {} ms", (s * 1e4).round() / 10.0),
+    };
+    json!({"count": l.count, "p50": show(l.p50), "p90": show(l.p90), "p99": show(l.p99)})
+}
+
+#[derive(serde::Deserialize, Default)]
 struct ListQuery {
     q: Option<String>,
     after: Option<String>,
+    /// The keys page: only this consumer's keys.
+    consumer: Option<String>,
 }
 
 fn list_path(base: &str, q: &ListQuery, more: &str) -> String {
     let mut path = format!("{base}?limit={PAGE}{more}");
+    if let Some(c) = q.consumer.as_deref().filter(|s| !s.is_empty()) {
+        path.push_str(&format!("&consumer_id={}", enc(c)));
+    }
     if let Some(s) = q.q.as_deref().filter(|s| !s.is_empty()) {
         path.push_str(&format!("&q={}", enc(s)));
     }
@@ -678,21 +766,23 @@ fn list_ctx(list: &Value, q: &ListQuery) -> Vec<(&'static str, Ctx)> {
 
 async fn consumers(
     State(state): State<Arc<AppState>>,
+    ClientIp(client): ClientIp,
     headers: HeaderMap,
-    Query(q): Query<ListQuery>,
+    QueryOr(q): QueryOr<ListQuery>,
 ) -> Response {
-    let signed = signed!(state, headers);
+    let signed = signed!(state, headers, client);
     let list = ok!(read(&state, &signed, &list_path("/v1/consumers", &q, "")).await);
     page(&signed, "consumers.html", "consumers", None, list_ctx(&list, &q))
 }
 
 async fn consumer(
     State(state): State<Arc<AppState>>,
+    ClientIp(client): ClientIp,
     headers: HeaderMap,
     Path(id): Path<String>,
-    Query(q): Query<RangeQuery>,
+    QueryOr(q): QueryOr<RangeQuery>,
 ) -> Response {
-    let signed = signed!(state, headers);
+    let signed = signed!(state, headers, client);
     let c = ok!(read(&state, &signed, &format!("/v1/consumers/{}", enc(&id))).await);
     let keys = ok!(read(&state, &signed, &format!("/v1/keys?consumer_id={}&limit=200", enc(&id))).await);
     let clients = ok!(read(&state, &signed, &format!("/v1/clients?q={}&limit=200", enc(&id))).await);
@@ -726,21 +816,25 @@ fn json_ctx(v: &Value, fields: &[&str]) -> Ctx {
 
 async fn keys(
     State(state): State<Arc<AppState>>,
+    ClientIp(client): ClientIp,
     headers: HeaderMap,
-    Query(q): Query<ListQuery>,
+    QueryOr(q): QueryOr<ListQuery>,
 ) -> Response {
-    let signed = signed!(state, headers);
+    let signed = signed!(state, headers, client);
     let list = ok!(read(&state, &signed, &list_path("/v1/keys", &q, "")).await);
-    page(&signed, "keys.html", "keys", None, list_ctx(&list, &q))
+    let mut extra = list_ctx(&list, &q);
+    extra.push(("consumer", Ctx::from(q.consumer.clone().unwrap_or_default())));
+    page(&signed, "keys.html", "keys", None, extra)
 }
 
 async fn key(
     State(state): State<Arc<AppState>>,
+    ClientIp(client): ClientIp,
     headers: HeaderMap,
     Path(id): Path<String>,
-    Query(q): Query<RangeQuery>,
+    QueryOr(q): QueryOr<RangeQuery>,
 ) -> Response {
-    let signed = signed!(state, headers);
+    let signed = signed!(state, headers, client);
     let k = ok!(read(&state, &signed, &format!("/v1/keys/{}", enc(&id))).await);
     let (usage_q, range_name) = usage_query(&state, q.range.as_deref());
     let report = ok!(read(&state, &signed, &format!("/v1/keys/{}/usage?{usage_q}", enc(&id))).await);
@@ -768,45 +862,57 @@ async fn key(
 
 async fn clients(
     State(state): State<Arc<AppState>>,
+    ClientIp(client): ClientIp,
     headers: HeaderMap,
-    Query(q): Query<ListQuery>,
+    QueryOr(q): QueryOr<ListQuery>,
 ) -> Response {
-    let signed = signed!(state, headers);
+    let signed = signed!(state, headers, client);
     let list = ok!(read(&state, &signed, &list_path("/v1/clients", &q, "")).await);
     page(&signed, "clients.html", "clients", None, list_ctx(&list, &q))
 }
 
 async fn client(
     State(state): State<Arc<AppState>>,
+    ClientIp(client): ClientIp,
     headers: HeaderMap,
     Path(id): Path<String>,
-    Query(q): Query<RangeQuery>,
+    QueryOr(q): QueryOr<RangeQuery>,
 ) -> Response {
-    let signed = signed!(state, headers);
+    let signed = signed!(state, headers, client);
     let c = ok!(read(&state, &signed, &format!("/v1/clients/{}", enc(&id))).await);
     page(&signed, "client.html", "clients", q.reveal.as_deref(), vec![("c", Ctx::from_serialize(&c))])
 }
 
 async fn users(
     State(state): State<Arc<AppState>>,
+    ClientIp(client): ClientIp,
     headers: HeaderMap,
-    Query(q): Query<ListQuery>,
+    QueryOr(q): QueryOr<ListQuery>,
 ) -> Response {
-    let signed = signed!(state, headers);
+    let signed = signed!(state, headers, client);
     let list = ok!(read(&state, &signed, &list_path("/v1/users", &q, "")).await);
     page(&signed, "users.html", "users", None, list_ctx(&list, &q))
 }
 
-async fn user(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    let signed = signed!(state, headers);
+async fn user(
+    State(state): State<Arc<AppState>>,
+    ClientIp(client): ClientIp,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let signed = signed!(state, headers, client);
     let u = ok!(read(&state, &signed, &format!("/v1/users/{}", enc(&id))).await);
     let grants = ok!(read(&state, &signed, &format!("/v1/users/{}/grants", enc(&id))).await);
     let extra = vec![("u", Ctx::from_serialize(&u)), ("grants", Ctx::from_serialize(&grants["items"]))];
     page(&signed, "user.html", "users", None, extra)
 }
 
-async fn signing_keys(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let signed = signed!(state, headers);
+async fn signing_keys(
+    State(state): State<Arc<AppState>>,
+    ClientIp(client): ClientIp,
+    headers: HeaderMap,
+) -> Response {
+    let signed = signed!(state, headers, client);
     let list = ok!(read(&state, &signed, "/v1/signing-keys").await);
     page(&signed, "signing_keys.html", "signing-keys", None, vec![("items", Ctx::from_serialize(&list))])
 }
@@ -821,8 +927,13 @@ struct AuditQuery {
     before: Option<String>,
 }
 
-async fn audit(State(state): State<Arc<AppState>>, headers: HeaderMap, RawQuery(raw): RawQuery) -> Response {
-    let signed = signed!(state, headers);
+async fn audit(
+    State(state): State<Arc<AppState>>,
+    ClientIp(client): ClientIp,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    let signed = signed!(state, headers, client);
     let q: AuditQuery = match serde_urlencoded_query(raw.as_deref()) {
         Some(q) => q,
         None => return error_page(StatusCode::BAD_REQUEST, "The filter is not valid."),
@@ -884,17 +995,13 @@ fn serde_urlencoded_query<T: serde::de::DeserializeOwned>(raw: Option<&str>) -> 
 // ---------------------------------------------------------------------------------------------------
 // Changes
 
-/// Parses a JSON text area; empty is `null`.
-fn json_field(form: &Form, name: &str) -> Result<Value, String> {
-    let text = form.get(name).trim();
-    if text.is_empty() {
-        return Ok(Value::Null);
-    }
-    serde_json::from_str(text).map_err(|e| format!("{name}: not valid JSON ({e})"))
-}
-
-async fn create_consumer(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    let signed = signed!(state, headers);
+async fn create_consumer(
+    State(state): State<Arc<AppState>>,
+    ClientIp(client): ClientIp,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let signed = signed!(state, headers, client);
     let form = ok!(checked_form(&signed, &headers, &body));
     let mut req = json!({"name": form.get("name").trim()});
     if !form.get("external_id").trim().is_empty() {
@@ -912,8 +1019,13 @@ async fn create_consumer(State(state): State<Arc<AppState>>, headers: HeaderMap,
     }
 }
 
-async fn create_user(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    let signed = signed!(state, headers);
+async fn create_user(
+    State(state): State<Arc<AppState>>,
+    ClientIp(client): ClientIp,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let signed = signed!(state, headers, client);
     let form = ok!(checked_form(&signed, &headers, &body));
     let mut req = json!({"username": form.get("username").trim()});
     for f in ["password", "email", "display_name"] {
@@ -945,11 +1057,12 @@ struct Call {
 /// `POST /console/{kind}/{id}/{action}`: each of the detail pages' buttons and forms.
 async fn action(
     State(state): State<Arc<AppState>>,
+    ClientIp(client): ClientIp,
     headers: HeaderMap,
     Path((kind, id, act)): Path<(String, String, String)>,
     body: Bytes,
 ) -> Response {
-    let signed = signed!(state, headers);
+    let signed = signed!(state, headers, client);
     let form = ok!(checked_form(&signed, &headers, &body));
     let e = enc(&id);
     let plan = match plan(&state, &signed, &kind, &id, &e, &act, &form).await {
@@ -1040,15 +1153,16 @@ async fn plan(
             call(Method::POST, format!("/v1/consumers/{e}/{act}"), None, "Consumer updated.")
         }
         ("consumers", "update") => {
-            let current = api(state, signed, Method::GET, &format!("/v1/consumers/{e}"), None)
-                .await
-                .map_err(|f| fail(f.text()))?;
             let mut body = serde_json::Map::new();
-            changed(&mut body, &current, "name", json!(form.get("name").trim()));
-            changed(&mut body, &current, "external_id", opt_text(form.get("external_id")));
-            changed(&mut body, &current, "leak_policy", json!(form.get("leak_policy")));
-            json_changed(&mut body, form, "rate_limits").map_err(fail)?;
-            json_changed(&mut body, form, "metadata").map_err(fail)?;
+            for (field, conv) in [
+                ("name", Conv::Text),
+                ("external_id", Conv::OptText),
+                ("leak_policy", Conv::Text),
+                ("rate_limits", Conv::Json),
+                ("metadata", Conv::Object),
+            ] {
+                edited(&mut body, form, field, conv).map_err(fail)?;
+            }
             if body.is_empty() {
                 return Err(fail("Nothing changed.".into()));
             }
@@ -1068,7 +1182,7 @@ async fn plan(
         ("consumers", "clients") => {
             let mut body = json!({
                 "consumer_id": id, "name": form.get("name").trim(), "scopes": form.list("scopes"),
-                "grant_types": form.all("grant_types"), "redirect_uris": form.list("redirect_uris"),
+                "grant_types": form.all("grant_types"), "redirect_uris": form.lines("redirect_uris"),
             });
             if !form.get("token_format").is_empty() {
                 body["token_format"] = json!(form.get("token_format"));
@@ -1089,22 +1203,17 @@ async fn plan(
             "Key rotated.",
         ),
         ("keys", "update") => {
-            let current = api(state, signed, Method::GET, &format!("/v1/keys/{e}"), None)
-                .await
-                .map_err(|f| fail(f.text()))?;
             let mut body = serde_json::Map::new();
-            changed(&mut body, &current, "name", json!(form.get("name").trim()));
-            changed(&mut body, &current, "scopes", json!(form.list("scopes")));
-            changed(&mut body, &current, "expires_at", opt_text(form.get("expires_at")));
-            let ips = form.list("allowed_ips");
-            changed(
-                &mut body,
-                &current,
-                "allowed_ips",
-                if ips.is_empty() { Value::Null } else { json!(ips) },
-            );
-            for field in ["rate_limits", "quota", "metadata"] {
-                json_changed(&mut body, form, field).map_err(fail)?;
+            for (field, conv) in [
+                ("name", Conv::Text),
+                ("scopes", Conv::List),
+                ("expires_at", Conv::OptText),
+                ("allowed_ips", Conv::OptList),
+                ("rate_limits", Conv::Json),
+                ("quota", Conv::Json),
+                ("metadata", Conv::Object),
+            ] {
+                edited(&mut body, form, field, conv).map_err(fail)?;
             }
             if body.is_empty() {
                 return Err(fail("Nothing changed.".into()));
@@ -1151,21 +1260,58 @@ async fn plan(
     })
 }
 
-/// Adds `field` to a patch when the form's value differs from the current one.
-fn changed(body: &mut serde_json::Map<String, Value>, current: &Value, field: &str, value: Value) {
-    if current[field] != value {
-        body.insert(field.into(), value);
-    }
+/// How an edit form's field becomes the API's JSON.
+#[derive(Clone, Copy)]
+enum Conv {
+    /// Trimmed text.
+    Text,
+    /// Trimmed text; empty is `null`.
+    OptText,
+    /// Words separated by spaces, commas or new lines.
+    List,
+    /// The same; empty is `null`.
+    OptList,
+    /// JSON text; empty is `null`.
+    Json,
+    /// A JSON object; empty is `{}`.
+    Object,
 }
 
-/// Adds a JSON text area's value to a patch when it differs from what the page showed (`orig_<field>`):
-/// a quota left as it was is not set again (uses made since would come back). An empty `metadata` is `{}`.
-fn json_changed(body: &mut serde_json::Map<String, Value>, form: &Form, field: &str) -> Result<(), String> {
-    let value = json_field(form, field)?;
-    let orig =
-        serde_json::from_str::<Value>(form.get(&format!("orig_{field}")).trim()).unwrap_or(Value::Null);
-    if value != orig {
-        let value = if field == "metadata" && value.is_null() { json!({}) } else { value };
+fn convert(text: &str, field: &str, conv: Conv) -> Result<Value, String> {
+    let words = || text.split([',', ' ', '\n', '\r', '\t']).filter(|w| !w.is_empty()).collect::<Vec<_>>();
+    Ok(match conv {
+        Conv::Text => json!(text.trim()),
+        Conv::OptText => opt_text(text),
+        Conv::List => json!(words()),
+        Conv::OptList => {
+            let w = words();
+            if w.is_empty() { Value::Null } else { json!(w) }
+        }
+        Conv::Json | Conv::Object => {
+            let t = text.trim();
+            if t.is_empty() {
+                if matches!(conv, Conv::Object) { json!({}) } else { Value::Null }
+            } else {
+                serde_json::from_str(t).map_err(|e| format!("{field}: not valid JSON ({e})"))?
+            }
+        }
+    })
+}
+
+/// Adds an edit form's field to the patch when it differs from what the page showed (`orig_<field>`):
+/// only what the operator changed is sent, so a change someone else made meanwhile to another field
+/// stays, and a quota left as it was is not set back to the value the page was drawn with.
+fn edited(
+    body: &mut serde_json::Map<String, Value>,
+    form: &Form,
+    field: &str,
+    conv: Conv,
+) -> Result<(), String> {
+    let value = convert(form.get(field), field, conv)?;
+    let orig_name = format!("orig_{field}");
+    let unchanged = form.0.contains_key(&orig_name)
+        && convert(form.get(&orig_name), field, conv).is_ok_and(|orig| orig == value);
+    if !unchanged {
         body.insert(field.into(), value);
     }
     Ok(())

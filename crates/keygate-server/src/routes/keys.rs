@@ -596,7 +596,7 @@ pub async fn lowest_quota_keys(
     }
     state.flush().await?;
     let now = state.now();
-    let items = state.store.keys_lowest_quota(limit).await?;
+    let items = state.store.keys_lowest_quota(now, limit).await?;
     Ok(Json(KeyList {
         items: items.into_iter().map(|k| key_view(&state, k, now)).collect(),
         next_after: None,

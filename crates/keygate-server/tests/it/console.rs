@@ -135,6 +135,28 @@ async fn revoking_the_admin_key_ends_its_console_sessions() {
     assert_eq!((status, location(&h).as_str()), (StatusCode::SEE_OTHER, "/console/login?why=revoked"));
     // And it stays over, even if the page is asked again.
     assert_eq!(b.get(&app.url("/console/")).await.0, StatusCode::SEE_OTHER);
+
+    // A rotation that ends the secret signed in with ends the session; one with an overlap does not yet.
+    let (third_id, third) = app.create_key(&system, &["keygate:admin"]).await;
+    let mut b = Browser::new();
+    sign_in(&app, &mut b, &third).await;
+    let (status, _) =
+        app.post(&format!("/v1/keys/{third_id}/rotate"), json!({"overlap_seconds": 3600})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(b.get(&app.url("/console/keys")).await.0, StatusCode::OK, "the old secret works for an hour");
+    let (status, _) = app.post(&format!("/v1/keys/{third_id}/rotate"), json!({"overlap_seconds": 0})).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, h, _) = b.get(&app.url("/console/keys")).await;
+    assert_eq!((status, location(&h).as_str()), (StatusCode::SEE_OTHER, "/console/login?why=revoked"));
+
+    // So does an address allow-list the browser is outside of, or the consumer's disabling.
+    let (fourth_id, fourth) = app.create_key(&system, &["keygate:admin"]).await;
+    let mut b = Browser::new();
+    sign_in(&app, &mut b, &fourth).await;
+    let (status, _) =
+        app.patch(&format!("/v1/keys/{fourth_id}"), json!({"allowed_ips": ["10.0.0.0/8"]})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(b.get(&app.url("/console/keys")).await.0, StatusCode::SEE_OTHER);
 }
 
 #[tokio::test]
@@ -190,6 +212,43 @@ async fn a_new_secret_is_shown_once_and_errors_read_as_the_apis() {
     let escaped = message.replace('\'', "&#x27;").replace('"', "&quot;");
     assert!(page.contains(&escaped), "{message} in the console's flash: {page}");
 
+    // A form drawn before someone else's change sends only what this operator changed: the allow-list
+    // added meanwhile stays.
+    let (_, _, form_page) = b.get(&app.url(&format!("/console/keys/{key_id}"))).await;
+    let (status, _) = app.patch(&format!("/v1/keys/{key_id}"), json!({"allowed_ips": ["10.0.0.0/8"]})).await;
+    assert_eq!(status, StatusCode::OK);
+    let field = |name: &str| -> String {
+        let at = form_page.find(&format!(r#"name="{name}" value=""#)).unwrap() + name.len() + 15;
+        form_page[at..at + form_page[at..].find('"').unwrap()].replace("&#x2f;", "/").replace("&quot;", "\"")
+    };
+    let mut fields: Vec<(String, String)> = [
+        "orig_name",
+        "orig_scopes",
+        "orig_expires_at",
+        "orig_allowed_ips",
+        "orig_rate_limits",
+        "orig_quota",
+        "orig_metadata",
+    ]
+    .iter()
+    .map(|f| (f.to_string(), field(f)))
+    .collect();
+    for (orig, value) in fields.clone() {
+        fields.push((orig.trim_start_matches("orig_").to_string(), value));
+    }
+    fields.retain(|(k, _)| k != "name");
+    fields.push(("name".into(), "renamed".into()));
+    fields.push(("csrf".into(), token.clone()));
+    let borrowed: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let (status, _, _) = b.post(&app.url(&format!("/console/keys/{key_id}/update")), &borrowed, &[]).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let (_, view) = app.get(&format!("/v1/keys/{key_id}")).await;
+    assert_eq!(
+        (view["name"].as_str(), view["allowed_ips"].clone()),
+        (Some("renamed"), json!(["10.0.0.0/8"]))
+    );
+    app.patch(&format!("/v1/keys/{key_id}"), json!({"allowed_ips": null})).await;
+
     // Revoking needs the id typed out.
     let url = app.url(&format!("/console/keys/{key_id}/revoke"));
     b.post(&url, &[("csrf", &token), ("confirm", "yes")], &[]).await;
@@ -199,7 +258,11 @@ async fn a_new_secret_is_shown_once_and_errors_read_as_the_apis() {
     let (_, audit) = app.get(&format!("/v1/audit?target_id={key_id}")).await;
     let actions: Vec<&str> =
         audit["items"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
-    assert_eq!(actions, ["key.revoke", "key.create"], "the refused change wrote nothing");
+    assert_eq!(
+        actions,
+        ["key.revoke", "key.update", "key.update", "key.update", "key.create"],
+        "the refused changes wrote nothing"
+    );
 }
 
 #[tokio::test]
