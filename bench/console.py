@@ -65,14 +65,24 @@ def seed_usage(db, keys, active, now_ms):
             con.executemany(sql, batch)
             if n % 500 == 499:
                 load.log(f"usage of {n + 1:,}/{len(busy):,} busy keys written")
+        # The roll-ups (per consumer and for all keys), as the flusher writes them beside the buckets.
+    with con:
+        con.execute("DELETE FROM usage_rollups")
+        con.execute("INSERT INTO usage_rollups (scope, granularity, bucket_start, code, count) "
+                    "SELECT '', granularity, bucket_start, code, SUM(count) FROM usage_buckets "
+                    "GROUP BY granularity, bucket_start, code")
+        con.execute("INSERT INTO usage_rollups (scope, granularity, bucket_start, code, count) "
+                    "SELECT consumer_id, granularity, bucket_start, code, SUM(count) FROM usage_buckets "
+                    "GROUP BY consumer_id, granularity, bucket_start, code")
     plans = {}
     for name, q in [
-        ("all keys", "SELECT bucket_start, code, SUM(count) FROM usage_buckets WHERE granularity = 'hour' "
-                     "AND bucket_start >= 0 AND bucket_start < 1 GROUP BY bucket_start, code"),
-        ("one key", "SELECT bucket_start, code, SUM(count) FROM usage_buckets WHERE granularity = 'hour' "
-                    "AND bucket_start >= 0 AND bucket_start < 1 AND key_id = 'k' GROUP BY bucket_start, code"),
-        ("leaders", "SELECT key_id, SUM(count) AS total FROM usage_buckets WHERE granularity = 'hour' "
-                    "AND bucket_start >= 0 AND bucket_start < 1 GROUP BY key_id ORDER BY total DESC LIMIT 5"),
+                ("all keys or a consumer", "SELECT bucket_start, code, count FROM usage_rollups WHERE scope = '' "
+                                   "AND granularity = 'hour' AND bucket_start >= 0 AND bucket_start < 1"),
+        ("one key", "SELECT bucket_start, code, count FROM usage_buckets WHERE key_id = 'k' "
+                    "AND granularity = 'hour' AND bucket_start >= 0 AND bucket_start < 1"),
+        ("boards (per-key totals)", "SELECT key_id, consumer_id, SUM(count) FROM usage_buckets "
+                                    "WHERE granularity = 'hour' AND bucket_start >= 0 AND bucket_start < 1 "
+                                    "GROUP BY key_id, consumer_id"),
     ]:
         plans[name] = " / ".join(r[-1] for r in con.execute("EXPLAIN QUERY PLAN " + q))
     con.close()
@@ -144,7 +154,7 @@ def main():
     after = None
     while True:
         page = kg.api("GET", "/v1/keys?limit=1000" + (f"&after={after}" if after else ""))
-                keys.extend((k["id"], k["consumer_id"]) for k in page["items"] if k["consumer_id"] in consumers)
+        keys.extend((k["id"], k["consumer_id"]) for k in page["items"] if k["consumer_id"] in consumers)
         after = page["next_after"]
         if not after:
             break

@@ -158,6 +158,8 @@ pub struct AppState {
     /// Dynamic registrations per address.
     pub registrations: FailureThrottle,
     pub metadata_docs: crate::oauth::metadata_doc::MetadataDocs,
+    /// Every key's usage totals per range, for the usage boards (`/v1/usage/leaders`), kept 30 seconds.
+    pub usage_boards: moka::sync::Cache<(&'static str, i64, i64), Arc<Vec<keygate_store::KeyTotal>>>,
     /// The web console's signed-in sessions.
     pub console: crate::console::Sessions,
     pub config: ServerConfig,
@@ -238,6 +240,10 @@ impl AppState {
             webhooks: crate::webhooks::Webhooks::default(),
             registrations: FailureThrottle::per_window(config.registration.per_hour, 3600),
             metadata_docs: crate::oauth::metadata_doc::MetadataDocs::default(),
+            usage_boards: moka::sync::Cache::builder()
+                .max_capacity(64)
+                .time_to_live(std::time::Duration::from_secs(30))
+                .build(),
             console: crate::console::Sessions::default(),
             config,
         })

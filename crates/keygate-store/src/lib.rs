@@ -52,28 +52,13 @@ pub struct Page {
     pub search: Option<String>,
 }
 
-/// Which records a usage leader board ranks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LeaderGroup {
-    Key,
-    Consumer,
-}
-
-/// What a usage leader board ranks by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LeaderOrder {
-    /// All verifications.
-    Volume,
-    /// Verifications that did not answer `VALID`.
-    Failures,
-}
-
-/// One row of a usage leader board.
+/// One key's verifications in a time range (the usage boards rank keys and consumers by these).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Leader {
-    /// Key or consumer id.
-    pub id: String,
+pub struct KeyTotal {
+    pub key_id: String,
+    pub consumer_id: String,
     pub total: i64,
+    /// Verifications that did not answer `VALID`.
     pub failures: i64,
 }
 
@@ -179,15 +164,9 @@ pub trait Store: Send + Sync + 'static {
     /// to (quota and rate-limit events, each once per dedup key), in one transaction.
     async fn flush_usage(&self, batch: &[KeyUsage], events: &[NewEvent]) -> Result<()>;
     async fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>>;
-    /// The `limit` keys or consumers with the most verifications (or failures) in the query's range, at
-    /// its granularity (the query's key and consumer are ignored). Most first, then by id.
-    async fn usage_leaders(
-        &self,
-        query: &UsageQuery,
-        group: LeaderGroup,
-        order: LeaderOrder,
-        limit: u32,
-    ) -> Result<Vec<Leader>>;
+    /// Every key with verifications in the query's range, at its granularity (the query's key and
+    /// consumer are ignored), in key id order. Reads only the covering index of the range.
+    async fn usage_by_key(&self, query: &UsageQuery) -> Result<Vec<KeyTotal>>;
     /// Up to `limit` keys with a quota that work at `now` (not revoked, disabled or expired), fewest uses
     /// left first.
     async fn keys_lowest_quota(&self, now: i64, limit: u32) -> Result<Vec<ApiKey>>;

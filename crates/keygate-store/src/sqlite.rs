@@ -14,8 +14,8 @@ use sqlx::{Row, SqlitePool};
 
 use crate::{
     ApiKey, AuditEvent, AuditFilter, Consumer, ConsumerLookup, ConsumerPatch, Granularity, KeyPatch,
-    KeyUsage, Leader, LeaderGroup, LeaderOrder, LeakPolicy, NewAudit, NewEvent, Page, Result, SecretRecord,
-    Store, StoreError, StoredSecret, UsageQuery, UsageRow,
+    KeyTotal, KeyUsage, LeakPolicy, NewAudit, NewEvent, Page, Result, SecretRecord, Store, StoreError,
+    StoredSecret, UsageQuery, UsageRow,
 };
 use keygate_core::limits::Quota;
 use serde::Serialize;
@@ -415,27 +415,29 @@ const MIGRATIONS: &[&str] = &[
     r#"
     CREATE INDEX api_keys_by_quota ON api_keys (quota_remaining) WHERE quota_remaining IS NOT NULL;
     "#,
+    // 16: usage roll-ups per consumer and for all keys (scope ''), written with the per-key buckets, so
+    // that reports over many keys read a few rows per bucket; the per-key scan of a range (the usage
+    // boards) reads only the index that covers it.
+    r#"
+    CREATE TABLE usage_rollups (
+        scope        TEXT NOT NULL,            -- '' = all keys, else a consumer id
+        granularity  TEXT NOT NULL CHECK (granularity IN ('minute', 'hour', 'day')),
+        bucket_start INTEGER NOT NULL,
+        code         TEXT NOT NULL,
+        count        INTEGER NOT NULL,
+        PRIMARY KEY (scope, granularity, bucket_start, code)
+    ) WITHOUT ROWID;
+    INSERT INTO usage_rollups (scope, granularity, bucket_start, code, count)
+        SELECT '', granularity, bucket_start, code, SUM(count) FROM usage_buckets
+        GROUP BY granularity, bucket_start, code;
+    INSERT INTO usage_rollups (scope, granularity, bucket_start, code, count)
+        SELECT consumer_id, granularity, bucket_start, code, SUM(count) FROM usage_buckets
+        GROUP BY consumer_id, granularity, bucket_start, code;
+    DROP INDEX usage_by_consumer;
+    DROP INDEX usage_by_age;
+    CREATE INDEX usage_by_age ON usage_buckets (granularity, bucket_start, key_id, consumer_id, code, count);
+    "#,
 ];
-
-/// A usage leader board's query: `$group` is a column, `$order` `total` or `failures` (literals only).
-macro_rules! leaders_sql {
-    ($group:literal, $order:literal) => {
-        concat!(
-            "SELECT ",
-            $group,
-            " AS id, SUM(count) AS total, ",
-            "SUM(CASE WHEN code = 'VALID' THEN 0 ELSE count END) AS failures FROM usage_buckets ",
-            "WHERE granularity = ? AND bucket_start >= ? AND bucket_start < ? ",
-            "GROUP BY ",
-            $group,
-            " HAVING ",
-            $order,
-            " > 0 ORDER BY ",
-            $order,
-            " DESC, id LIMIT ?"
-        )
-    };
-}
 
 /// Options for opening the SQLite store.
 #[derive(Debug, Clone)]
@@ -1100,6 +1102,32 @@ impl Store for SqliteStore {
             )
             .await?;
         }
+        // The roll-ups: all keys (scope '') and each consumer, summed over the batch first.
+        let mut rollups: std::collections::BTreeMap<(&str, &str, i64), i64> =
+            std::collections::BTreeMap::new();
+        for u in batch {
+            for (code, count) in &u.counts {
+                for scope in ["", u.consumer_id.as_str()] {
+                    *rollups.entry((scope, *code, u.at)).or_insert(0) += *count as i64;
+                }
+            }
+        }
+        for ((scope, code, at), count) in rollups {
+            for g in Granularity::ALL {
+                sqlx::query(
+                    "INSERT INTO usage_rollups (scope, granularity, bucket_start, code, count) VALUES (?, ?, ?, ?, ?) \
+                     ON CONFLICT (scope, granularity, bucket_start, code) DO UPDATE SET count = count + excluded.count",
+                )
+                .bind(scope)
+                .bind(g.as_str())
+                .bind(g.bucket(at))
+                .bind(code)
+                .bind(count)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            }
+        }
         for u in batch {
             for (code, count) in &u.counts {
                 for g in Granularity::ALL {
@@ -1146,22 +1174,32 @@ impl Store for SqliteStore {
     }
 
     async fn usage(&self, q: &UsageQuery) -> Result<Vec<UsageRow>> {
-        let rows = sqlx::query(
-            "SELECT bucket_start, code, SUM(count) AS count FROM usage_buckets \
-             WHERE granularity = ? AND bucket_start >= ? AND bucket_start < ? \
-             AND (? IS NULL OR key_id = ?) AND (? IS NULL OR consumer_id = ?) \
-             GROUP BY bucket_start, code ORDER BY bucket_start, code",
-        )
-        .bind(q.granularity.as_str())
-        .bind(q.granularity.bucket(q.from))
-        .bind(q.to)
-        .bind(&q.key_id)
-        .bind(&q.key_id)
-        .bind(&q.consumer_id)
-        .bind(&q.consumer_id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_err)?;
+        // One key: its own buckets (with its consumer, if one is named, as a filter). A consumer, or all
+        // keys: the roll-ups, a few rows per bucket however many keys were busy.
+        let (sql, key_or_scope) = match (&q.key_id, &q.consumer_id) {
+            (Some(k), _) => (
+                "SELECT bucket_start, code, count FROM usage_buckets \
+                 WHERE key_id = ?1 AND granularity = ?2 AND bucket_start >= ?3 AND bucket_start < ?4 \
+                 AND (?5 IS NULL OR consumer_id = ?5) ORDER BY bucket_start, code",
+                k.as_str(),
+            ),
+            (None, scope) => (
+                "SELECT bucket_start, code, count FROM usage_rollups \
+                 WHERE scope = ?1 AND granularity = ?2 AND bucket_start >= ?3 AND bucket_start < ?4 \
+                 AND ?5 IS NULL ORDER BY bucket_start, code",
+                scope.as_deref().unwrap_or(""),
+            ),
+        };
+        let filter = if q.key_id.is_some() { q.consumer_id.as_deref() } else { None };
+        let rows = sqlx::query(sql)
+            .bind(key_or_scope)
+            .bind(q.granularity.as_str())
+            .bind(q.granularity.bucket(q.from))
+            .bind(q.to)
+            .bind(filter)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
         rows.iter()
             .map(|r| {
                 Ok(UsageRow {
@@ -1173,33 +1211,24 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn usage_leaders(
-        &self,
-        q: &UsageQuery,
-        group: LeaderGroup,
-        order: LeaderOrder,
-        limit: u32,
-    ) -> Result<Vec<Leader>> {
-        // Static SQL per choice (the column and order are never built from input); the range scan is
-        // on `usage_by_age`.
-        let sql = match (group, order) {
-            (LeaderGroup::Key, LeaderOrder::Volume) => leaders_sql!("key_id", "total"),
-            (LeaderGroup::Key, LeaderOrder::Failures) => leaders_sql!("key_id", "failures"),
-            (LeaderGroup::Consumer, LeaderOrder::Volume) => leaders_sql!("consumer_id", "total"),
-            (LeaderGroup::Consumer, LeaderOrder::Failures) => leaders_sql!("consumer_id", "failures"),
-        };
-        let rows = sqlx::query(sql)
-            .bind(q.granularity.as_str())
-            .bind(q.granularity.bucket(q.from))
-            .bind(q.to)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(map_err)?;
+    async fn usage_by_key(&self, q: &UsageQuery) -> Result<Vec<KeyTotal>> {
+        let rows = sqlx::query(
+            "SELECT key_id, consumer_id, SUM(count) AS total, \
+             SUM(CASE WHEN code = 'VALID' THEN 0 ELSE count END) AS failures FROM usage_buckets \
+             WHERE granularity = ? AND bucket_start >= ? AND bucket_start < ? \
+             GROUP BY key_id, consumer_id ORDER BY key_id",
+        )
+        .bind(q.granularity.as_str())
+        .bind(q.granularity.bucket(q.from))
+        .bind(q.to)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
         rows.iter()
             .map(|r| {
-                Ok(Leader {
-                    id: r.try_get("id").map_err(map_err)?,
+                Ok(KeyTotal {
+                    key_id: r.try_get("key_id").map_err(map_err)?,
+                    consumer_id: r.try_get("consumer_id").map_err(map_err)?,
                     total: r.try_get("total").map_err(map_err)?,
                     failures: r.try_get("failures").map_err(map_err)?,
                 })
@@ -1230,6 +1259,12 @@ impl Store for SqliteStore {
                 .await
                 .map_err(map_err)?
                 .rows_affected();
+            sqlx::query("DELETE FROM usage_rollups WHERE granularity = ? AND bucket_start < ?")
+                .bind(g.as_str())
+                .bind(t)
+                .execute(&self.pool)
+                .await
+                .map_err(map_err)?;
         }
         Ok(deleted)
     }

@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use keygate_core::{Environment, SecretHash};
 use keygate_store::{
-    ApiKey, Attempt, AttemptOutcome, AuditFilter, Backend, Consumer, Granularity, KeyPatch, KeyUsage, Leader,
-    LeaderGroup, LeaderOrder, LeakPolicy, LeakReport, NewAudit, NewEvent, Page, SqliteOptions, SqliteStore,
-    Store, StoreError, StoredSecret, UsageQuery, WebhookEndpoint, WebhookPatch,
+    ApiKey, Attempt, AttemptOutcome, AuditFilter, Backend, Consumer, Granularity, KeyPatch, KeyTotal,
+    KeyUsage, LeakPolicy, LeakReport, NewAudit, NewEvent, Page, SqliteOptions, SqliteStore, Store,
+    StoreError, StoredSecret, UsageQuery, WebhookEndpoint, WebhookPatch,
 };
 use serde_json::json;
 
@@ -356,8 +356,8 @@ async fn usage_upserts_add_up(store: Arc<dyn Backend>) {
     assert_eq!(rows.iter().map(|r| r.count).sum::<i64>(), 7, "{rows:?}");
 }
 
-/// Contract: leader boards rank by volume or failures over a range, per key or consumer; the lowest
-/// quotas come first; searches match a name (ignoring case) or an exact id, and page like listings.
+/// Contract: per-key totals cover exactly the range; roll-ups per consumer and for all keys add up to
+/// the per-key buckets and expire with them; the lowest quotas come first; searches match a name (ignoring case) or an exact id, and page like listings.
 async fn boards_quotas_and_search(store: Arc<dyn Backend>) {
     consumer_with_key(&store, SecretHash::of("one")).await;
     let mut second = ApiKey::new(
@@ -402,22 +402,38 @@ async fn boards_quotas_and_search(store: Arc<dyn Backend>) {
         from: 0,
         to: 3_600_000,
     };
-    let volume = store.usage_leaders(&q, LeaderGroup::Key, LeaderOrder::Volume, 10).await.unwrap();
+    let totals = store.usage_by_key(&q).await.unwrap();
+    let total = |key: &str, total, failures| KeyTotal {
+        key_id: key.into(),
+        consumer_id: "cons_1".into(),
+        total,
+        failures,
+    };
+    assert_eq!(totals, [total("key_1", 10, 0), total("key_2", 5, 3)], "the range only, per key");
+    // The roll-ups: the consumer and all keys add up to the same, in and out of the range.
+    let report = |consumer: Option<&str>, to| UsageQuery {
+        key_id: None,
+        consumer_id: consumer.map(String::from),
+        granularity: Granularity::Hour,
+        from: 0,
+        to,
+    };
+    for consumer in [None, Some("cons_1")] {
+        let rows = store.usage(&report(consumer, 3_600_000)).await.unwrap();
+        assert_eq!(rows.iter().map(|r| r.count).sum::<i64>(), 15, "{consumer:?}: {rows:?}");
+        let rows = store.usage(&report(consumer, 36_000_000)).await.unwrap();
+        assert_eq!(rows.iter().map(|r| r.count).sum::<i64>(), 115, "{consumer:?}: {rows:?}");
+    }
     assert_eq!(
-        volume,
-        [
-            Leader { id: "key_1".into(), total: 10, failures: 0 },
-            Leader { id: "key_2".into(), total: 5, failures: 3 }
-        ]
+        store
+            .usage(&UsageQuery { consumer_id: Some("cons_9".into()), ..report(None, 36_000_000) })
+            .await
+            .unwrap(),
+        []
     );
-    let failing = store.usage_leaders(&q, LeaderGroup::Key, LeaderOrder::Failures, 10).await.unwrap();
-    assert_eq!(
-        failing,
-        [Leader { id: "key_2".into(), total: 5, failures: 3 }],
-        "keys without failures are left out"
-    );
-    let consumers = store.usage_leaders(&q, LeaderGroup::Consumer, LeaderOrder::Volume, 1).await.unwrap();
-    assert_eq!(consumers, [Leader { id: "cons_1".into(), total: 15, failures: 3 }]);
+    store.expire_usage(&[(Granularity::Hour, 3_600_000)]).await.unwrap();
+    let rows = store.usage(&report(None, 36_000_000)).await.unwrap();
+    assert_eq!(rows.iter().map(|r| r.count).sum::<i64>(), 100, "roll-ups expire with the buckets: {rows:?}");
 
     let low = store.keys_lowest_quota(0, 10).await.unwrap();
     assert_eq!(low.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(), ["key_2"], "only keys with a quota");

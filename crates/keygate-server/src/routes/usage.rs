@@ -6,7 +6,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use axum::Json;
 use axum::extract::{Path, State};
-use keygate_store::{Granularity, LeaderGroup, LeaderOrder, UsageQuery};
+use keygate_store::{Granularity, KeyTotal, UsageQuery};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -209,14 +209,14 @@ pub async fn usage_leaders(
     AdminCaller(_): AdminCaller,
     ApiQuery(p): ApiQuery<LeaderParams>,
 ) -> ApiResult<Json<LeaderBoard>> {
-    let group = match p.group.as_deref() {
-        None | Some("key") => LeaderGroup::Key,
-        Some("consumer") => LeaderGroup::Consumer,
+    let by_consumer = match p.group.as_deref() {
+        None | Some("key") => false,
+        Some("consumer") => true,
         Some(_) => return Err(ApiError::invalid("group", "must be key or consumer")),
     };
-    let order = match p.order.as_deref() {
-        None | Some("volume") => LeaderOrder::Volume,
-        Some("failures") => LeaderOrder::Failures,
+    let by_failures = match p.order.as_deref() {
+        None | Some("volume") => false,
+        Some("failures") => true,
         Some(_) => return Err(ApiError::invalid("order", "must be volume or failures")),
     };
     let limit = p.limit.unwrap_or(10);
@@ -225,22 +225,50 @@ pub async fn usage_leaders(
     }
     let params = UsageParams { granularity: p.granularity, from: p.from, to: p.to };
     let (granularity, from, to) = range(&state, &params)?;
-    state.flush().await?;
-    let query = UsageQuery { key_id: None, consumer_id: None, granularity, from, to };
-    let rows = state.store.usage_leaders(&query, group, order, limit).await?;
+    let totals = key_totals(&state, granularity, from, to).await?;
+    // Per key, or summed per consumer; then the largest first (by id among equals).
+    let mut rows: Vec<(String, i64, i64)> = if by_consumer {
+        let mut sums: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+        for t in totals.iter() {
+            let s = sums.entry(t.consumer_id.as_str()).or_insert((0, 0));
+            (s.0, s.1) = (s.0 + t.total, s.1 + t.failures);
+        }
+        sums.into_iter().map(|(id, (t, f))| (id.to_string(), t, f)).collect()
+    } else {
+        totals.iter().map(|t| (t.key_id.clone(), t.total, t.failures)).collect()
+    };
+    let rank = |r: &(String, i64, i64)| if by_failures { r.2 } else { r.1 };
+    rows.retain(|r| rank(r) > 0);
+    rows.sort_by(|a, b| rank(b).cmp(&rank(a)).then_with(|| a.0.cmp(&b.0)));
+    rows.truncate(limit as usize);
     let mut items = Vec::with_capacity(rows.len());
-    for r in rows {
-        let name = match group {
-            LeaderGroup::Key => state.store.get_key(&r.id).await?.map(|k| k.name),
-            LeaderGroup::Consumer => state.store.get_consumer(&r.id).await?.map(|c| c.name),
+    for (id, total, failures) in rows {
+        let name = if by_consumer {
+            state.store.get_consumer(&id).await?.map(|c| c.name)
+        } else {
+            state.store.get_key(&id).await?.map(|k| k.name)
         };
-        items.push(LeaderView { id: r.id, name, total: r.total, failures: r.failures });
+        items.push(LeaderView { id, name, total, failures });
     }
     Ok(Json(LeaderBoard {
-        group: if group == LeaderGroup::Key { "key" } else { "consumer" }.into(),
-        order: if order == LeaderOrder::Volume { "volume" } else { "failures" }.into(),
+        group: if by_consumer { "consumer" } else { "key" }.into(),
+        order: if by_failures { "failures" } else { "volume" }.into(),
         from: rfc3339(from),
         to: rfc3339(to),
         items,
     }))
+}
+
+/// Every key's totals in a range, from the database at most `BOARD_TTL` ago: the four boards of the
+/// console's overview are one read of the range's buckets, not four.
+async fn key_totals(state: &AppState, g: Granularity, from: i64, to: i64) -> ApiResult<Arc<Vec<KeyTotal>>> {
+    let cache_key = (g.as_str(), from, to);
+    if let Some(hit) = state.usage_boards.get(&cache_key) {
+        return Ok(hit);
+    }
+    state.flush().await?;
+    let query = UsageQuery { key_id: None, consumer_id: None, granularity: g, from, to };
+    let totals = Arc::new(state.store.usage_by_key(&query).await?);
+    state.usage_boards.insert(cache_key, totals.clone());
+    Ok(totals)
 }
