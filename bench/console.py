@@ -84,7 +84,10 @@ def seed_usage(db, keys, active, now_ms):
                                     "WHERE granularity = 'hour' AND bucket_start >= 0 AND bucket_start < 1 "
                                     "GROUP BY key_id, consumer_id"),
     ]:
-        plans[name] = " / ".join(r[-1] for r in con.execute("EXPLAIN QUERY PLAN " + q))
+        # Bound like the server binds them (the planner sees parameters, not constants).
+        q = q.replace("bucket_start >= 0 AND bucket_start < 1", "bucket_start >= ? AND bucket_start < ?")
+        args = (now_ms - 7 * day, now_ms)
+        plans[name] = " / ".join(r[-1] for r in con.execute("EXPLAIN QUERY PLAN " + q, args))
     con.close()
     return rows, busy, plans
 

@@ -1285,22 +1285,29 @@ impl Store for SqliteStore {
     }
 
     async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>> {
-        let rows = sqlx::query(
+        // With a target, its index (`audit_events_by_target`); otherwise newest first by id.
+        let sql = if filter.target_id.is_some() {
             "SELECT e.*, k.name AS actor_name FROM audit_events e LEFT JOIN api_keys k ON k.id = e.actor \
-                          WHERE (?1 IS NULL OR e.target_id = ?1) AND (?2 IS NULL OR e.action = ?2) \
+             WHERE e.target_id = ?1 AND (?2 IS NULL OR e.action = ?2) \
              AND (?3 IS NULL OR e.id < ?3) AND (?5 IS NULL OR e.actor = ?5) \
-             AND (?6 IS NULL OR e.at >= ?6) AND (?7 IS NULL OR e.at < ?7) ORDER BY e.id DESC LIMIT ?4",
-        )
-        .bind(&filter.target_id)
-        .bind(&filter.action)
-        .bind(&filter.before)
-        .bind(i64::from(filter.limit))
-        .bind(&filter.actor)
-        .bind(filter.from)
-        .bind(filter.to)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_err)?;
+             AND (?6 IS NULL OR e.at >= ?6) AND (?7 IS NULL OR e.at < ?7) ORDER BY e.id DESC LIMIT ?4"
+        } else {
+            "SELECT e.*, k.name AS actor_name FROM audit_events e LEFT JOIN api_keys k ON k.id = e.actor \
+             WHERE ?1 IS NULL AND (?2 IS NULL OR e.action = ?2) \
+             AND (?3 IS NULL OR e.id < ?3) AND (?5 IS NULL OR e.actor = ?5) \
+             AND (?6 IS NULL OR e.at >= ?6) AND (?7 IS NULL OR e.at < ?7) ORDER BY e.id DESC LIMIT ?4"
+        };
+        let rows = sqlx::query(sql)
+            .bind(&filter.target_id)
+            .bind(&filter.action)
+            .bind(&filter.before)
+            .bind(i64::from(filter.limit))
+            .bind(&filter.actor)
+            .bind(filter.from)
+            .bind(filter.to)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
         rows.iter().map(audit_from_row).collect()
     }
 }
