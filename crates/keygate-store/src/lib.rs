@@ -47,7 +47,7 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 pub struct Page {
     pub after: Option<String>,
     pub limit: u32,
-    /// Only records whose name contains this (ignoring ASCII case), or whose id (or a consumer's
+    /// Only records whose name starts with this (ignoring ASCII case), or whose id (or a consumer's
     /// external id) is exactly this.
     pub search: Option<String>,
 }

@@ -433,11 +433,33 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO usage_rollups (scope, granularity, bucket_start, code, count)
         SELECT consumer_id, granularity, bucket_start, code, SUM(count) FROM usage_buckets
         GROUP BY consumer_id, granularity, bucket_start, code;
-    DROP INDEX usage_by_consumer;
+        DROP INDEX usage_by_consumer;
     DROP INDEX usage_by_age;
     CREATE INDEX usage_by_age ON usage_buckets (granularity, bucket_start, key_id, consumer_id, code, count);
     "#,
+    // 17: keys by expiry, for `key.expiring` and the console's "expiring soon"; name prefixes (ignoring
+    // case) and visible starts, for searches.
+    r#"
+    CREATE INDEX api_keys_by_expiry ON api_keys (expires_at) WHERE expires_at IS NOT NULL;
+    CREATE INDEX api_keys_by_name ON api_keys (name COLLATE NOCASE);
+    CREATE INDEX api_keys_by_start ON api_keys (start);
+    CREATE INDEX consumers_by_name_nocase ON consumers (name COLLATE NOCASE);
+    CREATE INDEX oauth_clients_by_name ON oauth_clients (name COLLATE NOCASE);
+    CREATE INDEX users_by_name ON users (username COLLATE NOCASE);
+    "#,
 ];
+
+/// The key search statement, with one more condition (on `?6`, the consumer).
+macro_rules! const_format_keys {
+    ($consumer:literal) => {
+        concat!(
+            "SELECT * FROM api_keys WHERE id > ?1 ",
+            $consumer,
+            " AND ((name >= ?3 COLLATE NOCASE AND name < ?4 COLLATE NOCASE) OR id = ?5 OR start = ?5) ",
+            "ORDER BY id LIMIT ?2"
+        )
+    };
+}
 
 /// Options for opening the SQLite store.
 #[derive(Debug, Clone)]
@@ -602,29 +624,34 @@ pub(crate) async fn fetch_by_id<T>(
 }
 
 /// A page of rows in id order; `sql` takes `?` for the id to start after and `?` for the limit.
-/// A page's search, as bound to `?3` (lower-cased, for `instr(lower(name), ?3)`) and `?4` (exact).
-fn search_terms(page: &Page) -> (Option<String>, Option<&str>) {
-    let exact = page.search.as_deref().map(str::trim).filter(|s| !s.is_empty());
-    (exact.map(str::to_ascii_lowercase), exact)
+/// A page's search: names starting with the term, ignoring ASCII case, as a range for a
+/// `COLLATE NOCASE` index (`?3` ≤ name < `?4`), and the term itself for exact matches (`?5`).
+fn search_terms(page: &Page) -> Option<(String, String, &str)> {
+    let term = page.search.as_deref().map(str::trim).filter(|s| !s.is_empty())?;
+    Some((term.to_string(), format!("{term}\u{10FFFF}"), term))
 }
 
-/// A page of `sql`, which binds `?1` = after, `?2` = limit, and may use `?3`/`?4`, the search
-/// ([`search_terms`]).
+/// A page of rows in id order: `plain` binds `?1` = the id to start after and `?2` = the limit;
+/// `searched`, used when the page has a search, binds `?3`–`?5` too ([`search_terms`]). Two statements,
+/// so that each can use its indexes (an `?3 IS NULL OR …` would defeat them).
 pub(crate) async fn fetch_page<T>(
     pool: &SqlitePool,
-    sql: &'static str,
+    plain: &'static str,
+    searched: &'static str,
     page: &Page,
     map: fn(&SqliteRow) -> Result<T>,
 ) -> Result<Vec<T>> {
-    let (search, exact) = search_terms(page);
-    let rows = sqlx::query(sql)
-        .bind(page.after.as_deref().unwrap_or(""))
-        .bind(i64::from(page.limit))
-        .bind(search)
-        .bind(exact)
-        .fetch_all(pool)
-        .await
-        .map_err(map_err)?;
+    let after = page.after.as_deref().unwrap_or("");
+    let query = match search_terms(page) {
+        None => sqlx::query(plain).bind(after).bind(i64::from(page.limit)),
+        Some((lo, hi, exact)) => sqlx::query(searched)
+            .bind(after)
+            .bind(i64::from(page.limit))
+            .bind(lo)
+            .bind(hi)
+            .bind(exact.to_string()),
+    };
+    let rows = query.fetch_all(pool).await.map_err(map_err)?;
     rows.iter().map(map).collect()
 }
 
@@ -819,9 +846,10 @@ impl Store for SqliteStore {
     }
 
     async fn list_consumers(&self, page: &Page) -> Result<Vec<Consumer>> {
-        let sql = "SELECT * FROM consumers WHERE id > ?1 AND (?3 IS NULL OR instr(lower(name), ?3) > 0 \
-                   OR id = ?4 OR external_id = ?4) ORDER BY id LIMIT ?2";
-        fetch_page(&self.pool, sql, page, consumer_from_row).await
+        let plain = "SELECT * FROM consumers WHERE id > ?1 ORDER BY id LIMIT ?2";
+        let searched = "SELECT * FROM consumers WHERE id > ?1 AND ((name >= ?3 COLLATE NOCASE \
+                        AND name < ?4 COLLATE NOCASE) OR id = ?5 OR external_id = ?5) ORDER BY id LIMIT ?2";
+        fetch_page(&self.pool, plain, searched, page, consumer_from_row).await
     }
 
     async fn working_admin_keys(&self, now: i64, limit: u32) -> Result<Vec<(String, String)>> {
@@ -892,27 +920,30 @@ impl Store for SqliteStore {
     }
 
     async fn list_keys(&self, consumer_id: Option<&str>, page: &Page) -> Result<Vec<ApiKey>> {
-        let (search, exact) = search_terms(page);
-        // Two statements, so that a consumer's keys are read through `api_keys_by_consumer`.
-        let sql = match consumer_id {
-            Some(_) => {
-                "SELECT * FROM api_keys WHERE consumer_id = ?1 AND id > ?2 \
-                 AND (?4 IS NULL OR instr(lower(name), ?4) > 0 OR id = ?5 OR start = ?5) ORDER BY id LIMIT ?3"
+        // A statement per case, so that each uses its indexes: a consumer's keys through
+        // `api_keys_by_consumer`, a search through the name, id and start indexes.
+        let after = page.after.as_deref().unwrap_or("");
+        let limit = i64::from(page.limit);
+        let query = match (consumer_id, search_terms(page)) {
+            (None, None) => sqlx::query("SELECT * FROM api_keys WHERE id > ?1 ORDER BY id LIMIT ?2")
+                .bind(after)
+                .bind(limit),
+            (Some(c), None) => {
+                sqlx::query("SELECT * FROM api_keys WHERE id > ?1 AND consumer_id = ?3 ORDER BY id LIMIT ?2")
+                    .bind(after)
+                    .bind(limit)
+                    .bind(c)
             }
-            None => {
-                "SELECT * FROM api_keys WHERE ?1 IS NULL AND id > ?2 \
-                 AND (?4 IS NULL OR instr(lower(name), ?4) > 0 OR id = ?5 OR start = ?5) ORDER BY id LIMIT ?3"
+            (c, Some((lo, hi, exact))) => {
+                let sql: &'static str = if c.is_some() {
+                    const_format_keys!("AND consumer_id = ?6")
+                } else {
+                    const_format_keys!("AND ?6 IS NULL")
+                };
+                sqlx::query(sql).bind(after).bind(limit).bind(lo).bind(hi).bind(exact.to_string()).bind(c)
             }
         };
-        let rows = sqlx::query(sql)
-            .bind(consumer_id)
-            .bind(page.after.as_deref().unwrap_or(""))
-            .bind(i64::from(page.limit))
-            .bind(search)
-            .bind(exact)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(map_err)?;
+        let rows = query.fetch_all(&self.pool).await.map_err(map_err)?;
         rows.iter().map(key_from_row).collect()
     }
 

@@ -125,7 +125,8 @@ impl EventStore for SqliteStore {
     async fn list_webhooks(&self, page: &Page) -> Result<Vec<WebhookEndpoint>> {
         fetch_page(
             &self.pool,
-            "SELECT * FROM webhook_endpoints WHERE id > ?1 AND (?3 IS NULL OR instr(lower(url), ?3) > 0 OR id = ?4) \
+            "SELECT * FROM webhook_endpoints WHERE id > ?1 ORDER BY id LIMIT ?2",
+            "SELECT * FROM webhook_endpoints WHERE id > ?1 AND ((url >= ?3 AND url < ?4) OR id = ?5) \
              ORDER BY id LIMIT ?2",
             page,
             endpoint_from_row,

@@ -174,9 +174,10 @@ impl OAuthStore for SqliteStore {
     }
 
     async fn list_clients(&self, page: &Page) -> Result<Vec<OAuthClient>> {
-        let sql = "SELECT * FROM oauth_clients WHERE id > ?1 AND (?3 IS NULL OR instr(lower(name), ?3) > 0 \
-                   OR id = ?4 OR consumer_id = ?4) ORDER BY id LIMIT ?2";
-        fetch_page(&self.pool, sql, page, client_from_row).await
+        let plain = "SELECT * FROM oauth_clients WHERE id > ?1 ORDER BY id LIMIT ?2";
+        let searched = "SELECT * FROM oauth_clients WHERE id > ?1 AND ((name >= ?3 COLLATE NOCASE \
+                        AND name < ?4 COLLATE NOCASE) OR id = ?5 OR consumer_id = ?5) ORDER BY id LIMIT ?2";
+        fetch_page(&self.pool, plain, searched, page, client_from_row).await
     }
 
     async fn update_client(

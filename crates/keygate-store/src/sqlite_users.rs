@@ -338,9 +338,10 @@ impl UserStore for SqliteStore {
     }
 
     async fn list_users(&self, page: &Page) -> Result<Vec<User>> {
-        let sql = "SELECT * FROM users WHERE id > ?1 AND (?3 IS NULL OR instr(lower(username), ?3) > 0 \
-                   OR id = ?4 OR email = ?4) ORDER BY id LIMIT ?2";
-        fetch_page(&self.pool, sql, page, user_from_row).await
+        let plain = "SELECT * FROM users WHERE id > ?1 ORDER BY id LIMIT ?2";
+        let searched = "SELECT * FROM users WHERE id > ?1 AND ((username >= ?3 COLLATE NOCASE \
+                        AND username < ?4 COLLATE NOCASE) OR id = ?5 OR email = ?5) ORDER BY id LIMIT ?2";
+        fetch_page(&self.pool, plain, searched, page, user_from_row).await
     }
 
     async fn update_user(&self, id: &str, p: &UserPatch, audit: &NewAudit) -> Result<Option<User>> {

@@ -443,6 +443,7 @@ async fn api(
         .body(body)
         .map_err(|_| internal("could not build the request"))?;
     req.extensions_mut().insert(ConsoleActor(signed.actor.clone()));
+    let started = std::time::Instant::now();
     let resp = admin_api()
         .clone()
         .with_state(state.clone())
@@ -450,6 +451,9 @@ async fn api(
         .await
         .map_err(|_| internal("the admin API did not answer"))?;
     let status = resp.status();
+    // The route template only (ids stay out of logs).
+    tracing::debug!(target: "keygate::console", route = path.split('?').next().unwrap_or(""), status = status.as_u16(),
+        latency_us = started.elapsed().as_micros() as u64, "admin API call");
     let bytes = axum::body::to_bytes(resp.into_body(), 16 * 1024 * 1024)
         .await
         .map_err(|_| internal("the admin API's answer was too large"))?;
@@ -649,6 +653,19 @@ fn range(name: Option<&str>) -> (&'static str, &'static str, i64) {
 /// The usage query of a range, ending now (rounded up to the next bucket, so the current one shows).
 fn usage_query(state: &AppState, range_name: Option<&str>) -> (String, &'static str) {
     let (name, granularity, span) = range(range_name);
+    (span_query(state, granularity, span), name)
+}
+
+/// The usage boards' query of a range: whole days from 7 days up (a day bucket per key and day is
+/// read, not 24 hour buckets), the chart's buckets below.
+fn board_query(state: &AppState, range_name: Option<&str>) -> String {
+    let (_, granularity, span) = range(range_name);
+    let granularity = if span >= 7 * 86_400_000 { "day" } else { granularity };
+    span_query(state, granularity, span)
+}
+
+/// `granularity`, `from` and `to` covering `span` up to the end of the current bucket.
+fn span_query(state: &AppState, granularity: &str, span: i64) -> String {
     let step = match granularity {
         "minute" => 60_000,
         "day" => 86_400_000,
@@ -657,12 +674,11 @@ fn usage_query(state: &AppState, range_name: Option<&str>) -> (String, &'static 
     let now = state.now();
     let to = now - now.rem_euclid(step) + step;
     let from = to - span;
-    let q = format!(
+    format!(
         "granularity={granularity}&from={}&to={}",
         enc(&crate::time::rfc3339(from)),
         enc(&crate::time::rfc3339(to))
-    );
-    (q, name)
+    )
 }
 
 fn chart_ctx(report: &Value, label: &str) -> Vec<(&'static str, Ctx)> {
@@ -691,8 +707,9 @@ async fn overview(
     let signed = signed!(state, headers, client);
     let (usage_q, range_name) = usage_query(&state, q.range.as_deref());
     let report = ok!(read(&state, &signed, &format!("/v1/usage?{usage_q}")).await);
+    let board_q = board_query(&state, q.range.as_deref());
     let board =
-        |group: &str, order: &str| format!("/v1/usage/leaders?group={group}&order={order}&limit=5&{usage_q}");
+        |group: &str, order: &str| format!("/v1/usage/leaders?group={group}&order={order}&limit=5&{board_q}");
     let top_keys = ok!(read(&state, &signed, &board("key", "volume")).await);
     let failing_keys = ok!(read(&state, &signed, &board("key", "failures")).await);
     let top_consumers = ok!(read(&state, &signed, &board("consumer", "volume")).await);
@@ -1223,6 +1240,34 @@ async fn plan(
         ("clients", "disable" | "enable" | "revoke-tokens") => {
             call(Method::POST, format!("/v1/clients/{e}/{act}"), None, "Client updated.")
         }
+        ("clients", "update") => {
+            let mut body = serde_json::Map::new();
+            for (field, conv) in [
+                ("name", Conv::Text),
+                ("scopes", Conv::List),
+                ("audiences", Conv::List),
+                ("redirect_uris", Conv::Lines),
+                ("token_lifetime_seconds", Conv::Int),
+            ] {
+                edited(&mut body, form, field, conv).map_err(fail)?;
+            }
+            if body.is_empty() {
+                return Err(fail("Nothing changed.".into()));
+            }
+            call(Method::PATCH, format!("/v1/clients/{e}"), Some(Value::Object(body)), "Client updated.")
+        }
+        ("users", "update") => {
+            let mut body = serde_json::Map::new();
+            for (field, conv) in
+                [("email", Conv::OptText), ("display_name", Conv::OptText), ("allowed_scopes", Conv::OptList)]
+            {
+                edited(&mut body, form, field, conv).map_err(fail)?;
+            }
+            if body.is_empty() {
+                return Err(fail("Nothing changed.".into()));
+            }
+            call(Method::PATCH, format!("/v1/users/{e}"), Some(Value::Object(body)), "User updated.")
+        }
         ("clients", "rotate-secret") => call(
             Method::POST,
             format!("/v1/clients/{e}/rotate-secret"),
@@ -1275,6 +1320,10 @@ enum Conv {
     Json,
     /// A JSON object; empty is `{}`.
     Object,
+    /// One entry per line.
+    Lines,
+    /// A whole number.
+    Int,
 }
 
 fn convert(text: &str, field: &str, conv: Conv) -> Result<Value, String> {
@@ -1286,6 +1335,10 @@ fn convert(text: &str, field: &str, conv: Conv) -> Result<Value, String> {
         Conv::OptList => {
             let w = words();
             if w.is_empty() { Value::Null } else { json!(w) }
+        }
+        Conv::Lines => json!(text.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>()),
+        Conv::Int => {
+            json!(text.trim().parse::<i64>().map_err(|_| format!("{field}: must be a whole number"))?)
         }
         Conv::Json | Conv::Object => {
             let t = text.trim();

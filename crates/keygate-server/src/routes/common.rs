@@ -32,7 +32,7 @@ pub struct PageQuery {
     pub after: Option<String>,
     /// Page size, 1–1000 (default 100).
     pub limit: Option<u32>,
-    /// Only records whose name contains this (ignoring case), or whose id is exactly this.
+    /// Only records whose name starts with this (ignoring case), or whose id is exactly this.
     pub q: Option<String>,
 }
 

@@ -125,7 +125,7 @@ pub struct ConsumerListQuery {
     pub limit: Option<u32>,
     /// Only the consumer with this external id (at most one).
     pub external_id: Option<String>,
-    /// Only consumers whose name contains this (ignoring case), or whose id or external id is exactly this.
+    /// Only consumers whose name starts with this (ignoring case), or whose id or external id is exactly this.
     pub q: Option<String>,
 }
 

@@ -224,7 +224,7 @@ pub struct KeyListQuery {
     pub consumer_id: Option<String>,
     pub after: Option<String>,
     pub limit: Option<u32>,
-    /// Only keys whose name contains this (ignoring case), or whose id or visible start is exactly this.
+    /// Only keys whose name starts with this (ignoring case), or whose id or visible start is exactly this.
     pub q: Option<String>,
 }
 

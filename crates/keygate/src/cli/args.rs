@@ -189,7 +189,7 @@ pub struct PageArgs {
     /// Continue after this id (printed at the end of the previous page).
     #[arg(long)]
     pub after: Option<String>,
-    /// Only those whose name contains this (ignoring case), or whose id is exactly this.
+    /// Only those whose name starts with this (ignoring case), or whose id is exactly this.
     #[arg(long)]
     pub search: Option<String>,
 }
