@@ -155,6 +155,14 @@ assert.match(page.url(), /\/console\/login\?why=out$/);
 await page.goto(`${BASE}/console/`);
 assert.match(page.url(), /\/console\/login/);
 
+// An operator with a user account (the admin role) signs in too, and acts under their own name.
+await page.fill("#username", "operator");
+await page.fill("#password", process.env.OPERATOR_PASSWORD);
+await page.click("form.second button[type=submit]");
+await page.waitForURL(`${BASE}/console/`);
+assert.match(await page.textContent("header .signout"), /Signed in as operator/);
+await page.click("text=Sign out");
+
 await browser.close();
 console.log(`scanned: ${scanned.join(", ")}`);
 console.log("console: ok");

@@ -445,7 +445,11 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX api_keys_by_start ON api_keys (start);
     CREATE INDEX consumers_by_name_nocase ON consumers (name COLLATE NOCASE);
     CREATE INDEX oauth_clients_by_name ON oauth_clients (name COLLATE NOCASE);
-    CREATE INDEX users_by_name ON users (username COLLATE NOCASE);
+        CREATE INDEX users_by_name ON users (username COLLATE NOCASE);
+    "#,
+    // 18: users' roles in Keygate itself (JSON array; `admin` signs in to the web console).
+    r#"
+    ALTER TABLE users ADD COLUMN roles TEXT NOT NULL DEFAULT '[]';
     "#,
 ];
 
@@ -1318,12 +1322,14 @@ impl Store for SqliteStore {
     async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>> {
         // With a target, its index (`audit_events_by_target`); otherwise newest first by id.
         let sql = if filter.target_id.is_some() {
-            "SELECT e.*, k.name AS actor_name FROM audit_events e LEFT JOIN api_keys k ON k.id = e.actor \
+            "SELECT e.*, COALESCE(k.name, u.username) AS actor_name FROM audit_events e \
+             LEFT JOIN api_keys k ON k.id = e.actor LEFT JOIN users u ON u.id = e.actor \
              WHERE e.target_id = ?1 AND (?2 IS NULL OR e.action = ?2) \
              AND (?3 IS NULL OR e.id < ?3) AND (?5 IS NULL OR e.actor = ?5) \
              AND (?6 IS NULL OR e.at >= ?6) AND (?7 IS NULL OR e.at < ?7) ORDER BY e.id DESC LIMIT ?4"
         } else {
-            "SELECT e.*, k.name AS actor_name FROM audit_events e LEFT JOIN api_keys k ON k.id = e.actor \
+            "SELECT e.*, COALESCE(k.name, u.username) AS actor_name FROM audit_events e \
+             LEFT JOIN api_keys k ON k.id = e.actor LEFT JOIN users u ON u.id = e.actor \
              WHERE ?1 IS NULL AND (?2 IS NULL OR e.action = ?2) \
              AND (?3 IS NULL OR e.id < ?3) AND (?5 IS NULL OR e.actor = ?5) \
              AND (?6 IS NULL OR e.at >= ?6) AND (?7 IS NULL OR e.at < ?7) ORDER BY e.id DESC LIMIT ?4"

@@ -21,6 +21,7 @@ fn user_from_row(row: &SqliteRow) -> Result<User> {
         display_name: row.try_get("display_name").map_err(map_err)?,
         password_hash: row.try_get("password_hash").map_err(map_err)?,
         allowed_scopes: parse_opt(row, "allowed_scopes")?,
+        roles: json_list(row, "roles")?,
         disabled: row.try_get("disabled").map_err(map_err)?,
         created_at: row.try_get("created_at").map_err(map_err)?,
         updated_at: row.try_get("updated_at").map_err(map_err)?,
@@ -302,8 +303,8 @@ impl UserStore for SqliteStore {
     async fn insert_user(&self, u: &User, audit: &NewAudit) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
         sqlx::query(
-            "INSERT INTO users (id, username, username_key, email, display_name, password_hash, allowed_scopes, \
-             disabled, created_at, updated_at, last_login_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "INSERT INTO users (id, username, username_key, email, display_name, password_hash, allowed_scopes, \
+             roles, disabled, created_at, updated_at, last_login_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&u.id)
         .bind(&u.username)
@@ -311,7 +312,8 @@ impl UserStore for SqliteStore {
         .bind(&u.email)
         .bind(&u.display_name)
         .bind(&u.password_hash)
-        .bind(opt_json(&u.allowed_scopes)?)
+                .bind(opt_json(&u.allowed_scopes)?)
+        .bind(to_json(&u.roles)?)
         .bind(u.disabled)
         .bind(u.created_at)
         .bind(u.updated_at)
@@ -351,8 +353,8 @@ impl UserStore for SqliteStore {
             "UPDATE users SET username = COALESCE(?, username), username_key = COALESCE(?, username_key), \
              email = CASE WHEN ? THEN ? ELSE email END, \
              display_name = CASE WHEN ? THEN ? ELSE display_name END, \
-             allowed_scopes = CASE WHEN ? THEN ? ELSE allowed_scopes END, \
-             disabled = COALESCE(?, disabled), password_hash = COALESCE(?, password_hash), updated_at = ? \
+                          allowed_scopes = CASE WHEN ? THEN ? ELSE allowed_scopes END, \
+             roles = COALESCE(?, roles), disabled = COALESCE(?, disabled), password_hash = COALESCE(?, password_hash), updated_at = ? \
              WHERE id = ? RETURNING *",
         )
         .bind(&p.username)
@@ -362,7 +364,8 @@ impl UserStore for SqliteStore {
         .bind(p.display_name.is_some())
         .bind(p.display_name.clone().flatten())
         .bind(p.allowed_scopes.is_some())
-        .bind(opt_json(&p.allowed_scopes.clone().flatten())?)
+                .bind(opt_json(&p.allowed_scopes.clone().flatten())?)
+        .bind(p.roles.as_ref().map(to_json).transpose()?)
         .bind(p.disabled)
         .bind(&p.password_hash)
         .bind(p.updated_at)

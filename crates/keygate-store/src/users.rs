@@ -27,6 +27,8 @@ pub struct User {
     pub password_hash: Option<String>,
     /// What this user may ever grant; `None`: anything a client may request.
     pub allowed_scopes: Option<Vec<String>>,
+    /// What the user may do in Keygate itself: `admin` signs in to the web console as an operator.
+    pub roles: Vec<String>,
     pub disabled: bool,
     pub created_at: i64,
     pub updated_at: i64,
@@ -40,6 +42,7 @@ pub struct UserPatch {
     pub email: Option<Option<String>>,
     pub display_name: Option<Option<String>>,
     pub allowed_scopes: Option<Option<Vec<String>>>,
+    pub roles: Option<Vec<String>>,
     pub disabled: Option<bool>,
     pub password_hash: Option<String>,
     pub updated_at: i64,

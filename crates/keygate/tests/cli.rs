@@ -1362,7 +1362,16 @@ fn the_console_in_a_real_browser() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
     let admin = init(&dir);
-    let s = Server::start(&dir, &tmp.path().join("log"));
+        let s = Server::start(&dir, &tmp.path().join("log"));
+    // An operator with a user account: the admin role signs them in to the console.
+    let password = "console operator passphrase";
+    let mut cmd = keygate();
+    cmd.args(["users", "create", "--username", "operator", "--role", "admin", "--password-stdin", "--json"])
+        .env("KEYGATE_URL", &s.url)
+        .env("KEYGATE_ADMIN_KEY", &admin);
+    let out = with_stdin(cmd, &format!("{password}\n"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap()["roles"], serde_json::json!(["admin"]));
     let browser = chromium();
     let modules = tmp.path().join("node");
     std::fs::create_dir_all(&modules).unwrap();
@@ -1379,7 +1388,8 @@ fn the_console_in_a_real_browser() {
         .env("ADMIN_KEY", &admin)
         .env("PW", modules.join("node_modules/playwright-core/index.js"))
         .env("AXE", modules.join("node_modules/axe-core/axe.min.js"))
-        .env("CHROMIUM", &browser);
+                .env("CHROMIUM", &browser)
+        .env("OPERATOR_PASSWORD", password);
     // `KEYGATE_TEST_SCREENSHOTS=DIR` keeps screenshots of the main pages (docs/console/ has them).
     if let Ok(shots) = std::env::var("KEYGATE_TEST_SCREENSHOTS") {
         cmd.env("SHOTS", shots);

@@ -64,10 +64,11 @@ impl Default for Sessions {
 }
 
 struct Session {
-    /// The admin key signed in with, and the hash of the very secret presented: a rotation that ends
-    /// that secret ends the session.
-    key_id: String,
-    secret: SecretHash,
+    /// Who signed in (an admin key's id, or a user's), the actor of every change made in the session.
+    actor_id: String,
+    /// The key's or user's name, for the page header.
+    name: String,
+    proof: Proof,
     csrf: String,
     /// A message for the next page (after a change), shown once.
     flash: Mutex<Option<Flash>>,
@@ -224,6 +225,14 @@ fn ct_eq(a: &str, b: &str) -> bool {
     a.as_bytes().ct_eq(b.as_bytes()).into()
 }
 
+/// What a session's sign-in rests on, checked again at every request.
+enum Proof {
+    /// The hash of the very secret presented: a rotation that ends that secret ends the session.
+    Key(SecretHash),
+    /// A user with the `admin` role: the hash of their password hash then (a new password ends it).
+    User(SecretHash),
+}
+
 /// The signed-in operator of a request: the session, and the caller the admin API sees (the key, and
 /// this request's address).
 struct Signed {
@@ -251,9 +260,13 @@ async fn signed_in(state: &AppState, headers: &HeaderMap, client: Client) -> Gat
     };
     let hash = SecretHash::of(id);
     let Some(session) = state.console.cache.get(&hash) else { return out(Some("expired")) };
-    match admin_key_works(state, &session, client.ip).await {
+    let works = match &session.proof {
+        Proof::Key(secret) => admin_key_works(state, &session.actor_id, secret, client.ip).await,
+        Proof::User(password) => admin_user_works(state, &session.actor_id, password).await,
+    };
+    match works {
         Ok(true) => {
-            let actor = Actor { key_id: session.key_id.clone(), ip: client.ip };
+            let actor = Actor { key_id: session.actor_id.clone(), ip: client.ip };
             Gate::In(Signed { session, actor })
         }
         Ok(false) => {
@@ -273,13 +286,14 @@ async fn signed_in(state: &AppState, headers: &HeaderMap, client: Client) -> Gat
 /// cache), so a change made on this node counts at once.
 async fn admin_key_works(
     state: &AppState,
-    session: &Session,
+    key_id: &str,
+    secret: &SecretHash,
     ip: Option<std::net::IpAddr>,
 ) -> Result<bool, ()> {
-    let Some(rec) = state.store.find_secret(&session.secret).await.map_err(|_| ())? else { return Ok(false) };
+    let Some(rec) = state.store.find_secret(secret).await.map_err(|_| ())? else { return Ok(false) };
     let (key, now) = (&rec.key, state.now());
     let live = |t: Option<i64>| t.is_none_or(|t| t > now);
-    if rec.key.id != session.key_id
+    if rec.key.id != key_id
         || rec.consumer_disabled
         || key.revoked_at.is_some()
         || key.disabled
@@ -297,6 +311,17 @@ async fn admin_key_works(
     }
     Ok(true)
 }
+
+/// Is this user still an enabled console admin with the password they signed in with?
+async fn admin_user_works(state: &AppState, user_id: &str, password: &SecretHash) -> Result<bool, ()> {
+    let Some(user) = state.store.get_user(user_id).await.map_err(|_| ())? else { return Ok(false) };
+    Ok(!user.disabled
+        && user.roles.iter().any(|r| r == ADMIN_ROLE)
+        && user.password_hash.as_deref().map(SecretHash::of).as_ref() == Some(password))
+}
+
+/// The role that signs a user in to the console.
+const ADMIN_ROLE: &str = "admin";
 
 /// A form post's fields, after the CSRF check: the session's token, and never cross-site.
 fn checked_form(signed: &Signed, headers: &HeaderMap, body: &[u8]) -> Result<Form, Response> {
@@ -381,6 +406,7 @@ fn base(signed: &Signed, nav: &str, reveal_id: Option<&str>) -> Vec<(&'static st
         ("nav", Ctx::from(nav)),
         ("csrf", Ctx::from(signed.session.csrf.clone())),
         ("actor", Ctx::from(signed.actor.key_id.clone())),
+        ("actor_name", Ctx::from(signed.session.name.clone())),
         ("flash", Ctx::from_serialize(&flash)),
         ("revealed", Ctx::from_serialize(&revealed)),
     ]
@@ -538,6 +564,9 @@ async fn login(
     {
         return login_form(&state, StatusCode::FORBIDDEN, Some("The form expired. Sign in again."));
     }
+    if !form.get("username").trim().is_empty() {
+        return user_login(&state, client, &headers, &form).await;
+    }
     let key = form.get("key").trim();
     let actor = match check_credential(&state, Some(key).filter(|k| !k.is_empty()), client, scope::ADMIN)
         .await
@@ -554,25 +583,87 @@ async fn login(
             return login_form(&state, status, Some(message));
         }
     };
+    let name = match state.store.get_key(&actor.key_id).await {
+        Ok(Some(k)) => k.name,
+        _ => actor.key_id.clone(),
+    };
+    start_session(&state, &headers, actor.key_id, name, Proof::Key(SecretHash::of(key)))
+}
+
+/// Signs in with a user account that has the `admin` role: the same throttles and Argon2 limits as the
+/// authorization endpoint's login page.
+async fn user_login(state: &AppState, client: Client, headers: &HeaderMap, form: &Form) -> Response {
+    let now = state.now();
+    let username = form.get("username").trim().to_string();
+    let password = form.get("password").to_string();
+    let account = SecretHash::of(&username.to_lowercase());
+    let refuse = |status: StatusCode, message: &str| login_form(state, status, Some(message));
+    if state.throttle.blocked(client.accountable, now).is_some()
+        || state.login_throttle.blocked(Some(account), now).is_some()
+    {
+        return refuse(StatusCode::TOO_MANY_REQUESTS, "Too many failed sign-ins. Wait a minute.");
+    }
+    let user = match state.store.find_user(&username).await {
+        Ok(u) => u,
+        Err(_) => {
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The database is unavailable; try again shortly.",
+            );
+        }
+    };
+    let Ok(_permit) = state.oauth.flows.logins.try_acquire() else {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Too many sign-ins at this moment. Try again in a few seconds.",
+        );
+    };
+    let stored = user.as_ref().and_then(|u| u.password_hash.clone());
+    let ok = tokio::task::spawn_blocking(move || crate::password::verify(&password, stored.as_deref()))
+        .await
+        .unwrap_or(false);
+    let wrong = "Wrong username or password, or the account is disabled.";
+    let user = match user {
+        Some(u) if ok && !u.disabled => u,
+        _ => {
+            state.throttle.record_failure(client.accountable, now);
+            state.login_throttle.record_failure(Some(account), now);
+            return refuse(StatusCode::UNAUTHORIZED, wrong);
+        }
+    };
+    if !user.roles.iter().any(|r| r == ADMIN_ROLE) {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "This account has no admin role; an operator can give it one (keygate users update USER --role admin).",
+        );
+    }
+    let Some(hash) = user.password_hash.as_deref().map(SecretHash::of) else {
+        return refuse(StatusCode::UNAUTHORIZED, wrong);
+    };
+    start_session(state, headers, user.id, user.username, Proof::User(hash))
+}
+
+/// A new session (a new id at every sign-in: one planted before it is worthless), and the way in.
+fn start_session(
+    state: &AppState,
+    headers: &HeaderMap,
+    actor_id: String,
+    name: String,
+    proof: Proof,
+) -> Response {
     let (Some(id), Some(csrf)) = (random(), random()) else {
         return error_page(StatusCode::SERVICE_UNAVAILABLE, "The server cannot make random numbers.");
     };
-    // A new session id at every sign-in: one planted before it is worthless.
-    if let Some(old) = cookie(&headers, &cookie_name(&state, "kg_console")) {
+    if let Some(old) = cookie(headers, &cookie_name(state, "kg_console")) {
         state.console.cache.invalidate(&SecretHash::of(old));
     }
-    let session = Session {
-        key_id: actor.key_id,
-        secret: SecretHash::of(key),
-        csrf,
-        flash: Mutex::new(None),
-        reveals: Mutex::new(Vec::new()),
-    };
+    let session =
+        Session { actor_id, name, proof, csrf, flash: Mutex::new(None), reveals: Mutex::new(Vec::new()) };
     state.console.cache.insert(SecretHash::of(&id), Arc::new(session));
     let mut resp = redirect("/console/");
     for c in [
-        set_cookie(&state, "kg_console", &id, ABSOLUTE.as_secs()),
-        set_cookie(&state, "kg_console_login", "", 0),
+        set_cookie(state, "kg_console", &id, ABSOLUTE.as_secs()),
+        set_cookie(state, "kg_console_login", "", 0),
     ]
     .into_iter()
     .flatten()

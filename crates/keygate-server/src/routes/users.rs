@@ -46,6 +46,8 @@ pub struct UserView {
     pub display_name: Option<String>,
     /// What this user may ever grant; `null`: anything a client may request.
     pub allowed_scopes: Option<Vec<String>>,
+    /// Roles in Keygate itself (`admin`: signs in to the web console).
+    pub roles: Vec<String>,
     pub disabled: bool,
     /// Whether a password is set (never the password or its hash).
     pub has_password: bool,
@@ -62,6 +64,7 @@ impl From<User> for UserView {
             email: u.email,
             display_name: u.display_name,
             allowed_scopes: u.allowed_scopes,
+            roles: u.roles,
             disabled: u.disabled,
             has_password: u.password_hash.is_some(),
             created_at: rfc3339(u.created_at),
@@ -92,6 +95,9 @@ pub struct CreateUser {
     pub display_name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed_scopes: Option<Vec<String>>,
+    /// Roles in Keygate itself: `admin` signs in to the web console as an operator. Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub roles: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
@@ -111,6 +117,9 @@ pub struct UpdateUser {
     #[serde(skip_serializing_if = "Option::is_none", default, deserialize_with = "present")]
     #[schema(value_type = Option<Vec<String>>)]
     pub allowed_scopes: Option<Option<Vec<String>>>,
+    /// Replaces the user's roles (`[]` removes them all).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub roles: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
@@ -239,6 +248,7 @@ pub async fn create_user(
     check_email(&req.email)?;
     check_optional_text("display_name", &req.display_name, 200)?;
     let allowed_scopes = req.allowed_scopes.map(check_scopes).transpose()?;
+    let roles = check_roles(req.roles.unwrap_or_default())?;
     let password_hash = match req.password {
         Some(p) => Some(new_password_hash(p, &req.username).await?),
         None => None,
@@ -251,12 +261,14 @@ pub async fn create_user(
         display_name: req.display_name,
         password_hash,
         allowed_scopes,
+        roles,
         disabled: false,
         created_at: now,
         updated_at: now,
         last_login_at: None,
     };
-    let details = json!({"username": user.username, "allowed_scopes": user.allowed_scopes});
+    let details =
+        json!({"username": user.username, "allowed_scopes": user.allowed_scopes, "roles": user.roles});
     let audit = audit(&actor, now, "user.create", "user", &user.id, details)?;
     state.store.insert_user(&user, &audit).await.map_err(username_taken)?;
     Ok((StatusCode::CREATED, Json(user.into())))
@@ -312,7 +324,23 @@ async fn patch_user(
     Ok(user)
 }
 
-/// Change a user's username, email, display name or allowed scopes.
+/// Roles a user can have in Keygate itself.
+pub const ROLES: &[&str] = &["admin"];
+
+/// Known roles, each once, sorted.
+fn check_roles(mut roles: Vec<String>) -> ApiResult<Vec<String>> {
+    if let Some(r) = roles.iter().find(|r| !ROLES.contains(&r.as_str())) {
+        return Err(ApiError::invalid(
+            "roles",
+            format!("unknown role '{r}'; the roles are: {}", ROLES.join(", ")),
+        ));
+    }
+    roles.sort();
+    roles.dedup();
+    Ok(roles)
+}
+
+/// Change a user's username, email, display name, allowed scopes or roles.
 #[utoipa::path(patch, path = "/v1/users/{id}", tag = "users", params(("id" = String, Path)), request_body = UpdateUser,
     responses((status = 200, body = UserView), (status = "4XX", body = ErrorBody)),
     security(("bearer" = [])))]
@@ -335,12 +363,14 @@ pub async fn update_user(
         Some(Some(s)) => Some(Some(check_scopes(s)?)),
         other => other,
     };
-    let details = json!({"username": req.username, "allowed_scopes": allowed_scopes});
+    let roles = req.roles.map(check_roles).transpose()?;
+    let details = json!({"username": req.username, "allowed_scopes": allowed_scopes, "roles": roles});
     let patch = UserPatch {
         username: req.username,
         email: req.email,
         display_name: req.display_name,
         allowed_scopes,
+        roles,
         updated_at: state.now(),
         ..UserPatch::default()
     };

@@ -364,3 +364,66 @@ async fn usage_boards_quotas_expiry_search_and_audit_filters() {
     let (status, bad) = app.call(Method::GET, "/v1/audit?from=yesterday", None).await;
     assert_eq!((status, bad["field"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, Value::from("from")));
 }
+
+#[tokio::test]
+async fn users_with_the_admin_role_sign_in_and_act_as_themselves() {
+    let app = TestApp::start().await;
+    let password = "a long console passphrase";
+    let (status, bad) =
+        app.post("/v1/users", json!({"username": "eve", "password": password, "roles": ["root"]})).await;
+    assert_eq!((status, bad["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("roles")));
+    let (_, ops) =
+        app.post("/v1/users", json!({"username": "ops", "password": password, "roles": ["admin"]})).await;
+    assert_eq!(ops["roles"], json!(["admin"]));
+    let ops_id = ops["id"].as_str().unwrap().to_string();
+    app.post("/v1/users", json!({"username": "dev", "password": password})).await;
+
+    async fn user_login(
+        app: &TestApp,
+        b: &mut Browser,
+        user: &str,
+        pw: &str,
+    ) -> (StatusCode, HeaderMap, String) {
+        let url = app.url("/console/login");
+        let (_, _, page) = b.get(&url).await;
+        b.post(&url, &[("csrf", &csrf(&page)), ("username", user), ("password", pw)], &[]).await
+    }
+
+    let mut b = Browser::new();
+    let (status, _, page) = user_login(&app, &mut b, "ops", "wrong password here").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(page.contains("Wrong username or password"));
+    let (status, _, page) = user_login(&app, &mut b, "dev", password).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "no admin role");
+    assert!(page.contains("no admin role"), "{page}");
+    let (status, h, _) = user_login(&app, &mut b, "OPS", password).await;
+    assert_eq!((status, location(&h).as_str()), (StatusCode::SEE_OTHER, "/console/"));
+    let (_, _, page) = b.get(&app.url("/console/consumers")).await;
+    assert!(page.contains("Signed in as ops"), "{page}");
+
+    // Changes are the user's, in the audit log with their name.
+    let (_, h, _) =
+        b.post(&app.url("/console/consumers"), &[("csrf", &csrf(&page)), ("name", "By Ops")], &[]).await;
+    let consumer = location(&h).trim_start_matches("/console/consumers/").to_string();
+    let (_, audit) = app.get(&format!("/v1/audit?target_id={consumer}")).await;
+    assert_eq!(audit["items"][0]["actor"], ops_id.as_str());
+    assert_eq!(audit["items"][0]["actor_name"], "ops");
+    let (_, mine) = app.get(&format!("/v1/audit?actor={ops_id}")).await;
+    assert_eq!(mine["items"].as_array().unwrap().len(), 1);
+
+    // A new password, a lost role or a disabled account ends the session at the next click.
+    let (status, _) = app
+        .post(&format!("/v1/users/{ops_id}/password"), json!({"password": "another long passphrase"}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(b.get(&app.url("/console/")).await.0, StatusCode::SEE_OTHER);
+    let (status, _, _) = user_login(&app, &mut b, "ops", "another long passphrase").await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    app.patch(&format!("/v1/users/{ops_id}"), json!({"roles": []})).await;
+    assert_eq!(b.get(&app.url("/console/")).await.0, StatusCode::SEE_OTHER);
+    app.patch(&format!("/v1/users/{ops_id}"), json!({"roles": ["admin"]})).await;
+    user_login(&app, &mut b, "ops", "another long passphrase").await;
+    assert_eq!(b.get(&app.url("/console/")).await.0, StatusCode::OK);
+    app.post(&format!("/v1/users/{ops_id}/disable"), json!({})).await;
+    assert_eq!(b.get(&app.url("/console/")).await.0, StatusCode::SEE_OTHER);
+}

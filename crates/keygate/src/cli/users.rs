@@ -30,6 +30,9 @@ pub enum Cmd {
         /// A scope this user may grant (repeatable); default: anything a client may request.
         #[arg(long = "allowed-scope", value_name = "SCOPE")]
         allowed_scopes: Vec<String>,
+        /// A role in Keygate itself (repeatable): `admin` signs in to the web console as an operator.
+        #[arg(long = "role", value_name = "ROLE")]
+        roles: Vec<String>,
     },
     /// List users, oldest first.
     List {
@@ -57,6 +60,12 @@ pub enum Cmd {
         /// Let the user grant anything a client may request.
         #[arg(long)]
         any_scope: bool,
+        /// Replace the user's roles in Keygate itself (repeatable): `admin` signs in to the web console.
+        #[arg(long = "role", value_name = "ROLE", conflicts_with = "no_roles")]
+        roles: Vec<String>,
+        /// Take all of the user's roles away.
+        #[arg(long)]
+        no_roles: bool,
     },
     /// Disable a user: they cannot log in, and their tokens stop at the next request.
     Disable { user: String },
@@ -146,7 +155,7 @@ async fn resolve(c: &Api, user: &str) -> Result<String, Failure> {
 
 pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
     match cmd {
-        Cmd::Create { username, password_stdin, email, display_name, allowed_scopes } => {
+        Cmd::Create { username, password_stdin, email, display_name, allowed_scopes, roles } => {
             let password = if password_stdin { Some(password_from_stdin()?) } else { None };
             let body = CreateUser {
                 username,
@@ -154,6 +163,7 @@ pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
                 email,
                 display_name,
                 allowed_scopes: (!allowed_scopes.is_empty()).then_some(allowed_scopes),
+                roles: (!roles.is_empty()).then_some(roles),
             };
             let v = c.send(Method::POST, &["v1", "users"], &body).await?;
             output(c, &v, |v| {
@@ -197,6 +207,8 @@ pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
             no_display_name,
             allowed_scopes,
             any_scope,
+            roles,
+            no_roles,
         } => {
             let id = resolve(c, &user).await?;
             let body = UpdateUser {
@@ -208,6 +220,7 @@ pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
                 } else {
                     (!allowed_scopes.is_empty()).then_some(Some(allowed_scopes))
                 },
+                roles: if no_roles { Some(Vec::new()) } else { (!roles.is_empty()).then_some(roles) },
             };
             let v = c.send(Method::PATCH, &["v1", "users", &id], &body).await?;
             output(c, &v, |v| {
