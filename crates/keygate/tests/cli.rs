@@ -1364,7 +1364,7 @@ fn the_console_in_a_real_browser() {
     let admin = init(&dir);
         let s = Server::start(&dir, &tmp.path().join("log"));
     // An operator with a user account: the admin role signs them in to the console.
-    let password = "console operator passphrase";
+    let password = "a long passphrase for the console";
     let mut cmd = keygate();
     cmd.args(["users", "create", "--username", "operator", "--role", "admin", "--password-stdin", "--json"])
         .env("KEYGATE_URL", &s.url)
