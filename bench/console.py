@@ -136,7 +136,7 @@ def main():
     ap.add_argument("--active", type=int, default=2_000, help="keys with usage in every hour of the 30 days")
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--no-build", action="store_true")
-        ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--keep", action="store_true",
                     help="leave the server running at the end (prints its URL, admin key, a busy key and consumer)")
     args = ap.parse_args()
@@ -205,7 +205,7 @@ def main():
             times = [ms for route, ms in server_times(log_path, mark) if route.startswith("/console")]
             results.append({"page": name, "path": path, "median_ms": statistics.median(times), "max_ms": max(times)})
             load.log(f"{name:<24} median {statistics.median(times):7.1f} ms   max {max(times):7.1f} ms")
-        finally:
+    finally:
         if args.keep:
             print(f"\nstill running: BASE={kg.url} ADMIN_KEY={kg.admin} KEY={busy[0][0]} CONSUMER={busy[0][1]} "
                   f"(pid {proc.pid})")

@@ -108,3 +108,47 @@ mod tests {
         assert!(check_policy("correct horse battery", "ann").is_ok());
     }
 }
+
+/// Why a password sign-in was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginRefusal {
+    /// Too many failures from this address or for this username lately.
+    Throttled,
+    /// The database could not be read.
+    Unavailable,
+    /// As many password checks as the server allows are running.
+    Busy,
+    /// Wrong username or password, or a disabled account (not told apart).
+    Wrong,
+}
+
+/// A sign-in with a username and password, as every sign-in form does it: refused while the address or
+/// the username is throttled; at most a few Argon2 checks at once; an unknown username checked against
+/// the dummy hash; a failure counted against both. The user, when the password is right and the account
+/// enabled.
+pub async fn login(
+    state: &crate::state::AppState,
+    client: crate::peer::Client,
+    username: &str,
+    password: String,
+) -> Result<keygate_store::User, LoginRefusal> {
+    let now = state.now();
+    let account = keygate_core::SecretHash::of(&username.to_lowercase());
+    if state.throttle.blocked(client.accountable, now).is_some()
+        || state.login_throttle.blocked(Some(account), now).is_some()
+    {
+        return Err(LoginRefusal::Throttled);
+    }
+    let user = state.store.find_user(username).await.map_err(|_| LoginRefusal::Unavailable)?;
+    let Ok(_permit) = state.oauth.flows.logins.try_acquire() else { return Err(LoginRefusal::Busy) };
+    let stored = user.as_ref().and_then(|u| u.password_hash.clone());
+    let ok = tokio::task::spawn_blocking(move || verify(&password, stored.as_deref())).await.unwrap_or(false);
+    match user {
+        Some(u) if ok && !u.disabled => Ok(u),
+        _ => {
+            state.throttle.record_failure(client.accountable, now);
+            state.login_throttle.record_failure(Some(account), now);
+            Err(LoginRefusal::Wrong)
+        }
+    }
+}

@@ -160,6 +160,8 @@ pub struct AppState {
     pub metadata_docs: crate::oauth::metadata_doc::MetadataDocs,
     /// Every key's usage totals per range, for the usage boards (`/v1/usage/leaders`), kept 30 seconds.
     pub usage_boards: moka::sync::Cache<(&'static str, i64, i64), Arc<Vec<keygate_store::KeyTotal>>>,
+    /// The same for ranges of whole days that have ended (they no longer change), kept an hour.
+    pub usage_boards_days: moka::sync::Cache<(i64, i64), Arc<Vec<keygate_store::KeyTotal>>>,
     /// The web console's signed-in sessions.
     pub console: crate::console::Sessions,
     pub config: ServerConfig,
@@ -243,6 +245,10 @@ impl AppState {
             usage_boards: moka::sync::Cache::builder()
                 .max_capacity(64)
                 .time_to_live(std::time::Duration::from_secs(30))
+                .build(),
+            usage_boards_days: moka::sync::Cache::builder()
+                .max_capacity(16)
+                .time_to_live(std::time::Duration::from_secs(3600))
                 .build(),
             console: crate::console::Sessions::default(),
             config,

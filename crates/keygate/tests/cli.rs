@@ -1362,7 +1362,7 @@ fn the_console_in_a_real_browser() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
     let admin = init(&dir);
-        let s = Server::start(&dir, &tmp.path().join("log"));
+    let s = Server::start(&dir, &tmp.path().join("log"));
     // An operator with a user account: the admin role signs them in to the console.
     let password = "a long passphrase for the console";
     let mut cmd = keygate();
@@ -1388,7 +1388,7 @@ fn the_console_in_a_real_browser() {
         .env("ADMIN_KEY", &admin)
         .env("PW", modules.join("node_modules/playwright-core/index.js"))
         .env("AXE", modules.join("node_modules/axe-core/axe.min.js"))
-                .env("CHROMIUM", &browser)
+        .env("CHROMIUM", &browser)
         .env("OPERATOR_PASSWORD", password);
     // `KEYGATE_TEST_SCREENSHOTS=DIR` keeps screenshots of the main pages (docs/console/ has them).
     if let Ok(shots) = std::env::var("KEYGATE_TEST_SCREENSHOTS") {

@@ -101,13 +101,13 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/console/login", get(login_page).post(login))
         .route("/console/logout", post(logout))
         .route("/console/assets/{name}", get(asset))
-        .route("/console/consumers", get(consumers).post(create_consumer))
+        .route("/console/consumers", listing("consumers").post(create_consumer))
         .route("/console/consumers/{id}", get(consumer))
-        .route("/console/keys", get(keys))
+        .route("/console/keys", listing("keys"))
         .route("/console/keys/{id}", get(key))
-        .route("/console/clients", get(clients))
+        .route("/console/clients", listing("clients"))
         .route("/console/clients/{id}", get(client))
-        .route("/console/users", get(users).post(create_user))
+        .route("/console/users", listing("users").post(create_user))
         .route("/console/users/{id}", get(user))
         .route("/console/signing-keys", get(signing_keys))
         .route("/console/audit", get(audit))
@@ -593,43 +593,29 @@ async fn login(
 /// Signs in with a user account that has the `admin` role: the same throttles and Argon2 limits as the
 /// authorization endpoint's login page.
 async fn user_login(state: &AppState, client: Client, headers: &HeaderMap, form: &Form) -> Response {
-    let now = state.now();
+    use crate::password::LoginRefusal;
     let username = form.get("username").trim().to_string();
-    let password = form.get("password").to_string();
-    let account = SecretHash::of(&username.to_lowercase());
     let refuse = |status: StatusCode, message: &str| login_form(state, status, Some(message));
-    if state.throttle.blocked(client.accountable, now).is_some()
-        || state.login_throttle.blocked(Some(account), now).is_some()
+    let wrong = "Wrong username or password, or the account is disabled.";
+    let user = match crate::password::login(state, client, &username, form.get("password").to_string()).await
     {
-        return refuse(StatusCode::TOO_MANY_REQUESTS, "Too many failed sign-ins. Wait a minute.");
-    }
-    let user = match state.store.find_user(&username).await {
         Ok(u) => u,
-        Err(_) => {
+        Err(LoginRefusal::Throttled) => {
+            return refuse(StatusCode::TOO_MANY_REQUESTS, "Too many failed sign-ins. Wait a minute.");
+        }
+        Err(LoginRefusal::Unavailable) => {
             return refuse(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "The database is unavailable; try again shortly.",
             );
         }
-    };
-    let Ok(_permit) = state.oauth.flows.logins.try_acquire() else {
-        return refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "Too many sign-ins at this moment. Try again in a few seconds.",
-        );
-    };
-    let stored = user.as_ref().and_then(|u| u.password_hash.clone());
-    let ok = tokio::task::spawn_blocking(move || crate::password::verify(&password, stored.as_deref()))
-        .await
-        .unwrap_or(false);
-    let wrong = "Wrong username or password, or the account is disabled.";
-    let user = match user {
-        Some(u) if ok && !u.disabled => u,
-        _ => {
-            state.throttle.record_failure(client.accountable, now);
-            state.login_throttle.record_failure(Some(account), now);
-            return refuse(StatusCode::UNAUTHORIZED, wrong);
+        Err(LoginRefusal::Busy) => {
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Too many sign-ins at this moment. Try again shortly.",
+            );
         }
+        Err(LoginRefusal::Wrong) => return refuse(StatusCode::UNAUTHORIZED, wrong),
     };
     if !user.roles.iter().any(|r| r == ADMIN_ROLE) {
         return refuse(
@@ -872,15 +858,20 @@ fn list_ctx(list: &Value, q: &ListQuery) -> Vec<(&'static str, Ctx)> {
     ]
 }
 
-async fn consumers(
-    State(state): State<Arc<AppState>>,
-    ClientIp(client): ClientIp,
-    headers: HeaderMap,
-    QueryOr(q): QueryOr<ListQuery>,
-) -> Response {
-    let signed = signed!(state, headers, client);
-    let list = ok!(read(&state, &signed, &list_path("/v1/consumers", &q, "")).await);
-    page(&signed, "consumers.html", "consumers", None, list_ctx(&list, &q))
+/// The handler of a listing page: `/v1/{kind}` through the API, `{kind}.html`.
+fn listing(kind: &'static str) -> axum::routing::MethodRouter<Arc<AppState>> {
+    get(
+        move |State(state): State<Arc<AppState>>,
+              ClientIp(client): ClientIp,
+              headers: HeaderMap,
+              QueryOr(q): QueryOr<ListQuery>| async move {
+            let signed = signed!(state, headers, client);
+            let list = ok!(read(&state, &signed, &list_path(&format!("/v1/{kind}"), &q, "")).await);
+            let mut extra = list_ctx(&list, &q);
+            extra.push(("consumer", Ctx::from(q.consumer.clone().unwrap_or_default())));
+            page(&signed, &format!("{kind}.html"), kind, None, extra)
+        },
+    )
 }
 
 async fn consumer(
@@ -922,19 +913,6 @@ fn json_ctx(v: &Value, fields: &[&str]) -> Ctx {
     Ctx::from_serialize(Value::Object(out))
 }
 
-async fn keys(
-    State(state): State<Arc<AppState>>,
-    ClientIp(client): ClientIp,
-    headers: HeaderMap,
-    QueryOr(q): QueryOr<ListQuery>,
-) -> Response {
-    let signed = signed!(state, headers, client);
-    let list = ok!(read(&state, &signed, &list_path("/v1/keys", &q, "")).await);
-    let mut extra = list_ctx(&list, &q);
-    extra.push(("consumer", Ctx::from(q.consumer.clone().unwrap_or_default())));
-    page(&signed, "keys.html", "keys", None, extra)
-}
-
 async fn key(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
@@ -968,17 +946,6 @@ async fn key(
     page(&signed, "key.html", "keys", q.reveal.as_deref(), extra)
 }
 
-async fn clients(
-    State(state): State<Arc<AppState>>,
-    ClientIp(client): ClientIp,
-    headers: HeaderMap,
-    QueryOr(q): QueryOr<ListQuery>,
-) -> Response {
-    let signed = signed!(state, headers, client);
-    let list = ok!(read(&state, &signed, &list_path("/v1/clients", &q, "")).await);
-    page(&signed, "clients.html", "clients", None, list_ctx(&list, &q))
-}
-
 async fn client(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
@@ -989,17 +956,6 @@ async fn client(
     let signed = signed!(state, headers, client);
     let c = ok!(read(&state, &signed, &format!("/v1/clients/{}", enc(&id))).await);
     page(&signed, "client.html", "clients", q.reveal.as_deref(), vec![("c", Ctx::from_serialize(&c))])
-}
-
-async fn users(
-    State(state): State<Arc<AppState>>,
-    ClientIp(client): ClientIp,
-    headers: HeaderMap,
-    QueryOr(q): QueryOr<ListQuery>,
-) -> Response {
-    let signed = signed!(state, headers, client);
-    let list = ok!(read(&state, &signed, &list_path("/v1/users", &q, "")).await);
-    page(&signed, "users.html", "users", None, list_ctx(&list, &q))
 }
 
 async fn user(

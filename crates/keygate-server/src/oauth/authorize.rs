@@ -30,7 +30,6 @@ use subtle::ConstantTimeEq;
 
 use super::flows::{AuthRequest, CookieNames, SESSION_ABSOLUTE, Session, cookie_names};
 use crate::auth::{ClientIp, Peer};
-use crate::peer::Client;
 use crate::state::AppState;
 
 /// How long an authorization code is valid.
@@ -662,50 +661,33 @@ pub async fn login(
     };
     let username = form.one("username").ok().flatten().unwrap_or_default().trim().to_string();
     let password = form.one("password").ok().flatten().unwrap_or_default().to_string();
-    let account = SecretHash::of(&username.to_lowercase());
-    if state.throttle.blocked(client.accountable, now).is_some()
-        || state.login_throttle.blocked(Some(account), now).is_some()
-    {
-        return login_page(
-            StatusCode::TOO_MANY_REQUESTS,
-            &request_id,
-            &req,
-            &username,
-            Some("Too many failed sign-ins. Wait a minute and try again."),
-        );
-    }
-    let user = match state.store.find_user(&username).await {
+    use crate::password::LoginRefusal;
+    let again =
+        |status: StatusCode, message: &str| login_page(status, &request_id, &req, &username, Some(message));
+    let user = match crate::password::login(&state, client, &username, password).await {
         Ok(u) => u,
-        Err(_) => {
+        Err(LoginRefusal::Throttled) => {
+            return again(
+                StatusCode::TOO_MANY_REQUESTS,
+                "Too many failed sign-ins. Wait a minute and try again.",
+            );
+        }
+        Err(LoginRefusal::Unavailable) => {
             return error_page(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the service is unavailable; try again shortly",
             );
         }
-    };
-    let Ok(_permit) = state.oauth.flows.logins.try_acquire() else {
-        return login_page(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &request_id,
-            &req,
-            &username,
-            Some("Too many sign-ins at this moment. Try again in a few seconds."),
-        );
-    };
-    let stored = user.as_ref().and_then(|u| u.password_hash.clone());
-    let ok = tokio::task::spawn_blocking(move || crate::password::verify(&password, stored.as_deref()))
-        .await
-        .unwrap_or(false);
-    let user = match user {
-        Some(u) if ok && !u.disabled => u,
-        _ => {
-            failed_login(&state, client, account, now);
-            return login_page(
+        Err(LoginRefusal::Busy) => {
+            return again(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Too many sign-ins at this moment. Try again in a few seconds.",
+            );
+        }
+        Err(LoginRefusal::Wrong) => {
+            return again(
                 StatusCode::UNAUTHORIZED,
-                &request_id,
-                &req,
-                &username,
-                Some("Wrong username or password, or the account is disabled."),
+                "Wrong username or password, or the account is disabled.",
             );
         }
     };
@@ -715,11 +697,6 @@ pub async fn login(
         Err(r) => return r,
     };
     proceed(&state, &request_id, &req, &user.id, now, set_cookie).await
-}
-
-fn failed_login(state: &AppState, client: Client, account: SecretHash, now: i64) {
-    state.throttle.record_failure(client.accountable, now);
-    state.login_throttle.record_failure(Some(account), now);
 }
 
 /// `POST /oauth2/authorize/consent`: the consent form.

@@ -84,7 +84,7 @@ async fn openapi_covers_every_route_and_docs_work_offline() {
         ("/oauth2/revoke", &["post"]),
         ("/.well-known/oauth-authorization-server", &["get"]),
         ("/.well-known/jwks.json", &["get"]),
-                ("/v1/audit", &["get"]),
+        ("/v1/audit", &["get"]),
         ("/v1/usage", &["get"]),
         ("/v1/usage/leaders", &["get"]),
         ("/v1/keys/lowest-quota", &["get"]),
