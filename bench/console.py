@@ -75,18 +75,17 @@ def seed_usage(db, keys, active, now_ms):
                     "SELECT consumer_id, granularity, bucket_start, code, SUM(count) FROM usage_buckets "
                     "GROUP BY consumer_id, granularity, bucket_start, code")
     plans = {}
-    for name, q in [
-                ("all keys or a consumer", "SELECT bucket_start, code, count FROM usage_rollups WHERE scope = '' "
-                                   "AND granularity = 'hour' AND bucket_start >= 0 AND bucket_start < 1"),
-        ("one key", "SELECT bucket_start, code, count FROM usage_buckets WHERE key_id = 'k' "
-                    "AND granularity = 'hour' AND bucket_start >= 0 AND bucket_start < 1"),
+    # Bound like the server binds them (the planner sees parameters, not constants).
+    span = (now_ms - 7 * day, now_ms)
+    for name, q, args in [
+        ("all keys or a consumer", "SELECT bucket_start, code, count FROM usage_rollups WHERE scope = ? "
+                                   "AND granularity = 'hour' AND bucket_start >= ? AND bucket_start < ?", ("",) + span),
+        ("one key", "SELECT bucket_start, code, count FROM usage_buckets WHERE key_id = ? "
+                    "AND granularity = 'hour' AND bucket_start >= ? AND bucket_start < ?", (busy[0][0],) + span),
         ("boards (per-key totals)", "SELECT key_id, consumer_id, SUM(count) FROM usage_buckets "
-                                    "WHERE granularity = 'hour' AND bucket_start >= 0 AND bucket_start < 1 "
-                                    "GROUP BY key_id, consumer_id"),
+                                    "WHERE granularity = 'hour' AND bucket_start >= ? AND bucket_start < ? "
+                                    "GROUP BY key_id, consumer_id", span),
     ]:
-        # Bound like the server binds them (the planner sees parameters, not constants).
-        q = q.replace("bucket_start >= 0 AND bucket_start < 1", "bucket_start >= ? AND bucket_start < ?")
-        args = (now_ms - 7 * day, now_ms)
         plans[name] = " / ".join(r[-1] for r in con.execute("EXPLAIN QUERY PLAN " + q, args))
     con.close()
     return rows, busy, plans

@@ -20,7 +20,7 @@ for (const [name, path] of [
   ["audit", "/console/audit"],
 ]) {
   await page.goto(`${BASE}${path}`);
-  await page.screenshot({ path: `${OUT}/console-${name}.png`, fullPage: name !== "keys" && name !== "audit" });
+  await page.screenshot({ path: `${OUT}/console-${name}.png`, fullPage: name === "overview" || name === "key" });
 }
 await browser.close();
 console.log("screenshots: ok");
