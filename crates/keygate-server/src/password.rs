@@ -123,11 +123,13 @@ pub enum LoginRefusal {
 }
 
 /// A sign-in with a username and password, as every sign-in form does it: refused while the address or
-/// the username is throttled; at most a few Argon2 checks at once; an unknown username checked against
+/// the username is throttled (each form has its own count per username, so failures on the public login
+/// page cannot lock an operator out of the console); at most a few Argon2 checks at once; an unknown username checked against
 /// the dummy hash; a failure counted against both. The user, when the password is right and the account
 /// enabled.
 pub async fn login(
     state: &crate::state::AppState,
+    usernames: &crate::peer::FailureThrottle<keygate_core::SecretHash>,
     client: crate::peer::Client,
     username: &str,
     password: String,
@@ -135,7 +137,7 @@ pub async fn login(
     let now = state.now();
     let account = keygate_core::SecretHash::of(&username.to_lowercase());
     if state.throttle.blocked(client.accountable, now).is_some()
-        || state.login_throttle.blocked(Some(account), now).is_some()
+        || usernames.blocked(Some(account), now).is_some()
     {
         return Err(LoginRefusal::Throttled);
     }
@@ -147,7 +149,7 @@ pub async fn login(
         Some(u) if ok && !u.disabled => Ok(u),
         _ => {
             state.throttle.record_failure(client.accountable, now);
-            state.login_throttle.record_failure(Some(account), now);
+            usernames.record_failure(Some(account), now);
             Err(LoginRefusal::Wrong)
         }
     }

@@ -162,6 +162,8 @@ pub struct AppState {
     pub usage_boards: moka::sync::Cache<(&'static str, i64, i64), Arc<Vec<keygate_store::KeyTotal>>>,
     /// The same for ranges of whole days that have ended (they no longer change), kept an hour.
     pub usage_boards_days: moka::sync::Cache<(i64, i64), Arc<Vec<keygate_store::KeyTotal>>>,
+    /// Failed console sign-ins per username (apart from the public login page's).
+    pub console_login_throttle: FailureThrottle<keygate_core::SecretHash>,
     /// The web console's signed-in sessions.
     pub console: crate::console::Sessions,
     pub config: ServerConfig,
@@ -242,14 +244,22 @@ impl AppState {
             webhooks: crate::webhooks::Webhooks::default(),
             registrations: FailureThrottle::per_window(config.registration.per_hour, 3600),
             metadata_docs: crate::oauth::metadata_doc::MetadataDocs::default(),
+            // Weighed by rows (one per key with usage in the range): at most ~500,000 rows, tens of MB.
             usage_boards: moka::sync::Cache::builder()
-                .max_capacity(64)
+                .weigher(|_, v: &Arc<Vec<keygate_store::KeyTotal>>| {
+                    u32::try_from(v.len()).unwrap_or(u32::MAX)
+                })
+                .max_capacity(500_000)
                 .time_to_live(std::time::Duration::from_secs(30))
                 .build(),
             usage_boards_days: moka::sync::Cache::builder()
-                .max_capacity(16)
+                .weigher(|_, v: &Arc<Vec<keygate_store::KeyTotal>>| {
+                    u32::try_from(v.len()).unwrap_or(u32::MAX)
+                })
+                .max_capacity(500_000)
                 .time_to_live(std::time::Duration::from_secs(3600))
                 .build(),
+            console_login_throttle: FailureThrottle::quiet(config.failures_per_minute),
             console: crate::console::Sessions::default(),
             config,
         })

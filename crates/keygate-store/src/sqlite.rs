@@ -450,6 +450,7 @@ const MIGRATIONS: &[&str] = &[
     // 18: users' roles in Keygate itself (JSON array; `admin` signs in to the web console).
     r#"
     ALTER TABLE users ADD COLUMN roles TEXT NOT NULL DEFAULT '[]';
+    CREATE INDEX users_by_email ON users (email) WHERE email IS NOT NULL;
     "#,
 ];
 
@@ -1286,21 +1287,24 @@ impl Store for SqliteStore {
 
     async fn expire_usage(&self, before: &[(Granularity, i64)]) -> Result<u64> {
         let mut deleted = 0;
+        // The buckets and their roll-ups go together.
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
         for (g, t) in before {
             deleted += sqlx::query("DELETE FROM usage_buckets WHERE granularity = ? AND bucket_start < ?")
                 .bind(g.as_str())
                 .bind(t)
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await
                 .map_err(map_err)?
                 .rows_affected();
             sqlx::query("DELETE FROM usage_rollups WHERE granularity = ? AND bucket_start < ?")
                 .bind(g.as_str())
                 .bind(t)
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await
                 .map_err(map_err)?;
         }
+        tx.commit().await.map_err(map_err)?;
         Ok(deleted)
     }
 

@@ -121,6 +121,9 @@ fn templates() -> &'static Environment<'static> {
     static ENV: std::sync::OnceLock<Environment<'static>> = std::sync::OnceLock::new();
     ENV.get_or_init(|| {
         let mut env = Environment::new();
+        // Ids go into paths: `/` (a client id can be a URL) must be encoded too, which the built-in
+        // `urlencode` leaves alone.
+        env.add_filter("urlencode", |v: String| enc(&v));
         for (name, text) in [
             ("layout.html", include_str!("../../templates/console/layout.html")),
             ("macros.html", include_str!("../../templates/console/macros.html")),
@@ -529,7 +532,9 @@ struct LoginQuery {
 async fn login_page(State(state): State<Arc<AppState>>, QueryOr(q): QueryOr<LoginQuery>) -> Response {
     let message = match q.why.as_deref() {
         Some("expired") => Some("Your session ended. Sign in again."),
-        Some("revoked") => Some("The admin key of your session no longer works. Sign in with a working one."),
+        Some("revoked") => Some(
+            "What you signed in with no longer opens the console (the key was revoked, disabled or rotated, or the account changed). Sign in again.",
+        ),
         Some("out") => Some("You are signed out."),
         _ => None,
     };
@@ -597,7 +602,14 @@ async fn user_login(state: &AppState, client: Client, headers: &HeaderMap, form:
     let username = form.get("username").trim().to_string();
     let refuse = |status: StatusCode, message: &str| login_form(state, status, Some(message));
     let wrong = "Wrong username or password, or the account is disabled.";
-    let user = match crate::password::login(state, client, &username, form.get("password").to_string()).await
+    let user = match crate::password::login(
+        state,
+        &state.console_login_throttle,
+        client,
+        &username,
+        form.get("password").to_string(),
+    )
+    .await
     {
         Ok(u) => u,
         Err(LoginRefusal::Throttled) => {
@@ -626,6 +638,9 @@ async fn user_login(state: &AppState, client: Client, headers: &HeaderMap, form:
     let Some(hash) = user.password_hash.as_deref().map(SecretHash::of) else {
         return refuse(StatusCode::UNAUTHORIZED, wrong);
     };
+    if let Err(e) = state.store.record_login(&user.id, state.now()).await {
+        tracing::warn!(error = %e, "could not record a console sign-in's time");
+    }
     start_session(state, headers, user.id, user.username, Proof::User(hash))
 }
 
@@ -866,6 +881,8 @@ fn listing(kind: &'static str) -> axum::routing::MethodRouter<Arc<AppState>> {
               headers: HeaderMap,
               QueryOr(q): QueryOr<ListQuery>| async move {
             let signed = signed!(state, headers, client);
+            // Only the keys page takes a consumer.
+            let q = if kind == "keys" { q } else { ListQuery { consumer: None, ..q } };
             let list = ok!(read(&state, &signed, &list_path(&format!("/v1/{kind}"), &q, "")).await);
             let mut extra = list_ctx(&list, &q);
             extra.push(("consumer", Ctx::from(q.consumer.clone().unwrap_or_default())));
@@ -967,7 +984,13 @@ async fn user(
     let signed = signed!(state, headers, client);
     let u = ok!(read(&state, &signed, &format!("/v1/users/{}", enc(&id))).await);
     let grants = ok!(read(&state, &signed, &format!("/v1/users/{}/grants", enc(&id))).await);
-    let extra = vec![("u", Ctx::from_serialize(&u)), ("grants", Ctx::from_serialize(&grants["items"]))];
+    // What the edit form showed, as JSON (escaped into the attributes like any text).
+    let extra = vec![
+        ("orig_allowed_scopes", Ctx::from(u["allowed_scopes"].to_string())),
+        ("orig_roles", Ctx::from(u["roles"].to_string())),
+        ("u", Ctx::from_serialize(&u)),
+        ("grants", Ctx::from_serialize(&grants["items"])),
+    ];
     page(&signed, "user.html", "users", None, extra)
 }
 
@@ -1305,10 +1328,21 @@ async fn plan(
         }
         ("users", "update") => {
             let mut body = serde_json::Map::new();
-            for (field, conv) in
-                [("email", Conv::OptText), ("display_name", Conv::OptText), ("allowed_scopes", Conv::OptList)]
-            {
+            for (field, conv) in [("email", Conv::OptText), ("display_name", Conv::OptText)] {
                 edited(&mut body, form, field, conv).map_err(fail)?;
+            }
+            // "Any scope" is `null`; otherwise the list, which may be empty (nothing).
+            let scopes = if form.get("any_scope") == "on" {
+                Value::Null
+            } else {
+                convert(form.get("allowed_scopes"), "allowed_scopes", Conv::List).map_err(fail)?
+            };
+            let roles = if form.get("role_admin") == "on" { json!([ADMIN_ROLE]) } else { json!([]) };
+            for (field, value) in [("allowed_scopes", scopes), ("roles", roles)] {
+                let orig = serde_json::from_str::<Value>(form.get(&format!("orig_{field}"))).ok();
+                if orig.as_ref() != Some(&value) {
+                    body.insert(field.into(), value);
+                }
             }
             if body.is_empty() {
                 return Err(fail("Nothing changed.".into()));
@@ -1420,4 +1454,60 @@ fn edited(
 fn opt_text(s: &str) -> Value {
     let s = s.trim();
     if s.is_empty() { Value::Null } else { json!(s) }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
+
+    use super::*;
+
+    #[test]
+    fn ids_in_paths_are_one_segment_whatever_they_hold() {
+        let out = templates()
+            .render_str(
+                "/console/clients/{{ id|urlencode }}",
+                context! { id => "https://agent.example/c.json?x=1#y" },
+            )
+            .unwrap();
+        assert_eq!(out, "/console/clients/https%3A%2F%2Fagent.example%2Fc.json%3Fx%3D1%23y");
+    }
+
+    #[test]
+    fn an_edit_sends_only_what_changed_from_what_the_page_showed() {
+        let form = |pairs: &[(&str, &str)]| {
+            let mut m: HashMap<String, Vec<String>> = HashMap::new();
+            for (k, v) in pairs {
+                m.entry(k.to_string()).or_default().push(v.to_string());
+            }
+            Form(m)
+        };
+        let mut body = serde_json::Map::new();
+        let f = form(&[
+            ("quota", "{\"remaining\": 5}"),
+            ("orig_quota", "{ \"remaining\": 5 }"),
+            ("name", "a"),
+            ("orig_name", " a "),
+        ]);
+        edited(&mut body, &f, "quota", Conv::Json).unwrap();
+        edited(&mut body, &f, "name", Conv::Text).unwrap();
+        assert!(body.is_empty(), "{body:?}");
+        let f = form(&[
+            ("allowed_ips", "10.0.0.0/8\n"),
+            ("orig_allowed_ips", ""),
+            ("metadata", ""),
+            ("orig_metadata", "{}"),
+        ]);
+        edited(&mut body, &f, "allowed_ips", Conv::OptList).unwrap();
+        edited(&mut body, &f, "metadata", Conv::Object).unwrap();
+        assert_eq!(Value::Object(body.clone()), json!({"allowed_ips": ["10.0.0.0/8"]}));
+        let f = form(&[("rate_limits", "[oops")]);
+        assert!(
+            edited(&mut body, &f, "rate_limits", Conv::Json)
+                .unwrap_err()
+                .starts_with("rate_limits: not valid JSON")
+        );
+        let f = form(&[("token_lifetime_seconds", "ten")]);
+        assert!(edited(&mut body, &f, "token_lifetime_seconds", Conv::Int).is_err());
+    }
 }

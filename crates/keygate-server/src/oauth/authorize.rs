@@ -664,7 +664,8 @@ pub async fn login(
     use crate::password::LoginRefusal;
     let again =
         |status: StatusCode, message: &str| login_page(status, &request_id, &req, &username, Some(message));
-    let user = match crate::password::login(&state, client, &username, password).await {
+    let user = match crate::password::login(&state, &state.login_throttle, client, &username, password).await
+    {
         Ok(u) => u,
         Err(LoginRefusal::Throttled) => {
             return again(

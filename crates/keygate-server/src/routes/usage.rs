@@ -264,7 +264,11 @@ pub async fn usage_leaders(
 /// no longer change, so a range of days is read as its past days (kept an hour) plus today (30 seconds):
 /// a 30-day board costs a scan of one day's buckets most of the time, not thirty.
 async fn key_totals(state: &AppState, g: Granularity, from: i64, to: i64) -> ApiResult<Arc<Vec<KeyTotal>>> {
+    // Ranges are read in whole buckets; only a range that ends on a bucket boundary (as the console's
+    // do) is kept, so a caller moving `to` with the clock does not fill the cache.
+    let from = g.bucket(from);
     let cache_key = (g.as_str(), from, to);
+    let keep = g.bucket(to) == to;
     if let Some(hit) = state.usage_boards.get(&cache_key) {
         return Ok(hit);
     }
@@ -300,6 +304,8 @@ async fn key_totals(state: &AppState, g: Granularity, from: i64, to: i64) -> Api
         read(from, to).await?
     };
     let totals = Arc::new(totals);
-    state.usage_boards.insert(cache_key, totals.clone());
+    if keep {
+        state.usage_boards.insert(cache_key, totals.clone());
+    }
     Ok(totals)
 }

@@ -424,6 +424,28 @@ async fn users_with_the_admin_role_sign_in_and_act_as_themselves() {
     app.patch(&format!("/v1/users/{ops_id}"), json!({"roles": ["admin"]})).await;
     user_login(&app, &mut b, "ops", "another long passphrase").await;
     assert_eq!(b.get(&app.url("/console/")).await.0, StatusCode::OK);
+    // The console edits a user's roles and the scopes they may grant ("nothing" is not "anything").
+    let (_, dev) = app.get("/v1/users/username:dev").await;
+    let dev_id = dev["id"].as_str().unwrap().to_string();
+    let (_, _, page) = b.get(&app.url(&format!("/console/users/{dev_id}"))).await;
+    assert!(page.contains("any scope a client may ask") && page.contains("<dt>Roles</dt><dd>none"), "{page}");
+    let orig = |name: &str| {
+        let at = page.find(&format!(r#"name="orig_{name}" value=""#)).unwrap() + name.len() + 20;
+        page[at..at + page[at..].find('"').unwrap()].replace("&quot;", "\"")
+    };
+    let fields = [
+        ("csrf", csrf(&page)),
+        ("allowed_scopes", String::new()),
+        ("orig_allowed_scopes", orig("allowed_scopes")),
+        ("role_admin", "on".to_string()),
+        ("orig_roles", orig("roles")),
+    ];
+    let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (status, _, _) = b.post(&app.url(&format!("/console/users/{dev_id}/update")), &fields, &[]).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let (_, dev) = app.get(&format!("/v1/users/{dev_id}")).await;
+    assert_eq!((dev["roles"].clone(), dev["allowed_scopes"].clone()), (json!(["admin"]), json!([])));
+
     app.post(&format!("/v1/users/{ops_id}/disable"), json!({})).await;
     assert_eq!(b.get(&app.url("/console/")).await.0, StatusCode::SEE_OTHER);
 }
