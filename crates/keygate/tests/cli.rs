@@ -1402,3 +1402,46 @@ fn the_console_in_a_real_browser() {
     assert_eq!(audit["items"].as_array().unwrap().len(), 1, "{audit}");
     s.stop();
 }
+
+/// Debian packages a test runs, installed when missing (as root; the machines this runs on have no other
+/// source).
+fn debian_tools(tools: &[(&str, &str)]) {
+    let missing: Vec<&str> =
+        tools.iter().filter(|(path, _)| !Path::new(path).exists()).map(|(_, package)| *package).collect();
+    if missing.is_empty() {
+        return;
+    }
+    let apt = Command::new("sh")
+        .args(["-c", &format!("apt-get update -qq && apt-get install -y -qq {}", missing.join(" "))])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .output()
+        .unwrap();
+    assert!(
+        apt.status.success(),
+        "this test needs {missing:?}: install them with apt-get (as root): {}",
+        stderr(&apt)
+    );
+}
+
+#[test]
+fn forward_auth_behind_nginx_and_caddy() {
+    debian_tools(&[("/usr/sbin/nginx", "nginx-light"), ("/usr/bin/caddy", "caddy")]);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let admin = init(&dir);
+    let s = Server::start(&dir, &tmp.path().join("log"));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/interop/forward_auth_proxies.py");
+    let run = Command::new("python3")
+        .arg(script)
+        .env("KEYGATE_URL", &s.url)
+        .env("ADMIN_KEY", &admin)
+        .env("WORK", tmp.path())
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}{}", stdout(&run), stderr(&run));
+    let out = stdout(&run);
+    for line in ["nginx: ok", "caddy: ok", "proxies: ok"] {
+        assert!(out.contains(line), "{out}");
+    }
+    s.stop();
+}

@@ -22,7 +22,10 @@ use crate::state::AppState;
 use crate::verify::{Context, Decision};
 
 pub fn router() -> OpenApiRouter<Arc<AppState>> {
-    OpenApiRouter::new().routes(routes!(verify)).routes(routes!(forward_auth))
+    OpenApiRouter::new()
+        .routes(routes!(verify))
+        .routes(routes!(forward_auth))
+        .routes(routes!(forward_auth_path))
 }
 
 #[derive(Debug, Default, Deserialize, serde::Serialize, ToSchema)]
@@ -231,6 +234,7 @@ fn www_authenticate(error: Option<(&str, &str)>, scope: Option<&str>, resource: 
 /// `RateLimit-Reset` (seconds); a rate-limited request is 429 with `Retry-After`.
 #[utoipa::path(get, path = "/v1/auth", tag = "verify",
     params(("scope" = Option<String>, Query, description = "required scopes, space- or comma-separated; repeatable"),
+           ("limited_status" = Option<u16>, Query, description = "403: answer a rate-limited request with 403 and Retry-After instead of 429 (nginx auth_request)"),
            ("X-Keygate-Required-Scopes" = Option<String>, Header, description = "required scopes")),
     responses((status = 200, description = "valid; identity in X-Keygate-* headers"),
               (status = 401, body = DecisionBody, description = "missing or invalid credential"),
@@ -240,17 +244,59 @@ fn www_authenticate(error: Option<(&str, &str)>, scope: Option<&str>, resource: 
 pub async fn forward_auth(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
-    crate::auth::Peer(peer): crate::auth::Peer,
+    peer: crate::auth::Peer,
     headers: HeaderMap,
     uri: Uri,
+) -> Response {
+    let limited_status = query_param(&uri, "limited_status");
+    let mut resp = match decide_forward(&state, client, peer, &headers, &uri).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    // nginx's `auth_request` passes on only 401 and 403 (anything else becomes a 500): it asks for a
+    // 403 (with the same `Retry-After`) and turns it back into a 429 itself.
+    if resp.status() == StatusCode::TOO_MANY_REQUESTS && limited_status.as_deref() == Some("403") {
+        *resp.status_mut() = StatusCode::FORBIDDEN;
+    }
+    resp
+}
+
+/// Forward-auth for proxies that append the original request's path (Envoy's HTTP `ext_authz` with
+/// `path_prefix: /v1/auth`): answered exactly like `GET /v1/auth`, the path ignored.
+#[utoipa::path(get, path = "/v1/auth/{*path}", tag = "verify",
+    params(("path" = String, Path, description = "the original request's path, ignored"),
+           ("scope" = Option<String>, Query, description = "required scopes, space- or comma-separated; repeatable"),
+           ("limited_status" = Option<u16>, Query, description = "403: answer a rate-limited request with 403 and Retry-After instead of 429"),
+           ("X-Keygate-Required-Scopes" = Option<String>, Header, description = "required scopes")),
+    responses((status = 200, description = "valid; identity in X-Keygate-* headers"),
+              (status = 401, body = DecisionBody, description = "missing or invalid credential"),
+              (status = 403, body = DecisionBody, description = "valid credential without the required scopes, or from a disallowed address"),
+              (status = 429, body = DecisionBody, description = "rate limit or quota exhausted, or too many failed attempts")),
+    security(("bearer" = []), ("api_key" = [])))]
+pub async fn forward_auth_path(
+    state: State<Arc<AppState>>,
+    client: ClientIp,
+    peer: crate::auth::Peer,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
+    forward_auth(state, client, peer, headers, uri).await
+}
+
+async fn decide_forward(
+    state: &AppState,
+    client: crate::peer::Client,
+    crate::auth::Peer(peer): crate::auth::Peer,
+    headers: &HeaderMap,
+    uri: &Uri,
 ) -> ApiResult<Response> {
     let started = Instant::now();
     let now = state.now();
     // A configured protected resource (RFC 9728): tokens must be issued for it (RFC 8707), and refusals
     // say where its metadata is.
-    let named = query_param(&uri, "resource");
-    let resource = crate::oauth::resource::resource_for(&state, named.as_deref(), &headers, peer);
-    let Some(secret) = presented_credential(&headers) else {
+    let named = query_param(uri, "resource");
+    let resource = crate::oauth::resource::resource_for(state, named.as_deref(), headers, peer);
+    let Some(secret) = presented_credential(headers) else {
         let mut resp = (
             StatusCode::UNAUTHORIZED,
             axum::Json(serde_json::json!({
@@ -259,17 +305,17 @@ pub async fn forward_auth(
             })),
         )
             .into_response();
-        let scope = resource.map(|_| required_scopes(&headers, &uri).join(" ")).filter(|s| !s.is_empty());
+        let scope = resource.map(|_| required_scopes(headers, uri).join(" ")).filter(|s| !s.is_empty());
         resp.headers_mut()
             .insert(header::WWW_AUTHENTICATE, www_authenticate(None, scope.as_deref(), resource));
         return Ok(resp);
     };
-    let required = required_scopes(&headers, &uri);
+    let required = required_scopes(headers, uri);
     // A named resource is the audience even when it is not configured (fail closed).
-    let audience = query_param(&uri, "audience").or(named).or_else(|| resource.map(str::to_owned));
-    let dpop = forwarded_dpop(&headers);
+    let audience = query_param(uri, "audience").or(named).or_else(|| resource.map(str::to_owned));
+    let dpop = forwarded_dpop(headers);
     let decision = decide_credential(
-        &state,
+        state,
         secret,
         &required,
         Context { ip: client.ip, cost: 1, now_ms: now },
@@ -305,7 +351,7 @@ pub async fn forward_auth(
         }
         state.throttle.record_failure(client.accountable, now);
     }
-    record(&state, &decision, started);
+    record(state, &decision, started);
     Ok(forward_auth_response(&decision, resource))
 }
 

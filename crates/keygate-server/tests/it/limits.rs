@@ -42,6 +42,16 @@ async fn rate_limits_report_state_and_deny_with_429_at_the_edge() {
     assert_eq!(h["ratelimit-limit"], "3");
     assert_eq!(h["ratelimit-remaining"], "0");
     assert!(h.contains_key("ratelimit-reset"));
+    // For nginx's auth_request (which passes on only 401 and 403): a 403 with the same Retry-After. And
+    // the path Envoy appends to the prefix is answered like /v1/auth.
+    for path in ["/v1/auth?limited_status=403", "/v1/auth/articles/1?limited_status=403"] {
+        let resp = app.client.get(app.url(path)).header("X-API-Key", &secret).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{path}");
+        assert!(resp.headers().contains_key("retry-after"), "{path}");
+    }
+    let resp =
+        app.client.get(app.url("/v1/auth/articles/1")).header("X-API-Key", &secret).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
 
     // A key with room left gets the headers on success too.
     let (_, other) = app
@@ -52,6 +62,11 @@ async fn rate_limits_report_state_and_deny_with_429_at_the_edge() {
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["ratelimit-limit"], "10");
     assert_eq!(resp.headers()["ratelimit-remaining"], "9");
+    let resp =
+        app.client.get(app.url("/v1/auth/any/path?x=1")).header("X-API-Key", &other).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers().contains_key("x-keygate-key-id"));
+    assert_eq!(resp.headers()["ratelimit-remaining"], "8");
 }
 
 #[tokio::test]

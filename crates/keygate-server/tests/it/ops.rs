@@ -102,6 +102,7 @@ async fn openapi_covers_every_route_and_docs_work_offline() {
         ("/.well-known/oauth-protected-resource/{*path}", &["get"]),
         ("/v1/verify", &["post"]),
         ("/v1/auth", &["get"]),
+        ("/v1/auth/{*path}", &["get"]),
         ("/healthz", &["get"]),
         ("/readyz", &["get"]),
         ("/metrics", &["get"]),
