@@ -1235,26 +1235,33 @@ async fn plan(
             Err(fail(format!("Type {expected} to confirm; nothing was changed.")))
         }
     };
+    // An edit form: a PATCH of the fields changed from what the page showed, if any.
+    let edit_patch =
+        |fields: &[(&str, Conv)], path: String, done: &'static str| -> Result<Call, (String, String)> {
+            let mut body = serde_json::Map::new();
+            for (field, conv) in fields {
+                edited(&mut body, form, field, *conv).map_err(fail)?;
+            }
+            if body.is_empty() {
+                return Err(fail("Nothing changed.".into()));
+            }
+            Ok(call(Method::PATCH, path, Some(Value::Object(body)), done))
+        };
     Ok(match (kind, act) {
         ("consumers", "disable" | "enable") => {
             call(Method::POST, format!("/v1/consumers/{e}/{act}"), None, "Consumer updated.")
         }
-        ("consumers", "update") => {
-            let mut body = serde_json::Map::new();
-            for (field, conv) in [
+        ("consumers", "update") => edit_patch(
+            &[
                 ("name", Conv::Text),
                 ("external_id", Conv::OptText),
                 ("leak_policy", Conv::Text),
                 ("rate_limits", Conv::Json),
                 ("metadata", Conv::Object),
-            ] {
-                edited(&mut body, form, field, conv).map_err(fail)?;
-            }
-            if body.is_empty() {
-                return Err(fail("Nothing changed.".into()));
-            }
-            call(Method::PATCH, format!("/v1/consumers/{e}"), Some(Value::Object(body)), "Consumer updated.")
-        }
+            ],
+            format!("/v1/consumers/{e}"),
+            "Consumer updated.",
+        )?,
         ("consumers", "keys") => {
             let mut body =
                 json!({"consumer_id": id, "name": form.get("name").trim(), "scopes": form.list("scopes")});
@@ -1289,9 +1296,8 @@ async fn plan(
             Some(json!({"overlap_seconds": overlap()?})),
             "Key rotated.",
         ),
-        ("keys", "update") => {
-            let mut body = serde_json::Map::new();
-            for (field, conv) in [
+        ("keys", "update") => edit_patch(
+            &[
                 ("name", Conv::Text),
                 ("scopes", Conv::List),
                 ("expires_at", Conv::OptText),
@@ -1299,33 +1305,24 @@ async fn plan(
                 ("rate_limits", Conv::Json),
                 ("quota", Conv::Json),
                 ("metadata", Conv::Object),
-            ] {
-                edited(&mut body, form, field, conv).map_err(fail)?;
-            }
-            if body.is_empty() {
-                return Err(fail("Nothing changed.".into()));
-            }
-            call(Method::PATCH, format!("/v1/keys/{e}"), Some(Value::Object(body)), "Key updated.")
-        }
+            ],
+            format!("/v1/keys/{e}"),
+            "Key updated.",
+        )?,
         ("clients", "disable" | "enable" | "revoke-tokens") => {
             call(Method::POST, format!("/v1/clients/{e}/{act}"), None, "Client updated.")
         }
-        ("clients", "update") => {
-            let mut body = serde_json::Map::new();
-            for (field, conv) in [
+        ("clients", "update") => edit_patch(
+            &[
                 ("name", Conv::Text),
                 ("scopes", Conv::List),
                 ("audiences", Conv::List),
                 ("redirect_uris", Conv::Lines),
                 ("token_lifetime_seconds", Conv::Int),
-            ] {
-                edited(&mut body, form, field, conv).map_err(fail)?;
-            }
-            if body.is_empty() {
-                return Err(fail("Nothing changed.".into()));
-            }
-            call(Method::PATCH, format!("/v1/clients/{e}"), Some(Value::Object(body)), "Client updated.")
-        }
+            ],
+            format!("/v1/clients/{e}"),
+            "Client updated.",
+        )?,
         ("users", "update") => {
             let mut body = serde_json::Map::new();
             for (field, conv) in [("email", Conv::OptText), ("display_name", Conv::OptText)] {
