@@ -13,7 +13,7 @@ use keygate_core::limits::{Quota, RateLimit};
 use keygate_core::{Environment, PlainSecret, SecretHash, SecretKind, scope};
 use keygate_server::verify::{CacheConfig, Context, Lookup, Verifier};
 use keygate_server::{ServerConfig, bootstrap, open_store};
-use keygate_store::{ApiKey, NewAudit, Store, StoredSecret};
+use keygate_store::{ApiKey, NewAudit, StoredSecret};
 
 fn main() {
     divan::main();
@@ -89,7 +89,7 @@ struct JwtFixture {
     client: keygate_store::OAuthClient,
     token: String,
     rt: tokio::runtime::Runtime,
-    store: std::sync::Arc<keygate_store::SqliteStore>,
+    store: std::sync::Arc<dyn keygate_store::Backend>,
     _dir: tempfile::TempDir,
 }
 

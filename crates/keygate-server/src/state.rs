@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use keygate_core::{PlainSecret, id, scope};
 use keygate_store::{
-    ApiKey, Backend, Consumer, Granularity, NewAudit, SqliteOptions, SqliteStore, Store, StoreError,
-    StoredSecret,
+    ApiKey, Backend, ConnectOptions, Consumer, Granularity, NewAudit, Store, StoreError, StoredSecret,
 };
 
 use crate::metrics::Metrics;
@@ -194,7 +193,7 @@ pub enum OpenError {
 
 /// Opens (creating if needed) the store in the data directory and applies migrations. The directory is
 /// made private (0700) and the database files 0600, before SQLite creates any of them.
-pub async fn open_store(config: &ServerConfig) -> Result<Arc<SqliteStore>, OpenError> {
+pub async fn open_store(config: &ServerConfig) -> Result<Arc<dyn Backend>, OpenError> {
     let dir_err = |source| OpenError::DataDir { path: config.data_dir.clone(), source };
     if let Some(old) = crate::fsmode::make_private_dir(&config.data_dir).map_err(dir_err)? {
         tracing::warn!(dir = %config.data_dir.display(), old_mode = format!("{old:o}"),
@@ -204,12 +203,11 @@ pub async fn open_store(config: &ServerConfig) -> Result<Arc<SqliteStore>, OpenE
     for (file, old) in crate::fsmode::prepare_database_files(&path).map_err(dir_err)? {
         tracing::warn!(%file, old_mode = format!("{old:o}"), "a database file was readable by other accounts; its mode is now 600");
     }
-    let options = SqliteOptions { busy_timeout: config.busy_timeout, ..SqliteOptions::default() };
-    let store = SqliteStore::open(&path, &options)
+    let options = ConnectOptions { busy_timeout: config.busy_timeout, ..ConnectOptions::default() };
+    let location = path.to_string_lossy();
+    keygate_store::connect(&location, &options)
         .await
-        .map_err(|source| OpenError::Store { path: path.clone(), source })?;
-    store.migrate().await.map_err(|source| OpenError::Store { path, source })?;
-    Ok(Arc::new(store))
+        .map_err(|source| OpenError::Store { path: path.clone(), source })
 }
 
 impl AppState {

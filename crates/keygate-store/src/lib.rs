@@ -36,11 +36,54 @@ pub enum StoreError {
     /// Stored data could not be read back (a bug or a hand-edited database).
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
-    #[error(transparent)]
-    Other(sqlx::Error),
+    /// Anything else the database reported (a bug, or a database Keygate cannot use).
+    #[error("database error: {0}")]
+    Other(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// How to open a store.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// How long a write waits for the database (SQLite's lock) before giving up with `Unavailable`.
+    pub busy_timeout: std::time::Duration,
+    pub max_connections: u32,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        let sqlite = SqliteOptions::default();
+        ConnectOptions { busy_timeout: sqlite.busy_timeout, max_connections: sqlite.max_connections }
+    }
+}
+
+/// Opens the store a location names, with its migrations applied: a file path or a `sqlite:PATH` URL
+/// is the embedded SQLite database (created if missing). The server and the CLI see only the
+/// backend-neutral [`Backend`].
+pub async fn connect(location: &str, options: &ConnectOptions) -> Result<std::sync::Arc<dyn Backend>> {
+    let path = match location.split_once(':') {
+        Some(("sqlite", rest)) => rest.trim_start_matches("//"),
+        Some((scheme, _))
+            if scheme.len() > 1 && scheme.chars().all(|c| c.is_ascii_alphanumeric() || c == '+') =>
+        {
+            return Err(StoreError::Other(format!(
+                "unknown database URL scheme '{scheme}:'; give a file path or a sqlite:PATH URL"
+            )));
+        }
+        _ => location,
+    };
+    if path.is_empty() {
+        return Err(StoreError::Other(
+            "the database location is empty; give a file path or sqlite:PATH".into(),
+        ));
+    }
+    let sqlite =
+        SqliteOptions { busy_timeout: options.busy_timeout, max_connections: options.max_connections };
+    let store = SqliteStore::open(std::path::Path::new(path), &sqlite).await?;
+    store.migrate().await?;
+    Ok(std::sync::Arc::new(store))
+}
 
 /// Paging through a listing in id (= creation) order.
 #[derive(Debug, Clone, Default)]
@@ -88,6 +131,8 @@ pub trait Store: Send + Sync + 'static {
     async fn migrate(&self) -> Result<()>;
     /// Cheap liveness check of the database, for `/readyz`.
     async fn ping(&self) -> Result<()>;
+    /// Closes the connections, after the last use (a graceful stop).
+    async fn close(&self);
 
     /// Has the bootstrap admin credential been created?
     async fn is_initialized(&self) -> Result<bool>;

@@ -488,7 +488,7 @@ impl SqliteStore {
     /// Opens (creating if needed) the database file at `path`.
     pub async fn open(path: &Path, options: &SqliteOptions) -> Result<Self> {
         let connect = SqliteConnectOptions::from_str("sqlite://")
-            .map_err(StoreError::Other)?
+            .map_err(|e| StoreError::Other(e.to_string()))?
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -503,10 +503,6 @@ impl SqliteStore {
             .map_err(map_err)?;
         Ok(SqliteStore { pool })
     }
-
-    pub async fn close(&self) {
-        self.pool.close().await;
-    }
 }
 
 /// Turns a database error into the store's vocabulary. SQLite's primary result codes are the low
@@ -519,13 +515,13 @@ pub(crate) fn map_err(e: sqlx::Error) -> StoreError {
             match code {
                 5 | 6 | 8 | 10 | 13 | 14 => StoreError::Unavailable(db.message().to_string()),
                 19 => StoreError::Conflict(db.message().to_string()),
-                _ => StoreError::Other(e),
+                _ => StoreError::Other(e.to_string()),
             }
         }
         sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
             StoreError::Unavailable(e.to_string())
         }
-        _ => StoreError::Other(e),
+        _ => StoreError::Other(e.to_string()),
     }
 }
 
@@ -790,6 +786,10 @@ impl Store for SqliteStore {
     async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await.map_err(map_err)?;
         Ok(())
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
     }
 
     async fn is_initialized(&self) -> Result<bool> {

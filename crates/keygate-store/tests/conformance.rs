@@ -9,18 +9,37 @@ use std::sync::Arc;
 
 use keygate_core::{Environment, SecretHash};
 use keygate_store::{
-    ApiKey, Attempt, AttemptOutcome, AuditFilter, Backend, Consumer, Granularity, KeyPatch, KeyTotal,
-    KeyUsage, LeakPolicy, LeakReport, NewAudit, NewEvent, Page, SqliteOptions, SqliteStore, Store,
-    StoreError, StoredSecret, UsageQuery, WebhookEndpoint, WebhookPatch,
+    ApiKey, Attempt, AttemptOutcome, AuditFilter, Backend, ConnectOptions, Consumer, Granularity, KeyPatch,
+    KeyTotal, KeyUsage, LeakPolicy, LeakReport, NewAudit, NewEvent, Page, Store, StoreError, StoredSecret,
+    UsageQuery, WebhookEndpoint, WebhookPatch,
 };
 use serde_json::json;
 
-/// A fresh SQLite backend in a temporary directory (kept alive by the returned guard).
+/// A fresh SQLite backend in a temporary directory (kept alive by the returned guard), opened the way
+/// the server opens it: through `connect` and its location.
 async fn sqlite() -> (Arc<dyn Backend>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("k.db"), &SqliteOptions::default()).await.unwrap();
-    store.migrate().await.unwrap();
-    (Arc::new(store), dir)
+    let location = format!("sqlite:{}", dir.path().join("k.db").display());
+    (keygate_store::connect(&location, &ConnectOptions::default()).await.unwrap(), dir)
+}
+
+/// `connect` picks the backend by location: a path or `sqlite:` opens (and migrates) SQLite; an unknown
+/// scheme is refused with a message that says what to give, and opens nothing.
+#[tokio::test]
+async fn connect_by_location() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("plain.db");
+    let store =
+        keygate_store::connect(&path.display().to_string(), &ConnectOptions::default()).await.unwrap();
+    assert!(!store.is_initialized().await.unwrap(), "migrated and empty");
+    store.close().await;
+    assert!(path.exists());
+    for bad in ["mysql://db.example.com/keygate", ""] {
+        let Err(e) = keygate_store::connect(bad, &ConnectOptions::default()).await else {
+            panic!("{bad} opened")
+        };
+        assert!(e.to_string().contains("sqlite:PATH"), "{bad}: {e}");
+    }
 }
 
 fn audit(id: &str, action: &str, target: &str, at: i64) -> NewAudit {

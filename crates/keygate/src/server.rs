@@ -8,7 +8,6 @@ use std::path::Path;
 use keygate_core::PlainSecret;
 use keygate_server::state::DB_FILE;
 use keygate_server::{AppState, ServerConfig, bootstrap, launch_split, open_store};
-use keygate_store::Store;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{DataDirArgs, LogFormat, ServerArgs, resolve};
