@@ -84,31 +84,6 @@ pub fn dummy() -> &'static str {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hashes_are_argon2id_with_owasp_parameters_and_verify() {
-        let h = hash("correct horse battery").unwrap();
-        assert!(h.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{h}");
-        assert!(verify("correct horse battery", Some(&h)));
-        assert!(!verify("correct horse batterz", Some(&h)));
-        assert!(!verify("keygate dummy password for unknown users", None));
-        assert_ne!(h, hash("correct horse battery").unwrap(), "salted");
-    }
-
-    #[test]
-    fn weak_passwords_are_refused() {
-        assert!(check_policy("short", "ann").is_err());
-        assert!(check_policy("password123", "ann").is_err());
-        assert!(check_policy("Password123", "ann").is_err(), "ignoring case");
-        assert!(check_policy("aaaaaaaaaaaa", "ann").is_err());
-        assert!(check_policy("alice-is-great", "alice").is_err());
-        assert!(check_policy("correct horse battery", "ann").is_ok());
-    }
-}
-
 /// Why a password sign-in was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoginRefusal {
@@ -152,5 +127,30 @@ pub async fn login(
             usernames.record_failure(Some(account), now);
             Err(LoginRefusal::Wrong)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashes_are_argon2id_with_owasp_parameters_and_verify() {
+        let h = hash("correct horse battery").unwrap();
+        assert!(h.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{h}");
+        assert!(verify("correct horse battery", Some(&h)));
+        assert!(!verify("correct horse batterz", Some(&h)));
+        assert!(!verify("keygate dummy password for unknown users", None));
+        assert_ne!(h, hash("correct horse battery").unwrap(), "salted");
+    }
+
+    #[test]
+    fn weak_passwords_are_refused() {
+        assert!(check_policy("short", "ann").is_err());
+        assert!(check_policy("password123", "ann").is_err());
+        assert!(check_policy("Password123", "ann").is_err(), "ignoring case");
+        assert!(check_policy("aaaaaaaaaaaa", "ann").is_err());
+        assert!(check_policy("alice-is-great", "alice").is_err());
+        assert!(check_policy("correct horse battery", "ann").is_ok());
     }
 }
