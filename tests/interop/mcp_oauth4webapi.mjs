@@ -34,7 +34,7 @@ const api = http.createServer(async (req, res) => {
   const r = await fetch(`${ISSUER}/v1/auth?scope=tools:call`, { headers });
   if (r.status === 200) {
     res.writeHead(200, { "content-type": "application/json" })
-      .end(JSON.stringify({ ok: true, user: r.headers.get("x-keygate-user") }));
+      .end(JSON.stringify({ ok: true, user: r.headers.get("x-keygate-user-id") }));
   } else {
     const out = { "content-type": "application/json" };
     if (r.headers.get("www-authenticate")) out["www-authenticate"] = r.headers.get("www-authenticate");

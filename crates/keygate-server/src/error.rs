@@ -21,6 +21,9 @@ pub enum ErrorCode {
     InvalidRequest,
     /// 400: a query parameter is missing or has the wrong type.
     InvalidQuery,
+    /// 400 (gateway): the path has a segment that could mean something else upstream (`..`, `//`, an
+    /// encoded `/`); it is not forwarded.
+    AmbiguousPath,
     /// 401: no credential, or one that does not verify.
     Unauthorized,
     /// 403: the credential is valid but lacks the permission this route needs.
@@ -47,6 +50,10 @@ pub enum ErrorCode {
     TooManyFailures,
     /// 503: the database is busy, locked, full or unreachable; nothing was changed. Retry later.
     StorageUnavailable,
+    /// 502 (gateway): the upstream could not be reached or broke the connection.
+    UpstreamUnavailable,
+    /// 504 (gateway): the upstream did not answer within the route's `timeout_seconds`.
+    UpstreamTimeout,
     /// 500: a bug. The response carries no detail; the server log has it.
     Internal,
 }
@@ -54,9 +61,10 @@ pub enum ErrorCode {
 impl ErrorCode {
     pub fn status(self) -> StatusCode {
         match self {
-            ErrorCode::MalformedJson | ErrorCode::InvalidRequest | ErrorCode::InvalidQuery => {
-                StatusCode::BAD_REQUEST
-            }
+            ErrorCode::MalformedJson
+            | ErrorCode::InvalidRequest
+            | ErrorCode::InvalidQuery
+            | ErrorCode::AmbiguousPath => StatusCode::BAD_REQUEST,
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorCode::Forbidden => StatusCode::FORBIDDEN,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
@@ -70,6 +78,8 @@ impl ErrorCode {
             ErrorCode::ValidationFailed => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::TooManyFailures => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::StorageUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            ErrorCode::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -7,6 +7,7 @@ pub mod console;
 pub mod decision_body;
 pub mod error;
 pub mod fsmode;
+pub mod gateway;
 pub mod metrics;
 pub mod oauth;
 pub mod openapi;
@@ -108,7 +109,7 @@ async fn method_not_allowed() -> ApiError {
     ApiError::new(ErrorCode::MethodNotAllowed, "this route does not take this method; see /docs for the API")
 }
 
-fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+pub(crate) fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     tracing::error!("a request handler panicked");
     ApiError::new(ErrorCode::Internal, "internal error; the server log has the details").into_response()
 }
@@ -148,6 +149,17 @@ pub async fn launch_split(
     admin: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    launch_all(state, listener, admin, None, shutdown).await
+}
+
+/// Like [`launch_split`], with an optional gateway listener and its routes ([`gateway`]).
+pub async fn launch_all(
+    state: Arc<AppState>,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    gateway: Option<(TcpListener, Arc<gateway::Gateway>)>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     if let Err(e) = state.verifier.known.follow(state.store.as_ref()).await {
         tracing::warn!(error = %e, "could not load the known secret hashes; verify reads the store until it can");
     }
@@ -181,35 +193,48 @@ pub async fn launch_split(
     state.oauth.start(state.store.clone());
     let background = tokio::spawn(background(state.clone()));
     let deliveries = tokio::spawn(webhooks::run(state.clone()));
-    let result = match admin {
-        None => {
-            axum::serve(listener, app(state.clone()).into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(shutdown)
-                .await
-        }
-        Some(admin) => {
-            let (stop, stopped) = tokio::sync::watch::channel(false);
-            let wait = move || {
-                let mut stopped = stopped.clone();
-                async move {
-                    let _ = stopped.wait_for(|s| *s).await;
-                }
-            };
-            let public_app = app_for(state.clone(), Surface::Public);
-            let admin_app = app_for(state.clone(), Surface::Admin);
-            let public =
-                axum::serve(listener, public_app.into_make_service_with_connect_info::<SocketAddr>())
-                    .with_graceful_shutdown(wait());
-            let admin = axum::serve(admin, admin_app.into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(wait());
-            let trigger = async move {
-                shutdown.await;
-                let _ = stop.send(true);
-            };
-            let (a, b, ()) = tokio::join!(public.into_future(), admin.into_future(), trigger);
-            a.and(b)
+    let watcher = gateway.as_ref().map(|(_, g)| tokio::spawn(gateway::watch(g.clone())));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let wait = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
         }
     };
+    let main_app = if admin.is_some() { app_for(state.clone(), Surface::Public) } else { app(state.clone()) };
+    let main = axum::serve(listener, main_app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(wait());
+    let admin = admin.map(|l| {
+        let admin_app = app_for(state.clone(), Surface::Admin);
+        axum::serve(l, admin_app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(wait())
+    });
+    let gated = gateway.map(|(l, g)| {
+        let gateway_app = gateway::router(state.clone(), g);
+        axum::serve(l, gateway_app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(wait())
+    });
+    let trigger = async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    };
+    let admin = async move {
+        match admin {
+            Some(a) => a.await,
+            None => Ok(()),
+        }
+    };
+    let gated = async move {
+        match gated {
+            Some(g) => g.await,
+            None => Ok(()),
+        }
+    };
+    let (a, b, c, ()) = tokio::join!(main.into_future(), admin, gated, trigger);
+    let result = a.and(b).and(c);
+    if let Some(w) = watcher {
+        w.abort();
+    }
     background.abort();
     deliveries.abort();
     final_flush(&state).await;

@@ -75,6 +75,10 @@ pub struct ServerConfig {
     /// A JSON file with the public keys of secret-scanning partners allowed to report leaks to
     /// `/v1/leaks` (GitHub's `{"public_keys": [{"key_identifier", "key"}]}` form); `None`: off.
     pub leak_reporter_keys: Option<PathBuf>,
+    /// The gateway's listener (`gateway.listen`); it serves the routes of `gateway_routes`.
+    pub gateway_listen: Option<SocketAddr>,
+    /// The gateway's routes file.
+    pub gateway_routes: Option<PathBuf>,
     /// Protected resources (RFC 9728) forward-auth guards: their metadata is served, refusals name it,
     /// and tokens must be issued for them (RFC 8707).
     pub protected_resources: Vec<String>,
@@ -133,6 +137,8 @@ impl Default for ServerConfig {
             device_poll_interval: Duration::from_secs(5),
             webhooks: crate::webhooks::WebhookConfig::default(),
             leak_reporter_keys: None,
+            gateway_listen: None,
+            gateway_routes: None,
             protected_resources: Vec::new(),
             resource_documentation: None,
             registration: crate::oauth::register::RegistrationConfig::default(),

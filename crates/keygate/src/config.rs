@@ -747,6 +747,32 @@ pub static SETTINGS: &[Setting] = &[
         },
     },
     Setting {
+        key: "gateway.listen",
+        doc: "Address of the gateway: Keygate in front of your API. Requests that match a route in\n\
+              gateway.routes are checked and forwarded upstream; others are 404.",
+        unset: Some(("no gateway", "\"0.0.0.0:8000\"")),
+        list: false,
+        alias: None,
+        get: |r| r.server.gateway_listen.and_then(|a| s(a.to_string())),
+        set: |r, v| {
+            r.server.gateway_listen = Some(addr(v)?);
+            Ok(())
+        },
+    },
+    Setting {
+        key: "gateway.routes",
+        doc: "The gateway's routes file (TOML; check it with `keygate routes check FILE`). It reloads on\n\
+              SIGHUP and when it changes; a file that does not check is refused and the old routes stay.",
+        unset: Some(("no gateway", "\"/etc/keygate/routes.toml\"")),
+        list: false,
+        alias: None,
+        get: |r| r.server.gateway_routes.as_ref().and_then(|p| s(p.display().to_string())),
+        set: |r, v| {
+            r.server.gateway_routes = Some(PathBuf::from(v));
+            Ok(())
+        },
+    },
+    Setting {
         key: "login.trusted_header",
         doc: "For sites with their own single sign-on: a header a front proxy sets to the username it has\n\
               already authenticated (e.g. \"x-remote-user\"). Believed only from trusted_proxies, and only for\n\
@@ -923,6 +949,15 @@ pub fn resolve(args: &ServerArgs) -> Result<Resolved, String> {
             (None, None) => MasterKeySource::BesideDataDir,
         },
     };
+    match (&r.server.gateway_listen, &r.server.gateway_routes) {
+        (Some(_), None) => {
+            return Err("gateway.listen needs gateway.routes: the routes file the gateway serves".into());
+        }
+        (None, Some(_)) => {
+            return Err("gateway.routes needs gateway.listen: the address the gateway listens on".into());
+        }
+        _ => {}
+    }
     if r.server.admin_listen.is_some_and(|a| a == r.server.listen && a.port() != 0) {
         return Err("admin_listen must differ from listen".into());
     }

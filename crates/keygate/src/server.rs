@@ -7,7 +7,7 @@ use std::path::Path;
 
 use keygate_core::PlainSecret;
 use keygate_server::state::DB_FILE;
-use keygate_server::{AppState, ServerConfig, bootstrap, launch_split, open_store};
+use keygate_server::{AppState, ServerConfig, bootstrap, launch_all, open_store};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{DataDirArgs, LogFormat, ServerArgs, resolve};
@@ -145,17 +145,44 @@ pub async fn serve(args: &ServerArgs) -> ExitCode {
             }
         },
     };
+    let gateway = match (config.gateway_listen, &config.gateway_routes) {
+        (Some(a), Some(file)) => {
+            let routes = match keygate_server::gateway::Gateway::open(file.clone()) {
+                Ok(g) => g,
+                Err(e) => {
+                    return fail(format!("{e}\ncheck it with `keygate routes check {}`", file.display()));
+                }
+            };
+            match tokio::net::TcpListener::bind(a).await {
+                Ok(l) => Some((l, routes)),
+                Err(e) => {
+                    return fail(format!(
+                        "cannot listen on {a} (gateway): {e}\npass another address with --gateway-listen HOST:PORT"
+                    ));
+                }
+            }
+        }
+        _ => None,
+    };
     say!("Keygate listening on http://{addr} (data in {})", config.data_dir.display());
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok()).unwrap_or(addr);
     if admin.is_some() {
         say!("Admin API listening on http://{admin_addr}");
+    }
+    if let Some((l, g)) = &gateway {
+        let at = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        say!(
+            "Gateway listening on http://{at} ({} routes from {}; reloads on SIGHUP or when the file changes)",
+            g.current().routes.routes.len(),
+            g.path().display()
+        );
     }
     say!("API docs: http://{admin_addr}/docs");
     say!("Web console: http://{admin_addr}/console/ (sign in with an admin key)");
     lock.record_admin_url(&format!("http://{}", loopback_if_unspecified(admin_addr)));
     tracing::info!(%addr, %admin_addr, data_dir = %config.data_dir.display(), "keygate started");
     let state = AppState::new(store.clone(), ServerConfig { listen: addr, ..config });
-    let result = launch_split(state, listener, admin, shutdown_signal()).await;
+    let result = launch_all(state, listener, admin, gateway, shutdown_signal()).await;
     drop(lock);
     store.close().await;
     match result {

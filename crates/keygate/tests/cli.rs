@@ -43,10 +43,15 @@ impl Server {
     }
 
     fn start_env(dir: &Path, log_path: &Path, env: &[(&str, &str)]) -> Server {
+        Self::start_with(dir, log_path, env, &[])
+    }
+
+    fn start_with(dir: &Path, log_path: &Path, env: &[(&str, &str)], args: &[&str]) -> Server {
         let stderr = std::fs::File::create(log_path).unwrap();
         let mut child = keygate()
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir)
+            .args(args)
             .env("KEYGATE_LOG", "trace")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
@@ -104,16 +109,7 @@ impl Server {
 
     /// A raw HTTP/1.1 GET, so the test sends exactly the headers it means to.
     fn get(&self, path: &str, headers: &[(&str, &str)]) -> String {
-        let mut s = TcpStream::connect(&self.addr).unwrap();
-        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", self.addr);
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        req.push_str("\r\n");
-        s.write_all(req.as_bytes()).unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        resp
+        raw_get(&self.addr, path, headers)
     }
 
     /// Kills the server the hard way (SIGKILL): no shutdown, no final flush.
@@ -139,6 +135,20 @@ impl Server {
         let stdout = self.stdout.lock().unwrap().clone();
         (stdout, std::fs::read_to_string(&self.stderr_path).unwrap())
     }
+}
+
+/// A raw HTTP/1.1 GET to `addr`; the whole response.
+fn raw_get(addr: &str, path: &str, headers: &[(&str, &str)]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    resp
 }
 
 fn stderr(o: &Output) -> String {
@@ -1444,4 +1454,114 @@ fn forward_auth_behind_nginx_and_caddy() {
         assert!(out.contains(line), "{out}");
     }
     s.stop();
+}
+
+/// The README's gateway walkthrough, with its own routes file: Python's http.server behind the gateway,
+/// `keygate routes check`, a key, and reloads on SIGHUP (a broken file is refused, the old routes stay).
+#[test]
+fn the_readme_gateway_walkthrough_in_front_of_a_real_upstream() {
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = tmp.path().join("demo");
+    std::fs::create_dir_all(&demo).unwrap();
+    std::fs::write(demo.join("articles.json"), "{\"articles\": []}\n").unwrap();
+    std::fs::write(demo.join("demo.txt"), "not routed\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut python = Command::new("python3")
+        .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1", "--directory"])
+        .arg(&demo)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let block = readme.split("<!-- test: gateway-routes -->").nth(1).expect("the README's routes block");
+    let block = block.split("```toml").nth(1).unwrap().split("```").next().unwrap();
+    let routes_text = block.replace("127.0.0.1:9000", &format!("127.0.0.1:{port}"));
+    let routes = tmp.path().join("routes.toml");
+    std::fs::write(&routes, &routes_text).unwrap();
+
+    let check = keygate().args(["routes", "check"]).arg(&routes).output().unwrap();
+    assert!(check.status.success(), "{}", stderr(&check));
+    let out = stdout(&check);
+    assert!(
+        out.contains("2 routes, in matching order")
+            && out.contains("articles")
+            && out.contains("scopes articles:read"),
+        "{out}"
+    );
+    let json = keygate().args(["routes", "check", "--json"]).arg(&routes).output().unwrap();
+    let v: Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["valid"], true);
+    assert_eq!(v["routes"][0]["name"], "articles", "longer paths first: {v}");
+
+    let dir = tmp.path().join("data");
+    let admin = init(&dir);
+    let s = Server::start_with(
+        &dir,
+        &tmp.path().join("log"),
+        &[],
+        &["--gateway-listen", "127.0.0.1:0", "--gateway-routes", routes.to_str().unwrap()],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let line = loop {
+        let said = s.stdout.lock().unwrap().clone();
+        if let Some(l) = said.lines().find(|l| l.starts_with("Gateway listening on http://")) {
+            break l.to_string();
+        }
+        assert!(Instant::now() < deadline, "{said}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(line.contains("2 routes from"), "{line}");
+    let gw_addr = line
+        .trim_start_matches("Gateway listening on http://")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let gw = |path: &str, headers: &[(&str, &str)]| raw_get(&gw_addr, path, headers);
+    // python may still be starting.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while gw("/", &[]).starts_with("HTTP/1.1 502") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let consumer = s.json(&admin, &["consumers", "create", "--name", "reader"]);
+    let cid = consumer["id"].as_str().unwrap();
+    let key =
+        s.json(&admin, &["keys", "create", "--consumer", cid, "--name", "demo", "--scope", "articles:read"]);
+    let secret = key["key"].as_str().unwrap();
+
+    assert!(gw("/articles.json", &[]).starts_with("HTTP/1.1 401"));
+    let ok = gw("/articles.json", &[("X-API-Key", secret)]);
+    assert!(ok.starts_with("HTTP/1.1 200") && ok.contains("{\"articles\": []}"), "{ok}");
+    assert!(gw("/demo.txt", &[("X-API-Key", secret)]).starts_with("HTTP/1.1 404"));
+    assert!(gw("/", &[]).starts_with("HTTP/1.1 200"), "the public home route");
+
+    // A new route, reloaded on SIGHUP.
+    std::fs::write(&routes, format!("{routes_text}\n[[route]]\nname = \"demo\"\npath = \"/demo.txt\"\nupstream = \"http://127.0.0.1:{port}\"\npublic = true\n")).unwrap();
+    let hup = |s: &Server| {
+        assert!(Command::new("kill").args(["-HUP", &s.child.id().to_string()]).status().unwrap().success())
+    };
+    hup(&s);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gw("/demo.txt", &[]).starts_with("HTTP/1.1 200") {
+        assert!(Instant::now() < deadline, "the new route never came");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A broken file is refused; the routes in use stay.
+    std::fs::write(&routes, "[[route]]\nname = \"broken\"\n").unwrap();
+    hup(&s);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(gw("/demo.txt", &[]).starts_with("HTTP/1.1 200"));
+    assert!(gw("/articles.json", &[("X-API-Key", secret)]).starts_with("HTTP/1.1 200"));
+    let bad = keygate().args(["routes", "check"]).arg(&routes).output().unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(stderr(&bad).contains("missing field"), "{}", stderr(&bad));
+
+    let (_, log) = s.stop();
+    assert!(log.contains("reloaded the gateway routes"), "{log}");
+    assert!(log.contains("the changed routes file was refused"), "{log}");
+    assert!(!log.contains(secret), "the key never reaches the log");
+    let _ = python.kill();
+    let _ = python.wait();
 }

@@ -93,8 +93,27 @@ enum Signer {
 impl LoadedKey {
     /// A compact JWS (`header.claims.signature`) over the given claims.
     pub fn sign_jwt<T: serde::Serialize>(&self, claims: &T) -> Result<String, serde_json::Error> {
+        self.sign_with_header(&self.encoded_header, claims)
+    }
+
+    /// A compact JWS with another `typ` than an access token's (e.g. the gateway's internal tokens), so
+    /// that it can never be taken for one.
+    pub fn sign_jwt_typed<T: serde::Serialize>(
+        &self,
+        typ: &str,
+        claims: &T,
+    ) -> Result<String, serde_json::Error> {
+        let header = json!({"alg": self.alg.as_str(), "typ": typ, "kid": self.record.kid});
+        self.sign_with_header(&URL_SAFE_NO_PAD.encode(header.to_string()), claims)
+    }
+
+    fn sign_with_header<T: serde::Serialize>(
+        &self,
+        encoded_header: &str,
+        claims: &T,
+    ) -> Result<String, serde_json::Error> {
         let mut out = String::with_capacity(512);
-        out.push_str(&self.encoded_header);
+        out.push_str(encoded_header);
         out.push('.');
         URL_SAFE_NO_PAD.encode_string(serde_json::to_vec(claims)?, &mut out);
         let signature: Vec<u8> = match &self.signer {

@@ -122,14 +122,14 @@ pub async fn decide_credential<S: AsRef<str>>(
 
 /// Did this decision fail to identify any credential (a guess, a typo)? Those count against the
 /// address's failure budget.
-fn is_failure(d: &Decision) -> bool {
+pub(crate) fn is_failure(d: &Decision) -> bool {
     matches!(d.code, DecisionCode::Malformed | DecisionCode::NotFound)
 }
 
 /// Largest `cost` of one verify.
 pub const MAX_COST: u64 = 1_000_000;
 
-fn record(state: &AppState, decision: &Decision, started: Instant) {
+pub(crate) fn record(state: &AppState, decision: &Decision, started: Instant) {
     state.metrics.record_decision(decision.code, started.elapsed().as_secs_f64());
 }
 
@@ -209,7 +209,11 @@ fn required_scopes(headers: &HeaderMap, uri: &Uri) -> Vec<String> {
     out
 }
 
-fn www_authenticate(error: Option<(&str, &str)>, scope: Option<&str>, resource: Option<&str>) -> HeaderValue {
+pub(crate) fn www_authenticate(
+    error: Option<(&str, &str)>,
+    scope: Option<&str>,
+    resource: Option<&str>,
+) -> HeaderValue {
     let mut v = String::from("Bearer realm=\"keygate\"");
     if let Some((code, description)) = error {
         v.push_str(&format!(", error=\"{code}\", error_description=\"{description}\""));
@@ -297,18 +301,8 @@ async fn decide_forward(
     let named = query_param(uri, "resource");
     let resource = crate::oauth::resource::resource_for(state, named.as_deref(), headers, peer);
     let Some(secret) = presented_credential(headers) else {
-        let mut resp = (
-            StatusCode::UNAUTHORIZED,
-            axum::Json(serde_json::json!({
-                "code": "unauthorized",
-                "message": "send the credential in 'X-API-Key: <key>' or 'Authorization: Bearer <key>'",
-            })),
-        )
-            .into_response();
         let scope = resource.map(|_| required_scopes(headers, uri).join(" ")).filter(|s| !s.is_empty());
-        resp.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, www_authenticate(None, scope.as_deref(), resource));
-        return Ok(resp);
+        return Ok(missing_credential(scope.as_deref(), resource));
     };
     let required = required_scopes(headers, uri);
     // A named resource is the audience even when it is not configured (fail closed).
@@ -355,6 +349,20 @@ async fn decide_forward(
     Ok(forward_auth_response(&decision, resource))
 }
 
+/// 401 for a request that carries no credential, with the RFC 6750 challenge.
+pub(crate) fn missing_credential(scope: Option<&str>, resource: Option<&str>) -> Response {
+    let mut resp = (
+        StatusCode::UNAUTHORIZED,
+        axum::Json(serde_json::json!({
+            "code": "unauthorized",
+            "message": "send the credential in 'X-API-Key: <key>' or 'Authorization: Bearer <key>'",
+        })),
+    )
+        .into_response();
+    resp.headers_mut().insert(header::WWW_AUTHENTICATE, www_authenticate(None, scope, resource));
+    resp
+}
+
 fn query_param(uri: &Uri, name: &str) -> Option<String> {
     uri.query().and_then(|q| {
         form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
@@ -394,34 +402,45 @@ fn set_header(h: &mut HeaderMap, name: &'static str, value: &str) {
     }
 }
 
-fn forward_auth_response(decision: &Decision, resource: Option<&str>) -> Response {
-    if let (DecisionCode::Valid, Some(t)) = (decision.code, &decision.token) {
-        let mut resp = Response::new(Body::empty());
-        let h = resp.headers_mut();
+/// The identity of a valid decision, as the headers forward-auth answers and the gateway sends upstream:
+/// `X-Keygate-Consumer`, `-Key-Id` (keys), `-Client-Id`, `-Subject`, `-User-Id` (tokens), `-Scopes`,
+/// `-Kind`. Returns false (and sets nothing) for any other decision.
+pub(crate) fn identity_headers(h: &mut HeaderMap, decision: &Decision) -> bool {
+    if decision.code != DecisionCode::Valid {
+        return false;
+    }
+    if let Some(t) = &decision.token {
         if !t.consumer_id.is_empty() {
             set_header(h, "x-keygate-consumer", &t.consumer_id);
-            set_header(h, "x-keygate-client", &t.client_id);
+            set_header(h, "x-keygate-client-id", &t.client_id);
         }
         set_header(h, "x-keygate-subject", &t.subject);
         if let Some(user) = &t.user_id {
-            set_header(h, "x-keygate-user", user);
+            set_header(h, "x-keygate-user-id", user);
         }
         set_header(h, "x-keygate-scopes", &t.scopes.join(" "));
         h.insert("x-keygate-kind", HeaderValue::from_static(t.kind.as_str()));
-        rate_limit_headers(h, decision);
-        return resp;
+        return true;
+    }
+    if let Some(key) = &decision.key {
+        set_header(h, "x-keygate-consumer", &key.consumer_id);
+        set_header(h, "x-keygate-key-id", &key.key_id);
+        set_header(h, "x-keygate-scopes", &key.scopes_header);
+        h.insert("x-keygate-kind", HeaderValue::from_static("api_key"));
+        return true;
+    }
+    false
+}
+
+/// The answer to a decision: 200 with the identity headers, or the refusal with its status,
+/// `WWW-Authenticate` and JSON body (the gateway answers refusals with this too).
+pub(crate) fn forward_auth_response(decision: &Decision, resource: Option<&str>) -> Response {
+    let mut ok = Response::new(Body::empty());
+    if identity_headers(ok.headers_mut(), decision) {
+        rate_limit_headers(ok.headers_mut(), decision);
+        return ok;
     }
     let mut resp = match (decision.code, &decision.key) {
-        (DecisionCode::Valid, Some(key)) => {
-            let mut resp = Response::new(Body::empty());
-            let h = resp.headers_mut();
-            set_header(h, "x-keygate-consumer", &key.consumer_id);
-            set_header(h, "x-keygate-key-id", &key.key_id);
-            set_header(h, "x-keygate-scopes", &key.scopes_header);
-            h.insert("x-keygate-kind", HeaderValue::from_static("api_key"));
-            rate_limit_headers(h, decision);
-            return resp;
-        }
         (DecisionCode::InsufficientScope, _) => {
             let mut resp = Response::new(Body::from(decision.body()));
             *resp.status_mut() = StatusCode::FORBIDDEN;
@@ -474,7 +493,7 @@ fn forward_auth_response(decision: &Decision, resource: Option<&str>) -> Respons
 
 /// `RateLimit-*` headers and, when denied, `Retry-After`: all name the same moment as the JSON `reset`
 /// ([`crate::runtime::RateLimitState::reset_seconds`]).
-fn rate_limit_headers(h: &mut HeaderMap, decision: &Decision) {
+pub(crate) fn rate_limit_headers(h: &mut HeaderMap, decision: &Decision) {
     let Some(r) = &decision.rate_limit else { return };
     let reset = r.reset_seconds().to_string();
     set_header(h, "ratelimit-limit", &r.limit.to_string());

@@ -305,7 +305,7 @@ async fn the_oauth2_crate_drives_the_whole_flow_with_pkce_refresh_and_revocation
     );
     let fa = s.app.client.get(s.app.url("/v1/auth")).bearer_auth(&at).send().await.unwrap();
     assert_eq!(fa.status(), StatusCode::OK);
-    assert_eq!(fa.headers()["x-keygate-user"], s.user_id.as_str());
+    assert_eq!(fa.headers()["x-keygate-user-id"], s.user_id.as_str());
     let intro: Value = s
         .app
         .client

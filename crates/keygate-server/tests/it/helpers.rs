@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use keygate_server::{AppState, ServerConfig, bootstrap, launch, open_store};
+use keygate_server::{AppState, ServerConfig, bootstrap, launch_all, open_store};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
@@ -16,6 +16,9 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub state: std::sync::Arc<AppState>,
     pub data_dir: PathBuf,
+    /// With `Builder::gateway`: the gateway's base URL and its routes.
+    pub gateway_base: String,
+    pub gateway: Option<std::sync::Arc<keygate_server::gateway::Gateway>>,
     _dir: Option<tempfile::TempDir>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
@@ -49,6 +52,16 @@ impl Builder {
         self
     }
 
+    /// Serves a gateway with these routes (written to `routes.toml` in the data directory's parent).
+    pub fn gateway(mut self, routes: &str) -> Self {
+        let dir = self.config.data_dir.parent().unwrap().to_path_buf();
+        let file = dir.join("routes.toml");
+        std::fs::write(&file, routes).unwrap();
+        self.config.gateway_routes = Some(file);
+        self.config.gateway_listen = Some("127.0.0.1:0".parse().unwrap());
+        self
+    }
+
     pub fn failures_per_minute(mut self, n: u64) -> Self {
         self.config.failures_per_minute = n;
         self
@@ -79,7 +92,19 @@ impl Builder {
         let clock = std::sync::Arc::new(keygate_server::time::ManualClock::new());
         let state = AppState::with_clock(store, config, clock.clone());
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(launch(state.clone(), listener, async {
+        let mut gateway_base = String::new();
+        let mut gateway = None;
+        let gated = match &state.config.gateway_routes {
+            Some(file) => {
+                let g = keygate_server::gateway::Gateway::open(file.clone()).unwrap();
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                gateway_base = format!("http://{}", l.local_addr().unwrap());
+                gateway = Some(g.clone());
+                Some((l, g))
+            }
+            None => None,
+        };
+        let task = tokio::spawn(launch_all(state.clone(), listener, None, gated, async {
             let _ = rx.await;
         }));
         TestApp {
@@ -89,6 +114,8 @@ impl Builder {
             client: reqwest::Client::new(),
             state,
             data_dir,
+            gateway_base,
+            gateway,
             _dir: dir,
             shutdown: Some(tx),
             task: Some(task),

@@ -12,6 +12,7 @@ mod device;
 mod dpop;
 mod events;
 mod exchange;
+mod gateway;
 mod hardening;
 mod helpers;
 mod import;

@@ -111,7 +111,7 @@ async fn client_credentials_jwt_end_to_end() {
     let resp = app.client.get(app.url("/v1/auth?scope=articles:read")).bearer_auth(&at).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["x-keygate-kind"], "access_token");
-    assert_eq!(resp.headers()["x-keygate-client"], c.id.as_str());
+    assert_eq!(resp.headers()["x-keygate-client-id"], c.id.as_str());
 
     let i = introspect(&app, &c, &at).await;
     assert_eq!(i["active"], true, "{i}");

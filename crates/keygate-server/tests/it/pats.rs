@@ -62,7 +62,7 @@ async fn personal_tokens_verify_rotate_revoke_and_stop_with_their_user() {
     let fa = app.client.get(app.url("/v1/auth")).bearer_auth(&token).send().await.unwrap();
     assert_eq!(fa.status(), StatusCode::OK);
     assert_eq!(fa.headers()["x-keygate-kind"], "personal_access_token");
-    assert_eq!(fa.headers()["x-keygate-user"], ann.as_str());
+    assert_eq!(fa.headers()["x-keygate-user-id"], ann.as_str());
     let intro: Value = app
         .client
         .post(app.url("/oauth2/introspect"))

@@ -76,8 +76,72 @@ enum Command {
     },
     /// Print an example configuration file with every setting and its default.
     DefaultConfig,
+    /// The gateway's routes file.
+    Routes {
+        #[command(subcommand)]
+        command: RoutesCmd,
+    },
     #[command(flatten)]
     Remote(Remote),
+}
+
+#[derive(Debug, Subcommand)]
+enum RoutesCmd {
+    /// Check a routes file as the gateway would load it, and show its routes in matching order (most
+    /// specific first). Exit code 1 if it does not check.
+    Check {
+        /// The routes file (default: gateway.routes, from KEYGATE_GATEWAY_ROUTES).
+        #[arg(env = "KEYGATE_GATEWAY_ROUTES")]
+        file: std::path::PathBuf,
+    },
+}
+
+/// `keygate routes check FILE`.
+fn routes_check(file: &std::path::Path, json: bool) -> ExitCode {
+    let routes = match keygate_server::gateway::routes::Routes::load(file) {
+        Ok(r) => r,
+        Err(e) => {
+            if json {
+                output::emit(serde_json::json!({"valid": false, "error": e}));
+            } else {
+                eprintln!("error: {e}");
+            }
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    let rows: Vec<serde_json::Value> = routes.routes.iter().map(|r| r.describe()).collect();
+    if json {
+        output::emit(serde_json::json!({"valid": true, "routes": rows}));
+        return ExitCode::SUCCESS;
+    }
+    output::emit(format!("{}: {} routes, in matching order", file.display(), rows.len()));
+    let policy = |r: &serde_json::Value| {
+        if r["public"].as_bool() == Some(true) {
+            return "public".to_string();
+        }
+        let mut p = output::cell(&r["accept"]);
+        if let Some(s) = r["scopes"].as_array().filter(|s| !s.is_empty()) {
+            p.push_str(&format!("; scopes {}", output::cell(&serde_json::Value::Array(s.clone()))));
+        }
+        if let Some(m) = r["method_scopes"].as_object() {
+            for (method, s) in m {
+                p.push_str(&format!("; {method} {}", output::cell(s)));
+            }
+        }
+        p
+    };
+    output::table(
+        &rows,
+        &[
+            ("NAME", &output::field("name")),
+            ("HOST", &output::field("host")),
+            ("PATH", &output::field("path")),
+            ("METHODS", &output::field("methods")),
+            ("UPSTREAM", &output::field("upstreams")),
+            ("POLICY", &policy),
+        ],
+    );
+    ExitCode::SUCCESS
 }
 
 /// The commands that talk to a running server.
@@ -136,6 +200,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Serve(args) => crate::server::serve(&args).await,
         Command::Init(dir) => crate::server::init(&dir, global.json).await,
         Command::AdminKey { dir, name } => crate::server::admin_key(&dir, &name, global.json).await,
+        Command::Routes { command: RoutesCmd::Check { file } } => routes_check(&file, global.json),
         Command::DefaultConfig => {
             output::emit(default_config().trim_end());
             ExitCode::SUCCESS
