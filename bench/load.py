@@ -85,7 +85,7 @@ def wait_http(url, timeout=30):
     sys.exit(f"{url} did not come up within {timeout}s")
 
 
-def start_nginx(tmp, port):
+def start_nginx(tmp, port, extra=""):
     conf = os.path.join(tmp, "nginx.conf")
     for d in ("client", "proxy", "fastcgi", "uwsgi", "scgi"):
         os.makedirs(os.path.join(tmp, d), exist_ok=True)
@@ -107,6 +107,7 @@ http {{
         listen 127.0.0.1:{port};
         location / {{ return 200 "ok"; }}
     }}
+{extra}
 }}
 """)
     proc = subprocess.Popen([nginx_bin(), "-c", conf, "-p", tmp], stderr=subprocess.DEVNULL)
@@ -115,7 +116,7 @@ http {{
 
 
 class Keygate:
-    def __init__(self, binary, tmp, port, name="keygate", extra_env=None):
+    def __init__(self, binary, tmp, port, name="keygate", extra_env=None, extra_args=()):
         self.data = os.path.join(tmp, f"{name}-data")
         env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")}
         out = subprocess.run([binary, "init", "--json", "--data-dir", self.data], check=True, capture_output=True, env=env)
@@ -124,7 +125,7 @@ class Keygate:
         env.update(extra_env or {})
         self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen(
-            [binary, "serve", "--data-dir", self.data, "--listen", f"127.0.0.1:{port}"],
+            [binary, "serve", "--data-dir", self.data, "--listen", f"127.0.0.1:{port}", *extra_args],
             env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, f"{name}.log"), "w"))
         wait_http(self.url + "/healthz")
 
@@ -293,7 +294,53 @@ COMPARE_TARGETS = ["GET /v1/auth, valid key", "POST /v1/verify, valid key", "POS
                    "POST /oauth2/token, client credentials, JWT", "POST /oauth2/token, client credentials, opaque"]
 
 
-def seed_targets(kg, tmp, prefix, only):
+def auth_request_conf(port, kg_port, origin_port):
+    """An nginx server that asks Keygate's forward-auth about each request, then proxies to the origin: the
+    setup the gateway replaces. Keep-alive to both, as a tuned production configuration has."""
+    return f"""
+    upstream kg {{ server 127.0.0.1:{kg_port}; keepalive 64; }}
+    upstream origin {{ server 127.0.0.1:{origin_port}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            auth_request /_keygate;
+            proxy_pass http://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-API-Key "";
+        }}
+        location = /_keygate {{
+            internal;
+            proxy_pass http://kg/v1/auth?scope=articles:read;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+        }}
+    }}
+"""
+
+
+def write_routes(tmp, origin_port):
+    path = os.path.join(tmp, "routes.toml")
+    with open(path, "w") as f:
+        f.write(f"""
+[[route]]
+name = "public"
+path = "/public"
+upstream = "http://127.0.0.1:{origin_port}"
+public = true
+
+[[route]]
+name = "api"
+path = "/"
+upstream = "http://127.0.0.1:{origin_port}"
+scopes = ["articles:read"]
+""")
+    return path
+
+
+def seed_targets(kg, tmp, prefix, only, gateway=None):
     """Seeds a consumer, keys and OAuth clients on one Keygate; returns its targets (name, url, script)."""
     consumer = kg.api("POST", "/v1/consumers", {"name": "load"})
     key = kg.api("POST", "/v1/keys", {"consumer_id": consumer["id"], "name": "load", "scopes": ["articles:read"]})
@@ -340,6 +387,16 @@ def seed_targets(kg, tmp, prefix, only):
         ("POST /oauth2/introspect, JWT", kg.url, write_script(
             tmp, prefix + "introspect", "POST", "/oauth2/introspect", jwt_client, f"token={jwt_token}")),
     ]
+    if gateway:
+        gw_url, auth_url = gateway
+        targets += [
+            ("gateway → nginx, public route (no credential)", gw_url, write_script(
+                tmp, prefix + "gw_public", "GET", "/public/x")),
+            ("gateway → nginx, valid key", gw_url, write_script(
+                tmp, prefix + "gw_key", "GET", "/articles/1", {"X-API-Key": secret})),
+            ("nginx auth_request → Keygate → nginx, valid key", auth_url, write_script(
+                tmp, prefix + "auth_request_key", "GET", "/articles/1", {"X-API-Key": secret})),
+        ]
     return [t for t in targets if only is None or t[0] in only]
 
 
@@ -615,9 +672,12 @@ def main():
     tmp = tempfile.mkdtemp(prefix="keygate-load-")
     nginx = kg = before = None
     try:
-        nginx_port, kg_port = free_port(), free_port()
-        nginx = start_nginx(tmp, nginx_port)
-        kg = Keygate(binary, tmp, kg_port)
+        nginx_port, kg_port, gw_port, auth_port = free_port(), free_port(), free_port(), free_port()
+        nginx = start_nginx(tmp, nginx_port, auth_request_conf(auth_port, kg_port, nginx_port))
+        routes = write_routes(tmp, nginx_port)
+        kg = Keygate(binary, tmp, kg_port, extra_args=(
+            "--gateway-listen", f"127.0.0.1:{gw_port}", "--gateway-routes", routes))
+        gateway = (f"http://127.0.0.1:{gw_port}", f"http://127.0.0.1:{auth_port}")
         before = Keygate(args.before, tmp, free_port(), "before") if args.before else None
         log(f"keygate on {kg.url}, nginx on 127.0.0.1:{nginx_port}; data in {tmp}")
 
@@ -629,7 +689,7 @@ def main():
             for o, n in zip(old_targets, new_targets):
                 targets += [(o[0] + " — before", o[1], o[2]), (n[0] + " — after", n[1], n[2])]
         else:
-            targets += seed_targets(kg, tmp, "", None)
+            targets += seed_targets(kg, tmp, "", None, gateway)
 
         results = {}  # (target, conns) -> list of runs
         if args.only_scale:
@@ -666,6 +726,18 @@ def main():
                       f"{fmt_us(med['p999_us'])} | {errors} | {ratio:.2f}× |")
                 summary.append({"target": name, "connections": conns, "rps": med["rps"], "p50_us": med["p50_us"],
                                 "p99_us": med["p99_us"], "p999_us": med["p999_us"], "errors": errors, "ratio": ratio})
+        by = {(r["target"], r["connections"]): r for r in summary}
+        base1 = by.get(("nginx return 200 (baseline)", 1))
+        for name in ("gateway → nginx, public route (no credential)", "gateway → nginx, valid key",
+                     "nginx auth_request → Keygate → nginx, valid key"):
+            r = by.get((name, 1))
+            if r and base1:
+                print(f"\nAdded latency at 1 connection, p50 over calling nginx directly: {name}: "
+                      f"{(r['p50_us'] - base1['p50_us']) / 1000:.3f} ms", end="")
+        print()
+        gw32, ar32 = by.get(("gateway → nginx, valid key", 32)), by.get(("nginx auth_request → Keygate → nginx, valid key", 32))
+        if gw32 and ar32:
+            print(f"Gateway vs nginx auth_request → Keygate, 32 connections: {gw32['rps'] / ar32['rps']:.2f}× the throughput")
         kg.stop()
         kg = None
         if before:

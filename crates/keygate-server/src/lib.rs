@@ -16,13 +16,13 @@ pub mod peer;
 pub mod routes;
 pub mod runtime;
 pub mod seal;
+pub mod serve;
 pub mod state;
 pub mod time;
 pub mod verify;
 pub mod webhooks;
 
-use std::future::{Future, IntoFuture};
-use std::net::SocketAddr;
+use std::future::Future;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
@@ -195,25 +195,16 @@ pub async fn launch_all(
     let deliveries = tokio::spawn(webhooks::run(state.clone()));
     let watcher = gateway.as_ref().map(|(_, g)| tokio::spawn(gateway::watch(g.clone())));
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let wait = move || {
-        let mut stopped = stopped.clone();
-        async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        }
+    let options = serve::ServeOptions {
+        header_read_timeout: state.config.request_timeout,
+        shutdown_grace: std::time::Duration::from_secs(30),
     };
     let main_app = if admin.is_some() { app_for(state.clone(), Surface::Public) } else { app(state.clone()) };
-    let main = axum::serve(listener, main_app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(wait());
-    let admin = admin.map(|l| {
-        let admin_app = app_for(state.clone(), Surface::Admin);
-        axum::serve(l, admin_app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(wait())
-    });
-    let gated = gateway.map(|(l, g)| {
-        let gateway_app = gateway::router(state.clone(), g);
-        axum::serve(l, gateway_app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(wait())
-    });
+    let main = serve::serve(listener, main_app, stopped.clone(), options);
+    let admin =
+        admin.map(|l| serve::serve(l, app_for(state.clone(), Surface::Admin), stopped.clone(), options));
+    let gated =
+        gateway.map(|(l, g)| serve::serve(l, gateway::router(state.clone(), g), stopped.clone(), options));
     let trigger = async move {
         shutdown.await;
         let _ = stop.send(true);
@@ -230,7 +221,7 @@ pub async fn launch_all(
             None => Ok(()),
         }
     };
-    let (a, b, c, ()) = tokio::join!(main.into_future(), admin, gated, trigger);
+    let (a, b, c, ()) = tokio::join!(main, admin, gated, trigger);
     let result = a.and(b).and(c);
     if let Some(w) = watcher {
         w.abort();

@@ -36,7 +36,7 @@ use crate::error::{ApiError, ErrorCode};
 use crate::oauth::tokens::looks_like_jwt;
 use crate::routes::verify::{
     DpopInput, decide_credential, forward_auth_response, identity_headers, is_failure, missing_credential,
-    rate_limit_headers, record,
+    only_for_protected_resources, rate_limit_headers, record, wrong_audience,
 };
 use crate::state::AppState;
 use crate::verify::{Context, Decision};
@@ -54,11 +54,14 @@ pub struct Loaded {
 pub struct Gateway {
     path: PathBuf,
     current: RwLock<Arc<Loaded>>,
-    /// The file's modification time and length at the last load attempt.
-    stamp: Mutex<Option<(SystemTime, u64)>>,
+    /// The file's modification time and length at the last load attempt, and at the last check.
+    stamp: Mutex<(Option<Stamp>, Option<Stamp>)>,
 }
 
-fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+/// A file's modification time and length.
+type Stamp = (SystemTime, u64);
+
+fn stamp(path: &Path) -> Option<Stamp> {
     let m = std::fs::metadata(path).ok()?;
     Some((m.modified().ok()?, m.len()))
 }
@@ -92,7 +95,7 @@ impl Gateway {
         Ok(Arc::new(Gateway {
             path,
             current: RwLock::new(Arc::new(Loaded { routes, client })),
-            stamp: Mutex::new(first),
+            stamp: Mutex::new((first, first)),
         }))
     }
 
@@ -107,7 +110,8 @@ impl Gateway {
     /// Reads the file again; on success the new routes serve the next request (requests in flight
     /// finish on the old ones). On failure nothing changes.
     pub fn reload(&self) -> Result<usize, String> {
-        *self.stamp.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = stamp(&self.path);
+        let now = stamp(&self.path);
+        *self.stamp.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = (now, now);
         let routes = Routes::load(&self.path)?;
         let old = self.current();
         let client = if old.routes.connect_timeout == routes.connect_timeout {
@@ -121,10 +125,14 @@ impl Gateway {
         Ok(n)
     }
 
-    /// Has the file changed since the last load attempt?
+    /// Has the file changed since the last load attempt, and stayed the same since the last check? (An
+    /// editor that truncates, then writes, is not read half-way; saving by rename is safest.)
     fn changed(&self) -> bool {
         let now = stamp(&self.path);
-        *self.stamp.lock().unwrap_or_else(std::sync::PoisonError::into_inner) != now
+        let mut s = self.stamp.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let settled = s.1 == now;
+        s.1 = now;
+        settled && s.0 != now
     }
 }
 
@@ -216,12 +224,22 @@ async fn forward<'a>(
         );
         return (UNMATCHED, e.into_response());
     };
-    let host = parts.headers.get(header::HOST).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    // An absolute-form target's authority wins over `Host` (RFC 9112 §3.2.2).
+    let host = match parts.uri.authority() {
+        Some(a) => Some(a.as_str().to_owned()),
+        None => parts.headers.get(header::HOST).and_then(|v| v.to_str().ok()).map(str::to_owned),
+    };
     let route = match loaded.routes.lookup(host.as_deref(), &segments, &parts.method) {
         Lookup::Found(r) => r,
-        Lookup::MethodNotAllowed => {
+        Lookup::MethodNotAllowed(allow) => {
             let e = ApiError::new(ErrorCode::MethodNotAllowed, "this route does not take this method");
-            return (UNMATCHED, e.into_response());
+            let mut resp = e.into_response();
+            if let Ok(v) = HeaderValue::from_str(&allow)
+                && !allow.is_empty()
+            {
+                resp.headers_mut().insert(header::ALLOW, v);
+            }
+            return (UNMATCHED, resp);
         }
         Lookup::NotFound => {
             let e = ApiError::new(ErrorCode::NotFound, "no gateway route matches this request");
@@ -240,27 +258,8 @@ async fn forward<'a>(
     };
     let mut headers = std::mem::take(&mut parts.headers);
     strip_hop_by_hop(&mut headers);
-    let own: Vec<HeaderName> =
-        headers.keys().filter(|n| n.as_str().starts_with("x-keygate-")).cloned().collect();
-    for name in own {
-        headers.remove(&name);
-    }
+    strip_client_claims(&mut headers, &loaded.routes);
     if let Some(d) = &decision {
-        if headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().split_once(' '))
-            .is_some_and(|(scheme, _)| {
-                scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("dpop")
-            })
-        {
-            headers.remove(header::AUTHORIZATION);
-        }
-        headers.remove("x-api-key");
-        headers.remove("dpop");
-        if let Some(h) = &loaded.routes.credential_header {
-            headers.remove(h);
-        }
         identity_headers(&mut headers, d);
         if route.internal_jwt
             && let Err(e) = internal_jwt(app, loaded, route, d, &mut headers)
@@ -341,11 +340,8 @@ async fn authorize(
     started: Instant,
 ) -> Result<Decision, Response> {
     let headers = &parts.headers;
-    let credential = presented_credential(headers)
-        .or_else(|| {
-            let name = loaded.routes.credential_header.as_ref()?;
-            headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim)
-        })
+    let credential = custom_credential(headers, &loaded.routes)
+        .or_else(|| presented_credential(headers))
         .filter(|c| !c.is_empty());
     let Some(credential) = credential else { return Err(missing_credential(None, None)) };
     let token = is_token(credential);
@@ -381,6 +377,9 @@ async fn authorize(
             return Err(ApiError::throttled(retry).into_response());
         }
         app.throttle.record_failure(client.accountable, now);
+    }
+    if only_for_protected_resources(app, &decision, route.audience.as_deref()) {
+        return Err(wrong_audience());
     }
     record(app, &decision, started);
     if decision.code != DecisionCode::Valid || (decision.key.is_none() && decision.token.is_none()) {
@@ -438,6 +437,84 @@ fn internal_jwt(
     Ok(())
 }
 
+/// The configured credential header's value, which wins over `Authorization` (so an upstream can keep
+/// its own `Authorization` scheme).
+fn custom_credential<'h>(headers: &'h HeaderMap, routes: &Routes) -> Option<&'h str> {
+    let name = routes.credential_header.as_ref()?;
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
+}
+
+/// Headers that would make the upstream believe something only the gateway may say, or hand it a
+/// Keygate credential. Removed on every route, public ones included (clients often send their key on
+/// every request):
+/// - the credential: the configured header, `X-API-Key`, `DPoP`, and `Authorization: Bearer|DPoP` (kept
+///   when the configured credential header carried the credential: then `Authorization` is the
+///   upstream's own);
+/// - `X-Keygate-*` (identity; the gateway adds its own) and the internal JWT's header;
+/// - Keygate's session cookies (console and login), which a browser sends to every port of a host;
+/// - method overrides (`X-HTTP-Method-Override` would turn a POST checked as a POST into a DELETE) and
+///   client-address or original-URL claims a framework may believe.
+fn strip_client_claims(h: &mut HeaderMap, routes: &Routes) {
+    let custom = routes.credential_header.as_ref();
+    // `Authorization` is the upstream's own only when the configured header carried the credential.
+    let custom_used = custom.is_some_and(|name| h.get(name).is_some_and(|v| !v.is_empty()));
+    if let Some(name) = custom {
+        h.remove(name);
+    }
+    let bearer = h.get_all(header::AUTHORIZATION).iter().any(|v| {
+        v.to_str().ok().and_then(|v| v.trim().split_once(' ')).is_some_and(|(scheme, _)| {
+            scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("dpop")
+        })
+    });
+    if bearer && !custom_used {
+        h.remove(header::AUTHORIZATION);
+    }
+    for name in [
+        "x-api-key",
+        "dpop",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-real-ip",
+        "true-client-ip",
+        "x-client-ip",
+        "cf-connecting-ip",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-original-uri",
+    ] {
+        h.remove(name);
+    }
+    if let Some(name) = &routes.internal_jwt_header {
+        h.remove(name);
+    }
+    let own: Vec<HeaderName> = h.keys().filter(|n| n.as_str().starts_with("x-keygate-")).cloned().collect();
+    for name in own {
+        h.remove(&name);
+    }
+    let cookies: Vec<String> = h
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .filter(|c| {
+            let name = c.split_once('=').map_or(*c, |(n, _)| n).trim();
+            !(name.starts_with("kg_") || name.starts_with("__Host-kg_"))
+        })
+        .map(str::to_owned)
+        .collect();
+    if h.contains_key(header::COOKIE) {
+        h.remove(header::COOKIE);
+        if !cookies.is_empty()
+            && let Ok(v) = HeaderValue::from_str(&cookies.join("; "))
+        {
+            h.insert(header::COOKIE, v);
+        }
+    }
+}
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1): those the `Connection` header names, and the standard ones.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
     let named: Vec<HeaderName> = h
@@ -479,7 +556,12 @@ fn forwarding_headers(h: &mut HeaderMap, peer: SocketAddr, trusted: bool, host: 
         None => ip.to_string(),
     };
     let node = if ip.is_ipv6() { format!("\"[{ip}]\"") } else { ip.to_string() };
-    let mut this_hop = format!("for={node};proto=http");
+    // The scheme the client used: a trusted proxy's word, else this listener's (plain HTTP).
+    let proto = match h.get("x-forwarded-proto").and_then(|v| v.to_str().ok()).filter(|_| trusted) {
+        Some("https") => "https",
+        _ => "http",
+    };
+    let mut this_hop = format!("for={node};proto={proto}");
     if let Some(host) = host {
         this_hop.push_str(&format!(";host=\"{}\"", host.replace(['"', '\\'], "")));
     }

@@ -184,11 +184,12 @@ impl Route {
         &self.upstreams[i % self.upstreams.len()]
     }
 
-    /// Scopes a request with this method needs: the route's and the method's.
+    /// Scopes a request with this method needs: the route's and the method's (HEAD needs GET's: it
+    /// runs the same handler upstream).
     pub fn required_scopes(&self, method: &Method) -> Vec<&str> {
         let mut out: Vec<&str> = self.scopes.iter().map(String::as_str).collect();
         for (m, s) in &self.method_scopes {
-            if m == method {
+            if m == method || (*m == Method::GET && method == Method::HEAD) {
                 out.extend(s.iter().map(String::as_str));
             }
         }
@@ -229,6 +230,20 @@ impl Route {
             "strip_path": self.strip_path,
             "internal_jwt": self.internal_jwt,
         })
+    }
+
+    /// The methods for `Allow` (every method when the route lists none).
+    pub fn allow(&self) -> String {
+        match &self.methods {
+            None => String::new(),
+            Some(ms) => {
+                let mut names: Vec<&str> = ms.iter().map(Method::as_str).collect();
+                if ms.contains(&Method::GET) && !ms.contains(&Method::HEAD) {
+                    names.push("HEAD");
+                }
+                names.join(", ")
+            }
+        }
     }
 
     /// How many leading segments of the request path the route's path covers.
@@ -301,7 +316,7 @@ pub fn segments(path: &str) -> Result<Vec<String>, PathError> {
         if decoded.is_empty()
             || decoded == "."
             || decoded == ".."
-            || decoded.contains(['/', '\\', '\0'])
+            || decoded.contains(['/', '\\', '\0', ';'])
             || raw.contains('\\')
         {
             return Err(PathError::Ambiguous);
@@ -314,23 +329,35 @@ pub fn segments(path: &str) -> Result<Vec<String>, PathError> {
 /// The outcome of looking a request up.
 pub enum Lookup<'a> {
     Found(&'a Route),
-    /// A route has this path, but not for this method.
-    MethodNotAllowed,
+    /// No route with the most specific matching host and path takes this method (the value is for
+    /// `Allow`). The lookup ends there: a request never falls through to a broader route, which may be
+    /// public, by changing its method.
+    MethodNotAllowed(String),
     NotFound,
 }
 
 impl Routes {
     pub fn lookup(&self, host: Option<&str>, segments: &[String], method: &Method) -> Lookup<'_> {
-        let mut path_matched = false;
-        for r in &self.routes {
-            if r.matches_host(host) && r.matches_path(segments) {
-                if r.matches_method(method) {
-                    return Lookup::Found(r);
-                }
-                path_matched = true;
+        // `api.example.com.` is the same host to DNS and to most servers.
+        let host = host.map(|h| match h.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !name.ends_with(']') => {
+                std::borrow::Cow::Owned(format!("{}:{port}", name.trim_end_matches('.')))
             }
+            _ => std::borrow::Cow::Borrowed(h.trim_end_matches('.')),
+        });
+        let Some(first) =
+            self.routes.iter().find(|r| r.matches_host(host.as_deref()) && r.matches_path(segments))
+        else {
+            return Lookup::NotFound;
+        };
+        // Routes with the same host and path may split the methods between them.
+        let same =
+            |r: &&Route| r.host == first.host && r.segments == first.segments && r.exact == first.exact;
+        if let Some(r) = self.routes.iter().filter(same).find(|r| r.matches_method(method)) {
+            return Lookup::Found(r);
         }
-        if path_matched { Lookup::MethodNotAllowed } else { Lookup::NotFound }
+        let allow: Vec<String> = self.routes.iter().filter(same).map(Route::allow).collect();
+        Lookup::MethodNotAllowed(allow.join(", "))
     }
 
     /// Reads and checks a routes file; the error says which route and what to change.
@@ -396,6 +423,9 @@ fn compile(file: RoutesFile) -> Result<Routes, String> {
         }
         let route = compile_route(spec, file.internal_jwt.is_some()).map_err(|e| format!("{label}: {e}"))?;
         routes.push(route);
+    }
+    if routes.is_empty() {
+        return Err("there is no [[route]]: the gateway would answer 404 to everything".into());
     }
     // Most specific first; `sort_by_key` is stable, so ties keep file order.
     routes.sort_by_key(|r| {
@@ -618,9 +648,19 @@ mod tests {
         assert_eq!(find(&r, Some("other.example"), "/v1/articles", Method::GET), Some("articles"));
         // A prefix counts whole segments only; the public catch-all takes the rest.
         assert_eq!(find(&r, None, "/v1/articlesX", Method::GET), Some("all"));
-        assert_eq!(find(&r, None, "/v1/articles", Method::DELETE), Some("all"));
+        // A method the most specific route does not take ends the lookup: no falling through to "all".
+        let segs = segments("/v1/articles").unwrap_or_default();
+        assert!(matches!(r.lookup(None, &segs, &Method::DELETE), Lookup::MethodNotAllowed(_)));
+        assert_eq!(find(&r, Some("api.example.com.:80"), "/v1/articles", Method::GET), Some("hosted"));
+        assert_eq!(find(&r, Some("api.example.com."), "/v1/articles", Method::GET), Some("hosted"));
         let route = r.routes.iter().find(|x| x.name == "articles").map(|x| x.required_scopes(&Method::POST));
         assert_eq!(route, Some(vec!["articles:read", "articles:write"]));
+        let get = r
+            .routes
+            .iter()
+            .find(|x| x.name == "articles")
+            .map(|x| (x.required_scopes(&Method::GET) == x.required_scopes(&Method::HEAD), x.allow()));
+        assert_eq!(get, Some((true, "GET, POST, HEAD".to_string())));
     }
 
     #[test]
@@ -662,6 +702,7 @@ mod tests {
         bad("[[route]]\nname = \"r r\"\npath = \"/a\"\nupstream = \"http://x\"", "the name");
         bad("credential_header = \"Connection\"", "manages that header");
         bad(&format!("{}\n{}", one(""), one("")), "another route has this name");
+        bad("connect_timeout_ms = 1000", "there is no [[route]]");
     }
 
     #[test]

@@ -317,27 +317,8 @@ async fn decide_forward(
         dpop.as_ref(),
     )
     .await?;
-    // A token made only for protected resources is good only where one of them is named: a request that
-    // names none cannot accept it (else dropping the resource would skip the audience check).
-    let resources = &state.config.protected_resources;
-    if audience.is_none()
-        && decision.code == DecisionCode::Valid
-        && decision.token.as_ref().is_some_and(|t| {
-            !resources.is_empty()
-                && !t.audiences.is_empty()
-                && t.audiences.iter().all(|a| resources.contains(a))
-        })
-    {
-        let mut resp = Response::new(Body::from(
-            r#"{"valid":false,"code":"WRONG_AUDIENCE","message":"this token is for a protected resource; the request must name it"}"#,
-        ));
-        *resp.status_mut() = StatusCode::UNAUTHORIZED;
-        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        resp.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            www_authenticate(Some(("invalid_token", "the token is for another resource")), None, None),
-        );
-        return Ok(resp);
+    if only_for_protected_resources(state, &decision, audience.as_deref()) {
+        return Ok(wrong_audience());
     }
     if is_failure(&decision) {
         if let Some(retry) = state.throttle.blocked(client.accountable, now) {
@@ -360,6 +341,37 @@ pub(crate) fn missing_credential(scope: Option<&str>, resource: Option<&str>) ->
     )
         .into_response();
     resp.headers_mut().insert(header::WWW_AUTHENTICATE, www_authenticate(None, scope, resource));
+    resp
+}
+
+/// A token made only for protected resources is good only where one of them is named: a request that
+/// names no audience cannot accept it (else dropping the resource would skip the audience check).
+pub(crate) fn only_for_protected_resources(
+    state: &AppState,
+    decision: &Decision,
+    audience: Option<&str>,
+) -> bool {
+    let resources = &state.config.protected_resources;
+    audience.is_none()
+        && decision.code == DecisionCode::Valid
+        && decision.token.as_ref().is_some_and(|t| {
+            !resources.is_empty()
+                && !t.audiences.is_empty()
+                && t.audiences.iter().all(|a| resources.contains(a))
+        })
+}
+
+/// 401 for a token presented where its audience is not named.
+pub(crate) fn wrong_audience() -> Response {
+    let mut resp = Response::new(Body::from(
+        r#"{"valid":false,"code":"WRONG_AUDIENCE","message":"this token is for a protected resource; the request must name it"}"#,
+    ));
+    *resp.status_mut() = StatusCode::UNAUTHORIZED;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        www_authenticate(Some(("invalid_token", "the token is for another resource")), None, None),
+    );
     resp
 }
 

@@ -374,3 +374,97 @@ async fn the_internal_jwt_verifies_with_the_published_keys_and_is_no_access_toke
         app.client.get(format!("{}/files/x", app.gateway_base)).bearer_auth(&jwt).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test]
+async fn nothing_of_keygate_reaches_the_upstream_and_no_request_falls_through() {
+    let up = upstream().await;
+    let text = format!(
+        r#"
+credential_header = "X-Gateway-Key"
+
+[[route]]
+name = "all"
+path = "/"
+upstream = "{base}"
+public = true
+
+[[route]]
+name = "admin"
+path = "/admin"
+methods = ["GET"]
+upstream = "{base}"
+method_scopes = {{ GET = ["admin:read"] }}
+"#,
+        base = up.base
+    );
+    let app = TestApp::builder().gateway(&text).start().await;
+    let gw = |p: &str| format!("{}{p}", app.gateway_base);
+    let (_, _, secret) = key(&app, &["admin:read"]).await;
+    let (_, _, weak) = key(&app, &[]).await;
+
+    // A public route gets no Keygate credential, session cookie, identity claim or method override.
+    let resp = app
+        .client
+        .get(gw("/docs"))
+        .header("X-API-Key", &secret)
+        .header("Authorization", format!("Bearer {secret}"))
+        .header("Cookie", "kg_console=abc; theme=dark; __Host-kg_session=def")
+        .header("X-HTTP-Method-Override", "DELETE")
+        .header("X-Real-IP", "10.9.9.9")
+        .send()
+        .await
+        .unwrap();
+    let h = resp.json::<Value>().await.unwrap()["headers"].clone();
+    for gone in ["x-api-key", "authorization", "x-http-method-override", "x-real-ip"] {
+        assert!(h.get(gone).is_none(), "{gone}: {h}");
+    }
+    assert_eq!(h["cookie"], "theme=dark");
+
+    // With a credential header configured, the upstream keeps its own Authorization.
+    let resp = app
+        .client
+        .get(gw("/admin/users"))
+        .header("X-Gateway-Key", &secret)
+        .header("Authorization", "Bearer upstream-own-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let h = resp.json::<Value>().await.unwrap()["headers"].clone();
+    assert_eq!(h["authorization"], "Bearer upstream-own-token");
+    assert!(h.get("x-gateway-key").is_none());
+
+    // HEAD needs GET's scopes; another method ends at the admin route (405), never at the public one.
+    let resp = app.client.head(gw("/admin/users")).header("X-Gateway-Key", &weak).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let resp = app.client.delete(gw("/admin/users")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(resp.headers()["allow"], "GET, HEAD");
+    // Spellings that some upstreams read as /admin: refused, or matched as /admin.
+    assert!(raw_get(&app.gateway_base, "/docs/..;/admin/users").await.starts_with("HTTP/1.1 400"));
+    assert!(raw_get(&app.gateway_base, "/%61dmin/users").await.starts_with("HTTP/1.1 401"));
+    let before = up.hits.load(Ordering::SeqCst);
+    assert!(raw_get(&app.gateway_base, "http://elsewhere/admin/users").await.starts_with("HTTP/1.1 401"));
+    assert_eq!(up.hits.load(Ordering::SeqCst), before);
+}
+
+#[tokio::test]
+async fn a_client_that_trickles_its_headers_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = upstream().await;
+    let app = TestApp::builder()
+        .config(|c| c.request_timeout = Duration::from_secs(1))
+        .gateway(&routes(&up, ""))
+        .start()
+        .await;
+    for base in [&app.base, &app.gateway_base] {
+        let mut s = tokio::net::TcpStream::connect(base.trim_start_matches("http://")).await.unwrap();
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 256];
+        // The server closes the connection (answering 408 or nothing) instead of waiting forever.
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+        assert!(read.is_ok(), "{base}: the connection was still open after 10 s");
+        assert!(started.elapsed() >= Duration::from_millis(900), "{base}: closed before the timeout");
+    }
+}

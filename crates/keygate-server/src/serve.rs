@@ -1,0 +1,124 @@
+//! Serving a router on a listener, with hyper's HTTP/1 connection directly (axum's `serve` sets no
+//! timer, so it cannot bound how long a client takes to send its headers):
+//! - a client must send a request's headers within `request_timeout_seconds`, or the connection is
+//!   closed (slow clients cannot hold connections open by trickling bytes);
+//! - `TCP_NODELAY` on every connection; keep-alive;
+//! - on shutdown, no new connections; idle ones close, in-flight requests finish, and whatever still runs
+//!   after the grace period is abandoned (a response streaming forever does not stop the process).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+use tower::ServiceExt;
+
+/// How a listener serves.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeOptions {
+    /// Longest time to receive a request's headers.
+    pub header_read_timeout: Duration,
+    /// Longest wait for in-flight requests at shutdown.
+    pub shutdown_grace: Duration,
+}
+
+/// Resolves when `stop` is (or turns) true; never if its sender is gone without saying so.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    loop {
+        if *stop.borrow_and_update() {
+            return;
+        }
+        if stop.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+struct Active {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+/// Serves `app` on `listener` until `stop` turns true, then drains as [`ServeOptions`] says.
+pub async fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    mut stop: watch::Receiver<bool>,
+    options: ServeOptions,
+) -> std::io::Result<()> {
+    let active = Arc::new(Active { count: AtomicUsize::new(0), idle: Notify::new() });
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = stopped(&mut stop) => break,
+        };
+        let (stream, addr) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors, or a connection reset before it was accepted: wait a moment
+                // rather than spin.
+                tracing::debug!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let mut stop = stop.clone();
+        let active = active.clone();
+        active.count.fetch_add(1, Ordering::SeqCst);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(addr));
+                let app = app.clone();
+                async move {
+                    Ok::<_, Infallible>(app.oneshot(req.map(Body::new)).await.unwrap_or_else(|e| match e {}))
+                }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(options.header_read_timeout)
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                }
+                () = stopped(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            if active.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+                active.idle.notify_waiters();
+            }
+        });
+    }
+    drop(listener);
+    let drained = async {
+        loop {
+            let idle = active.idle.notified();
+            if active.count.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    };
+    if tokio::time::timeout(options.shutdown_grace, drained).await.is_err() {
+        tracing::warn!(
+            connections = active.count.load(Ordering::SeqCst),
+            "requests still running after the shutdown grace period were abandoned"
+        );
+    }
+    Ok(())
+}
