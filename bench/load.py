@@ -651,6 +651,9 @@ def main():
     ap.add_argument("--only-scale", action="store_true", help="skip the target table; measure --scale only")
     ap.add_argument("--before", help="an older keygate binary: measure the main targets on it and on this "
                     "build, interleaved in the same run (before/after of a change)")
+    ap.add_argument("--before-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="environment for the --before server only (repeatable): compares a setting on the same "
+                    "binary, e.g. --before target/release/keygate --before-env TOKIO_WORKER_THREADS=1")
     ap.add_argument("--refresh", type=int, default=0, help="also measure refresh grants/s at 32 connections, "
                     "with this many token families seeded through the authorization code flow (e.g. 40000)")
     ap.add_argument("--dpop", type=int, default=0, help="also measure /v1/verify of a DPoP-bound token at 32 "
@@ -678,7 +681,8 @@ def main():
         kg = Keygate(binary, tmp, kg_port, extra_args=(
             "--gateway-listen", f"127.0.0.1:{gw_port}", "--gateway-routes", routes))
         gateway = (f"http://127.0.0.1:{gw_port}", f"http://127.0.0.1:{auth_port}")
-        before = Keygate(args.before, tmp, free_port(), "before") if args.before else None
+        before_env = dict(e.split("=", 1) for e in args.before_env)
+        before = Keygate(args.before, tmp, free_port(), "before", before_env) if args.before else None
         log(f"keygate on {kg.url}, nginx on 127.0.0.1:{nginx_port}; data in {tmp}")
 
         targets = [("nginx return 200 (baseline)", f"http://127.0.0.1:{nginx_port}", write_script(tmp, "nginx"))]
