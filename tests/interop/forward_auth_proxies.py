@@ -86,10 +86,15 @@ def wait(url):
     raise SystemExit(f"{url} did not come up")
 
 
-def start_nginx(port, keygate, upstream):
-    d = os.path.join(WORK, "nginx")
+def start_nginx(port, keygate, upstream, variant="nginx"):
+    d = os.path.join(WORK, variant)
     os.makedirs(d, exist_ok=True)
     site = snippet("nginx", KEYGATE=keygate, UPSTREAM=upstream)
+    if variant == "nginx-path":
+        # The documented /_keygate location that asks as Envoy does (original path appended).
+        site, n = re.subn(r"location = /_keygate \{.*?\n\}", lambda _: snippet("nginx-path", KEYGATE=keygate),
+                          site, count=1, flags=re.S)
+        assert n == 1, "the nginx block has no /_keygate location to replace"
     conf = os.path.join(d, "nginx.conf")
     with open(conf, "w") as f:
         f.write(f"""daemon off;
@@ -191,7 +196,8 @@ def main():
     consumer = api("POST", "/v1/consumers", {"name": "behind proxies"})["id"]
     procs = []
     try:
-        for proxy, start in [("nginx", start_nginx), ("caddy", start_caddy)]:
+        nginx_path = lambda port, kg, up: start_nginx(port, kg, up, "nginx-path")  # noqa: E731
+        for proxy, start in [("nginx", start_nginx), ("caddy", start_caddy), ("nginx-path", nginx_path)]:
             port = free_port()
             procs.append(start(port, keygate, upstream))
             wait(f"http://127.0.0.1:{port}/")

@@ -1450,7 +1450,7 @@ fn forward_auth_behind_nginx_and_caddy() {
         .unwrap();
     assert!(run.status.success(), "{}{}", stdout(&run), stderr(&run));
     let out = stdout(&run);
-    for line in ["nginx: ok", "caddy: ok", "proxies: ok"] {
+    for line in ["nginx: ok", "caddy: ok", "nginx-path: ok", "proxies: ok"] {
         assert!(out.contains(line), "{out}");
     }
     s.stop();

@@ -257,8 +257,7 @@ async fn forward<'a>(
         }
     };
     let mut headers = std::mem::take(&mut parts.headers);
-    strip_hop_by_hop(&mut headers);
-    strip_client_claims(&mut headers, &loaded.routes);
+    strip_request_headers(&mut headers, &loaded.routes);
     if let Some(d) = &decision {
         identity_headers(&mut headers, d);
         if route.internal_jwt
@@ -444,55 +443,105 @@ fn custom_credential<'h>(headers: &'h HeaderMap, routes: &Routes) -> Option<&'h 
     headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
 }
 
-/// Headers that would make the upstream believe something only the gateway may say, or hand it a
-/// Keygate credential. Removed on every route, public ones included (clients often send their key on
-/// every request):
+/// Hop-by-hop headers (RFC 9110 §7.6.1), besides those the `Connection` header names.
+fn hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
+/// Claims a client could make that an upstream framework may believe: method overrides (a POST checked
+/// as a POST must not become a DELETE upstream), client addresses, original URLs.
+fn client_claim(name: &str) -> bool {
+    matches!(
+        name,
+        "x-http-method-override"
+            | "x-http-method"
+            | "x-method-override"
+            | "x-real-ip"
+            | "true-client-ip"
+            | "x-client-ip"
+            | "cf-connecting-ip"
+            | "x-original-url"
+            | "x-rewrite-url"
+            | "x-original-uri"
+    )
+}
+
+/// The names `Connection` lists (at most 64).
+fn connection_listed(h: &HeaderMap) -> impl Iterator<Item = HeaderName> + '_ {
+    h.get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .take(64)
+}
+
+/// Removes hop-by-hop headers (from an upstream's response). One pass over the headers present: most
+/// responses have none to remove, and then nothing is allocated.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let mut gone: Vec<HeaderName> = connection_listed(h).collect();
+    gone.extend(h.keys().filter(|n| hop_by_hop(n.as_str())).cloned());
+    for name in gone {
+        h.remove(name);
+    }
+}
+
+/// Prepares a client's request headers for the upstream. Removed on every route, public ones included
+/// (clients often send their key on every request):
+/// - hop-by-hop headers (RFC 9110 §7.6.1) and those `Connection` names;
 /// - the credential: the configured header, `X-API-Key`, `DPoP`, and `Authorization: Bearer|DPoP` (kept
 ///   when the configured credential header carried the credential: then `Authorization` is the
 ///   upstream's own);
 /// - `X-Keygate-*` (identity; the gateway adds its own) and the internal JWT's header;
 /// - Keygate's session cookies (console and login), which a browser sends to every port of a host;
-/// - method overrides (`X-HTTP-Method-Override` would turn a POST checked as a POST into a DELETE) and
-///   client-address or original-URL claims a framework may believe.
-fn strip_client_claims(h: &mut HeaderMap, routes: &Routes) {
+/// - [`client_claim`]s.
+fn strip_request_headers(h: &mut HeaderMap, routes: &Routes) {
     let custom = routes.credential_header.as_ref();
     // `Authorization` is the upstream's own only when the configured header carried the credential.
     let custom_used = custom.is_some_and(|name| h.get(name).is_some_and(|v| !v.is_empty()));
-    if let Some(name) = custom {
+    let mut gone: Vec<HeaderName> = connection_listed(h).collect();
+    let mut cookies = false;
+    for (name, value) in h.iter() {
+        let n = name.as_str();
+        let drop = hop_by_hop(n)
+            || client_claim(n)
+            || n == "x-api-key"
+            || n == "dpop"
+            || n.starts_with("x-keygate-")
+            || Some(name) == custom
+            || Some(name) == routes.internal_jwt_header.as_ref()
+            || (name == header::AUTHORIZATION
+                && !custom_used
+                && value.to_str().ok().and_then(|v| v.trim().split_once(' ')).is_some_and(|(scheme, _)| {
+                    scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("dpop")
+                }));
+        if drop {
+            gone.push(name.clone());
+        }
+        cookies |= name == header::COOKIE;
+    }
+    for name in gone {
         h.remove(name);
     }
-    let bearer = h.get_all(header::AUTHORIZATION).iter().any(|v| {
-        v.to_str().ok().and_then(|v| v.trim().split_once(' ')).is_some_and(|(scheme, _)| {
-            scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("dpop")
-        })
-    });
-    if bearer && !custom_used {
-        h.remove(header::AUTHORIZATION);
+    if cookies {
+        strip_keygate_cookies(h);
     }
-    for name in [
-        "x-api-key",
-        "dpop",
-        "x-http-method-override",
-        "x-http-method",
-        "x-method-override",
-        "x-real-ip",
-        "true-client-ip",
-        "x-client-ip",
-        "cf-connecting-ip",
-        "x-original-url",
-        "x-rewrite-url",
-        "x-original-uri",
-    ] {
-        h.remove(name);
-    }
-    if let Some(name) = &routes.internal_jwt_header {
-        h.remove(name);
-    }
-    let own: Vec<HeaderName> = h.keys().filter(|n| n.as_str().starts_with("x-keygate-")).cloned().collect();
-    for name in own {
-        h.remove(&name);
-    }
-    let cookies: Vec<String> = h
+}
+
+/// Keygate's own cookies (`kg_*`, `__Host-kg_*`) out of `Cookie`; the others stay.
+fn strip_keygate_cookies(h: &mut HeaderMap) {
+    let kept: Vec<String> = h
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
@@ -505,59 +554,33 @@ fn strip_client_claims(h: &mut HeaderMap, routes: &Routes) {
         })
         .map(str::to_owned)
         .collect();
-    if h.contains_key(header::COOKIE) {
-        h.remove(header::COOKIE);
-        if !cookies.is_empty()
-            && let Ok(v) = HeaderValue::from_str(&cookies.join("; "))
-        {
-            h.insert(header::COOKIE, v);
-        }
+    h.remove(header::COOKIE);
+    if !kept.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&kept.join("; "))
+    {
+        h.insert(header::COOKIE, v);
     }
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1): those the `Connection` header names, and the standard ones.
-fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .take(64)
-        .collect();
-    for name in named {
-        h.remove(name);
-    }
-    for name in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authorization",
-        "proxy-authenticate",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    ] {
-        h.remove(name);
-    }
-}
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// `X-Forwarded-For`, `Forwarded`, `X-Forwarded-Proto`, `X-Forwarded-Host`: a trusted proxy's are
 /// extended, anyone else's replaced.
 fn forwarding_headers(h: &mut HeaderMap, peer: SocketAddr, trusted: bool, host: Option<&str>) {
     let ip = peer.ip();
-    let joined = |h: &HeaderMap, name: &str| -> Option<String> {
+    let joined = |h: &HeaderMap, name: &HeaderName| -> Option<String> {
         let parts: Vec<&str> = h.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
         (!parts.is_empty()).then(|| parts.join(", "))
     };
-    let xff = match joined(h, "x-forwarded-for").filter(|_| trusted) {
+    let xff = match joined(h, &X_FORWARDED_FOR).filter(|_| trusted) {
         Some(prior) => format!("{prior}, {ip}"),
         None => ip.to_string(),
     };
     let node = if ip.is_ipv6() { format!("\"[{ip}]\"") } else { ip.to_string() };
     // The scheme the client used: a trusted proxy's word, else this listener's (plain HTTP).
-    let proto = match h.get("x-forwarded-proto").and_then(|v| v.to_str().ok()).filter(|_| trusted) {
+    let proto = match h.get(&X_FORWARDED_PROTO).and_then(|v| v.to_str().ok()).filter(|_| trusted) {
         Some("https") => "https",
         _ => "http",
     };
@@ -565,26 +588,29 @@ fn forwarding_headers(h: &mut HeaderMap, peer: SocketAddr, trusted: bool, host: 
     if let Some(host) = host {
         this_hop.push_str(&format!(";host=\"{}\"", host.replace(['"', '\\'], "")));
     }
-    let forwarded = match joined(h, "forwarded").filter(|_| trusted) {
+    let forwarded = match joined(h, &header::FORWARDED).filter(|_| trusted) {
         Some(prior) => format!("{prior}, {this_hop}"),
         None => this_hop,
     };
-    let set = |h: &mut HeaderMap, name: &'static str, v: &str| {
-        h.remove(name);
-        if let Ok(v) = HeaderValue::from_str(v) {
+    // `insert` replaces every earlier value.
+    let set = |h: &mut HeaderMap, name: HeaderName, v: &str| match HeaderValue::from_str(v) {
+        Ok(v) => {
             h.insert(name, v);
         }
+        Err(_) => {
+            h.remove(name);
+        }
     };
-    set(h, "x-forwarded-for", &xff);
-    set(h, "forwarded", &forwarded);
-    if !(trusted && h.contains_key("x-forwarded-proto")) {
-        set(h, "x-forwarded-proto", "http");
+    set(h, X_FORWARDED_FOR, &xff);
+    set(h, header::FORWARDED, &forwarded);
+    if !(trusted && h.contains_key(&X_FORWARDED_PROTO)) {
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
-    if !(trusted && h.contains_key("x-forwarded-host")) {
+    if !(trusted && h.contains_key(&X_FORWARDED_HOST)) {
         match host {
-            Some(host) => set(h, "x-forwarded-host", host),
+            Some(host) => set(h, X_FORWARDED_HOST, host),
             None => {
-                h.remove("x-forwarded-host");
+                h.remove(X_FORWARDED_HOST);
             }
         }
     }

@@ -23,6 +23,7 @@
 //! segments could mean something else upstream (`.`, `..`, an empty segment, an encoded `/` or `\`) is
 //! refused before any matching, so no spelling of a protected path can reach a route meant for another.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -251,12 +252,12 @@ impl Route {
         self.segments.len()
     }
 
-    fn matches_path(&self, segments: &[String]) -> bool {
+    fn matches_path(&self, segments: &[Cow<'_, str>]) -> bool {
         if segments.len() < self.segments.len() || (self.exact && segments.len() != self.segments.len()) {
             return false;
         }
         self.segments.iter().zip(segments).all(|(want, got)| match want {
-            Segment::Literal(l) => l == got,
+            Segment::Literal(l) => l == got.as_ref(),
             Segment::Param => true,
         })
     }
@@ -303,7 +304,7 @@ pub enum PathError {
 }
 
 /// The request path's segments, percent-decoded; a trailing `/` adds none.
-pub fn segments(path: &str) -> Result<Vec<String>, PathError> {
+pub fn segments(path: &str) -> Result<Vec<Cow<'_, str>>, PathError> {
     let Some(rest) = path.strip_prefix('/') else { return Err(PathError::Ambiguous) };
     if rest.is_empty() {
         return Ok(Vec::new());
@@ -321,7 +322,7 @@ pub fn segments(path: &str) -> Result<Vec<String>, PathError> {
         {
             return Err(PathError::Ambiguous);
         }
-        out.push(decoded.into_owned());
+        out.push(decoded);
     }
     Ok(out)
 }
@@ -337,7 +338,7 @@ pub enum Lookup<'a> {
 }
 
 impl Routes {
-    pub fn lookup(&self, host: Option<&str>, segments: &[String], method: &Method) -> Lookup<'_> {
+    pub fn lookup(&self, host: Option<&str>, segments: &[Cow<'_, str>], method: &Method) -> Lookup<'_> {
         // `api.example.com.` is the same host to DNS and to most servers.
         let host = host.map(|h| match h.rsplit_once(':') {
             Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !name.ends_with(']') => {
@@ -500,7 +501,7 @@ fn compile_route(spec: RouteSpec, have_jwt: bool) -> Result<Route, String> {
         } else if s.contains(['{', '}', '*', '?']) {
             return Err(format!("path {:?}: a parameter is a whole segment, e.g. /users/{{id}}", spec.path));
         } else {
-            segs.push(Segment::Literal(s));
+            segs.push(Segment::Literal(s.into_owned()));
         }
     }
     let host = match spec.host {

@@ -8,7 +8,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use keygate_core::{DecisionCode, SecretKind, scope};
 use serde::Deserialize;
@@ -408,11 +408,23 @@ fn forwarded_dpop(headers: &HeaderMap) -> Option<DpopInput> {
     Some(DpopInput { proof: proof.to_string(), method: method.to_string(), url })
 }
 
-fn set_header(h: &mut HeaderMap, name: &'static str, value: &str) {
+fn set_header(h: &mut HeaderMap, name: HeaderName, value: &str) {
     if let Ok(v) = HeaderValue::from_str(value) {
         h.insert(name, v);
     }
 }
+
+// Header names parsed once (a `&str` name is parsed and hashed on every insert).
+const X_CONSUMER: HeaderName = HeaderName::from_static("x-keygate-consumer");
+const X_CLIENT_ID: HeaderName = HeaderName::from_static("x-keygate-client-id");
+const X_SUBJECT: HeaderName = HeaderName::from_static("x-keygate-subject");
+const X_USER_ID: HeaderName = HeaderName::from_static("x-keygate-user-id");
+const X_SCOPES: HeaderName = HeaderName::from_static("x-keygate-scopes");
+const X_KEY_ID: HeaderName = HeaderName::from_static("x-keygate-key-id");
+const X_KIND: HeaderName = HeaderName::from_static("x-keygate-kind");
+const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 
 /// The identity of a valid decision, as the headers forward-auth answers and the gateway sends upstream:
 /// `X-Keygate-Consumer`, `-Key-Id` (keys), `-Client-Id`, `-Subject`, `-User-Id` (tokens), `-Scopes`,
@@ -423,22 +435,22 @@ pub(crate) fn identity_headers(h: &mut HeaderMap, decision: &Decision) -> bool {
     }
     if let Some(t) = &decision.token {
         if !t.consumer_id.is_empty() {
-            set_header(h, "x-keygate-consumer", &t.consumer_id);
-            set_header(h, "x-keygate-client-id", &t.client_id);
+            set_header(h, X_CONSUMER, &t.consumer_id);
+            set_header(h, X_CLIENT_ID, &t.client_id);
         }
-        set_header(h, "x-keygate-subject", &t.subject);
+        set_header(h, X_SUBJECT, &t.subject);
         if let Some(user) = &t.user_id {
-            set_header(h, "x-keygate-user-id", user);
+            set_header(h, X_USER_ID, user);
         }
-        set_header(h, "x-keygate-scopes", &t.scopes.join(" "));
-        h.insert("x-keygate-kind", HeaderValue::from_static(t.kind.as_str()));
+        set_header(h, X_SCOPES, &t.scopes.join(" "));
+        h.insert(X_KIND, HeaderValue::from_static(t.kind.as_str()));
         return true;
     }
     if let Some(key) = &decision.key {
-        set_header(h, "x-keygate-consumer", &key.consumer_id);
-        set_header(h, "x-keygate-key-id", &key.key_id);
-        set_header(h, "x-keygate-scopes", &key.scopes_header);
-        h.insert("x-keygate-kind", HeaderValue::from_static("api_key"));
+        set_header(h, X_CONSUMER, &key.consumer_id);
+        set_header(h, X_KEY_ID, &key.key_id);
+        set_header(h, X_SCOPES, &key.scopes_header);
+        h.insert(X_KIND, HeaderValue::from_static("api_key"));
         return true;
     }
     false
@@ -508,10 +520,10 @@ pub(crate) fn forward_auth_response(decision: &Decision, resource: Option<&str>)
 pub(crate) fn rate_limit_headers(h: &mut HeaderMap, decision: &Decision) {
     let Some(r) = &decision.rate_limit else { return };
     let reset = r.reset_seconds().to_string();
-    set_header(h, "ratelimit-limit", &r.limit.to_string());
-    set_header(h, "ratelimit-remaining", &r.remaining.to_string());
-    set_header(h, "ratelimit-reset", &reset);
+    set_header(h, RATELIMIT_LIMIT, &r.limit.to_string());
+    set_header(h, RATELIMIT_REMAINING, &r.remaining.to_string());
+    set_header(h, RATELIMIT_RESET, &reset);
     if decision.code == DecisionCode::RateLimited {
-        set_header(h, "retry-after", &reset);
+        set_header(h, header::RETRY_AFTER, &reset);
     }
 }
