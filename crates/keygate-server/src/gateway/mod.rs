@@ -323,7 +323,61 @@ async fn forward<'a>(
     if let Some(d) = &decision {
         rate_limit_headers(&mut rp.headers, d);
     }
-    (label, Response::from_parts(rp, Body::new(incoming)))
+    let body = IdleTimeout::new(incoming, route.timeout);
+    (label, Response::from_parts(rp, Body::new(body)))
+}
+
+/// An upstream's response body that fails when no data arrives for `idle` (the route's timeout): a
+/// stalled upstream does not hold the client's connection, and the upstream's, forever.
+struct IdleTimeout {
+    inner: hyper::body::Incoming,
+    idle: Duration,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl IdleTimeout {
+    fn new(inner: hyper::body::Incoming, idle: Duration) -> Self {
+        IdleTimeout { inner, idle, sleep: Box::pin(tokio::time::sleep(idle)) }
+    }
+}
+
+impl hyper::body::Body for IdleTimeout {
+    type Data = bytes::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        let this = self.get_mut();
+        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let deadline = tokio::time::Instant::now() + this.idle;
+                this.sleep.as_mut().reset(deadline);
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => match this.sleep.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    tracing::warn!(
+                        idle_s = this.idle.as_secs(),
+                        "upstream response body stalled; closing it"
+                    );
+                    Poll::Ready(Some(Err("the upstream's response body stalled".into())))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The credential check of a protected route: a valid decision, or the refusal to answer with.
@@ -351,15 +405,17 @@ async fn authorize(
     }
     let client = crate::peer::client_of(Some(peer.ip()), headers, &app.config.trusted_proxies);
     let now = app.now();
+    // The URL the client called, for a DPoP proof's `htu`: behind a trusted proxy (which terminates TLS
+    // or rewrites `Host`), the scheme and host it forwarded.
     let dpop = headers.get("dpop").and_then(|v| v.to_str().ok()).map(|proof| {
-        let scheme = trusted
-            .then(|| headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()))
-            .flatten()
-            .unwrap_or("http");
+        let forwarded =
+            |name: &HeaderName| trusted.then(|| headers.get(name).and_then(|v| v.to_str().ok())).flatten();
+        let scheme = forwarded(&X_FORWARDED_PROTO).unwrap_or("http");
+        let host = forwarded(&X_FORWARDED_HOST).or(host).unwrap_or_default();
         DpopInput {
             proof: proof.to_string(),
             method: parts.method.to_string(),
-            url: format!("{scheme}://{}{}", host.unwrap_or_default(), parts.uri.path()),
+            url: format!("{scheme}://{host}{}", parts.uri.path()),
         }
     });
     let required = route.required_scopes(&parts.method);

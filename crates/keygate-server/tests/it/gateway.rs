@@ -8,6 +8,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::HeaderMap;
+use futures_util::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -44,6 +45,17 @@ async fn echo(State(hits): State<Arc<AtomicUsize>>, req: Request) -> axum::respo
     use axum::response::IntoResponse;
     hits.fetch_add(1, Ordering::SeqCst);
     let path = req.uri().path().to_string();
+    if path.ends_with("/stall") {
+        // Headers and a first chunk at once, then nothing for 5 s.
+        let stream = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(
+            b"first",
+        ))])
+        .chain(futures_util::stream::once(async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Ok(bytes::Bytes::from_static(b"late"))
+        }));
+        return axum::response::Response::new(Body::from_stream(stream));
+    }
     if path.ends_with("/slow") {
         tokio::time::sleep(Duration::from_secs(3)).await;
         return "late".into_response();
@@ -300,6 +312,12 @@ async fn bodies_stream_both_ways_and_upstream_failures_are_502_and_504() {
     let resp = app.client.get(gw("/files/slow")).header("X-API-Key", &secret).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(resp.json::<Value>().await.unwrap()["code"], "upstream_timeout");
+    // A body that stops flowing for longer than the route's timeout is cut, not waited on.
+    let resp = app.client.get(gw("/files/stall")).header("X-API-Key", &secret).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let started = std::time::Instant::now();
+    assert!(resp.bytes().await.is_err(), "a stalled body ends in an error");
+    assert!(started.elapsed() < Duration::from_secs(4), "cut after the 1 s timeout, not the 5 s stall");
     let resp = app.client.get(gw("/down")).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
     assert_eq!(resp.json::<Value>().await.unwrap()["code"], "upstream_unavailable");
