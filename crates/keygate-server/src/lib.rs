@@ -200,9 +200,7 @@ pub async fn launch_all(
         shutdown_grace: std::time::Duration::from_secs(30),
     };
     let main_app = if admin.is_some() { app_for(state.clone(), Surface::Public) } else { app(state.clone()) };
-    // EXPERIMENT (measured, then kept or removed): one single-threaded runtime per shard.
-    let shards = std::env::var("KEYGATE_EXPERIMENT_SHARDS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
-    let main = serve::serve_sharded(listener, main_app, stopped.clone(), options, shards);
+    let main = serve::serve(listener, main_app, stopped.clone(), options);
     let admin =
         admin.map(|l| serve::serve(l, app_for(state.clone(), Surface::Admin), stopped.clone(), options));
     let gated =

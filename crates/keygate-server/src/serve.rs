@@ -122,36 +122,3 @@ pub async fn serve(
     }
     Ok(())
 }
-
-/// Serves on `shards` OS threads, each running its own single-threaded runtime that accepts from the same
-/// listening socket, so that a connection's tasks never move between threads (nginx's model). With one
-/// shard or fewer, serves on the calling runtime.
-pub async fn serve_sharded(
-    listener: TcpListener,
-    app: axum::Router,
-    stop: watch::Receiver<bool>,
-    options: ServeOptions,
-    shards: usize,
-) -> std::io::Result<()> {
-    if shards <= 1 {
-        return serve(listener, app, stop, options).await;
-    }
-    let shared = listener.into_std()?;
-    let mut done = Vec::with_capacity(shards);
-    for i in 0..shards {
-        let own = shared.try_clone()?;
-        let (app, stop) = (app.clone(), stop.clone());
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new().name(format!("keygate-shard-{i}")).spawn(move || {
-            let result = tokio::runtime::Builder::new_current_thread().enable_all().build().and_then(|rt| {
-                rt.block_on(async move { serve(TcpListener::from_std(own)?, app, stop, options).await })
-            });
-            let _ = tx.send(result);
-        })?;
-        done.push(rx);
-    }
-    for rx in done {
-        rx.await.map_err(|_| std::io::Error::other("a serving thread ended without a result"))??;
-    }
-    Ok(())
-}
