@@ -1493,6 +1493,7 @@ fn the_readme_gateway_walkthrough_in_front_of_a_real_upstream() {
     let v: Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(v["valid"], true);
     assert_eq!(v["routes"][0]["name"], "articles", "longer paths first: {v}");
+    assert!(v["warnings"].as_array().unwrap().is_empty(), "the README's public route is exact: {v}");
 
     let dir = tmp.path().join("data");
     let admin = init(&dir);

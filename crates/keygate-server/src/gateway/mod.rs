@@ -91,6 +91,9 @@ impl Gateway {
     pub fn open(path: PathBuf) -> Result<Arc<Gateway>, String> {
         let first = stamp(&path);
         let routes = Routes::load(&path)?;
+        for w in routes.warnings() {
+            tracing::warn!(path = %path.display(), "{w}");
+        }
         let client = client(routes.connect_timeout)?;
         Ok(Arc::new(Gateway {
             path,
@@ -113,6 +116,9 @@ impl Gateway {
         let now = stamp(&self.path);
         *self.stamp.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = (now, now);
         let routes = Routes::load(&self.path)?;
+        for w in routes.warnings() {
+            tracing::warn!(path = %self.path.display(), "{w}");
+        }
         let old = self.current();
         let client = if old.routes.connect_timeout == routes.connect_timeout {
             old.client.clone()

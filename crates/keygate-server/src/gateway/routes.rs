@@ -361,6 +361,33 @@ impl Routes {
         Lookup::MethodNotAllowed(allow.join(", "))
     }
 
+    /// What is legal but risky: a public route whose path covers a protected route's. Matching is exact
+    /// and case-sensitive, but an upstream that is not (IIS, a case-insensitive file system) would serve
+    /// `/ADMIN` or `/Admin` — which match only the public route — as the protected `/admin`.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for public in self.routes.iter().filter(|r| r.public && !r.exact) {
+            for protected in self.routes.iter().filter(|r| !r.public) {
+                let same_host = public.host.is_none() || public.host == protected.host;
+                let covers = public.segments.len() < protected.segments.len()
+                    && public.segments.iter().zip(&protected.segments).all(|(p, q)| match (p, q) {
+                        (Segment::Param, _) => true,
+                        (Segment::Literal(a), Segment::Literal(b)) => a == b,
+                        (Segment::Literal(_), Segment::Param) => false,
+                    });
+                if same_host && covers {
+                    out.push(format!(
+                        "public route {:?} covers the paths of protected route {:?}: another spelling of them \
+                         (a different letter case) reaches the upstream through the public route; make sure \
+                         the upstream treats paths case-sensitively, or narrow the public route",
+                        public.name, protected.name
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     /// Reads and checks a routes file; the error says which route and what to change.
     pub fn load(path: &std::path::Path) -> Result<Routes, String> {
         let text = std::fs::read_to_string(path)
@@ -704,6 +731,14 @@ mod tests {
         bad("credential_header = \"Connection\"", "manages that header");
         bad(&format!("{}\n{}", one(""), one("")), "another route has this name");
         bad("connect_timeout_ms = 1000", "there is no [[route]]");
+    }
+
+    #[test]
+    fn a_public_route_over_a_protected_one_is_warned_about() {
+        let r = routes(FILE);
+        let w = r.warnings();
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert!(w.iter().all(|m| m.starts_with("public route \"all\" covers")), "{w:?}");
     }
 
     #[test]

@@ -110,9 +110,13 @@ fn routes_check(file: &std::path::Path, json: bool) -> ExitCode {
         }
     };
     let rows: Vec<serde_json::Value> = routes.routes.iter().map(|r| r.describe()).collect();
+    let warnings = routes.warnings();
     if json {
-        output::emit(serde_json::json!({"valid": true, "routes": rows}));
+        output::emit(serde_json::json!({"valid": true, "routes": rows, "warnings": warnings}));
         return ExitCode::SUCCESS;
+    }
+    for w in &warnings {
+        eprintln!("warning: {w}");
     }
     output::emit(format!("{}: {} routes, in matching order", file.display(), rows.len()));
     let policy = |r: &serde_json::Value| {
