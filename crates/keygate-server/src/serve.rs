@@ -46,6 +46,17 @@ struct Active {
     idle: Notify,
 }
 
+/// One open connection; dropping it counts it down.
+struct Leaving(Arc<Active>);
+
+impl Drop for Leaving {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
 /// Serves `app` on `listener` until `stop` turns true, then drains as [`ServeOptions`] says.
 pub async fn serve(
     listener: TcpListener,
@@ -62,19 +73,27 @@ pub async fn serve(
         let (stream, addr) = match accepted {
             Ok(x) => x,
             Err(e) => {
-                // Out of file descriptors, or a connection reset before it was accepted: wait a moment
-                // rather than spin.
-                tracing::debug!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                use std::io::ErrorKind::{
+                    ConnectionAborted, ConnectionRefused, ConnectionReset, Interrupted,
+                };
+                // A connection that went away before it was accepted: take the next. Anything else (out of
+                // file descriptors): wait a moment rather than spin.
+                if !matches!(e.kind(), ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted)
+                {
+                    tracing::warn!(error = %e, "accept failed; retrying in 50 ms");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 continue;
             }
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let mut stop = stop.clone();
-        let active = active.clone();
         active.count.fetch_add(1, Ordering::SeqCst);
+        // Counts the connection down however its task ends, a panic included.
+        let guard = Leaving(active.clone());
         tokio::spawn(async move {
+            let _guard = guard;
             let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
                 req.extensions_mut().insert(ConnectInfo::<SocketAddr>(addr));
                 let app = app.clone();
@@ -98,9 +117,6 @@ pub async fn serve(
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 }
-            }
-            if active.count.fetch_sub(1, Ordering::SeqCst) == 1 {
-                active.idle.notify_waiters();
             }
         });
     }

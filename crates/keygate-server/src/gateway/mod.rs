@@ -413,10 +413,25 @@ async fn authorize(
     let now = app.now();
     // The URL the client called, for a DPoP proof's `htu`: behind a trusted proxy (which terminates TLS
     // or rewrites `Host`), the scheme and host it forwarded.
-    let dpop = headers.get("dpop").and_then(|v| v.to_str().ok()).map(|proof| {
-        let forwarded =
-            |name: &HeaderName| trusted.then(|| headers.get(name).and_then(|v| v.to_str().ok())).flatten();
-        let scheme = forwarded(&X_FORWARDED_PROTO).unwrap_or("http");
+    // One proof at most (RFC 9449 §4.3); a trusted proxy's headers count in their last (its own) element.
+    let mut proofs = headers.get_all("dpop").iter();
+    let proof = match (proofs.next(), proofs.next()) {
+        (Some(p), None) => p.to_str().ok(),
+        _ => None,
+    };
+    let dpop = proof.map(|proof| {
+        let forwarded = |name: &HeaderName| {
+            trusted
+                .then(|| headers.get(name).and_then(|v| v.to_str().ok()))
+                .flatten()
+                .and_then(|v| v.rsplit(',').next())
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+        };
+        let scheme = match forwarded(&X_FORWARDED_PROTO) {
+            Some(p) if p.eq_ignore_ascii_case("https") => "https",
+            _ => "http",
+        };
         let host = forwarded(&X_FORWARDED_HOST).or(host).unwrap_or_default();
         DpopInput {
             proof: proof.to_string(),
@@ -571,7 +586,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 fn strip_request_headers(h: &mut HeaderMap, routes: &Routes) {
     let custom = routes.credential_header.as_ref();
     // `Authorization` is the upstream's own only when the configured header carried the credential.
-    let custom_used = custom.is_some_and(|name| h.get(name).is_some_and(|v| !v.is_empty()));
+    let custom_used = custom_credential(h, routes).is_some();
     let mut gone: Vec<HeaderName> = connection_listed(h).collect();
     let mut cookies = false;
     for (name, value) in h.iter() {
@@ -601,24 +616,32 @@ fn strip_request_headers(h: &mut HeaderMap, routes: &Routes) {
     }
 }
 
-/// Keygate's own cookies (`kg_*`, `__Host-kg_*`) out of `Cookie`; the others stay.
+/// Keygate's own cookies (`kg_*`, `__Host-kg_*`) out of `Cookie`; the others stay, byte for byte (a
+/// value may hold bytes that are not ASCII). Untouched when there is none of Keygate's.
 fn strip_keygate_cookies(h: &mut HeaderMap) {
-    let kept: Vec<String> = h
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .map(str::trim)
-        .filter(|c| !c.is_empty())
-        .filter(|c| {
-            let name = c.split_once('=').map_or(*c, |(n, _)| n).trim();
-            !(name.starts_with("kg_") || name.starts_with("__Host-kg_"))
-        })
-        .map(str::to_owned)
-        .collect();
+    fn ours(pair: &[u8]) -> bool {
+        let pair = pair.trim_ascii_start();
+        pair.starts_with(b"kg_") || pair.starts_with(b"__Host-kg_")
+    }
+    if !h.get_all(header::COOKIE).iter().any(|v| v.as_bytes().split(|b| *b == b';').any(ours)) {
+        return;
+    }
+    let mut kept: Vec<u8> = Vec::new();
+    for value in h.get_all(header::COOKIE) {
+        for pair in value.as_bytes().split(|b| *b == b';') {
+            let pair = pair.trim_ascii();
+            if pair.is_empty() || ours(pair) {
+                continue;
+            }
+            if !kept.is_empty() {
+                kept.extend_from_slice(b"; ");
+            }
+            kept.extend_from_slice(pair);
+        }
+    }
     h.remove(header::COOKIE);
     if !kept.is_empty()
-        && let Ok(v) = HeaderValue::from_str(&kept.join("; "))
+        && let Ok(v) = HeaderValue::from_bytes(&kept)
     {
         h.insert(header::COOKIE, v);
     }

@@ -452,6 +452,19 @@ method_scopes = {{ GET = ["admin:read"] }}
     assert_eq!(h["authorization"], "Bearer upstream-own-token");
     assert!(h.get("x-gateway-key").is_none());
 
+    // A blank credential header does not make a Keygate key in Authorization "the upstream's own".
+    let resp = app
+        .client
+        .get(gw("/admin/users"))
+        .header("X-Gateway-Key", "   ")
+        .header("Authorization", format!("Bearer {secret}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let h = resp.json::<Value>().await.unwrap()["headers"].clone();
+    assert!(h.get("authorization").is_none(), "the key reached the upstream: {h}");
+
     // HEAD needs GET's scopes; another method ends at the admin route (405), never at the public one.
     let resp = app.client.head(gw("/admin/users")).header("X-Gateway-Key", &weak).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
