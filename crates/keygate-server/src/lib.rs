@@ -34,7 +34,7 @@ use tower_http::timeout::TimeoutLayer;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_swagger_ui::SwaggerUi;
 
-pub use state::{AppState, ServerConfig, bootstrap, open_store};
+pub use state::{AppState, DatabaseUrl, ServerConfig, bootstrap, open_store};
 
 use crate::error::{ApiError, ErrorCode};
 

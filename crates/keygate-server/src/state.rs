@@ -26,6 +26,8 @@ pub const DB_FILE: &str = "keygate.db";
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// A PostgreSQL database shared by every node; `None`: the embedded SQLite database in `data_dir`.
+    pub database_url: Option<DatabaseUrl>,
     /// Largest request body accepted, in bytes.
     pub body_limit: usize,
     /// Longest time a request may take before it is answered 503.
@@ -90,6 +92,54 @@ pub struct ServerConfig {
     pub metadata_docs: crate::oauth::metadata_doc::MetadataDocConfig,
 }
 
+/// A database URL. It may hold a password, so it is shown (in `Debug`, errors and logs) without one.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    /// A `postgres://` or `postgresql://` URL.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let url = url.trim();
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(DatabaseUrl(url.to_string()))
+        } else {
+            Err("must be a PostgreSQL URL: postgres://USER:PASSWORD@HOST:PORT/DATABASE".into())
+        }
+    }
+
+    /// The URL itself, to connect with. Never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        let Some((scheme, rest)) = self.0.split_once("://") else { return "***".into() };
+        let (authority, tail) = match rest.find(['/', '?']) {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        let Some((userinfo, host)) = authority.rsplit_once('@') else { return self.0.clone() };
+        let user = userinfo.split_once(':').map(|(u, _)| u).unwrap_or(userinfo);
+        let password_in_query = tail.contains("password=");
+        let tail = if password_in_query { tail.split('?').next().unwrap_or("") } else { tail };
+        let shown = if userinfo.contains(':') { format!("{user}:***") } else { user.to_string() };
+        format!("{scheme}://{shown}@{host}{tail}")
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl std::fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
 /// How long usage buckets of each size are kept.
 #[derive(Debug, Clone)]
 pub struct Retention {
@@ -113,6 +163,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("keygate-data"),
+            database_url: None,
             body_limit: 64 * 1024,
             request_timeout: Duration::from_secs(30),
             busy_timeout: Duration::from_secs(5),
@@ -191,25 +242,34 @@ pub enum OpenError {
     DataDir { path: PathBuf, source: std::io::Error },
     #[error("cannot open the database in {path}: {source}")]
     Store { path: PathBuf, source: StoreError },
+    #[error("cannot open the PostgreSQL database {url}: {source}")]
+    Postgres { url: DatabaseUrl, source: StoreError },
     #[error("cannot read random bytes from the operating system: {0}")]
     Random(getrandom::Error),
     #[error("cannot make the admin key: {0}")]
     Key(String),
 }
 
-/// Opens (creating if needed) the store in the data directory and applies migrations. The directory is
-/// made private (0700) and the database files 0600, before SQLite creates any of them.
+/// Opens the store and applies migrations: the PostgreSQL database of `database_url`, or else (creating
+/// it if needed) the SQLite database in the data directory. The data directory is made private (0700)
+/// either way (it holds the process lock, and by default the master key sits beside it), and SQLite's
+/// files 0600, before SQLite creates any of them.
 pub async fn open_store(config: &ServerConfig) -> Result<Arc<dyn Backend>, OpenError> {
     let dir_err = |source| OpenError::DataDir { path: config.data_dir.clone(), source };
     if let Some(old) = crate::fsmode::make_private_dir(&config.data_dir).map_err(dir_err)? {
         tracing::warn!(dir = %config.data_dir.display(), old_mode = format!("{old:o}"),
             "the data directory was readable by other accounts; its mode is now 700");
     }
+    let options = ConnectOptions { busy_timeout: config.busy_timeout, ..ConnectOptions::default() };
+    if let Some(url) = &config.database_url {
+        return keygate_store::connect(url.expose(), &options)
+            .await
+            .map_err(|source| OpenError::Postgres { url: url.clone(), source });
+    }
     let path = config.data_dir.join(DB_FILE);
     for (file, old) in crate::fsmode::prepare_database_files(&path).map_err(dir_err)? {
         tracing::warn!(%file, old_mode = format!("{old:o}"), "a database file was readable by other accounts; its mode is now 600");
     }
-    let options = ConnectOptions { busy_timeout: config.busy_timeout, ..ConnectOptions::default() };
     let location = path.to_string_lossy();
     keygate_store::connect(&location, &options)
         .await

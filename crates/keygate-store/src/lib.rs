@@ -10,15 +10,23 @@
 mod events;
 mod model;
 mod oauth;
+mod pg;
+mod pg_events;
+mod pg_oauth;
+mod pg_users;
+mod rows;
 mod sqlite;
 mod sqlite_events;
 mod sqlite_oauth;
 mod sqlite_users;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod users;
 
 pub use events::*;
 pub use model::*;
 pub use oauth::*;
+pub use pg::{PgOptions, PgStore};
 pub use sqlite::{SqliteOptions, SqliteStore};
 pub use users::*;
 
@@ -59,23 +67,30 @@ impl Default for ConnectOptions {
 }
 
 /// Opens the store a location names, with its migrations applied: a file path or a `sqlite:PATH` URL
-/// is the embedded SQLite database (created if missing). The server and the CLI see only the
-/// backend-neutral [`Backend`].
+/// is the embedded SQLite database (created if missing); a `postgres://` (or `postgresql://`) URL is a
+/// PostgreSQL database, which must exist. The server and the CLI see only the backend-neutral [`Backend`].
 pub async fn connect(location: &str, options: &ConnectOptions) -> Result<std::sync::Arc<dyn Backend>> {
     let path = match location.split_once(':') {
+        Some(("postgres" | "postgresql", _)) => {
+            let pg =
+                PgOptions { busy_timeout: options.busy_timeout, max_connections: options.max_connections };
+            let store = PgStore::open(location, &pg).await?;
+            store.migrate().await?;
+            return Ok(std::sync::Arc::new(store));
+        }
         Some(("sqlite", rest)) => rest.trim_start_matches("//"),
         Some((scheme, _))
             if scheme.len() > 1 && scheme.chars().all(|c| c.is_ascii_alphanumeric() || c == '+') =>
         {
             return Err(StoreError::Other(format!(
-                "unknown database URL scheme '{scheme}:'; give a file path or a sqlite:PATH URL"
+                "unknown database URL scheme '{scheme}:'; give a file path, a sqlite:PATH URL or a postgres:// URL"
             )));
         }
         _ => location,
     };
     if path.is_empty() {
         return Err(StoreError::Other(
-            "the database location is empty; give a file path or sqlite:PATH".into(),
+            "the database location is empty; give a file path, sqlite:PATH or a postgres:// URL".into(),
         ));
     }
     let sqlite =

@@ -6,7 +6,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use keygate_core::{Environment, SecretHash};
+use keygate_core::SecretHash;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
@@ -17,9 +17,6 @@ use crate::{
     KeyTotal, KeyUsage, LeakPolicy, NewAudit, NewEvent, Page, Result, SecretRecord, Store, StoreError,
     StoredSecret, UsageQuery, UsageRow,
 };
-use keygate_core::limits::Quota;
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 
 /// Migrations, applied in order, each exactly once. Never edit one that has shipped: add a new one.
 const MIGRATIONS: &[&str] = &[
@@ -525,91 +522,13 @@ pub(crate) fn map_err(e: sqlx::Error) -> StoreError {
     }
 }
 
-fn json_text(v: &serde_json::Value) -> String {
-    v.to_string()
+/// The record mappers, for SQLite rows.
+pub(crate) mod rows {
+    use super::map_err;
+    crate::rows::row_mappers!(sqlx::sqlite::SqliteRow);
 }
-
-fn parse_json(s: &str, what: &str) -> Result<serde_json::Value> {
-    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
-}
-
-pub(crate) fn opt_json<T: Serialize>(v: &Option<T>) -> Result<Option<String>> {
-    v.as_ref().map(|v| serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))).transpose()
-}
-
-pub(crate) fn parse_opt<T: DeserializeOwned>(row: &SqliteRow, col: &str) -> Result<Option<T>> {
-    let text: Option<&str> = row.try_get(col).map_err(map_err)?;
-    text.map(|t| serde_json::from_str(t).map_err(|e| StoreError::Corrupt(format!("{col}: {e}")))).transpose()
-}
-
-fn consumer_from_row(row: &SqliteRow) -> Result<Consumer> {
-    Ok(Consumer {
-        id: row.try_get("id").map_err(map_err)?,
-        name: row.try_get("name").map_err(map_err)?,
-        metadata: parse_json(row.try_get("metadata").map_err(map_err)?, "consumer metadata")?,
-        disabled: row.try_get("disabled").map_err(map_err)?,
-        system: row.try_get("system").map_err(map_err)?,
-        rate_limits: parse_opt(row, "rate_limits")?,
-        external_id: row.try_get("external_id").map_err(map_err)?,
-        leak_policy: {
-            let p: &str = row.try_get("leak_policy").map_err(map_err)?;
-            LeakPolicy::parse(p).ok_or_else(|| StoreError::Corrupt(format!("unknown leak policy {p:?}")))?
-        },
-        created_at: row.try_get("created_at").map_err(map_err)?,
-        updated_at: row.try_get("updated_at").map_err(map_err)?,
-    })
-}
-
-fn key_from_row(row: &SqliteRow) -> Result<ApiKey> {
-    let env: &str = row.try_get("environment").map_err(map_err)?;
-    let scopes: &str = row.try_get("scopes").map_err(map_err)?;
-    Ok(ApiKey {
-        id: row.try_get("id").map_err(map_err)?,
-        consumer_id: row.try_get("consumer_id").map_err(map_err)?,
-        name: row.try_get("name").map_err(map_err)?,
-        environment: Environment::parse(env)
-            .ok_or_else(|| StoreError::Corrupt(format!("unknown environment {env:?}")))?,
-        scopes: serde_json::from_str(scopes).map_err(|e| StoreError::Corrupt(format!("key scopes: {e}")))?,
-        metadata: parse_json(row.try_get("metadata").map_err(map_err)?, "key metadata")?,
-        expires_at: row.try_get("expires_at").map_err(map_err)?,
-        disabled: row.try_get("disabled").map_err(map_err)?,
-        revoked_at: row.try_get("revoked_at").map_err(map_err)?,
-        created_at: row.try_get("created_at").map_err(map_err)?,
-        updated_at: row.try_get("updated_at").map_err(map_err)?,
-        start: row.try_get("start").map_err(map_err)?,
-        rate_limits: parse_opt(row, "rate_limits")?,
-        allowed_ips: parse_opt(row, "allowed_ips")?,
-        quota: match row.try_get::<Option<i64>, _>("quota_remaining").map_err(map_err)? {
-            Some(remaining) => {
-                Some(Quota { remaining: remaining.max(0) as u64, refill: parse_opt(row, "quota_refill")? })
-            }
-            None => None,
-        },
-        quota_refilled_at: row.try_get("quota_refilled_at").map_err(map_err)?,
-        last_used_at: row.try_get("last_used_at").map_err(map_err)?,
-        last_used_ip: row.try_get("last_used_ip").map_err(map_err)?,
-        imported: row.try_get("imported").map_err(map_err)?,
-    })
-}
-
-fn audit_from_row(row: &SqliteRow) -> Result<AuditEvent> {
-    Ok(AuditEvent {
-        id: row.try_get("id").map_err(map_err)?,
-        at: row.try_get("at").map_err(map_err)?,
-        actor: row.try_get("actor").map_err(map_err)?,
-        action: row.try_get("action").map_err(map_err)?,
-        target_type: row.try_get("target_type").map_err(map_err)?,
-        target_id: row.try_get("target_id").map_err(map_err)?,
-        ip: row.try_get("ip").map_err(map_err)?,
-        details: parse_json(row.try_get("details").map_err(map_err)?, "audit details")?,
-        actor_name: row.try_get("actor_name").map_err(map_err)?,
-    })
-}
-
-pub(crate) fn hash_from_row(row: &SqliteRow) -> Result<SecretHash> {
-    let bytes: &[u8] = row.try_get("hash").map_err(map_err)?;
-    SecretHash::from_slice(bytes).ok_or_else(|| StoreError::Corrupt("secret hash is not 32 bytes".into()))
-}
+pub(crate) use crate::rows::{json_text, opt_json};
+pub(crate) use rows::*;
 
 pub(crate) type Tx<'a> = sqlx::Transaction<'a, sqlx::Sqlite>;
 
@@ -1350,119 +1269,5 @@ impl Store for SqliteStore {
             .await
             .map_err(map_err)?;
         rows.iter().map(audit_from_row).collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
-
-    use std::collections::HashSet;
-    use std::sync::Arc;
-
-    use super::*;
-
-    fn audit(id: &str) -> NewAudit {
-        NewAudit {
-            id: format!("evt_{id}"),
-            at: 0,
-            actor: "test".into(),
-            action: "key.create".into(),
-            target_type: "key".into(),
-            target_id: id.into(),
-            ip: None,
-            details: serde_json::json!({}),
-        }
-    }
-
-    /// The follower contract: reading "everything after the last change number seen", over and over,
-    /// while many writers commit concurrently, ends up with every secret and never skips one.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn following_secret_changes_never_skips_a_row_under_concurrent_writers() {
-        let dir = tempfile::tempdir().unwrap();
-        let store =
-            Arc::new(SqliteStore::open(&dir.path().join("k.db"), &SqliteOptions::default()).await.unwrap());
-        store.migrate().await.unwrap();
-        let consumer = Consumer {
-            id: "cons_1".into(),
-            name: "c".into(),
-            metadata: serde_json::json!({}),
-            disabled: false,
-            system: false,
-            rate_limits: None,
-            external_id: None,
-            leak_policy: crate::LeakPolicy::Revoke,
-            created_at: 0,
-            updated_at: 0,
-        };
-        store.insert_consumer(&consumer, &audit("cons_1")).await.unwrap();
-
-        let writers: Vec<_> = (0..8)
-            .map(|w| {
-                let store = store.clone();
-                tokio::spawn(async move {
-                    let mut hashes = Vec::new();
-                    for i in 0..40 {
-                        let id = format!("key_{w}_{i}");
-                        let hash = SecretHash::of(&id);
-                        let key = ApiKey::new(
-                            id.clone(),
-                            "cons_1".into(),
-                            "k".into(),
-                            Environment::Live,
-                            vec![],
-                            serde_json::json!({}),
-                            None,
-                            "s".into(),
-                            0,
-                        );
-                        // Busy answers are part of concurrent life: retry them.
-                        loop {
-                            match store
-                                .insert_key(&key, &StoredSecret::new(hash, &id, "s", 0), &audit(&id))
-                                .await
-                            {
-                                Ok(()) => break,
-                                Err(StoreError::Unavailable(_)) => tokio::task::yield_now().await,
-                                Err(e) => panic!("{e}"),
-                            }
-                        }
-                        hashes.push(hash);
-                    }
-                    hashes
-                })
-            })
-            .collect();
-
-        let mut seen: HashSet<SecretHash> = HashSet::new();
-        let mut cursor = 0;
-        let mut last_numbers = Vec::new();
-        let follow = |cursor: i64| {
-            let store = store.clone();
-            async move { store.secret_changes_after(cursor, 7).await.unwrap() }
-        };
-        while writers.iter().any(|w| !w.is_finished()) {
-            for (n, h) in follow(cursor).await {
-                assert!(n > cursor, "change numbers only grow");
-                last_numbers.push(n);
-                cursor = n;
-                seen.insert(h);
-            }
-        }
-        let mut all = HashSet::new();
-        for w in writers {
-            all.extend(w.await.unwrap());
-        }
-        loop {
-            let rows = follow(cursor).await;
-            let Some(&(n, _)) = rows.last() else { break };
-            seen.extend(rows.iter().map(|(_, h)| *h));
-            cursor = n;
-        }
-        assert_eq!(all.len(), 320);
-        assert_eq!(seen, all, "the follower saw every committed secret");
-        let mut sorted = last_numbers.clone();
-        sorted.dedup();
-        assert_eq!(sorted.len(), last_numbers.len(), "no change number was handed out twice");
     }
 }

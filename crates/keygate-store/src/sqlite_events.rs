@@ -3,14 +3,13 @@
 use async_trait::async_trait;
 use keygate_core::events::{audit_data, event_for_action, payload};
 use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
 
 use crate::events::{
     Attempt, AttemptOutcome, Delivery, DueDelivery, EventStore, LeakReport, NewEvent, StoredEvent,
     WebhookEndpoint, WebhookPatch,
 };
-use crate::sqlite::{Tx, fetch_by_id, fetch_page, insert_audit, map_err};
-use crate::sqlite_oauth::{json_list, to_json};
+use crate::rows::to_json;
+use crate::sqlite::{Tx, endpoint_from_row, fetch_by_id, fetch_page, insert_audit, leak_from_row, map_err};
 use crate::{NewAudit, Page, Result, SqliteStore};
 
 /// Writes the event an audited change reports, if it reports one, with its deliveries (called by
@@ -58,39 +57,6 @@ pub(crate) async fn insert_event_tx(
     .await
     .map_err(map_err)?;
     Ok(true)
-}
-
-fn endpoint_from_row(row: &SqliteRow) -> Result<WebhookEndpoint> {
-    Ok(WebhookEndpoint {
-        id: row.try_get("id").map_err(map_err)?,
-        url: row.try_get("url").map_err(map_err)?,
-        events: json_list(row, "events")?,
-        description: row.try_get("description").map_err(map_err)?,
-        enabled: row.try_get("enabled").map_err(map_err)?,
-        secret_sealed: row.try_get("secret_sealed").map_err(map_err)?,
-        previous_secret_until: row.try_get("previous_secret_until").map_err(map_err)?,
-        failing_since: row.try_get("failing_since").map_err(map_err)?,
-        disabled_reason: row.try_get("disabled_reason").map_err(map_err)?,
-        created_at: row.try_get("created_at").map_err(map_err)?,
-        updated_at: row.try_get("updated_at").map_err(map_err)?,
-    })
-}
-
-fn leak_from_row(row: &SqliteRow) -> Result<LeakReport> {
-    let ctype: Option<String> = row.try_get("credential_type").map_err(map_err)?;
-    let cid: Option<String> = row.try_get("credential_id").map_err(map_err)?;
-    Ok(LeakReport {
-        id: row.try_get("id").map_err(map_err)?,
-        at: row.try_get("at").map_err(map_err)?,
-        reporter: row.try_get("reporter").map_err(map_err)?,
-        token_hash: row.try_get("token_hash").map_err(map_err)?,
-        token_type: row.try_get("token_type").map_err(map_err)?,
-        url: row.try_get("url").map_err(map_err)?,
-        source: row.try_get("source").map_err(map_err)?,
-        label: row.try_get("label").map_err(map_err)?,
-        credential: ctype.zip(cid),
-        action: row.try_get("action").map_err(map_err)?,
-    })
 }
 
 #[async_trait]

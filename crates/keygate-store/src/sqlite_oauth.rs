@@ -3,7 +3,6 @@
 use async_trait::async_trait;
 use keygate_core::SecretHash;
 use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
 
 use crate::oauth::{
     AccessTokenRecord, ClientPatch, GrantType, OAuthClient, OAuthStore, SigningKey, TokenFormat,
@@ -12,86 +11,12 @@ use crate::oauth::{
 fn grant_names(g: &[GrantType]) -> Vec<&'static str> {
     g.iter().map(|g| g.as_str()).collect()
 }
+use crate::rows::to_json;
 use crate::sqlite::{
-    INSERT_CLIENT_SECRET, fetch_by_id, fetch_page, hash_from_row, insert_audit, insert_secret_row, map_err,
+    INSERT_CLIENT_SECRET, client_from_row, fetch_by_id, fetch_page, hash_from_row, insert_audit,
+    insert_secret_row, map_err, signing_key_from_row, token_from_row,
 };
-use crate::{NewAudit, Page, Result, SqliteStore, StoreError, StoredSecret};
-
-pub(crate) fn json_list(row: &SqliteRow, col: &str) -> Result<Vec<String>> {
-    let text: &str = row.try_get(col).map_err(map_err)?;
-    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{col}: {e}")))
-}
-
-pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
-    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
-fn client_from_row(row: &SqliteRow) -> Result<OAuthClient> {
-    Ok(OAuthClient {
-        id: row.try_get("id").map_err(map_err)?,
-        consumer_id: row.try_get("consumer_id").map_err(map_err)?,
-        name: row.try_get("name").map_err(map_err)?,
-        grant_types: json_list(row, "grant_types")?
-            .iter()
-            .map(|g| GrantType::parse(g).ok_or_else(|| StoreError::Corrupt(format!("grant type {g:?}"))))
-            .collect::<Result<_>>()?,
-        scopes: json_list(row, "scopes")?,
-        audiences: json_list(row, "audiences")?,
-        token_format: {
-            let f: &str = row.try_get("token_format").map_err(map_err)?;
-            TokenFormat::parse(f).ok_or_else(|| StoreError::Corrupt(format!("token format {f:?}")))?
-        },
-        token_lifetime_seconds: row.try_get("token_lifetime_seconds").map_err(map_err)?,
-        confidential: row.try_get("confidential").map_err(map_err)?,
-        disabled: row.try_get("disabled").map_err(map_err)?,
-        tokens_revoked_before: row.try_get("tokens_revoked_before").map_err(map_err)?,
-        secret_start: row.try_get("secret_start").map_err(map_err)?,
-        auth_method: row.try_get("auth_method").map_err(map_err)?,
-        jwks: match row.try_get::<Option<&str>, _>("jwks").map_err(map_err)? {
-            Some(s) => {
-                Some(serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("client jwks: {e}")))?)
-            }
-            None => None,
-        },
-        redirect_uris: json_list(row, "redirect_uris")?,
-        refresh_idle_seconds: row.try_get("refresh_idle_seconds").map_err(map_err)?,
-        refresh_absolute_seconds: row.try_get("refresh_absolute_seconds").map_err(map_err)?,
-        created_at: row.try_get("created_at").map_err(map_err)?,
-        updated_at: row.try_get("updated_at").map_err(map_err)?,
-    })
-}
-
-pub(crate) fn token_from_row(row: &SqliteRow) -> Result<AccessTokenRecord> {
-    Ok(AccessTokenRecord {
-        hash: hash_from_row(row)?,
-        jti: row.try_get("jti").map_err(map_err)?,
-        client_id: row.try_get("client_id").map_err(map_err)?,
-        subject: row.try_get("subject").map_err(map_err)?,
-        scopes: json_list(row, "scopes")?,
-        audiences: json_list(row, "audiences")?,
-        issued_at: row.try_get("issued_at").map_err(map_err)?,
-        expires_at: row.try_get("expires_at").map_err(map_err)?,
-        revoked_at: row.try_get("revoked_at").map_err(map_err)?,
-        family_id: row.try_get("family_id").map_err(map_err)?,
-        source: row.try_get("source").map_err(map_err)?,
-        jkt: row.try_get("jkt").map_err(map_err)?,
-    })
-}
-
-fn signing_key_from_row(row: &SqliteRow) -> Result<SigningKey> {
-    let jwk: &str = row.try_get("public_jwk").map_err(map_err)?;
-    Ok(SigningKey {
-        kid: row.try_get("kid").map_err(map_err)?,
-        alg: row.try_get("alg").map_err(map_err)?,
-        private_der: row.try_get("private_der").map_err(map_err)?,
-        public_jwk: serde_json::from_str(jwk).map_err(|e| StoreError::Corrupt(format!("public_jwk: {e}")))?,
-        created_at: row.try_get("created_at").map_err(map_err)?,
-        active_from: row.try_get("active_from").map_err(map_err)?,
-        retired_at: row.try_get("retired_at").map_err(map_err)?,
-        publish_until: row.try_get("publish_until").map_err(map_err)?,
-        revoked_at: row.try_get("revoked_at").map_err(map_err)?,
-    })
-}
+use crate::{NewAudit, Page, Result, SqliteStore, StoredSecret};
 
 pub(crate) async fn insert_access_token_rows(
     tx: &mut crate::sqlite::Tx<'_>,

@@ -3,121 +3,19 @@
 use async_trait::async_trait;
 use keygate_core::SecretHash;
 use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
 
-use crate::sqlite::{Tx, fetch_by_id, fetch_page, hash_from_row, insert_audit, map_err, opt_json, parse_opt};
-use crate::sqlite_oauth::{insert_access_token_rows, json_list, to_json};
+use crate::rows::to_json;
+use crate::sqlite::{Tx, fetch_by_id, fetch_page, insert_audit, map_err, opt_json};
+use crate::sqlite::{
+    code_from_row, device_from_row, family_from_row, grant_from_row, pat_from_row, refresh_from_row,
+    user_from_row,
+};
+use crate::sqlite_oauth::insert_access_token_rows;
 use crate::users::{
     AuthCode, DeviceAuth, Grant, PersonalToken, Redeemed, Redemption, RefreshRecord, Rotation, TokenFamily,
     User, UserPatch, UserStore,
 };
 use crate::{NewAudit, Page, Result, SqliteStore};
-
-fn user_from_row(row: &SqliteRow) -> Result<User> {
-    Ok(User {
-        id: row.try_get("id").map_err(map_err)?,
-        username: row.try_get("username").map_err(map_err)?,
-        email: row.try_get("email").map_err(map_err)?,
-        display_name: row.try_get("display_name").map_err(map_err)?,
-        password_hash: row.try_get("password_hash").map_err(map_err)?,
-        allowed_scopes: parse_opt(row, "allowed_scopes")?,
-        roles: json_list(row, "roles")?,
-        disabled: row.try_get("disabled").map_err(map_err)?,
-        created_at: row.try_get("created_at").map_err(map_err)?,
-        updated_at: row.try_get("updated_at").map_err(map_err)?,
-        last_login_at: row.try_get("last_login_at").map_err(map_err)?,
-    })
-}
-
-fn grant_from_row(row: &SqliteRow) -> Result<Grant> {
-    Ok(Grant {
-        id: row.try_get("id").map_err(map_err)?,
-        user_id: row.try_get("user_id").map_err(map_err)?,
-        client_id: row.try_get("client_id").map_err(map_err)?,
-        scopes: json_list(row, "scopes")?,
-        created_at: row.try_get("created_at").map_err(map_err)?,
-        updated_at: row.try_get("updated_at").map_err(map_err)?,
-        revoked_at: row.try_get("revoked_at").map_err(map_err)?,
-    })
-}
-
-fn code_from_row(row: &SqliteRow) -> Result<AuthCode> {
-    Ok(AuthCode {
-        hash: hash_from_row(row)?,
-        client_id: row.try_get("client_id").map_err(map_err)?,
-        user_id: row.try_get("user_id").map_err(map_err)?,
-        grant_id: row.try_get("grant_id").map_err(map_err)?,
-        redirect_uri: row.try_get("redirect_uri").map_err(map_err)?,
-        code_challenge: row.try_get("code_challenge").map_err(map_err)?,
-        scopes: json_list(row, "scopes")?,
-        audiences: json_list(row, "audiences")?,
-        created_at: row.try_get("created_at").map_err(map_err)?,
-        expires_at: row.try_get("expires_at").map_err(map_err)?,
-        used_at: row.try_get("used_at").map_err(map_err)?,
-        family_id: row.try_get("family_id").map_err(map_err)?,
-    })
-}
-
-fn family_from_row(row: &SqliteRow) -> Result<TokenFamily> {
-    Ok(TokenFamily {
-        id: row.try_get("f_id").map_err(map_err)?,
-        grant_id: row.try_get("f_grant_id").map_err(map_err)?,
-        client_id: row.try_get("f_client_id").map_err(map_err)?,
-        user_id: row.try_get("f_user_id").map_err(map_err)?,
-        created_at: row.try_get("f_created_at").map_err(map_err)?,
-        expires_at: row.try_get("f_expires_at").map_err(map_err)?,
-        revoked_at: row.try_get("f_revoked_at").map_err(map_err)?,
-        jkt: row.try_get("f_jkt").map_err(map_err)?,
-    })
-}
-
-fn pat_from_row(row: &SqliteRow) -> Result<PersonalToken> {
-    Ok(PersonalToken {
-        id: row.try_get("id").map_err(map_err)?,
-        user_id: row.try_get("user_id").map_err(map_err)?,
-        name: row.try_get("name").map_err(map_err)?,
-        scopes: json_list(row, "scopes")?,
-        audiences: json_list(row, "audiences")?,
-        hash: hash_from_row(row)?,
-        start: row.try_get("start").map_err(map_err)?,
-        created_at: row.try_get("created_at").map_err(map_err)?,
-        updated_at: row.try_get("updated_at").map_err(map_err)?,
-        expires_at: row.try_get("expires_at").map_err(map_err)?,
-        last_used_at: row.try_get("last_used_at").map_err(map_err)?,
-        last_used_ip: row.try_get("last_used_ip").map_err(map_err)?,
-        revoked_at: row.try_get("revoked_at").map_err(map_err)?,
-    })
-}
-
-fn device_from_row(row: &SqliteRow) -> Result<DeviceAuth> {
-    Ok(DeviceAuth {
-        hash: hash_from_row(row)?,
-        user_code: row.try_get("user_code").map_err(map_err)?,
-        client_id: row.try_get("client_id").map_err(map_err)?,
-        scopes: json_list(row, "scopes")?,
-        audiences: json_list(row, "audiences")?,
-        created_at: row.try_get("created_at").map_err(map_err)?,
-        expires_at: row.try_get("expires_at").map_err(map_err)?,
-        interval_ms: row.try_get("interval_ms").map_err(map_err)?,
-        last_polled_at: row.try_get("last_polled_at").map_err(map_err)?,
-        status: row.try_get("status").map_err(map_err)?,
-        user_id: row.try_get("user_id").map_err(map_err)?,
-        grant_id: row.try_get("grant_id").map_err(map_err)?,
-        granted_scopes: parse_opt(row, "granted_scopes")?,
-    })
-}
-
-fn refresh_from_row(row: &SqliteRow) -> Result<RefreshRecord> {
-    Ok(RefreshRecord {
-        hash: hash_from_row(row)?,
-        family_id: row.try_get("family_id").map_err(map_err)?,
-        scopes: json_list(row, "scopes")?,
-        audiences: json_list(row, "audiences")?,
-        issued_at: row.try_get("issued_at").map_err(map_err)?,
-        idle_expires_at: row.try_get("idle_expires_at").map_err(map_err)?,
-        used_at: row.try_get("used_at").map_err(map_err)?,
-    })
-}
 
 async fn insert_refresh(tx: &mut Tx<'_>, r: &RefreshRecord) -> Result<()> {
     sqlx::query(

@@ -1,6 +1,6 @@
 //! The store's contracts, written once against the backend-neutral traits (`Backend`), so that every
-//! backend runs the same suite: today SQLite; PostgreSQL (issue 11) adds a second `open_*` and runs these
-//! again. Each test says which contract it holds the backend to.
+//! backend runs the same suite: SQLite (a file in a temporary directory) and PostgreSQL (a fresh database
+//! on a real server: `keygate_store::testing`). Each test says which contract it holds the backend to.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly on purpose")]
 
@@ -23,6 +23,12 @@ async fn sqlite() -> (Arc<dyn Backend>, tempfile::TempDir) {
     (keygate_store::connect(&location, &ConnectOptions::default()).await.unwrap(), dir)
 }
 
+/// A fresh PostgreSQL backend: a new database on the test server, opened through `connect`.
+async fn postgres() -> (Arc<dyn Backend>, ()) {
+    let url = keygate_store::testing::postgres_database().await.unwrap();
+    (keygate_store::connect(&url, &ConnectOptions::default()).await.unwrap(), ())
+}
+
 /// `connect` picks the backend by location: a path or `sqlite:` opens (and migrates) SQLite; an unknown
 /// scheme is refused with a message that says what to give, and opens nothing.
 #[tokio::test]
@@ -38,7 +44,7 @@ async fn connect_by_location() {
         let Err(e) = keygate_store::connect(bad, &ConnectOptions::default()).await else {
             panic!("{bad} opened")
         };
-        assert!(e.to_string().contains("sqlite:PATH"), "{bad}: {e}");
+        assert!(e.to_string().contains("sqlite:PATH") && e.to_string().contains("postgres://"), "{bad}: {e}");
     }
 }
 
@@ -474,6 +480,82 @@ async fn boards_quotas_and_search(store: Arc<dyn Backend>) {
     assert_eq!(found.len(), 1, "names match ignoring case");
 }
 
+/// Contract: following key secrets by change number ("everything after the last number seen", over and
+/// over) while many writers commit concurrently ends with every secret and never skips one; numbers only
+/// grow and are never handed out twice.
+async fn following_never_skips_under_concurrent_writers(store: Arc<dyn Backend>) {
+    store
+        .insert_consumer(&consumer("cons_1"), &audit("evt_c", "consumer.create", "cons_1", 0))
+        .await
+        .unwrap();
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut hashes = Vec::new();
+                for i in 0..40 {
+                    let id = format!("key_{w}_{i}");
+                    let hash = SecretHash::of(&id);
+                    let key = ApiKey::new(
+                        id.clone(),
+                        "cons_1".into(),
+                        "k".into(),
+                        Environment::Live,
+                        vec![],
+                        json!({}),
+                        None,
+                        "s".into(),
+                        0,
+                    );
+                    // Busy answers are part of concurrent life: retry them.
+                    loop {
+                        match store
+                            .insert_key(
+                                &key,
+                                &StoredSecret::new(hash, &id, "s", 0),
+                                &audit(&format!("evt_{id}"), "key.create", &id, 0),
+                            )
+                            .await
+                        {
+                            Ok(()) => break,
+                            Err(StoreError::Unavailable(_)) => tokio::task::yield_now().await,
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    hashes.push(hash);
+                }
+                hashes
+            })
+        })
+        .collect();
+    let mut seen: HashSet<SecretHash> = HashSet::new();
+    let mut cursor = 0;
+    let mut numbers = Vec::new();
+    while writers.iter().any(|w| !w.is_finished()) {
+        for (n, h) in store.secret_changes_after(cursor, 7).await.unwrap() {
+            assert!(n > cursor, "change numbers only grow");
+            numbers.push(n);
+            cursor = n;
+            seen.insert(h);
+        }
+    }
+    let mut all = HashSet::new();
+    for w in writers {
+        all.extend(w.await.unwrap());
+    }
+    loop {
+        let rows = store.secret_changes_after(cursor, 7).await.unwrap();
+        let Some(&(n, _)) = rows.last() else { break };
+        seen.extend(rows.iter().map(|(_, h)| *h));
+        cursor = n;
+    }
+    assert_eq!(all.len(), 320);
+    assert_eq!(seen, all, "the follower saw every committed secret");
+    let mut unique = numbers.clone();
+    unique.dedup();
+    assert_eq!(unique.len(), numbers.len(), "no change number was handed out twice");
+}
+
 macro_rules! suite {
     ($backend:ident: $($test:ident),* $(,)?) => {
         mod $backend {
@@ -497,8 +579,23 @@ suite!(sqlite:
     registrations_and_leak_reports,
     key_lifecycle_with_audit,
     paging_order_and_conflicts,
-        usage_upserts_add_up,
+    usage_upserts_add_up,
     boards_quotas_and_search,
+    following_never_skips_under_concurrent_writers,
+);
+
+suite!(postgres:
+    outbox_is_written_with_the_change,
+    claims_are_exclusive_and_capped,
+    late_finishers_change_nothing,
+    dedup_keys_write_once,
+    failure_runs_and_conditional_disable,
+    registrations_and_leak_reports,
+    key_lifecycle_with_audit,
+    paging_order_and_conflicts,
+    usage_upserts_add_up,
+    boards_quotas_and_search,
+    following_never_skips_under_concurrent_writers,
 );
 
 /// `Store` is one of the traits a backend implements (a compile-time check that the suite names them).

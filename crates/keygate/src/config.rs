@@ -155,6 +155,21 @@ pub static SETTINGS: &[Setting] = &[
         },
     },
     Setting {
+        key: "database_url",
+        doc: "A PostgreSQL database for several Keygate nodes to share (postgres://USER:PASSWORD@HOST:PORT/DB;\n\
+              the database must exist, Keygate creates its tables). Each node keeps its own data_dir, and every\n\
+              node needs the same master key. Prefer the KEYGATE_DATABASE_URL variable to a file: it holds\n\
+              a password.",
+        unset: Some(("the embedded SQLite database in data_dir", "\"postgres://keygate:secret@db.internal:5432/keygate\"")),
+        list: false,
+        alias: None,
+        get: |r| r.server.database_url.as_ref().and_then(|u| s(u.expose())),
+        set: |r, v| {
+            r.server.database_url = Some(keygate_server::DatabaseUrl::parse(v)?);
+            Ok(())
+        },
+    },
+    Setting {
         key: "master_key_file",
         doc: "The master key that seals the JWT signing keys in the database (XChaCha20-Poly1305); created,\n\
               mode 0600, if missing. Keep it OUTSIDE the data directory and back it up apart from it: a\n\
@@ -898,7 +913,7 @@ impl clap::FromArgMatches for ServerArgs {
 #[derive(Debug, Clone, Default)]
 pub struct DataDirArgs(pub ServerArgs);
 
-const DATA_DIR_ONLY: &[&str] = &["data_dir", "master_key_file"];
+const DATA_DIR_ONLY: &[&str] = &["data_dir", "database_url", "master_key_file"];
 
 impl clap::Args for DataDirArgs {
     fn augment_args(cmd: Command) -> Command {

@@ -116,7 +116,12 @@ pub async fn serve(args: &ServerArgs) -> ExitCode {
     let store = match open_store(&config).await {
         Ok(s) => s,
         Err(e) => {
-            return fail(format!("{e}\ncheck that --data-dir points to a writable directory"));
+            let hint = if config.database_url.is_some() {
+                "check that the PostgreSQL server is reachable, the database exists and the user may create tables in it"
+            } else {
+                "check that --data-dir points to a writable directory"
+            };
+            return fail(format!("{e}\n{hint}"));
         }
     };
     match bootstrap(store.as_ref()).await {
@@ -164,7 +169,7 @@ pub async fn serve(args: &ServerArgs) -> ExitCode {
         }
         _ => None,
     };
-    say!("Keygate listening on http://{addr} (data in {})", config.data_dir.display());
+    say!("Keygate listening on http://{addr} (data in {})", data_location(&config));
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok()).unwrap_or(addr);
     if admin.is_some() {
         say!("Admin API listening on http://{admin_addr}");
@@ -180,7 +185,7 @@ pub async fn serve(args: &ServerArgs) -> ExitCode {
     say!("API docs: http://{admin_addr}/docs");
     say!("Web console: http://{admin_addr}/console/ (sign in with an admin key)");
     lock.record_admin_url(&format!("http://{}", loopback_if_unspecified(admin_addr)));
-    tracing::info!(%addr, %admin_addr, data_dir = %config.data_dir.display(), "keygate started");
+    tracing::info!(%addr, %admin_addr, data = %data_location(&config), "keygate started");
     let state = AppState::new(store.clone(), ServerConfig { listen: addr, ..config });
     let result = launch_all(state, listener, admin, gateway, shutdown_signal()).await;
     drop(lock);
@@ -194,6 +199,14 @@ pub async fn serve(args: &ServerArgs) -> ExitCode {
     }
 }
 
+/// Where the data is, for people: the data directory, or the PostgreSQL database (without its password).
+fn data_location(config: &ServerConfig) -> String {
+    match &config.database_url {
+        Some(url) => format!("PostgreSQL {url}"),
+        None => config.data_dir.display().to_string(),
+    }
+}
+
 fn print_bootstrap(config: &ServerConfig, secret: &PlainSecret) {
     // The one time the bootstrap secret is shown. It goes to standard output, never to the log.
     say!(
@@ -202,7 +215,7 @@ fn print_bootstrap(config: &ServerConfig, secret: &PlainSecret) {
          Use it with the CLI:   export KEYGATE_ADMIN_KEY={key}\n\
          \x20                      keygate consumers create --name my-app\n\
          or with curl:          curl -H 'Authorization: Bearer {key}' http://{listen}/v1/consumers\n",
-        dir = config.data_dir.display(),
+        dir = data_location(config),
         key = secret.expose(),
         listen = config.listen,
     );
@@ -248,7 +261,7 @@ pub async fn init(args: &DataDirArgs, json: bool) -> ExitCode {
         Err(e) => return fail(e),
     };
     let db = config.data_dir.join(DB_FILE);
-    if db.exists() && already_initialized(&config).await {
+    if (db.exists() || config.database_url.is_some()) && already_initialized(&config).await {
         return fail(format!(
             "{} is already initialised; nothing was changed.\n\
              start it with `keygate serve --data-dir {}`; if the admin key is lost, \
@@ -303,7 +316,7 @@ pub async fn admin_key(args: &DataDirArgs, name: &str, json: bool) -> ExitCode {
         Ok(r) => r.server,
         Err(e) => return fail(e),
     };
-    if !config.data_dir.join(DB_FILE).exists() {
+    if config.database_url.is_none() && !config.data_dir.join(DB_FILE).exists() {
         return fail(format!(
             "{} holds no Keygate database; run `keygate init --data-dir {}` first",
             config.data_dir.display(),

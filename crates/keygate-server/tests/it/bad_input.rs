@@ -190,7 +190,7 @@ async fn unknown_ids_routes_methods_and_queries() {
 #[tokio::test]
 async fn locked_database_answers_503_and_loses_nothing() {
     use sqlx::Connection;
-    let app = TestApp::builder().busy_timeout(Duration::from_millis(200)).start().await;
+    let app = TestApp::builder().sqlite().busy_timeout(Duration::from_millis(200)).start().await;
     let consumer = app.create_consumer("acme").await;
     let (_, secret) = app.create_key(&consumer, &[]).await;
     assert_eq!(app.verify_code(&secret, &[]).await, "VALID");

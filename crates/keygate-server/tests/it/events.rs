@@ -70,7 +70,7 @@ fn local() -> impl FnOnce(&mut keygate_server::ServerConfig) {
 
 #[tokio::test]
 async fn endpoints_are_validated_and_internal_addresses_refused() {
-    let app = TestApp::start().await;
+    let app = TestApp::builder().sqlite().start().await;
     for (url, why) in [
         ("http://hooks.example.com/x", "https"),
         ("https://127.0.0.1/x", "private"),

@@ -20,7 +20,7 @@ async fn sqlite(app: &TestApp) -> sqlx::SqlitePool {
 
 #[tokio::test]
 async fn data_directory_and_database_files_are_private() {
-    let app = TestApp::start().await;
+    let app = TestApp::builder().sqlite().start().await;
     let consumer = app.create_consumer("acme").await;
     app.create_key(&consumer, &[]).await;
     assert_eq!(mode(&app.data_dir), 0o700);
@@ -37,7 +37,7 @@ async fn data_directory_and_database_files_are_private() {
     let (dir, admin, guard) = app.stop().await;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(dir.join("keygate.db"), std::fs::Permissions::from_mode(0o644)).unwrap();
-    let app = TestApp::builder().data_dir(&dir, &admin).start().await;
+    let app = TestApp::builder().sqlite().data_dir(&dir, &admin).start().await;
     assert_eq!(mode(&dir), 0o700);
     assert_eq!(mode(&dir.join("keygate.db")), 0o600);
     drop(app);
@@ -46,7 +46,7 @@ async fn data_directory_and_database_files_are_private() {
 
 #[tokio::test]
 async fn signing_keys_are_sealed_and_need_their_master_key() {
-    let app = TestApp::start().await;
+    let app = TestApp::builder().sqlite().start().await;
     // Keys are loaded before the server accepts its first connection.
     let jwks = app.client.get(app.url("/.well-known/jwks.json")).send().await.unwrap();
     assert_eq!(jwks.status(), StatusCode::OK);
@@ -92,7 +92,7 @@ async fn signing_keys_are_sealed_and_need_their_master_key() {
         .execute(&pool)
         .await
         .unwrap();
-    let app = TestApp::builder().data_dir(&dir, &admin).start().await;
+    let app = TestApp::builder().sqlite().data_dir(&dir, &admin).start().await;
     app.client.get(app.url("/.well-known/jwks.json")).send().await.unwrap();
     let now: Vec<u8> = sqlx::query_scalar("SELECT private_der FROM signing_keys WHERE kid = ?")
         .bind(&kid)
@@ -349,7 +349,7 @@ async fn imported_keys_show_a_short_start_and_broken_keygate_keys_are_refused() 
 
 #[tokio::test]
 async fn commas_never_reach_scope_headers() {
-    let app = TestApp::start().await;
+    let app = TestApp::builder().sqlite().start().await;
     let consumer = app.create_consumer("acme").await;
     let (status, e) = app
         .post("/v1/keys", json!({"consumer_id": consumer, "name": "k", "scopes": ["articles:x,admin"]}))
@@ -371,7 +371,7 @@ async fn commas_never_reach_scope_headers() {
         .await
         .unwrap();
     let (dir, admin, guard) = app.stop().await;
-    let app = TestApp::builder().data_dir(&dir, &admin).start().await;
+    let app = TestApp::builder().sqlite().data_dir(&dir, &admin).start().await;
     let resp = app.client.get(app.url("/v1/auth")).header("X-API-Key", &key).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["x-keygate-scopes"], "articles:read");

@@ -1,4 +1,9 @@
 //! `TestApp`: a real Keygate server on port 0 with its own data directory.
+//!
+//! With `KEYGATE_TEST_BACKEND=postgres` every server keeps its data in a fresh PostgreSQL database
+//! (`keygate_store::testing`) instead of SQLite; a server restarted on the same data directory gets the
+//! same database back. Tests of SQLite's own behaviour (its files, its lock) ask for SQLite with
+//! `Builder::sqlite()` and run on it in both passes.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -28,9 +33,39 @@ pub struct Builder {
     config: ServerConfig,
     dir: Option<tempfile::TempDir>,
     admin_key: Option<String>,
+    sqlite: bool,
+}
+
+/// Does this run keep the servers' data in PostgreSQL?
+pub fn on_postgres() -> bool {
+    std::env::var("KEYGATE_TEST_BACKEND").is_ok_and(|b| b == "postgres")
+}
+
+/// The PostgreSQL database of each data directory (so that a restarted server finds its data).
+fn database_for(data_dir: &Path) -> impl std::future::Future<Output = keygate_server::DatabaseUrl> + use<> {
+    static DATABASES: std::sync::Mutex<Vec<(PathBuf, String)>> = std::sync::Mutex::new(Vec::new());
+    let data_dir = data_dir.to_path_buf();
+    async move {
+        let known = DATABASES.lock().unwrap().iter().find(|(d, _)| *d == data_dir).map(|(_, u)| u.clone());
+        let url = match known {
+            Some(u) => u,
+            None => {
+                let u = keygate_store::testing::postgres_database().await.unwrap();
+                DATABASES.lock().unwrap().push((data_dir, u.clone()));
+                u
+            }
+        };
+        keygate_server::DatabaseUrl::parse(&url).unwrap()
+    }
 }
 
 impl Builder {
+    /// Keep this server's data in SQLite whatever the run's backend (for tests of SQLite itself).
+    pub fn sqlite(mut self) -> Self {
+        self.sqlite = true;
+        self
+    }
+
     pub fn busy_timeout(mut self, d: Duration) -> Self {
         self.config.busy_timeout = d;
         self
@@ -76,8 +111,11 @@ impl Builder {
     }
 
     pub async fn start(self) -> TestApp {
-        let Builder { mut config, dir, admin_key } = self;
+        let Builder { mut config, dir, admin_key, sqlite } = self;
         config.listen = "127.0.0.1:0".parse().unwrap();
+        if on_postgres() && !sqlite && config.database_url.is_none() {
+            config.database_url = Some(database_for(&config.data_dir).await);
+        }
         let store = open_store(&config).await.unwrap();
         let secret = bootstrap(store.as_ref()).await.unwrap();
         let admin_key = match (secret, admin_key) {
@@ -128,7 +166,7 @@ impl TestApp {
         keygate_server::webhooks::install_tls();
         let dir = tempfile::tempdir().unwrap();
         let config = ServerConfig { data_dir: dir.path().join("data"), ..ServerConfig::default() };
-        Builder { config, dir: Some(dir), admin_key: None }
+        Builder { config, dir: Some(dir), admin_key: None, sqlite: false }
     }
 
     pub async fn start() -> TestApp {
