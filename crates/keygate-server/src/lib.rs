@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod cache;
+pub mod cluster;
 pub mod console;
 pub mod decision_body;
 pub mod error;
@@ -192,6 +193,7 @@ pub async fn launch_all(
     }
     state.oauth.start(state.store.clone());
     let background = tokio::spawn(background(state.clone()));
+    let follower = state.store.shared().then(|| tokio::spawn(cluster::follow(state.clone())));
     let deliveries = tokio::spawn(webhooks::run(state.clone()));
     let watcher = gateway.as_ref().map(|(_, g)| tokio::spawn(gateway::watch(g.clone())));
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -228,6 +230,9 @@ pub async fn launch_all(
     }
     background.abort();
     deliveries.abort();
+    if let Some(f) = follower {
+        f.abort();
+    }
     final_flush(&state).await;
     result
 }

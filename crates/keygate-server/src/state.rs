@@ -222,6 +222,8 @@ pub struct AppState {
     pub console_login_throttle: FailureThrottle<keygate_core::SecretHash>,
     /// The web console's signed-in sessions.
     pub console: crate::console::Sessions,
+    /// Following the other nodes on a shared database.
+    pub cluster: crate::cluster::ClusterStatus,
     pub config: ServerConfig,
 }
 
@@ -325,6 +327,7 @@ impl AppState {
                 .build(),
             console_login_throttle: FailureThrottle::quiet(config.failures_per_minute),
             console: crate::console::Sessions::default(),
+            cluster: crate::cluster::ClusterStatus::default(),
             config,
         })
     }

@@ -131,6 +131,9 @@ pub struct Miss {
     /// In Keygate's format (so absent means `NOT_FOUND`); otherwise a possible imported key (absent means
     /// `MALFORMED`).
     pub keygate_format: bool,
+    /// The known-hash filter does not have it, but the store is shared: another node may have stored it
+    /// a moment ago. The filter catches up (one read for every such miss at once) before deciding.
+    pub unknown_here: bool,
 }
 
 impl Decision {
@@ -171,6 +174,10 @@ pub struct KnownHashes {
     /// `Store::secret_changes_after`).
     seq: AtomicI64,
     ready: AtomicBool,
+    /// One catch-up at a time; the number counts finished ones, so waiters can tell whether one ran
+    /// after they asked.
+    catching_up: tokio::sync::Mutex<()>,
+    caught_up: std::sync::atomic::AtomicU64,
 }
 
 fn fingerprint(h: &SecretHash) -> u64 {
@@ -195,8 +202,26 @@ impl KnownHashes {
         }
     }
 
+    /// Follows the store now, unless a follow that started after this call finished meanwhile (many
+    /// concurrent misses share one read).
+    pub async fn catch_up(&self, store: &dyn Store) -> Result<(), StoreError> {
+        let asked = self.caught_up.load(Ordering::Acquire);
+        let _one = self.catching_up.lock().await;
+        if self.caught_up.load(Ordering::Acquire) > asked + 1 {
+            return Ok(());
+        }
+        self.follow(store).await?;
+        Ok(())
+    }
+
     /// Reads every secret added to the store since the last call (all of them the first time).
     pub async fn follow(&self, store: &dyn Store) -> Result<usize, StoreError> {
+        let added = self.follow_inner(store).await;
+        self.caught_up.fetch_add(1, Ordering::AcqRel);
+        added
+    }
+
+    async fn follow_inner(&self, store: &dyn Store) -> Result<usize, StoreError> {
         let mut added = 0;
         loop {
             let rows = store.secret_changes_after(self.seq.load(Ordering::Acquire), 50_000).await?;
@@ -217,6 +242,8 @@ impl KnownHashes {
 
 pub struct Verifier {
     store: Arc<dyn Store>,
+    /// The store is shared with other nodes (see [`Miss::unknown_here`]).
+    shared: bool,
     positive: GuardedCache<SecretHash, Arc<CachedKey>>,
     negative: GuardedCache<SecretHash, ()>,
     pub known: KnownHashes,
@@ -226,6 +253,7 @@ pub struct Verifier {
 impl Verifier {
     pub fn new(store: Arc<dyn Store>, config: &CacheConfig) -> Self {
         Verifier {
+            shared: store.shared(),
             store,
             positive: GuardedCache::new(
                 Cache::builder().max_capacity(config.capacity).time_to_live(config.ttl).build(),
@@ -253,15 +281,16 @@ impl Verifier {
             return Lookup::Decided(decide_key(key, required, ctx));
         }
         let absent = if keygate_format { DecisionCode::NotFound } else { DecisionCode::Malformed };
-        match self.known.may_contain(&hash) {
+        let unknown_here = match self.known.may_contain(&hash) {
+            Some(false) if self.shared => true,
             Some(false) => return Lookup::Decided(Decision::bare(absent)),
             None if !keygate_format => return Lookup::Decided(Decision::bare(absent)),
-            _ => {}
-        }
+            _ => false,
+        };
         if self.negative.contains_key(&hash) {
             return Lookup::Decided(Decision::bare(absent));
         }
-        Lookup::Miss(Miss { hash, keygate_format })
+        Lookup::Miss(Miss { hash, keygate_format, unknown_here })
     }
 
     /// Full verify: the cached path, then at most one store read.
@@ -275,6 +304,14 @@ impl Verifier {
             Lookup::Decided(d) => return Ok(d),
             Lookup::Miss(miss) => miss,
         };
+        if miss.unknown_here {
+            self.known.catch_up(self.store.as_ref()).await?;
+            if self.known.may_contain(&miss.hash) == Some(false) {
+                let absent =
+                    if miss.keygate_format { DecisionCode::NotFound } else { DecisionCode::Malformed };
+                return Ok(Decision::bare(absent));
+            }
+        }
         let ticket = self.ticket();
         let record = self.store.find_secret(&miss.hash).await?;
         Ok(self.complete_miss(ticket, miss, record, required, ctx))

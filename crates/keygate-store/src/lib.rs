@@ -232,4 +232,36 @@ pub trait Store: Send + Sync + 'static {
     async fn keys_lowest_quota(&self, now: i64, limit: u32) -> Result<Vec<ApiKey>>;
     /// Deletes usage buckets of each granularity older than its time. Returns how many.
     async fn expire_usage(&self, before: &[(Granularity, i64)]) -> Result<u64>;
+
+    /// May several Keygate nodes share this database? Then each follows the others' changes
+    /// ([`Store::changes_after`], [`Store::listen`]) to keep its caches true.
+    fn shared(&self) -> bool {
+        false
+    }
+    /// The newest change number of [`Store::changes_after`] (0 when there is none).
+    async fn last_change(&self) -> Result<i64> {
+        Ok(0)
+    }
+    /// The audited changes with a change number above `seq`, oldest first: every change to a consumer,
+    /// key, client, user, token, grant or signing key is audited in its own transaction, so this is
+    /// every change another node may hold a stale copy of. Same contract as
+    /// [`Store::secret_changes_after`]: numbers in commit order, so following never skips one. Empty for
+    /// a store that is not [`Store::shared`].
+    async fn changes_after(&self, _seq: i64, _limit: u32) -> Result<Vec<Change>> {
+        Ok(Vec::new())
+    }
+    /// A subscription to commits of audited changes (on any node); `None` for a store that is not
+    /// [`Store::shared`].
+    async fn listen(&self) -> Result<Option<Box<dyn ChangeListener>>> {
+        Ok(None)
+    }
+}
+
+/// Wakes a follower when changes may have been committed (PostgreSQL `LISTEN`).
+#[async_trait]
+pub trait ChangeListener: Send {
+    /// Waits for the next notification. `Ok(false)`: the connection was lost and has been made again,
+    /// so notifications may have been missed (read the changes after the last one seen). An error: the
+    /// connection cannot be made now (try again later).
+    async fn next(&mut self) -> Result<bool>;
 }

@@ -291,3 +291,13 @@ pub struct AuditEvent {
     /// The name of the actor's key, if the actor is a key that still exists.
     pub actor_name: Option<String>,
 }
+
+/// One audited change, as the nodes sharing a database follow them ([`crate::Store::changes_after`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Change number, assigned in commit order.
+    pub seq: i64,
+    /// The audit action, e.g. `key.revoke`.
+    pub action: String,
+    pub target_id: String,
+}

@@ -26,7 +26,7 @@ use crate::{
 const MIGRATIONS: &[&str] = &[include_str!("pg_schema.sql")];
 
 /// The advisory lock migrations hold (any constant; "keygate" in ASCII).
-const MIGRATION_LOCK: i64 = 0x6b65_7967_6174_65;
+const MIGRATION_LOCK: i64 = 0x006b_6579_6761_7465;
 
 /// Options for opening the PostgreSQL store.
 #[derive(Debug, Clone)]
@@ -173,10 +173,17 @@ pub(crate) async fn fetch_page<T>(
     rows.iter().map(map).collect()
 }
 
+/// The channel commits of audited changes are announced on.
+pub(crate) const CHANGES_CHANNEL: &str = "keygate_changes";
+
+/// Writes an audit record with the next change number (the counter row stays locked until this
+/// transaction commits, so numbers are in commit order) and announces it to the other nodes: the
+/// notification is delivered when the transaction commits, never before and never for a rollback.
 pub(crate) async fn insert_audit(tx: &mut Tx<'_>, a: &NewAudit) -> Result<()> {
     sqlx::query(
-        "INSERT INTO audit_events (id, at, actor, action, target_type, target_id, ip, details) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        "WITH n AS (UPDATE change_counters SET value = value + 1 WHERE name = 'audit_events' RETURNING value) \
+         INSERT INTO audit_events (id, at, actor, action, target_type, target_id, ip, details, seq) \
+         SELECT $1, $2, $3, $4, $5, $6, $7, $8, value FROM n",
     )
     .bind(&a.id)
     .bind(a.at)
@@ -189,7 +196,26 @@ pub(crate) async fn insert_audit(tx: &mut Tx<'_>, a: &NewAudit) -> Result<()> {
     .execute(&mut **tx)
     .await
     .map_err(map_err)?;
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(CHANGES_CHANNEL)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
     crate::pg_events::enqueue_audit_event(tx, a).await
+}
+
+/// [`ChangeListener`] over a PostgreSQL `LISTEN` connection (sqlx reconnects it when it drops).
+struct PgChanges(sqlx::postgres::PgListener);
+
+#[async_trait]
+impl crate::ChangeListener for PgChanges {
+    async fn next(&mut self) -> Result<bool> {
+        match self.0.try_recv().await {
+            Ok(Some(_)) => Ok(true),
+            Ok(None) => Ok(false),
+            Err(e) => Err(map_err(e)),
+        }
+    }
 }
 
 async fn insert_consumer_tx(tx: &mut Tx<'_>, c: &Consumer) -> Result<()> {
@@ -855,6 +881,43 @@ impl Store for PgStore {
         .await
         .map_err(map_err)?;
         rows.iter().map(key_from_row).collect()
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn last_change(&self) -> Result<i64> {
+        sqlx::query_scalar("SELECT value FROM change_counters WHERE name = 'audit_events'")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err)
+    }
+
+    async fn changes_after(&self, seq: i64, limit: u32) -> Result<Vec<crate::Change>> {
+        let rows = sqlx::query(
+            "SELECT seq, action, target_id FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok(crate::Change {
+                    seq: r.try_get("seq").map_err(map_err)?,
+                    action: r.try_get("action").map_err(map_err)?,
+                    target_id: r.try_get("target_id").map_err(map_err)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn listen(&self) -> Result<Option<Box<dyn crate::ChangeListener>>> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await.map_err(map_err)?;
+        listener.listen(CHANGES_CHANNEL).await.map_err(map_err)?;
+        Ok(Some(Box::new(PgChanges(listener))))
     }
 
     async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>> {

@@ -14,7 +14,7 @@ CREATE TABLE change_counters (
     name  TEXT COLLATE "C" PRIMARY KEY,
     value BIGINT NOT NULL
 );
-INSERT INTO change_counters (name, value) VALUES ('key_secrets', 0);
+INSERT INTO change_counters (name, value) VALUES ('key_secrets', 0), ('audit_events', 0);
 
 CREATE TABLE consumers (
     id          TEXT COLLATE "C" PRIMARY KEY,
@@ -78,7 +78,9 @@ CREATE TABLE audit_events (
     target_type TEXT COLLATE "C" NOT NULL,
     target_id   TEXT COLLATE "C" NOT NULL,
     ip          TEXT COLLATE "C",
-    details     TEXT COLLATE "C" NOT NULL
+    details     TEXT COLLATE "C" NOT NULL,
+    -- Change number in commit order: the nodes follow each other's changes by it.
+    seq         BIGINT NOT NULL UNIQUE
 );
 CREATE INDEX audit_events_by_target ON audit_events (target_id, id);
 

@@ -171,10 +171,10 @@ fn postgres_bin() -> Result<PathBuf, String> {
             .args(["-c", "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null)"])
             .status()
             .map_err(|e| e.to_string())?;
-        if status.success() {
-            if let Some(bin) = find() {
-                return Ok(bin);
-            }
+        if status.success()
+            && let Some(bin) = find()
+        {
+            return Ok(bin);
         }
     }
     Err("no PostgreSQL server binaries in /usr/lib/postgresql: install Debian's `postgresql` package \

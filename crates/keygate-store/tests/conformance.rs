@@ -556,6 +556,41 @@ async fn following_never_skips_under_concurrent_writers(store: Arc<dyn Backend>)
     assert_eq!(unique.len(), numbers.len(), "no change number was handed out twice");
 }
 
+/// Contract: a shared store numbers audited changes in commit order (as for secrets) and announces each
+/// commit to its listeners; a store that is not shared keeps no change log.
+async fn changes_are_numbered_and_announced(store: Arc<dyn Backend>) {
+    if !store.shared() {
+        store
+            .insert_consumer(&consumer("cons_1"), &audit("evt_1", "consumer.create", "cons_1", 1))
+            .await
+            .unwrap();
+        assert_eq!(store.changes_after(0, 10).await.unwrap(), vec![]);
+        assert!(store.listen().await.unwrap().is_none());
+        return;
+    }
+    let start = store.last_change().await.unwrap();
+    let mut listener = store.listen().await.unwrap().expect("a shared store can be listened to");
+    store
+        .insert_consumer(&consumer("cons_1"), &audit("evt_1", "consumer.create", "cons_1", 1))
+        .await
+        .unwrap();
+    let woke = tokio::time::timeout(std::time::Duration::from_secs(5), listener.next()).await;
+    assert!(matches!(woke, Ok(Ok(true))), "the commit was announced: {woke:?}");
+    let patch = keygate_store::ConsumerPatch { disabled: Some(true), updated_at: 2, ..Default::default() };
+    store.update_consumer("cons_1", &patch, &audit("evt_2", "consumer.disable", "cons_1", 2)).await.unwrap();
+    let changes = store.changes_after(start, 10).await.unwrap();
+    let seen: Vec<(&str, &str)> = changes.iter().map(|c| (c.action.as_str(), c.target_id.as_str())).collect();
+    assert_eq!(seen, [("consumer.create", "cons_1"), ("consumer.disable", "cons_1")]);
+    assert!(changes[0].seq > start && changes[1].seq > changes[0].seq);
+    assert_eq!(store.last_change().await.unwrap(), changes[1].seq);
+    assert_eq!(store.changes_after(changes[1].seq, 10).await.unwrap(), vec![]);
+    // A change that is rolled back (here: refused) takes no number and announces nothing.
+    let dup =
+        store.insert_consumer(&consumer("cons_1"), &audit("evt_3", "consumer.create", "cons_1", 3)).await;
+    assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
+    assert_eq!(store.last_change().await.unwrap(), changes[1].seq);
+}
+
 macro_rules! suite {
     ($backend:ident: $($test:ident),* $(,)?) => {
         mod $backend {
@@ -582,6 +617,7 @@ suite!(sqlite:
     usage_upserts_add_up,
     boards_quotas_and_search,
     following_never_skips_under_concurrent_writers,
+    changes_are_numbered_and_announced,
 );
 
 suite!(postgres:
@@ -596,6 +632,7 @@ suite!(postgres:
     usage_upserts_add_up,
     boards_quotas_and_search,
     following_never_skips_under_concurrent_writers,
+    changes_are_numbered_and_announced,
 );
 
 /// `Store` is one of the traits a backend implements (a compile-time check that the suite names them).

@@ -160,7 +160,10 @@ pub static SETTINGS: &[Setting] = &[
               the database must exist, Keygate creates its tables). Each node keeps its own data_dir, and every\n\
               node needs the same master key. Prefer the KEYGATE_DATABASE_URL variable to a file: it holds\n\
               a password.",
-        unset: Some(("the embedded SQLite database in data_dir", "\"postgres://keygate:secret@db.internal:5432/keygate\"")),
+        unset: Some((
+            "the embedded SQLite database in data_dir",
+            "\"postgres://keygate:secret@db.internal:5432/keygate\"",
+        )),
         list: false,
         alias: None,
         get: |r| r.server.database_url.as_ref().and_then(|u| s(u.expose())),

@@ -316,7 +316,18 @@ impl SigningKeys {
         *self.dormant.write().unwrap_or_else(std::sync::PoisonError::into_inner) = dormant;
         if !opened.iter().any(|k| k.revoked_at.is_none()) {
             let first = generate(alg, now, now)?;
-            self.insert(store, &first, None).await?;
+            // Audited, so that other nodes sharing the database load it too.
+            let audit = keygate_core::id::new_id("evt", now).ok().map(|id| keygate_store::NewAudit {
+                id,
+                at: now,
+                actor: "system".into(),
+                action: "signing_key.create".into(),
+                target_type: "signing_key".into(),
+                target_id: first.kid.clone(),
+                ip: None,
+                details: serde_json::json!({"alg": first.alg}),
+            });
+            self.insert(store, &first, audit.as_ref()).await?;
             opened.push(first);
         }
         self.replace(opened)

@@ -166,6 +166,9 @@ pub struct OAuth {
     pats: GuardedCache<SecretHash, Arc<Option<keygate_store::PersonalToken>>>,
     /// Last use of personal access tokens since the last flush: id → (time, address).
     pat_uses: std::sync::Mutex<HashMap<String, (i64, Option<std::net::IpAddr>)>>,
+    /// Held while uses are written: a flush that finds nothing to take waits for one in progress, so a
+    /// listing after it shows every use noted before it.
+    pat_flush: tokio::sync::Mutex<()>,
 }
 
 type Reply<R> = tokio::sync::oneshot::Sender<Result<R, StoreError>>;
@@ -311,6 +314,7 @@ impl OAuth {
                 Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(300)).build(),
             ),
             pat_uses: std::sync::Mutex::new(HashMap::new()),
+            pat_flush: tokio::sync::Mutex::new(()),
             dpop: super::dpop::Dpop::default(),
         }
     }
@@ -370,6 +374,7 @@ impl OAuth {
 
     /// Writes the last uses of personal access tokens; on failure they are kept for the next flush.
     pub async fn flush_pat_uses(&self, store: &dyn OAuthStore) -> Result<usize, StoreError> {
+        let _writing = self.pat_flush.lock().await;
         let taken: Vec<(String, i64, Option<String>)> = {
             let mut uses = self.pat_uses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             uses.drain().map(|(id, (at, ip))| (id, at, ip.map(|i| i.to_string()))).collect()
@@ -448,6 +453,17 @@ impl OAuth {
             actor: None,
             jkt: None,
         })))
+    }
+
+    /// Reads the revoked token ids and token families again (another node revoked some) and forgets
+    /// cached opaque tokens.
+    pub async fn reload_revocations(&self, store: &dyn OAuthStore, now: i64) -> Result<(), StoreError> {
+        let ids = store.revoked_jtis(now).await?;
+        let families = store.revoked_families(now).await?;
+        lock_write(&self.revoked).extend(ids);
+        self.families_revoked(&families);
+        self.pats.invalidate_all();
+        Ok(())
     }
 
     /// Token families were revoked (reuse detected, grant revoked, user deleted): their access tokens

@@ -27,11 +27,21 @@ pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Readiness: the database answers.
+/// Readiness: the database answers, and on a shared database the node hears the other nodes' changes.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
-    responses((status = 200, description = "ready"), (status = 503, description = "database unavailable")))]
+    responses((status = 200, description = "ready"), (status = 503, description = "database or change notifications unavailable")))]
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     match state.store.ping().await {
+        Ok(())
+            if state.store.shared()
+                && !state.cluster.listening.load(std::sync::atomic::Ordering::Acquire) =>
+        {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"status": "unavailable", "reason": "notifications"})),
+            )
+                .into_response()
+        }
         Ok(()) => Json(json!({"status": "ready"})).into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "readiness check failed");

@@ -1,0 +1,133 @@
+//! Several nodes on one shared database (PostgreSQL): each node follows the audited changes the others
+//! commit and forgets what they make stale, as it does for its own changes.
+//!
+//! - Every change another node could hold a stale copy of (consumers, keys, clients, users, personal
+//!   tokens, token and grant revocations, signing keys) is audited in its own transaction, and the
+//!   audit record takes a change number in commit order and announces the commit (`NOTIFY`).
+//! - A follower per node waits for an announcement, or one second at most, and reads every change after
+//!   the last one it applied. A lost connection loses no change: the next read starts where the last
+//!   one ended. While the notification connection is down, `/readyz` says so (and the one-second reads
+//!   go on).
+//! - Applying a change repeats the node-local invalidation the change made where it was served: the
+//!   key's cache entries, the consumer's, a client's or user's state, the revoked-token lists, the
+//!   signing keys. A node applies its own changes too, harmlessly.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::Duration;
+
+use keygate_store::{Change, StoreError};
+
+use crate::AppState;
+
+/// How long a follower waits for an announcement before reading anyway.
+const POLL: Duration = Duration::from_secs(1);
+
+/// What the follower tells `/readyz` and `/metrics`.
+#[derive(Debug, Default)]
+pub struct ClusterStatus {
+    /// The notification connection is up (always true for a store that is not shared).
+    pub listening: AtomicBool,
+    /// The last change number applied.
+    pub applied: AtomicI64,
+}
+
+/// Follows the other nodes' changes until the task is dropped. Only for a shared store.
+pub async fn follow(state: Arc<AppState>) {
+    let mut cursor = match state.store.last_change().await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the change log yet; following from its start");
+            0
+        }
+    };
+    state.cluster.applied.store(cursor, Ordering::Release);
+    let mut listener = None;
+    loop {
+        if listener.is_none() {
+            match state.store.listen().await {
+                Ok(l) => {
+                    listener = l;
+                    state.cluster.listening.store(listener.is_some(), Ordering::Release);
+                }
+                Err(e) => {
+                    state.cluster.listening.store(false, Ordering::Release);
+                    tracing::warn!(error = %e, "cannot listen for other nodes' changes; reading them every second");
+                }
+            }
+        }
+        // Read first, then wait: whatever was committed before the listener started is read now.
+        match apply_after(&state, cursor).await {
+            Ok(n) => cursor = n,
+            Err(e) => tracing::warn!(error = %e, "reading other nodes' changes failed; retrying"),
+        }
+        match listener.as_mut() {
+            Some(l) => match tokio::time::timeout(POLL, l.next()).await {
+                Ok(Ok(true)) | Err(_) => {}
+                Ok(Ok(false)) => {
+                    tracing::warn!("the change notification connection was lost and made again; catching up");
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "the change notification connection is down; reconnecting");
+                    state.cluster.listening.store(false, Ordering::Release);
+                    listener = None;
+                    tokio::time::sleep(POLL).await;
+                }
+            },
+            None => tokio::time::sleep(POLL).await,
+        }
+    }
+}
+
+/// Applies every change after `cursor`; returns the new cursor.
+async fn apply_after(state: &AppState, mut cursor: i64) -> Result<i64, StoreError> {
+    loop {
+        let changes = state.store.changes_after(cursor, 1000).await?;
+        let Some(last) = changes.last().map(|c| c.seq) else { return Ok(cursor) };
+        for c in &changes {
+            apply(state, c).await?;
+        }
+        cursor = last;
+        state.cluster.applied.store(cursor, Ordering::Release);
+    }
+}
+
+/// Forgets, on this node, what one change made stale.
+async fn apply(state: &AppState, change: &Change) -> Result<(), StoreError> {
+    let (kind, _) = change.action.split_once('.').unwrap_or((change.action.as_str(), ""));
+    let id = change.target_id.as_str();
+    let now = state.now();
+    match kind {
+        "key" => {
+            // New secrets (created, rotated, imported) become known; changed keys are read again.
+            state.verifier.known.follow(state.store.as_ref()).await?;
+            let hashes = state.store.key_secret_hashes(id).await?;
+            state.verifier.invalidate(&hashes);
+        }
+        "consumer" => {
+            if let Some(c) = state.store.get_consumer(id).await? {
+                state.oauth.consumer_changed(&c);
+            }
+            let hashes = state.store.consumer_secret_hashes(id).await?;
+            state.verifier.invalidate(&hashes);
+        }
+        "client" => match state.store.get_client(id).await? {
+            Some(c) => state.oauth.client_changed(&c),
+            None => state.oauth.client_deleted(id),
+        },
+        "user" => {
+            state.oauth.user_changed(id);
+            state.oauth.reload_revocations(state.store.as_ref(), now).await?;
+        }
+        "pat" => state.oauth.pats_changed(),
+        "token" | "grant" => state.oauth.reload_revocations(state.store.as_ref(), now).await?,
+        "signing_key" => {
+            if let Err(e) = state.oauth.keys.load(state.store.as_ref(), state.oauth.alg, now).await {
+                tracing::error!(error = %e, "cannot load the signing keys another node changed");
+            }
+            state.oauth.signing_key_revoked();
+        }
+        _ => {}
+    }
+    Ok(())
+}
