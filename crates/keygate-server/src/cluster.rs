@@ -103,6 +103,12 @@ async fn apply(state: &AppState, change: &Change) -> Result<(), StoreError> {
             state.verifier.known.follow(state.store.as_ref()).await?;
             let hashes = state.store.key_secret_hashes(id).await?;
             state.verifier.invalidate(&hashes);
+            // A quota set, reset or topped up elsewhere: this node's lease of the old pool is void.
+            if matches!(change.action.as_str(), "key.quota" | "key.update")
+                && let Some(rt) = state.verifier.runtimes.get(id)
+            {
+                rt.drop_lease();
+            }
         }
         "consumer" => {
             if let Some(c) = state.store.get_consumer(id).await? {

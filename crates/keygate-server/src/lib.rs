@@ -314,6 +314,15 @@ fn scheduled_rotation_audit(now: i64) -> Option<keygate_store::NewAudit> {
 }
 
 async fn final_flush(state: &AppState) {
+    if state.store.shared() {
+        match state.verifier.runtimes.return_leases(state.store.as_ref()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(units = n, "gave unused quota leases back to the shared pool"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not give quota leases back; they are lost until the next refill")
+            }
+        }
+    }
     for attempt in 1..=5u64 {
         match state.flush().await {
             Ok(_) => return,

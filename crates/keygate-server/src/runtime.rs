@@ -8,6 +8,12 @@
 //!   Admin quota changes write both.
 //! - Checks are all-or-nothing: every rate limit and the quota are checked under the key's one lock,
 //!   and state is committed only if all allow the request, so a rejected verify consumes nothing.
+//! - On a shared database (several nodes) the stored quota is a pool the nodes lease from
+//!   (`Store::lease_quota`): a node admits from its lease in memory and takes another block when it runs
+//!   out, so no node admits a unit another node could also admit. A lease is void when the refill
+//!   period it came from ends, or when an admin sets the quota (the pool's epoch changes); unused units
+//!   go back to the pool when the node stops. A node that dies holding a lease loses its units until
+//!   the next refill (at most an eighth of the pool, and at most 1000, per key).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -41,6 +47,30 @@ struct State {
     cells: Vec<(RateLimit, Gcra)>,
     quota: Option<QuotaState>,
     quota_dirty: bool,
+    /// On a shared database: `quota` is this node's lease from the pool, and this says about it.
+    lease: Option<Lease>,
+}
+
+/// A node's lease of a key's quota (its units are `QuotaState::remaining`, its period `refilled_at`).
+#[derive(Debug, Clone, Copy, Default)]
+struct Lease {
+    /// The pool's epoch the units came from.
+    epoch: i64,
+    /// Whether the units are current (false: take a lease before admitting anything).
+    valid: bool,
+    /// An empty pool is asked again no sooner than this (ms).
+    recheck_at: i64,
+    /// The pool after the last lease, for the remaining uses decisions report.
+    pool_left: u64,
+}
+
+impl State {
+    /// Uses left, as decisions report them: the quota here, or on a shared database this node's lease
+    /// plus what the pool had at the last lease.
+    fn remaining(&self) -> Option<u64> {
+        let q = self.quota.as_ref()?;
+        Some(q.remaining + self.lease.map_or(0, |l| l.pool_left))
+    }
 }
 
 /// The live state of one key on this node.
@@ -56,6 +86,10 @@ pub struct KeyRuntime {
     last_used_dirty: AtomicBool,
     dirty: AtomicBool,
     dirty_list: Arc<Mutex<Vec<Arc<KeyRuntime>>>>,
+    /// One lease request at a time (see [`KeyRuntime::lease`]).
+    leasing: tokio::sync::Mutex<()>,
+    /// Created for a shared database (quotas are leased).
+    shared: bool,
 }
 
 /// The most restrictive rate limit of a check, as decisions report it.
@@ -96,6 +130,9 @@ pub struct Admission {
     pub code: DecisionCode,
     pub rate_limit: Option<RateLimitState>,
     pub quota_remaining: Option<u64>,
+    /// Refused for quota only because this node's lease is used up or void: take a lease
+    /// ([`KeyRuntime::lease`]) and check again. Nothing was consumed or counted.
+    pub needs_lease: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -148,32 +185,55 @@ impl KeyRuntime {
             nexts[index] = (idx, c.next);
         }
         if let Some((code, view)) = denied {
-            let quota_remaining = st.quota.as_ref().map(|q| q.remaining);
-            return Admission { code, rate_limit: Some(view), quota_remaining };
+            let quota_remaining = st.remaining();
+            return Admission { code, rate_limit: Some(view), quota_remaining, needs_lease: false };
         }
-        if let Some(q) = st.quota.as_mut()
-            && let Some(refill) = q.refill.clone()
-            && apply_refills(&mut q.remaining, &mut q.refilled_at, &refill, now_ms)
-        {
-            st.quota_dirty = true;
-        }
-        if let Some(q) = st.quota.as_mut() {
-            if q.remaining < probe {
-                let remaining = q.remaining;
-                return Admission {
-                    code: DecisionCode::QuotaExceeded,
-                    rate_limit: tightest,
-                    quota_remaining: Some(remaining),
-                };
+        let State { quota, quota_dirty, lease, .. } = &mut *st;
+        match (quota.as_mut(), lease.as_mut()) {
+            (Some(q), Some(l)) => {
+                // A lease ends with its refill period: the pool is refilled for everyone at once.
+                if let Some(refill) = &q.refill
+                    && keygate_core::limits::next_refill(refill, q.refilled_at) <= now_ms
+                {
+                    q.remaining = 0;
+                    l.valid = false;
+                }
+                if q.remaining < probe {
+                    let needs_lease = !l.valid || now_ms >= l.recheck_at;
+                    return Admission {
+                        code: DecisionCode::QuotaExceeded,
+                        rate_limit: tightest,
+                        quota_remaining: Some(q.remaining + l.pool_left),
+                        needs_lease,
+                    };
+                }
+                q.remaining -= cost;
             }
-            q.remaining -= cost;
-            st.quota_dirty = true;
+            (Some(q), None) => {
+                if let Some(refill) = q.refill.clone()
+                    && apply_refills(&mut q.remaining, &mut q.refilled_at, &refill, now_ms)
+                {
+                    *quota_dirty = true;
+                }
+                if q.remaining < probe {
+                    return Admission {
+                        code: DecisionCode::QuotaExceeded,
+                        rate_limit: tightest,
+                        quota_remaining: Some(q.remaining),
+                        needs_lease: false,
+                    };
+                }
+                q.remaining -= cost;
+                *quota_dirty = true;
+            }
+            (None, _) => {}
         }
         if cost == 0 {
             return Admission {
                 code: DecisionCode::Valid,
                 rate_limit: tightest.map(|t| RateLimitState { remaining: t.remaining + 1, ..t }),
-                quota_remaining: st.quota.as_ref().map(|q| q.remaining),
+                quota_remaining: st.remaining(),
+                needs_lease: false,
             };
         }
         for (idx, next) in nexts.into_iter().take(limits.len()) {
@@ -184,7 +244,75 @@ impl KeyRuntime {
         Admission {
             code: DecisionCode::Valid,
             rate_limit: tightest,
-            quota_remaining: st.quota.as_ref().map(|q| q.remaining),
+            quota_remaining: st.remaining(),
+            needs_lease: false,
+        }
+    }
+
+    /// On a shared database: takes a block of the key's quota for this node (one caller at a time per
+    /// key; callers that waited find the block another took). A pool that cannot give `min` units is
+    /// asked again no sooner than a second later.
+    pub async fn lease(&self, store: &dyn Store, min: u64, now_ms: i64) -> Result<(), StoreError> {
+        let _one = self.leasing.lock().await;
+        {
+            let st = lock(&self.state);
+            match (&st.quota, &st.lease) {
+                (Some(q), Some(l)) if l.valid && q.remaining >= min.max(1) => return Ok(()),
+                (_, None) | (None, _) => return Ok(()),
+                _ => {}
+            }
+        }
+        let got = store.lease_quota(&self.key_id, min, now_ms).await?;
+        let mut st = lock(&self.state);
+        let State { quota, lease, .. } = &mut *st;
+        match (got, quota.as_mut(), lease.as_mut()) {
+            (Some(g), Some(q), Some(l)) => {
+                if l.valid && l.epoch == g.epoch && q.refilled_at == g.refilled_at {
+                    q.remaining = q.remaining.saturating_add(g.granted);
+                } else {
+                    // Units of an older period or epoch are void.
+                    q.remaining = g.granted;
+                    q.refilled_at = g.refilled_at;
+                }
+                *l = Lease {
+                    epoch: g.epoch,
+                    valid: true,
+                    recheck_at: if g.granted == 0 { now_ms + 1000 } else { 0 },
+                    pool_left: g.pool_left,
+                };
+            }
+            (None, _, _) => {
+                // The key has no quota any more: admit without one until its cache entry is filled again.
+                *quota = None;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// An admin changed the quota, or it changed on another node: this node's lease is void.
+    pub fn drop_lease(&self) {
+        let mut st = lock(&self.state);
+        if let Some(l) = st.lease.as_mut() {
+            l.valid = false;
+        }
+        if st.lease.is_some()
+            && let Some(q) = st.quota.as_mut()
+        {
+            q.remaining = 0;
+        }
+    }
+
+    /// The unused units of a current lease, taken (for giving back when the node stops).
+    fn take_lease(&self) -> Option<(u64, i64)> {
+        let mut st = lock(&self.state);
+        let State { quota, lease, .. } = &mut *st;
+        match (quota.as_mut(), lease.as_mut()) {
+            (Some(q), Some(l)) if l.valid && q.remaining > 0 => {
+                l.valid = false;
+                Some((std::mem::take(&mut q.remaining), l.epoch))
+            }
+            _ => None,
         }
     }
 
@@ -212,14 +340,24 @@ impl KeyRuntime {
         }
     }
 
+    /// The live quota on this node; `None` without one, and on a shared database (where this node holds
+    /// only a lease, and the stored pool is the figure to show).
     pub fn quota(&self) -> Option<QuotaState> {
-        lock(&self.state).quota.clone()
+        let st = lock(&self.state);
+        if st.lease.is_some() { None } else { st.quota.clone() }
     }
 
-    /// Replaces the quota (admin set, top-up, reset). The flusher writes it within one interval.
+    /// Replaces the quota (admin set, top-up, reset). The flusher writes it within one interval. On a
+    /// shared database the store already holds the new pool: the lease is void, and the next verify
+    /// leases from the new pool.
     pub fn set_quota(self: &Arc<Self>, quota: Option<QuotaState>) {
         {
             let mut st = lock(&self.state);
+            if st.lease.is_some() || (self.shared && quota.is_some()) {
+                st.quota = quota.map(|q| QuotaState { remaining: 0, ..q });
+                st.lease = st.quota.as_ref().map(|_| Lease::default());
+                return;
+            }
             st.quota = quota;
             st.quota_dirty = true;
         }
@@ -263,7 +401,8 @@ impl KeyRuntime {
             None
         };
         let mut st = lock(&self.state);
-        let quota = if std::mem::take(&mut st.quota_dirty) {
+        // A lease is never written back as the stored quota: the pool is the store's.
+        let quota = if std::mem::take(&mut st.quota_dirty) && st.lease.is_none() {
             st.quota.as_ref().map(|q| (q.remaining, q.refilled_at))
         } else {
             None
@@ -301,6 +440,8 @@ pub struct Registry {
     map: Mutex<HashMap<String, Arc<KeyRuntime>>>,
     dirty: Arc<Mutex<Vec<Arc<KeyRuntime>>>>,
     flushing: tokio::sync::Mutex<()>,
+    /// The database is shared with other nodes: quotas are leased.
+    shared: bool,
 }
 
 impl Registry {
@@ -310,12 +451,19 @@ impl Registry {
         if let Some(rt) = map.get(&key.id) {
             return rt.clone();
         }
-        let state = State {
-            quota: key
-                .quota
-                .as_ref()
-                .map(|q| QuotaState::from_config(q, key.quota_refilled_at.unwrap_or(key.created_at))),
-            ..State::default()
+        let quota = key
+            .quota
+            .as_ref()
+            .map(|q| QuotaState::from_config(q, key.quota_refilled_at.unwrap_or(key.created_at)));
+        let state = if self.shared {
+            // Nothing is admitted before the first lease.
+            State {
+                lease: quota.as_ref().map(|_| Lease::default()),
+                quota: quota.map(|q| QuotaState { remaining: 0, ..q }),
+                ..State::default()
+            }
+        } else {
+            State { quota, ..State::default() }
         };
         let rt = Arc::new(KeyRuntime {
             key_id: key.id.clone(),
@@ -327,6 +475,8 @@ impl Registry {
             last_used_dirty: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
             dirty_list: self.dirty.clone(),
+            leasing: tokio::sync::Mutex::new(()),
+            shared: self.shared,
         });
         map.insert(key.id.clone(), rt.clone());
         rt
@@ -349,6 +499,8 @@ impl Registry {
             last_used_dirty: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
             dirty_list: self.dirty.clone(),
+            leasing: tokio::sync::Mutex::new(()),
+            shared: self.shared,
         });
         map.insert(client_id.to_string(), rt.clone());
         rt
@@ -356,6 +508,25 @@ impl Registry {
 
     pub fn get(&self, key_id: &str) -> Option<Arc<KeyRuntime>> {
         lock(&self.map).get(key_id).cloned()
+    }
+
+    /// A registry for a database shared with other nodes (quotas are leased).
+    pub fn shared() -> Self {
+        Registry { shared: true, ..Registry::default() }
+    }
+
+    /// Gives every unused leased unit back to its pool (when the node stops). Units whose pool changed
+    /// epoch meanwhile are dropped.
+    pub async fn return_leases(&self, store: &dyn Store) -> Result<u64, StoreError> {
+        let runtimes: Vec<Arc<KeyRuntime>> = lock(&self.map).values().cloned().collect();
+        let mut returned = 0;
+        for rt in runtimes {
+            if let Some((units, epoch)) = rt.take_lease() {
+                store.return_quota(&rt.key_id, units, epoch).await?;
+                returned += units;
+            }
+        }
+        Ok(returned)
     }
 
     /// Writes every pending change in one transaction. On failure nothing is lost: the changes are put

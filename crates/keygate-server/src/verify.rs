@@ -94,6 +94,9 @@ pub struct Decision {
     pub missing_scopes: Vec<String>,
     pub rate_limit: Option<RateLimitState>,
     pub quota_remaining: Option<u64>,
+    /// Refused for quota only because this node must lease more of the shared pool first (nothing was
+    /// counted); `Verifier::verify` leases and decides again.
+    pub needs_lease: bool,
     /// Set when the credential was an access token that verified.
     pub token: Option<Arc<TokenInfo>>,
     /// For access tokens: the consumer's plan that `rate_limit` indexes into.
@@ -144,6 +147,7 @@ impl Decision {
             missing_scopes: Vec::new(),
             rate_limit: None,
             quota_remaining: None,
+            needs_lease: false,
             token: None,
             token_limits: None,
         }
@@ -252,8 +256,9 @@ pub struct Verifier {
 
 impl Verifier {
     pub fn new(store: Arc<dyn Store>, config: &CacheConfig) -> Self {
+        let shared = store.shared();
         Verifier {
-            shared: store.shared(),
+            shared,
             store,
             positive: GuardedCache::new(
                 Cache::builder().max_capacity(config.capacity).time_to_live(config.ttl).build(),
@@ -265,7 +270,7 @@ impl Verifier {
                     .build(),
             ),
             known: KnownHashes::default(),
-            runtimes: Registry::default(),
+            runtimes: if shared { Registry::shared() } else { Registry::default() },
         }
     }
 
@@ -300,21 +305,38 @@ impl Verifier {
         required: &[S],
         ctx: Context,
     ) -> Result<Decision, StoreError> {
-        let miss = match self.verify_cached(secret, required, ctx) {
-            Lookup::Decided(d) => return Ok(d),
-            Lookup::Miss(miss) => miss,
-        };
-        if miss.unknown_here {
-            self.known.catch_up(self.store.as_ref()).await?;
-            if self.known.may_contain(&miss.hash) == Some(false) {
-                let absent =
-                    if miss.keygate_format { DecisionCode::NotFound } else { DecisionCode::Malformed };
-                return Ok(Decision::bare(absent));
+        let mut decision = match self.verify_cached(secret, required, ctx) {
+            Lookup::Decided(d) => d,
+            Lookup::Miss(miss) => {
+                if miss.unknown_here {
+                    self.known.catch_up(self.store.as_ref()).await?;
+                    if self.known.may_contain(&miss.hash) == Some(false) {
+                        let absent = if miss.keygate_format {
+                            DecisionCode::NotFound
+                        } else {
+                            DecisionCode::Malformed
+                        };
+                        return Ok(Decision::bare(absent));
+                    }
+                }
+                let ticket = self.ticket();
+                let record = self.store.find_secret(&miss.hash).await?;
+                self.complete_miss(ticket, miss, record, required, ctx)
             }
+        };
+        // On a shared database: lease more quota and decide again (other requests may take the new
+        // units first; after a few rounds the answer is what the pool says).
+        for round in 0..4 {
+            let Some(key) = decision.key.clone().filter(|_| decision.needs_lease) else { break };
+            if round == 3 {
+                key.runtime.record(DecisionCode::QuotaExceeded, ctx.now_ms, ctx.ip);
+                decision.needs_lease = false;
+                break;
+            }
+            key.runtime.lease(self.store.as_ref(), ctx.cost.max(1), ctx.now_ms).await?;
+            decision = decide_key(key, required, ctx);
         }
-        let ticket = self.ticket();
-        let record = self.store.find_secret(&miss.hash).await?;
-        Ok(self.complete_miss(ticket, miss, record, required, ctx))
+        Ok(decision)
     }
 
     /// The key behind a secret's hash, cached like any verify (for tokens exchanged from a key, which
@@ -454,10 +476,13 @@ fn decide_key<S: AsRef<str>>(key: Arc<CachedKey>, required: &[S], ctx: Context) 
         DecisionCode::Valid
     } else {
         let admission = key.runtime.admit(&key.limits, ctx.cost, ctx.now_ms);
-        key.runtime.record(admission.code, ctx.now_ms, ctx.ip);
+        if !admission.needs_lease {
+            key.runtime.record(admission.code, ctx.now_ms, ctx.ip);
+        }
         return Decision {
             rate_limit: admission.rate_limit,
             quota_remaining: admission.quota_remaining,
+            needs_lease: admission.needs_lease,
             ..Decision::about(admission.code, key)
         };
     };

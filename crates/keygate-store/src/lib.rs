@@ -255,6 +255,18 @@ pub trait Store: Send + Sync + 'static {
     async fn listen(&self) -> Result<Option<Box<dyn ChangeListener>>> {
         Ok(None)
     }
+
+    /// For a shared store: takes quota from a key's pool for this node to admit on its own, atomically
+    /// (after applying any refill due at `now`): an eighth of the pool, at least `min` and at most
+    /// 1000 units, never more than the pool; nothing if the pool has less than `min`. `None`: the key
+    /// has no quota (or does not exist).
+    async fn lease_quota(&self, _key_id: &str, _min: u64, _now: i64) -> Result<Option<QuotaLease>> {
+        Err(StoreError::Other("quota leases need a shared store".into()))
+    }
+    /// For a shared store: puts unused leased units back, unless the pool changed epoch since.
+    async fn return_quota(&self, _key_id: &str, _units: u64, _epoch: i64) -> Result<()> {
+        Err(StoreError::Other("quota leases need a shared store".into()))
+    }
 }
 
 /// Wakes a follower when changes may have been committed (PostgreSQL `LISTEN`).

@@ -301,3 +301,16 @@ pub struct Change {
     pub action: String,
     pub target_id: String,
 }
+
+/// Quota a node took from a key's shared pool to admit on its own ([`crate::Store::lease_quota`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaLease {
+    /// Units taken (0: the pool cannot give the minimum asked for).
+    pub granted: u64,
+    /// What is left in the pool after this lease.
+    pub pool_left: u64,
+    /// Start of the refill period the units belong to (they are void once the next refill is due).
+    pub refilled_at: i64,
+    /// Changes when the pool is set, reset or refilled: units of an older epoch are never given back.
+    pub epoch: i64,
+}

@@ -526,6 +526,7 @@ impl Store for PgStore {
              quota_remaining = CASE WHEN $12 THEN $13 ELSE quota_remaining END, \
              quota_refill = CASE WHEN $14 THEN $15 ELSE quota_refill END, \
              quota_refilled_at = CASE WHEN $16 THEN $17 ELSE quota_refilled_at END, \
+             quota_epoch = quota_epoch + CASE WHEN $12 THEN 1 ELSE 0 END, \
              updated_at = $18 \
              WHERE id = $19 AND revoked_at IS NULL RETURNING *",
         )
@@ -918,6 +919,62 @@ impl Store for PgStore {
         let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await.map_err(map_err)?;
         listener.listen(CHANGES_CHANNEL).await.map_err(map_err)?;
         Ok(Some(Box::new(PgChanges(listener))))
+    }
+
+    async fn lease_quota(&self, key_id: &str, min: u64, now: i64) -> Result<Option<crate::QuotaLease>> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let row = sqlx::query(
+            "SELECT quota_remaining, quota_refill, quota_refilled_at, quota_epoch, created_at FROM api_keys \
+             WHERE id = $1 FOR UPDATE",
+        )
+        .bind(key_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let Some(row) = row else { return Ok(None) };
+        let Some(pool) = row.try_get::<Option<i64>, _>("quota_remaining").map_err(map_err)? else {
+            return Ok(None);
+        };
+        let refill: Option<keygate_core::limits::Refill> = parse_opt(&row, "quota_refill")?;
+        let created_at: i64 = row.try_get("created_at").map_err(map_err)?;
+        let mut refilled_at: i64 =
+            row.try_get::<Option<i64>, _>("quota_refilled_at").map_err(map_err)?.unwrap_or(created_at);
+        let mut epoch: i64 = row.try_get("quota_epoch").map_err(map_err)?;
+        let mut pool = pool.max(0) as u64;
+        if let Some(r) = &refill
+            && keygate_core::limits::apply_refills(&mut pool, &mut refilled_at, r, now)
+        {
+            epoch += 1;
+        }
+        let min = min.max(1);
+        let granted = if pool < min { 0 } else { (pool / 8).clamp(min, min.max(1000)).min(pool) };
+        sqlx::query(
+            "UPDATE api_keys SET quota_remaining = $1, quota_refilled_at = $2, quota_epoch = $3 WHERE id = $4",
+        )
+        .bind((pool - granted) as i64)
+        .bind(refilled_at)
+        .bind(epoch)
+        .bind(key_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(Some(crate::QuotaLease { granted, pool_left: pool - granted, refilled_at, epoch }))
+    }
+
+    async fn return_quota(&self, key_id: &str, units: u64, epoch: i64) -> Result<()> {
+        sqlx::query(
+            "UPDATE api_keys SET quota_remaining = LEAST(quota_remaining + $1, $2) \
+             WHERE id = $3 AND quota_epoch = $4 AND quota_remaining IS NOT NULL",
+        )
+        .bind(units.min(i64::MAX as u64) as i64)
+        .bind(keygate_core::limits::MAX_LIMIT as i64)
+        .bind(key_id)
+        .bind(epoch)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(())
     }
 
     async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>> {

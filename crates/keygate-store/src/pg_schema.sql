@@ -52,7 +52,10 @@ CREATE TABLE api_keys (
     quota_refilled_at BIGINT,
     last_used_at      BIGINT,
     last_used_ip      TEXT COLLATE "C",
-    imported          BOOLEAN NOT NULL DEFAULT FALSE
+    imported          BOOLEAN NOT NULL DEFAULT FALSE,
+    -- Nodes lease quota from quota_remaining (the pool); this changes whenever the pool is set, reset or
+    -- refilled, so that units leased before are never given back into it.
+    quota_epoch       BIGINT NOT NULL DEFAULT 0
 );
 CREATE INDEX api_keys_by_consumer ON api_keys (consumer_id, id);
 CREATE INDEX api_keys_by_quota ON api_keys (quota_remaining) WHERE quota_remaining IS NOT NULL;

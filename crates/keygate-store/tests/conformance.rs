@@ -591,6 +591,102 @@ async fn changes_are_numbered_and_announced(store: Arc<dyn Backend>) {
     assert_eq!(store.last_change().await.unwrap(), changes[1].seq);
 }
 
+/// Contract: nodes leasing a shared quota concurrently never get more than the pool in total; units go
+/// back only into the epoch they came from; a refill due is applied by the lease that finds it; an
+/// admin change of the quota starts a new epoch. A store that is not shared leases nothing.
+async fn quota_leases_never_exceed_the_pool(store: Arc<dyn Backend>) {
+    store
+        .insert_consumer(&consumer("cons_1"), &audit("evt_c", "consumer.create", "cons_1", 0))
+        .await
+        .unwrap();
+    let mut key = ApiKey::new(
+        "key_q".into(),
+        "cons_1".into(),
+        "k".into(),
+        Environment::Live,
+        vec![],
+        json!({}),
+        None,
+        "s".into(),
+        0,
+    );
+    key.quota = Some(keygate_core::limits::Quota { remaining: 100, refill: None });
+    let hash = SecretHash::of("quota-key");
+    store
+        .insert_key(
+            &key,
+            &StoredSecret::new(hash, "key_q", "s", 0),
+            &audit("evt_k", "key.create", "key_q", 0),
+        )
+        .await
+        .unwrap();
+    if !store.shared() {
+        assert!(store.lease_quota("key_q", 1, 1).await.is_err(), "only shared stores lease");
+        return;
+    }
+    let takers: Vec<_> = (0..12)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut got = 0;
+                loop {
+                    match store.lease_quota("key_q", 1, 1).await {
+                        Ok(Some(l)) if l.granted == 0 => break got,
+                        Ok(Some(l)) => got += l.granted,
+                        Ok(None) => panic!("the key has a quota"),
+                        Err(StoreError::Unavailable(_)) => tokio::task::yield_now().await,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for t in takers {
+        total += t.await.unwrap();
+    }
+    assert_eq!(total, 100, "every unit leased exactly once");
+    let lease = store.lease_quota("key_q", 1, 1).await.unwrap().unwrap();
+    assert_eq!((lease.granted, lease.pool_left), (0, 0));
+    store.return_quota("key_q", 5, lease.epoch).await.unwrap();
+    store.return_quota("key_q", 7, lease.epoch + 1).await.unwrap();
+    let again = store.lease_quota("key_q", 1, 1).await.unwrap().unwrap();
+    assert_eq!(again.granted + again.pool_left, 5, "only the current epoch's units went back");
+    assert!(
+        store.lease_quota("key_q", 10, 1).await.unwrap().unwrap().granted == 0,
+        "less than asked: nothing"
+    );
+    // An admin sets the quota: a new epoch, so older units cannot be given back.
+    let patch = KeyPatch {
+        quota: Some(Some(keygate_core::limits::Quota { remaining: 40, refill: None })),
+        quota_refilled_at: Some(2),
+        updated_at: 2,
+        ..KeyPatch::default()
+    };
+    store.update_key("key_q", &patch, &audit("evt_q", "key.quota", "key_q", 2)).await.unwrap().unwrap();
+    store.return_quota("key_q", 3, again.epoch).await.unwrap();
+    let set = store.lease_quota("key_q", 1, 3).await.unwrap().unwrap();
+    assert!(set.epoch > again.epoch);
+    assert_eq!((set.granted, set.pool_left), (5, 35), "an eighth of the pool; the stale units stayed out");
+    // A refill due is applied by the lease that finds it, in a new epoch.
+    let refill = keygate_core::limits::Refill {
+        amount: 16,
+        interval_seconds: Some(60),
+        schedule: None,
+        day_of_month: None,
+    };
+    let patch = KeyPatch {
+        quota: Some(Some(keygate_core::limits::Quota { remaining: 0, refill: Some(refill) })),
+        quota_refilled_at: Some(1_000),
+        updated_at: 4,
+        ..KeyPatch::default()
+    };
+    store.update_key("key_q", &patch, &audit("evt_r", "key.quota", "key_q", 4)).await.unwrap().unwrap();
+    assert_eq!(store.lease_quota("key_q", 1, 2_000).await.unwrap().unwrap().granted, 0, "not yet due");
+    let refilled = store.lease_quota("key_q", 1, 61_000).await.unwrap().unwrap();
+    assert_eq!((refilled.granted, refilled.pool_left, refilled.refilled_at), (2, 14, 61_000));
+}
+
 macro_rules! suite {
     ($backend:ident: $($test:ident),* $(,)?) => {
         mod $backend {
@@ -618,6 +714,7 @@ suite!(sqlite:
     boards_quotas_and_search,
     following_never_skips_under_concurrent_writers,
     changes_are_numbered_and_announced,
+    quota_leases_never_exceed_the_pool,
 );
 
 suite!(postgres:
@@ -633,6 +730,7 @@ suite!(postgres:
     boards_quotas_and_search,
     following_never_skips_under_concurrent_writers,
     changes_are_numbered_and_announced,
+    quota_leases_never_exceed_the_pool,
 );
 
 /// `Store` is one of the traits a backend implements (a compile-time check that the suite names them).

@@ -540,20 +540,29 @@ pub async fn change_quota(
     }
     let now = state.now();
     let runtime = state.verifier.runtimes.get_or_create(&key);
-    let (before, after, refilled_at) = runtime
-        .update_quota(now, |q| {
-            let before = q.remaining;
-            if let Some(n) = req.set {
-                q.remaining = n;
-            } else if let Some(n) = req.add {
-                q.remaining = q.remaining.saturating_add(n).min(limit);
-            } else if let Some(r) = &q.refill {
-                q.remaining = r.amount;
-                q.refilled_at = now;
-            }
-            (before, q.remaining, q.refilled_at)
-        })
-        .ok_or_else(|| ApiError::invalid("quota", "the key has no quota"))?;
+    let change = |q: &mut QuotaState| {
+        let before = q.remaining;
+        if let Some(n) = req.set {
+            q.remaining = n;
+        } else if let Some(n) = req.add {
+            q.remaining = q.remaining.saturating_add(n).min(limit);
+        } else if let Some(r) = &q.refill {
+            q.remaining = r.amount;
+            q.refilled_at = now;
+        }
+        (before, q.remaining, q.refilled_at)
+    };
+    let (before, after, refilled_at) = if state.store.shared() {
+        // The stored quota is the pool every node leases from: change it (leases taken from it before
+        // are void from this change on).
+        let mut q = QuotaState::from_config(&config, key.quota_refilled_at.unwrap_or(key.created_at));
+        if let Some(refill) = q.refill.clone() {
+            keygate_core::limits::apply_refills(&mut q.remaining, &mut q.refilled_at, &refill, now);
+        }
+        change(&mut q)
+    } else {
+        runtime.update_quota(now, change).ok_or_else(|| ApiError::invalid("quota", "the key has no quota"))?
+    };
     let action = if reset {
         "reset"
     } else if req.add.is_some() {
@@ -570,6 +579,9 @@ pub async fn change_quota(
         ..KeyPatch::default()
     };
     let key = state.store.update_key(&id, &patch, &audit).await?.ok_or_else(key_revoked)?;
+    if state.store.shared() {
+        runtime.drop_lease();
+    }
     invalidate_key(&state, &id).await;
     Ok(Json(key_view(&state, key, now)))
 }
