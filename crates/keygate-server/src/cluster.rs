@@ -32,8 +32,21 @@ pub struct ClusterStatus {
     pub applied: AtomicI64,
 }
 
-/// Follows the other nodes' changes until the task is dropped. Only for a shared store.
-pub async fn follow(state: Arc<AppState>) {
+/// Starts listening for the other nodes' changes (before the node serves, so that `/readyz` is true
+/// from the start) and then follows them until the task is dropped. Only for a shared store.
+pub async fn start(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
+    let listener = match state.store.listen().await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for other nodes' changes; reading them every second");
+            None
+        }
+    };
+    state.cluster.listening.store(listener.is_some(), Ordering::Release);
+    tokio::spawn(follow(state, listener))
+}
+
+async fn follow(state: Arc<AppState>, mut listener: Option<Box<dyn keygate_store::ChangeListener>>) {
     let mut cursor = match state.store.last_change().await {
         Ok(n) => n,
         Err(e) => {
@@ -42,7 +55,6 @@ pub async fn follow(state: Arc<AppState>) {
         }
     };
     state.cluster.applied.store(cursor, Ordering::Release);
-    let mut listener = None;
     loop {
         if listener.is_none() {
             match state.store.listen().await {

@@ -193,7 +193,7 @@ pub async fn launch_all(
     }
     state.oauth.start(state.store.clone());
     let background = tokio::spawn(background(state.clone()));
-    let follower = state.store.shared().then(|| tokio::spawn(cluster::follow(state.clone())));
+    let follower = if state.store.shared() { Some(cluster::start(state.clone()).await) } else { None };
     let deliveries = tokio::spawn(webhooks::run(state.clone()));
     let watcher = gateway.as_ref().map(|(_, g)| tokio::spawn(gateway::watch(g.clone())));
     let (stop, stopped) = tokio::sync::watch::channel(false);

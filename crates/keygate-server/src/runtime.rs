@@ -58,6 +58,9 @@ struct Lease {
     epoch: i64,
     /// Whether the units are current (false: take a lease before admitting anything).
     valid: bool,
+    /// The pool could not give this many units at the last lease: until `recheck_at`, only smaller
+    /// requests ask it again.
+    short_of: u64,
     /// An empty pool is asked again no sooner than this (ms).
     recheck_at: i64,
     /// The pool after the last lease, for the remaining uses decisions report.
@@ -199,7 +202,7 @@ impl KeyRuntime {
                     l.valid = false;
                 }
                 if q.remaining < probe {
-                    let needs_lease = !l.valid || now_ms >= l.recheck_at;
+                    let needs_lease = !l.valid || probe < l.short_of || now_ms >= l.recheck_at;
                     return Admission {
                         code: DecisionCode::QuotaExceeded,
                         rate_limit: tightest,
@@ -208,6 +211,8 @@ impl KeyRuntime {
                     };
                 }
                 q.remaining -= cost;
+                // Not written back (the pool is the store's), but the flush reports it for quota events.
+                *quota_dirty = true;
             }
             (Some(q), None) => {
                 if let Some(refill) = q.refill.clone()
@@ -277,6 +282,7 @@ impl KeyRuntime {
                 *l = Lease {
                     epoch: g.epoch,
                     valid: true,
+                    short_of: if g.granted == 0 { min.max(1) } else { 0 },
                     recheck_at: if g.granted == 0 { now_ms + 1000 } else { 0 },
                     pool_left: g.pool_left,
                 };
@@ -354,8 +360,8 @@ impl KeyRuntime {
         {
             let mut st = lock(&self.state);
             if st.lease.is_some() || (self.shared && quota.is_some()) {
+                st.lease = quota.as_ref().map(|q| Lease { pool_left: q.remaining, ..Lease::default() });
                 st.quota = quota.map(|q| QuotaState { remaining: 0, ..q });
-                st.lease = st.quota.as_ref().map(|_| Lease::default());
                 return;
             }
             st.quota = quota;
@@ -401,9 +407,10 @@ impl KeyRuntime {
             None
         };
         let mut st = lock(&self.state);
-        // A lease is never written back as the stored quota: the pool is the store's.
-        let quota = if std::mem::take(&mut st.quota_dirty) && st.lease.is_none() {
-            st.quota.as_ref().map(|q| (q.remaining, q.refilled_at))
+        // On a shared database this is the lease plus the pool as last seen: a shared store writes no
+        // quota from it (the pool changes by leases only), it only reports it for quota events.
+        let quota = if std::mem::take(&mut st.quota_dirty) {
+            st.quota.as_ref().and_then(|q| Some((st.remaining()?, q.refilled_at)))
         } else {
             None
         };

@@ -753,19 +753,9 @@ impl Store for PgStore {
                     .await
                     .map_err(map_err)?;
             }
-            if let Some((remaining, refilled_at)) = u.quota {
-                // Only while the key still has a quota: an admin may have removed it meanwhile.
-                sqlx::query(
-                    "UPDATE api_keys SET quota_remaining = $1, quota_refilled_at = $2 \
-                     WHERE id = $3 AND quota_remaining IS NOT NULL",
-                )
-                .bind(remaining as i64)
-                .bind(refilled_at)
-                .bind(&u.key_id)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
-            }
+            // No quota write: on a shared database the stored quota is the pool nodes lease from, and
+            // it changes only by leases (`lease_quota`), returns and admin changes. `u.quota` is this
+            // node's view, from which the server derived the quota events written above.
         }
         tx.commit().await.map_err(map_err)
     }

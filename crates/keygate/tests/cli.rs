@@ -1566,3 +1566,191 @@ fn the_readme_gateway_walkthrough_in_front_of_a_real_upstream() {
     let _ = python.kill();
     let _ = python.wait();
 }
+
+/// `POST /v1/verify` with a raw HTTP/1.1 request: the decision's code (or `HTTP <status>` when the
+/// answer is not a decision).
+fn verify_code(addr: &str, bearer: &str, credential: &str) -> String {
+    let body = serde_json::json!({ "credential": credential }).to_string();
+    let Ok(mut s) = TcpStream::connect(addr) else { return "unreachable".into() };
+    let req = format!(
+        "POST /v1/verify HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {bearer}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        return "unreachable".into();
+    }
+    let mut resp = String::new();
+    if s.read_to_string(&mut resp).is_err() {
+        return "unreachable".into();
+    }
+    let status = resp.split_whitespace().nth(1).unwrap_or("").to_string();
+    let json = resp.split("\r\n\r\n").nth(1).unwrap_or("");
+    match serde_json::from_str::<Value>(json) {
+        Ok(v) if v["code"].is_string() => v["code"].as_str().unwrap().to_string(),
+        _ => format!("HTTP {status}"),
+    }
+}
+
+/// Polls until `check` holds (a liveness bound, not a performance assertion).
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}: not within 30 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Three `keygate serve` processes on one PostgreSQL database, as README's "Several nodes" runs them:
+/// what one node creates the others verify at once; a revocation, a disable and a quota change on one
+/// node reach the others; a quota of 100 spread over three nodes admits exactly 100 of 200 concurrent
+/// verifies; a node killed with SIGKILL in the middle of load leaves the others serving, and every
+/// change acknowledged during the load is there afterwards.
+#[test]
+fn three_nodes_on_one_postgresql() {
+    let url = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(keygate_store::testing::postgres_database())
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    // Every node needs the same master key (it seals the shared signing keys).
+    let env = [
+        ("KEYGATE_DATABASE_URL", url.as_str()),
+        ("KEYGATE_MASTER_KEY", "a2V5Z2F0ZS10ZXN0LW1hc3Rlci1rZXktMzJieXRlcyE="),
+    ];
+    let out = keygate()
+        .args(["init", "--json", "--data-dir"])
+        .arg(tmp.path().join("a"))
+        .envs(env)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let admin =
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["admin_key"].as_str().unwrap().to_string();
+    let again = keygate().args(["init", "--data-dir"]).arg(tmp.path().join("b")).envs(env).output().unwrap();
+    assert_eq!(again.status.code(), Some(1), "the shared database is initialised once");
+    let nodes: Vec<Server> = ["a", "b", "c"]
+        .iter()
+        .map(|n| Server::start_env(&tmp.path().join(n), &tmp.path().join(format!("{n}.log")), &env))
+        .collect();
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    assert!(a.stdout.lock().unwrap().contains("data in PostgreSQL"), "{}", a.stdout.lock().unwrap());
+    assert!(!a.stdout.lock().unwrap().contains("Bootstrap admin key"));
+    for n in &nodes {
+        eventually("ready", || n.get("/readyz", &[]).starts_with("HTTP/1.1 200"));
+    }
+
+    // Created on A, valid on B and C at once.
+    let cid = a.json(&admin, &["consumers", "create", "--name", "acme"])["id"].as_str().unwrap().to_string();
+    let key = a.json(&admin, &["keys", "create", "--consumer", &cid, "--name", "k"]);
+    let (kid, secret) = (key["id"].as_str().unwrap().to_string(), key["key"].as_str().unwrap().to_string());
+    for n in &nodes {
+        assert_eq!(verify_code(&n.addr, &admin, &secret), "VALID", "{}", n.addr);
+    }
+    // Revoked on C: refused by A and B (they had it cached).
+    assert_eq!(c.json(&admin, &["keys", "revoke", &kid])["status"], "revoked");
+    for n in [a, b] {
+        eventually("the revocation reaches every node", || {
+            verify_code(&n.addr, &admin, &secret) == "REVOKED"
+        });
+    }
+    // A consumer disabled on B stops its keys everywhere.
+    let key2 = a.json(&admin, &["keys", "create", "--consumer", &cid, "--name", "k2"]);
+    let secret2 = key2["key"].as_str().unwrap().to_string();
+    for n in &nodes {
+        assert_eq!(verify_code(&n.addr, &admin, &secret2), "VALID");
+    }
+    b.json(&admin, &["consumers", "disable", &cid]);
+    for n in [a, c] {
+        eventually("the disable reaches every node", || verify_code(&n.addr, &admin, &secret2) == "DISABLED");
+    }
+
+    // A quota of 100 across three nodes: 200 concurrent verifies admit exactly 100.
+    let q = a.json(&admin, &["consumers", "create", "--name", "metered"])["id"].as_str().unwrap().to_string();
+    let qkey = a.json(&admin, &["keys", "create", "--consumer", &q, "--name", "q", "--quota", "100"]);
+    let qsecret = qkey["key"].as_str().unwrap().to_string();
+    let codes = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for t in 0..20 {
+            let (nodes, admin, qsecret, codes) = (&nodes, &admin, &qsecret, &codes);
+            scope.spawn(move || {
+                for i in 0..10 {
+                    let code = verify_code(&nodes[(t + i) % 3].addr, admin, qsecret);
+                    codes.lock().unwrap().push(code);
+                }
+            });
+        }
+    });
+    let codes = codes.into_inner().unwrap();
+    let valid = codes.iter().filter(|c| *c == "VALID").count();
+    let exceeded = codes.iter().filter(|c| *c == "QUOTA_EXCEEDED").count();
+    assert_eq!((valid, exceeded), (100, 100), "{codes:?}");
+    // Topped up on C: the others admit again.
+    let qid = qkey["id"].as_str().unwrap().to_string();
+    let added = c.json(&admin, &["keys", "quota", &qid, "--add", "5"]);
+    assert_eq!(added["quota"]["remaining"], 5, "{added}");
+    eventually("the top-up reaches A", || verify_code(&a.addr, &admin, &qsecret) == "VALID");
+
+    // kill -9 B under load: A and C keep serving; every change acknowledged meanwhile is kept.
+    let live = a.json(&admin, &["keys", "create", "--consumer", &q, "--name", "live"])["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let acknowledged = Mutex::new(Vec::new());
+    let refused = Mutex::new(Vec::new());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        for t in 0..4 {
+            let (nodes, admin, live, refused, stop) = (&nodes, &admin, &live, &refused, &stop);
+            scope.spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    for n in [&nodes[0], &nodes[2]] {
+                        let code = verify_code(&n.addr, admin, live);
+                        if code != "VALID" {
+                            refused.lock().unwrap().push(format!("{t} {}: {code}", n.addr));
+                        }
+                    }
+                }
+            });
+        }
+        let (nodes, admin, acknowledged, stop) = (&nodes, &admin, &acknowledged, &stop);
+        scope.spawn(move || {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let n = &nodes[[0, 2][i % 2]];
+                let out = n.cli(admin, &["consumers", "create", "--name", &format!("during-{i}"), "--json"]);
+                if out.status.success() {
+                    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+                    acknowledged.lock().unwrap().push(v["id"].as_str().unwrap().to_string());
+                }
+                i += 1;
+            }
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        nodes[1].kill9();
+        std::thread::sleep(Duration::from_millis(1500));
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let refused = refused.into_inner().unwrap();
+    assert!(refused.is_empty(), "A and C kept serving: {refused:?}");
+    let acknowledged = acknowledged.into_inner().unwrap();
+    assert!(!acknowledged.is_empty());
+    for id in &acknowledged {
+        assert_eq!(c.json(&admin, &["consumers", "show", id])["id"], id.as_str());
+    }
+    let mut nodes = nodes;
+    nodes[1].child.wait().unwrap();
+    // A restarted B catches up with everything it missed.
+    let b = Server::start_env(&tmp.path().join("b"), &tmp.path().join("b2.log"), &env);
+    assert_eq!(verify_code(&b.addr, &admin, &secret), "REVOKED");
+    assert_eq!(verify_code(&b.addr, &admin, &live), "VALID");
+    let logs: String = ["a.log", "b.log", "b2.log", "c.log"]
+        .iter()
+        .map(|f| std::fs::read_to_string(tmp.path().join(f)).unwrap_or_default())
+        .collect();
+    assert!(!logs.contains(&secret) && !logs.contains(&admin), "no secret in the logs");
+    b.stop();
+    let c = nodes.pop().unwrap();
+    c.stop();
+    nodes.swap_remove(0).stop();
+}

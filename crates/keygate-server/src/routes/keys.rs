@@ -580,7 +580,8 @@ pub async fn change_quota(
     };
     let key = state.store.update_key(&id, &patch, &audit).await?.ok_or_else(key_revoked)?;
     if state.store.shared() {
-        runtime.drop_lease();
+        // This node's lease of the old pool is void; the new pool is what decisions report until the next lease.
+        runtime.set_quota(key.quota.as_ref().map(|q| QuotaState::from_config(q, refilled_at)));
     }
     invalidate_key(&state, &id).await;
     Ok(Json(key_view(&state, key, now)))
