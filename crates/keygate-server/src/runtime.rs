@@ -309,6 +309,15 @@ impl KeyRuntime {
         }
     }
 
+    /// The unused units of this node's current lease (0 without one).
+    pub fn leased(&self) -> u64 {
+        let st = lock(&self.state);
+        match (&st.quota, &st.lease) {
+            (Some(q), Some(l)) if l.valid => q.remaining,
+            _ => 0,
+        }
+    }
+
     /// The unused units of a current lease, taken (for giving back when the node stops).
     fn take_lease(&self) -> Option<(u64, i64)> {
         let mut st = lock(&self.state);

@@ -7,6 +7,7 @@
 //!   the caller learns that nothing was acknowledged and can retry.
 //! - Times are integers: milliseconds since the Unix epoch, UTC. Secrets are stored only as SHA-256.
 
+pub mod copy;
 mod events;
 mod model;
 mod oauth;

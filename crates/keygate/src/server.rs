@@ -375,3 +375,77 @@ async fn wait_until_accepted(url: &str, secret: &PlainSecret) -> bool {
     }
     false
 }
+
+/// `keygate migrate-to-postgres --from DATA_DIR --to URL`.
+pub async fn migrate_to_postgres(from: &Path, to: &str, json: bool) -> ExitCode {
+    let url = match keygate_server::DatabaseUrl::parse(to) {
+        Ok(u) => u,
+        Err(e) => return fail(format!("--to {e}")),
+    };
+    let db = from.join(DB_FILE);
+    if !db.exists() {
+        return fail(format!(
+            "{} holds no Keygate database; give the data directory with --from",
+            from.display()
+        ));
+    }
+    // Nothing may write to it while it is copied.
+    let _lock = match DataDirLock::acquire(from) {
+        Ok(Locked::Acquired(lock)) => lock,
+        Ok(Locked::Held(holder)) => {
+            return fail(format!(
+                "a Keygate server (process {}) is using {}; stop it first, so that nothing changes while it is copied",
+                holder_pid(&holder),
+                from.display()
+            ));
+        }
+        Err(e) => return fail(e),
+    };
+    let sqlite = match keygate_store::SqliteStore::open(&db, &keygate_store::SqliteOptions::default()).await {
+        Ok(s) => s,
+        Err(e) => return fail(format!("cannot open {}: {e}", db.display())),
+    };
+    if let Err(e) = keygate_store::Store::migrate(&sqlite).await {
+        return fail(format!("cannot bring {} up to date: {e}", db.display()));
+    }
+    let pg = match keygate_store::PgStore::open(url.expose(), &keygate_store::PgOptions::default()).await {
+        Ok(p) => p,
+        Err(e) => {
+            return fail(format!(
+                "cannot open the PostgreSQL database {url}: {e}\ncheck that it is reachable and exists (create it with `createdb`)"
+            ));
+        }
+    };
+    if let Err(e) = keygate_store::Store::migrate(&pg).await {
+        return fail(format!("cannot create Keygate's tables in {url}: {e}"));
+    }
+    let result = keygate_store::copy::sqlite_to_postgres(&sqlite, &pg, |table, done, total| {
+        if json {
+            return;
+        }
+        eprint!("\r{table}: {done}/{total}      ");
+        if done == total {
+            eprintln!();
+        }
+    })
+    .await;
+    keygate_store::Store::close(&sqlite).await;
+    keygate_store::Store::close(&pg).await;
+    let counts = match result {
+        Ok(c) => c,
+        Err(e) => return fail(format!("the copy failed, and nothing was kept in {url}: {e}")),
+    };
+    let master = keygate_server::seal::default_key_path(from);
+    if json {
+        say!("{}", serde_json::json!({"tables": counts, "database": url.redacted()}));
+    } else {
+        let rows: u64 = counts.iter().map(|c| c.postgres).sum();
+        say!("Copied {rows} rows in {} tables into {url}; every table's count matches.", counts.len());
+        say!(
+            "Start every node with KEYGATE_DATABASE_URL set and the master key of this installation \
+             (by default {}, as KEYGATE_MASTER_KEY_FILE or its content as KEYGATE_MASTER_KEY): it opens the signing keys.",
+            master.display()
+        );
+    }
+    ExitCode::SUCCESS
+}

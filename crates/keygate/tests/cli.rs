@@ -1754,3 +1754,88 @@ fn three_nodes_on_one_postgresql() {
     c.stop();
     nodes.swap_remove(0).stop();
 }
+
+/// `keygate migrate-to-postgres`: an SQLite installation with keys, usage, an OAuth client and its
+/// signing keys, copied into PostgreSQL while its server is stopped (refused while it runs, and into a
+/// database that is not empty); a node on PostgreSQL with the installation's master key then serves
+/// all of it, and new changes continue the copied history.
+#[test]
+fn migrate_an_sqlite_installation_to_postgresql() {
+    let url = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(keygate_store::testing::postgres_database())
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let admin = init(&dir);
+    let s = Server::start(&dir, &tmp.path().join("log1"));
+    let cid = s.json(&admin, &["consumers", "create", "--name", "acme"])["id"].as_str().unwrap().to_string();
+    let key = s.json(&admin, &["keys", "create", "--consumer", &cid, "--name", "k", "--quota", "50"]);
+    let (kid, secret) = (key["id"].as_str().unwrap().to_string(), key["key"].as_str().unwrap().to_string());
+    for _ in 0..3 {
+        assert_eq!(verify_code(&s.addr, &admin, &secret), "VALID");
+    }
+    let revoked = s.json(&admin, &["keys", "create", "--consumer", &cid, "--name", "old"]);
+    s.json(&admin, &["keys", "revoke", revoked["id"].as_str().unwrap()]);
+    let client = s.json(&admin, &["clients", "create", "--consumer", &cid, "--name", "app", "--scope", "a"]);
+    let client_id = client["client_id"].as_str().unwrap().to_string();
+    let running =
+        keygate().args(["migrate-to-postgres", "--from"]).arg(&dir).args(["--to", &url]).output().unwrap();
+    assert_eq!(running.status.code(), Some(1));
+    assert!(stderr(&running).contains("stop it first"), "{}", stderr(&running));
+    s.stop();
+
+    let out = keygate()
+        .args(["migrate-to-postgres", "--json", "--from"])
+        .arg(&dir)
+        .args(["--to", &url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tables = report["tables"].as_array().unwrap();
+    assert!(tables.iter().all(|t| t["sqlite"] == t["postgres"]), "{report}");
+    let count =
+        |name: &str| tables.iter().find(|t| t["table"] == name).unwrap()["postgres"].as_u64().unwrap();
+    assert_eq!(count("api_keys"), 3, "the admin key and two keys");
+    assert!(count("audit_events") >= 5 && count("signing_keys") >= 1 && count("oauth_clients") == 1);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("secret@"), "no password in the report");
+    let again =
+        keygate().args(["migrate-to-postgres", "--from"]).arg(&dir).args(["--to", &url]).output().unwrap();
+    assert_eq!(again.status.code(), Some(1));
+    assert!(stderr(&again).contains("already holds a Keygate installation"), "{}", stderr(&again));
+
+    // A node on PostgreSQL, with the installation's master key, serves everything that was copied.
+    let master = keygate_server_master_key_path(&dir);
+    let env = [("KEYGATE_DATABASE_URL", url.as_str()), ("KEYGATE_MASTER_KEY_FILE", master.as_str())];
+    let node = Server::start_env(&tmp.path().join("node"), &tmp.path().join("log2"), &env);
+    assert!(!node.stdout.lock().unwrap().contains("Bootstrap admin key"), "already initialised");
+    assert_eq!(verify_code(&node.addr, &admin, &secret), "VALID");
+    assert_eq!(verify_code(&node.addr, &admin, revoked["key"].as_str().unwrap()), "REVOKED");
+    let shown = node.json(&admin, &["keys", "show", &kid]);
+    // 50 - 3 used before; 1 more here (the pool, plus what this node leased and did not use).
+    assert_eq!(shown["quota"]["remaining"], 46, "{shown}");
+    let out = keygate()
+        .args(["token", "--client-id", &client_id, "--scope", "a", "--json"])
+        .env("KEYGATE_URL", &node.url)
+        .env("KEYGATE_CLIENT_SECRET", client["client_secret"].as_str().unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let token: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let access = token["access_token"].as_str().unwrap();
+    assert_eq!(verify_code(&node.addr, &admin, access), "VALID", "the copied signing keys sign and verify");
+    node.json(&admin, &["keys", "disable", &kid]);
+    let audit = node.json(&admin, &["audit", "--target", &kid]);
+    let actions: Vec<&str> =
+        audit["items"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, ["key.disable", "key.create"], "the history continues");
+    node.stop();
+}
+
+/// Where `keygate init` put a data directory's master key (beside it).
+fn keygate_server_master_key_path(dir: &Path) -> String {
+    let dir = std::fs::canonicalize(dir).unwrap();
+    let name = dir.file_name().unwrap().to_string_lossy().to_string();
+    dir.with_file_name(format!("{name}.master-key")).display().to_string()
+}

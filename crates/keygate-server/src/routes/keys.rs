@@ -57,7 +57,8 @@ pub struct KeyView {
     pub rate_limits: Option<Vec<RateLimit>>,
     /// Addresses and CIDR ranges the key may be used from; `null`: anywhere.
     pub allowed_ips: Option<Vec<String>>,
-    /// Remaining uses (live on this node) and the refill schedule.
+    /// Remaining uses (live on this node; with several nodes, the shared pool plus what this node leased
+    /// and has not used) and the refill schedule.
     #[schema(value_type = Option<Object>)]
     pub quota: Option<Quota>,
     pub last_used_at: Option<String>,
@@ -73,6 +74,9 @@ pub fn key_view(state: &AppState, mut k: ApiKey, now: i64) -> KeyView {
     if let Some(rt) = state.verifier.runtimes.get(&k.id) {
         if let (Some(q), Some(live)) = (k.quota.as_mut(), rt.quota()) {
             q.remaining = live.remaining;
+        } else if let Some(q) = k.quota.as_mut() {
+            // On a shared database: the pool, plus what this node leased and has not used.
+            q.remaining = q.remaining.saturating_add(rt.leased());
         }
         if let Some((t, ip)) = rt.last_used()
             && k.last_used_at.is_none_or(|stored| t > stored)

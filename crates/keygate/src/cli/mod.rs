@@ -74,6 +74,17 @@ enum Command {
         #[arg(long, default_value = "local admin")]
         name: String,
     },
+    /// Copy an SQLite installation (a stopped server's data directory) into an empty PostgreSQL
+    /// database, with progress, and compare every table's rows at the end. All or nothing: on any error
+    /// the PostgreSQL database is left as it was.
+    MigrateToPostgres {
+        /// The data directory to copy from (no server may be running on it).
+        #[arg(long, value_name = "DATA_DIR")]
+        from: std::path::PathBuf,
+        /// The PostgreSQL database to copy into (created tables, no data): postgres://USER:PASSWORD@HOST/DB.
+        #[arg(long, value_name = "URL", env = "KEYGATE_DATABASE_URL", hide_env_values = true)]
+        to: String,
+    },
     /// Print an example configuration file with every setting and its default.
     DefaultConfig,
     /// The gateway's routes file.
@@ -205,6 +216,9 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Init(dir) => crate::server::init(&dir, global.json).await,
         Command::AdminKey { dir, name } => crate::server::admin_key(&dir, &name, global.json).await,
         Command::Routes { command: RoutesCmd::Check { file } } => routes_check(&file, global.json),
+        Command::MigrateToPostgres { from, to } => {
+            crate::server::migrate_to_postgres(&from, &to, global.json).await
+        }
         Command::DefaultConfig => {
             output::emit(default_config().trim_end());
             ExitCode::SUCCESS
