@@ -16,6 +16,7 @@ request failed. Everything runs on loopback and stops by itself.
 
 import argparse
 import base64
+import glob
 import json
 import os
 import random
@@ -117,13 +118,18 @@ http {{
 
 
 class Keygate:
-    def __init__(self, binary, tmp, port, name="keygate", extra_env=None, extra_args=()):
+    def __init__(self, binary, tmp, port, name="keygate", extra_env=None, extra_args=(), admin=None):
+        """A server on its own data directory; with `admin`, one more node of an installation that is
+        already initialised (a shared database in `extra_env`)."""
         self.data = os.path.join(tmp, f"{name}-data")
         env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")}
-        out = subprocess.run([binary, "init", "--json", "--data-dir", self.data], check=True, capture_output=True, env=env)
-        self.admin = json.loads(out.stdout)["admin_key"]
-        env["KEYGATE_LOG"] = "warn"
         env.update(extra_env or {})
+        if admin is None:
+            out = subprocess.run([binary, "init", "--json", "--data-dir", self.data], check=True,
+                                 capture_output=True, env=env)
+            admin = json.loads(out.stdout)["admin_key"]
+        self.admin = admin
+        env["KEYGATE_LOG"] = "warn"
         self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen(
             [binary, "serve", "--data-dir", self.data, "--listen", f"127.0.0.1:{port}", *extra_args],
@@ -271,6 +277,133 @@ def measure_scale(binary, tmp, n, seconds, rounds):
         return result
     finally:
         kg.stop()
+
+
+def postgres_database(tmp):
+    """A fresh database on the PostgreSQL the tests use (127.0.0.1:54329, started here the same way if it
+    is not running: Debian's postgresql package, a throwaway cluster, trust on loopback, fsync off), or on
+    the server KEYGATE_TEST_DATABASE_URL names. Returns its URL."""
+    admin = os.environ.get("KEYGATE_TEST_DATABASE_URL")
+    if not admin:
+        port = 54329
+        admin = f"postgres://postgres@127.0.0.1:{port}/postgres"
+        if subprocess.run(["pg_isready", "-q", "-h", "127.0.0.1", "-p", str(port)]).returncode != 0:
+            bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]))
+            if not bins:
+                if os.geteuid() != 0:
+                    sys.exit("no PostgreSQL: install Debian's postgresql package, or set KEYGATE_TEST_DATABASE_URL")
+                env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+                subprocess.run(["apt-get", "install", "-y", "-qq", "postgresql"], check=True, env=env,
+                               stdout=subprocess.DEVNULL)
+                bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]))
+            root = os.path.join(tempfile.gettempdir(), "keygate-test-pg")
+            data = os.path.join(root, "data")
+            os.makedirs(root, exist_ok=True)
+            as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+            if os.geteuid() == 0:
+                subprocess.run(["chown", "-R", "postgres:postgres", root], check=True)
+            if not os.path.exists(os.path.join(data, "PG_VERSION")):
+                subprocess.run([*as_pg, f"{bins[-1]}/initdb", "-D", data, "-U", "postgres", "--auth=trust",
+                                "-E", "UTF8", "--locale=C.UTF-8"], check=True, stdout=subprocess.DEVNULL)
+            opts = (f"-p {port} -c listen_addresses=127.0.0.1 -k {data} -c fsync=off -c synchronous_commit=off "
+                    "-c full_page_writes=off -c max_connections=400")
+            subprocess.run([*as_pg, f"{bins[-1]}/pg_ctl", "-D", data, "-o", opts, "-l", os.path.join(root, "log"),
+                            "-w", "start"], check=True, stdout=subprocess.DEVNULL)
+    name = f"kg_{int(time.time())}_{os.getpid()}_bench"
+    subprocess.run(["psql", admin, "-qc", f"CREATE DATABASE {name}"], check=True)
+    return admin.rsplit("/", 1)[0] + "/" + name
+
+
+def measure_cluster(binary, tmp, seconds, rounds, samples):
+    """One node against three on one PostgreSQL (every node on this machine: they share its cores), then
+    how long a revocation on one node takes to be refused by the others while they serve verify load."""
+    import threading
+    url = postgres_database(tmp)
+    env = {"KEYGATE_DATABASE_URL": url,
+           "KEYGATE_MASTER_KEY": base64.b64encode(os.urandom(32)).decode()}
+    sub = tempfile.mkdtemp(prefix="cluster-", dir=tmp)
+    a = Keygate(binary, sub, free_port(), "node-a", env)
+    nodes = [a]
+    try:
+        consumer = a.api("POST", "/v1/consumers", {"name": "cluster"})
+        secrets = [a.api("POST", "/v1/keys", {"consumer_id": consumer["id"], "name": f"k{i}"})["key"]
+                   for i in range(200)]
+        pool = os.path.join(sub, "valid.txt")
+        with open(pool, "w") as f:
+            f.write("\n".join(secrets) + "\n")
+        auth = {"Authorization": f"Bearer {a.admin}", "Content-Type": "application/json"}
+        script = write_script(sub, "cluster-verify", "POST", "/v1/verify", auth, keys_file=pool,
+                              body_template='{"credential":"%s"}')
+        one = [run_wrk(a.url, script, 32, seconds) for _ in range(rounds)]
+        nodes += [Keygate(binary, sub, free_port(), f"node-{n}", env, admin=a.admin) for n in ("b", "c")]
+
+        def spread(conns_each, secs):
+            out = [None] * len(nodes)
+
+            def run(i):
+                out[i] = run_wrk(nodes[i].url, script, conns_each[i], secs)
+            ts = [threading.Thread(target=run, args=(i,)) for i in range(len(nodes))]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            return out
+        three = [spread([11, 11, 10], seconds) for _ in range(rounds)]
+        med = lambda rs: sorted(rs, key=lambda r: r["rps"])[len(rs) // 2]
+        one_m = med(one)
+        three_rps = sorted(sum(r["rps"] for r in rs) for rs in three)[len(three) // 2]
+        errors = sum(r["errors"] for r in one) + sum(r["errors"] for rs in three for r in rs)
+
+        # Revocation propagation under load: A and B serve verify load; a key made on C and cached on A
+        # and B is revoked on C; each of A and B is asked until it refuses it.
+        def verify(node, secret):
+            req = urllib.request.Request(node.url + "/v1/verify", data=json.dumps({"credential": secret}).encode(),
+                                         headers=auth, method="POST")
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return json.loads(r.read())["code"]
+        c = nodes[2]
+        stop = threading.Event()
+
+        def keep_loading():
+            while not stop.is_set():
+                spread([16, 16, 1], 2)
+        load = threading.Thread(target=keep_loading)
+        load.start()
+        delays = []
+        time.sleep(0.5)
+        for i in range(samples):
+            k = c.api("POST", "/v1/keys", {"consumer_id": consumer["id"], "name": f"revoke-{i}"})
+            for n in nodes[:2]:
+                while verify(n, k["key"]) != "VALID":
+                    time.sleep(0.001)
+            c.api("POST", f"/v1/keys/{k['id']}/revoke")
+            revoked_at = time.perf_counter()
+            found = {}
+
+            def watch(n):
+                while verify(n, k["key"]) != "REVOKED":
+                    pass
+                found[n.url] = time.perf_counter() - revoked_at
+            ws = [threading.Thread(target=watch, args=(n,)) for n in nodes[:2]]
+            for w in ws:
+                w.start()
+            for w in ws:
+                w.join()
+            delays += found.values()
+        stop.set()
+        load.join()
+        delays.sort()
+        pct = lambda q: delays[min(len(delays) - 1, int(q * len(delays)))] * 1000
+        result = {"one_node_rps": one_m["rps"], "one_node_p99_us": one_m["p99_us"], "three_nodes_rps": three_rps,
+                  "ratio": three_rps / one_m["rps"] if one_m["rps"] else float("nan"),
+                  "revocation_p50_ms": pct(0.5), "revocation_p99_ms": pct(0.99),
+                  "revocation_max_ms": delays[-1] * 1000, "samples": len(delays), "errors": errors}
+        log(f"cluster: 1 node {result['one_node_rps']:,.0f} req/s, 3 nodes {three_rps:,.0f} req/s; revocation "
+            f"p50 {result['revocation_p50_ms']:.1f} ms, p99 {result['revocation_p99_ms']:.1f} ms")
+        return result
+    finally:
+        for n in nodes:
+            n.stop()
 
 
 def fmt_us(us):
@@ -661,6 +794,9 @@ def main():
                     "connections, with this many fresh proofs made beforehand (e.g. 60000; needs PyJWT[crypto])")
     ap.add_argument("--events", type=int, default=0, help="also measure admin writes with this many webhook "
                     "endpoints taking every event, against none, and how fast the backlog is delivered (e.g. 3)")
+    ap.add_argument("--cluster", type=int, default=0, metavar="SAMPLES",
+                    help="also measure one node against three on one PostgreSQL, and revocation propagation "
+                         "under load over this many revocations (each seen by two nodes)")
     ap.add_argument("--scale", default="", help="comma-separated stored-key counts to measure verify at, e.g. 1000,1000000")
     args = ap.parse_args()
     if args.smoke:
@@ -780,6 +916,16 @@ def main():
             print(f"\nPOST /v1/verify, 32 connections: bearer JWT {b['rps']:,.0f}/s (p99 {fmt_us(b['p99_us'])}); "
                   f"DPoP-bound JWT with a fresh ES256 proof each {d['rps']:,.0f}/s (p99 {fmt_us(d['p99_us'])}), "
                   f"{d['rps'] / b['rps']:.2f}x; errors {d['errors']}")
+        cluster = None
+        if args.cluster:
+            cluster = measure_cluster(binary, tmp, args.seconds, args.rounds, args.cluster)
+            failed |= cluster["errors"] > 0
+            c = cluster
+            print(f"\nSeveral nodes on one PostgreSQL, POST /v1/verify, 32 connections in all (every node on this "
+                  f"machine): 1 node {c['one_node_rps']:,.0f}/s (p99 {fmt_us(c['one_node_p99_us'])}); 3 nodes "
+                  f"{c['three_nodes_rps']:,.0f}/s ({c['ratio']:.2f}×). Revocation on one node refused by the others "
+                  f"under load: p50 {c['revocation_p50_ms']:.1f} ms, p99 {c['revocation_p99_ms']:.1f} ms, max "
+                  f"{c['revocation_max_ms']:.1f} ms over {c['samples']} observations; errors {c['errors']}")
         events = None
         if args.events:
             events = measure_events(binary, tmp, args.events, args.seconds, args.rounds)
@@ -792,7 +938,7 @@ def main():
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"machine": machine(), "rss_mib": rss, "results": summary, "scale": scale,
-                           "refresh": refresh, "dpop": dpop, "events": events}, f, indent=2)
+                           "refresh": refresh, "dpop": dpop, "events": events, "cluster": cluster}, f, indent=2)
         if failed:
             print("\nFAILED: some requests errored (see the errors column)", file=sys.stderr)
             return 1

@@ -745,7 +745,11 @@ impl Store for PgStore {
                 }
             }
             if let Some((at, ip)) = &u.last_used {
-                sqlx::query("UPDATE api_keys SET last_used_at = $1, last_used_ip = $2 WHERE id = $3")
+                // Several nodes flush: the newest use wins, whichever node writes last.
+                sqlx::query(
+                    "UPDATE api_keys SET last_used_at = $1, last_used_ip = $2 \
+                     WHERE id = $3 AND (last_used_at IS NULL OR last_used_at <= $1)",
+                )
                     .bind(at)
                     .bind(ip)
                     .bind(&u.key_id)
