@@ -34,7 +34,7 @@ pub struct ClusterStatus {
 
 /// Starts listening for the other nodes' changes (before the node serves, so that `/readyz` is true
 /// from the start) and then follows them until the task is dropped. Only for a shared store.
-pub async fn start(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
+pub async fn start(state: Arc<AppState>, from: i64) -> tokio::task::JoinHandle<()> {
     let listener = match state.store.listen().await {
         Ok(l) => l,
         Err(e) => {
@@ -43,17 +43,26 @@ pub async fn start(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
         }
     };
     state.cluster.listening.store(listener.is_some(), Ordering::Release);
-    tokio::spawn(follow(state, listener))
+    tokio::spawn(follow(state, listener, from))
 }
 
-async fn follow(state: Arc<AppState>, mut listener: Option<Box<dyn keygate_store::ChangeListener>>) {
-    let mut cursor = match state.store.last_change().await {
+/// The change number to follow from: read before a node loads anything, so that a change committed
+/// while it loads is applied after.
+pub async fn starting_point(state: &AppState) -> i64 {
+    match state.store.last_change().await {
         Ok(n) => n,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the change log yet; following from its start");
             0
         }
-    };
+    }
+}
+
+async fn follow(
+    state: Arc<AppState>,
+    mut listener: Option<Box<dyn keygate_store::ChangeListener>>,
+    mut cursor: i64,
+) {
     state.cluster.applied.store(cursor, Ordering::Release);
     loop {
         if listener.is_none() {
@@ -115,11 +124,19 @@ async fn apply(state: &AppState, change: &Change) -> Result<(), StoreError> {
             state.verifier.known.follow(state.store.as_ref()).await?;
             let hashes = state.store.key_secret_hashes(id).await?;
             state.verifier.invalidate(&hashes);
-            // A quota set, reset or topped up elsewhere: this node's lease of the old pool is void.
+            // The quota may have been given, taken away, set or re-scheduled: this node's runtime takes
+            // the stored settings (giving back what it leased, if that is still current).
             if matches!(change.action.as_str(), "key.quota" | "key.update")
                 && let Some(rt) = state.verifier.runtimes.get(id)
+                && let Some(key) = state.store.get_key(id).await?
             {
-                rt.drop_lease();
+                let quota = key.quota.as_ref().map(|q| {
+                    crate::runtime::QuotaState::from_config(
+                        q,
+                        key.quota_refilled_at.unwrap_or(key.created_at),
+                    )
+                });
+                rt.replace_shared_quota(state.store.as_ref(), quota).await?;
             }
         }
         "consumer" => {
@@ -140,9 +157,11 @@ async fn apply(state: &AppState, change: &Change) -> Result<(), StoreError> {
         "pat" => state.oauth.pats_changed(),
         "token" | "grant" => state.oauth.reload_revocations(state.store.as_ref(), now).await?,
         "signing_key" => {
-            if let Err(e) = state.oauth.keys.load(state.store.as_ref(), state.oauth.alg, now).await {
-                tracing::error!(error = %e, "cannot load the signing keys another node changed");
-            }
+            // A failure leaves the change unapplied: the next read tries it again.
+            state.oauth.keys.load(state.store.as_ref(), state.oauth.alg, now).await.map_err(|e| match e {
+                crate::oauth::keys::KeyError::Store(s) => s,
+                other => StoreError::Other(other.to_string()),
+            })?;
             state.oauth.signing_key_revoked();
         }
         _ => {}

@@ -161,6 +161,8 @@ pub async fn launch_all(
     gateway: Option<(TcpListener, Arc<gateway::Gateway>)>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    // On a shared database, changes other nodes commit from now on are applied after the loads below.
+    let follow_from = if state.store.shared() { Some(cluster::starting_point(&state).await) } else { None };
     if let Err(e) = state.verifier.known.follow(state.store.as_ref()).await {
         tracing::warn!(error = %e, "could not load the known secret hashes; verify reads the store until it can");
     }
@@ -193,7 +195,10 @@ pub async fn launch_all(
     }
     state.oauth.start(state.store.clone());
     let background = tokio::spawn(background(state.clone()));
-    let follower = if state.store.shared() { Some(cluster::start(state.clone()).await) } else { None };
+    let follower = match follow_from {
+        Some(from) => Some(cluster::start(state.clone(), from).await),
+        None => None,
+    };
     let deliveries = tokio::spawn(webhooks::run(state.clone()));
     let watcher = gateway.as_ref().map(|(_, g)| tokio::spawn(gateway::watch(g.clone())));
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -264,6 +269,13 @@ async fn background(state: Arc<AppState>) {
             }
             _ = keys.tick() => {
                 let now = state.now();
+                // Other nodes' key changes arrive as changes; this also catches what no change reports
+                // (a key retired after the change that made its successor).
+                if state.store.shared()
+                    && let Err(e) = state.oauth.keys.load(state.store.as_ref(), state.oauth.alg, now).await
+                {
+                    tracing::warn!(error = %e, "reloading the signing keys failed; retrying");
+                }
                 state.oauth.prune(now);
                 let every = state.config.key_rotation_interval.as_millis() as i64;
                 let newest = state.oauth.keys.records().iter().filter(|k| k.revoked_at.is_none()).map(|k| k.active_from).max().unwrap_or(now);

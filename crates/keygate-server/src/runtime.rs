@@ -296,17 +296,21 @@ impl KeyRuntime {
         Ok(())
     }
 
-    /// An admin changed the quota, or it changed on another node: this node's lease is void.
-    pub fn drop_lease(&self) {
-        let mut st = lock(&self.state);
-        if let Some(l) = st.lease.as_mut() {
-            l.valid = false;
+    /// On a shared database, after the stored quota changed (here or on another node): gives this node's
+    /// unused lease back (a no-op in the store if the pool changed epoch since, i.e. the units are void)
+    /// and takes the stored quota's settings, leasing afresh on the next request. Runs between leases,
+    /// never during one, so no lease taken concurrently is lost.
+    pub async fn replace_shared_quota(
+        self: &Arc<Self>,
+        store: &dyn Store,
+        quota: Option<QuotaState>,
+    ) -> Result<(), StoreError> {
+        let _one = self.leasing.lock().await;
+        if let Some((units, epoch)) = self.take_lease() {
+            store.return_quota(&self.key_id, units, epoch).await?;
         }
-        if st.lease.is_some()
-            && let Some(q) = st.quota.as_mut()
-        {
-            q.remaining = 0;
-        }
+        self.set_quota(quota);
+        Ok(())
     }
 
     /// The unused units of this node's current lease (0 without one).

@@ -112,19 +112,24 @@ impl DatabaseUrl {
         &self.0
     }
 
-    /// The URL with any password replaced by `***`.
+    /// The URL without anything that could be a password: the user's name (never the password),
+    /// host, port and database; no query (it may hold `password=`).
     pub fn redacted(&self) -> String {
         let Some((scheme, rest)) = self.0.split_once("://") else { return "***".into() };
-        let (authority, tail) = match rest.find(['/', '?']) {
-            Some(i) => rest.split_at(i),
-            None => (rest, ""),
+        let rest = rest.split('?').next().unwrap_or("");
+        // The last '@' ends the user information (a password may hold '@', '/' or ':').
+        let (userinfo, hostpath) = match rest.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, rest),
         };
-        let Some((userinfo, host)) = authority.rsplit_once('@') else { return self.0.clone() };
-        let user = userinfo.split_once(':').map(|(u, _)| u).unwrap_or(userinfo);
-        let password_in_query = tail.contains("password=");
-        let tail = if password_in_query { tail.split('?').next().unwrap_or("") } else { tail };
-        let shown = if userinfo.contains(':') { format!("{user}:***") } else { user.to_string() };
-        format!("{scheme}://{shown}@{host}{tail}")
+        let shown = match userinfo {
+            Some(u) => match u.split_once(':') {
+                Some((user, _)) => format!("{user}:***@"),
+                None => format!("{u}@"),
+            },
+            None => String::new(),
+        };
+        format!("{scheme}://{shown}{hostpath}")
     }
 }
 
@@ -432,4 +437,26 @@ pub async fn create_local_admin_key(
     let audit = local_audit("key.create_local_admin", &key, now)?;
     store.insert_key(&key, &key_secret, &audit).await.map_err(store_err)?;
     Ok((key.id, secret))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DatabaseUrl;
+
+    #[test]
+    fn database_urls_are_shown_without_passwords() {
+        for (url, shown) in [
+            ("postgres://kg:s3cret@db:5432/keygate", "postgres://kg:***@db:5432/keygate"),
+            ("postgres://kg:p@ss/w:rd@db/keygate", "postgres://kg:***@db/keygate"),
+            ("postgres://kg@db/keygate?sslmode=require", "postgres://kg@db/keygate"),
+            ("postgres://db/keygate?user=kg&password=s3cret", "postgres://db/keygate"),
+            ("postgresql://db", "postgresql://db"),
+        ] {
+            let u = DatabaseUrl::parse(url).unwrap();
+            assert_eq!(u.redacted(), shown, "{url}");
+            assert_eq!(format!("{u:?}"), shown);
+            assert!(!u.to_string().contains("s3cret") && !u.to_string().contains("rd@"));
+        }
+        assert!(DatabaseUrl::parse("mysql://db").is_err());
+    }
 }

@@ -178,10 +178,12 @@ pub struct KnownHashes {
     /// `Store::secret_changes_after`).
     seq: AtomicI64,
     ready: AtomicBool,
-    /// One catch-up at a time; the number counts finished ones, so waiters can tell whether one ran
-    /// after they asked.
-    catching_up: tokio::sync::Mutex<()>,
-    caught_up: std::sync::atomic::AtomicU64,
+    /// Follows run one at a time. `started` numbers them as they start; `succeeded` is the number of
+    /// the last one that finished without error, so a waiter can tell whether a follow that started
+    /// after it asked has read the store.
+    following: tokio::sync::Mutex<()>,
+    started: std::sync::atomic::AtomicU64,
+    succeeded: std::sync::atomic::AtomicU64,
 }
 
 fn fingerprint(h: &SecretHash) -> u64 {
@@ -209,20 +211,30 @@ impl KnownHashes {
     /// Follows the store now, unless a follow that started after this call finished meanwhile (many
     /// concurrent misses share one read).
     pub async fn catch_up(&self, store: &dyn Store) -> Result<(), StoreError> {
-        let asked = self.caught_up.load(Ordering::Acquire);
-        let _one = self.catching_up.lock().await;
-        if self.caught_up.load(Ordering::Acquire) > asked + 1 {
+        let asked = self.started.load(Ordering::Acquire);
+        let one = self.following.lock().await;
+        if self.succeeded.load(Ordering::Acquire) > asked {
             return Ok(());
         }
-        self.follow(store).await?;
+        self.follow_locked(store, one).await?;
         Ok(())
     }
 
     /// Reads every secret added to the store since the last call (all of them the first time).
     pub async fn follow(&self, store: &dyn Store) -> Result<usize, StoreError> {
-        let added = self.follow_inner(store).await;
-        self.caught_up.fetch_add(1, Ordering::AcqRel);
-        added
+        let one = self.following.lock().await;
+        self.follow_locked(store, one).await
+    }
+
+    async fn follow_locked(
+        &self,
+        store: &dyn Store,
+        _one: tokio::sync::MutexGuard<'_, ()>,
+    ) -> Result<usize, StoreError> {
+        let number = self.started.fetch_add(1, Ordering::AcqRel) + 1;
+        let added = self.follow_inner(store).await?;
+        self.succeeded.store(number, Ordering::Release);
+        Ok(added)
     }
 
     async fn follow_inner(&self, store: &dyn Store) -> Result<usize, StoreError> {

@@ -47,6 +47,8 @@ pub const TABLES: &[&str] = &[
 
 /// Rows copied per progress report.
 const BATCH: u64 = 1000;
+/// Rows read from SQLite at a time.
+const PAGE: usize = 5000;
 
 /// One table's rows on both sides after the copy.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -125,27 +127,38 @@ pub async fn sqlite_to_postgres(
         let total = total.max(0) as u64;
         progress(table, 0, total);
         let order = if numbered { " ORDER BY id" } else { "" };
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT * FROM {table}{order}")))
-            .fetch_all(&from.pool)
-            .await
-            .map_err(sqlite_err)?;
-        for (i, row) in rows.iter().enumerate() {
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(insert.clone()));
-            for (name, ty, _) in &copied {
-                q = match read(row, name, ty)? {
-                    Value::Int(v) => q.bind(v),
-                    Value::Bool(v) => q.bind(v),
-                    Value::Text(v) => q.bind(v),
-                    Value::Bytes(v) => q.bind(v),
-                };
+        // A page at a time, so that a large table never sits in memory whole (nothing writes to the
+        // SQLite file meanwhile: the caller holds its data directory's lock).
+        let page = format!("SELECT * FROM {table}{order} LIMIT {PAGE} OFFSET $1");
+        let mut i: usize = 0;
+        loop {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(page.clone()))
+                .bind(i as i64)
+                .fetch_all(&from.pool)
+                .await
+                .map_err(sqlite_err)?;
+            if rows.is_empty() {
+                break;
             }
-            if numbered {
-                q = q.bind(i as i64 + 1);
-            }
-            q.execute(&mut *tx).await.map_err(pg_err)?;
-            let done = i as u64 + 1;
-            if done.is_multiple_of(BATCH) {
-                progress(table, done, total);
+            for row in &rows {
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(insert.clone()));
+                for (name, ty, _) in &copied {
+                    q = match read(row, name, ty)? {
+                        Value::Int(v) => q.bind(v),
+                        Value::Bool(v) => q.bind(v),
+                        Value::Text(v) => q.bind(v),
+                        Value::Bytes(v) => q.bind(v),
+                    };
+                }
+                if numbered {
+                    q = q.bind(i as i64 + 1);
+                }
+                q.execute(&mut *tx).await.map_err(pg_err)?;
+                i += 1;
+                let done = i as u64;
+                if done.is_multiple_of(BATCH) {
+                    progress(table, done, total);
+                }
             }
         }
         if !total.is_multiple_of(BATCH) {

@@ -264,6 +264,18 @@ pub trait Store: Send + Sync + 'static {
     async fn lease_quota(&self, _key_id: &str, _min: u64, _now: i64) -> Result<Option<QuotaLease>> {
         Err(StoreError::Other("quota leases need a shared store".into()))
     }
+    /// For a shared store: changes a key's pool in one locked read-modify-write (after applying a refill
+    /// that is due), starting a new epoch, with its audit record, whose details gain `before` and
+    /// `after`. `None`: the key does not exist, is revoked or has no quota.
+    async fn adjust_quota(
+        &self,
+        _key_id: &str,
+        _change: QuotaChange,
+        _now: i64,
+        _audit: &NewAudit,
+    ) -> Result<Option<ApiKey>> {
+        Err(StoreError::Other("quota leases need a shared store".into()))
+    }
     /// For a shared store: puts unused leased units back, unless the pool changed epoch since.
     async fn return_quota(&self, _key_id: &str, _units: u64, _epoch: i64) -> Result<()> {
         Err(StoreError::Other("quota leases need a shared store".into()))

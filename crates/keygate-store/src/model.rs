@@ -314,3 +314,12 @@ pub struct QuotaLease {
     /// Changes when the pool is set, reset or refilled: units of an older epoch are never given back.
     pub epoch: i64,
 }
+
+/// An admin change of a quota's remaining uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaChange {
+    Set(u64),
+    Add(u64),
+    /// Back to the refill amount, the period starting now.
+    Reset,
+}

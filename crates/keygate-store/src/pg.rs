@@ -146,7 +146,8 @@ pub(crate) async fn fetch_by_id<T>(
 
 fn search_terms(page: &Page) -> Option<(String, String, &str)> {
     let term = page.search.as_deref().map(str::trim).filter(|s| !s.is_empty())?;
-    let lower = term.to_lowercase();
+    // ASCII only, as lower() on a "C" column and SQLite's NOCASE fold.
+    let lower = term.to_ascii_lowercase();
     Some((lower.clone(), format!("{lower}\u{10FFFF}"), term))
 }
 
@@ -684,6 +685,9 @@ impl Store for PgStore {
             return Ok(());
         }
         let mut tx = self.pool.begin().await.map_err(map_err)?;
+        // In dedup-key order, as every node writes them: two flushes wait for each other, never deadlock.
+        let mut events: Vec<&NewEvent> = events.iter().collect();
+        events.sort_by(|a, b| a.dedup.cmp(&b.dedup));
         for e in events {
             crate::pg_events::insert_event_tx(
                 &mut tx,
@@ -750,12 +754,12 @@ impl Store for PgStore {
                     "UPDATE api_keys SET last_used_at = $1, last_used_ip = $2 \
                      WHERE id = $3 AND (last_used_at IS NULL OR last_used_at <= $1)",
                 )
-                    .bind(at)
-                    .bind(ip)
-                    .bind(&u.key_id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(map_err)?;
+                .bind(at)
+                .bind(ip)
+                .bind(&u.key_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
             }
             // No quota write: on a shared database the stored quota is the pool nodes lease from, and
             // it changes only by leases (`lease_quota`), returns and admin changes. `u.quota` is this
@@ -954,6 +958,67 @@ impl Store for PgStore {
         .map_err(map_err)?;
         tx.commit().await.map_err(map_err)?;
         Ok(Some(crate::QuotaLease { granted, pool_left: pool - granted, refilled_at, epoch }))
+    }
+
+    async fn adjust_quota(
+        &self,
+        key_id: &str,
+        change: crate::QuotaChange,
+        now: i64,
+        audit: &NewAudit,
+    ) -> Result<Option<ApiKey>> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let row = sqlx::query(
+            "SELECT quota_remaining, quota_refill, quota_refilled_at, created_at FROM api_keys \
+             WHERE id = $1 AND revoked_at IS NULL FOR UPDATE",
+        )
+        .bind(key_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let Some(row) = row else { return Ok(None) };
+        let Some(pool) = row.try_get::<Option<i64>, _>("quota_remaining").map_err(map_err)? else {
+            return Ok(None);
+        };
+        let refill: Option<keygate_core::limits::Refill> = parse_opt(&row, "quota_refill")?;
+        let created_at: i64 = row.try_get("created_at").map_err(map_err)?;
+        let mut refilled_at: i64 =
+            row.try_get::<Option<i64>, _>("quota_refilled_at").map_err(map_err)?.unwrap_or(created_at);
+        let mut pool = pool.max(0) as u64;
+        if let Some(r) = &refill {
+            keygate_core::limits::apply_refills(&mut pool, &mut refilled_at, r, now);
+        }
+        let before = pool;
+        match change {
+            crate::QuotaChange::Set(n) => pool = n,
+            crate::QuotaChange::Add(n) => pool = pool.saturating_add(n).min(keygate_core::limits::MAX_LIMIT),
+            crate::QuotaChange::Reset => {
+                if let Some(r) = &refill {
+                    pool = r.amount;
+                    refilled_at = now;
+                }
+            }
+        }
+        let row = sqlx::query(
+            "UPDATE api_keys SET quota_remaining = $1, quota_refilled_at = $2, quota_epoch = quota_epoch + 1, \
+             updated_at = $3 WHERE id = $4 RETURNING *",
+        )
+        .bind(pool as i64)
+        .bind(refilled_at)
+        .bind(now)
+        .bind(key_id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let key = key_from_row(&row)?;
+        let mut details = audit.details.clone();
+        if let Some(d) = details.as_object_mut() {
+            d.insert("before".into(), before.into());
+            d.insert("after".into(), pool.into());
+        }
+        insert_audit(&mut tx, &NewAudit { details, ..audit.clone() }).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(Some(key))
     }
 
     async fn return_quota(&self, key_id: &str, units: u64, epoch: i64) -> Result<()> {

@@ -92,7 +92,7 @@ impl EventStore for PgStore {
         fetch_page(
             &self.pool,
             "SELECT * FROM webhook_endpoints WHERE id > $1 ORDER BY id LIMIT $2",
-            "SELECT * FROM webhook_endpoints WHERE id > $1 AND ((url >= $3 AND url < $4) OR id = $5) \
+            "SELECT * FROM webhook_endpoints WHERE id > $1 AND ((lower(url) >= $3 AND lower(url) < $4) OR id = $5) \
              ORDER BY id LIMIT $2",
             page,
             endpoint_from_row,

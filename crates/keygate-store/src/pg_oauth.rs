@@ -390,21 +390,14 @@ impl OAuthStore for PgStore {
     }
 
     async fn reseal_signing_key(&self, kid: &str, sealed: &[u8]) -> Result<()> {
-        // The clear key must not linger in freed pages or the WAL: overwrite freed content on this
-        // connection, then checkpoint the WAL into the database file and truncate it.
-        let mut conn = self.pool.acquire().await.map_err(map_err)?;
-        sqlx::query("PRAGMA secure_delete = ON").execute(&mut *conn).await.map_err(map_err)?;
-        let updated = sqlx::query("UPDATE signing_keys SET private_der = $1 WHERE kid = $2")
+        // (PostgreSQL has no secure_delete: the old row version stays until VACUUM reclaims it. Keys
+        // stored in clear come only from SQLite installations of older versions.)
+        sqlx::query("UPDATE signing_keys SET private_der = $1 WHERE kid = $2")
             .bind(sealed)
             .bind(kid)
-            .execute(&mut *conn)
+            .execute(&self.pool)
             .await
-            .map_err(map_err);
-        let _ = sqlx::query("PRAGMA secure_delete = OFF").execute(&mut *conn).await;
-        updated?;
-        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&mut *conn).await {
-            tracing::warn!(error = %e, "could not checkpoint the WAL after sealing a signing key");
-        }
+            .map_err(map_err)?;
         Ok(())
     }
 

@@ -245,7 +245,20 @@ pub(crate) async fn authorization_code(
         Redeemed::Issued => Ok(first.issued(state, client)),
         Redeemed::Replayed { family_id } => {
             if let Some(f) = family_id {
-                state.oauth.families_revoked(&[(f, first.family.expires_at)]);
+                state.oauth.families_revoked(&[(f.clone(), first.family.expires_at)]);
+                // Recorded (after the revocation committed) so that other nodes sharing the database
+                // forget the family's tokens too.
+                let details = serde_json::json!({"reason": "authorization code replayed"});
+                match crate::oauth::tokens::token_audit(now, "system", "token_family", &f, details) {
+                    Ok(audit) => {
+                        if let Err(e) = state.store.record_audit(&audit).await {
+                            tracing::warn!(error = %e, "could not record the revocation of a replayed code's tokens");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not record the revocation of a replayed code's tokens")
+                    }
+                }
             }
             Err(invalid())
         }

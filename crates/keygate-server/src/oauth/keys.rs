@@ -446,8 +446,16 @@ impl SigningKeys {
         revoked();
         self.load(store, alg, now).await?;
         if self.signer(now).is_none() {
-            // No publish-ahead wait: a fresh key signs from now.
-            self.rotate_now(store, alg, now, 0, None).await?;
+            // No publish-ahead wait: a fresh key signs from now. Audited (as a rotation by whoever
+            // revoked), so that other nodes sharing the database load it.
+            let rotation = keygate_store::NewAudit {
+                id: keygate_core::id::new_id("evt", now)
+                    .map_err(|e| KeyError::Store(StoreError::Other(e.to_string())))?,
+                action: "signing_key.rotate".into(),
+                details: serde_json::json!({"after_revoking": kid}),
+                ..audit.clone()
+            };
+            self.rotate_now(store, alg, now, 0, Some(&rotation)).await?;
         }
         Ok(true)
     }

@@ -377,7 +377,11 @@ impl OAuth {
         let _writing = self.pat_flush.lock().await;
         let taken: Vec<(String, i64, Option<String>)> = {
             let mut uses = self.pat_uses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            uses.drain().map(|(id, (at, ip))| (id, at, ip.map(|i| i.to_string()))).collect()
+            let mut taken: Vec<_> =
+                uses.drain().map(|(id, (at, ip))| (id, at, ip.map(|i| i.to_string()))).collect();
+            // In id order, as every node writes them: concurrent flushes wait for each other, never deadlock.
+            taken.sort();
+            taken
         };
         if taken.is_empty() {
             return Ok(0);

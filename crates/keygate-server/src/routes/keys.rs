@@ -351,7 +351,12 @@ pub(crate) async fn patch_key(
         // otherwise create the runtime afterwards from what it read, without the new quota.
         let rt = state.verifier.runtimes.get_or_create(&key);
         let refilled_at = patch.quota_refilled_at.unwrap_or(patch.updated_at);
-        rt.set_quota(quota.as_ref().map(|q| QuotaState::from_config(q, refilled_at)));
+        let quota = quota.as_ref().map(|q| QuotaState::from_config(q, refilled_at));
+        if state.store.shared() {
+            rt.replace_shared_quota(state.store.as_ref(), quota).await?;
+        } else {
+            rt.set_quota(quota);
+        }
     }
     invalidate_key(state, id).await;
     Ok(Json(key_view(state, key, patch.updated_at)))
@@ -544,29 +549,6 @@ pub async fn change_quota(
     }
     let now = state.now();
     let runtime = state.verifier.runtimes.get_or_create(&key);
-    let change = |q: &mut QuotaState| {
-        let before = q.remaining;
-        if let Some(n) = req.set {
-            q.remaining = n;
-        } else if let Some(n) = req.add {
-            q.remaining = q.remaining.saturating_add(n).min(limit);
-        } else if let Some(r) = &q.refill {
-            q.remaining = r.amount;
-            q.refilled_at = now;
-        }
-        (before, q.remaining, q.refilled_at)
-    };
-    let (before, after, refilled_at) = if state.store.shared() {
-        // The stored quota is the pool every node leases from: change it (leases taken from it before
-        // are void from this change on).
-        let mut q = QuotaState::from_config(&config, key.quota_refilled_at.unwrap_or(key.created_at));
-        if let Some(refill) = q.refill.clone() {
-            keygate_core::limits::apply_refills(&mut q.remaining, &mut q.refilled_at, &refill, now);
-        }
-        change(&mut q)
-    } else {
-        runtime.update_quota(now, change).ok_or_else(|| ApiError::invalid("quota", "the key has no quota"))?
-    };
     let action = if reset {
         "reset"
     } else if req.add.is_some() {
@@ -574,6 +556,37 @@ pub async fn change_quota(
     } else {
         "set"
     };
+    if state.store.shared() {
+        // The stored quota is the pool every node leases from: changed in one locked step in the store
+        // (two concurrent top-ups both count), in a new epoch, so leases of the old pool are void.
+        let change = match (req.set, req.add) {
+            (Some(n), _) => keygate_store::QuotaChange::Set(n),
+            (None, Some(n)) => keygate_store::QuotaChange::Add(n),
+            (None, None) => keygate_store::QuotaChange::Reset,
+        };
+        let details = json!({"change": action, "amount": req.set.or(req.add)});
+        let audit = audit(&actor, now, "key.quota", "key", &id, details)?;
+        let key = state.store.adjust_quota(&id, change, now, &audit).await?.ok_or_else(key_revoked)?;
+        let quota =
+            key.quota.as_ref().map(|q| QuotaState::from_config(q, key.quota_refilled_at.unwrap_or(now)));
+        runtime.replace_shared_quota(state.store.as_ref(), quota).await?;
+        invalidate_key(&state, &id).await;
+        return Ok(Json(key_view(&state, key, now)));
+    }
+    let (before, after, refilled_at) = runtime
+        .update_quota(now, |q| {
+            let before = q.remaining;
+            if let Some(n) = req.set {
+                q.remaining = n;
+            } else if let Some(n) = req.add {
+                q.remaining = q.remaining.saturating_add(n).min(limit);
+            } else if let Some(r) = &q.refill {
+                q.remaining = r.amount;
+                q.refilled_at = now;
+            }
+            (before, q.remaining, q.refilled_at)
+        })
+        .ok_or_else(|| ApiError::invalid("quota", "the key has no quota"))?;
     let details = json!({"change": action, "amount": req.set.or(req.add), "before": before, "after": after});
     let audit = audit(&actor, now, "key.quota", "key", &id, details)?;
     let patch = KeyPatch {
@@ -583,10 +596,6 @@ pub async fn change_quota(
         ..KeyPatch::default()
     };
     let key = state.store.update_key(&id, &patch, &audit).await?.ok_or_else(key_revoked)?;
-    if state.store.shared() {
-        // This node's lease of the old pool is void; the new pool is what decisions report until the next lease.
-        runtime.set_quota(key.quota.as_ref().map(|q| QuotaState::from_config(q, refilled_at)));
-    }
     invalidate_key(&state, &id).await;
     Ok(Json(key_view(&state, key, now)))
 }
