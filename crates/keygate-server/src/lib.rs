@@ -18,6 +18,7 @@ pub mod routes;
 pub mod runtime;
 pub mod seal;
 pub mod serve;
+pub mod shared_limits;
 pub mod state;
 pub mod time;
 pub mod verify;
@@ -179,6 +180,13 @@ pub async fn launch_all(
         Err(e) => return Err(std::io::Error::other(format!("cannot load the master key: {e}"))),
     };
     state.webhooks.set_master(master.clone());
+    if let Some(url) = &state.config.rate_limits_redis_url {
+        let limiter = shared_limits::SharedLimits::connect(url.expose())
+            .await
+            .map_err(|e| std::io::Error::other(format!("rate_limits.redis_url {url}: {e}")))?;
+        let _ = state.verifier.shared_limits.set(limiter);
+        tracing::info!(redis = %url, "rate limits are shared by every node (Redis)");
+    }
     if let Some(path) = &state.config.leak_reporter_keys {
         match routes::leaks::load_reporters(path) {
             Ok(keys) => {

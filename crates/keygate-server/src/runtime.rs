@@ -68,6 +68,75 @@ struct Lease {
 }
 
 impl State {
+    /// The quota part of an admission (the limits allowed it; `tightest` is the tightest of them), and
+    /// `commit` of the limits' new cells when the request is admitted with a cost.
+    fn admit_quota(
+        &mut self,
+        tightest: Option<RateLimitState>,
+        cost: u64,
+        probe: u64,
+        now_ms: i64,
+        commit: impl FnOnce(&mut State),
+    ) -> Admission {
+        let State { quota, quota_dirty, lease, .. } = self;
+        match (quota.as_mut(), lease.as_mut()) {
+            (Some(q), Some(l)) => {
+                // A lease ends with its refill period: the pool is refilled for everyone at once.
+                if let Some(refill) = &q.refill
+                    && keygate_core::limits::next_refill(refill, q.refilled_at) <= now_ms
+                {
+                    q.remaining = 0;
+                    l.valid = false;
+                }
+                if q.remaining < probe {
+                    let needs_lease = !l.valid || probe < l.short_of || now_ms >= l.recheck_at;
+                    return Admission {
+                        code: DecisionCode::QuotaExceeded,
+                        rate_limit: tightest,
+                        quota_remaining: Some(q.remaining + l.pool_left),
+                        needs_lease,
+                    };
+                }
+                q.remaining -= cost;
+                // Not written back (the pool is the store's), but the flush reports it for quota events.
+                *quota_dirty = true;
+            }
+            (Some(q), None) => {
+                if let Some(refill) = q.refill.clone()
+                    && apply_refills(&mut q.remaining, &mut q.refilled_at, &refill, now_ms)
+                {
+                    *quota_dirty = true;
+                }
+                if q.remaining < probe {
+                    return Admission {
+                        code: DecisionCode::QuotaExceeded,
+                        rate_limit: tightest,
+                        quota_remaining: Some(q.remaining),
+                        needs_lease: false,
+                    };
+                }
+                q.remaining -= cost;
+                *quota_dirty = true;
+            }
+            (None, _) => {}
+        }
+        if cost == 0 {
+            return Admission {
+                code: DecisionCode::Valid,
+                rate_limit: tightest.map(|t| RateLimitState { remaining: t.remaining + 1, ..t }),
+                quota_remaining: self.remaining(),
+                needs_lease: false,
+            };
+        }
+        commit(self);
+        Admission {
+            code: DecisionCode::Valid,
+            rate_limit: tightest,
+            quota_remaining: self.remaining(),
+            needs_lease: false,
+        }
+    }
+
     /// Uses left, as decisions report them: the quota here, or on a shared database this node's lease
     /// plus what the pool had at the last lease.
     fn remaining(&self) -> Option<u64> {
@@ -149,8 +218,32 @@ impl KeyRuntime {
     /// A check with `cost` 0 consumes nothing, but answers what a spending call would get: denied when a
     /// limit or the quota could not take one more unit.
     pub fn admit(&self, limits: &[RateLimit], cost: u64, now_ms: i64) -> Admission {
+        self.admit_with(limits, cost, now_ms, None)
+    }
+
+    /// [`KeyRuntime::admit`], with the rate limits decided by the cells every node shares
+    /// (`shared_limits`) instead of this node's: then only the quota is checked here.
+    pub fn admit_with(
+        &self,
+        limits: &[RateLimit],
+        cost: u64,
+        now_ms: i64,
+        shared: Option<&crate::shared_limits::SharedCheck>,
+    ) -> Admission {
         let probe = cost.max(1);
         let mut st = lock(&self.state);
+        if let Some(check) = shared {
+            if let Some(view) = check.denied.clone() {
+                let quota_remaining = st.remaining();
+                return Admission {
+                    code: DecisionCode::RateLimited,
+                    rate_limit: Some(view),
+                    quota_remaining,
+                    needs_lease: false,
+                };
+            }
+            return st.admit_quota(check.tightest.clone(), cost, probe, now_ms, |_| {});
+        }
         let mut denied: Option<(DecisionCode, RateLimitState)> = None;
         let mut tightest: Option<RateLimitState> = None;
         // New cell states, committed only if everything allows the request. No allocation: keys have
@@ -191,67 +284,13 @@ impl KeyRuntime {
             let quota_remaining = st.remaining();
             return Admission { code, rate_limit: Some(view), quota_remaining, needs_lease: false };
         }
-        let State { quota, quota_dirty, lease, .. } = &mut *st;
-        match (quota.as_mut(), lease.as_mut()) {
-            (Some(q), Some(l)) => {
-                // A lease ends with its refill period: the pool is refilled for everyone at once.
-                if let Some(refill) = &q.refill
-                    && keygate_core::limits::next_refill(refill, q.refilled_at) <= now_ms
-                {
-                    q.remaining = 0;
-                    l.valid = false;
+        st.admit_quota(tightest, cost, probe, now_ms, |st| {
+            for (idx, next) in nexts.into_iter().take(limits.len()) {
+                if let Some(cell) = st.cells.get_mut(idx) {
+                    cell.1 = next;
                 }
-                if q.remaining < probe {
-                    let needs_lease = !l.valid || probe < l.short_of || now_ms >= l.recheck_at;
-                    return Admission {
-                        code: DecisionCode::QuotaExceeded,
-                        rate_limit: tightest,
-                        quota_remaining: Some(q.remaining + l.pool_left),
-                        needs_lease,
-                    };
-                }
-                q.remaining -= cost;
-                // Not written back (the pool is the store's), but the flush reports it for quota events.
-                *quota_dirty = true;
             }
-            (Some(q), None) => {
-                if let Some(refill) = q.refill.clone()
-                    && apply_refills(&mut q.remaining, &mut q.refilled_at, &refill, now_ms)
-                {
-                    *quota_dirty = true;
-                }
-                if q.remaining < probe {
-                    return Admission {
-                        code: DecisionCode::QuotaExceeded,
-                        rate_limit: tightest,
-                        quota_remaining: Some(q.remaining),
-                        needs_lease: false,
-                    };
-                }
-                q.remaining -= cost;
-                *quota_dirty = true;
-            }
-            (None, _) => {}
-        }
-        if cost == 0 {
-            return Admission {
-                code: DecisionCode::Valid,
-                rate_limit: tightest.map(|t| RateLimitState { remaining: t.remaining + 1, ..t }),
-                quota_remaining: st.remaining(),
-                needs_lease: false,
-            };
-        }
-        for (idx, next) in nexts.into_iter().take(limits.len()) {
-            if let Some(cell) = st.cells.get_mut(idx) {
-                cell.1 = next;
-            }
-        }
-        Admission {
-            code: DecisionCode::Valid,
-            rate_limit: tightest,
-            quota_remaining: st.remaining(),
-            needs_lease: false,
-        }
+        })
     }
 
     /// On a shared database: takes a block of the key's quota for this node (one caller at a time per

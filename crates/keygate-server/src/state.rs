@@ -28,6 +28,9 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// A PostgreSQL database shared by every node; `None`: the embedded SQLite database in `data_dir`.
     pub database_url: Option<DatabaseUrl>,
+    /// A Redis server whose rate-limit cells every node shares; `None`: each node applies limits to the
+    /// requests it serves.
+    pub rate_limits_redis_url: Option<DatabaseUrl>,
     /// Largest request body accepted, in bytes.
     pub body_limit: usize,
     /// Longest time a request may take before it is answered 503.
@@ -107,6 +110,16 @@ impl DatabaseUrl {
         }
     }
 
+    /// A `redis://` or `rediss://` URL (for shared rate limits).
+    pub fn parse_redis(url: &str) -> Result<Self, String> {
+        let url = url.trim();
+        if url.starts_with("redis://") || url.starts_with("rediss://") {
+            Ok(DatabaseUrl(url.to_string()))
+        } else {
+            Err("must be a Redis URL: redis://[:PASSWORD@]HOST:PORT[/DB]".into())
+        }
+    }
+
     /// The URL itself, to connect with. Never log it.
     pub fn expose(&self) -> &str {
         &self.0
@@ -169,6 +182,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("keygate-data"),
             database_url: None,
+            rate_limits_redis_url: None,
             body_limit: 64 * 1024,
             request_timeout: Duration::from_secs(30),
             busy_timeout: Duration::from_secs(5),

@@ -97,6 +97,9 @@ pub struct Decision {
     /// Refused for quota only because this node must lease more of the shared pool first (nothing was
     /// counted); `Verifier::verify` leases and decides again.
     pub needs_lease: bool,
+    /// Not decided yet: the rate limits are shared by every node and must be asked first (nothing was
+    /// consumed or counted); `Verifier::verify` asks them.
+    pub needs_limits: bool,
     /// Set when the credential was an access token that verified.
     pub token: Option<Arc<TokenInfo>>,
     /// For access tokens: the consumer's plan that `rate_limit` indexes into.
@@ -148,6 +151,7 @@ impl Decision {
             rate_limit: None,
             quota_remaining: None,
             needs_lease: false,
+            needs_limits: false,
             token: None,
             token_limits: None,
         }
@@ -260,6 +264,8 @@ pub struct Verifier {
     store: Arc<dyn Store>,
     /// The store is shared with other nodes (see [`Miss::unknown_here`]).
     shared: bool,
+    /// Rate limits shared by every node (`rate_limits.redis_url`), once connected.
+    pub shared_limits: std::sync::OnceLock<crate::shared_limits::SharedLimits>,
     positive: GuardedCache<SecretHash, Arc<CachedKey>>,
     negative: GuardedCache<SecretHash, ()>,
     pub known: KnownHashes,
@@ -271,6 +277,7 @@ impl Verifier {
         let shared = store.shared();
         Verifier {
             shared,
+            shared_limits: std::sync::OnceLock::new(),
             store,
             positive: GuardedCache::new(
                 Cache::builder().max_capacity(config.capacity).time_to_live(config.ttl).build(),
@@ -295,7 +302,7 @@ impl Verifier {
         };
         let hash = SecretHash::of(secret);
         if let Some(key) = self.positive.get(&hash) {
-            return Lookup::Decided(decide_key(key, required, ctx));
+            return Lookup::Decided(decide_key(key, required, ctx, self.limits()));
         }
         let absent = if keygate_format { DecisionCode::NotFound } else { DecisionCode::Malformed };
         let unknown_here = match self.known.may_contain(&hash) {
@@ -308,6 +315,11 @@ impl Verifier {
             return Lookup::Decided(Decision::bare(absent));
         }
         Lookup::Miss(Miss { hash, keygate_format, unknown_here })
+    }
+
+    /// Where this node checks rate limits first.
+    fn limits(&self) -> Limits<'static> {
+        if self.shared_limits.get().is_some() { Limits::Deferred } else { Limits::Local }
     }
 
     /// Full verify: the cached path, then at most one store read.
@@ -336,6 +348,17 @@ impl Verifier {
                 self.complete_miss(ticket, miss, record, required, ctx)
             }
         };
+        // With shared rate limits: ask them, then decide with their answer.
+        let mut shared = None;
+        if decision.needs_limits
+            && let Some(key) = decision.key.clone()
+        {
+            if let Some(limiter) = self.shared_limits.get() {
+                shared = limiter.check(&key.key_id, &key.limits, ctx.cost).await;
+            }
+            decision = decide_key(key, required, ctx, shared.as_ref().map_or(Limits::Local, Limits::Shared));
+        }
+        let limits = shared.as_ref().map_or(Limits::Local, Limits::Shared);
         // On a shared database: lease more quota and decide again (other requests may take the new
         // units first; after a few rounds the answer is what the pool says).
         for round in 0..4 {
@@ -346,7 +369,14 @@ impl Verifier {
                 break;
             }
             key.runtime.lease(self.store.as_ref(), ctx.cost.max(1), ctx.now_ms).await?;
-            decision = decide_key(key, required, ctx);
+            decision = decide_key(key, required, ctx, limits);
+        }
+        // The shared limits let it through, the quota did not: their units go back.
+        if let (Some(c), Some(key), Some(limiter)) = (&shared, &decision.key, self.shared_limits.get())
+            && c.consumed
+            && !decision.is_valid()
+        {
+            limiter.refund(&key.key_id, &key.limits, ctx.cost).await;
         }
         Ok(decision)
     }
@@ -388,7 +418,7 @@ impl Verifier {
             Some(record) if record.hash.ct_eq(&hash) => {
                 let key = Arc::new(self.cached_key(&record));
                 self.positive.insert_if_current(ticket.0, hash, key.clone());
-                decide_key(key, required, ctx)
+                decide_key(key, required, ctx, self.limits())
             }
             _ => {
                 self.negative.insert_if_current(ticket.1, hash, ());
@@ -471,7 +501,24 @@ impl Verifier {
     }
 }
 
-fn decide_key<S: AsRef<str>>(key: Arc<CachedKey>, required: &[S], ctx: Context) -> Decision {
+/// Where a decision's rate limits are checked.
+#[derive(Clone, Copy)]
+enum Limits<'a> {
+    /// This node's cells.
+    Local,
+    /// The cells every node shares, not asked yet: a key with limits is left undecided
+    /// (`needs_limits`) for `Verifier::verify` to ask them.
+    Deferred,
+    /// The shared cells' answer.
+    Shared(&'a crate::shared_limits::SharedCheck),
+}
+
+fn decide_key<S: AsRef<str>>(
+    key: Arc<CachedKey>,
+    required: &[S],
+    ctx: Context,
+    limits: Limits<'_>,
+) -> Decision {
     let code = if key.revoked {
         DecisionCode::Revoked
     } else if key.disabled {
@@ -486,8 +533,11 @@ fn decide_key<S: AsRef<str>>(key: Arc<CachedKey>, required: &[S], ctx: Context) 
         return Decision { missing_scopes: missing, ..Decision::about(DecisionCode::InsufficientScope, key) };
     } else if key.limits.is_empty() && !key.has_quota {
         DecisionCode::Valid
+    } else if matches!(limits, Limits::Deferred) && !key.limits.is_empty() {
+        return Decision { needs_limits: true, ..Decision::about(DecisionCode::Valid, key) };
     } else {
-        let admission = key.runtime.admit(&key.limits, ctx.cost, ctx.now_ms);
+        let shared = if let Limits::Shared(c) = limits { Some(c) } else { None };
+        let admission = key.runtime.admit_with(&key.limits, ctx.cost, ctx.now_ms, shared);
         if !admission.needs_lease {
             key.runtime.record(admission.code, ctx.now_ms, ctx.ip);
         }

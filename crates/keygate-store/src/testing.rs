@@ -1,4 +1,4 @@
-//! Test support: a real PostgreSQL for the tests, with no manual step.
+//! Test support: a real PostgreSQL (and Redis) for the tests, with no manual step.
 //!
 //! [`postgres_database`] hands each test a fresh, empty database. The server it lives on is the one
 //! `KEYGATE_TEST_DATABASE_URL` names (a URL to a database whose user may `CREATE DATABASE`), or else a
@@ -181,6 +181,76 @@ fn postgres_bin() -> Result<PathBuf, String> {
          (apt-get install postgresql), or set KEYGATE_TEST_DATABASE_URL to a server the tests may create \
          databases on"
         .into())
+}
+
+/// A Redis server for the tests' shared rate limits: `KEYGATE_TEST_REDIS_URL`, or one the tests start
+/// themselves (Debian's `redis-server`, installed with apt when missing and running as root) on
+/// 127.0.0.1:`KEYGATE_TEST_REDIS_PORT` (56379), without persistence, left running like the PostgreSQL.
+pub fn redis_url() -> Result<String, String> {
+    if let Ok(url) = std::env::var("KEYGATE_TEST_REDIS_URL")
+        && !url.is_empty()
+    {
+        return Ok(url);
+    }
+    let port: u16 =
+        std::env::var("KEYGATE_TEST_REDIS_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(56379);
+    let root = std::env::temp_dir().join("keygate-test-redis");
+    std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
+    let lock = std::fs::File::create(root.join("lock")).map_err(|e| e.to_string())?;
+    lock.lock().map_err(|e| format!("locking {}: {e}", root.display()))?;
+    let url = format!("redis://127.0.0.1:{port}");
+    if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        return Ok(url);
+    }
+    let mut child = start_redis(port, &root)?;
+    let _ = child.wait();
+    Ok(url)
+}
+
+/// Starts `redis-server` on 127.0.0.1:`port` (daemonised: the returned child exits at once) and waits
+/// until it answers. For a test that stops its own Redis, see [`own_redis`].
+fn start_redis(port: u16, dir: &std::path::Path) -> Result<std::process::Child, String> {
+    let bin = redis_bin()?;
+    let child = Command::new(&bin)
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--daemonize", "yes", "--dir"])
+        .arg(dir)
+        .args(["--pidfile"])
+        .arg(dir.join(format!("redis-{port}.pid")))
+        .spawn()
+        .map_err(|e| format!("{}: {e}", bin.display()))?;
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(child);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    Err(format!("redis-server did not start on port {port}"))
+}
+
+/// A Redis of the calling test's own on `port` (to stop it: kill the pid in the returned file).
+pub fn own_redis(port: u16) -> Result<(String, PathBuf), String> {
+    let dir = std::env::temp_dir().join(format!("keygate-test-redis-{port}"));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let mut child = start_redis(port, &dir)?;
+    let _ = child.wait();
+    Ok((format!("redis://127.0.0.1:{port}"), dir.join(format!("redis-{port}.pid"))))
+}
+
+fn redis_bin() -> Result<PathBuf, String> {
+    let bin = PathBuf::from("/usr/bin/redis-server");
+    if bin.exists() {
+        return Ok(bin);
+    }
+    if is_root() {
+        let _ = Command::new("sh")
+            .args(["-c", "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null)"])
+            .status();
+        if bin.exists() {
+            return Ok(bin);
+        }
+    }
+    Err("no redis-server: install Debian's `redis-server` package, or set KEYGATE_TEST_REDIS_URL".into())
 }
 
 #[cfg(test)]

@@ -547,6 +547,23 @@ pub static SETTINGS: &[Setting] = &[
         },
     },
     Setting {
+        key: "rate_limits.redis_url",
+        doc: "A Redis server (redis://[:PASSWORD@]HOST:PORT[/DB]) whose rate-limit cells every node shares, so\n\
+              that a key's limit holds across all nodes. Unset: each node applies the limits to the requests it\n\
+              serves. If Redis stops answering, nodes fall back to their own cells until it answers again.",
+        unset: Some((
+            "each node applies rate limits to the requests it serves",
+            "\"redis://redis.internal:6379\"",
+        )),
+        list: false,
+        alias: None,
+        get: |r| r.server.rate_limits_redis_url.as_ref().and_then(|u| s(u.expose())),
+        set: |r, v| {
+            r.server.rate_limits_redis_url = Some(keygate_server::DatabaseUrl::parse_redis(v)?);
+            Ok(())
+        },
+    },
+    Setting {
         key: "usage.minute_retention_hours",
         doc: "How long per-minute usage buckets are kept, in hours.",
         unset: None,

@@ -1612,11 +1612,14 @@ fn three_nodes_on_one_postgresql() {
         .unwrap()
         .block_on(keygate_store::testing::postgres_database())
         .unwrap();
+    let redis = keygate_store::testing::redis_url().unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    // Every node needs the same master key (it seals the shared signing keys).
+    // Every node needs the same master key (it seals the shared signing keys); rate limits are shared
+    // through Redis.
     let env = [
         ("KEYGATE_DATABASE_URL", url.as_str()),
         ("KEYGATE_MASTER_KEY", "a2V5Z2F0ZS10ZXN0LW1hc3Rlci1rZXktMzJieXRlcyE="),
+        ("KEYGATE_RATE_LIMITS_REDIS_URL", redis.as_str()),
     ];
     let out = keygate()
         .args(["init", "--json", "--data-dir"])
@@ -1685,6 +1688,25 @@ fn three_nodes_on_one_postgresql() {
     let valid = codes.iter().filter(|c| *c == "VALID").count();
     let exceeded = codes.iter().filter(|c| *c == "QUOTA_EXCEEDED").count();
     assert_eq!((valid, exceeded), (100, 100), "{codes:?}");
+    // A rate limit of 10 a minute holds across the three nodes: 30 concurrent verifies, 10 admitted.
+    let rkey =
+        a.json(&admin, &["keys", "create", "--consumer", &q, "--name", "r", "--rate-limit", "m:10/60"]);
+    let rsecret = rkey["key"].as_str().unwrap().to_string();
+    let codes = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for t in 0..6 {
+            let (nodes, admin, rsecret, codes) = (&nodes, &admin, &rsecret, &codes);
+            scope.spawn(move || {
+                for i in 0..5 {
+                    let code = verify_code(&nodes[(t + i) % 3].addr, admin, rsecret);
+                    codes.lock().unwrap().push(code);
+                }
+            });
+        }
+    });
+    let codes = codes.into_inner().unwrap();
+    let limited = codes.iter().filter(|c| *c == "RATE_LIMITED").count();
+    assert_eq!((codes.len() - limited, limited), (10, 20), "{codes:?}");
     // Topped up on C: the others admit again.
     let qid = qkey["id"].as_str().unwrap().to_string();
     let added = c.json(&admin, &["keys", "quota", &qid, "--add", "5"]);

@@ -108,7 +108,11 @@ pub async fn decide_credential<S: AsRef<str>>(
         {
             let runtime = state.verifier.runtimes.for_client(&info.client_id, &info.consumer_id);
             if decision.is_valid() {
-                let admission = runtime.admit(&plan, ctx.cost, ctx.now_ms);
+                let shared = match state.verifier.shared_limits.get() {
+                    Some(limiter) => limiter.check(&info.client_id, &plan, ctx.cost).await,
+                    None => None,
+                };
+                let admission = runtime.admit_with(&plan, ctx.cost, ctx.now_ms, shared.as_ref());
                 decision.code = admission.code;
                 decision.rate_limit = admission.rate_limit;
             }

@@ -491,3 +491,61 @@ async fn repeated_failures_from_one_address_are_throttled() {
     assert_eq!(statuses[..3], [StatusCode::UNAUTHORIZED; 3]);
     assert_eq!(*statuses.last().unwrap(), StatusCode::TOO_MANY_REQUESTS, "{statuses:?}");
 }
+
+/// `rate_limits.redis_url`: the limits live in Redis, with the same semantics as on one node (remaining
+/// counts, `RATE_LIMITED` with a retry time, all or nothing: a request the quota refuses gives its units
+/// back), and a node whose Redis stops answering falls back to its own cells.
+#[tokio::test]
+async fn shared_rate_limits_in_redis_behave_as_local_ones() {
+    // A Redis of this test's own, so that it can stop it.
+    let port = 56380 + (std::process::id() % 1000) as u16;
+    let (url, pidfile) = keygate_store::testing::own_redis(port).unwrap();
+    let redis = keygate_server::DatabaseUrl::parse_redis(&url).unwrap();
+    let app = TestApp::builder().config(|c| c.rate_limits_redis_url = Some(redis)).start().await;
+    let consumer = app.create_consumer("acme").await;
+    let (_, secret) = app
+        .create_key_with(json!({"consumer_id": consumer, "name": "k",
+            "rate_limits": [{"name": "per_minute", "limit": 3, "window_seconds": 60}]}))
+        .await;
+    for remaining in [2, 1, 0] {
+        let d = verify_with(&app, json!({"credential": secret})).await;
+        assert_eq!(
+            (d["code"].as_str(), d["rate_limit"]["remaining"].as_u64()),
+            (Some("VALID"), Some(remaining)),
+            "{d}"
+        );
+    }
+    let d = verify_with(&app, json!({"credential": secret})).await;
+    assert_eq!(d["code"], "RATE_LIMITED", "{d}");
+    let reset = d["rate_limit"]["reset"].as_u64().unwrap();
+    assert!((1..=20).contains(&reset), "one of 3 a minute comes back within 20 s: {d}");
+    // A second node's view: the same cells (a fresh server on the same Redis and its own data).
+    let redis = keygate_server::DatabaseUrl::parse_redis(&url).unwrap();
+    let other = TestApp::builder().config(|c| c.rate_limits_redis_url = Some(redis)).start().await;
+    let oc = other.create_consumer("acme").await;
+    let (_, osecret) = other
+        .create_key_with(json!({"consumer_id": oc, "name": "k", "quota": {"remaining": 1},
+            "rate_limits": [{"name": "per_minute", "limit": 5, "window_seconds": 60}]}))
+        .await;
+    let d = verify_with(&other, json!({"credential": osecret})).await;
+    assert_eq!((d["code"].as_str(), d["rate_limit"]["remaining"].as_u64()), (Some("VALID"), Some(4)), "{d}");
+    let d = verify_with(&other, json!({"credential": osecret})).await;
+    assert_eq!(d["code"], "QUOTA_EXCEEDED", "{d}");
+    // A probe counts the unit it would take: 5 - 1 used - 1 probed. Without the refund it would be 2.
+    let d = verify_with(&other, json!({"credential": osecret, "cost": 0})).await;
+    assert_eq!(d["rate_limit"]["remaining"], 3, "the refused request gave its unit back: {d}");
+    // Redis stops: the node applies its own cells (a fresh key: 3 allowed, then limited), and answers.
+    let pid = std::fs::read_to_string(&pidfile).unwrap();
+    std::process::Command::new("kill").arg(pid.trim()).status().unwrap();
+    let (_, fresh) = app
+        .create_key_with(json!({"consumer_id": consumer, "name": "k2",
+            "rate_limits": [{"name": "per_minute", "limit": 3, "window_seconds": 60}]}))
+        .await;
+    let mut codes = Vec::new();
+    for _ in 0..4 {
+        codes.push(
+            verify_with(&app, json!({"credential": fresh})).await["code"].as_str().unwrap().to_string(),
+        );
+    }
+    assert_eq!(codes, ["VALID", "VALID", "VALID", "RATE_LIMITED"]);
+}
