@@ -314,6 +314,26 @@ def postgres_database(tmp):
     return admin.rsplit("/", 1)[0] + "/" + name
 
 
+def redis_url():
+    """The Redis the tests use (127.0.0.1:56379), started here if it is not running."""
+    port = 56379
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        if not shutil.which("redis-server"):
+            if os.geteuid() != 0:
+                sys.exit("no redis-server: install Debian's redis-server package")
+            env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+            subprocess.run(["apt-get", "install", "-y", "-qq", "redis-server"], check=True, env=env,
+                           stdout=subprocess.DEVNULL)
+        d = os.path.join(tempfile.gettempdir(), "keygate-test-redis")
+        os.makedirs(d, exist_ok=True)
+        subprocess.run(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                        "no", "--daemonize", "yes", "--dir", d], check=True, stdout=subprocess.DEVNULL)
+        time.sleep(0.5)
+    return f"redis://127.0.0.1:{port}"
+
+
 def measure_cluster(binary, tmp, seconds, rounds, samples):
     """One node against three on one PostgreSQL (every node on this machine: they share its cores), then
     how long a revocation on one node takes to be refused by the others while they serve verify load."""
@@ -335,6 +355,22 @@ def measure_cluster(binary, tmp, seconds, rounds, samples):
         script = write_script(sub, "cluster-verify", "POST", "/v1/verify", auth, keys_file=pool,
                               body_template='{"credential":"%s"}')
         one = [run_wrk(a.url, script, 32, seconds) for _ in range(rounds)]
+        # Keys with a rate limit (never reached): checked in this node's cells, or in Redis.
+        limited = [a.api("POST", "/v1/keys", {"consumer_id": consumer["id"], "name": f"l{i}",
+                                              "rate_limits": [{"name": "s", "limit": 1_000_000, "window_seconds": 1}]})["key"]
+                   for i in range(200)]
+        lpool = os.path.join(sub, "limited.txt")
+        with open(lpool, "w") as f:
+            f.write("\n".join(limited) + "\n")
+        lscript = write_script(sub, "cluster-limited", "POST", "/v1/verify", auth, keys_file=lpool,
+                               body_template='{"credential":"%s"}')
+        r = Keygate(binary, sub, free_port(), "node-redis", dict(env, KEYGATE_RATE_LIMITS_REDIS_URL=redis_url()),
+                    admin=a.admin)
+        local_runs, redis_runs = [], []
+        for _ in range(rounds):
+            local_runs.append(run_wrk(a.url, lscript, 32, seconds))
+            redis_runs.append(run_wrk(r.url, lscript, 32, seconds))
+        r.stop()
         nodes += [Keygate(binary, sub, free_port(), f"node-{n}", env, admin=a.admin) for n in ("b", "c")]
 
         def spread(conns_each, secs):
@@ -352,7 +388,9 @@ def measure_cluster(binary, tmp, seconds, rounds, samples):
         med = lambda rs: sorted(rs, key=lambda r: r["rps"])[len(rs) // 2]
         one_m = med(one)
         three_rps = sorted(sum(r["rps"] for r in rs) for rs in three)[len(three) // 2]
-        errors = sum(r["errors"] for r in one) + sum(r["errors"] for rs in three for r in rs)
+        errors = (sum(r["errors"] for r in one) + sum(r["errors"] for rs in three for r in rs)
+                  + sum(r["errors"] for r in local_runs + redis_runs))
+        local_m, redis_m = med(local_runs), med(redis_runs)
 
         # Revocation propagation under load: A and B serve verify load; a key made on C and cached on A
         # and B is revoked on C; each of A and B is asked until it refuses it.
@@ -397,7 +435,9 @@ def measure_cluster(binary, tmp, seconds, rounds, samples):
         result = {"one_node_rps": one_m["rps"], "one_node_p99_us": one_m["p99_us"], "three_nodes_rps": three_rps,
                   "ratio": three_rps / one_m["rps"] if one_m["rps"] else float("nan"),
                   "revocation_p50_ms": pct(0.5), "revocation_p99_ms": pct(0.99),
-                  "revocation_max_ms": delays[-1] * 1000, "samples": len(delays), "errors": errors}
+                  "revocation_max_ms": delays[-1] * 1000, "samples": len(delays), "errors": errors,
+                  "limited_local_rps": local_m["rps"], "limited_local_p99_us": local_m["p99_us"],
+                  "limited_redis_rps": redis_m["rps"], "limited_redis_p99_us": redis_m["p99_us"]}
         log(f"cluster: 1 node {result['one_node_rps']:,.0f} req/s, 3 nodes {three_rps:,.0f} req/s; revocation "
             f"p50 {result['revocation_p50_ms']:.1f} ms, p99 {result['revocation_p99_ms']:.1f} ms")
         return result
@@ -926,6 +966,10 @@ def main():
                   f"{c['three_nodes_rps']:,.0f}/s ({c['ratio']:.2f}×). Revocation on one node refused by the others "
                   f"under load: p50 {c['revocation_p50_ms']:.1f} ms, p99 {c['revocation_p99_ms']:.1f} ms, max "
                   f"{c['revocation_max_ms']:.1f} ms over {c['samples']} observations; errors {c['errors']}")
+            print(f"Keys with a rate limit, one node, 32 connections: limits in the node's cells "
+                  f"{c['limited_local_rps']:,.0f}/s (p99 {fmt_us(c['limited_local_p99_us'])}); shared in Redis "
+                  f"{c['limited_redis_rps']:,.0f}/s (p99 {fmt_us(c['limited_redis_p99_us'])}, "
+                  f"{c['limited_redis_rps'] / c['limited_local_rps']:.2f}×)")
         events = None
         if args.events:
             events = measure_events(binary, tmp, args.events, args.seconds, args.rounds)

@@ -90,25 +90,30 @@ fn redact(s: &str) -> String {
 }
 
 /// Turns a database error into the store's vocabulary by SQLSTATE class: 08 connection, 53 insufficient
-/// resources, 57 operator intervention (shutdown, statement or lock timeout), 40 serialisation failure
-/// or deadlock, 55P03 lock not available, 25006 read-only transaction: `Unavailable`; 23 integrity
-/// constraint: `Conflict`.
+/// resources, 55 prerequisite state (lock not available, database not accepting connections), 57
+/// operator intervention (shutdown, statement or lock timeout), 58 system error, 40 serialisation
+/// failure or deadlock, 25006 read-only transaction: `Unavailable`; 23 integrity constraint: `Conflict`.
 pub(crate) fn map_err(e: sqlx::Error) -> StoreError {
     match &e {
         sqlx::Error::Database(db) => {
             let code = db.code().map(|c| c.to_string()).unwrap_or_default();
             let class = code.get(..2).unwrap_or("");
             match class {
-                "08" | "53" | "57" | "40" => StoreError::Unavailable(db.message().to_string()),
-                "55" if code == "55P03" => StoreError::Unavailable(db.message().to_string()),
+                // 55: object not in prerequisite state (a database that refuses connections, a lock
+                // not available); 58: system error (I/O).
+                "08" | "53" | "55" | "57" | "58" | "40" => StoreError::Unavailable(db.message().to_string()),
                 "25" if code == "25006" => StoreError::Unavailable(db.message().to_string()),
                 "23" => StoreError::Conflict(db.message().to_string()),
                 _ => StoreError::Other(e.to_string()),
             }
         }
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {
-            StoreError::Unavailable(e.to_string())
-        }
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::BeginFailed => StoreError::Unavailable(e.to_string()),
         _ => StoreError::Other(e.to_string()),
     }
 }

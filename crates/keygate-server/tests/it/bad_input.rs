@@ -216,3 +216,48 @@ async fn locked_database_answers_503_and_loses_nothing() {
     assert!(names.contains(&"after"));
     assert!(!names.contains(&"while locked"), "the refused request wrote nothing");
 }
+
+/// PostgreSQL unreachable (here: the database refuses every connection, and the open ones are ended):
+/// cached verification keeps answering, admin calls answer 503 and write nothing, `/readyz` fails; once
+/// the database is back, everything works again.
+#[tokio::test]
+async fn postgres_unreachable_answers_503_and_loses_nothing() {
+    use sqlx::Connection;
+    let app = TestApp::builder().busy_timeout(Duration::from_millis(300)).postgres().await.start().await;
+    let consumer = app.create_consumer("acme").await;
+    let (_, secret) = app.create_key(&consumer, &[]).await;
+    assert_eq!(app.verify_code(&secret, &[]).await, "VALID");
+    let url = app.state.config.database_url.clone().unwrap();
+    let (server, name) = url.expose().rsplit_once('/').unwrap();
+    let mut admin = sqlx::PgConnection::connect(&format!("{server}/postgres")).await.unwrap();
+    let cut = |allow: bool| {
+        format!(
+            "ALTER DATABASE {name} ALLOW_CONNECTIONS {allow}; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND {allow} = false"
+        )
+    };
+    sqlx::raw_sql(sqlx::AssertSqlSafe(cut(false))).execute(&mut admin).await.unwrap();
+
+    let (status, err) = app.post("/v1/consumers", json!({"name": "while down"})).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{err}");
+    assert_eq!(err["code"], "storage_unavailable");
+    assert_eq!(app.verify_code(&secret, &[]).await, "VALID", "cached verification keeps answering");
+    let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+    sqlx::raw_sql(sqlx::AssertSqlSafe(cut(true))).execute(&mut admin).await.unwrap();
+    let mut created = StatusCode::SERVICE_UNAVAILABLE;
+    for _ in 0..50 {
+        created = app.post("/v1/consumers", json!({"name": "after"})).await.0;
+        if created == StatusCode::CREATED {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(created, StatusCode::CREATED, "back once the database is");
+    let (_, list) = app.get("/v1/consumers").await;
+    let names: Vec<&str> =
+        list["items"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&"after"));
+    assert!(!names.contains(&"while down"), "the refused request wrote nothing");
+}

@@ -66,6 +66,12 @@ impl Builder {
         self
     }
 
+    /// Keep this server's data in PostgreSQL whatever the run's backend (for tests of PostgreSQL itself).
+    pub async fn postgres(mut self) -> Self {
+        self.config.database_url = Some(database_for(&self.config.data_dir).await);
+        self
+    }
+
     pub fn busy_timeout(mut self, d: Duration) -> Self {
         self.config.busy_timeout = d;
         self
