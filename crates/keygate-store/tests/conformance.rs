@@ -687,6 +687,199 @@ async fn quota_leases_never_exceed_the_pool(store: Arc<dyn Backend>) {
     assert_eq!((refilled.granted, refilled.pool_left, refilled.refilled_at), (2, 14, 61_000));
 }
 
+fn client(id: &str) -> keygate_store::OAuthClient {
+    keygate_store::OAuthClient {
+        id: id.into(),
+        consumer_id: "cons_1".into(),
+        name: id.into(),
+        grant_types: vec![
+            keygate_store::GrantType::AuthorizationCode,
+            keygate_store::GrantType::RefreshToken,
+        ],
+        scopes: vec!["a".into()],
+        audiences: vec![],
+        token_format: keygate_store::TokenFormat::Opaque,
+        token_lifetime_seconds: 600,
+        confidential: false,
+        disabled: false,
+        tokens_revoked_before: None,
+        secret_start: None,
+        auth_method: "none".into(),
+        jwks: None,
+        redirect_uris: vec!["https://app.example.com/cb".into()],
+        refresh_idle_seconds: 3600,
+        refresh_absolute_seconds: 86_400,
+        created_at: 1,
+        updated_at: 1,
+    }
+}
+
+fn access(jti: &str, family: Option<&str>) -> keygate_store::AccessTokenRecord {
+    keygate_store::AccessTokenRecord {
+        hash: SecretHash::of(jti),
+        jti: jti.into(),
+        client_id: "kgc_app".into(),
+        subject: "usr_1".into(),
+        scopes: vec!["a".into()],
+        audiences: vec![],
+        issued_at: 10,
+        expires_at: 10_000,
+        revoked_at: None,
+        family_id: family.map(str::to_string),
+        source: None,
+        jkt: None,
+    }
+}
+
+/// Contract: opaque tokens written in a batch (group commit) are found and revoked once; a code is
+/// redeemed exactly once however many redemptions race (the others see a replay, which revokes the
+/// family), and a refresh token rotates exactly once however many rotations race; revoking the grant
+/// revokes its families and their opaque tokens.
+async fn oauth_state_is_exactly_once(store: Arc<dyn Backend>) {
+    store
+        .insert_consumer(&consumer("cons_1"), &audit("evt_c", "consumer.create", "cons_1", 0))
+        .await
+        .unwrap();
+    store
+        .insert_client(&client("kgc_app"), None, &audit("evt_cl", "client.create", "kgc_app", 1))
+        .await
+        .unwrap();
+    let tokens: Vec<_> = (0..20).map(|i| access(&format!("jti_{i}"), None)).collect();
+    store.insert_access_tokens(&tokens).await.unwrap();
+    assert_eq!(store.find_access_token(&SecretHash::of("jti_7")).await.unwrap().unwrap().jti, "jti_7");
+    assert!(store.revoke_access_token(&SecretHash::of("jti_7"), 20, None).await.unwrap().is_some());
+    assert!(store.revoke_access_token(&SecretHash::of("jti_7"), 21, None).await.unwrap().is_none(), "once");
+
+    let user = keygate_store::User {
+        id: "usr_1".into(),
+        username: "ann".into(),
+        email: None,
+        display_name: None,
+        password_hash: None,
+        allowed_scopes: None,
+        roles: vec![],
+        disabled: false,
+        created_at: 1,
+        updated_at: 1,
+        last_login_at: None,
+    };
+    store.insert_user(&user, &audit("evt_u", "user.create", "usr_1", 1)).await.unwrap();
+    let code = keygate_store::AuthCode {
+        hash: SecretHash::of("code-1"),
+        client_id: "kgc_app".into(),
+        user_id: "usr_1".into(),
+        grant_id: String::new(),
+        redirect_uri: "https://app.example.com/cb".into(),
+        code_challenge: "x".into(),
+        scopes: vec!["a".into()],
+        audiences: vec![],
+        created_at: 30,
+        expires_at: 10_000,
+        used_at: None,
+        family_id: None,
+    };
+    let grant = store.issue_code(&code, Some("grt_1"), Some(30)).await.unwrap();
+    assert_eq!(grant, "grt_1");
+    let redemption = |n: usize| keygate_store::Redemption {
+        hash: SecretHash::of("code-1"),
+        at: 40,
+        family: keygate_store::TokenFamily {
+            id: format!("fam_{n}"),
+            grant_id: grant.clone(),
+            client_id: "kgc_app".into(),
+            user_id: "usr_1".into(),
+            created_at: 40,
+            expires_at: 100_000,
+            revoked_at: None,
+            jkt: None,
+        },
+        refresh: Some(keygate_store::RefreshRecord {
+            hash: SecretHash::of(&format!("refresh-{n}")),
+            family_id: format!("fam_{n}"),
+            scopes: vec!["a".into()],
+            audiences: vec![],
+            issued_at: 40,
+            idle_expires_at: 50_000,
+            used_at: None,
+        }),
+        access: Some(access(&format!("code_access_{n}"), Some(&format!("fam_{n}")))),
+    };
+    let racers: Vec<_> = (0..8)
+        .map(|n| {
+            let (store, r) = (store.clone(), redemption(n));
+            tokio::spawn(async move {
+                loop {
+                    match store.redeem_codes(std::slice::from_ref(&r)).await {
+                        Ok(mut v) => break (n, v.remove(0)),
+                        Err(StoreError::Unavailable(_)) => tokio::task::yield_now().await,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for r in racers {
+        outcomes.push(r.await.unwrap());
+    }
+    let issued: Vec<usize> =
+        outcomes.iter().filter(|(_, o)| *o == keygate_store::Redeemed::Issued).map(|(n, _)| *n).collect();
+    assert_eq!(issued.len(), 1, "redeemed exactly once: {outcomes:?}");
+    assert!(outcomes.iter().all(|(_, o)| matches!(
+        o,
+        keygate_store::Redeemed::Issued | keygate_store::Redeemed::Replayed { .. }
+    )));
+    // The replays revoked the family the one redemption created.
+    let family = format!("fam_{}", issued[0]);
+    assert!(store.revoked_families(50).await.unwrap().iter().any(|(f, _)| *f == family));
+
+    // A fresh family (a second code) and its refresh token, rotated by racing rotations.
+    let code2 = keygate_store::AuthCode { hash: SecretHash::of("code-2"), ..code.clone() };
+    store.issue_code(&code2, Some("grt_x"), None).await.unwrap();
+    let r2 = keygate_store::Redemption { hash: SecretHash::of("code-2"), ..redemption(100) };
+    assert_eq!(store.redeem_codes(&[r2]).await.unwrap(), vec![keygate_store::Redeemed::Issued]);
+    let racers: Vec<_> = (0..8)
+        .map(|n| {
+            let store = store.clone();
+            let rotation = keygate_store::Rotation {
+                old: SecretHash::of("refresh-100"),
+                at: 60,
+                successor: keygate_store::RefreshRecord {
+                    hash: SecretHash::of(&format!("successor-{n}")),
+                    family_id: "fam_100".into(),
+                    scopes: vec!["a".into()],
+                    audiences: vec![],
+                    issued_at: 60,
+                    idle_expires_at: 50_000,
+                    used_at: None,
+                },
+                access: None,
+            };
+            tokio::spawn(async move {
+                loop {
+                    match store.rotate_refreshes(std::slice::from_ref(&rotation)).await {
+                        Ok(v) => break v[0],
+                        Err(StoreError::Unavailable(_)) => tokio::task::yield_now().await,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut won = 0;
+    for r in racers {
+        won += usize::from(r.await.unwrap());
+    }
+    assert_eq!(won, 1, "rotated exactly once");
+    // Revoking the grant revokes the family and its opaque access token.
+    let revoked =
+        store.revoke_grant("usr_1", "grt_1", 70, &audit("evt_g", "grant.revoke", "grt_1", 70)).await.unwrap();
+    assert!(revoked.is_some());
+    assert!(store.revoked_families(80).await.unwrap().iter().any(|(f, _)| f == "fam_100"));
+    let token = store.find_access_token(&SecretHash::of("code_access_100")).await.unwrap().unwrap();
+    assert!(token.revoked_at.is_some(), "the family's opaque token is revoked with it");
+}
+
 macro_rules! suite {
     ($backend:ident: $($test:ident),* $(,)?) => {
         mod $backend {
@@ -715,6 +908,7 @@ suite!(sqlite:
     following_never_skips_under_concurrent_writers,
     changes_are_numbered_and_announced,
     quota_leases_never_exceed_the_pool,
+    oauth_state_is_exactly_once,
 );
 
 suite!(postgres:
@@ -731,6 +925,7 @@ suite!(postgres:
     following_never_skips_under_concurrent_writers,
     changes_are_numbered_and_announced,
     quota_leases_never_exceed_the_pool,
+    oauth_state_is_exactly_once,
 );
 
 /// `Store` is one of the traits a backend implements (a compile-time check that the suite names them).
