@@ -1688,6 +1688,11 @@ fn three_nodes_on_one_postgresql() {
     let valid = codes.iter().filter(|c| *c == "VALID").count();
     let exceeded = codes.iter().filter(|c| *c == "QUOTA_EXCEEDED").count();
     assert_eq!((valid, exceeded), (100, 100), "{codes:?}");
+    // The three nodes' usage counts add up (each flushes its own increments every second).
+    let qid0 = qkey["id"].as_str().unwrap().to_string();
+    eventually("every node's usage counts are written", || {
+        c.json(&admin, &["usage", &qid0, "--granularity", "day", "--since", "2d"])["total"] == 200
+    });
     // A rate limit of 10 a minute holds across the three nodes: 30 concurrent verifies, 10 admitted.
     let rkey =
         a.json(&admin, &["keys", "create", "--consumer", &q, "--name", "r", "--rate-limit", "m:10/60"]);
