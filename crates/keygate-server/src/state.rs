@@ -102,21 +102,23 @@ pub struct DatabaseUrl(String);
 impl DatabaseUrl {
     /// A `postgres://` or `postgresql://` URL.
     pub fn parse(url: &str) -> Result<Self, String> {
-        let url = url.trim();
-        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Ok(DatabaseUrl(url.to_string()))
-        } else {
-            Err("must be a PostgreSQL URL: postgres://USER:PASSWORD@HOST:PORT/DATABASE".into())
-        }
+        Self::with_scheme(
+            url,
+            &["postgres", "postgresql"],
+            "a PostgreSQL URL: postgres://USER:PASSWORD@HOST:PORT/DATABASE",
+        )
     }
 
     /// A `redis://` or `rediss://` URL (for shared rate limits).
     pub fn parse_redis(url: &str) -> Result<Self, String> {
+        Self::with_scheme(url, &["redis", "rediss"], "a Redis URL: redis://[:PASSWORD@]HOST:PORT[/DB]")
+    }
+
+    fn with_scheme(url: &str, schemes: &[&str], what: &str) -> Result<Self, String> {
         let url = url.trim();
-        if url.starts_with("redis://") || url.starts_with("rediss://") {
-            Ok(DatabaseUrl(url.to_string()))
-        } else {
-            Err("must be a Redis URL: redis://[:PASSWORD@]HOST:PORT[/DB]".into())
+        match url.split_once("://") {
+            Some((scheme, _)) if schemes.contains(&scheme) => Ok(DatabaseUrl(url.to_string())),
+            _ => Err(format!("must be {what}")),
         }
     }
 

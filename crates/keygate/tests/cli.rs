@@ -1592,6 +1592,23 @@ fn verify_code(addr: &str, bearer: &str, credential: &str) -> String {
     }
 }
 
+/// `threads` threads each verify `secret` `each` times, taking the nodes in turn; every decision's code.
+fn spread_verifies(nodes: &[Server], bearer: &str, secret: &str, threads: usize, each: usize) -> Vec<String> {
+    let codes = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for t in 0..threads {
+            let codes = &codes;
+            scope.spawn(move || {
+                for i in 0..each {
+                    let code = verify_code(&nodes[(t + i) % nodes.len()].addr, bearer, secret);
+                    codes.lock().unwrap().push(code);
+                }
+            });
+        }
+    });
+    codes.into_inner().unwrap()
+}
+
 /// Polls until `check` holds (a liveness bound, not a performance assertion).
 fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -1672,19 +1689,7 @@ fn three_nodes_on_one_postgresql() {
     let q = a.json(&admin, &["consumers", "create", "--name", "metered"])["id"].as_str().unwrap().to_string();
     let qkey = a.json(&admin, &["keys", "create", "--consumer", &q, "--name", "q", "--quota", "100"]);
     let qsecret = qkey["key"].as_str().unwrap().to_string();
-    let codes = Mutex::new(Vec::new());
-    std::thread::scope(|scope| {
-        for t in 0..20 {
-            let (nodes, admin, qsecret, codes) = (&nodes, &admin, &qsecret, &codes);
-            scope.spawn(move || {
-                for i in 0..10 {
-                    let code = verify_code(&nodes[(t + i) % 3].addr, admin, qsecret);
-                    codes.lock().unwrap().push(code);
-                }
-            });
-        }
-    });
-    let codes = codes.into_inner().unwrap();
+    let codes = spread_verifies(&nodes, &admin, &qsecret, 20, 10);
     let valid = codes.iter().filter(|c| *c == "VALID").count();
     let exceeded = codes.iter().filter(|c| *c == "QUOTA_EXCEEDED").count();
     assert_eq!((valid, exceeded), (100, 100), "{codes:?}");
@@ -1697,19 +1702,7 @@ fn three_nodes_on_one_postgresql() {
     let rkey =
         a.json(&admin, &["keys", "create", "--consumer", &q, "--name", "r", "--rate-limit", "m:10/60"]);
     let rsecret = rkey["key"].as_str().unwrap().to_string();
-    let codes = Mutex::new(Vec::new());
-    std::thread::scope(|scope| {
-        for t in 0..6 {
-            let (nodes, admin, rsecret, codes) = (&nodes, &admin, &rsecret, &codes);
-            scope.spawn(move || {
-                for i in 0..5 {
-                    let code = verify_code(&nodes[(t + i) % 3].addr, admin, rsecret);
-                    codes.lock().unwrap().push(code);
-                }
-            });
-        }
-    });
-    let codes = codes.into_inner().unwrap();
+    let codes = spread_verifies(&nodes, &admin, &rsecret, 6, 5);
     let limited = codes.iter().filter(|c| *c == "RATE_LIMITED").count();
     assert_eq!((codes.len() - limited, limited), (10, 20), "{codes:?}");
     // Topped up on C: the others admit again.
