@@ -105,7 +105,8 @@ async fn apply_after(state: &AppState, mut cursor: i64) -> Result<i64, StoreErro
     loop {
         let changes = state.store.changes_after(cursor, 1000).await?;
         let Some(last) = changes.last().map(|c| c.seq) else { return Ok(cursor) };
-        for c in &changes {
+        // This node's own changes were applied where they were made.
+        for c in changes.iter().filter(|c| !c.local) {
             apply(state, c).await?;
         }
         cursor = last;
@@ -136,7 +137,7 @@ async fn apply(state: &AppState, change: &Change) -> Result<(), StoreError> {
                         key.quota_refilled_at.unwrap_or(key.created_at),
                     )
                 });
-                rt.replace_shared_quota(state.store.as_ref(), quota).await?;
+                rt.replace_shared_quota(state.store.as_ref(), quota).await;
             }
         }
         "consumer" => {
@@ -157,11 +158,14 @@ async fn apply(state: &AppState, change: &Change) -> Result<(), StoreError> {
         "pat" => state.oauth.pats_changed(),
         "token" | "grant" => state.oauth.reload_revocations(state.store.as_ref(), now).await?,
         "signing_key" => {
-            // A failure leaves the change unapplied: the next read tries it again.
-            state.oauth.keys.load(state.store.as_ref(), state.oauth.alg, now).await.map_err(|e| match e {
-                crate::oauth::keys::KeyError::Store(s) => s,
-                other => StoreError::Other(other.to_string()),
-            })?;
+            // The database unavailable: the change stays unapplied and the next read tries it again.
+            // Anything else (a key this node cannot open) would fail every time: logged, and the key
+            // tick keeps reloading.
+            match state.oauth.keys.load(state.store.as_ref(), state.oauth.alg, now).await {
+                Ok(()) => {}
+                Err(crate::oauth::keys::KeyError::Store(e @ StoreError::Unavailable(_))) => return Err(e),
+                Err(e) => tracing::error!(error = %e, "cannot load the signing keys another node changed"),
+            }
             state.oauth.signing_key_revoked();
         }
         _ => {}

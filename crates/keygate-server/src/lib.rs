@@ -182,9 +182,8 @@ pub async fn launch_all(
     state.webhooks.set_master(master.clone());
     if let Some(url) = &state.config.rate_limits_redis_url {
         let limiter = shared_limits::SharedLimits::connect(url.expose())
-            .await
             .map_err(|e| std::io::Error::other(format!("rate_limits.redis_url {url}: {e}")))?;
-        let _ = state.verifier.shared_limits.set(limiter);
+        let _ = state.verifier.shared_limits.set(Arc::new(limiter));
         tracing::info!(redis = %url, "rate limits are shared by every node (Redis)");
     }
     if let Some(path) = &state.config.leak_reporter_keys {

@@ -339,17 +339,17 @@ impl KeyRuntime {
     /// unused lease back (a no-op in the store if the pool changed epoch since, i.e. the units are void)
     /// and takes the stored quota's settings, leasing afresh on the next request. Runs between leases,
     /// never during one, so no lease taken concurrently is lost.
-    pub async fn replace_shared_quota(
-        self: &Arc<Self>,
-        store: &dyn Store,
-        quota: Option<QuotaState>,
-    ) -> Result<(), StoreError> {
+    ///
+    /// Best effort: the change is already committed when this runs, so a failure to give the lease back
+    /// is logged, never an error (the units are lost until the next refill, as for a node that dies).
+    pub async fn replace_shared_quota(self: &Arc<Self>, store: &dyn Store, quota: Option<QuotaState>) {
         let _one = self.leasing.lock().await;
-        if let Some((units, epoch)) = self.take_lease() {
-            store.return_quota(&self.key_id, units, epoch).await?;
+        if let Some((units, epoch)) = self.take_lease()
+            && let Err(e) = store.return_quota(&self.key_id, units, epoch).await
+        {
+            tracing::warn!(key_id = %self.key_id, units, error = %e, "could not give a quota lease back");
         }
         self.set_quota(quota);
-        Ok(())
     }
 
     /// The unused units of this node's current lease (0 without one).

@@ -5,9 +5,17 @@
 //!   the epoch would lose precision), on Redis's clock (`TIME`), so nodes' clocks do not matter.
 //! - All or nothing, as on one node: cells are written only if every limit allows the request. A
 //!   request the quota then refuses gives its units back (`refund`).
-//! - Redis unreachable or failing: the node falls back to its own cells (per-node limits), logs it at
-//!   most every 10 s. Rate limiting degrades to per node; verification does not stop.
+//! - Redis unreachable, slow or failing: a request waits for it at most `WAIT` (50 ms) and then uses the
+//!   node's own cells (per-node limits); after a failure the node does not ask Redis again for
+//!   `PAUSE_MS` (2 s), so an outage costs one slow request per node every two seconds, not one per
+//!   request. Logged at most every 10 s. Rate limiting degrades to per node; verification does not stop,
+//!   and a node starts while Redis is down (it connects when Redis answers).
+//! - Limits faster than one request per 100 µs (more than 10,000 a second per window second) stay per
+//!   node: Redis keeps whole microseconds, and at that rate the rounding would be over 1%.
+//! - Cells are named `kg:rl:{<key or client id>}:<limit>`: the braces keep a key's cells in one slot of a
+//!   Redis Cluster. Redis 5 or later (the script reads `TIME` before writing).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
@@ -69,12 +77,20 @@ for i = 1, #KEYS do
   local limit = tonumber(ARGV[2 * i + 1])
   local em = math.max(math.floor(window / math.max(limit, 1)), 1)
   local tat = tonumber(redis.call('GET', KEYS[i]))
-  if tat then
-    redis.call('SET', KEYS[i], tat - em * cost, 'KEEPTTL')
+  local ttl = redis.call('PTTL', KEYS[i])
+  if tat and ttl > 0 then
+    redis.call('SET', KEYS[i], tat - em * cost, 'PX', ttl)
   end
 end
 return 1
 "#;
+
+/// How long a request waits for Redis before using the node's own cells.
+const WAIT: Duration = Duration::from_millis(50);
+/// After Redis failed, how long the node uses its own cells without asking it (ms).
+const PAUSE_MS: i64 = 2000;
+/// The fastest limit kept in Redis: one request per this many microseconds.
+const FINEST_US: u64 = 100;
 
 /// What the shared cells said about one request.
 #[derive(Debug, Clone)]
@@ -93,6 +109,8 @@ pub struct SharedLimits {
     check: redis::Script,
     refund: redis::Script,
     last_warning: AtomicI64,
+    /// Redis is not asked before this time (ms): it failed just now.
+    paused_until: AtomicI64,
 }
 
 impl std::fmt::Debug for SharedLimits {
@@ -102,29 +120,31 @@ impl std::fmt::Debug for SharedLimits {
 }
 
 impl SharedLimits {
-    /// Connects to Redis (reconnecting by itself later when the connection drops).
-    pub async fn connect(url: &str) -> Result<Self, String> {
+    /// Sets up the connection; it is made on first use and again whenever it drops, so a node starts
+    /// while Redis is down.
+    pub fn connect(url: &str) -> Result<Self, String> {
         let client = redis::Client::open(url).map_err(|e| format!("the Redis URL does not parse: {e}"))?;
         let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_millis(500)));
-        let conn = redis::aio::ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(|e| format!("cannot connect to Redis: {e}"))?;
+            .set_connection_timeout(Some(Duration::from_millis(500)))
+            .set_response_timeout(Some(Duration::from_millis(500)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(200));
+        let conn = redis::aio::ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| format!("cannot set up the Redis connection: {e}"))?;
         Ok(SharedLimits {
             conn,
             check: redis::Script::new(GCRA),
             refund: redis::Script::new(REFUND),
             last_warning: AtomicI64::new(0),
+            paused_until: AtomicI64::new(0),
         })
     }
 
     fn cell(id: &str, l: &RateLimit) -> String {
-        format!("kg:rl:{id}:{}:{}:{}", l.name, l.limit, l.window_seconds)
+        format!("kg:rl:{{{id}}}:{}:{}:{}", l.name, l.limit, l.window_seconds)
     }
 
-    fn args<'a>(
-        &self,
+    fn invocation<'a>(
         script: &'a redis::Script,
         id: &str,
         limits: &[RateLimit],
@@ -139,33 +159,51 @@ impl SharedLimits {
         inv
     }
 
-    /// Checks and (if all allow) consumes `cost` of every limit of `id`. `None`: Redis did not answer;
-    /// the caller uses its own cells.
+    /// Whether these limits are kept in Redis (see the module documentation).
+    pub fn takes(limits: &[RateLimit]) -> bool {
+        limits.iter().all(|l| l.window_seconds.saturating_mul(1_000_000) / l.limit.max(1) >= FINEST_US)
+    }
+
+    /// Checks and (if all allow) consumes `cost` of every limit of `id`. `None`: Redis did not answer
+    /// in time, failed a moment ago, or does not keep such fast limits; the caller uses its own cells.
     pub async fn check(&self, id: &str, limits: &[RateLimit], cost: u64) -> Option<SharedCheck> {
+        if !Self::takes(limits) || crate::time::now_ms() < self.paused_until.load(Ordering::Acquire) {
+            return None;
+        }
         let mut conn = self.conn.clone();
-        let answer: Result<Vec<i64>, redis::RedisError> =
-            self.args(&self.check, id, limits, cost).invoke_async(&mut conn).await;
+        let call = Self::invocation(&self.check, id, limits, cost);
+        let answer = tokio::time::timeout(WAIT, call.invoke_async::<Vec<i64>>(&mut conn)).await;
         match answer {
-            Ok(v) if v.len() == 2 + 4 * limits.len() => Some(Self::read(&v, limits, cost)),
-            Ok(v) => {
-                self.warn(&format!("unexpected answer of {} values", v.len()));
+            Ok(Ok(v)) if v.len() == 2 + 4 * limits.len() => Some(Self::read(&v, limits, cost)),
+            Ok(Ok(v)) => {
+                self.failed(&format!("unexpected answer of {} values", v.len()));
                 None
             }
-            Err(e) => {
-                self.warn(&e.to_string());
+            Ok(Err(e)) => {
+                self.failed(&e.to_string());
+                None
+            }
+            Err(_) => {
+                self.failed(&format!("no answer within {} ms", WAIT.as_millis()));
                 None
             }
         }
     }
 
-    /// Gives back what [`SharedLimits::check`] consumed (best effort).
-    pub async fn refund(&self, id: &str, limits: &[RateLimit], cost: u64) {
-        let mut conn = self.conn.clone();
-        let r: Result<i64, redis::RedisError> =
-            self.args(&self.refund, id, limits, cost).invoke_async(&mut conn).await;
-        if let Err(e) = r {
-            self.warn(&e.to_string());
-        }
+    /// Gives back what [`SharedLimits::check`] consumed, in the background (best effort: it runs even
+    /// if the request that asked is gone).
+    pub fn refund(self: &Arc<Self>, id: &str, limits: &[RateLimit], cost: u64) {
+        let me = self.clone();
+        let (id, limits) = (id.to_string(), limits.to_vec());
+        tokio::spawn(async move {
+            let mut conn = me.conn.clone();
+            let call = Self::invocation(&me.refund, &id, &limits, cost);
+            match tokio::time::timeout(Duration::from_secs(2), call.invoke_async::<i64>(&mut conn)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => me.failed(&e.to_string()),
+                Err(_) => me.failed("a refund got no answer within 2 s"),
+            }
+        });
     }
 
     fn read(v: &[i64], limits: &[RateLimit], cost: u64) -> SharedCheck {
@@ -194,8 +232,9 @@ impl SharedLimits {
         SharedCheck { allowed, denied, tightest, consumed: allowed && cost > 0 }
     }
 
-    fn warn(&self, error: &str) {
+    fn failed(&self, error: &str) {
         let now = crate::time::now_ms();
+        self.paused_until.store(now + PAUSE_MS, Ordering::Release);
         let last = self.last_warning.load(Ordering::Relaxed);
         if now - last >= 10_000
             && self.last_warning.compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed).is_ok()

@@ -109,9 +109,14 @@ impl DatabaseUrl {
         )
     }
 
-    /// A `redis://` or `rediss://` URL (for shared rate limits).
+    /// A `redis://` URL (for shared rate limits).
     pub fn parse_redis(url: &str) -> Result<Self, String> {
-        Self::with_scheme(url, &["redis", "rediss"], "a Redis URL: redis://[:PASSWORD@]HOST:PORT[/DB]")
+        // (No rediss://: this build has no TLS for Redis; put it on a private network.)
+        Self::with_scheme(
+            url,
+            &["redis"],
+            "a Redis URL: redis://[:PASSWORD@]HOST:PORT[/DB] (TLS is not supported)",
+        )
     }
 
     fn with_scheme(url: &str, schemes: &[&str], what: &str) -> Result<Self, String> {

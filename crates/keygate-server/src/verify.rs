@@ -265,7 +265,7 @@ pub struct Verifier {
     /// The store is shared with other nodes (see [`Miss::unknown_here`]).
     shared: bool,
     /// Rate limits shared by every node (`rate_limits.redis_url`), once connected.
-    pub shared_limits: std::sync::OnceLock<crate::shared_limits::SharedLimits>,
+    pub shared_limits: std::sync::OnceLock<Arc<crate::shared_limits::SharedLimits>>,
     positive: GuardedCache<SecretHash, Arc<CachedKey>>,
     negative: GuardedCache<SecretHash, ()>,
     pub known: KnownHashes,
@@ -361,6 +361,7 @@ impl Verifier {
         let limits = shared.as_ref().map_or(Limits::Local, Limits::Shared);
         // On a shared database: lease more quota and decide again (other requests may take the new
         // units first; after a few rounds the answer is what the pool says).
+        let mut leased = Ok(());
         for round in 0..4 {
             let Some(key) = decision.key.clone().filter(|_| decision.needs_lease) else { break };
             if round == 3 {
@@ -368,16 +369,21 @@ impl Verifier {
                 decision.needs_lease = false;
                 break;
             }
-            key.runtime.lease(self.store.as_ref(), ctx.cost.max(1), ctx.now_ms).await?;
+            leased = key.runtime.lease(self.store.as_ref(), ctx.cost.max(1), ctx.now_ms).await;
+            if leased.is_err() {
+                break;
+            }
             decision = decide_key(key, required, ctx, limits);
         }
-        // The shared limits let it through, the quota did not: their units go back.
+        // The shared limits let it through, the quota did not (or could not be asked): their units go
+        // back.
         if let (Some(c), Some(key), Some(limiter)) = (&shared, &decision.key, self.shared_limits.get())
             && c.consumed
-            && !decision.is_valid()
+            && (!decision.is_valid() || leased.is_err())
         {
-            limiter.refund(&key.key_id, &key.limits, ctx.cost).await;
+            limiter.refund(&key.key_id, &key.limits, ctx.cost);
         }
+        leased?;
         Ok(decision)
     }
 

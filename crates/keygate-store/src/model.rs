@@ -300,6 +300,8 @@ pub struct Change {
     /// The audit action, e.g. `key.revoke`.
     pub action: String,
     pub target_id: String,
+    /// Made by this node (through this store): its caches already reflect it.
+    pub local: bool,
 }
 
 /// Quota a node took from a key's shared pool to admit on its own ([`crate::Store::lease_quota`]).

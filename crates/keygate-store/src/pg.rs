@@ -59,7 +59,17 @@ impl PgStore {
         let connect = connect
             .application_name("keygate")
             .options([("lock_timeout", timeout_ms.as_str()), ("statement_timeout", "30000")]);
+        // This node's name, on every connection: audit records carry it (`origin`).
+        let node = format!("{:x}{:x}", std::process::id(), crate::pg::random_u64());
+        let set_node = format!("SET keygate.node = '{node}'");
         let pool = PgPoolOptions::new()
+            .after_connect(move |conn, _| {
+                let sql = set_node.clone();
+                Box::pin(async move {
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await?;
+                    Ok(())
+                })
+            })
             .max_connections(options.max_connections.max(2))
             .min_connections(1)
             .acquire_timeout(options.busy_timeout + Duration::from_secs(1))
@@ -79,6 +89,16 @@ impl PgStore {
     pub fn url(&self) -> &str {
         &self.url
     }
+}
+
+/// 64 bits that differ between processes started at the same moment (for a node's name, not a secret).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0),
+    );
+    h.finish()
 }
 
 /// An error message with anything that looks like a URL's password replaced.
@@ -900,7 +920,8 @@ impl Store for PgStore {
 
     async fn changes_after(&self, seq: i64, limit: u32) -> Result<Vec<crate::Change>> {
         let rows = sqlx::query(
-            "SELECT seq, action, target_id FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2",
+            "SELECT seq, action, target_id, origin IS NOT DISTINCT FROM current_setting('keygate.node', true) \
+             AS local FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2",
         )
         .bind(seq)
         .bind(i64::from(limit))
@@ -913,6 +934,7 @@ impl Store for PgStore {
                     seq: r.try_get("seq").map_err(map_err)?,
                     action: r.try_get("action").map_err(map_err)?,
                     target_id: r.try_get("target_id").map_err(map_err)?,
+                    local: r.try_get("local").map_err(map_err)?,
                 })
             })
             .collect()

@@ -83,7 +83,10 @@ CREATE TABLE audit_events (
     ip          TEXT COLLATE "C",
     details     TEXT COLLATE "C" NOT NULL,
     -- Change number in commit order: the nodes follow each other's changes by it.
-    seq         BIGINT NOT NULL UNIQUE
+    seq         BIGINT NOT NULL UNIQUE,
+    -- The node that made it (each connection of a node sets keygate.node), so that a node does not apply
+    -- its own changes a second time.
+    origin      TEXT COLLATE "C" DEFAULT current_setting('keygate.node', true)
 );
 CREATE INDEX audit_events_by_target ON audit_events (target_id, id);
 

@@ -353,7 +353,7 @@ pub(crate) async fn patch_key(
         let refilled_at = patch.quota_refilled_at.unwrap_or(patch.updated_at);
         let quota = quota.as_ref().map(|q| QuotaState::from_config(q, refilled_at));
         if state.store.shared() {
-            rt.replace_shared_quota(state.store.as_ref(), quota).await?;
+            rt.replace_shared_quota(state.store.as_ref(), quota).await;
         } else {
             rt.set_quota(quota);
         }
@@ -569,7 +569,7 @@ pub async fn change_quota(
         let key = state.store.adjust_quota(&id, change, now, &audit).await?.ok_or_else(key_revoked)?;
         let quota =
             key.quota.as_ref().map(|q| QuotaState::from_config(q, key.quota_refilled_at.unwrap_or(now)));
-        runtime.replace_shared_quota(state.store.as_ref(), quota).await?;
+        runtime.replace_shared_quota(state.store.as_ref(), quota).await;
         invalidate_key(&state, &id).await;
         return Ok(Json(key_view(&state, key, now)));
     }
