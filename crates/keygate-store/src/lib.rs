@@ -276,6 +276,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<ApiKey>> {
         Err(StoreError::Other("quota leases need a shared store".into()))
     }
+    /// For a shared store: waits for, and holds until the returned guard is dropped, a lock that every
+    /// node sharing the database takes for the same `name` (one holder at a time across nodes). A store
+    /// that is not shared has nothing to lock: the guard is empty.
+    async fn exclusive(&self, _name: &str) -> Result<Box<dyn std::any::Any + Send>> {
+        Ok(Box::new(()))
+    }
     /// For a shared store: puts unused leased units back, unless the pool changed epoch since.
     async fn return_quota(&self, _key_id: &str, _units: u64, _epoch: i64) -> Result<()> {
         Err(StoreError::Other("quota leases need a shared store".into()))

@@ -1048,6 +1048,19 @@ impl Store for PgStore {
         Ok(Some(key))
     }
 
+    async fn exclusive(&self, name: &str) -> Result<Box<dyn std::any::Any + Send>> {
+        // A session-level advisory lock on a connection taken out of the pool: dropping the guard
+        // closes that connection, which ends the session and so releases the lock, even if this node
+        // dies holding it.
+        let mut conn = self.pool.acquire().await.map_err(map_err)?.detach();
+        sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
+            .bind(format!("keygate/{name}"))
+            .execute(&mut conn)
+            .await
+            .map_err(map_err)?;
+        Ok(Box::new(conn))
+    }
+
     async fn return_quota(&self, key_id: &str, units: u64, epoch: i64) -> Result<()> {
         sqlx::query(
             "UPDATE api_keys SET quota_remaining = LEAST(quota_remaining + $1, $2) \

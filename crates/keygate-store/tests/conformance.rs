@@ -880,6 +880,25 @@ async fn oauth_state_is_exactly_once(store: Arc<dyn Backend>) {
     assert!(token.revoked_at.is_some(), "the family's opaque token is revoked with it");
 }
 
+/// Contract: on a shared store, `exclusive` has one holder at a time for a name (across every node
+/// sharing the database; here two callers), and dropping the guard lets the next one in.
+async fn exclusive_locks_take_turns(store: Arc<dyn Backend>) {
+    let first = store.exclusive("test").await.unwrap();
+    let other = store.clone();
+    let second = tokio::spawn(async move { other.exclusive("test").await.map(|_| ()) });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        second.is_finished(),
+        !store.shared(),
+        "a shared store makes the second wait; others lock nothing"
+    );
+    let unrelated = tokio::time::timeout(std::time::Duration::from_secs(5), store.exclusive("other")).await;
+    assert!(matches!(unrelated, Ok(Ok(_))), "another name is not held");
+    drop(first);
+    let got = tokio::time::timeout(std::time::Duration::from_secs(5), second).await;
+    assert!(matches!(got, Ok(Ok(Ok(())))), "the second holder gets in once the first lets go");
+}
+
 macro_rules! suite {
     ($backend:ident: $($test:ident),* $(,)?) => {
         mod $backend {
@@ -909,6 +928,7 @@ suite!(sqlite:
     changes_are_numbered_and_announced,
     quota_leases_never_exceed_the_pool,
     oauth_state_is_exactly_once,
+    exclusive_locks_take_turns,
 );
 
 suite!(postgres:
@@ -926,6 +946,7 @@ suite!(postgres:
     changes_are_numbered_and_announced,
     quota_leases_never_exceed_the_pool,
     oauth_state_is_exactly_once,
+    exclusive_locks_take_turns,
 );
 
 /// `Store` is one of the traits a backend implements (a compile-time check that the suite names them).

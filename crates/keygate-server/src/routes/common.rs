@@ -148,17 +148,19 @@ pub fn key_revoked() -> ApiError {
 
 /// Refuses a change after which no key could use the admin API. `stays` says which of today's working
 /// admin keys (id, consumer id) still work after the change. Changes that could take away admin access
-/// run one at a time on this node: hold the returned guard until the change is written, so that two
-/// concurrent revocations cannot each leave the other as "the last one".
+/// run one at a time, on this node and (on a shared database) across all nodes: hold the returned guard
+/// until the change is written, so that two concurrent revocations cannot each leave the other as "the
+/// last one".
 pub async fn keep_an_admin_key<'a>(
     state: &'a AppState,
     now: i64,
     stays: impl Fn(&str, &str) -> bool,
-) -> ApiResult<tokio::sync::MutexGuard<'a, ()>> {
-    let guard = state.admin_changes.lock().await;
+) -> ApiResult<AdminChangeGuard<'a>> {
+    let node = state.admin_changes.lock().await;
+    let cluster = state.store.exclusive("admin_changes").await?;
     let working = state.store.working_admin_keys(now, 1000).await?;
     if working.iter().any(|(k, c)| stays(k, c)) {
-        return Ok(guard);
+        return Ok(AdminChangeGuard { _node: node, _cluster: cluster });
     }
     Err(ApiError::new(
         ErrorCode::Conflict,
@@ -166,6 +168,12 @@ pub async fn keep_an_admin_key<'a>(
          (keygate keys create --consumer <system consumer> --scope keygate:admin) or use `keygate admin-key` \
          on the server",
     ))
+}
+
+/// Held while a change that could take away admin access is written (see [`keep_an_admin_key`]).
+pub struct AdminChangeGuard<'a> {
+    _node: tokio::sync::MutexGuard<'a, ()>,
+    _cluster: Box<dyn std::any::Any + Send>,
 }
 
 /// Everything a new API key can be given, as a request states it (not yet checked).
