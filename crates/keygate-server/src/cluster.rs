@@ -13,7 +13,7 @@
 //!   signing keys. A node applies its own changes too, harmlessly.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use keygate_store::{Change, StoreError};
@@ -23,13 +23,11 @@ use crate::AppState;
 /// How long a follower waits for an announcement before reading anyway.
 const POLL: Duration = Duration::from_secs(1);
 
-/// What the follower tells `/readyz` and `/metrics`.
+/// What the follower tells `/readyz`.
 #[derive(Debug, Default)]
 pub struct ClusterStatus {
     /// The notification connection is up (always true for a store that is not shared).
     pub listening: AtomicBool,
-    /// The last change number applied.
-    pub applied: AtomicI64,
 }
 
 /// Starts listening for the other nodes' changes (before the node serves, so that `/readyz` is true
@@ -63,7 +61,6 @@ async fn follow(
     mut listener: Option<Box<dyn keygate_store::ChangeListener>>,
     mut cursor: i64,
 ) {
-    state.cluster.applied.store(cursor, Ordering::Release);
     loop {
         if listener.is_none() {
             match state.store.listen().await {
@@ -110,7 +107,6 @@ async fn apply_after(state: &AppState, mut cursor: i64) -> Result<i64, StoreErro
             apply(state, c).await?;
         }
         cursor = last;
-        state.cluster.applied.store(cursor, Ordering::Release);
     }
 }
 

@@ -45,7 +45,6 @@ impl Default for PgOptions {
 
 pub struct PgStore {
     pub(crate) pool: PgPool,
-    pub(crate) url: String,
 }
 
 impl PgStore {
@@ -77,17 +76,7 @@ impl PgStore {
             .connect_with(connect)
             .await
             .map_err(map_err)?;
-        Ok(PgStore { pool, url: url.to_string() })
-    }
-
-    /// The pool, for the change notifications that share it.
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
-    /// The URL this store was opened with (it may hold a password: never log it).
-    pub fn url(&self) -> &str {
-        &self.url
+        Ok(PgStore { pool })
     }
 }
 
