@@ -149,6 +149,11 @@ async fn apply(state: &AppState, change: &Change) -> Result<(), StoreError> {
         },
         "user" => {
             state.oauth.user_changed(id);
+            // A user disabled or deleted elsewhere: their sign-in sessions on this node end too, as on
+            // the node that served the change.
+            if state.store.get_user(id).await?.is_none_or(|u| u.disabled) {
+                state.oauth.flows.end_sessions_of(id);
+            }
             state.oauth.reload_revocations(state.store.as_ref(), now).await?;
         }
         "pat" => state.oauth.pats_changed(),
