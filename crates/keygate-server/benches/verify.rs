@@ -131,18 +131,12 @@ fn jwt_fixture(alg: keygate_server::oauth::keys::KeyAlg) -> JwtFixture {
         created_at: 0,
         updated_at: 0,
     };
-    oauth.consumer_changed(&keygate_store::Consumer {
-        id: "cons_bench".into(),
-        name: "bench".into(),
-        metadata: serde_json::json!({}),
-        disabled: false,
-        system: false,
-        rate_limits: None,
-        external_id: None,
-        leak_policy: keygate_store::LeakPolicy::Revoke,
-        created_at: 0,
-        updated_at: 0,
-    });
+    oauth.consumer_changed(&keygate_store::Consumer::new(
+        "cons_bench".into(),
+        "bench".into(),
+        serde_json::json!({}),
+        0,
+    ));
     oauth.client_changed(&client);
     let now = keygate_server::time::now_ms();
     let token = rt

@@ -138,10 +138,8 @@ async fn apply(state: &AppState, change: &Change) -> Result<(), StoreError> {
         }
         "consumer" => {
             if let Some(c) = state.store.get_consumer(id).await? {
-                state.oauth.consumer_changed(&c);
+                crate::routes::consumers::consumer_changed(state, &c).await;
             }
-            let hashes = state.store.consumer_secret_hashes(id).await?;
-            state.verifier.invalidate(&hashes);
         }
         "client" => match state.store.get_client(id).await? {
             Some(c) => state.oauth.client_changed(&c),
@@ -155,7 +153,10 @@ async fn apply(state: &AppState, change: &Change) -> Result<(), StoreError> {
                 state.oauth.flows.end_sessions_of(id);
             }
             state.oauth.reload_revocations(state.store.as_ref(), now).await?;
+            // Their applications stop (suspended, deleted) or work again.
+            crate::routes::consumers::owner_changed(state, id).await?;
         }
+        "plan" => crate::routes::plans::apply_plan_change(state, id).await?,
         "pat" => state.oauth.pats_changed(),
         "token" | "grant" => state.oauth.reload_revocations(state.store.as_ref(), now).await?,
         "signing_key" => {

@@ -92,6 +92,7 @@ fn public_routes() -> OpenApiRouter<Arc<AppState>> {
 pub(crate) fn admin_routes() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::new()
         .merge(routes::consumers::router())
+        .merge(routes::plans::router())
         .merge(routes::keys::router())
         .merge(routes::audit::router())
         .merge(routes::import::router())

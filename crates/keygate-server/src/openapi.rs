@@ -14,6 +14,7 @@ Revoking another client's tokens needs `keygate:admin`."),
     modifiers(&Security),
     tags(
         (name = "consumers", description = "Applications or accounts that call the protected API"),
+        (name = "plans", description = "Named usage controls consumers are put on, and what the developer portal offers"),
         (name = "keys", description = "API keys: create, rotate, disable, revoke"),
         (name = "verify", description = "Checking credentials"),
         (name = "clients", description = "OAuth 2 clients and JWT signing keys (tokens: /oauth2/*, see /.well-known/oauth-authorization-server)"),

@@ -392,7 +392,8 @@ fn new_admin_key(
     now: i64,
 ) -> Result<(ApiKey, StoredSecret, PlainSecret), OpenError> {
     let spec = KeySpec { name: name.into(), scopes: vec![scope::ADMIN.to_string()], ..KeySpec::default() };
-    let made = new_key(spec, consumer, SecretSource::Generate, now).map_err(|e| OpenError::Key(e.message))?;
+    let made =
+        new_key(spec, consumer, None, SecretSource::Generate, now).map_err(|e| OpenError::Key(e.message))?;
     let plain = made.plain.ok_or_else(|| OpenError::Key("a generated key has no secret".into()))?;
     Ok((made.key, made.secret, plain))
 }
@@ -422,16 +423,13 @@ pub async fn bootstrap(store: &dyn Store) -> Result<Option<PlainSecret>, OpenErr
     }
     let now = now_ms();
     let consumer = Consumer {
-        id: random(id::new_id("cons", now))?,
-        name: "keygate".into(),
-        metadata: serde_json::json!({"description": "Keygate's own consumer; holds admin keys"}),
-        disabled: false,
         system: true,
-        rate_limits: None,
-        external_id: None,
-        leak_policy: keygate_store::LeakPolicy::default(),
-        created_at: now,
-        updated_at: now,
+        ..Consumer::new(
+            random(id::new_id("cons", now))?,
+            "keygate".into(),
+            serde_json::json!({"description": "Keygate's own consumer; holds admin keys"}),
+            now,
+        )
     };
     let (key, key_secret, secret) = new_admin_key(&consumer, "bootstrap admin", now)?;
     let audit = local_audit("keygate.initialize", &key, now)?;

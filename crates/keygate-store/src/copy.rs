@@ -18,6 +18,7 @@ use crate::{PgStore, Result, SqliteStore, StoreError};
 /// Every table, parents before children.
 pub const TABLES: &[&str] = &[
     "keygate_meta",
+    "plans",
     "consumers",
     "api_keys",
     "key_secrets",

@@ -177,6 +177,22 @@ pub trait Store: Send + Sync + 'static {
         audit: &NewAudit,
     ) -> Result<Option<Consumer>>;
 
+    /// Consumers owned by a user, or on a plan, in id order.
+    async fn consumers_where(&self, of: ConsumersOf<'_>, page: &Page) -> Result<Vec<Consumer>>;
+
+    /// Inserts a plan with its audit event; `Conflict` if the name (ignoring case) is taken. A default
+    /// plan takes the default from any other.
+    async fn insert_plan(&self, plan: &Plan, audit: &NewAudit) -> Result<()>;
+    async fn get_plan(&self, id: &str) -> Result<Option<Plan>>;
+    /// By name, ignoring case.
+    async fn find_plan(&self, name: &str) -> Result<Option<Plan>>;
+    /// Every plan (at most 1000), by name.
+    async fn list_plans(&self) -> Result<Vec<Plan>>;
+    /// `None` if there is no such plan; `Conflict` if a new name is taken.
+    async fn update_plan(&self, id: &str, patch: &PlanPatch, audit: &NewAudit) -> Result<Option<Plan>>;
+    /// False if there was none; `Conflict` while any consumer is on it.
+    async fn delete_plan(&self, id: &str, audit: &NewAudit) -> Result<bool>;
+
     async fn insert_key(&self, key: &ApiKey, secret: &StoredSecret, audit: &NewAudit) -> Result<()>;
     async fn get_key(&self, id: &str) -> Result<Option<ApiKey>>;
     async fn list_keys(&self, consumer_id: Option<&str>, page: &Page) -> Result<Vec<ApiKey>>;

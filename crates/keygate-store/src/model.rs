@@ -20,6 +20,75 @@ pub struct Consumer {
     pub leak_policy: LeakPolicy,
     pub created_at: i64,
     pub updated_at: i64,
+    /// The user (a developer of the portal) who owns this consumer, their "application".
+    pub owner_id: Option<String>,
+    /// The plan this consumer is on: its rate limits are then the plan's (`rate_limits` reads them).
+    pub plan_id: Option<String>,
+    /// Read only: the owner is disabled (suspended), which stops this consumer as if it were disabled.
+    pub owner_disabled: bool,
+}
+
+impl Consumer {
+    /// A consumer with the fields every consumer has: enabled, no plan, no owner, the default leak policy.
+    pub fn new(id: String, name: String, metadata: Value, now: i64) -> Self {
+        Consumer {
+            id,
+            name,
+            metadata,
+            disabled: false,
+            system: false,
+            rate_limits: None,
+            external_id: None,
+            leak_policy: LeakPolicy::default(),
+            created_at: now,
+            updated_at: now,
+            owner_id: None,
+            plan_id: None,
+            owner_disabled: false,
+        }
+    }
+
+    /// Does anything stop this consumer's credentials (disabled itself, or its owner suspended)?
+    pub fn stopped(&self) -> bool {
+        self.disabled || self.owner_disabled
+    }
+}
+
+/// A named, reusable set of usage controls that consumers are put on: the operator's offer to the
+/// portal's developers (and to anyone's consumers).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub id: String,
+    pub name: String,
+    pub description: Option<String>,
+    /// Rate limits of every key (without its own) and client of the consumers on this plan.
+    pub rate_limits: Option<Vec<RateLimit>>,
+    /// The quota each new key of a consumer on this plan starts with (with its refill).
+    pub quota: Option<Quota>,
+    /// The scopes keys and clients of its consumers may hold; `None`: any.
+    pub allowed_scopes: Option<Vec<String>>,
+    /// The longest a new key may live, in seconds; `None`: no cap.
+    pub key_lifetime_seconds: Option<i64>,
+    /// May portal developers choose it for an application?
+    pub self_service: bool,
+    /// The plan a new portal application gets when its developer chooses none (at most one plan).
+    pub is_default: bool,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// A change to a plan. `Some(None)` clears an optional field.
+#[derive(Debug, Clone, Default)]
+pub struct PlanPatch {
+    pub name: Option<String>,
+    pub description: Option<Option<String>>,
+    pub rate_limits: Option<Option<Vec<RateLimit>>>,
+    pub quota: Option<Option<Quota>>,
+    pub allowed_scopes: Option<Option<Vec<String>>>,
+    pub key_lifetime_seconds: Option<Option<i64>>,
+    pub self_service: Option<bool>,
+    pub is_default: Option<bool>,
+    pub updated_at: i64,
 }
 
 /// What Keygate does with a credential a secret-scanning partner reports as exposed.
@@ -58,6 +127,15 @@ pub enum ConsumerLookup<'a> {
     Name(&'a str),
 }
 
+/// Which consumers to list besides all of them.
+#[derive(Debug, Clone, Copy)]
+pub enum ConsumersOf<'a> {
+    /// Owned by this user.
+    Owner(&'a str),
+    /// On this plan.
+    Plan(&'a str),
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct ConsumerPatch {
     pub name: Option<String>,
@@ -68,6 +146,10 @@ pub struct ConsumerPatch {
     /// `Some(None)` removes the external id.
     pub external_id: Option<Option<String>>,
     pub leak_policy: Option<LeakPolicy>,
+    /// `Some(None)` takes the consumer off its plan.
+    pub plan_id: Option<Option<String>>,
+    /// `Some(None)`: no owner.
+    pub owner_id: Option<Option<String>>,
     pub updated_at: i64,
 }
 

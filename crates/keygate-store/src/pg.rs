@@ -16,14 +16,14 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 
 pub(crate) use crate::rows::{json_text, opt_json};
 use crate::{
-    ApiKey, AuditEvent, AuditFilter, Consumer, ConsumerLookup, ConsumerPatch, Granularity, KeyPatch,
-    KeyTotal, KeyUsage, LeakPolicy, NewAudit, NewEvent, Page, Result, SecretRecord, Store, StoreError,
-    StoredSecret, UsageQuery, UsageRow,
+    ApiKey, AuditEvent, AuditFilter, Consumer, ConsumerLookup, ConsumerPatch, ConsumersOf, Granularity,
+    KeyPatch, KeyTotal, KeyUsage, LeakPolicy, NewAudit, NewEvent, Page, Plan, PlanPatch, Result,
+    SecretRecord, Store, StoreError, StoredSecret, UsageQuery, UsageRow,
 };
 
 /// PostgreSQL migrations, applied in order, each exactly once. Never edit one that has shipped: add a
-/// new one. Version 1 is the SQLite schema as of its 18th migration.
-const MIGRATIONS: &[&str] = &[include_str!("pg_schema.sql")];
+/// new one. Version 1 is the SQLite schema as of its 18th migration; version 2 is SQLite's 19th.
+const MIGRATIONS: &[&str] = &[include_str!("pg_schema.sql"), include_str!("pg_schema_2.sql")];
 
 /// The advisory lock migrations hold (any constant; "keygate" in ASCII).
 const MIGRATION_LOCK: i64 = 0x006b_6579_6761_7465;
@@ -236,7 +236,7 @@ impl crate::ChangeListener for PgChanges {
 async fn insert_consumer_tx(tx: &mut Tx<'_>, c: &Consumer) -> Result<()> {
     sqlx::query(
         "INSERT INTO consumers (id, name, metadata, disabled, system, rate_limits, external_id, leak_policy, \
-         created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+         created_at, updated_at, owner_id, plan_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
     )
     .bind(&c.id)
     .bind(&c.name)
@@ -248,6 +248,8 @@ async fn insert_consumer_tx(tx: &mut Tx<'_>, c: &Consumer) -> Result<()> {
     .bind(c.leak_policy.as_str())
     .bind(c.created_at)
     .bind(c.updated_at)
+    .bind(&c.owner_id)
+    .bind(&c.plan_id)
     .execute(&mut **tx)
     .await
     .map_err(map_err)?;
@@ -418,12 +420,12 @@ impl Store for PgStore {
     }
 
     async fn get_consumer(&self, id: &str) -> Result<Option<Consumer>> {
-        fetch_by_id(&self.pool, "SELECT * FROM consumers WHERE id = $1", id, consumer_from_row).await
+        fetch_by_id(&self.pool, "SELECT * FROM consumers_v WHERE id = $1", id, consumer_from_row).await
     }
 
     async fn list_consumers(&self, page: &Page) -> Result<Vec<Consumer>> {
-        let plain = "SELECT * FROM consumers WHERE id > $1 ORDER BY id LIMIT $2";
-        let searched = "SELECT * FROM consumers WHERE id > $1 AND ((lower(name) >= $3 \
+        let plain = "SELECT * FROM consumers_v WHERE id > $1 ORDER BY id LIMIT $2";
+        let searched = "SELECT * FROM consumers_v WHERE id > $1 AND ((lower(name) >= $3 \
                         AND lower(name) < $4) OR id = $5 OR external_id = $5) ORDER BY id LIMIT $2";
         fetch_page(&self.pool, plain, searched, page, consumer_from_row).await
     }
@@ -445,8 +447,8 @@ impl Store for PgStore {
 
     async fn find_consumer(&self, by: ConsumerLookup<'_>) -> Result<Option<Consumer>> {
         let (sql, value) = match by {
-            ConsumerLookup::ExternalId(v) => ("SELECT * FROM consumers WHERE external_id = $1", v),
-            ConsumerLookup::Name(v) => ("SELECT * FROM consumers WHERE name = $1 ORDER BY id LIMIT 1", v),
+            ConsumerLookup::ExternalId(v) => ("SELECT * FROM consumers_v WHERE external_id = $1", v),
+            ConsumerLookup::Name(v) => ("SELECT * FROM consumers_v WHERE name = $1 ORDER BY id LIMIT 1", v),
         };
         fetch_by_id(&self.pool, sql, value, consumer_from_row).await
     }
@@ -462,7 +464,8 @@ impl Store for PgStore {
             "UPDATE consumers SET name = COALESCE($1, name), metadata = COALESCE($2, metadata), \
              disabled = COALESCE($3, disabled), rate_limits = CASE WHEN $4 THEN $5 ELSE rate_limits END, \
              external_id = CASE WHEN $6 THEN $7 ELSE external_id END, leak_policy = COALESCE($8, leak_policy), \
-             updated_at = $9 WHERE id = $10 RETURNING *",
+             plan_id = CASE WHEN $9 THEN $10 ELSE plan_id END, owner_id = CASE WHEN $11 THEN $12 ELSE owner_id END, \
+             updated_at = $13 WHERE id = $14 RETURNING id",
         )
         .bind(&patch.name)
         .bind(patch.metadata.as_ref().map(json_text))
@@ -472,16 +475,168 @@ impl Store for PgStore {
         .bind(patch.external_id.is_some())
         .bind(patch.external_id.clone().flatten())
         .bind(patch.leak_policy.map(LeakPolicy::as_str))
+        .bind(patch.plan_id.is_some())
+        .bind(patch.plan_id.clone().flatten())
+        .bind(patch.owner_id.is_some())
+        .bind(patch.owner_id.clone().flatten())
         .bind(patch.updated_at)
         .bind(id)
         .fetch_optional(&mut *tx)
         .await
         .map_err(map_err)?;
-        let Some(row) = row else { return Ok(None) };
+        if row.is_none() {
+            return Ok(None);
+        }
+        let row = sqlx::query("SELECT * FROM consumers_v WHERE id = $1")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_err)?;
         let consumer = consumer_from_row(&row)?;
         insert_audit(&mut tx, audit).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(Some(consumer))
+    }
+
+    async fn consumers_where(&self, of: ConsumersOf<'_>, page: &Page) -> Result<Vec<Consumer>> {
+        let (sql, value) = match of {
+            ConsumersOf::Owner(v) => {
+                ("SELECT * FROM consumers_v WHERE owner_id = $1 AND id > $2 ORDER BY id LIMIT $3", v)
+            }
+            ConsumersOf::Plan(v) => {
+                ("SELECT * FROM consumers_v WHERE plan_id = $1 AND id > $2 ORDER BY id LIMIT $3", v)
+            }
+        };
+        let rows = sqlx::query(sql)
+            .bind(value)
+            .bind(page.after.as_deref().unwrap_or(""))
+            .bind(i64::from(page.limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(consumer_from_row).collect()
+    }
+
+    async fn insert_plan(&self, plan: &Plan, audit: &NewAudit) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        if plan.is_default {
+            sqlx::query("UPDATE plans SET is_default = FALSE WHERE is_default")
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
+        sqlx::query(
+            "INSERT INTO plans (id, name, name_key, description, rate_limits, quota, allowed_scopes, \
+             key_lifetime_seconds, self_service, is_default, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        )
+        .bind(&plan.id)
+        .bind(&plan.name)
+        .bind(plan.name.to_lowercase())
+        .bind(&plan.description)
+        .bind(opt_json(&plan.rate_limits)?)
+        .bind(opt_json(&plan.quota)?)
+        .bind(opt_json(&plan.allowed_scopes)?)
+        .bind(plan.key_lifetime_seconds)
+        .bind(plan.self_service)
+        .bind(plan.is_default)
+        .bind(plan.created_at)
+        .bind(plan.updated_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn get_plan(&self, id: &str) -> Result<Option<Plan>> {
+        fetch_by_id(&self.pool, "SELECT * FROM plans WHERE id = $1", id, plan_from_row).await
+    }
+
+    async fn find_plan(&self, name: &str) -> Result<Option<Plan>> {
+        fetch_by_id(
+            &self.pool,
+            "SELECT * FROM plans WHERE name_key = $1",
+            &name.to_lowercase(),
+            plan_from_row,
+        )
+        .await
+    }
+
+    async fn list_plans(&self) -> Result<Vec<Plan>> {
+        let rows = sqlx::query("SELECT * FROM plans ORDER BY name_key LIMIT 1000")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(plan_from_row).collect()
+    }
+
+    async fn update_plan(&self, id: &str, p: &PlanPatch, audit: &NewAudit) -> Result<Option<Plan>> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        if p.is_default == Some(true) {
+            sqlx::query("UPDATE plans SET is_default = FALSE WHERE is_default AND id <> $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
+        let row = sqlx::query(
+            "UPDATE plans SET name = COALESCE($1, name), name_key = COALESCE($2, name_key), \
+             description = CASE WHEN $3 THEN $4 ELSE description END, \
+             rate_limits = CASE WHEN $5 THEN $6 ELSE rate_limits END, \
+             quota = CASE WHEN $7 THEN $8 ELSE quota END, \
+             allowed_scopes = CASE WHEN $9 THEN $10 ELSE allowed_scopes END, \
+             key_lifetime_seconds = CASE WHEN $11 THEN $12 ELSE key_lifetime_seconds END, \
+             self_service = COALESCE($13, self_service), is_default = COALESCE($14, is_default), \
+             updated_at = $15 WHERE id = $16 RETURNING *",
+        )
+        .bind(&p.name)
+        .bind(p.name.as_ref().map(|n| n.to_lowercase()))
+        .bind(p.description.is_some())
+        .bind(p.description.clone().flatten())
+        .bind(p.rate_limits.is_some())
+        .bind(opt_json(&p.rate_limits.clone().flatten())?)
+        .bind(p.quota.is_some())
+        .bind(opt_json(&p.quota.clone().flatten())?)
+        .bind(p.allowed_scopes.is_some())
+        .bind(opt_json(&p.allowed_scopes.clone().flatten())?)
+        .bind(p.key_lifetime_seconds.is_some())
+        .bind(p.key_lifetime_seconds.flatten())
+        .bind(p.self_service)
+        .bind(p.is_default)
+        .bind(p.updated_at)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let Some(row) = row else { return Ok(None) };
+        let plan = plan_from_row(&row)?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(Some(plan))
+    }
+
+    async fn delete_plan(&self, id: &str, audit: &NewAudit) -> Result<bool> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let used: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM consumers WHERE plan_id = $1")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        if used > 0 {
+            return Err(StoreError::Conflict(format!("{used} consumer(s) are on this plan")));
+        }
+        let deleted = sqlx::query("DELETE FROM plans WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        if deleted.rows_affected() == 0 {
+            return Ok(false);
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(true)
     }
 
     async fn insert_key(&self, key: &ApiKey, secret: &StoredSecret, audit: &NewAudit) -> Result<()> {
@@ -638,9 +793,9 @@ impl Store for PgStore {
 
     async fn find_secret(&self, hash: &SecretHash) -> Result<Option<SecretRecord>> {
         let row = sqlx::query(
-            "SELECT s.hash AS hash, s.expires_at AS secret_expires_at, c.disabled AS consumer_disabled, \
+            "SELECT s.hash AS hash, s.expires_at AS secret_expires_at, (c.disabled OR c.owner_disabled) AS consumer_disabled, \
              c.rate_limits AS consumer_rate_limits, k.* \
-             FROM key_secrets s JOIN api_keys k ON k.id = s.key_id JOIN consumers c ON c.id = k.consumer_id \
+             FROM key_secrets s JOIN api_keys k ON k.id = s.key_id JOIN consumers_v c ON c.id = k.consumer_id \
              WHERE s.hash = $1",
         )
         .bind(&hash.as_bytes()[..])

@@ -206,7 +206,7 @@ impl UserStore for PgStore {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
         sqlx::query(
                         "INSERT INTO users (id, username, username_key, email, display_name, password_hash, allowed_scopes, \
-             roles, disabled, created_at, updated_at, last_login_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+             roles, disabled, created_at, updated_at, last_login_at, email_verified_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         )
         .bind(&u.id)
         .bind(&u.username)
@@ -220,6 +220,7 @@ impl UserStore for PgStore {
         .bind(u.created_at)
         .bind(u.updated_at)
         .bind(u.last_login_at)
+        .bind(u.email_verified_at)
         .execute(&mut *tx)
         .await
         .map_err(map_err)?;
@@ -241,6 +242,16 @@ impl UserStore for PgStore {
         .await
     }
 
+    async fn find_user_by_email(&self, email: &str) -> Result<Option<User>> {
+        fetch_by_id(
+            &self.pool,
+            "SELECT * FROM users WHERE lower(email) = $1 ORDER BY created_at, id LIMIT 1",
+            &email.to_ascii_lowercase(),
+            user_from_row,
+        )
+        .await
+    }
+
     async fn list_users(&self, page: &Page) -> Result<Vec<User>> {
         let plain = "SELECT * FROM users WHERE id > $1 ORDER BY id LIMIT $2";
         let searched = "SELECT * FROM users WHERE id > $1 AND ((lower(username) >= $3 \
@@ -256,7 +267,8 @@ impl UserStore for PgStore {
              email = CASE WHEN $3 THEN $4 ELSE email END, \
              display_name = CASE WHEN $5 THEN $6 ELSE display_name END, \
                           allowed_scopes = CASE WHEN $7 THEN $8 ELSE allowed_scopes END, \
-             roles = COALESCE($9, roles), disabled = COALESCE($10, disabled), password_hash = COALESCE($11, password_hash), updated_at = $12 \
+             roles = COALESCE($9, roles), disabled = COALESCE($10, disabled), password_hash = COALESCE($11, password_hash), \
+             email_verified_at = CASE WHEN $14 THEN $15 ELSE email_verified_at END, updated_at = $12 \
              WHERE id = $13 RETURNING *",
         )
         .bind(&p.username)
@@ -272,6 +284,8 @@ impl UserStore for PgStore {
         .bind(&p.password_hash)
         .bind(p.updated_at)
         .bind(id)
+        .bind(p.email_verified_at.is_some())
+        .bind(p.email_verified_at.flatten())
         .fetch_optional(&mut *tx)
         .await
         .map_err(map_err)?;
@@ -285,6 +299,13 @@ impl UserStore for PgStore {
     async fn delete_user(&self, id: &str, audit: &NewAudit) -> Result<bool> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
         revoke_families_where(&mut tx, Families::OfUser, id, audit.at).await?;
+        // Their applications stop with them (and stay, disabled, with the owner's id, for the record).
+        sqlx::query("UPDATE consumers SET disabled = TRUE, updated_at = $1 WHERE owner_id = $2")
+            .bind(audit.at)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
         // Grants, codes, families and refresh tokens go with the user (foreign keys cascade).
         let deleted = sqlx::query("DELETE FROM users WHERE id = $1")
             .bind(id)

@@ -60,6 +60,25 @@ macro_rules! row_mappers {
                 },
                 created_at: row.try_get("created_at").map_err(map_err)?,
                 updated_at: row.try_get("updated_at").map_err(map_err)?,
+                owner_id: row.try_get("owner_id").map_err(map_err)?,
+                plan_id: row.try_get("plan_id").map_err(map_err)?,
+                owner_disabled: row.try_get("owner_disabled").map_err(map_err)?,
+            })
+        }
+
+        pub(crate) fn plan_from_row(row: &$row) -> Result<crate::Plan> {
+            Ok(crate::Plan {
+                id: row.try_get("id").map_err(map_err)?,
+                name: row.try_get("name").map_err(map_err)?,
+                description: row.try_get("description").map_err(map_err)?,
+                rate_limits: parse_opt(row, "rate_limits")?,
+                quota: parse_opt(row, "quota")?,
+                allowed_scopes: parse_opt(row, "allowed_scopes")?,
+                key_lifetime_seconds: row.try_get("key_lifetime_seconds").map_err(map_err)?,
+                self_service: row.try_get("self_service").map_err(map_err)?,
+                is_default: row.try_get("is_default").map_err(map_err)?,
+                created_at: row.try_get("created_at").map_err(map_err)?,
+                updated_at: row.try_get("updated_at").map_err(map_err)?,
             })
         }
 
@@ -206,6 +225,7 @@ macro_rules! row_mappers {
                 created_at: row.try_get("created_at").map_err(map_err)?,
                 updated_at: row.try_get("updated_at").map_err(map_err)?,
                 last_login_at: row.try_get("last_login_at").map_err(map_err)?,
+                email_verified_at: row.try_get("email_verified_at").map_err(map_err)?,
             })
         }
 

@@ -13,9 +13,9 @@ use sqlx::sqlite::{
 use sqlx::{Row, SqlitePool};
 
 use crate::{
-    ApiKey, AuditEvent, AuditFilter, Consumer, ConsumerLookup, ConsumerPatch, Granularity, KeyPatch,
-    KeyTotal, KeyUsage, LeakPolicy, NewAudit, NewEvent, Page, Result, SecretRecord, Store, StoreError,
-    StoredSecret, UsageQuery, UsageRow,
+    ApiKey, AuditEvent, AuditFilter, Consumer, ConsumerLookup, ConsumerPatch, ConsumersOf, Granularity,
+    KeyPatch, KeyTotal, KeyUsage, LeakPolicy, NewAudit, NewEvent, Page, Plan, PlanPatch, Result,
+    SecretRecord, Store, StoreError, StoredSecret, UsageQuery, UsageRow,
 };
 
 /// Migrations, applied in order, each exactly once. Never edit one that has shipped: add a new one.
@@ -449,6 +449,38 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE users ADD COLUMN roles TEXT NOT NULL DEFAULT '[]';
     CREATE INDEX users_by_email ON users (email) WHERE email IS NOT NULL;
     "#,
+    // 19: plans (named usage controls consumers are put on), consumers owned by users (the developer
+    // portal's applications), verified email addresses. `consumers_v` is what every read of a consumer
+    // sees: the plan's rate limits for a consumer on a plan, and whether its owner is suspended.
+    r#"
+    CREATE TABLE plans (
+        id                   TEXT PRIMARY KEY,
+        name                 TEXT NOT NULL,
+        name_key             TEXT NOT NULL UNIQUE,
+        description          TEXT,
+        rate_limits          TEXT,
+        quota                TEXT,
+        allowed_scopes       TEXT,
+        key_lifetime_seconds INTEGER,
+        self_service         INTEGER NOT NULL DEFAULT 0,
+        is_default           INTEGER NOT NULL DEFAULT 0,
+        created_at           INTEGER NOT NULL,
+        updated_at           INTEGER NOT NULL
+    );
+    CREATE UNIQUE INDEX plans_one_default ON plans (is_default) WHERE is_default;
+    ALTER TABLE consumers ADD COLUMN owner_id TEXT;
+    ALTER TABLE consumers ADD COLUMN plan_id TEXT;
+    CREATE INDEX consumers_by_owner ON consumers (owner_id) WHERE owner_id IS NOT NULL;
+    CREATE INDEX consumers_by_plan ON consumers (plan_id) WHERE plan_id IS NOT NULL;
+    ALTER TABLE users ADD COLUMN email_verified_at INTEGER;
+    CREATE INDEX users_by_email_lower ON users (lower(email)) WHERE email IS NOT NULL;
+    CREATE VIEW consumers_v AS
+        SELECT c.id, c.name, c.metadata, c.disabled, c.system, c.created_at, c.updated_at,
+               CASE WHEN c.plan_id IS NULL THEN c.rate_limits ELSE p.rate_limits END AS rate_limits,
+               c.external_id, c.leak_policy, c.owner_id, c.plan_id,
+               COALESCE(u.disabled, 0) AS owner_disabled
+        FROM consumers c LEFT JOIN plans p ON p.id = c.plan_id LEFT JOIN users u ON u.id = c.owner_id;
+    "#,
 ];
 
 /// The key search statement, with one more condition (on `?6`, the consumer).
@@ -597,7 +629,7 @@ pub(crate) async fn insert_audit(tx: &mut Tx<'_>, a: &NewAudit) -> Result<()> {
 async fn insert_consumer_tx(tx: &mut Tx<'_>, c: &Consumer) -> Result<()> {
     sqlx::query(
         "INSERT INTO consumers (id, name, metadata, disabled, system, rate_limits, external_id, leak_policy, \
-         created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         created_at, updated_at, owner_id, plan_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(&c.id)
     .bind(&c.name)
@@ -609,6 +641,8 @@ async fn insert_consumer_tx(tx: &mut Tx<'_>, c: &Consumer) -> Result<()> {
     .bind(c.leak_policy.as_str())
     .bind(c.created_at)
     .bind(c.updated_at)
+    .bind(&c.owner_id)
+    .bind(&c.plan_id)
     .execute(&mut **tx)
     .await
     .map_err(map_err)?;
@@ -766,12 +800,12 @@ impl Store for SqliteStore {
     }
 
     async fn get_consumer(&self, id: &str) -> Result<Option<Consumer>> {
-        fetch_by_id(&self.pool, "SELECT * FROM consumers WHERE id = ?", id, consumer_from_row).await
+        fetch_by_id(&self.pool, "SELECT * FROM consumers_v WHERE id = ?", id, consumer_from_row).await
     }
 
     async fn list_consumers(&self, page: &Page) -> Result<Vec<Consumer>> {
-        let plain = "SELECT * FROM consumers WHERE id > ?1 ORDER BY id LIMIT ?2";
-        let searched = "SELECT * FROM consumers WHERE id > ?1 AND ((name >= ?3 COLLATE NOCASE \
+        let plain = "SELECT * FROM consumers_v WHERE id > ?1 ORDER BY id LIMIT ?2";
+        let searched = "SELECT * FROM consumers_v WHERE id > ?1 AND ((name >= ?3 COLLATE NOCASE \
                         AND name < ?4 COLLATE NOCASE) OR id = ?5 OR external_id = ?5) ORDER BY id LIMIT ?2";
         fetch_page(&self.pool, plain, searched, page, consumer_from_row).await
     }
@@ -793,8 +827,8 @@ impl Store for SqliteStore {
 
     async fn find_consumer(&self, by: ConsumerLookup<'_>) -> Result<Option<Consumer>> {
         let (sql, value) = match by {
-            ConsumerLookup::ExternalId(v) => ("SELECT * FROM consumers WHERE external_id = ?", v),
-            ConsumerLookup::Name(v) => ("SELECT * FROM consumers WHERE name = ? ORDER BY id LIMIT 1", v),
+            ConsumerLookup::ExternalId(v) => ("SELECT * FROM consumers_v WHERE external_id = ?", v),
+            ConsumerLookup::Name(v) => ("SELECT * FROM consumers_v WHERE name = ? ORDER BY id LIMIT 1", v),
         };
         fetch_by_id(&self.pool, sql, value, consumer_from_row).await
     }
@@ -810,7 +844,8 @@ impl Store for SqliteStore {
             "UPDATE consumers SET name = COALESCE(?, name), metadata = COALESCE(?, metadata), \
              disabled = COALESCE(?, disabled), rate_limits = CASE WHEN ? THEN ? ELSE rate_limits END, \
              external_id = CASE WHEN ? THEN ? ELSE external_id END, leak_policy = COALESCE(?, leak_policy), \
-             updated_at = ? WHERE id = ? RETURNING *",
+             plan_id = CASE WHEN ? THEN ? ELSE plan_id END, owner_id = CASE WHEN ? THEN ? ELSE owner_id END, \
+             updated_at = ? WHERE id = ? RETURNING id",
         )
         .bind(&patch.name)
         .bind(patch.metadata.as_ref().map(json_text))
@@ -820,16 +855,163 @@ impl Store for SqliteStore {
         .bind(patch.external_id.is_some())
         .bind(patch.external_id.clone().flatten())
         .bind(patch.leak_policy.map(LeakPolicy::as_str))
+        .bind(patch.plan_id.is_some())
+        .bind(patch.plan_id.clone().flatten())
+        .bind(patch.owner_id.is_some())
+        .bind(patch.owner_id.clone().flatten())
         .bind(patch.updated_at)
         .bind(id)
         .fetch_optional(&mut *tx)
         .await
         .map_err(map_err)?;
-        let Some(row) = row else { return Ok(None) };
+        if row.is_none() {
+            return Ok(None);
+        }
+        let row = sqlx::query("SELECT * FROM consumers_v WHERE id = ?")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_err)?;
         let consumer = consumer_from_row(&row)?;
         insert_audit(&mut tx, audit).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(Some(consumer))
+    }
+
+    async fn consumers_where(&self, of: ConsumersOf<'_>, page: &Page) -> Result<Vec<Consumer>> {
+        let (sql, value) = match of {
+            ConsumersOf::Owner(v) => {
+                ("SELECT * FROM consumers_v WHERE owner_id = ? AND id > ? ORDER BY id LIMIT ?", v)
+            }
+            ConsumersOf::Plan(v) => {
+                ("SELECT * FROM consumers_v WHERE plan_id = ? AND id > ? ORDER BY id LIMIT ?", v)
+            }
+        };
+        let rows = sqlx::query(sql)
+            .bind(value)
+            .bind(page.after.as_deref().unwrap_or(""))
+            .bind(i64::from(page.limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(consumer_from_row).collect()
+    }
+
+    async fn insert_plan(&self, plan: &Plan, audit: &NewAudit) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        if plan.is_default {
+            sqlx::query("UPDATE plans SET is_default = FALSE WHERE is_default")
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
+        sqlx::query(
+            "INSERT INTO plans (id, name, name_key, description, rate_limits, quota, allowed_scopes, \
+             key_lifetime_seconds, self_service, is_default, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&plan.id)
+        .bind(&plan.name)
+        .bind(plan.name.to_lowercase())
+        .bind(&plan.description)
+        .bind(opt_json(&plan.rate_limits)?)
+        .bind(opt_json(&plan.quota)?)
+        .bind(opt_json(&plan.allowed_scopes)?)
+        .bind(plan.key_lifetime_seconds)
+        .bind(plan.self_service)
+        .bind(plan.is_default)
+        .bind(plan.created_at)
+        .bind(plan.updated_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn get_plan(&self, id: &str) -> Result<Option<Plan>> {
+        fetch_by_id(&self.pool, "SELECT * FROM plans WHERE id = ?", id, plan_from_row).await
+    }
+
+    async fn find_plan(&self, name: &str) -> Result<Option<Plan>> {
+        fetch_by_id(&self.pool, "SELECT * FROM plans WHERE name_key = ?", &name.to_lowercase(), plan_from_row)
+            .await
+    }
+
+    async fn list_plans(&self) -> Result<Vec<Plan>> {
+        let rows = sqlx::query("SELECT * FROM plans ORDER BY name_key LIMIT 1000")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(plan_from_row).collect()
+    }
+
+    async fn update_plan(&self, id: &str, p: &PlanPatch, audit: &NewAudit) -> Result<Option<Plan>> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        if p.is_default == Some(true) {
+            sqlx::query("UPDATE plans SET is_default = FALSE WHERE is_default AND id <> ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
+        let row = sqlx::query(
+            "UPDATE plans SET name = COALESCE(?, name), name_key = COALESCE(?, name_key), \
+             description = CASE WHEN ? THEN ? ELSE description END, \
+             rate_limits = CASE WHEN ? THEN ? ELSE rate_limits END, \
+             quota = CASE WHEN ? THEN ? ELSE quota END, \
+             allowed_scopes = CASE WHEN ? THEN ? ELSE allowed_scopes END, \
+             key_lifetime_seconds = CASE WHEN ? THEN ? ELSE key_lifetime_seconds END, \
+             self_service = COALESCE(?, self_service), is_default = COALESCE(?, is_default), \
+             updated_at = ? WHERE id = ? RETURNING *",
+        )
+        .bind(&p.name)
+        .bind(p.name.as_ref().map(|n| n.to_lowercase()))
+        .bind(p.description.is_some())
+        .bind(p.description.clone().flatten())
+        .bind(p.rate_limits.is_some())
+        .bind(opt_json(&p.rate_limits.clone().flatten())?)
+        .bind(p.quota.is_some())
+        .bind(opt_json(&p.quota.clone().flatten())?)
+        .bind(p.allowed_scopes.is_some())
+        .bind(opt_json(&p.allowed_scopes.clone().flatten())?)
+        .bind(p.key_lifetime_seconds.is_some())
+        .bind(p.key_lifetime_seconds.flatten())
+        .bind(p.self_service)
+        .bind(p.is_default)
+        .bind(p.updated_at)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let Some(row) = row else { return Ok(None) };
+        let plan = plan_from_row(&row)?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(Some(plan))
+    }
+
+    async fn delete_plan(&self, id: &str, audit: &NewAudit) -> Result<bool> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let used: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM consumers WHERE plan_id = ?")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        if used > 0 {
+            return Err(StoreError::Conflict(format!("{used} consumer(s) are on this plan")));
+        }
+        let deleted = sqlx::query("DELETE FROM plans WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        if deleted.rows_affected() == 0 {
+            return Ok(false);
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(true)
     }
 
     async fn insert_key(&self, key: &ApiKey, secret: &StoredSecret, audit: &NewAudit) -> Result<()> {
@@ -984,9 +1166,9 @@ impl Store for SqliteStore {
 
     async fn find_secret(&self, hash: &SecretHash) -> Result<Option<SecretRecord>> {
         let row = sqlx::query(
-            "SELECT s.hash AS hash, s.expires_at AS secret_expires_at, c.disabled AS consumer_disabled, \
+            "SELECT s.hash AS hash, s.expires_at AS secret_expires_at, (c.disabled OR c.owner_disabled) AS consumer_disabled, \
              c.rate_limits AS consumer_rate_limits, k.* \
-             FROM key_secrets s JOIN api_keys k ON k.id = s.key_id JOIN consumers c ON c.id = k.consumer_id \
+             FROM key_secrets s JOIN api_keys k ON k.id = s.key_id JOIN consumers_v c ON c.id = k.consumer_id \
              WHERE s.hash = ?",
         )
         .bind(&hash.as_bytes()[..])

@@ -202,7 +202,7 @@ impl UserStore for SqliteStore {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
         sqlx::query(
                         "INSERT INTO users (id, username, username_key, email, display_name, password_hash, allowed_scopes, \
-             roles, disabled, created_at, updated_at, last_login_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             roles, disabled, created_at, updated_at, last_login_at, email_verified_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&u.id)
         .bind(&u.username)
@@ -216,6 +216,7 @@ impl UserStore for SqliteStore {
         .bind(u.created_at)
         .bind(u.updated_at)
         .bind(u.last_login_at)
+        .bind(u.email_verified_at)
         .execute(&mut *tx)
         .await
         .map_err(map_err)?;
@@ -237,6 +238,16 @@ impl UserStore for SqliteStore {
         .await
     }
 
+    async fn find_user_by_email(&self, email: &str) -> Result<Option<User>> {
+        fetch_by_id(
+            &self.pool,
+            "SELECT * FROM users WHERE lower(email) = ? ORDER BY created_at, id LIMIT 1",
+            &email.to_ascii_lowercase(),
+            user_from_row,
+        )
+        .await
+    }
+
     async fn list_users(&self, page: &Page) -> Result<Vec<User>> {
         let plain = "SELECT * FROM users WHERE id > ?1 ORDER BY id LIMIT ?2";
         let searched = "SELECT * FROM users WHERE id > ?1 AND ((username >= ?3 COLLATE NOCASE \
@@ -252,7 +263,8 @@ impl UserStore for SqliteStore {
              email = CASE WHEN ? THEN ? ELSE email END, \
              display_name = CASE WHEN ? THEN ? ELSE display_name END, \
                           allowed_scopes = CASE WHEN ? THEN ? ELSE allowed_scopes END, \
-             roles = COALESCE(?, roles), disabled = COALESCE(?, disabled), password_hash = COALESCE(?, password_hash), updated_at = ? \
+             roles = COALESCE(?, roles), disabled = COALESCE(?, disabled), password_hash = COALESCE(?, password_hash), \
+             email_verified_at = CASE WHEN ? THEN ? ELSE email_verified_at END, updated_at = ? \
              WHERE id = ? RETURNING *",
         )
         .bind(&p.username)
@@ -266,6 +278,8 @@ impl UserStore for SqliteStore {
         .bind(p.roles.as_ref().map(to_json).transpose()?)
         .bind(p.disabled)
         .bind(&p.password_hash)
+        .bind(p.email_verified_at.is_some())
+        .bind(p.email_verified_at.flatten())
         .bind(p.updated_at)
         .bind(id)
         .fetch_optional(&mut *tx)
@@ -281,6 +295,13 @@ impl UserStore for SqliteStore {
     async fn delete_user(&self, id: &str, audit: &NewAudit) -> Result<bool> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
         revoke_families_where(&mut tx, Families::OfUser, id, audit.at).await?;
+        // Their applications stop with them (and stay, disabled, with the owner's id, for the record).
+        sqlx::query("UPDATE consumers SET disabled = TRUE, updated_at = ? WHERE owner_id = ?")
+            .bind(audit.at)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
         // Grants, codes, families and refresh tokens go with the user (foreign keys cascade).
         let deleted = sqlx::query("DELETE FROM users WHERE id = ?")
             .bind(id)

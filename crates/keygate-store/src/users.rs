@@ -33,6 +33,8 @@ pub struct User {
     pub created_at: i64,
     pub updated_at: i64,
     pub last_login_at: Option<i64>,
+    /// When the user proved they receive mail at `email` (the portal's verification link).
+    pub email_verified_at: Option<i64>,
 }
 
 /// A change to a user. `Some(None)` clears an optional field.
@@ -45,6 +47,8 @@ pub struct UserPatch {
     pub roles: Option<Vec<String>>,
     pub disabled: Option<bool>,
     pub password_hash: Option<String>,
+    /// `Some(None)`: the email address is no longer verified.
+    pub email_verified_at: Option<Option<i64>>,
     pub updated_at: i64,
 }
 
@@ -186,6 +190,8 @@ pub trait UserStore: Send + Sync + 'static {
     async fn get_user(&self, id: &str) -> Result<Option<User>>;
     /// By username, ignoring case.
     async fn find_user(&self, username: &str) -> Result<Option<User>>;
+    /// The oldest user with this email address, ignoring ASCII case.
+    async fn find_user_by_email(&self, email: &str) -> Result<Option<User>>;
     async fn list_users(&self, page: &Page) -> Result<Vec<User>>;
     /// `Conflict` if a new username is taken.
     async fn update_user(&self, id: &str, patch: &UserPatch, audit: &NewAudit) -> Result<Option<User>>;

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use keygate_core::{Environment, SecretHash};
 use keygate_store::{
     ApiKey, Attempt, AttemptOutcome, AuditFilter, Backend, ConnectOptions, Consumer, Granularity, KeyPatch,
-    KeyTotal, KeyUsage, LeakPolicy, LeakReport, NewAudit, NewEvent, Page, Store, StoreError, StoredSecret,
-    UsageQuery, WebhookEndpoint, WebhookPatch,
+    KeyTotal, KeyUsage, LeakReport, NewAudit, NewEvent, Page, Store, StoreError, StoredSecret, UsageQuery,
+    WebhookEndpoint, WebhookPatch,
 };
 use serde_json::json;
 
@@ -62,18 +62,7 @@ fn audit(id: &str, action: &str, target: &str, at: i64) -> NewAudit {
 }
 
 fn consumer(id: &str) -> Consumer {
-    Consumer {
-        id: id.into(),
-        name: id.into(),
-        metadata: json!({}),
-        disabled: false,
-        system: false,
-        rate_limits: None,
-        external_id: None,
-        leak_policy: LeakPolicy::Revoke,
-        created_at: 1,
-        updated_at: 1,
-    }
+    Consumer::new(id.into(), id.into(), json!({}), 1)
 }
 
 fn endpoint(id: &str, events: &[&str], enabled: bool) -> WebhookEndpoint {
@@ -762,6 +751,7 @@ async fn oauth_state_is_exactly_once(store: Arc<dyn Backend>) {
         created_at: 1,
         updated_at: 1,
         last_login_at: None,
+        email_verified_at: None,
     };
     store.insert_user(&user, &audit("evt_u", "user.create", "usr_1", 1)).await.unwrap();
     let code = keygate_store::AuthCode {
@@ -899,6 +889,160 @@ async fn exclusive_locks_take_turns(store: Arc<dyn Backend>) {
     assert!(matches!(got, Ok(Ok(Ok(())))), "the second holder gets in once the first lets go");
 }
 
+fn plan(id: &str, name: &str, limit: u64) -> keygate_store::Plan {
+    keygate_store::Plan {
+        id: id.into(),
+        name: name.into(),
+        description: None,
+        rate_limits: Some(vec![keygate_core::limits::RateLimit {
+            name: "m".into(),
+            limit,
+            window_seconds: 60,
+        }]),
+        quota: None,
+        allowed_scopes: Some(vec!["read".into()]),
+        key_lifetime_seconds: None,
+        self_service: true,
+        is_default: false,
+        created_at: 1,
+        updated_at: 1,
+    }
+}
+
+/// Contract: a consumer on a plan reads the plan's rate limits (a change to the plan reaches it at once,
+/// also through the verify path's one read); a suspended owner stops the consumer's keys (and their
+/// deletion disables it, keeping the owner's id); at most one plan is the default; names are unique
+/// ignoring case; a plan in use cannot be deleted; consumers list by owner and by plan.
+async fn plans_and_owners(store: Arc<dyn Backend>) {
+    use keygate_store::{ConsumerPatch, ConsumersOf, PlanPatch, User};
+    let free = plan("plan_free", "Free", 10);
+    store.insert_plan(&free, &audit("evt_p1", "plan.create", "plan_free", 1)).await.unwrap();
+    let dup = plan("plan_dup", "FREE", 1);
+    assert!(matches!(
+        store.insert_plan(&dup, &audit("evt_p2", "plan.create", "plan_dup", 1)).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(store.find_plan("free").await.unwrap().unwrap().id, "plan_free");
+    let pro = keygate_store::Plan { is_default: true, ..plan("plan_pro", "Pro", 1000) };
+    store.insert_plan(&pro, &audit("evt_p3", "plan.create", "plan_pro", 1)).await.unwrap();
+    let patch = PlanPatch { is_default: Some(true), updated_at: 2, ..PlanPatch::default() };
+    store.update_plan("plan_free", &patch, &audit("evt_p4", "plan.update", "plan_free", 2)).await.unwrap();
+    let plans = store.list_plans().await.unwrap();
+    assert_eq!(
+        plans.iter().map(|p| (p.name.as_str(), p.is_default)).collect::<Vec<_>>(),
+        [("Free", true), ("Pro", false)]
+    );
+
+    let user = User {
+        id: "usr_dev".into(),
+        username: "dev".into(),
+        email: Some("Dev@Example.com".into()),
+        display_name: None,
+        password_hash: None,
+        allowed_scopes: None,
+        roles: vec![],
+        disabled: false,
+        created_at: 1,
+        updated_at: 1,
+        last_login_at: None,
+        email_verified_at: Some(1),
+    };
+    store.insert_user(&user, &audit("evt_u1", "user.create", "usr_dev", 1)).await.unwrap();
+    assert_eq!(store.find_user_by_email("dev@example.COM").await.unwrap().unwrap().id, "usr_dev");
+    assert!(store.find_user_by_email("other@example.com").await.unwrap().is_none());
+    let app = Consumer {
+        owner_id: Some("usr_dev".into()),
+        plan_id: Some("plan_free".into()),
+        rate_limits: Some(vec![]),
+        ..consumer("cons_app")
+    };
+    store.insert_consumer(&app, &audit("evt_c1", "consumer.create", "cons_app", 1)).await.unwrap();
+    store
+        .insert_consumer(&consumer("cons_other"), &audit("evt_c2", "consumer.create", "cons_other", 1))
+        .await
+        .unwrap();
+    let got = store.get_consumer("cons_app").await.unwrap().unwrap();
+    assert_eq!(got.rate_limits.as_ref().unwrap()[0].limit, 10, "the plan's limits, not the consumer's own");
+    assert!(!got.owner_disabled);
+    let key = ApiKey::new(
+        "key_app".into(),
+        "cons_app".into(),
+        "k".into(),
+        Environment::Live,
+        vec!["read".into()],
+        json!({}),
+        None,
+        "kg_live_ap".into(),
+        2,
+    );
+    let hash = SecretHash::of("app-secret");
+    store
+        .insert_key(
+            &key,
+            &StoredSecret::new(hash, "key_app", "kg_live_ap", 2),
+            &audit("evt_k1", "key.create", "key_app", 2),
+        )
+        .await
+        .unwrap();
+    let rec = store.find_secret(&hash).await.unwrap().unwrap();
+    assert!(!rec.consumer_disabled);
+    assert_eq!(rec.consumer_rate_limits.unwrap()[0].limit, 10);
+
+    let patch = PlanPatch {
+        rate_limits: Some(Some(vec![keygate_core::limits::RateLimit {
+            name: "m".into(),
+            limit: 20,
+            window_seconds: 60,
+        }])),
+        updated_at: 3,
+        ..PlanPatch::default()
+    };
+    store.update_plan("plan_free", &patch, &audit("evt_p5", "plan.update", "plan_free", 3)).await.unwrap();
+    assert_eq!(store.find_secret(&hash).await.unwrap().unwrap().consumer_rate_limits.unwrap()[0].limit, 20);
+
+    let page = Page { after: None, limit: 10, search: None };
+    let owned = store.consumers_where(ConsumersOf::Owner("usr_dev"), &page).await.unwrap();
+    assert_eq!(owned.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), ["cons_app"]);
+    let on_free = store.consumers_where(ConsumersOf::Plan("plan_free"), &page).await.unwrap();
+    assert_eq!(on_free.len(), 1);
+    assert!(matches!(
+        store.delete_plan("plan_free", &audit("evt_p6", "plan.delete", "plan_free", 3)).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(store.delete_plan("plan_pro", &audit("evt_p7", "plan.delete", "plan_pro", 3)).await.unwrap());
+    assert!(store.get_plan("plan_pro").await.unwrap().is_none());
+
+    // The owner suspended: their consumer stops, through every read.
+    let off = keygate_store::UserPatch { disabled: Some(true), updated_at: 4, ..Default::default() };
+    store.update_user("usr_dev", &off, &audit("evt_u2", "user.disable", "usr_dev", 4)).await.unwrap();
+    assert!(store.find_secret(&hash).await.unwrap().unwrap().consumer_disabled);
+    assert!(store.get_consumer("cons_app").await.unwrap().unwrap().stopped());
+    assert!(!store.get_consumer("cons_other").await.unwrap().unwrap().stopped());
+    // Off the plan: the consumer's own limits again.
+    let patch = ConsumerPatch { plan_id: Some(None), updated_at: 5, ..ConsumerPatch::default() };
+    let c = store
+        .update_consumer("cons_app", &patch, &audit("evt_c3", "consumer.update", "cons_app", 5))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.rate_limits, Some(vec![]));
+    assert!(c.owner_disabled, "the update's answer is read through the same view");
+    // The verified address: cleared with a new address.
+    let patch =
+        keygate_store::UserPatch { email_verified_at: Some(None), updated_at: 6, ..Default::default() };
+    let u = store
+        .update_user("usr_dev", &patch, &audit("evt_u3", "user.update", "usr_dev", 6))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(u.email_verified_at, None);
+    // Deleted: the application is disabled, keeping its owner's id.
+    assert!(store.delete_user("usr_dev", &audit("evt_u4", "user.delete", "usr_dev", 7)).await.unwrap());
+    let c = store.get_consumer("cons_app").await.unwrap().unwrap();
+    assert!(c.disabled && c.owner_id.as_deref() == Some("usr_dev"));
+    assert!(store.find_secret(&hash).await.unwrap().unwrap().consumer_disabled);
+}
+
 macro_rules! suite {
     ($backend:ident: $($test:ident),* $(,)?) => {
         mod $backend {
@@ -929,6 +1073,7 @@ suite!(sqlite:
     quota_leases_never_exceed_the_pool,
     oauth_state_is_exactly_once,
     exclusive_locks_take_turns,
+    plans_and_owners,
 );
 
 suite!(postgres:
@@ -947,6 +1092,7 @@ suite!(postgres:
     quota_leases_never_exceed_the_pool,
     oauth_state_is_exactly_once,
     exclusive_locks_take_turns,
+    plans_and_owners,
 );
 
 /// `Store` is one of the traits a backend implements (a compile-time check that the suite names them).

@@ -11,7 +11,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use keygate_core::{PlainSecret, SecretHash, SecretKind};
-use keygate_store::{ClientPatch, Consumer, ConsumerLookup, LeakPolicy};
+use keygate_store::{ClientPatch, Consumer, ConsumerLookup};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
@@ -190,16 +190,13 @@ pub(crate) async fn registered_consumer(state: &AppState) -> Result<Consumer, OA
     let id = keygate_core::id::new_id("cons", now)
         .map_err(|e| OAuthError::new(OAuthErrorCode::ServerError, e.to_string()))?;
     let consumer = Consumer {
-        id: id.clone(),
-        name: "Registered clients".into(),
-        metadata: json!({"note": "OAuth clients that registered themselves (RFC 7591) or introduced themselves with a metadata document"}),
-        disabled: false,
-        system: false,
-        rate_limits: None,
         external_id: Some(REGISTERED_CONSUMER.into()),
-        leak_policy: LeakPolicy::Revoke,
-        created_at: now,
-        updated_at: now,
+        ..Consumer::new(
+            id.clone(),
+            "Registered clients".into(),
+            json!({"note": "OAuth clients that registered themselves (RFC 7591) or introduced themselves with a metadata document"}),
+            now,
+        )
     };
     let audit = crate::routes::common::audit(
         &system_actor(None),

@@ -49,7 +49,8 @@ pub struct ConsumerState {
 impl From<&Consumer> for ConsumerState {
     fn from(c: &Consumer) -> Self {
         ConsumerState {
-            disabled: c.disabled,
+            // A suspended owner stops their consumers' clients as disabling the consumer would.
+            disabled: c.stopped(),
             updated_at: c.updated_at,
             limits: Arc::new(c.rate_limits.clone().unwrap_or_default()),
         }

@@ -406,9 +406,14 @@ pub(crate) async fn new_client(
     let consumer = load_consumer(state, &req.consumer_id)
         .await
         .map_err(|e| ApiError { field: Some("consumer_id".into()), ..e })?;
-    if consumer.disabled {
-        return Err(ApiError::new(ErrorCode::ConsumerDisabled, "the consumer is disabled; enable it first"));
+    if consumer.stopped() {
+        return Err(ApiError::new(
+            ErrorCode::ConsumerDisabled,
+            "the consumer is disabled (or its owner suspended); enable it first",
+        ));
     }
+    let plan = crate::routes::plans::plan_of(state, &consumer).await?;
+    crate::routes::plans::check_plan_scopes(plan.as_ref(), "scopes", &scopes)?;
     let now = state.now();
     let secret = PlainSecret::generate(SecretKind::ClientSecret)
         .map_err(|e| ApiError::internal("random source failed", e))?;
@@ -535,6 +540,13 @@ pub async fn update_client(
     }
     if let Some(r) = &req.redirect_uris {
         check_redirect_uris(r)?;
+    }
+    if let Some(s) = &scopes {
+        let current = load_client(&state, &id).await?;
+        if let Some(consumer) = state.store.get_consumer(&current.consumer_id).await? {
+            let plan = crate::routes::plans::plan_of(&state, &consumer).await?;
+            crate::routes::plans::check_plan_scopes(plan.as_ref(), "scopes", s)?;
+        }
     }
     if grant_types.is_some()
         || req.redirect_uris.is_some()

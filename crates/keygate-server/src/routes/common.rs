@@ -207,25 +207,37 @@ pub struct NewKey {
 
 /// The one way a key is made (admin API, import, bootstrap and `keygate admin-key`): every field checked
 /// by the same rules, the consumer must be enabled, and the secret made or taken as `source` says.
-pub fn new_key(spec: KeySpec, consumer: &Consumer, source: SecretSource, now: i64) -> ApiResult<NewKey> {
+pub fn new_key(
+    spec: KeySpec,
+    consumer: &Consumer,
+    plan: Option<&keygate_store::Plan>,
+    source: SecretSource,
+    now: i64,
+) -> ApiResult<NewKey> {
     check_name(&spec.name)?;
     let scopes = check_scopes(spec.scopes)?;
+    crate::routes::plans::check_plan_scopes(plan, "scopes", &scopes)?;
     let expires_at = spec.expires_at.as_deref().map(|t| check_expiry(t, now)).transpose()?;
+    let (expires_at, quota) = crate::routes::plans::plan_key_terms(plan, expires_at, spec.quota, now)?;
     let metadata = spec.metadata.unwrap_or_else(|| json!({}));
     check_metadata(&metadata)?;
     if let Some(limits) = &spec.rate_limits {
         check_rate_limits(limits)?;
     }
-    if let Some(quota) = &spec.quota {
+    if let Some(quota) = &quota {
         check_quota(quota)?;
     }
     let allowed_ips = spec.allowed_ips.as_deref().map(check_ips).transpose()?;
-    if consumer.disabled {
+    if consumer.stopped() {
         return Err(ApiError {
             field: Some("consumer_id".into()),
             ..ApiError::new(
                 ErrorCode::ConsumerDisabled,
-                "the consumer is disabled; enable it before adding keys to it",
+                if consumer.disabled {
+                    "the consumer is disabled; enable it before adding keys to it"
+                } else {
+                    "the consumer's owner is suspended; enable the user before adding keys to it"
+                },
             )
         });
     }
@@ -253,8 +265,8 @@ pub fn new_key(spec: KeySpec, consumer: &Consumer, source: SecretSource, now: i6
         now,
     );
     key.rate_limits = spec.rate_limits;
-    key.quota_refilled_at = spec.quota.as_ref().map(|_| now);
-    key.quota = spec.quota;
+    key.quota_refilled_at = quota.as_ref().map(|_| now);
+    key.quota = quota;
     key.allowed_ips = allowed_ips;
     key.imported = imported;
     let secret = StoredSecret::new(hash, &key.id, &key.start, now);

@@ -9,7 +9,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use keygate_core::limits::RateLimit;
-use keygate_store::{Consumer, ConsumerLookup, ConsumerPatch, LeakPolicy};
+use keygate_store::{Consumer, ConsumerLookup, ConsumerPatch, ConsumersOf, LeakPolicy, Page};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::{IntoParams, ToSchema};
@@ -46,6 +46,12 @@ pub struct ConsumerView {
     /// or `notify` (only the `credential.leaked` event).
     #[schema(value_type = String, example = "revoke")]
     pub leak_policy: LeakPolicy,
+    /// The plan it is on (its rate limits are then the plan's).
+    pub plan_id: Option<String>,
+    /// The user who owns it (a developer of the portal: their "application").
+    pub owner_id: Option<String>,
+    /// The owner is disabled: this consumer's credentials stop as if it were disabled.
+    pub owner_suspended: bool,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -61,6 +67,9 @@ impl From<Consumer> for ConsumerView {
             rate_limits: c.rate_limits,
             external_id: c.external_id,
             leak_policy: c.leak_policy,
+            plan_id: c.plan_id,
+            owner_id: c.owner_id,
+            owner_suspended: c.owner_disabled,
             created_at: rfc3339(c.created_at),
             updated_at: rfc3339(c.updated_at),
         }
@@ -92,6 +101,13 @@ pub struct CreateConsumer {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub leak_policy: Option<LeakPolicy>,
+    /// A plan (`GET /v1/plans`): its rate limits replace `rate_limits`, and it bounds the consumer's keys
+    /// and clients.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan_id: Option<String>,
+    /// The user who owns the consumer (the developer portal's applications are owned by their developer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner_id: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, serde::Serialize, ToSchema)]
@@ -114,6 +130,14 @@ pub struct UpdateConsumer {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub leak_policy: Option<LeakPolicy>,
+    /// `null` takes the consumer off its plan (its own `rate_limits` apply again).
+    #[serde(skip_serializing_if = "Option::is_none", default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    pub plan_id: Option<Option<String>>,
+    /// `null`: no owner.
+    #[serde(skip_serializing_if = "Option::is_none", default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    pub owner_id: Option<Option<String>>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -127,6 +151,53 @@ pub struct ConsumerListQuery {
     pub external_id: Option<String>,
     /// Only consumers whose name starts with this (ignoring case), or whose id or external id is exactly this.
     pub q: Option<String>,
+    /// Only consumers owned by this user.
+    pub owner_id: Option<String>,
+    /// Only consumers on this plan.
+    pub plan_id: Option<String>,
+}
+
+/// A plan a consumer may be put on (it exists), and an owner (an existing user).
+async fn check_plan_and_owner(state: &AppState, plan: Option<&str>, owner: Option<&str>) -> ApiResult<()> {
+    if let Some(p) = plan
+        && state.store.get_plan(p).await?.is_none()
+    {
+        return Err(ApiError { field: Some("plan_id".into()), ..ApiError::not_found("plan", p) });
+    }
+    if let Some(u) = owner
+        && state.store.get_user(u).await?.is_none()
+    {
+        return Err(ApiError { field: Some("owner_id".into()), ..ApiError::not_found("user", u) });
+    }
+    Ok(())
+}
+
+/// What every node caches about a consumer (its keys' answers, its clients' state) is read again.
+pub async fn consumer_changed(state: &AppState, consumer: &Consumer) {
+    state.oauth.consumer_changed(consumer);
+    match state.store.consumer_secret_hashes(&consumer.id).await {
+        Ok(hashes) => state.verifier.invalidate(&hashes),
+        Err(e) => {
+            // The change has committed: forget everything rather than answer from stale entries.
+            tracing::warn!(error = %e, "cannot list a changed consumer's secrets; forgetting every cached verify answer");
+            state.verifier.invalidate_all();
+        }
+    }
+}
+
+/// A user was suspended, enabled or deleted: the consumers they own stop or work again at once.
+pub async fn owner_changed(state: &AppState, user_id: &str) -> Result<(), keygate_store::StoreError> {
+    let mut page = Page { after: None, limit: 500, search: None };
+    loop {
+        let items = state.store.consumers_where(ConsumersOf::Owner(user_id), &page).await?;
+        for c in &items {
+            consumer_changed(state, c).await;
+        }
+        match next_cursor(&items, page.limit, |c| &c.id) {
+            Some(after) => page.after = Some(after),
+            None => return Ok(()),
+        }
+    }
 }
 
 pub fn check_external_id(e: &str) -> ApiResult<()> {
@@ -199,22 +270,25 @@ pub async fn create_consumer(
     if let Some(e) = &req.external_id {
         check_external_id(e)?;
     }
+    if req.plan_id.is_some() && req.rate_limits.is_some() {
+        return Err(ApiError::invalid(
+            "rate_limits",
+            "a consumer on a plan has the plan's rate limits; give plan_id or rate_limits, not both",
+        ));
+    }
+    check_plan_and_owner(&state, req.plan_id.as_deref(), req.owner_id.as_deref()).await?;
     check_unique_consumer(&state, None, Some(&req.name), req.external_id.as_deref()).await?;
     let now = state.now();
     let consumer = Consumer {
-        id: new_id("cons", now)?,
-        name: req.name,
-        metadata,
-        disabled: false,
-        system: false,
         rate_limits: req.rate_limits,
         external_id: req.external_id,
         leak_policy: req.leak_policy.unwrap_or_default(),
-        created_at: now,
-        updated_at: now,
+        plan_id: req.plan_id,
+        owner_id: req.owner_id,
+        ..Consumer::new(new_id("cons", now)?, req.name, metadata, now)
     };
     let details = json!({"name": consumer.name, "external_id": consumer.external_id,
-        "leak_policy": consumer.leak_policy});
+        "leak_policy": consumer.leak_policy, "plan_id": consumer.plan_id, "owner_id": consumer.owner_id});
     let audit = audit(&actor, now, "consumer.create", "consumer", &consumer.id, details)?;
     state.store.insert_consumer(&consumer, &audit).await.map_err(unique_violation)?;
     Ok((StatusCode::CREATED, Json(consumer.into())))
@@ -237,7 +311,14 @@ pub async fn list_consumers(
         }));
     }
     let page = searched_page(q.after, q.limit, q.q)?;
-    let items = state.store.list_consumers(&page).await?;
+    let items = match (&q.owner_id, &q.plan_id) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid("owner_id", "filter by owner_id or by plan_id, not both"));
+        }
+        (Some(u), None) => state.store.consumers_where(ConsumersOf::Owner(u), &page).await?,
+        (None, Some(p)) => state.store.consumers_where(ConsumersOf::Plan(p), &page).await?,
+        (None, None) => state.store.list_consumers(&page).await?,
+    };
     let next_after = next_cursor(&items, page.limit, |c| &c.id);
     Ok(Json(ConsumerList { items: items.into_iter().map(Into::into).collect(), next_after }))
 }
@@ -270,12 +351,34 @@ pub async fn update_consumer(
         && req.rate_limits.is_none()
         && req.external_id.is_none()
         && req.leak_policy.is_none()
+        && req.plan_id.is_none()
+        && req.owner_id.is_none()
     {
         return Err(ApiError::new(
             ErrorCode::ValidationFailed,
-            "the update changes nothing; send name, metadata, rate_limits, external_id or leak_policy",
+            "the update changes nothing; send name, metadata, rate_limits, external_id, leak_policy, plan_id or owner_id",
         ));
     }
+    let current = load_consumer(&state, &id).await?;
+    let on_plan = match &req.plan_id {
+        Some(p) => p.is_some(),
+        None => current.plan_id.is_some(),
+    };
+    if on_plan && matches!(req.rate_limits, Some(Some(_))) {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            "the consumer is on a plan, whose rate limits it has; change the plan, or take the consumer off it (plan_id: null)",
+        ));
+    }
+    if current.system && (matches!(req.plan_id, Some(Some(_))) || matches!(req.owner_id, Some(Some(_)))) {
+        return Err(ApiError::new(ErrorCode::Conflict, "the system consumer has no plan and no owner"));
+    }
+    check_plan_and_owner(
+        &state,
+        req.plan_id.clone().flatten().as_deref(),
+        req.owner_id.clone().flatten().as_deref(),
+    )
+    .await?;
     if let Some(Some(e)) = &req.external_id {
         check_external_id(e)?;
     }
@@ -297,7 +400,8 @@ pub async fn update_consumer(
     }
     let now = state.now();
     let details = json!({"name": req.name, "metadata_changed": req.metadata.is_some(),
-        "rate_limits": req.rate_limits, "external_id": req.external_id, "leak_policy": req.leak_policy});
+        "rate_limits": req.rate_limits, "external_id": req.external_id, "leak_policy": req.leak_policy,
+        "plan_id": req.plan_id, "owner_id": req.owner_id});
     let patch = ConsumerPatch {
         name: req.name,
         metadata: req.metadata,
@@ -305,6 +409,8 @@ pub async fn update_consumer(
         rate_limits: req.rate_limits,
         external_id: req.external_id,
         leak_policy: req.leak_policy,
+        plan_id: req.plan_id,
+        owner_id: req.owner_id,
         updated_at: now,
     };
     set_consumer(&state, &actor, &id, patch, "consumer.update", details).await
@@ -326,16 +432,12 @@ async fn set_consumer(
         .map_err(unique_violation)?
         .ok_or_else(|| ApiError::not_found("consumer", id))?;
     // Keys cache their consumer's state and plan; the token path keeps them for the consumer's clients.
-    if patch.disabled.is_some() || patch.rate_limits.is_some() {
-        state.oauth.consumer_changed(&consumer);
-        match state.store.consumer_secret_hashes(id).await {
-            Ok(hashes) => state.verifier.invalidate(&hashes),
-            Err(e) => {
-                // The change has committed: forget everything rather than answer from stale entries.
-                tracing::warn!(error = %e, "cannot list a changed consumer's secrets; forgetting every cached verify answer");
-                state.verifier.invalidate_all();
-            }
-        }
+    if patch.disabled.is_some()
+        || patch.rate_limits.is_some()
+        || patch.plan_id.is_some()
+        || patch.owner_id.is_some()
+    {
+        consumer_changed(state, &consumer).await;
     }
     Ok(Json(consumer.into()))
 }

@@ -82,7 +82,10 @@ struct Prepared {
     secret: StoredSecret,
 }
 
-fn prepare(item: ImportItem, consumers: &HashMap<String, Consumer>, now: i64) -> ApiResult<Prepared> {
+/// The consumers the items name, with the plan each is on.
+type Consumers = HashMap<String, (Consumer, Option<keygate_store::Plan>)>;
+
+fn prepare(item: ImportItem, consumers: &Consumers, now: i64) -> ApiResult<Prepared> {
     let source = match (item.key, item.sha256) {
         (Some(plain), None) => {
             let environment = credential::classify_import(&plain).map_err(|e| ApiError::invalid("key", e))?;
@@ -99,7 +102,7 @@ fn prepare(item: ImportItem, consumers: &HashMap<String, Consumer>, now: i64) ->
         }
         _ => return Err(ApiError::invalid("key", "give exactly one of key (plaintext) or sha256")),
     };
-    let consumer = consumers.get(&item.consumer_id).ok_or_else(|| ApiError {
+    let (consumer, plan) = consumers.get(&item.consumer_id).ok_or_else(|| ApiError {
         field: Some("consumer_id".into()),
         ..ApiError::not_found("consumer", &item.consumer_id)
     })?;
@@ -113,7 +116,7 @@ fn prepare(item: ImportItem, consumers: &HashMap<String, Consumer>, now: i64) ->
         quota: item.quota,
         allowed_ips: item.allowed_ips,
     };
-    let NewKey { key, secret, .. } = new_key(spec, consumer, source, now)?;
+    let NewKey { key, secret, .. } = new_key(spec, consumer, plan.as_ref(), source, now)?;
     Ok(Prepared { key, secret })
 }
 
@@ -146,12 +149,13 @@ pub async fn import_keys(
             serde_json::from_value(v).map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e.to_string()))
         })
         .collect();
-    let mut consumers = HashMap::new();
+    let mut consumers: Consumers = HashMap::new();
     for item in items.iter().flatten() {
         if !consumers.contains_key(&item.consumer_id)
             && let Some(c) = state.store.get_consumer(&item.consumer_id).await?
         {
-            consumers.insert(c.id.clone(), c);
+            let plan = crate::routes::plans::plan_of(&state, &c).await?;
+            consumers.insert(c.id.clone(), (c, plan));
         }
     }
     let mut results: Vec<Option<ImportResult>> = Vec::new();

@@ -274,7 +274,9 @@ pub async fn create_key(
         quota: req.quota,
         allowed_ips: req.allowed_ips,
     };
-    let NewKey { key, secret: key_secret, plain } = new_key(spec, &consumer, SecretSource::Generate, now)?;
+    let plan = crate::routes::plans::plan_of(&state, &consumer).await?;
+    let NewKey { key, secret: key_secret, plain } =
+        new_key(spec, &consumer, plan.as_ref(), SecretSource::Generate, now)?;
     let secret = plain.ok_or_else(|| ApiError::internal("a generated key has no secret", "new_key"))?;
     let (environment, expires_at) = (key.environment, key.expires_at);
     let details = json!({
@@ -410,6 +412,33 @@ pub async fn update_key(
         Some(None) => Some(None),
         Some(Some(t)) => Some(Some(check_expiry(t, now)?)),
     };
+    // The consumer's plan bounds the scopes and the lifetime, on a change as on creation.
+    if scopes.is_some() || expires_at.is_some() {
+        let key = load_key(&state, &id).await?;
+        let consumer = state.store.get_consumer(&key.consumer_id).await?;
+        let plan = match &consumer {
+            Some(c) => crate::routes::plans::plan_of(&state, c).await?,
+            None => None,
+        };
+        if let Some(s) = &scopes {
+            crate::routes::plans::check_plan_scopes(plan.as_ref(), "scopes", s)?;
+        }
+        match (&plan, expires_at) {
+            (Some(p), Some(None)) if p.key_lifetime_seconds.is_some() => {
+                return Err(ApiError::invalid(
+                    "expires_at",
+                    format!(
+                        "plan '{}' caps a key's lifetime; a key on it cannot be made to never expire",
+                        p.name
+                    ),
+                ));
+            }
+            (Some(_), Some(t)) => {
+                crate::routes::plans::check_plan_expiry(plan.as_ref(), t, key.created_at)?;
+            }
+            _ => {}
+        }
+    }
     let details = json!({
         "name": req.name, "scopes": scopes, "metadata_changed": req.metadata.is_some(),
         "expires_at": expires_at.map(|e| e.map(rfc3339)),

@@ -8,6 +8,7 @@ pub mod import;
 pub mod keys;
 pub mod leaks;
 pub mod ops;
+pub mod plans;
 pub mod usage;
 pub mod users;
 pub mod verify;

@@ -54,6 +54,8 @@ pub struct UserView {
     pub created_at: String,
     pub updated_at: String,
     pub last_login_at: Option<String>,
+    /// When the user proved they receive mail at `email` (the developer portal's verification link).
+    pub email_verified_at: Option<String>,
 }
 
 impl From<User> for UserView {
@@ -70,6 +72,7 @@ impl From<User> for UserView {
             created_at: rfc3339(u.created_at),
             updated_at: rfc3339(u.updated_at),
             last_login_at: u.last_login_at.map(rfc3339),
+            email_verified_at: u.email_verified_at.map(rfc3339),
         }
     }
 }
@@ -244,6 +247,18 @@ pub async fn create_user(
     AdminCaller(actor): AdminCaller,
     ApiJson(req): ApiJson<CreateUser>,
 ) -> ApiResult<(StatusCode, Json<UserView>)> {
+    let user = insert_new_user(&state, &actor, req, None).await?;
+    Ok((StatusCode::CREATED, Json(user.into())))
+}
+
+/// The one way a user is made (the admin API, the CLI, the console and the portal's sign-up): checked,
+/// the password hashed, written with its audit event. `email_verified_at`: when the address was proved.
+pub(crate) async fn insert_new_user(
+    state: &AppState,
+    actor: &crate::auth::Actor,
+    req: CreateUser,
+    email_verified_at: Option<i64>,
+) -> ApiResult<User> {
     check_username(&req.username)?;
     check_email(&req.email)?;
     check_optional_text("display_name", &req.display_name, 200)?;
@@ -266,12 +281,13 @@ pub async fn create_user(
         created_at: now,
         updated_at: now,
         last_login_at: None,
+        email_verified_at,
     };
     let details =
         json!({"username": user.username, "allowed_scopes": user.allowed_scopes, "roles": user.roles});
-    let audit = audit(&actor, now, "user.create", "user", &user.id, details)?;
+    let audit = audit(actor, now, "user.create", "user", &user.id, details)?;
     state.store.insert_user(&user, &audit).await.map_err(username_taken)?;
-    Ok((StatusCode::CREATED, Json(user.into())))
+    Ok(user)
 }
 
 /// List users in creation order.
@@ -321,6 +337,10 @@ async fn patch_user(
         .map_err(username_taken)?
         .ok_or_else(|| ApiError::not_found("user", id))?;
     user_changed(state, id, user.disabled);
+    if patch.disabled.is_some() {
+        // Their applications stop (or work again) at once.
+        crate::routes::consumers::owner_changed(state, id).await?;
+    }
     Ok(user)
 }
 
@@ -367,6 +387,8 @@ pub async fn update_user(
     let details = json!({"username": req.username, "allowed_scopes": allowed_scopes, "roles": roles});
     let patch = UserPatch {
         username: req.username,
+        // A new address is not verified.
+        email_verified_at: req.email.as_ref().map(|_| None),
         email: req.email,
         display_name: req.display_name,
         allowed_scopes,
@@ -432,10 +454,12 @@ pub async fn delete_user(
 ) -> ApiResult<StatusCode> {
     let now = state.now();
     let audit = audit(&actor, now, "user.delete", "user", &id, json!({}))?;
+    // Their applications are disabled with the deletion (keeping the owner's id, for the record).
     if !state.store.delete_user(&id, &audit).await? {
         return Err(ApiError::not_found("user", &id));
     }
     user_changed(&state, &id, true);
+    crate::routes::consumers::owner_changed(&state, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -35,6 +35,12 @@ pub enum Cmd {
         /// only notify (the `credential.leaked` event).
         #[arg(long, value_parser = args::leak_policy)]
         leak_policy: Option<LeakPolicy>,
+        /// Put it on a plan (plan_…; `keygate plans list`): its rate limits replace --rate-limit.
+        #[arg(long, conflicts_with = "rate_limits")]
+        plan: Option<String>,
+        /// The user who owns it (usr_…).
+        #[arg(long)]
+        owner: Option<String>,
     },
     /// List consumers, oldest first.
     List {
@@ -76,6 +82,12 @@ pub enum Cmd {
         /// revoke or notify: what happens when one of its credentials is reported leaked.
         #[arg(long, value_parser = args::leak_policy)]
         leak_policy: Option<LeakPolicy>,
+        /// Put it on a plan (plan_…).
+        #[arg(long, conflicts_with = "no_plan")]
+        plan: Option<String>,
+        /// Take it off its plan (its own rate limits apply again).
+        #[arg(long)]
+        no_plan: bool,
     },
     /// Disable a consumer: its keys, clients and tokens stop working until it is enabled.
     Disable {
@@ -93,13 +105,15 @@ pub enum Cmd {
 
 pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
     match cmd {
-        Cmd::Create { name, metadata, rate_limits, external_id, leak_policy } => {
+        Cmd::Create { name, metadata, rate_limits, external_id, leak_policy, plan, owner } => {
             let body = CreateConsumer {
                 name,
                 metadata,
                 rate_limits: (!rate_limits.is_empty()).then_some(rate_limits),
                 external_id,
                 leak_policy,
+                plan_id: plan,
+                owner_id: owner,
             };
             let v = c.send(Method::POST, &["v1", "consumers"], &body).await?;
             output(c, &v, |v| {
@@ -159,6 +173,8 @@ pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
             external_id,
             no_external_id,
             leak_policy,
+            plan,
+            no_plan,
         } => {
             let body = UpdateConsumer {
                 name,
@@ -170,6 +186,8 @@ pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
                 },
                 external_id: if no_external_id { Some(None) } else { external_id.map(Some) },
                 leak_policy,
+                plan_id: if no_plan { Some(None) } else { plan.map(Some) },
+                owner_id: None,
             };
             let v = c.send(Method::PATCH, &["v1", "consumers", &id], &body).await?;
             output(c, &v, |v| {

@@ -15,6 +15,7 @@ mod consumers;
 mod http;
 mod keys;
 mod output;
+mod plans;
 mod reports;
 mod signing_keys;
 mod users;
@@ -167,6 +168,12 @@ pub enum Remote {
         #[command(subcommand)]
         command: consumers::Cmd,
     },
+    /// Manage plans: named rate limits, quota, scopes and key lifetime that consumers are put on, and
+    /// what the developer portal offers.
+    Plans {
+        #[command(subcommand)]
+        command: plans::Cmd,
+    },
     /// Manage API keys.
     Keys {
         #[command(subcommand)]
@@ -237,6 +244,7 @@ async fn run_remote(global: GlobalArgs, remote: Remote) -> Result<ExitCode, Fail
     let c = http::Api::new(global)?;
     match remote {
         Remote::Consumers { command } => consumers::run(&c, command).await,
+        Remote::Plans { command } => plans::run(&c, command).await,
         Remote::Keys { command } => keys::run(&c, command).await,
         Remote::Clients { command } => clients::run(&c, command).await,
         Remote::SigningKeys { command } => signing_keys::run(&c, command).await,
