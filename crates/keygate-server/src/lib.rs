@@ -9,6 +9,7 @@ pub mod decision_body;
 pub mod error;
 pub mod fsmode;
 pub mod gateway;
+pub mod mail;
 pub mod metrics;
 pub mod oauth;
 pub mod openapi;
@@ -36,7 +37,7 @@ use tower_http::timeout::TimeoutLayer;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_swagger_ui::SwaggerUi;
 
-pub use state::{AppState, DatabaseUrl, ServerConfig, bootstrap, open_store};
+pub use state::{AppState, DatabaseUrl, ServerConfig, SignupMode, bootstrap, open_store};
 
 use crate::error::{ApiError, ErrorCode};
 
@@ -71,6 +72,10 @@ pub fn app_for(state: Arc<AppState>, surface: Surface) -> axum::Router {
             .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::document()))
             .merge(console::router());
     }
+    if surface != Surface::Admin {
+        // The developer portal is for the API's audience: on the public listener.
+        routes = routes.merge(console::portal::router());
+    }
     routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -99,6 +104,7 @@ pub(crate) fn admin_routes() -> OpenApiRouter<Arc<AppState>> {
         .merge(routes::usage::router())
         .merge(routes::clients::router())
         .merge(routes::users::router())
+        .merge(routes::invitations::router())
         .merge(routes::webhooks::router())
         .merge(routes::leaks::admin_router())
         .merge(routes::ops::metrics_router())

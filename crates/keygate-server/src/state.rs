@@ -93,6 +93,66 @@ pub struct ServerConfig {
     pub registration: crate::oauth::register::RegistrationConfig,
     /// Client ID Metadata Documents (clients known by an https URL).
     pub metadata_docs: crate::oauth::metadata_doc::MetadataDocConfig,
+    /// The developer portal (`/portal/`).
+    pub portal: PortalConfig,
+}
+
+/// Who may sign up at the developer portal.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SignupMode {
+    /// Nobody: developers are made by an operator (the portal still signs them in).
+    #[default]
+    Closed,
+    /// Anyone.
+    Open,
+    /// Whoever holds an invitation an operator made (`POST /v1/portal/invitations`).
+    Invite,
+}
+
+impl SignupMode {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "closed" => Some(SignupMode::Closed),
+            "open" => Some(SignupMode::Open),
+            "invite" => Some(SignupMode::Invite),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SignupMode::Closed => "closed",
+            SignupMode::Open => "open",
+            SignupMode::Invite => "invite",
+        }
+    }
+}
+
+/// The developer portal's settings.
+#[derive(Debug, Clone)]
+pub struct PortalConfig {
+    pub signup: SignupMode,
+    /// A developer proves their address (a link by mail) before making applications.
+    pub verify_email: bool,
+    /// The SMTP server for the portal's mail; `None`: the test mode (mail written to the log).
+    pub smtp_url: Option<DatabaseUrl>,
+    /// The sender of the portal's mail.
+    pub mail_from: String,
+    /// Developers may make authorization-code clients (with redirect URIs) as well as
+    /// client-credentials ones.
+    pub authorization_code_clients: bool,
+}
+
+impl Default for PortalConfig {
+    fn default() -> Self {
+        PortalConfig {
+            signup: SignupMode::Closed,
+            verify_email: true,
+            smtp_url: None,
+            mail_from: "Keygate <keygate@localhost>".into(),
+            authorization_code_clients: false,
+        }
+    }
 }
 
 /// A database URL. It may hold a password, so it is shown (in `Debug`, errors and logs) without one.
@@ -106,6 +166,15 @@ impl DatabaseUrl {
             url,
             &["postgres", "postgresql"],
             "a PostgreSQL URL: postgres://USER:PASSWORD@HOST:PORT/DATABASE",
+        )
+    }
+
+    /// An SMTP URL (`smtp://`, `smtps://`), for the portal's mail.
+    pub fn parse_smtp(url: &str) -> Result<Self, String> {
+        Self::with_scheme(
+            url,
+            &["smtp", "smtps"],
+            "an SMTP URL: smtps://USER:PASSWORD@HOST:465 (TLS) or smtp://USER:PASSWORD@HOST:587?tls=required (STARTTLS)",
         )
     }
 
@@ -220,6 +289,7 @@ impl Default for ServerConfig {
             resource_documentation: None,
             registration: crate::oauth::register::RegistrationConfig::default(),
             metadata_docs: crate::oauth::metadata_doc::MetadataDocConfig::default(),
+            portal: PortalConfig::default(),
         }
     }
 }
@@ -248,6 +318,12 @@ pub struct AppState {
     pub console_login_throttle: FailureThrottle<keygate_core::SecretHash>,
     /// The web console's signed-in sessions.
     pub console: crate::console::Sessions,
+    /// The developer portal's signed-in sessions (apart from the console's: a developer's cookie never
+    /// opens the console).
+    pub portal: crate::console::Sessions,
+    /// Failed portal sign-ins per username, and sign-ups and mail requests per address.
+    pub portal_throttle: FailureThrottle<keygate_core::SecretHash>,
+    pub mailer: crate::mail::Mailer,
     /// Following the other nodes on a shared database.
     pub cluster: crate::cluster::ClusterStatus,
     pub config: ServerConfig,
@@ -324,6 +400,11 @@ impl AppState {
         let issuer = config.issuer.clone().unwrap_or_else(|| format!("http://{}", config.listen));
         let oauth =
             OAuth::new(issuer.trim_end_matches('/').to_string(), config.signing_alg, config.refresh_grace);
+        let mailer = crate::mail::Mailer::new(config.portal.smtp_url.as_ref(), &config.portal.mail_from)
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "the portal's mail settings do not work; no mail will be sent");
+                crate::mail::Mailer::Broken(e)
+            });
         Arc::new(AppState {
             store,
             clock,
@@ -353,6 +434,9 @@ impl AppState {
                 .build(),
             console_login_throttle: FailureThrottle::quiet(config.failures_per_minute),
             console: crate::console::Sessions::default(),
+            portal: crate::console::Sessions::default(),
+            portal_throttle: FailureThrottle::quiet(config.failures_per_minute),
+            mailer,
             cluster: crate::cluster::ClusterStatus::default(),
             config,
         })

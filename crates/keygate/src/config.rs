@@ -564,6 +564,77 @@ pub static SETTINGS: &[Setting] = &[
         },
     },
     Setting {
+        key: "portal.signup",
+        doc: "Who may sign up at the developer portal (/portal/): closed (developers are made by an operator),\n\
+              open (anyone), or invite (whoever holds an invitation: POST /v1/portal/invitations).",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| s(r.server.portal.signup.as_str()),
+        set: |r, v| {
+            r.server.portal.signup = keygate_server::SignupMode::parse(v)
+                .ok_or_else(|| "must be closed, open or invite".to_string())?;
+            Ok(())
+        },
+    },
+    Setting {
+        key: "portal.verify_email",
+        doc: "A developer proves their email address (a link by mail) before making applications.",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| Some(Value::Boolean(r.server.portal.verify_email)),
+        set: |r, v| {
+            r.server.portal.verify_email = boolean(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        key: "portal.authorization_code_clients",
+        doc: "Developers may make OAuth clients for the authorization code flow (with redirect URIs), not only\n\
+              client-credentials clients. Their users then see those clients' names on the consent page.",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| Some(Value::Boolean(r.server.portal.authorization_code_clients)),
+        set: |r, v| {
+            r.server.portal.authorization_code_clients = boolean(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        key: "mail.smtp_url",
+        doc: "The SMTP server for the portal's mail (verification, password reset, invitations):\n\
+              smtps://USER:PASSWORD@HOST:465 (TLS), or smtp://USER:PASSWORD@HOST:587?tls=required (STARTTLS).\n\
+              Unset: the test mode, where each message, link included, is written to the server log.",
+        unset: Some((
+            "mail is written to the server log (test mode, for local use)",
+            "\"smtps://keygate:PASSWORD@smtp.example.com:465\"",
+        )),
+        list: false,
+        alias: None,
+        get: |r| r.server.portal.smtp_url.as_ref().and_then(|u| s(u.expose())),
+        set: |r, v| {
+            let url = keygate_server::DatabaseUrl::parse_smtp(v)?;
+            keygate_server::mail::Mailer::new(Some(&url), &r.server.portal.mail_from)?;
+            r.server.portal.smtp_url = Some(url);
+            Ok(())
+        },
+    },
+    Setting {
+        key: "mail.from",
+        doc: "The sender of the portal's mail, e.g. \"Example API <api@example.com>\".",
+        unset: None,
+        list: false,
+        alias: None,
+        get: |r| s(r.server.portal.mail_from.clone()),
+        set: |r, v| {
+            keygate_server::mail::Mailer::new(None, v)?;
+            r.server.portal.mail_from = v.to_string();
+            Ok(())
+        },
+    },
+    Setting {
         key: "usage.minute_retention_hours",
         doc: "How long per-minute usage buckets are kept, in hours.",
         unset: None,

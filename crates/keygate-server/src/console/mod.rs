@@ -16,6 +16,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod chart;
+pub mod portal;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -140,6 +141,17 @@ fn templates() -> &'static Environment<'static> {
             ("signing_keys.html", include_str!("../../templates/console/signing_keys.html")),
             ("audit.html", include_str!("../../templates/console/audit.html")),
             ("error.html", include_str!("../../templates/console/error.html")),
+            ("portal/layout.html", include_str!("../../templates/portal/layout.html")),
+            ("portal/public.html", include_str!("../../templates/portal/public.html")),
+            ("portal/login.html", include_str!("../../templates/portal/login.html")),
+            ("portal/signup.html", include_str!("../../templates/portal/signup.html")),
+            ("portal/message.html", include_str!("../../templates/portal/message.html")),
+            ("portal/reset_request.html", include_str!("../../templates/portal/reset_request.html")),
+            ("portal/reset.html", include_str!("../../templates/portal/reset.html")),
+            ("portal/home.html", include_str!("../../templates/portal/home.html")),
+            ("portal/app.html", include_str!("../../templates/portal/app.html")),
+            ("portal/key.html", include_str!("../../templates/portal/key.html")),
+            ("portal/tokens.html", include_str!("../../templates/portal/tokens.html")),
         ] {
             if let Err(e) = env.add_template(name, text) {
                 tracing::error!(template = name, error = %e, "a built-in console template does not parse");
@@ -234,6 +246,54 @@ enum Proof {
     Key(SecretHash),
     /// A user with the `admin` role: the hash of their password hash then (a new password ends it).
     User(SecretHash),
+    /// A developer signed in to the portal: the hash of their password hash then (a new password, or
+    /// their suspension, ends it).
+    Developer(SecretHash),
+}
+
+/// The two signed-in areas: the operators' console and the developers' portal. Each has its own
+/// sessions and cookies, so a session of one never opens the other.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Area {
+    Console,
+    Portal,
+}
+
+impl Area {
+    fn cookie(self) -> &'static str {
+        match self {
+            Area::Console => "kg_console",
+            Area::Portal => "kg_portal",
+        }
+    }
+
+    fn login_cookie(self) -> &'static str {
+        match self {
+            Area::Console => "kg_console_login",
+            Area::Portal => "kg_portal_login",
+        }
+    }
+
+    fn login(self) -> &'static str {
+        match self {
+            Area::Console => "/console/login",
+            Area::Portal => "/portal/login",
+        }
+    }
+
+    fn home(self) -> &'static str {
+        match self {
+            Area::Console => "/console/",
+            Area::Portal => "/portal/",
+        }
+    }
+
+    fn sessions(self, state: &AppState) -> &Sessions {
+        match self {
+            Area::Console => &state.console,
+            Area::Portal => &state.portal,
+        }
+    }
 }
 
 /// The signed-in operator of a request: the session, and the caller the admin API sees (the key, and
@@ -251,21 +311,33 @@ enum Gate {
 /// The request's session, if it has one whose admin key (and secret) still works from this address;
 /// else the way to the login page.
 async fn signed_in(state: &AppState, headers: &HeaderMap, client: Client) -> Gate {
+    signed_in_at(state, Area::Console, headers, client).await
+}
+
+/// [`signed_in`] for either area: a session of that area, whose proof still holds.
+async fn signed_in_at(state: &AppState, area: Area, headers: &HeaderMap, client: Client) -> Gate {
     let out = |why: Option<&str>| {
         let to = match why {
-            Some(w) => format!("/console/login?why={w}"),
-            None => "/console/login".to_string(),
+            Some(w) => format!("{}?why={w}", area.login()),
+            None => area.login().to_string(),
         };
         Gate::Out(redirect(&to))
     };
-    let Some(id) = cookie(headers, &cookie_name(state, "kg_console")).filter(|c| c.len() <= 64) else {
+    let Some(id) = cookie(headers, &cookie_name(state, area.cookie())).filter(|c| c.len() <= 64) else {
         return out(None);
     };
     let hash = SecretHash::of(id);
-    let Some(session) = state.console.cache.get(&hash) else { return out(Some("expired")) };
-    let works = match &session.proof {
-        Proof::Key(secret) => admin_key_works(state, &session.actor_id, secret, client.ip).await,
-        Proof::User(password) => admin_user_works(state, &session.actor_id, password).await,
+    let sessions = area.sessions(state);
+    let Some(session) = sessions.cache.get(&hash) else { return out(Some("expired")) };
+    let works = match (&session.proof, area) {
+        (Proof::Key(secret), Area::Console) => {
+            admin_key_works(state, &session.actor_id, secret, client.ip).await
+        }
+        (Proof::User(password), Area::Console) => admin_user_works(state, &session.actor_id, password).await,
+        (Proof::Developer(password), Area::Portal) => {
+            developer_works(state, &session.actor_id, password).await
+        }
+        _ => Ok(false),
     };
     match works {
         Ok(true) => {
@@ -273,7 +345,7 @@ async fn signed_in(state: &AppState, headers: &HeaderMap, client: Client) -> Gat
             Gate::In(Signed { session, actor })
         }
         Ok(false) => {
-            state.console.cache.invalidate(&hash);
+            sessions.cache.invalidate(&hash);
             out(Some("revoked"))
         }
         Err(()) => Gate::Out(error_page(
@@ -321,6 +393,12 @@ async fn admin_user_works(state: &AppState, user_id: &str, password: &SecretHash
     Ok(!user.disabled
         && user.roles.iter().any(|r| r == ADMIN_ROLE)
         && user.password_hash.as_deref().map(SecretHash::of).as_ref() == Some(password))
+}
+
+/// Is this developer still enabled, with the password they signed in with?
+async fn developer_works(state: &AppState, user_id: &str, password: &SecretHash) -> Result<bool, ()> {
+    let Some(user) = state.store.get_user(user_id).await.map_err(|_| ())? else { return Ok(false) };
+    Ok(!user.disabled && user.password_hash.as_deref().map(SecretHash::of).as_ref() == Some(password))
 }
 
 /// The role that signs a user in to the console.
@@ -592,7 +670,7 @@ async fn login(
         Ok(Some(k)) => k.name,
         _ => actor.key_id.clone(),
     };
-    start_session(&state, &headers, actor.key_id, name, Proof::Key(SecretHash::of(key)))
+    start_session(&state, Area::Console, &headers, actor.key_id, name, Proof::Key(SecretHash::of(key)))
 }
 
 /// Signs in with a user account that has the `admin` role: the same throttles and Argon2 limits as the
@@ -641,12 +719,13 @@ async fn user_login(state: &AppState, client: Client, headers: &HeaderMap, form:
     if let Err(e) = state.store.record_login(&user.id, state.now()).await {
         tracing::warn!(error = %e, "could not record a console sign-in's time");
     }
-    start_session(state, headers, user.id, user.username, Proof::User(hash))
+    start_session(state, Area::Console, headers, user.id, user.username, Proof::User(hash))
 }
 
 /// A new session (a new id at every sign-in: one planted before it is worthless), and the way in.
 fn start_session(
     state: &AppState,
+    area: Area,
     headers: &HeaderMap,
     actor_id: String,
     name: String,
@@ -655,16 +734,17 @@ fn start_session(
     let (Some(id), Some(csrf)) = (random(), random()) else {
         return error_page(StatusCode::SERVICE_UNAVAILABLE, "The server cannot make random numbers.");
     };
-    if let Some(old) = cookie(headers, &cookie_name(state, "kg_console")) {
-        state.console.cache.invalidate(&SecretHash::of(old));
+    let sessions = area.sessions(state);
+    if let Some(old) = cookie(headers, &cookie_name(state, area.cookie())) {
+        sessions.cache.invalidate(&SecretHash::of(old));
     }
     let session =
         Session { actor_id, name, proof, csrf, flash: Mutex::new(None), reveals: Mutex::new(Vec::new()) };
-    state.console.cache.insert(SecretHash::of(&id), Arc::new(session));
-    let mut resp = redirect("/console/");
+    sessions.cache.insert(SecretHash::of(&id), Arc::new(session));
+    let mut resp = redirect(area.home());
     for c in [
-        set_cookie(state, "kg_console", &id, ABSOLUTE.as_secs()),
-        set_cookie(state, "kg_console_login", "", 0),
+        set_cookie(state, area.cookie(), &id, ABSOLUTE.as_secs()),
+        set_cookie(state, area.login_cookie(), "", 0),
     ]
     .into_iter()
     .flatten()
@@ -680,18 +760,29 @@ async fn logout(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let signed = match signed_in(&state, &headers, client).await {
+    sign_out(&state, Area::Console, client, &headers, &body).await
+}
+
+/// Ends the request's session of `area` (a form post with its CSRF token), and back to its sign-in page.
+async fn sign_out(
+    state: &AppState,
+    area: Area,
+    client: Client,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Response {
+    let signed = match signed_in_at(state, area, headers, client).await {
         Gate::In(s) => s,
         Gate::Out(r) => return r,
     };
-    if let Err(r) = checked_form(&signed, &headers, &body) {
+    if let Err(r) = checked_form(&signed, headers, body) {
         return r;
     }
-    if let Some(id) = cookie(&headers, &cookie_name(&state, "kg_console")) {
-        state.console.cache.invalidate(&SecretHash::of(id));
+    if let Some(id) = cookie(headers, &cookie_name(state, area.cookie())) {
+        area.sessions(state).cache.invalidate(&SecretHash::of(id));
     }
-    let mut resp = redirect("/console/login?why=out");
-    if let Some(c) = set_cookie(&state, "kg_console", "", 0) {
+    let mut resp = redirect(&format!("{}?why=out", area.login()));
+    if let Some(c) = set_cookie(state, area.cookie(), "", 0) {
         resp.headers_mut().append(header::SET_COOKIE, c);
     }
     resp
@@ -1159,10 +1250,29 @@ async fn action(
             return redirect(&back);
         }
     };
-    let Call { method, path, body, back, done } = plan;
-    match api(&state, &signed, method, &path, body).await {
+    let back = plan.back.clone();
+    perform(&state, &signed, plan, |v| match (kind.as_str(), act.as_str()) {
+        ("consumers", "keys") => format!("/console/keys/{}", enc(v["id"].as_str().unwrap_or(""))),
+        ("consumers", "clients") => {
+            format!("/console/clients/{}", enc(v["client_id"].as_str().unwrap_or("")))
+        }
+        _ => back.clone(),
+    })
+    .await
+}
+
+/// Runs a form's admin API call. A new secret in the answer is kept to be shown once on the page
+/// `secret_page` names for the answer; otherwise the call's message (or the API's error) is flashed on
+/// the page it goes back to.
+async fn perform(
+    state: &Arc<AppState>,
+    signed: &Signed,
+    call: Call,
+    secret_page: impl Fn(&Value) -> String,
+) -> Response {
+    let Call { method, path, body, back, done } = call;
+    match api(state, signed, method, &path, body).await {
         Ok(v) => {
-            // A new secret is shown once, on the next page.
             let secret = [("key", "API key"), ("client_secret", "Client secret")]
                 .into_iter()
                 .find_map(|(field, label)| v[field].as_str().map(|s| (label, s.to_string())));
@@ -1171,27 +1281,18 @@ async fn action(
                     let note = v["previous_expires_at"]
                         .as_str()
                         .map(|t| format!("The previous secret works until {t}."));
-                    let rid = reveal(&signed, label, &s, note);
-                    let target = match (kind.as_str(), act.as_str()) {
-                        ("consumers", "keys") => {
-                            format!("/console/keys/{}", enc(v["id"].as_str().unwrap_or("")))
-                        }
-                        ("consumers", "clients") => {
-                            format!("/console/clients/{}", enc(v["client_id"].as_str().unwrap_or("")))
-                        }
-                        _ => back,
-                    };
-                    format!("{target}?reveal={rid}")
+                    let rid = reveal(signed, label, &s, note);
+                    format!("{}?reveal={rid}", secret_page(&v))
                 }
                 None => {
-                    flash(&signed, "notice", done);
+                    flash(signed, "notice", done);
                     back
                 }
             };
             redirect(&back)
         }
         Err(f) => {
-            flash(&signed, "error", f.text());
+            flash(signed, "error", f.text());
             redirect(&back)
         }
     }

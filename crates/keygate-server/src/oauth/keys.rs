@@ -269,7 +269,7 @@ impl SigningKeys {
         let _ = self.master.set(master);
     }
 
-    fn master(&self) -> Result<&MasterKey, KeyError> {
+    pub(crate) fn master(&self) -> Result<&MasterKey, KeyError> {
         self.master.get().map(|m| m.as_ref()).ok_or(KeyError::NoMasterKey)
     }
 

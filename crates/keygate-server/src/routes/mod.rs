@@ -5,6 +5,7 @@ pub mod clients;
 pub mod common;
 pub mod consumers;
 pub mod import;
+pub mod invitations;
 pub mod keys;
 pub mod leaks;
 pub mod ops;

@@ -199,7 +199,7 @@ fn check_optional_text(field: &str, v: &Option<String>, max: usize) -> ApiResult
     Ok(())
 }
 
-fn check_email(v: &Option<String>) -> ApiResult<()> {
+pub(crate) fn check_email(v: &Option<String>) -> ApiResult<()> {
     check_optional_text("email", v, 254)?;
     if v.as_ref().is_some_and(|e| !e.contains('@') || e.contains(char::is_whitespace)) {
         return Err(ApiError::invalid("email", "must be an email address"));
@@ -208,7 +208,7 @@ fn check_email(v: &Option<String>) -> ApiResult<()> {
 }
 
 /// Hashes a new password after the policy check (Argon2id runs off the async threads).
-async fn new_password_hash(password: String, username: &str) -> ApiResult<String> {
+pub(crate) async fn new_password_hash(password: String, username: &str) -> ApiResult<String> {
     crate::password::check_policy(&password, username).map_err(|m| ApiError::invalid("password", m))?;
     tokio::task::spawn_blocking(move || crate::password::hash(&password))
         .await

@@ -281,3 +281,99 @@ pub fn rfc3339_in(ms: i64) -> String {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
     keygate_server::time::rfc3339(now + ms)
 }
+
+/// A mail server for tests: it speaks enough SMTP to take messages from Keygate's mailer, and keeps
+/// them (recipient, decoded text).
+pub struct MailSink {
+    pub url: String,
+    messages: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+}
+
+impl MailSink {
+    pub async fn start() -> MailSink {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("smtp://{}", listener.local_addr().unwrap());
+        let messages = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keep = messages.clone();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let keep = keep.clone();
+                tokio::spawn(async move {
+                    let (r, mut w) = sock.into_split();
+                    let mut lines = BufReader::new(r).lines();
+                    w.write_all(b"220 sink ESMTP\r\n").await.unwrap();
+                    let (mut to, mut data, mut in_data) = (String::new(), String::new(), false);
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        if in_data {
+                            if line == "." {
+                                in_data = false;
+                                keep.lock().unwrap().push((to.clone(), decode_quoted_printable(&data)));
+                                data.clear();
+                                w.write_all(b"250 queued\r\n").await.unwrap();
+                            } else {
+                                data.push_str(&line);
+                                data.push('\n');
+                            }
+                            continue;
+                        }
+                        let upper = line.to_ascii_uppercase();
+                        let reply: &[u8] = if upper.starts_with("EHLO") || upper.starts_with("HELO") {
+                            b"250 sink\r\n"
+                        } else if upper.starts_with("RCPT TO:") {
+                            to = line[8..].trim().trim_matches(['<', '>']).to_string();
+                            b"250 ok\r\n"
+                        } else if upper.starts_with("DATA") {
+                            in_data = true;
+                            b"354 go on\r\n"
+                        } else if upper.starts_with("QUIT") {
+                            let _ = w.write_all(b"221 bye\r\n").await;
+                            return;
+                        } else {
+                            b"250 ok\r\n"
+                        };
+                        if w.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        MailSink { url, messages }
+    }
+
+    /// The messages sent to `to` so far, oldest first.
+    pub fn to(&self, to: &str) -> Vec<String> {
+        self.messages.lock().unwrap().iter().filter(|(t, _)| t == to).map(|(_, m)| m.clone()).collect()
+    }
+
+    /// The first link to `path` in the newest message to `to`, as a path with its query.
+    pub fn link(&self, to: &str, path: &str) -> String {
+        let all = self.to(to);
+        let last = all.last().unwrap_or_else(|| panic!("no mail to {to}"));
+        let at = last.find(path).unwrap_or_else(|| panic!("no link to {path} in {last}"));
+        let rest = &last[at..];
+        rest[..rest.find(char::is_whitespace).unwrap_or(rest.len())].to_string()
+    }
+}
+
+/// Undoes quoted-printable (soft line breaks and `=XX` escapes).
+fn decode_quoted_printable(s: &str) -> String {
+    let joined = s.replace("=\n", "");
+    let bytes = joined.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'='
+            && i + 2 < bytes.len()
+            && let Ok(b) = u8::from_str_radix(&joined[i + 1..i + 3], 16)
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}

@@ -21,4 +21,5 @@ mod oauth;
 mod operations;
 mod ops;
 mod pats;
+mod portal;
 mod verify;
