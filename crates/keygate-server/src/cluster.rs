@@ -149,7 +149,9 @@ async fn apply(state: &AppState, change: &Change) -> Result<(), StoreError> {
             state.oauth.user_changed(id);
             // A user disabled or deleted elsewhere: their sign-in sessions on this node end too, as on
             // the node that served the change.
-            if state.store.get_user(id).await?.is_none_or(|u| u.disabled) {
+            let password_changed =
+                matches!(change.action.as_str(), "user.set_password" | "user.reset_password");
+            if password_changed || state.store.get_user(id).await?.is_none_or(|u| u.disabled) {
                 state.oauth.flows.end_sessions_of(id);
             }
             state.oauth.reload_revocations(state.store.as_ref(), now).await?;

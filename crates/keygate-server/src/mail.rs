@@ -63,7 +63,10 @@ impl Mailer {
 
     /// Sends a plain-text message. An error says why (never the message, which holds a link).
     pub async fn send(&self, to: &str, subject: &str, body: &str) -> Result<(), String> {
-        let to_box: Mailbox = to.parse().map_err(|_| "the address cannot receive mail".to_string())?;
+        // A bare address only: a display name could carry a second address (`"a@x" <b@y>`).
+        let address: lettre::Address =
+            to.trim().parse().map_err(|_| "the address cannot receive mail".to_string())?;
+        let to_box = Mailbox::new(None, address);
         match self {
             Mailer::Log { .. } => {
                 tracing::info!(target: "keygate::mail", to, subject, body,

@@ -432,8 +432,8 @@ impl Store for PgStore {
 
     async fn working_admin_keys(&self, now: i64, limit: u32) -> Result<Vec<(String, String)>> {
         sqlx::query_as(
-            "SELECT k.id, k.consumer_id FROM api_keys k JOIN consumers c ON c.id = k.consumer_id \
-             WHERE k.revoked_at IS NULL AND k.disabled = FALSE AND c.disabled = FALSE \
+            "SELECT k.id, k.consumer_id FROM api_keys k JOIN consumers_v c ON c.id = k.consumer_id \
+             WHERE k.revoked_at IS NULL AND k.disabled = FALSE AND c.disabled = FALSE AND NOT c.owner_disabled \
              AND (k.expires_at IS NULL OR k.expires_at > $1) \
              AND EXISTS (SELECT 1 FROM jsonb_array_elements_text(k.scopes::jsonb) s(value) WHERE s.value IN ('keygate:admin', 'keygate:*')) \
              ORDER BY k.id LIMIT $2",

@@ -451,7 +451,8 @@ const MIGRATIONS: &[&str] = &[
     "#,
     // 19: plans (named usage controls consumers are put on), consumers owned by users (the developer
     // portal's applications), verified email addresses. `consumers_v` is what every read of a consumer
-    // sees: the plan's rate limits for a consumer on a plan, and whether its owner is suspended.
+    // sees: the plan's rate limits for a consumer on a plan, and whether its owner is suspended (an
+    // owner that no longer exists counts as suspended: an application never outlives its developer).
     r#"
     CREATE TABLE plans (
         id                   TEXT PRIMARY KEY,
@@ -469,7 +470,7 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE UNIQUE INDEX plans_one_default ON plans (is_default) WHERE is_default;
     ALTER TABLE consumers ADD COLUMN owner_id TEXT;
-    ALTER TABLE consumers ADD COLUMN plan_id TEXT;
+    ALTER TABLE consumers ADD COLUMN plan_id TEXT REFERENCES plans (id);
     CREATE INDEX consumers_by_owner ON consumers (owner_id) WHERE owner_id IS NOT NULL;
     CREATE INDEX consumers_by_plan ON consumers (plan_id) WHERE plan_id IS NOT NULL;
     ALTER TABLE users ADD COLUMN email_verified_at INTEGER;
@@ -478,7 +479,7 @@ const MIGRATIONS: &[&str] = &[
         SELECT c.id, c.name, c.metadata, c.disabled, c.system, c.created_at, c.updated_at,
                CASE WHEN c.plan_id IS NULL THEN c.rate_limits ELSE p.rate_limits END AS rate_limits,
                c.external_id, c.leak_policy, c.owner_id, c.plan_id,
-               COALESCE(u.disabled, 0) AS owner_disabled
+               CASE WHEN c.owner_id IS NULL THEN 0 WHEN u.id IS NULL THEN 1 ELSE u.disabled END AS owner_disabled
         FROM consumers c LEFT JOIN plans p ON p.id = c.plan_id LEFT JOIN users u ON u.id = c.owner_id;
     "#,
 ];
@@ -812,8 +813,8 @@ impl Store for SqliteStore {
 
     async fn working_admin_keys(&self, now: i64, limit: u32) -> Result<Vec<(String, String)>> {
         sqlx::query_as(
-            "SELECT k.id, k.consumer_id FROM api_keys k JOIN consumers c ON c.id = k.consumer_id \
-             WHERE k.revoked_at IS NULL AND k.disabled = 0 AND c.disabled = 0 \
+            "SELECT k.id, k.consumer_id FROM api_keys k JOIN consumers_v c ON c.id = k.consumer_id \
+             WHERE k.revoked_at IS NULL AND k.disabled = 0 AND c.disabled = 0 AND NOT c.owner_disabled \
              AND (k.expires_at IS NULL OR k.expires_at > ?) \
              AND EXISTS (SELECT 1 FROM json_each(k.scopes) WHERE value IN ('keygate:admin', 'keygate:*')) \
              ORDER BY k.id LIMIT ?",

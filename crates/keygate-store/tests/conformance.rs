@@ -1041,6 +1041,16 @@ async fn plans_and_owners(store: Arc<dyn Backend>) {
     let c = store.get_consumer("cons_app").await.unwrap().unwrap();
     assert!(c.disabled && c.owner_id.as_deref() == Some("usr_dev"));
     assert!(store.find_secret(&hash).await.unwrap().unwrap().consumer_disabled);
+    // A consumer whose owner does not exist (made while the owner was deleted) is stopped; one on a
+    // plan that does not exist is not written.
+    let orphan = Consumer { owner_id: Some("usr_gone".into()), ..consumer("cons_orphan") };
+    store.insert_consumer(&orphan, &audit("evt_c4", "consumer.create", "cons_orphan", 8)).await.unwrap();
+    assert!(store.get_consumer("cons_orphan").await.unwrap().unwrap().stopped());
+    let lost = Consumer { plan_id: Some("plan_gone".into()), ..consumer("cons_lost") };
+    assert!(matches!(
+        store.insert_consumer(&lost, &audit("evt_c5", "consumer.create", "cons_lost", 8)).await,
+        Err(StoreError::Conflict(_))
+    ));
 }
 
 macro_rules! suite {

@@ -1413,6 +1413,81 @@ fn the_console_in_a_real_browser() {
     s.stop();
 }
 
+/// The developer portal in a real browser: sign-up, the address confirmed through the mail test mode
+/// (the link in the server's log), an application on the operator's plan (made with the CLI), a key
+/// used, charted, rotated and revoked, a second developer who reaches none of it, accessibility scans.
+#[test]
+fn the_portal_in_a_real_browser() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let admin = init(&dir);
+    let log = tmp.path().join("log");
+    let s = Server::start_env(&dir, &log, &[("KEYGATE_PORTAL_SIGNUP", "open")]);
+    let plan = s.json(
+        &admin,
+        &[
+            "plans",
+            "create",
+            "--name",
+            "Free",
+            "--default",
+            "--rate-limit",
+            "minute:100/1m",
+            "--quota",
+            "100",
+            "--allow-scope",
+            "read",
+            "--allow-scope",
+            "write",
+            "--key-lifetime",
+            "90d",
+        ],
+    );
+    assert_eq!(
+        (plan["is_default"].as_bool(), plan["self_service"].as_bool()),
+        (Some(true), Some(true)),
+        "{plan}"
+    );
+    let browser = chromium();
+    let modules = tmp.path().join("node");
+    std::fs::create_dir_all(&modules).unwrap();
+    let npm = Command::new("npm")
+        .args(["install", "--silent", "--no-audit", "--no-fund", "playwright-core@1", "axe-core@4"])
+        .current_dir(&modules)
+        .output()
+        .unwrap();
+    assert!(npm.status.success(), "npm install failed: {}", stderr(&npm));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/interop/portal_playwright.mjs");
+    let run = Command::new("node")
+        .arg(script)
+        .env("BASE", &s.url)
+        .env("ADMIN_KEY", &admin)
+        .env("LOG", &log)
+        .env("PW", modules.join("node_modules/playwright-core/index.js"))
+        .env("AXE", modules.join("node_modules/axe-core/axe.min.js"))
+        .env("CHROMIUM", &browser)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}{}", stdout(&run), stderr(&run));
+    assert!(stdout(&run).contains("portal: ok"), "{}", stdout(&run));
+    // The operator sees the developer and their application, and every change has the developer as its
+    // actor.
+    let alice = s.json(&admin, &["users", "show", "alice"]);
+    let alice_id = alice["id"].as_str().unwrap();
+    assert!(alice["email_verified_at"].is_string(), "{alice}");
+    let apps = s.json(&admin, &["consumers", "list", "--owner", alice_id]);
+    let apps = apps["items"].as_array().unwrap();
+    assert_eq!(apps.len(), 1, "{apps:?}");
+    assert_eq!(apps[0]["plan_id"], plan["id"]);
+    let audit = s.json(&admin, &["audit", "--actor", alice_id]);
+    let actions: Vec<&str> =
+        audit["items"].as_array().unwrap().iter().map(|a| a["action"].as_str().unwrap()).collect();
+    for a in ["consumer.create", "key.create", "key.rotate", "key.revoke"] {
+        assert!(actions.contains(&a), "{a} in {actions:?}");
+    }
+    s.stop();
+}
+
 /// Debian packages a test runs, installed when missing (as root; the machines this runs on have no other
 /// source).
 fn debian_tools(tools: &[(&str, &str)]) {

@@ -104,6 +104,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/console/assets/{name}", get(asset))
         .route("/console/consumers", listing("consumers").post(create_consumer))
         .route("/console/consumers/{id}", get(consumer))
+        .route("/console/plans", get(plans).post(create_plan))
         .route("/console/keys", listing("keys"))
         .route("/console/keys/{id}", get(key))
         .route("/console/clients", listing("clients"))
@@ -141,6 +142,7 @@ fn templates() -> &'static Environment<'static> {
             ("signing_keys.html", include_str!("../../templates/console/signing_keys.html")),
             ("audit.html", include_str!("../../templates/console/audit.html")),
             ("error.html", include_str!("../../templates/console/error.html")),
+            ("plans.html", include_str!("../../templates/console/plans.html")),
             ("portal/layout.html", include_str!("../../templates/portal/layout.html")),
             ("portal/public.html", include_str!("../../templates/portal/public.html")),
             ("portal/login.html", include_str!("../../templates/portal/login.html")),
@@ -200,9 +202,10 @@ fn redirect(to: &str) -> Response {
     resp
 }
 
-/// Percent-encodes one path segment or query value.
+/// Percent-encodes one path segment or query value (a space as `%20`, which both read as a space; a
+/// `+` as `%2B`).
 fn enc(s: &str) -> String {
-    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+    form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>().replace('+', "%20")
 }
 
 fn error_page(status: StatusCode, message: &str) -> Response {
@@ -398,7 +401,9 @@ async fn admin_user_works(state: &AppState, user_id: &str, password: &SecretHash
 /// Is this developer still enabled, with the password they signed in with?
 async fn developer_works(state: &AppState, user_id: &str, password: &SecretHash) -> Result<bool, ()> {
     let Some(user) = state.store.get_user(user_id).await.map_err(|_| ())? else { return Ok(false) };
-    Ok(!user.disabled && user.password_hash.as_deref().map(SecretHash::of).as_ref() == Some(password))
+    Ok(!user.disabled
+        && portal::is_developer(&user)
+        && user.password_hash.as_deref().map(SecretHash::of).as_ref() == Some(password))
 }
 
 /// The role that signs a user in to the console.
@@ -997,8 +1002,13 @@ async fn consumer(
     let report = ok!(read(&state, &signed, &format!("/v1/consumers/{}/usage?{usage_q}", enc(&id))).await);
     let clients: Vec<&Value> =
         clients["items"].as_array().into_iter().flatten().filter(|x| x["consumer_id"] == c["id"]).collect();
+    let plan = match c["plan_id"].as_str() {
+        Some(p) => read(&state, &signed, &format!("/v1/plans/{}", enc(p))).await.ok(),
+        None => None,
+    };
     let mut extra = chart_ctx(&report, "Verifications of this consumer's keys");
     extra.extend([
+        ("plan", Ctx::from_serialize(&plan)),
         ("c", Ctx::from_serialize(&c)),
         ("c_json", json_ctx(&c, &["rate_limits", "metadata"])),
         ("keys", Ctx::from_serialize(&keys["items"])),
@@ -1075,12 +1085,14 @@ async fn user(
     let signed = signed!(state, headers, client);
     let u = ok!(read(&state, &signed, &format!("/v1/users/{}", enc(&id))).await);
     let grants = ok!(read(&state, &signed, &format!("/v1/users/{}/grants", enc(&id))).await);
+    let apps = ok!(read(&state, &signed, &format!("/v1/consumers?owner_id={}&limit=200", enc(&id))).await);
     // What the edit form showed, as JSON (escaped into the attributes like any text).
     let extra = vec![
         ("orig_allowed_scopes", Ctx::from(u["allowed_scopes"].to_string())),
         ("orig_roles", Ctx::from(u["roles"].to_string())),
         ("u", Ctx::from_serialize(&u)),
         ("grants", Ctx::from_serialize(&grants["items"])),
+        ("apps", Ctx::from_serialize(&apps["items"])),
     ];
     page(&signed, "user.html", "users", None, extra)
 }
@@ -1197,6 +1209,58 @@ async fn create_consumer(
     }
 }
 
+async fn plans(
+    State(state): State<Arc<AppState>>,
+    ClientIp(client): ClientIp,
+    headers: HeaderMap,
+) -> Response {
+    let signed = signed!(state, headers, client);
+    let list = ok!(read(&state, &signed, "/v1/plans").await);
+    page(&signed, "plans.html", "plans", None, vec![("items", Ctx::from_serialize(&list["items"]))])
+}
+
+async fn create_plan(
+    State(state): State<Arc<AppState>>,
+    ClientIp(client): ClientIp,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let signed = signed!(state, headers, client);
+    let form = ok!(checked_form(&signed, &headers, &body));
+    let back = |m: String| {
+        flash(&signed, "error", m);
+        redirect("/console/plans")
+    };
+    let mut req = json!({"name": form.get("name").trim(), "self_service": form.get("self_service") == "on",
+        "is_default": form.get("is_default") == "on"});
+    for (field, conv) in [
+        ("description", Conv::OptText),
+        ("rate_limits", Conv::Json),
+        ("quota", Conv::Json),
+        ("allowed_scopes", Conv::OptList),
+    ] {
+        match convert(form.get(field), field, conv) {
+            Ok(Value::Null) => {}
+            Ok(v) => req[field] = v,
+            Err(m) => return back(m),
+        }
+    }
+    let days = form.get("key_lifetime_days").trim();
+    if !days.is_empty() {
+        match days.parse::<i64>() {
+            Ok(d) if d > 0 => req["key_lifetime_seconds"] = json!(d.saturating_mul(86_400)),
+            _ => return back("key_lifetime_days: must be a whole number of days".into()),
+        }
+    }
+    match api(&state, &signed, Method::POST, "/v1/plans", Some(req)).await {
+        Ok(_) => {
+            flash(&signed, "notice", "Plan created.");
+            redirect("/console/plans")
+        }
+        Err(f) => back(f.text()),
+    }
+}
+
 async fn create_user(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
@@ -1309,7 +1373,7 @@ async fn plan(
     form: &Form,
 ) -> Result<Call, (String, String)> {
     let back = match kind {
-        "signing-keys" => "/console/signing-keys".to_string(),
+        "signing-keys" | "plans" => format!("/console/{kind}"),
         _ => format!("/console/{kind}/{e}"),
     };
     let call = |method: Method, path: String, body: Option<Value>, done: &'static str| Call {
@@ -1435,7 +1499,12 @@ async fn plan(
             } else {
                 convert(form.get("allowed_scopes"), "allowed_scopes", Conv::List).map_err(fail)?
             };
-            let roles = if form.get("role_admin") == "on" { json!([ADMIN_ROLE]) } else { json!([]) };
+            let roles: Vec<&str> = [("role_admin", ADMIN_ROLE), ("role_developer", portal::DEVELOPER_ROLE)]
+                .into_iter()
+                .filter(|(field, _)| form.get(field) == "on")
+                .map(|(_, role)| role)
+                .collect();
+            let roles = json!(roles);
             for (field, value) in [("allowed_scopes", scopes), ("roles", roles)] {
                 let orig = serde_json::from_str::<Value>(form.get(&format!("orig_{field}"))).ok();
                 if orig.as_ref() != Some(&value) {
@@ -1469,6 +1538,16 @@ async fn plan(
         ("users", "revoke-grant") => {
             let grant = enc(form.get("grant_id"));
             call(Method::DELETE, format!("/v1/users/{e}/grants/{grant}"), None, "Grant revoked.")
+        }
+        ("plans", "default") => call(
+            Method::PATCH,
+            format!("/v1/plans/{e}"),
+            Some(json!({"is_default": true})),
+            "The portal's default plan changed.",
+        ),
+        ("plans", "delete") => {
+            confirmed(id)?;
+            call(Method::DELETE, format!("/v1/plans/{e}"), None, "Plan deleted.")
         }
         ("signing-keys", "revoke") => {
             confirmed(id)?;

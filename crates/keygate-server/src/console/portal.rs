@@ -45,6 +45,18 @@ const RESET_TTL_MS: i64 = 3_600_000;
 const INVITE_TTL_DAYS: i64 = 7;
 /// Applications one developer may own.
 const MAX_APPS: usize = 25;
+/// Keys an application may have that are not revoked, and may have had in all (each new key starts with
+/// the plan's quota: without a bound, making keys would multiply it).
+const MAX_LIVE_KEYS: usize = 10;
+const MAX_KEYS_EVER: usize = 100;
+/// OAuth clients an application may have.
+const MAX_CLIENTS: usize = 10;
+/// The role that signs a user in to the portal.
+pub(crate) const DEVELOPER_ROLE: &str = "developer";
+
+pub(crate) fn is_developer(user: &User) -> bool {
+    user.roles.iter().any(|r| r == DEVELOPER_ROLE)
+}
 
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()
@@ -266,6 +278,12 @@ async fn login(
     let Some(hash) = user.password_hash.as_deref().map(SecretHash::of) else {
         return refuse(StatusCode::UNAUTHORIZED, "Wrong username or password, or the account is suspended.");
     };
+    if !is_developer(&user) {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "This account is not a developer account (an operator can give it the developer role).",
+        );
+    }
     if let Err(e) = state.store.record_login(&user.id, state.now()).await {
         tracing::warn!(error = %e, "could not record a portal sign-in's time");
     }
@@ -395,6 +413,7 @@ async fn signup(
         username: form.get("username").trim().to_string(),
         password: Some(form.get("password").to_string()),
         email: Some(email),
+        roles: Some(vec![DEVELOPER_ROLE.into()]),
         ..Default::default()
     };
     // An invited address is proved by the invitation's delivery; otherwise a link proves it, if asked.
@@ -521,8 +540,9 @@ async fn reset_request(
         "Check your mail",
         "If an account has this address, a link to choose a new password is on its way. It works for one hour, once.",
     );
+    // Only developer accounts are reset here (an operator's account is not the portal's to recover).
     let user = match state.store.find_user_by_email(form.get("email").trim()).await {
-        Ok(Some(u)) if !u.disabled => u,
+        Ok(Some(u)) if !u.disabled && is_developer(&u) => u,
         Ok(_) => return done,
         Err(_) => {
             return error_page(
@@ -543,9 +563,13 @@ async fn reset_request(
             "Hello {},\n\nchoose a new password for the developer portal with this link (it works for one hour, once):\n\n{url}\n\nIf you did not ask for it, ignore this message: your password stays as it is.\n",
             user.username
         );
-        if let Err(e) = state.mailer.send(email, "Choose a new password", &body).await {
-            tracing::warn!(error = %e, "could not send a portal password-reset mail");
-        }
+        // Sent in the background: the answer takes as long whether or not the address has an account.
+        let (state, email) = (state.clone(), email.to_string());
+        tokio::spawn(async move {
+            if let Err(e) = state.mailer.send(&email, "Choose a new password", &body).await {
+                tracing::warn!(error = %e, "could not send a portal password-reset mail");
+            }
+        });
     }
     done
 }
@@ -554,7 +578,10 @@ async fn reset_request(
 async fn reset_target(state: &AppState, token: &str) -> Option<User> {
     let link = open_link(state, "reset", token)?;
     let user = state.store.get_user(&link.subject).await.ok()??;
-    (!user.disabled && binding(user.password_hash.as_deref().unwrap_or("")) == link.binding).then_some(user)
+    (!user.disabled
+        && is_developer(&user)
+        && binding(user.password_hash.as_deref().unwrap_or("")) == link.binding)
+        .then_some(user)
 }
 
 fn dead_reset_link() -> Response {
@@ -1003,6 +1030,22 @@ async fn action(
             if needs_verification(&state, &dev) {
                 return fail(format!("/portal/apps/{e}"), "Confirm your email address first.");
             }
+            let page = Page { after: None, limit: MAX_KEYS_EVER as u32, search: None };
+            let keys = ok!(state.store.list_keys(Some(&app.id), &page).await.map_err(|_| unavailable()));
+            if keys.iter().filter(|k| k.revoked_at.is_none()).count() >= MAX_LIVE_KEYS {
+                return fail(
+                    format!("/portal/apps/{e}"),
+                    &format!("An application has at most {MAX_LIVE_KEYS} keys; revoke one first."),
+                );
+            }
+            if keys.len() >= MAX_KEYS_EVER {
+                return fail(
+                    format!("/portal/apps/{e}"),
+                    &format!(
+                        "This application has had {MAX_KEYS_EVER} keys, the most one may have; make another application or ask the operator."
+                    ),
+                );
+            }
             let mut body =
                 json!({"consumer_id": app.id, "name": form.get("name").trim(), "scopes": form.all("scopes")});
             if let Some(days) = form.get("expires_in_days").trim().parse::<i64>().ok().filter(|d| *d > 0) {
@@ -1014,6 +1057,14 @@ async fn action(
             let app = ok!(owned_app(&state, &dev, &id).await);
             if needs_verification(&state, &dev) {
                 return fail(format!("/portal/apps/{e}"), "Confirm your email address first.");
+            }
+            let page = Page { after: None, limit: 1000, search: Some(app.id.clone()) };
+            let clients = ok!(state.store.list_clients(&page).await.map_err(|_| unavailable()));
+            if clients.iter().filter(|c| c.consumer_id == app.id).count() >= MAX_CLIENTS {
+                return fail(
+                    format!("/portal/apps/{e}"),
+                    &format!("An application has at most {MAX_CLIENTS} OAuth clients; delete one first."),
+                );
             }
             let redirect_uris = form.lines("redirect_uris");
             let mut body =

@@ -414,6 +414,7 @@ pub(crate) async fn new_client(
     }
     let plan = crate::routes::plans::plan_of(state, &consumer).await?;
     crate::routes::plans::check_plan_scopes(plan.as_ref(), "scopes", &scopes)?;
+    crate::routes::plans::check_owned_scopes(&consumer, "scopes", &scopes)?;
     let now = state.now();
     let secret = PlainSecret::generate(SecretKind::ClientSecret)
         .map_err(|e| ApiError::internal("random source failed", e))?;
@@ -546,6 +547,7 @@ pub async fn update_client(
         if let Some(consumer) = state.store.get_consumer(&current.consumer_id).await? {
             let plan = crate::routes::plans::plan_of(&state, &consumer).await?;
             crate::routes::plans::check_plan_scopes(plan.as_ref(), "scopes", s)?;
+            crate::routes::plans::check_owned_scopes(&consumer, "scopes", s)?;
         }
     }
     if grant_types.is_some()

@@ -217,6 +217,7 @@ pub fn new_key(
     check_name(&spec.name)?;
     let scopes = check_scopes(spec.scopes)?;
     crate::routes::plans::check_plan_scopes(plan, "scopes", &scopes)?;
+    crate::routes::plans::check_owned_scopes(consumer, "scopes", &scopes)?;
     let expires_at = spec.expires_at.as_deref().map(|t| check_expiry(t, now)).transpose()?;
     let (expires_at, quota) = crate::routes::plans::plan_key_terms(plan, expires_at, spec.quota, now)?;
     let metadata = spec.metadata.unwrap_or_else(|| json!({}));

@@ -172,6 +172,26 @@ async fn check_plan_and_owner(state: &AppState, plan: Option<&str>, owner: Optio
     Ok(())
 }
 
+/// Does a live key or a client of the consumer hold a `keygate:` scope?
+async fn holds_keygate_scopes(state: &AppState, id: &str) -> ApiResult<bool> {
+    let keygate = |scopes: &[String]| scopes.iter().any(|s| s.starts_with("keygate:"));
+    let mut page = Page { after: None, limit: 1000, search: None };
+    loop {
+        let keys = state.store.list_keys(Some(id), &page).await?;
+        if keys.iter().any(|k| k.revoked_at.is_none() && keygate(&k.scopes)) {
+            return Ok(true);
+        }
+        match next_cursor(&keys, page.limit, |k| &k.id) {
+            Some(after) => page.after = Some(after),
+            None => break,
+        }
+    }
+    // A client listing searched by a consumer id lists that consumer's clients.
+    let clients =
+        state.store.list_clients(&Page { after: None, limit: 1000, search: Some(id.to_string()) }).await?;
+    Ok(clients.iter().any(|c| c.consumer_id == id && keygate(&c.scopes)))
+}
+
 /// What every node caches about a consumer (its keys' answers, its clients' state) is read again.
 pub async fn consumer_changed(state: &AppState, consumer: &Consumer) {
     state.oauth.consumer_changed(consumer);
@@ -379,6 +399,12 @@ pub async fn update_consumer(
         req.owner_id.clone().flatten().as_deref(),
     )
     .await?;
+    if matches!(req.owner_id, Some(Some(_))) && holds_keygate_scopes(&state, &id).await? {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            "a key or client of this consumer holds one of Keygate's own permissions (keygate:…), which an application a developer owns never holds; revoke it first",
+        ));
+    }
     if let Some(Some(e)) = &req.external_id {
         check_external_id(e)?;
     }

@@ -106,11 +106,20 @@ impl KeyView {
                 keygate_core::limits::next_refill(refill, k.quota_refilled_at.unwrap_or(k.created_at));
             // Refills that came due unseen (no verification since) happen at the next one: the next
             // one still to come is shown.
-            for _ in 0..10_000 {
-                if t > now {
-                    break;
+            match refill.interval_seconds {
+                Some(s) if t <= now => {
+                    let step = i64::try_from(s).unwrap_or(i64::MAX / 1000).max(1).saturating_mul(1000);
+                    t = t.saturating_add(((now - t) / step + 1).saturating_mul(step));
                 }
-                t = keygate_core::limits::next_refill(refill, t);
+                _ => {
+                    // Daily or monthly: a few hundred steps cover years.
+                    for _ in 0..1000 {
+                        if t > now {
+                            break;
+                        }
+                        t = keygate_core::limits::next_refill(refill, t);
+                    }
+                }
             }
             rfc3339(t)
         });
@@ -438,6 +447,9 @@ pub async fn update_key(
         };
         if let Some(s) = &scopes {
             crate::routes::plans::check_plan_scopes(plan.as_ref(), "scopes", s)?;
+            if let Some(c) = &consumer {
+                crate::routes::plans::check_owned_scopes(c, "scopes", s)?;
+            }
         }
         match (&plan, expires_at) {
             (Some(p), Some(None)) if p.key_lifetime_seconds.is_some() => {

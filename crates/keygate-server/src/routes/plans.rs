@@ -165,12 +165,35 @@ pub async fn load_plan(state: &AppState, id: &str) -> ApiResult<Plan> {
     state.store.get_plan(id).await?.ok_or_else(|| ApiError::not_found("plan", id))
 }
 
-/// The plan a consumer is on, if any.
+/// The plan a consumer is on, if any. A plan that cannot be found is an error, never "no plan" (which
+/// would lift its bounds).
 pub async fn plan_of(state: &AppState, consumer: &Consumer) -> ApiResult<Option<Plan>> {
     match &consumer.plan_id {
-        Some(id) => Ok(state.store.get_plan(id).await?),
+        Some(id) => match state.store.get_plan(id).await? {
+            Some(p) => Ok(Some(p)),
+            None => Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("the consumer's plan {id} no longer exists; put the consumer on another plan"),
+            )),
+        },
         None => Ok(None),
     }
+}
+
+/// Keygate's own permissions (`keygate:…`: admin, verify, introspect, metrics) are never held by a key or
+/// client of a consumer a user owns (a developer's application), whoever asks.
+pub fn check_owned_scopes(consumer: &Consumer, field: &str, scopes: &[String]) -> ApiResult<()> {
+    if consumer.owner_id.is_some()
+        && let Some(s) = scopes.iter().find(|s| s.starts_with("keygate:"))
+    {
+        return Err(ApiError::invalid(
+            field,
+            format!(
+                "'{s}' is one of Keygate's own permissions, which an application a developer owns never holds"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Every scope must be within the plan's allowed scopes (a wildcard the plan allows covers its names).

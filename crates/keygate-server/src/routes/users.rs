@@ -98,7 +98,8 @@ pub struct CreateUser {
     pub display_name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed_scopes: Option<Vec<String>>,
-    /// Roles in Keygate itself: `admin` signs in to the web console as an operator. Default: none.
+    /// Roles in Keygate itself: `admin` signs in to the web console as an operator, `developer` to the
+    /// developer portal. Default: none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub roles: Option<Vec<String>>,
 }
@@ -344,8 +345,9 @@ async fn patch_user(
     Ok(user)
 }
 
-/// Roles a user can have in Keygate itself.
-pub const ROLES: &[&str] = &["admin"];
+/// Roles a user can have in Keygate itself: `admin` signs in to the console as an operator,
+/// `developer` to the developer portal (sign-up gives it).
+pub const ROLES: &[&str] = &["admin", "developer"];
 
 /// Known roles, each once, sorted.
 fn check_roles(mut roles: Vec<String>) -> ApiResult<Vec<String>> {

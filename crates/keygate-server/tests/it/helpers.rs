@@ -347,13 +347,17 @@ impl MailSink {
         self.messages.lock().unwrap().iter().filter(|(t, _)| t == to).map(|(_, m)| m.clone()).collect()
     }
 
-    /// The first link to `path` in the newest message to `to`, as a path with its query.
-    pub fn link(&self, to: &str, path: &str) -> String {
-        let all = self.to(to);
-        let last = all.last().unwrap_or_else(|| panic!("no mail to {to}"));
-        let at = last.find(path).unwrap_or_else(|| panic!("no link to {path} in {last}"));
-        let rest = &last[at..];
-        rest[..rest.find(char::is_whitespace).unwrap_or(rest.len())].to_string()
+    /// The first link to `path` in the newest message to `to` that has one (waiting up to 10 s for it: some
+    /// mail is sent in the background), as a path with its query.
+    pub async fn link(&self, to: &str, path: &str) -> String {
+        for _ in 0..200 {
+            if let Some(m) = self.to(to).iter().rev().find(|m| m.contains(path)) {
+                let rest = &m[m.find(path).unwrap()..];
+                return rest[..rest.find(char::is_whitespace).unwrap_or(rest.len())].to_string();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("no mail to {to} with a link to {path}: {:?}", self.to(to))
     }
 }
 

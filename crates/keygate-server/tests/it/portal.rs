@@ -108,7 +108,7 @@ async fn developers_sign_up_make_applications_and_reach_only_their_own() {
     assert_eq!(mine["items"], json!([]), "nothing is made before the address is confirmed");
 
     // The link came through SMTP; opening it confirms the address.
-    let link = mail.link("alice@example.com", "/portal/verify?token=");
+    let link = mail.link("alice@example.com", "/portal/verify?token=").await;
     let (status, h, _) = alice.get(&app.url(&link)).await;
     assert_eq!((status, location(&h).as_str()), (StatusCode::SEE_OTHER, "/portal/?why=verified"));
     let (_, user) = app.get(&format!("/v1/users/{alice_id}")).await;
@@ -212,7 +212,7 @@ async fn developers_sign_up_make_applications_and_reach_only_their_own() {
     // A second developer reaches nothing of hers, through any page or form: 404, and nothing changes.
     let mut bob = Browser::new();
     let bob_id = sign_up(&app, &mut bob, "bob", "bob@example.com").await;
-    let link = mail.link("bob@example.com", "/portal/verify?token=");
+    let link = mail.link("bob@example.com", "/portal/verify?token=").await;
     bob.get(&app.url(&link)).await;
     for path in
         [app_path.clone(), format!("/portal/keys/{key_id}"), format!("{app_path}/usage.csv?month={month}")]
@@ -324,7 +324,7 @@ async fn invitations_password_reset_and_closed_sign_up() {
         app.post("/v1/portal/invitations", json!({"email": "carol@example.com", "send": true})).await;
     assert_eq!(status, StatusCode::CREATED, "{inv}");
     assert_eq!(inv["sent"], true);
-    let link = mail.link("carol@example.com", "/portal/signup?token=");
+    let link = mail.link("carol@example.com", "/portal/signup?token=").await;
     assert!(inv["url"].as_str().unwrap().ends_with(&link));
     let (status, _, page) = b.get(&app.url(&link)).await;
     assert_eq!(status, StatusCode::OK);
@@ -366,7 +366,7 @@ async fn invitations_password_reset_and_closed_sign_up() {
     assert!(page.contains("If an account has this address"));
     let (_, _, page) = b.get(&app.url("/portal/reset")).await;
     b.post(&app.url("/portal/reset"), &[("csrf", &csrf(&page)), ("email", "CAROL@example.com")], &[]).await;
-    let link = mail.link("carol@example.com", "/portal/reset/confirm?token=");
+    let link = mail.link("carol@example.com", "/portal/reset/confirm?token=").await;
     let (status, _, page) = b.get(&app.url(&link)).await;
     assert_eq!(status, StatusCode::OK, "{page}");
     let token = link.split("token=").nth(1).unwrap();
@@ -404,11 +404,30 @@ async fn invitations_password_reset_and_closed_sign_up() {
         audit["items"].as_array().unwrap().iter().map(|a| a["action"].as_str().unwrap()).collect();
     assert!(actions.contains(&"user.reset_password"), "{actions:?}");
 
-    // Closed: no sign-up at all.
+    // Closed: no sign-up at all; only accounts with the developer role sign in (not an operator's).
     let closed = TestApp::start().await;
     let (status, _, page) = Browser::new().get(&closed.url("/portal/signup")).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert!(page.contains("Sign-up is closed"));
+    for (name, roles) in [("op", json!(["admin"])), ("dana", json!(["developer"]))] {
+        let (status, _) =
+            closed.post("/v1/users", json!({"username": name, "password": PASSWORD, "roles": roles})).await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let sign_in_closed = |name: &'static str| {
+        let url = closed.url("/portal/login");
+        async move {
+            let mut b = Browser::new();
+            let (_, _, page) = b.get(&url).await;
+            b.post(&url, &[("csrf", &csrf(&page)), ("username", name), ("password", PASSWORD)], &[]).await.0
+        }
+    };
+    assert_eq!(
+        sign_in_closed("op").await,
+        StatusCode::FORBIDDEN,
+        "an operator's account is not a developer's"
+    );
+    assert_eq!(sign_in_closed("dana").await, StatusCode::SEE_OTHER);
 }
 
 #[tokio::test]
@@ -460,6 +479,34 @@ async fn plans_bound_keys_clients_and_limits_for_every_caller() {
         )
         .await;
     assert_eq!(status, StatusCode::CONFLICT, "the plan owns the limits");
+
+    // A developer's application never holds Keygate's own permissions, even on a plan allowing any
+    // scope, even when the operator asks.
+    let (_, open_plan) = app.post("/v1/plans", json!({"name": "Open", "self_service": true})).await;
+    let (_, dev) = app.post("/v1/users", json!({"username": "dev", "roles": ["developer"]})).await;
+    let (status, owned) = app
+        .post("/v1/consumers", json!({"name": "dev app", "plan_id": open_plan["id"], "owner_id": dev["id"]}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{owned}");
+    for scope in ["keygate:admin", "keygate:verify", "keygate:*"] {
+        let (status, e) =
+            app.post("/v1/keys", json!({"consumer_id": owned["id"], "name": "k", "scopes": [scope]})).await;
+        assert_eq!(
+            (status, e["field"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("scopes")),
+            "{scope}: {e}"
+        );
+        let (status, _) = app
+            .post("/v1/clients", json!({"consumer_id": owned["id"], "name": "c", "scopes": [scope]}))
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{scope}");
+    }
+    let (_, holder) = app.post("/v1/consumers", json!({"name": "holder"})).await;
+    app.create_key(holder["id"].as_str().unwrap(), &["keygate:verify"]).await;
+    let (status, _) = app
+        .patch(&format!("/v1/consumers/{}", holder["id"].as_str().unwrap()), json!({"owner_id": dev["id"]}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "an owner is not given to a consumer holding keygate: scopes");
 
     // The plan's limit applies, and a change to the plan reaches the key at once.
     assert_eq!(app.verify_code(&secret, &["read"]).await, "VALID");

@@ -46,6 +46,12 @@ pub enum Cmd {
     List {
         #[command(flatten)]
         page: PageArgs,
+        /// Only the applications of this developer (usr_…).
+        #[arg(long, conflicts_with = "plan")]
+        owner: Option<String>,
+        /// Only consumers on this plan (plan_…).
+        #[arg(long)]
+        plan: Option<String>,
     },
     /// Show one consumer, by id or by --external-id.
     Show {
@@ -128,8 +134,11 @@ pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
                 ));
             });
         }
-        Cmd::List { page } => {
-            let v = c.call(Method::GET, &["v1", "consumers"], &page.query(), None).await?;
+        Cmd::List { page, owner, plan } => {
+            let mut q = page.query();
+            q.extend(owner.map(|o| ("owner_id", o)));
+            q.extend(plan.map(|p| ("plan_id", p)));
+            let v = c.call(Method::GET, &["v1", "consumers"], &q, None).await?;
             output(c, &v, |v| {
                 table(
                     super::output::items(v),

@@ -41,6 +41,18 @@ pub enum Cmd {
     },
     /// Show one user (by id usr_… or username).
     Show { user: String },
+    /// Invite someone to the developer portal (for portal.signup = "invite"): prints the sign-up link.
+    Invite {
+        /// The address the account will have.
+        #[arg(long)]
+        email: String,
+        /// How long the link works, in days (1-90).
+        #[arg(long, default_value_t = 7)]
+        days: i64,
+        /// Also mail the link (through mail.smtp_url, or the server log in its test mode).
+        #[arg(long)]
+        send: bool,
+    },
     /// Change a user's username, email, display name or allowed scopes.
     Update {
         user: String,
@@ -191,6 +203,23 @@ pub async fn run(c: &Api, cmd: Cmd) -> CliResult {
                     ],
                 );
                 print_next(v);
+            });
+        }
+        Cmd::Invite { email, days, send } => {
+            let body = keygate_server::routes::invitations::CreateInvitation {
+                email,
+                expires_in_days: Some(days),
+                send,
+            };
+            let v = c.send(Method::POST, &["v1", "portal", "invitations"], &body).await?;
+            output(c, &v, |v| {
+                emit(format!(
+                    "Invitation for {} (works until {}{}):",
+                    v["email"].as_str().unwrap_or(""),
+                    v["expires_at"].as_str().unwrap_or(""),
+                    if v["sent"] == true { "; mailed" } else { "" }
+                ));
+                emit(v["url"].as_str().unwrap_or("").to_string());
             });
         }
         Cmd::Show { user } => {
