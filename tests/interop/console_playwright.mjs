@@ -128,7 +128,7 @@ await axe("audit");
 await shot("audit");
 
 // The other pages: each renders and passes the accessibility scan.
-for (const [name, path] of [["keys", "/console/keys"], ["clients", "/console/clients"], ["users", "/console/users"], ["signing keys", "/console/signing-keys"]]) {
+for (const [name, path] of [["keys", "/console/keys"], ["clients", "/console/clients"], ["users", "/console/users"], ["plans", "/console/plans"], ["signing keys", "/console/signing-keys"]]) {
   await page.goto(`${BASE}${path}`);
   assert.equal(await page.locator("h1").count(), 1, name);
   await axe(name);

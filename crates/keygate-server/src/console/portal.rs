@@ -418,8 +418,7 @@ async fn signup(
     };
     // An invited address is proved by the invitation's delivery; otherwise a link proves it, if asked.
     let verified = (invited_email.is_some() || !state.config.portal.verify_email).then_some(now);
-    let actor = Actor { key_id: "portal".into(), ip: client.ip };
-    let user = match crate::routes::users::insert_new_user(&state, &actor, req, verified).await {
+    let user = match crate::routes::users::insert_new_user(&state, None, req, verified).await {
         Ok(u) => u,
         Err(e) => {
             let text = match &e.field {
@@ -1163,7 +1162,11 @@ async fn action(
             )
         }
         ("tokens", "revoke") => {
-            // The token route itself is scoped to the user: another user's token id is a 404 there.
+            match state.store.get_pat(&id).await {
+                Ok(Some(t)) if t.user_id == dev.user.id => {}
+                Ok(_) => return not_yours(),
+                Err(_) => return unavailable(),
+            }
             call(
                 Method::DELETE,
                 format!("/v1/users/{me}/tokens/{e}"),
@@ -1172,13 +1175,20 @@ async fn action(
                 "Token revoked.",
             )
         }
-        ("grants", "revoke") => call(
-            Method::DELETE,
-            format!("/v1/users/{me}/grants/{e}"),
-            None,
-            "/portal/tokens".into(),
-            "Access revoked: the application's tokens stop working now.",
-        ),
+        ("grants", "revoke") => {
+            match state.store.get_grant(&id).await {
+                Ok(Some(g)) if g.user_id == dev.user.id => {}
+                Ok(_) => return not_yours(),
+                Err(_) => return unavailable(),
+            }
+            call(
+                Method::DELETE,
+                format!("/v1/users/{me}/grants/{e}"),
+                None,
+                "/portal/tokens".into(),
+                "Access revoked: the application's tokens stop working now.",
+            )
+        }
         _ => return error_page(StatusCode::NOT_FOUND, "No such action."),
     };
     let kind2 = kind.clone();

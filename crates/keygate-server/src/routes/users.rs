@@ -248,15 +248,16 @@ pub async fn create_user(
     AdminCaller(actor): AdminCaller,
     ApiJson(req): ApiJson<CreateUser>,
 ) -> ApiResult<(StatusCode, Json<UserView>)> {
-    let user = insert_new_user(&state, &actor, req, None).await?;
+    let user = insert_new_user(&state, Some(&actor), req, None).await?;
     Ok((StatusCode::CREATED, Json(user.into())))
 }
 
 /// The one way a user is made (the admin API, the CLI, the console and the portal's sign-up): checked,
 /// the password hashed, written with its audit event. `email_verified_at`: when the address was proved.
+/// Without an actor the user made themselves (the portal's sign-up): they are the audit event's actor.
 pub(crate) async fn insert_new_user(
     state: &AppState,
-    actor: &crate::auth::Actor,
+    actor: Option<&crate::auth::Actor>,
     req: CreateUser,
     email_verified_at: Option<i64>,
 ) -> ApiResult<User> {
@@ -286,7 +287,8 @@ pub(crate) async fn insert_new_user(
     };
     let details =
         json!({"username": user.username, "allowed_scopes": user.allowed_scopes, "roles": user.roles});
-    let audit = audit(actor, now, "user.create", "user", &user.id, details)?;
+    let own = crate::auth::Actor { key_id: user.id.clone(), ip: None };
+    let audit = audit(actor.unwrap_or(&own), now, "user.create", "user", &user.id, details)?;
     state.store.insert_user(&user, &audit).await.map_err(username_taken)?;
     Ok(user)
 }

@@ -209,6 +209,23 @@ async fn developers_sign_up_make_applications_and_reach_only_their_own() {
     assert_eq!(audit["items"][0]["action"], "key.create");
     assert_eq!(audit["items"][0]["actor"], alice_id.as_str());
 
+    // Her own sign-up is audited with her as the actor.
+    let (_, audit) = app.get(&format!("/v1/audit?target_id={alice_id}")).await;
+    let created = audit["items"].as_array().unwrap().iter().find(|a| a["action"] == "user.create").unwrap();
+    assert_eq!(created["actor"], alice_id.as_str());
+
+    // A personal access token an operator made for her: listed on her tokens page.
+    let (status, pat) = app
+        .post(
+            &format!("/v1/users/{alice_id}/tokens"),
+            json!({"name": "ci", "scopes": ["read"], "expires_in_seconds": 86400}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{pat}");
+    let pat_id = pat["id"].as_str().unwrap().to_string();
+    let (_, _, page) = alice.get(&app.url("/portal/tokens")).await;
+    assert!(page.contains(&format!("/portal/tokens/{pat_id}/revoke")), "{page}");
+
     // A second developer reaches nothing of hers, through any page or form: 404, and nothing changes.
     let mut bob = Browser::new();
     let bob_id = sign_up(&app, &mut bob, "bob", "bob@example.com").await;
@@ -230,6 +247,7 @@ async fn developers_sign_up_make_applications_and_reach_only_their_own() {
         (format!("{app_path}/rename"), vec![("name", "mine now")]),
         (format!("/portal/clients/{client_id}/rotate"), vec![]),
         (format!("/portal/clients/{client_id}/delete"), vec![("confirm", client_id.as_str())]),
+        (format!("/portal/tokens/{pat_id}/revoke"), vec![]),
     ] {
         let (status, _, _) = post_form(&app, &mut bob, "/portal/", &action, &fields).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{action}");
@@ -243,6 +261,14 @@ async fn developers_sign_up_make_applications_and_reach_only_their_own() {
     assert_eq!(status, StatusCode::OK);
     let (_, theirs) = app.get(&format!("/v1/consumers?owner_id={bob_id}")).await;
     assert_eq!(theirs["items"], json!([]));
+    let (_, pats) = app.get(&format!("/v1/users/{alice_id}/tokens")).await;
+    assert!(pats["items"][0]["revoked_at"].is_null(), "her token is untouched: {pats}");
+    // She revokes it herself.
+    let (status, _, _) =
+        post_form(&app, &mut alice, "/portal/tokens", &format!("/portal/tokens/{pat_id}/revoke"), &[]).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let (_, pats) = app.get(&format!("/v1/users/{alice_id}/tokens")).await;
+    assert!(pats["items"][0]["revoked_at"].is_string(), "{pats}");
 
     // A form without the session's token, or from another site: refused.
     let (status, _, _) = alice.post(&app.url("/portal/apps"), &[("name", "forged")], &[]).await;
