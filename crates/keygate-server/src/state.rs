@@ -324,6 +324,9 @@ pub struct AppState {
     /// Failed portal sign-ins per username, and sign-ups and mail requests per address.
     pub portal_throttle: FailureThrottle<keygate_core::SecretHash>,
     pub mailer: crate::mail::Mailer,
+    /// One portal change at a time per developer (by user id; only signed-in developers get one, and
+    /// idle ones are dropped).
+    pub portal_locks: moka::sync::Cache<String, Arc<tokio::sync::Mutex<()>>>,
     /// Following the other nodes on a shared database.
     pub cluster: crate::cluster::ClusterStatus,
     pub config: ServerConfig,
@@ -437,6 +440,10 @@ impl AppState {
             portal: crate::console::Sessions::default(),
             portal_throttle: FailureThrottle::quiet(config.failures_per_minute),
             mailer,
+            portal_locks: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(std::time::Duration::from_secs(600))
+                .build(),
             cluster: crate::cluster::ClusterStatus::default(),
             config,
         })

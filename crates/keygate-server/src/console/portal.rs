@@ -58,6 +58,12 @@ pub(crate) fn is_developer(user: &User) -> bool {
     user.roles.iter().any(|r| r == DEVELOPER_ROLE)
 }
 
+/// May the portal reset this account's password by mail? A developer's, never an operator's (a password
+/// that opens the console is not recovered through a mailbox).
+fn recoverable(user: &User) -> bool {
+    is_developer(user) && !user.roles.iter().any(|r| r == "admin")
+}
+
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/portal", get(|| async { redirect("/portal/") }))
@@ -414,10 +420,13 @@ async fn signup(
         password: Some(form.get("password").to_string()),
         email: Some(email),
         roles: Some(vec![DEVELOPER_ROLE.into()]),
+        // A developer account manages applications; it grants nothing through OAuth consent until an
+        // operator widens it.
+        allowed_scopes: Some(Vec::new()),
         ..Default::default()
     };
     // An invited address is proved by the invitation's delivery; otherwise a link proves it, if asked.
-    let verified = (invited_email.is_some() || !state.config.portal.verify_email).then_some(now);
+    let verified = invited_email.is_some().then_some(now);
     let user = match crate::routes::users::insert_new_user(&state, None, req, verified).await {
         Ok(u) => u,
         Err(e) => {
@@ -432,6 +441,7 @@ async fn signup(
         return error_page(StatusCode::INTERNAL_SERVER_ERROR, "The account has no password.");
     };
     if user.email_verified_at.is_none()
+        && state.config.portal.verify_email
         && let Err(e) = send_verification(&state, &user).await
     {
         tracing::warn!(error = %e, "could not send a portal verification mail");
@@ -541,7 +551,7 @@ async fn reset_request(
     );
     // Only developer accounts are reset here (an operator's account is not the portal's to recover).
     let user = match state.store.find_user_by_email(form.get("email").trim()).await {
-        Ok(Some(u)) if !u.disabled && is_developer(&u) => u,
+        Ok(Some(u)) if !u.disabled && recoverable(&u) => u,
         Ok(_) => return done,
         Err(_) => {
             return error_page(
@@ -578,7 +588,7 @@ async fn reset_target(state: &AppState, token: &str) -> Option<User> {
     let link = open_link(state, "reset", token)?;
     let user = state.store.get_user(&link.subject).await.ok()??;
     (!user.disabled
-        && is_developer(&user)
+        && recoverable(&user)
         && binding(user.password_hash.as_deref().unwrap_or("")) == link.binding)
         .then_some(user)
 }
@@ -654,6 +664,26 @@ struct Developer {
     user: User,
 }
 
+/// A change by a developer: one at a time per developer on this node (so the per-application bounds hold
+/// against parallel posts), and at most `failures_per_minute` a minute (each rotation, for one, leaves
+/// another live secret until its overlap ends).
+async fn one_change_at_a_time(
+    state: &AppState,
+    dev: &Developer,
+) -> Result<tokio::sync::OwnedMutexGuard<()>, Response> {
+    let now = state.now();
+    let account = Some(SecretHash::of(&format!("portal-change:{}", dev.user.id)));
+    if state.portal_throttle.blocked(account, now).is_some() {
+        return Err(error_page(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many changes in a minute. Wait a little.",
+        ));
+    }
+    state.portal_throttle.record_failure(account, now);
+    let lock = state.portal_locks.get_with(dev.user.id.clone(), || Arc::new(tokio::sync::Mutex::new(())));
+    Ok(lock.lock_owned().await)
+}
+
 async fn developer(state: &AppState, headers: &HeaderMap, client: Client) -> Result<Developer, Response> {
     let signed = match signed_in_at(state, Area::Portal, headers, client).await {
         Gate::In(s) => s,
@@ -710,6 +740,37 @@ async fn owned_client(
     };
     owned_app(state, dev, &client.consumer_id).await?;
     Ok(client)
+}
+
+/// The scopes a developer asked for, if the application's plan offers each of them: a developer chooses
+/// among the plan's listed scopes only (a plan that lists none, or no plan, offers none; "any scope" is
+/// for operators, through the admin API).
+async fn offered_scopes(
+    state: &AppState,
+    dev: &Developer,
+    app: &keygate_store::Consumer,
+    asked: &[String],
+) -> Result<Vec<String>, Response> {
+    let plan = match crate::routes::plans::plan_of(state, app).await {
+        Ok(p) => p,
+        Err(e) => {
+            flash(&dev.signed, "error", e.message);
+            return Err(redirect(&format!("/portal/apps/{}", enc(&app.id))));
+        }
+    };
+    let offered = plan.and_then(|p| p.allowed_scopes).unwrap_or_default();
+    if let Some(s) = asked.iter().find(|s| !offered.contains(s)) {
+        flash(
+            &dev.signed,
+            "error",
+            format!(
+                "'{}' is not among the scopes your application's plan offers.",
+                s.chars().take(128).collect::<String>()
+            ),
+        );
+        return Err(redirect(&format!("/portal/apps/{}", enc(&app.id))));
+    }
+    Ok(asked.to_vec())
 }
 
 async fn my_apps(state: &AppState, dev: &Developer) -> Result<Vec<keygate_store::Consumer>, Response> {
@@ -805,6 +866,7 @@ async fn create_app(
 ) -> Response {
     let dev = signed!(state, headers, client);
     let form = ok!(checked_form(&dev.signed, &headers, &body));
+    let _turn = ok!(one_change_at_a_time(&state, &dev).await);
     let back = |m: String| {
         flash(&dev.signed, "error", m);
         redirect("/portal/")
@@ -1010,6 +1072,7 @@ async fn action(
 ) -> Response {
     let dev = signed!(state, headers, client);
     let form = ok!(checked_form(&dev.signed, &headers, &body));
+    let _turn = ok!(one_change_at_a_time(&state, &dev).await);
     let e = enc(&id);
     let fail = |back: String, m: &str| {
         flash(&dev.signed, "error", m);
@@ -1045,8 +1108,8 @@ async fn action(
                     ),
                 );
             }
-            let mut body =
-                json!({"consumer_id": app.id, "name": form.get("name").trim(), "scopes": form.all("scopes")});
+            let scopes = ok!(offered_scopes(&state, &dev, &app, &form.all("scopes")).await);
+            let mut body = json!({"consumer_id": app.id, "name": form.get("name").trim(), "scopes": scopes});
             if let Some(days) = form.get("expires_in_days").trim().parse::<i64>().ok().filter(|d| *d > 0) {
                 body["expires_at"] = json!(crate::time::rfc3339(state.now() + days.min(36_500) * 86_400_000));
             }
@@ -1065,9 +1128,9 @@ async fn action(
                     &format!("An application has at most {MAX_CLIENTS} OAuth clients; delete one first."),
                 );
             }
+            let scopes = ok!(offered_scopes(&state, &dev, &app, &form.all("scopes")).await);
             let redirect_uris = form.lines("redirect_uris");
-            let mut body =
-                json!({"consumer_id": app.id, "name": form.get("name").trim(), "scopes": form.all("scopes")});
+            let mut body = json!({"consumer_id": app.id, "name": form.get("name").trim(), "scopes": scopes});
             if !redirect_uris.is_empty() {
                 if !state.config.portal.authorization_code_clients {
                     return fail(

@@ -186,10 +186,18 @@ async fn holds_keygate_scopes(state: &AppState, id: &str) -> ApiResult<bool> {
             None => break,
         }
     }
-    // A client listing searched by a consumer id lists that consumer's clients.
-    let clients =
-        state.store.list_clients(&Page { after: None, limit: 1000, search: Some(id.to_string()) }).await?;
-    Ok(clients.iter().any(|c| c.consumer_id == id && keygate(&c.scopes)))
+    // A client listing searched by a consumer id lists that consumer's clients (and any named like it).
+    let mut page = Page { after: None, limit: 1000, search: Some(id.to_string()) };
+    loop {
+        let clients = state.store.list_clients(&page).await?;
+        if clients.iter().any(|c| c.consumer_id == id && keygate(&c.scopes)) {
+            return Ok(true);
+        }
+        match next_cursor(&clients, page.limit, |c| &c.id) {
+            Some(after) => page.after = Some(after),
+            None => return Ok(false),
+        }
+    }
 }
 
 /// What every node caches about a consumer (its keys' answers, its clients' state) is read again.
@@ -205,7 +213,17 @@ pub async fn consumer_changed(state: &AppState, consumer: &Consumer) {
     }
 }
 
-/// A user was suspended, enabled or deleted: the consumers they own stop or work again at once.
+/// A user was suspended, enabled or deleted on this node: the consumers they own stop or work again at
+/// once. The change has committed: if their consumers cannot be listed, every cached verify answer is
+/// forgotten instead (and other nodes, following the change log, retry until they can).
+pub async fn owner_changed_here(state: &AppState, user_id: &str) {
+    if let Err(e) = owner_changed(state, user_id).await {
+        tracing::warn!(error = %e, "cannot list a changed user's consumers; forgetting every cached verify answer");
+        state.verifier.invalidate_all();
+    }
+}
+
+/// The consumers a user owns are read again by this node's caches.
 pub async fn owner_changed(state: &AppState, user_id: &str) -> Result<(), keygate_store::StoreError> {
     let mut page = Page { after: None, limit: 500, search: None };
     loop {
@@ -311,7 +329,9 @@ pub async fn create_consumer(
         "leak_policy": consumer.leak_policy, "plan_id": consumer.plan_id, "owner_id": consumer.owner_id});
     let audit = audit(&actor, now, "consumer.create", "consumer", &consumer.id, details)?;
     state.store.insert_consumer(&consumer, &audit).await.map_err(unique_violation)?;
-    Ok((StatusCode::CREATED, Json(consumer.into())))
+    // As every read sees it (a plan's limits, an owner's state).
+    let stored = state.store.get_consumer(&consumer.id).await?.unwrap_or(consumer);
+    Ok((StatusCode::CREATED, Json(stored.into())))
 }
 
 /// List consumers in creation order, or find one by `external_id`.

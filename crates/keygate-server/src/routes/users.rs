@@ -342,7 +342,7 @@ async fn patch_user(
     user_changed(state, id, user.disabled);
     if patch.disabled.is_some() {
         // Their applications stop (or work again) at once.
-        crate::routes::consumers::owner_changed(state, id).await?;
+        crate::routes::consumers::owner_changed_here(state, id).await;
     }
     Ok(user)
 }
@@ -463,7 +463,7 @@ pub async fn delete_user(
         return Err(ApiError::not_found("user", &id));
     }
     user_changed(&state, &id, true);
-    crate::routes::consumers::owner_changed(&state, &id).await?;
+    crate::routes::consumers::owner_changed_here(&state, &id).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -113,6 +113,8 @@ async fn developers_sign_up_make_applications_and_reach_only_their_own() {
     assert_eq!((status, location(&h).as_str()), (StatusCode::SEE_OTHER, "/portal/?why=verified"));
     let (_, user) = app.get(&format!("/v1/users/{alice_id}")).await;
     assert!(user["email_verified_at"].is_string(), "{user}");
+    assert_eq!(user["roles"], json!(["developer"]));
+    assert_eq!(user["allowed_scopes"], json!([]), "a developer account grants nothing through OAuth consent");
     let (status, _, page) = alice.get(&app.url(&link.replace("token=", "token=x"))).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "a forged link: {page}");
 
@@ -168,7 +170,7 @@ async fn developers_sign_up_make_applications_and_reach_only_their_own() {
     )
     .await;
     let (_, _, page) = alice.get(&app.url(&location(&h))).await;
-    assert!(page.contains("is not among the scopes plan"), "{page}");
+    assert!(page.contains("is not among the scopes"), "{page}");
     let (_, keys) = app.get(&format!("/v1/keys?consumer_id={app_id}")).await;
     assert_eq!(keys["items"].as_array().unwrap().len(), 1);
 
@@ -214,7 +216,10 @@ async fn developers_sign_up_make_applications_and_reach_only_their_own() {
     let created = audit["items"].as_array().unwrap().iter().find(|a| a["action"] == "user.create").unwrap();
     assert_eq!(created["actor"], alice_id.as_str());
 
-    // A personal access token an operator made for her: listed on her tokens page.
+    // A personal access token an operator made for her (after letting her account hold `read`): listed on
+    // her tokens page.
+    let (status, _) = app.patch(&format!("/v1/users/{alice_id}"), json!({"allowed_scopes": ["read"]})).await;
+    assert_eq!(status, StatusCode::OK);
     let (status, pat) = app
         .post(
             &format!("/v1/users/{alice_id}/tokens"),
@@ -429,6 +434,18 @@ async fn invitations_password_reset_and_closed_sign_up() {
     let actions: Vec<&str> =
         audit["items"].as_array().unwrap().iter().map(|a| a["action"].as_str().unwrap()).collect();
     assert!(actions.contains(&"user.reset_password"), "{actions:?}");
+
+    // An operator's account is not recovered through the portal, even with the developer role too.
+    let (status, _) = app
+        .post("/v1/users", json!({"username": "opdev", "email": "ops@example.com", "password": PASSWORD, "roles": ["admin", "developer"]}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (_, _, page) = b.get(&app.url("/portal/reset")).await;
+    let (status, _, _) =
+        b.post(&app.url("/portal/reset"), &[("csrf", &csrf(&page)), ("email", "ops@example.com")], &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(mail.to("ops@example.com").is_empty(), "no reset mail for an operator");
 
     // Closed: no sign-up at all; only accounts with the developer role sign in (not an operator's).
     let closed = TestApp::start().await;
