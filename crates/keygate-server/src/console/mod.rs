@@ -681,7 +681,6 @@ async fn login(
 /// Signs in with a user account that has the `admin` role: the same throttles and Argon2 limits as the
 /// authorization endpoint's login page.
 async fn user_login(state: &AppState, client: Client, headers: &HeaderMap, form: &Form) -> Response {
-    use crate::password::LoginRefusal;
     let username = form.get("username").trim().to_string();
     let refuse = |status: StatusCode, message: &str| login_form(state, status, Some(message));
     let wrong = "Wrong username or password, or the account is disabled.";
@@ -695,22 +694,10 @@ async fn user_login(state: &AppState, client: Client, headers: &HeaderMap, form:
     .await
     {
         Ok(u) => u,
-        Err(LoginRefusal::Throttled) => {
-            return refuse(StatusCode::TOO_MANY_REQUESTS, "Too many failed sign-ins. Wait a minute.");
+        Err(r) => {
+            let (status, message) = refusal(r);
+            return refuse(status, message);
         }
-        Err(LoginRefusal::Unavailable) => {
-            return refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "The database is unavailable; try again shortly.",
-            );
-        }
-        Err(LoginRefusal::Busy) => {
-            return refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Too many sign-ins at this moment. Try again shortly.",
-            );
-        }
-        Err(LoginRefusal::Wrong) => return refuse(StatusCode::UNAUTHORIZED, wrong),
     };
     if !user.roles.iter().any(|r| r == ADMIN_ROLE) {
         return refuse(
@@ -725,6 +712,25 @@ async fn user_login(state: &AppState, client: Client, headers: &HeaderMap, form:
         tracing::warn!(error = %e, "could not record a console sign-in's time");
     }
     start_session(state, Area::Console, headers, user.id, user.username, Proof::User(hash))
+}
+
+/// What a sign-in form says when a password sign-in is refused.
+fn refusal(r: crate::password::LoginRefusal) -> (StatusCode, &'static str) {
+    use crate::password::LoginRefusal;
+    match r {
+        LoginRefusal::Throttled => {
+            (StatusCode::TOO_MANY_REQUESTS, "Too many failed sign-ins. Wait a minute.")
+        }
+        LoginRefusal::Unavailable => {
+            (StatusCode::SERVICE_UNAVAILABLE, "The database is unavailable; try again shortly.")
+        }
+        LoginRefusal::Busy => {
+            (StatusCode::SERVICE_UNAVAILABLE, "Too many sign-ins at this moment. Try again shortly.")
+        }
+        LoginRefusal::Wrong => {
+            (StatusCode::UNAUTHORIZED, "Wrong username or password, or the account is disabled.")
+        }
+    }
 }
 
 /// A new session (a new id at every sign-in: one planted before it is worthless), and the way in.
@@ -1018,6 +1024,14 @@ async fn consumer(
     page(&signed, "consumer.html", "consumers", q.reveal.as_deref(), extra)
 }
 
+/// A key's quota gauge: uses left of what a refill gives (or of the most seen, without a refill).
+fn quota_gauge(k: &Value) -> Option<Value> {
+    k["quota"]["remaining"].as_u64().map(|remaining| {
+        let max = k["quota"]["refill"]["amount"].as_u64().unwrap_or(remaining).max(remaining).max(1);
+        json!({"remaining": remaining, "max": max, "percent": remaining.saturating_mul(100) / max})
+    })
+}
+
 /// Pretty JSON of some of an object's fields, for the edit forms' text areas (empty for `null`).
 fn json_ctx(v: &Value, fields: &[&str]) -> Ctx {
     let mut out = serde_json::Map::new();
@@ -1048,11 +1062,7 @@ async fn key(
         &format!("/v1/consumers/{}", enc(k["consumer_id"].as_str().unwrap_or("")))
     )
     .await);
-    // The quota gauge: uses left of what a refill gives (or of the most seen, without a refill).
-    let gauge = k["quota"]["remaining"].as_u64().map(|remaining| {
-        let max = k["quota"]["refill"]["amount"].as_u64().unwrap_or(remaining).max(remaining).max(1);
-        json!({"remaining": remaining, "max": max, "percent": remaining * 100 / max})
-    });
+    let gauge = quota_gauge(&k);
     let mut extra = chart_ctx(&report, "Verifications of this key");
     extra.extend([
         ("k", Ctx::from_serialize(&k)),

@@ -243,7 +243,6 @@ async fn login(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    use crate::password::LoginRefusal;
     let refuse = |status: StatusCode, m: &str| public_form(&state, status, "portal/login.html", msg(m));
     let Some(form) = public_post(&state, &headers, &body) else {
         return refuse(StatusCode::FORBIDDEN, "The form expired. Sign in again.");
@@ -259,30 +258,14 @@ async fn login(
     .await
     {
         Ok(u) => u,
-        Err(LoginRefusal::Throttled) => {
-            return refuse(StatusCode::TOO_MANY_REQUESTS, "Too many failed sign-ins. Wait a minute.");
-        }
-        Err(LoginRefusal::Unavailable) => {
-            return refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "The database is unavailable; try again shortly.",
-            );
-        }
-        Err(LoginRefusal::Busy) => {
-            return refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Too many sign-ins at this moment. Try again shortly.",
-            );
-        }
-        Err(LoginRefusal::Wrong) => {
-            return refuse(
-                StatusCode::UNAUTHORIZED,
-                "Wrong username or password, or the account is suspended.",
-            );
+        Err(r) => {
+            let (status, message) = super::refusal(r);
+            return refuse(status, message);
         }
     };
     let Some(hash) = user.password_hash.as_deref().map(SecretHash::of) else {
-        return refuse(StatusCode::UNAUTHORIZED, "Wrong username or password, or the account is suspended.");
+        let (status, message) = super::refusal(crate::password::LoginRefusal::Wrong);
+        return refuse(status, message);
     };
     if !is_developer(&user) {
         return refuse(
@@ -956,10 +939,7 @@ async fn key(
     let (usage_q, range_name) = usage_query(&state, q.range.as_deref());
     let report = ok!(read(&state, &dev.signed, &format!("/v1/keys/{e}/usage?{usage_q}")).await);
     let app = ok!(owned_app(&state, &dev, &key.consumer_id).await);
-    let gauge = k["quota"]["remaining"].as_u64().map(|remaining| {
-        let max = k["quota"]["refill"]["amount"].as_u64().unwrap_or(remaining).max(remaining).max(1);
-        json!({"remaining": remaining, "max": max, "percent": remaining * 100 / max})
-    });
+    let gauge = super::quota_gauge(&k);
     let limited = report["codes"]["RATE_LIMITED"].as_i64().unwrap_or(0);
     let mut extra = chart_ctx(&report, "Verifications of this key");
     extra.extend([
