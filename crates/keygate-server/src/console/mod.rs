@@ -1549,6 +1549,19 @@ async fn plan(
             let grant = enc(form.get("grant_id"));
             call(Method::DELETE, format!("/v1/users/{e}/grants/{grant}"), None, "Grant revoked.")
         }
+        ("plans", "update") => edit_patch(
+            &[
+                ("name", Conv::Text),
+                ("description", Conv::OptText),
+                ("rate_limits", Conv::Json),
+                ("quota", Conv::Json),
+                ("allowed_scopes", Conv::OptList),
+                ("key_lifetime_seconds", Conv::OptDays),
+                ("self_service", Conv::Flag),
+            ],
+            format!("/v1/plans/{e}"),
+            "Plan updated.",
+        )?,
         ("plans", "default") => call(
             Method::PATCH,
             format!("/v1/plans/{e}"),
@@ -1592,6 +1605,10 @@ enum Conv {
     Lines,
     /// A whole number.
     Int,
+    /// Whole days, sent as seconds; empty is `null`.
+    OptDays,
+    /// A checkbox: `on` is true, anything else false.
+    Flag,
 }
 
 fn convert(text: &str, field: &str, conv: Conv) -> Result<Value, String> {
@@ -1608,6 +1625,17 @@ fn convert(text: &str, field: &str, conv: Conv) -> Result<Value, String> {
         Conv::Int => {
             json!(text.trim().parse::<i64>().map_err(|_| format!("{field}: must be a whole number"))?)
         }
+        Conv::OptDays => match text.trim() {
+            "" => Value::Null,
+            t => json!(
+                t.parse::<i64>()
+                    .ok()
+                    .filter(|d| *d > 0)
+                    .ok_or_else(|| format!("{field}: must be a whole number of days"))?
+                    .saturating_mul(86_400)
+            ),
+        },
+        Conv::Flag => json!(text == "on"),
         Conv::Json | Conv::Object => {
             let t = text.trim();
             if t.is_empty() {
@@ -1628,8 +1656,12 @@ fn edited(
     field: &str,
     conv: Conv,
 ) -> Result<(), String> {
-    let value = convert(form.get(field), field, conv)?;
     let orig_name = format!("orig_{field}");
+    // A field the form does not have at all (neither it nor what the page showed) is not changed.
+    if !form.0.contains_key(field) && !form.0.contains_key(&orig_name) {
+        return Ok(());
+    }
+    let value = convert(form.get(field), field, conv)?;
     let unchanged = form.0.contains_key(&orig_name)
         && convert(form.get(&orig_name), field, conv).is_ok_and(|orig| orig == value);
     if !unchanged {

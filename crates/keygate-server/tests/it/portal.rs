@@ -578,3 +578,80 @@ async fn plans_bound_keys_clients_and_limits_for_every_caller() {
         audit["items"].as_array().unwrap().iter().map(|a| a["action"].clone()).collect();
     assert_eq!(actions, [json!("plan.delete"), json!("plan.update"), json!("plan.create")]);
 }
+
+/// The console's Plans page: an operator makes a plan with the form, edits only what changed, and makes it
+/// the portal's default; a developer's page lists their applications.
+#[tokio::test]
+async fn operators_manage_plans_in_the_console() {
+    let app = TestApp::start().await;
+    let mut b = Browser::new();
+    let (_, _, page) = b.get(&app.url("/console/login")).await;
+    let (status, _, _) =
+        b.post(&app.url("/console/login"), &[("csrf", &csrf(&page)), ("key", &app.admin_key)], &[]).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let (status, _, page) = b.get(&app.url("/console/plans")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("No plans yet."));
+    let token = csrf(&page);
+    let (status, h, _) = b
+        .post(
+            &app.url("/console/plans"),
+            &[
+                ("csrf", &token),
+                ("name", "Pro"),
+                ("rate_limits", r#"[{"name": "minute", "limit": 600, "window_seconds": 60}]"#),
+                ("quota", r#"{"remaining": 1000}"#),
+                ("allowed_scopes", "read write"),
+                ("key_lifetime_days", "30"),
+                ("self_service", "on"),
+            ],
+            &[],
+        )
+        .await;
+    assert_eq!((status, location(&h).as_str()), (StatusCode::SEE_OTHER, "/console/plans"));
+    let (_, plans) = app.get("/v1/plans").await;
+    let plan = &plans["items"][0];
+    assert_eq!(
+        (plan["name"].as_str(), plan["key_lifetime_seconds"].as_i64()),
+        (Some("Pro"), Some(30 * 86400))
+    );
+    assert_eq!(plan["allowed_scopes"], json!(["read", "write"]));
+    let id = plan["id"].as_str().unwrap().to_string();
+
+    // Edit: only the changed field is sent (the rate limits stay as they were).
+    let (_, _, page) = b.get(&app.url("/console/plans")).await;
+    let (status, _, _) = b
+        .post(
+            &app.url(&format!("/console/plans/{id}/update")),
+            &[
+                ("csrf", &csrf(&page)),
+                ("name", "Pro"),
+                ("orig_name", "Pro"),
+                ("key_lifetime_seconds", "60"),
+                ("orig_key_lifetime_seconds", "30"),
+                ("self_service", "on"),
+                ("orig_self_service", "on"),
+            ],
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let (_, plan) = app.get(&format!("/v1/plans/{id}")).await;
+    assert_eq!(plan["key_lifetime_seconds"], 60 * 86400, "{plan}");
+    assert_eq!(plan["rate_limits"][0]["limit"], 600, "untouched: {plan}");
+    let (_, _, page) = b.get(&app.url("/console/plans")).await;
+    let (status, _, _) =
+        b.post(&app.url(&format!("/console/plans/{id}/default")), &[("csrf", &csrf(&page))], &[]).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let (_, plan) = app.get(&format!("/v1/plans/{id}")).await;
+    assert_eq!(plan["is_default"], true);
+
+    // A developer's applications on their user page, the plan and owner on the consumer's.
+    let (_, dev) = app.post("/v1/users", json!({"username": "devon", "roles": ["developer"]})).await;
+    let (_, c) =
+        app.post("/v1/consumers", json!({"name": "Devon's app", "plan_id": id, "owner_id": dev["id"]})).await;
+    let (_, _, page) = b.get(&app.url(&format!("/console/users/{}", dev["id"].as_str().unwrap()))).await;
+    assert!(page.contains("Devon&#x27;s app") || page.contains("Devon's app"), "{page}");
+    let (_, _, page) = b.get(&app.url(&format!("/console/consumers/{}", c["id"].as_str().unwrap()))).await;
+    assert!(page.contains(">Pro</a>") && page.contains("Owner (developer)"), "{page}");
+}
