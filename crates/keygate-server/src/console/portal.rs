@@ -690,22 +690,27 @@ fn unavailable() -> Response {
     error_page(StatusCode::SERVICE_UNAVAILABLE, "The database is unavailable; try again shortly.")
 }
 
-/// An application (consumer) the developer owns; 404 for any other id.
-async fn owned_app(state: &AppState, dev: &Developer, id: &str) -> Result<keygate_store::Consumer, Response> {
-    match state.store.get_consumer(id).await {
-        Ok(Some(c)) if c.owner_id.as_deref() == Some(dev.user.id.as_str()) => Ok(c),
+/// A record read for a developer that must be theirs (`mine`): 404 when it is not, or there is none;
+/// 503 when the store cannot say.
+fn theirs<T>(
+    read: Result<Option<T>, keygate_store::StoreError>,
+    mine: impl FnOnce(&T) -> bool,
+) -> Result<T, Response> {
+    match read {
+        Ok(Some(t)) if mine(&t) => Ok(t),
         Ok(_) => Err(not_yours()),
         Err(_) => Err(unavailable()),
     }
 }
 
+/// An application (consumer) the developer owns; 404 for any other id.
+async fn owned_app(state: &AppState, dev: &Developer, id: &str) -> Result<keygate_store::Consumer, Response> {
+    theirs(state.store.get_consumer(id).await, |c| c.owner_id.as_deref() == Some(dev.user.id.as_str()))
+}
+
 /// A key of one of the developer's applications; 404 otherwise.
 async fn owned_key(state: &AppState, dev: &Developer, id: &str) -> Result<keygate_store::ApiKey, Response> {
-    let key = match state.store.get_key(id).await {
-        Ok(Some(k)) => k,
-        Ok(None) => return Err(not_yours()),
-        Err(_) => return Err(unavailable()),
-    };
+    let key = theirs(state.store.get_key(id).await, |_| true)?;
     owned_app(state, dev, &key.consumer_id).await?;
     Ok(key)
 }
@@ -716,11 +721,7 @@ async fn owned_client(
     dev: &Developer,
     id: &str,
 ) -> Result<keygate_store::OAuthClient, Response> {
-    let client = match state.store.get_client(id).await {
-        Ok(Some(c)) => c,
-        Ok(None) => return Err(not_yours()),
-        Err(_) => return Err(unavailable()),
-    };
+    let client = theirs(state.store.get_client(id).await, |_| true)?;
     owned_app(state, dev, &client.consumer_id).await?;
     Ok(client)
 }
@@ -1205,11 +1206,7 @@ async fn action(
             )
         }
         ("tokens", "revoke") => {
-            match state.store.get_pat(&id).await {
-                Ok(Some(t)) if t.user_id == dev.user.id => {}
-                Ok(_) => return not_yours(),
-                Err(_) => return unavailable(),
-            }
+            ok!(theirs(state.store.get_pat(&id).await, |t| t.user_id == dev.user.id));
             call(
                 Method::DELETE,
                 format!("/v1/users/{me}/tokens/{e}"),
@@ -1219,11 +1216,7 @@ async fn action(
             )
         }
         ("grants", "revoke") => {
-            match state.store.get_grant(&id).await {
-                Ok(Some(g)) if g.user_id == dev.user.id => {}
-                Ok(_) => return not_yours(),
-                Err(_) => return unavailable(),
-            }
+            ok!(theirs(state.store.get_grant(&id).await, |g| g.user_id == dev.user.id));
             call(
                 Method::DELETE,
                 format!("/v1/users/{me}/grants/{e}"),
