@@ -50,6 +50,9 @@ pub enum ErrorCode {
     TooManyFailures,
     /// 503: the database is busy, locked, full or unreachable; nothing was changed. Retry later.
     StorageUnavailable,
+    /// 503: the request took longer than `request_timeout_seconds` (usually a slow database). A change
+    /// may or may not have been made: check before retrying it.
+    RequestTimeout,
     /// 502 (gateway): the upstream could not be reached or broke the connection.
     UpstreamUnavailable,
     /// 504 (gateway): the upstream did not answer within the route's `timeout_seconds`.
@@ -77,7 +80,7 @@ impl ErrorCode {
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::ValidationFailed => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::TooManyFailures => StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::StorageUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::StorageUnavailable | ErrorCode::RequestTimeout => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             ErrorCode::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -174,7 +177,7 @@ impl IntoResponse for ApiError {
                 headers
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"keygate\""));
             }
-            ErrorCode::StorageUnavailable => {
+            ErrorCode::StorageUnavailable | ErrorCode::RequestTimeout => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}

@@ -9,6 +9,7 @@ pub mod decision_body;
 pub mod error;
 pub mod fsmode;
 pub mod gateway;
+pub mod hot;
 pub mod mail;
 pub mod metrics;
 pub mod oauth;
@@ -22,6 +23,7 @@ pub mod serve;
 pub mod shared_limits;
 pub mod state;
 pub mod time;
+pub mod timeout;
 pub mod verify;
 pub mod webhooks;
 
@@ -33,7 +35,6 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::timeout::TimeoutLayer;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_swagger_ui::SwaggerUi;
 
@@ -81,7 +82,7 @@ pub fn app_for(state: Arc<AppState>, surface: Surface) -> axum::Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests))
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::SERVICE_UNAVAILABLE, timeout))
+        .layer(timeout::RequestTimeoutLayer(timeout))
         .layer(CatchPanicLayer::custom(panic_response))
         .with_state(state)
 }
@@ -131,12 +132,21 @@ async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: 
     let method = metrics::method_label(req.method());
     let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
     let resp = next.run(req).await;
-    let route = route.as_deref().unwrap_or("unmatched");
-    let status = resp.status().as_u16();
+    record_request(&state, method, route.as_deref().unwrap_or("unmatched"), resp.status().as_u16(), started);
+    resp
+}
+
+/// One request in the metrics and the access log (the router's and the hot routes' one place).
+pub(crate) fn record_request(
+    state: &AppState,
+    method: &'static str,
+    route: &str,
+    status: u16,
+    started: std::time::Instant,
+) {
     state.metrics.record_request(method, route, status);
     tracing::info!(target: "keygate::access", method, route, status,
         latency_us = started.elapsed().as_micros() as u64, "request");
-    resp
 }
 
 /// Serves `state` on `listener` until `shutdown` completes, then finishes in-flight requests and
@@ -221,11 +231,14 @@ pub async fn launch_all(
         shutdown_grace: std::time::Duration::from_secs(30),
     };
     let main_app = if admin.is_some() { app_for(state.clone(), Surface::Public) } else { app(state.clone()) };
+    let main_app = hot::Served::with_hot_routes(main_app, state.clone());
     let main = serve::serve(listener, main_app, stopped.clone(), options);
-    let admin =
-        admin.map(|l| serve::serve(l, app_for(state.clone(), Surface::Admin), stopped.clone(), options));
-    let gated =
-        gateway.map(|(l, g)| serve::serve(l, gateway::router(state.clone(), g), stopped.clone(), options));
+    let admin = admin.map(|l| {
+        serve::serve(l, hot::Served::router(app_for(state.clone(), Surface::Admin)), stopped.clone(), options)
+    });
+    let gated = gateway.map(|(l, g)| {
+        serve::serve(l, hot::Served::router(gateway::router(state.clone(), g)), stopped.clone(), options)
+    });
     let trigger = async move {
         shutdown.await;
         let _ = stop.send(true);

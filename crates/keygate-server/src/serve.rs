@@ -18,7 +18,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
-use tower::ServiceExt;
 
 /// How a listener serves.
 #[derive(Debug, Clone, Copy)]
@@ -60,7 +59,7 @@ impl Drop for Leaving {
 /// Serves `app` on `listener` until `stop` turns true, then drains as [`ServeOptions`] says.
 pub async fn serve(
     listener: TcpListener,
-    app: axum::Router,
+    app: crate::hot::Served,
     mut stop: watch::Receiver<bool>,
     options: ServeOptions,
 ) -> std::io::Result<()> {
@@ -97,9 +96,7 @@ pub async fn serve(
             let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
                 req.extensions_mut().insert(ConnectInfo::<SocketAddr>(addr));
                 let app = app.clone();
-                async move {
-                    Ok::<_, Infallible>(app.oneshot(req.map(Body::new)).await.unwrap_or_else(|e| match e {}))
-                }
+                async move { Ok::<_, Infallible>(app.call(req.map(Body::new)).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

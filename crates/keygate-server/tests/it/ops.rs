@@ -31,6 +31,66 @@ async fn metrics_count_decisions_and_requests() {
     assert!(!text.contains(&admin[12..]), "a secret in metrics");
 }
 
+/// The hot routes are served before the router (`hot.rs`): they must answer exactly as through it —
+/// body limit, content type, methods, paths the router does not match — and be counted by route.
+#[tokio::test]
+async fn the_hot_routes_answer_like_the_router() {
+    use reqwest::Method;
+    let app = TestApp::start().await;
+    let admin = app.admin_key.clone();
+    let big = serde_json::json!({"credential": "y".repeat(100 * 1024)}).to_string();
+    let resp = app
+        .client
+        .post(app.url("/v1/verify"))
+        .bearer_auth(&admin)
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(resp.json::<serde_json::Value>().await.unwrap()["code"], "payload_too_large");
+    let resp = app.client.post(app.url("/v1/verify")).bearer_auth(&admin).body("{}").send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let resp = app
+        .client
+        .post(app.url("/v1/verify"))
+        .header("content-type", "application/json")
+        .body(serde_json::json!({"credential": admin}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "verify needs a caller");
+    for (method, path, status) in [
+        (Method::PUT, "/v1/verify", StatusCode::METHOD_NOT_ALLOWED),
+        (Method::GET, "/v1/verify", StatusCode::METHOD_NOT_ALLOWED),
+        (Method::POST, "/v1/verify/", StatusCode::NOT_FOUND),
+        (Method::GET, "/v1/auth/", StatusCode::NOT_FOUND),
+        (Method::POST, "/v1/auth", StatusCode::METHOD_NOT_ALLOWED),
+        (Method::HEAD, "/v1/auth", StatusCode::UNAUTHORIZED),
+        (Method::GET, "/v1/auth", StatusCode::UNAUTHORIZED),
+        (Method::GET, "/v1/auth/orders/17?x=1", StatusCode::UNAUTHORIZED),
+    ] {
+        let resp = app.client.request(method.clone(), app.url(path)).send().await.unwrap();
+        assert_eq!(resp.status(), status, "{method} {path}");
+    }
+    let resp =
+        app.client.get(app.url("/v1/auth/orders/17")).header("x-api-key", &admin).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers().contains_key("x-keygate-key-id"));
+    let text = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    for line in [
+        r#"keygate_http_requests_total{method="POST",route="/v1/verify",status="413"} 1"#,
+        r#"keygate_http_requests_total{method="POST",route="/v1/verify",status="415"} 1"#,
+        r#"keygate_http_requests_total{method="GET",route="/v1/auth",status="401"} 1"#,
+        r#"keygate_http_requests_total{method="GET",route="/v1/auth/{*path}",status="401"} 1"#,
+        r#"keygate_http_requests_total{method="GET",route="/v1/auth/{*path}",status="200"} 1"#,
+        r#"keygate_http_requests_total{method="HEAD",route="/v1/auth",status="401"} 1"#,
+    ] {
+        assert!(text.contains(line), "{line}\n{text}");
+    }
+}
+
 #[tokio::test]
 async fn openapi_covers_every_route_and_docs_work_offline() {
     let app = TestApp::start().await;
