@@ -1,5 +1,5 @@
-//! The hot routes — `POST /v1/verify`, `GET /v1/auth` and `GET /v1/auth/{*path}` — served before the
-//! router on the public surface.
+//! The hot routes — `POST /v1/verify`, `GET /v1/auth`, `GET /v1/auth/{*path}`, `POST /oauth2/token` and
+//! `POST /oauth2/introspect` — served before the router on the public surface.
 //!
 //! They are the same handlers with the same extractors, body limit, time limit, panic guard, metrics
 //! and access log as through the router; what is skipped is the router's per-request work (path
@@ -32,6 +32,8 @@ pub struct HotRoutes {
     verify: Hot,
     auth: Hot,
     auth_path: Hot,
+    token: Hot,
+    introspect: Hot,
 }
 
 impl HotRoutes {
@@ -54,6 +56,8 @@ impl HotRoutes {
             verify: stack(verify, &state),
             auth: stack(forward_auth, &state),
             auth_path: stack(forward_auth_path, &state),
+            token: stack(crate::oauth::token, &state),
+            introspect: stack(crate::oauth::introspect, &state),
             state,
         }
     }
@@ -63,6 +67,8 @@ impl HotRoutes {
         let path = req.uri().path();
         match *req.method() {
             Method::POST if path == "/v1/verify" => Some(("/v1/verify", &self.verify)),
+            Method::POST if path == "/oauth2/token" => Some(("/oauth2/token", &self.token)),
+            Method::POST if path == "/oauth2/introspect" => Some(("/oauth2/introspect", &self.introspect)),
             Method::GET if path == "/v1/auth" => Some(("/v1/auth", &self.auth)),
             Method::GET if path.len() > "/v1/auth/".len() && path.starts_with("/v1/auth/") => {
                 Some(("/v1/auth/{*path}", &self.auth_path))

@@ -15,7 +15,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 
@@ -53,6 +53,50 @@ impl Drop for Leaving {
         if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.idle.notify_waiters();
         }
+    }
+}
+
+/// hyper's timer for one connection's header-read timeout: one tokio timer for the connection, moved
+/// forward for each request, instead of a new one per request. hyper asks for a fresh sleep before each
+/// request head; a new tokio timer is an insertion into and a removal from the runtime's shared timer
+/// wheel (under its lock) per request, while moving a registered timer later is one atomic update (the
+/// wheel re-files it when its old deadline passes). Measured in docs/BENCHMARKS.md.
+#[derive(Clone)]
+struct ConnTimer(Arc<std::sync::Mutex<std::pin::Pin<Box<tokio::time::Sleep>>>>);
+
+impl ConnTimer {
+    fn new(first: Duration) -> Self {
+        ConnTimer(Arc::new(std::sync::Mutex::new(Box::pin(tokio::time::sleep(first)))))
+    }
+}
+
+/// One wait on the connection's timer, until `deadline`.
+struct ConnSleep {
+    timer: ConnTimer,
+    deadline: tokio::time::Instant,
+}
+
+impl std::future::Future for ConnSleep {
+    type Output = ();
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let mut sleep = self.timer.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if sleep.deadline() != self.deadline {
+            sleep.as_mut().reset(self.deadline);
+        }
+        sleep.as_mut().poll(cx)
+    }
+}
+
+impl hyper::rt::Sleep for ConnSleep {}
+
+impl hyper::rt::Timer for ConnTimer {
+    fn sleep(&self, duration: Duration) -> std::pin::Pin<Box<dyn hyper::rt::Sleep>> {
+        self.sleep_until(std::time::Instant::now() + duration)
+    }
+
+    fn sleep_until(&self, deadline: std::time::Instant) -> std::pin::Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(ConnSleep { timer: self.clone(), deadline: deadline.into() })
     }
 }
 
@@ -99,7 +143,7 @@ pub async fn serve(
                 async move { Ok::<_, Infallible>(app.call(req.map(Body::new)).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
+                .timer(ConnTimer::new(options.header_read_timeout))
                 .header_read_timeout(options.header_read_timeout)
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), service);

@@ -498,4 +498,21 @@ async fn a_client_that_trickles_its_headers_is_cut_off() {
         assert!(read.is_ok(), "{base}: the connection was still open after 10 s");
         assert!(started.elapsed() >= Duration::from_millis(900), "{base}: closed before the timeout");
     }
+    // The limit is per request head, not per connection: one keep-alive connection making a request
+    // every 400 ms stays open well past it; left idle, it is closed.
+    let mut s = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://")).await.unwrap();
+    for i in 0..5 {
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "request {i}: {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let mut buf = [0u8; 256];
+    let idle = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+    assert!(matches!(idle, Ok(Ok(_)) | Ok(Err(_))), "an idle connection is closed after the limit");
 }

@@ -70,6 +70,9 @@ async fn the_hot_routes_answer_like_the_router() {
         (Method::HEAD, "/v1/auth", StatusCode::UNAUTHORIZED),
         (Method::GET, "/v1/auth", StatusCode::UNAUTHORIZED),
         (Method::GET, "/v1/auth/orders/17?x=1", StatusCode::UNAUTHORIZED),
+        (Method::GET, "/oauth2/token", StatusCode::METHOD_NOT_ALLOWED),
+        (Method::POST, "/oauth2/token", StatusCode::BAD_REQUEST),
+        (Method::POST, "/oauth2/introspect", StatusCode::BAD_REQUEST),
     ] {
         let resp = app.client.request(method.clone(), app.url(path)).send().await.unwrap();
         assert_eq!(resp.status(), status, "{method} {path}");
@@ -86,6 +89,8 @@ async fn the_hot_routes_answer_like_the_router() {
         r#"keygate_http_requests_total{method="GET",route="/v1/auth/{*path}",status="401"} 1"#,
         r#"keygate_http_requests_total{method="GET",route="/v1/auth/{*path}",status="200"} 1"#,
         r#"keygate_http_requests_total{method="HEAD",route="/v1/auth",status="401"} 1"#,
+        r#"keygate_http_requests_total{method="POST",route="/oauth2/token",status="400"} 1"#,
+        r#"keygate_http_requests_total{method="POST",route="/oauth2/introspect",status="400"} 1"#,
     ] {
         assert!(text.contains(line), "{line}\n{text}");
     }
