@@ -199,10 +199,7 @@ async fn handle(
     let method = crate::metrics::method_label(req.method());
     let loaded = s.gateway.current();
     let (label, resp) = forward(&s.app, &loaded, peer, req).await;
-    let status = resp.status().as_u16();
-    s.app.metrics.record_request(method, label, status);
-    tracing::info!(target: "keygate::access", method, route = label, status,
-        latency_us = started.elapsed().as_micros() as u64, "request");
+    crate::record_request(&s.app, method, label, resp.status().as_u16(), started);
     resp
 }
 
