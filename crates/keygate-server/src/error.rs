@@ -177,7 +177,7 @@ impl IntoResponse for ApiError {
                 headers
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"keygate\""));
             }
-            ErrorCode::StorageUnavailable | ErrorCode::RequestTimeout => {
+            ErrorCode::StorageUnavailable => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}

@@ -64,17 +64,30 @@ impl HotRoutes {
 
     /// The hot route a request is for, with its route template (the metrics label), if any.
     fn pick(&self, req: &Request) -> Option<(&'static str, &Hot)> {
-        let path = req.uri().path();
-        match *req.method() {
-            Method::POST if path == "/v1/verify" => Some(("/v1/verify", &self.verify)),
-            Method::POST if path == "/oauth2/token" => Some(("/oauth2/token", &self.token)),
-            Method::POST if path == "/oauth2/introspect" => Some(("/oauth2/introspect", &self.introspect)),
-            Method::GET if path == "/v1/auth" => Some(("/v1/auth", &self.auth)),
-            Method::GET if path.len() > "/v1/auth/".len() && path.starts_with("/v1/auth/") => {
-                Some(("/v1/auth/{*path}", &self.auth_path))
-            }
-            _ => None,
+        let route = hot_route(req.method(), req.uri().path())?;
+        let service = match route {
+            "/v1/verify" => &self.verify,
+            "/oauth2/token" => &self.token,
+            "/oauth2/introspect" => &self.introspect,
+            "/v1/auth" => &self.auth,
+            _ => &self.auth_path,
+        };
+        Some((route, service))
+    }
+}
+
+/// The route template of a hot route, exactly as the router would match it (the raw path; a
+/// catch-all needs at least one character), or None for the router.
+fn hot_route(method: &Method, path: &str) -> Option<&'static str> {
+    match *method {
+        Method::POST if path == "/v1/verify" => Some("/v1/verify"),
+        Method::POST if path == "/oauth2/token" => Some("/oauth2/token"),
+        Method::POST if path == "/oauth2/introspect" => Some("/oauth2/introspect"),
+        Method::GET if path == "/v1/auth" => Some("/v1/auth"),
+        Method::GET if path.len() > "/v1/auth/".len() && path.starts_with("/v1/auth/") => {
+            Some("/v1/auth/{*path}")
         }
+        _ => None,
     }
 }
 
@@ -107,5 +120,37 @@ impl Served {
             return resp;
         }
         self.router.oneshot(req).await.unwrap_or_else(|e| match e {})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hot_route;
+    use axum::http::Method;
+
+    #[test]
+    fn only_the_hot_routes_skip_the_router() {
+        for (method, path, want) in [
+            (Method::POST, "/v1/verify", Some("/v1/verify")),
+            (Method::GET, "/v1/auth", Some("/v1/auth")),
+            (Method::GET, "/v1/auth/orders/17", Some("/v1/auth/{*path}")),
+            (Method::GET, "/v1/auth/x", Some("/v1/auth/{*path}")),
+            (Method::POST, "/oauth2/token", Some("/oauth2/token")),
+            (Method::POST, "/oauth2/introspect", Some("/oauth2/introspect")),
+            (Method::GET, "/v1/auth/", None),
+            (Method::HEAD, "/v1/auth", None),
+            (Method::POST, "/v1/auth", None),
+            (Method::GET, "/v1/verify", None),
+            (Method::PUT, "/v1/verify", None),
+            (Method::POST, "/v1/verify/", None),
+            (Method::POST, "/v1/verifyx", None),
+            (Method::GET, "/v1/authx", None),
+            (Method::POST, "/V1/verify", None),
+            (Method::POST, "/oauth2/token/", None),
+            (Method::GET, "/oauth2/token", None),
+            (Method::POST, "/v1/keys", None),
+        ] {
+            assert_eq!(hot_route(&method, path), want, "{method} {path}");
+        }
     }
 }

@@ -80,10 +80,12 @@ pub fn app_for(state: Arc<AppState>, surface: Surface) -> axum::Router {
     routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(timeout::RequestTimeoutLayer(timeout))
         .layer(CatchPanicLayer::custom(panic_response))
+        // Outermost (the layers apply per route, so the matched path is known): a timed-out or
+        // panicked request is counted too, as on the hot routes.
+        .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests))
         .with_state(state)
 }
 

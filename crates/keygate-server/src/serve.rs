@@ -91,8 +91,13 @@ impl std::future::Future for ConnSleep {
 impl hyper::rt::Sleep for ConnSleep {}
 
 impl hyper::rt::Timer for ConnTimer {
+    /// tokio's clock, which the sleeps run on (it can be paused in tests).
+    fn now(&self) -> std::time::Instant {
+        tokio::time::Instant::now().into_std()
+    }
+
     fn sleep(&self, duration: Duration) -> std::pin::Pin<Box<dyn hyper::rt::Sleep>> {
-        self.sleep_until(std::time::Instant::now() + duration)
+        self.sleep_until(hyper::rt::Timer::now(self) + duration)
     }
 
     fn sleep_until(&self, deadline: std::time::Instant) -> std::pin::Pin<Box<dyn hyper::rt::Sleep>> {

@@ -92,8 +92,34 @@ async fn the_hot_routes_answer_like_the_router() {
         r#"keygate_http_requests_total{method="POST",route="/oauth2/token",status="400"} 1"#,
         r#"keygate_http_requests_total{method="POST",route="/oauth2/introspect",status="400"} 1"#,
     ] {
-        assert!(text.contains(line), "{line}\n{text}");
+        assert!(text.contains(&format!("{line}\n")), "{line}\n{text}");
     }
+}
+
+/// A client that sends a verify's headers and then trickles its body is answered 503 `request_timeout` at
+/// the limit (the hot path's time limit), and the answer is counted.
+#[tokio::test]
+async fn a_trickled_body_is_cut_off_at_the_request_limit() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app =
+        TestApp::builder().config(|c| c.request_timeout = std::time::Duration::from_secs(1)).start().await;
+    let mut s = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://")).await.unwrap();
+    let head = format!(
+        "POST /v1/verify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"cred",
+        app.admin_key
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = vec![0u8; 2048];
+    let n =
+        tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(text.contains("request_timeout"), "{text}");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900), "answered before the limit");
+    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let line = r#"keygate_http_requests_total{method="POST",route="/v1/verify",status="503"} 1"#;
+    assert!(metrics.contains(&format!("{line}\n")), "{metrics}");
 }
 
 #[tokio::test]
