@@ -221,7 +221,8 @@ pub static SETTINGS: &[Setting] = &[
     },
     Setting {
         key: "request_timeout_seconds",
-        doc: "Longest a request may take before it is answered 503.",
+        doc: "Longest a request may take before it is answered 503 request_timeout; also the longest a client\n\
+              may take to send a request's headers, or leave a kept-alive connection idle.",
         unset: None,
         list: false,
         alias: None,
