@@ -26,8 +26,12 @@ pub fn presented_credential(headers: &HeaderMap) -> Option<&str> {
             return Some(token.trim());
         }
     }
-    headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim)
+    headers.get(X_API_KEY).and_then(|v| v.to_str().ok()).map(str::trim)
 }
+
+/// Header names parsed once (a `&str` name is parsed and hashed on every lookup).
+pub const X_API_KEY: axum::http::HeaderName = axum::http::HeaderName::from_static("x-api-key");
+pub const DPOP: axum::http::HeaderName = axum::http::HeaderName::from_static("dpop");
 
 /// The peer address of the request, if the server recorded one.
 pub fn peer_ip(parts: &Parts) -> Option<IpAddr> {

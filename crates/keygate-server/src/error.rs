@@ -192,19 +192,41 @@ impl IntoResponse for ApiError {
 }
 
 /// `axum::Json` with rejections in our error shape.
+///
+/// The common case is read without axum's detours: a body sent as exactly `application/json` is
+/// parsed by `serde_json` directly, and only a body that fails to parse goes through `axum::Json` (whose
+/// deserializer tracks the path of every field, to name the one in error: a fifth of a verify's
+/// handler time). Everything else — another spelling of the content type, a rejection — is axum's.
 pub struct ApiJson<T>(pub T);
 
 impl<T, S> FromRequest<S> for ApiJson<T>
 where
+    T: serde::de::DeserializeOwned,
     axum::Json<T>: FromRequest<S, Rejection = JsonRejection>,
     S: Send + Sync,
 {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(ApiJson(v)),
-            Err(rejection) => Err(json_rejection(rejection)),
+        let plain_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"application/json"));
+        if !plain_json {
+            return match axum::Json::<T>::from_request(req, state).await {
+                Ok(axum::Json(v)) => Ok(ApiJson(v)),
+                Err(rejection) => Err(json_rejection(rejection)),
+            };
+        }
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| json_rejection(JsonRejection::from(e)))?;
+        match serde_json::from_slice(&bytes) {
+            Ok(v) => Ok(ApiJson(v)),
+            Err(_) => match axum::Json::<T>::from_bytes(&bytes) {
+                Ok(axum::Json(v)) => Ok(ApiJson(v)),
+                Err(rejection) => Err(json_rejection(rejection)),
+            },
         }
     }
 }

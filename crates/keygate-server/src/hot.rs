@@ -8,118 +8,147 @@
 //! router too, for the OpenAPI document and for everything the match below does not take (HEAD, other
 //! methods → 405, a bare `/v1/auth/` → 404).
 
-use std::convert::Infallible;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::handler::Handler;
 use axum::http::Method;
 use axum::response::Response;
-use tower::util::BoxCloneSyncService;
-use tower::{ServiceBuilder, ServiceExt};
-use tower_http::catch_panic::CatchPanicLayer;
+use futures_util::FutureExt;
+use tower::{Layer, ServiceExt};
 
 use crate::routes::verify::{forward_auth, forward_auth_path, verify};
 use crate::state::AppState;
+use crate::timeout::{ConnRequestTimer, OnConnTimer};
 
-type Hot = BoxCloneSyncService<Request, Response, Infallible>;
-
-/// The services of the hot routes, each built once.
+/// The hot routes of one server, with what each request through them needs.
 pub struct HotRoutes {
     state: Arc<AppState>,
-    verify: Hot,
-    auth: Hot,
-    auth_path: Hot,
-    token: Hot,
-    introspect: Hot,
+    body_limit: usize,
+    timeout: Duration,
+}
+
+/// A hot route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hot {
+    Verify,
+    Auth,
+    AuthPath,
+    Token,
+    Introspect,
+}
+
+impl Hot {
+    /// Its number among the hot routes, below [`crate::metrics::HOT_ROUTES`].
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The route template, as the router names it (the metrics and access-log label).
+    fn template(self) -> &'static str {
+        match self {
+            Hot::Verify => "/v1/verify",
+            Hot::Auth => "/v1/auth",
+            Hot::AuthPath => "/v1/auth/{*path}",
+            Hot::Token => "/oauth2/token",
+            Hot::Introspect => "/oauth2/introspect",
+        }
+    }
 }
 
 impl HotRoutes {
     pub fn new(state: Arc<AppState>) -> Self {
-        fn stack<H, T>(handler: H, state: &Arc<AppState>) -> Hot
-        where
-            H: Handler<T, Arc<AppState>> + Clone + Send + Sync + 'static,
-            T: 'static,
-        {
-            BoxCloneSyncService::new(
-                ServiceBuilder::new()
-                    .map_response(|r: Response<_>| r.map(Body::new))
-                    .layer(CatchPanicLayer::custom(crate::panic_response))
-                    .layer(crate::timeout::RequestTimeoutLayer(state.config.request_timeout))
-                    .layer(DefaultBodyLimit::max(state.config.body_limit))
-                    .service(handler.with_state(state.clone())),
-            )
-        }
-        HotRoutes {
-            verify: stack(verify, &state),
-            auth: stack(forward_auth, &state),
-            auth_path: stack(forward_auth_path, &state),
-            token: stack(crate::oauth::token, &state),
-            introspect: stack(crate::oauth::introspect, &state),
-            state,
+        HotRoutes { body_limit: state.config.body_limit, timeout: state.config.request_timeout, state }
+    }
+
+    /// `handler` with the router's per-route stack, unboxed: the body limit, the time limit (counted
+    /// from `started`, when the request arrived) and the panic guard.
+    async fn run<H, T>(
+        &self,
+        handler: H,
+        req: Request,
+        started: Instant,
+        timer: &ConnRequestTimer,
+    ) -> Response
+    where
+        H: Handler<T, Arc<AppState>>,
+        T: 'static,
+    {
+        let service = DefaultBodyLimit::max(self.body_limit).layer(handler.with_state(self.state.clone()));
+        let deadline = tokio::time::Instant::from_std(started) + self.timeout;
+        let handled = service.oneshot(req).map(|r| r.unwrap_or_else(|never| match never {}));
+        match AssertUnwindSafe(OnConnTimer::new(handled, deadline, timer)).catch_unwind().await {
+            Ok(resp) => resp,
+            Err(panic) => crate::panic_response(panic),
         }
     }
 
-    /// The hot route a request is for, with its route template (the metrics label), if any.
-    fn pick(&self, req: &Request) -> Option<(&'static str, &Hot)> {
-        let route = hot_route(req.method(), req.uri().path())?;
-        let service = match route {
-            "/v1/verify" => &self.verify,
-            "/oauth2/token" => &self.token,
-            "/oauth2/introspect" => &self.introspect,
-            "/v1/auth" => &self.auth,
-            _ => &self.auth_path,
-        };
-        Some((route, service))
+    async fn serve(&self, route: Hot, req: Request, started: Instant, timer: &ConnRequestTimer) -> Response {
+        match route {
+            Hot::Verify => self.run(verify, req, started, timer).await,
+            Hot::Auth => self.run(forward_auth, req, started, timer).await,
+            Hot::AuthPath => self.run(forward_auth_path, req, started, timer).await,
+            Hot::Token => self.run(crate::oauth::token, req, started, timer).await,
+            Hot::Introspect => self.run(crate::oauth::introspect, req, started, timer).await,
+        }
     }
 }
 
-/// The route template of a hot route, exactly as the router would match it (the raw path; a
-/// catch-all needs at least one character), or None for the router.
-fn hot_route(method: &Method, path: &str) -> Option<&'static str> {
+// Every hot route has its row of metrics series.
+const _: () = assert!(Hot::Introspect as usize + 1 == crate::metrics::HOT_ROUTES);
+
+/// The hot route a request is for, exactly as the router would match it (the raw path; a catch-all
+/// needs at least one character), or None for the router.
+fn hot_route(method: &Method, path: &str) -> Option<Hot> {
     match *method {
-        Method::POST if path == "/v1/verify" => Some("/v1/verify"),
-        Method::POST if path == "/oauth2/token" => Some("/oauth2/token"),
-        Method::POST if path == "/oauth2/introspect" => Some("/oauth2/introspect"),
-        Method::GET if path == "/v1/auth" => Some("/v1/auth"),
-        Method::GET if path.len() > "/v1/auth/".len() && path.starts_with("/v1/auth/") => {
-            Some("/v1/auth/{*path}")
-        }
+        Method::POST if path == "/v1/verify" => Some(Hot::Verify),
+        Method::POST if path == "/oauth2/token" => Some(Hot::Token),
+        Method::POST if path == "/oauth2/introspect" => Some(Hot::Introspect),
+        Method::GET if path == "/v1/auth" => Some(Hot::Auth),
+        Method::GET if path.len() > "/v1/auth/".len() && path.starts_with("/v1/auth/") => Some(Hot::AuthPath),
         _ => None,
     }
 }
 
 /// A listener's service: the router, and on the public surface the hot routes before it.
-#[derive(Clone)]
 pub struct Served {
     router: axum::Router,
     hot: Option<Arc<HotRoutes>>,
+    /// The request timer of the connection this copy serves ([`Served::for_connection`]).
+    timer: ConnRequestTimer,
 }
 
 impl Served {
     /// Everything through the router (the admin surface, the gateway).
     pub fn router(router: axum::Router) -> Self {
-        Served { router, hot: None }
+        Served { router, hot: None, timer: ConnRequestTimer::default() }
     }
 
     /// The hot routes first, then the router.
     pub fn with_hot_routes(router: axum::Router, state: Arc<AppState>) -> Self {
-        Served { router, hot: Some(Arc::new(HotRoutes::new(state))) }
+        Served { router, hot: Some(Arc::new(HotRoutes::new(state))), timer: ConnRequestTimer::default() }
     }
 
-    pub async fn call(self, req: Request) -> Response {
+    /// The service for one connection, with its own request timer.
+    pub fn for_connection(&self) -> Self {
+        Served { router: self.router.clone(), hot: self.hot.clone(), timer: ConnRequestTimer::default() }
+    }
+
+    /// Serves one request; requests of one connection one at a time (HTTP/1).
+    pub async fn call(&self, req: Request) -> Response {
         if let Some(hot) = &self.hot
-            && let Some((route, service)) = hot.pick(&req)
+            && let Some(route) = hot_route(req.method(), req.uri().path())
         {
             let started = Instant::now();
             let method = crate::metrics::method_label(req.method());
-            let resp = service.clone().oneshot(req).await.unwrap_or_else(|e| match e {});
-            crate::record_request(&hot.state, method, route, resp.status().as_u16(), started);
+            let resp = hot.serve(route, req, started, &self.timer).await;
+            let status = resp.status().as_u16();
+            crate::record_hot_request(&hot.state, route.index(), method, route.template(), status, started);
             return resp;
         }
-        self.router.oneshot(req).await.unwrap_or_else(|e| match e {})
+        self.router.clone().oneshot(req).await.unwrap_or_else(|e| match e {})
     }
 }
 
@@ -150,7 +179,7 @@ mod tests {
             (Method::GET, "/oauth2/token", None),
             (Method::POST, "/v1/keys", None),
         ] {
-            assert_eq!(hot_route(&method, path), want, "{method} {path}");
+            assert_eq!(hot_route(&method, path).map(super::Hot::template), want, "{method} {path}");
         }
     }
 }

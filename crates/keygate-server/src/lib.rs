@@ -147,6 +147,23 @@ pub(crate) fn record_request(
     started: std::time::Instant,
 ) {
     state.metrics.record_request(method, route, status);
+    access_log(method, route, status, started);
+}
+
+/// A hot route's request ([`hot`]) in the metrics (by the route's index) and the access log.
+pub(crate) fn record_hot_request(
+    state: &AppState,
+    index: usize,
+    method: &'static str,
+    route: &'static str,
+    status: u16,
+    started: std::time::Instant,
+) {
+    state.metrics.record_hot_request(index, method, route, status);
+    access_log(method, route, status, started);
+}
+
+fn access_log(method: &'static str, route: &str, status: u16, started: std::time::Instant) {
     tracing::info!(target: "keygate::access", method, route, status,
         latency_us = started.elapsed().as_micros() as u64, "request");
 }

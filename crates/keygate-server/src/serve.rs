@@ -6,10 +6,13 @@
 //! - on shutdown, no new connections; idle ones close, in-flight requests finish, and whatever still runs
 //!   after the grace period is abandoned (a response streaming forever does not stop the process).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -43,6 +46,82 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 struct Active {
     count: AtomicUsize,
     idle: Notify,
+    stop: StopSignal,
+}
+
+/// The stop signal as the open connections wait for it. A connection's task is polled several times a
+/// request, and the stop signal with it: a `watch` receiver takes its channel's lock (shared by every
+/// connection) on each of those polls; this reads a flag, and takes its lock once per connection to
+/// register the task's waker.
+#[derive(Default)]
+struct StopSignal {
+    stopping: AtomicBool,
+    next: AtomicU64,
+    waiters: Mutex<HashMap<u64, Waker>>,
+}
+
+impl StopSignal {
+    fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let waiters =
+            std::mem::take(&mut *self.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        for w in waiters.into_values() {
+            w.wake();
+        }
+    }
+}
+
+/// One connection's wait for [`StopSignal`].
+struct StopWait {
+    active: Arc<Active>,
+    id: u64,
+    registered: Option<Waker>,
+}
+
+impl StopWait {
+    fn new(active: Arc<Active>) -> Self {
+        let id = active.stop.next.fetch_add(1, Ordering::Relaxed);
+        StopWait { active, id, registered: None }
+    }
+}
+
+impl std::future::Future for StopWait {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let signal = &self.active.stop;
+        if signal.stopping.load(Ordering::SeqCst) {
+            return Poll::Ready(());
+        }
+        if self.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            return Poll::Pending;
+        }
+        signal
+            .waiters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(self.id, cx.waker().clone());
+        // `stop` sets the flag before it takes the waiters: a stop that took them before this insert is
+        // seen here.
+        if signal.stopping.load(Ordering::SeqCst) {
+            return Poll::Ready(());
+        }
+        self.registered = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl Drop for StopWait {
+    fn drop(&mut self) {
+        if self.registered.is_some() {
+            self.active
+                .stop
+                .waiters
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&self.id);
+        }
+    }
 }
 
 /// One open connection; dropping it counts it down.
@@ -112,7 +191,8 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
     options: ServeOptions,
 ) -> std::io::Result<()> {
-    let active = Arc::new(Active { count: AtomicUsize::new(0), idle: Notify::new() });
+    let active =
+        Arc::new(Active { count: AtomicUsize::new(0), idle: Notify::new(), stop: StopSignal::default() });
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -135,8 +215,10 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let app = app.clone();
-        let mut stop = stop.clone();
+        // The connection's own handle on the service: cloned for each of its requests without touching
+        // a reference count that every connection shares.
+        let app = Arc::new(app.for_connection());
+        let mut stop = StopWait::new(active.clone());
         active.count.fetch_add(1, Ordering::SeqCst);
         // Counts the connection down however its task ends, a panic included.
         let guard = Leaving(active.clone());
@@ -154,12 +236,13 @@ pub async fn serve(
                 .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {
+                biased;
                 r = conn.as_mut() => {
                     if let Err(e) = r {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
                 }
-                () = stopped(&mut stop) => {
+                () = &mut stop => {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 }
@@ -167,6 +250,7 @@ pub async fn serve(
         });
     }
     drop(listener);
+    active.stop.stop();
     let drained = async {
         loop {
             let idle = active.idle.notified();

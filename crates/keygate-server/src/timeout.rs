@@ -48,7 +48,14 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        TimeoutFuture { inner: self.inner.call(req), deadline: Instant::now() + self.limit, sleep: None }
+        TimeoutFuture::new(self.inner.call(req), Instant::now() + self.limit)
+    }
+}
+
+impl<F> TimeoutFuture<F> {
+    /// `inner`, answered 503 `request_timeout` if it is still waiting at `deadline`.
+    pub fn new(inner: F, deadline: Instant) -> Self {
+        TimeoutFuture { inner, deadline, sleep: None }
     }
 }
 
@@ -79,12 +86,61 @@ where
         if let Some(sleep) = this.sleep.as_pin_mut()
             && sleep.poll(cx).is_ready()
         {
-            return Poll::Ready(Ok(ApiError::new(
-                ErrorCode::RequestTimeout,
-                "the request took longer than request_timeout_seconds (usually a slow database); \
-                 a change may or may not have been made: check before retrying it",
-            )
-            .into_response()));
+            return Poll::Ready(Ok(timed_out()));
+        }
+        Poll::Pending
+    }
+}
+
+/// The answer to a request cut off at `request_timeout_seconds`.
+pub(crate) fn timed_out() -> Response {
+    ApiError::new(
+        ErrorCode::RequestTimeout,
+        "the request took longer than request_timeout_seconds (usually a slow database); \
+         a change may or may not have been made: check before retrying it",
+    )
+    .into_response()
+}
+
+/// One connection's request timer: the time limit of each of its requests, one tokio timer moved
+/// forward per request instead of a new one per request that waits (a POST's handler waits once for
+/// its body even when it came with the headers). Moving a registered timer later is one atomic update;
+/// a new one is an insertion into and a removal from the runtime's timer wheel.
+#[derive(Default)]
+pub(crate) struct ConnRequestTimer(std::sync::Mutex<Option<Pin<Box<Sleep>>>>);
+
+pin_project_lite::pin_project! {
+    /// `inner`, answered 503 `request_timeout` if it is still waiting at `deadline`, on the
+    /// connection's [`ConnRequestTimer`]. Requests on one HTTP/1 connection run one at a time.
+    pub(crate) struct OnConnTimer<'a, F> {
+        #[pin]
+        inner: F,
+        deadline: Instant,
+        timer: &'a ConnRequestTimer,
+    }
+}
+
+impl<'a, F> OnConnTimer<'a, F> {
+    pub(crate) fn new(inner: F, deadline: Instant, timer: &'a ConnRequestTimer) -> Self {
+        OnConnTimer { inner, deadline, timer }
+    }
+}
+
+impl<F: Future<Output = Response>> Future for OnConnTimer<'_, F> {
+    type Output = Response;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response> {
+        let this = self.project();
+        if let Poll::Ready(r) = this.inner.poll(cx) {
+            return Poll::Ready(r);
+        }
+        let mut slot = this.timer.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let sleep = slot.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(*this.deadline)));
+        if sleep.deadline() != *this.deadline {
+            sleep.as_mut().reset(*this.deadline);
+        }
+        if sleep.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(timed_out());
         }
         Poll::Pending
     }

@@ -7,7 +7,7 @@ use std::time::Instant;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use keygate_core::{DecisionCode, SecretKind, scope};
@@ -134,7 +134,7 @@ pub(crate) fn is_failure(d: &Decision) -> bool {
 pub const MAX_COST: u64 = 1_000_000;
 
 pub(crate) fn record(state: &AppState, decision: &Decision, started: Instant) {
-    state.metrics.record_decision(decision.code, started.elapsed().as_secs_f64());
+    state.metrics.record_decision(decision.code, started.elapsed());
 }
 
 /// Verify a credential. Every decision answers 200; read `valid` and `code`.
@@ -191,25 +191,56 @@ pub async fn verify(
         .into_response())
 }
 
-/// Required scopes of a forward-auth request: the `X-Keygate-Required-Scopes` header and the `scope`
-/// query parameter (repeatable), each a space- or comma-separated list.
-fn required_scopes(headers: &HeaderMap, uri: &Uri) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut push_list = |list: &str| {
-        out.extend(list.split([' ', ',']).filter(|s| !s.is_empty()).map(str::to_owned));
-    };
-    for v in headers.get_all("x-keygate-required-scopes") {
-        if let Ok(v) = v.to_str() {
-            push_list(v);
-        }
-    }
-    if let Some(q) = uri.query() {
-        for (k, v) in form_urlencoded::parse(q.as_bytes()) {
-            if k == "scope" || k == "scopes" {
-                push_list(&v);
+/// What a forward-auth request's query says, read in one pass: the required scopes (`scope` or `scopes`,
+/// repeatable, each a space- or comma-separated list) and the first `limited_status`, `resource` and
+/// `audience`.
+#[derive(Default)]
+struct ForwardQuery {
+    scopes: Vec<String>,
+    limited_status: Option<String>,
+    resource: Option<String>,
+    audience: Option<String>,
+}
+
+impl ForwardQuery {
+    fn parse(uri: &Uri) -> Self {
+        let mut q = ForwardQuery::default();
+        let Some(query) = uri.query() else { return q };
+        for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+            let first = match &*k {
+                "scope" | "scopes" => {
+                    push_scope_list(&mut q.scopes, &v);
+                    continue;
+                }
+                "limited_status" => &mut q.limited_status,
+                "resource" => &mut q.resource,
+                "audience" => &mut q.audience,
+                _ => continue,
+            };
+            if first.is_none() {
+                *first = Some(v.into_owned());
             }
         }
+        q
     }
+}
+
+fn push_scope_list(out: &mut Vec<String>, list: &str) {
+    out.extend(list.split([' ', ',']).filter(|s| !s.is_empty()).map(str::to_owned));
+}
+
+const REQUIRED_SCOPES: HeaderName = HeaderName::from_static("x-keygate-required-scopes");
+
+/// Required scopes of a forward-auth request: the `X-Keygate-Required-Scopes` header, each a space- or
+/// comma-separated list, then those of the query.
+fn required_scopes(headers: &HeaderMap, query: &ForwardQuery) -> Vec<String> {
+    let mut out = Vec::new();
+    for v in headers.get_all(REQUIRED_SCOPES) {
+        if let Ok(v) = v.to_str() {
+            push_scope_list(&mut out, v);
+        }
+    }
+    out.extend(query.scopes.iter().cloned());
     out
 }
 
@@ -253,17 +284,16 @@ pub async fn forward_auth(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
     peer: crate::auth::Peer,
-    headers: HeaderMap,
-    uri: Uri,
+    req: Request,
 ) -> Response {
-    let limited_status = query_param(&uri, "limited_status");
-    let mut resp = match decide_forward(&state, client, peer, &headers, &uri).await {
+    let query = ForwardQuery::parse(req.uri());
+    let mut resp = match decide_forward(&state, client, peer, req.headers(), &query).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
     // nginx's `auth_request` passes on only 401 and 403 (anything else becomes a 500): it asks for a
     // 403 (with the same `Retry-After`) and turns it back into a 429 itself.
-    if resp.status() == StatusCode::TOO_MANY_REQUESTS && limited_status.as_deref() == Some("403") {
+    if resp.status() == StatusCode::TOO_MANY_REQUESTS && query.limited_status.as_deref() == Some("403") {
         *resp.status_mut() = StatusCode::FORBIDDEN;
     }
     resp
@@ -285,10 +315,9 @@ pub async fn forward_auth_path(
     state: State<Arc<AppState>>,
     client: ClientIp,
     peer: crate::auth::Peer,
-    headers: HeaderMap,
-    uri: Uri,
+    req: Request,
 ) -> Response {
-    forward_auth(state, client, peer, headers, uri).await
+    forward_auth(state, client, peer, req).await
 }
 
 async fn decide_forward(
@@ -296,32 +325,32 @@ async fn decide_forward(
     client: crate::peer::Client,
     crate::auth::Peer(peer): crate::auth::Peer,
     headers: &HeaderMap,
-    uri: &Uri,
+    query: &ForwardQuery,
 ) -> ApiResult<Response> {
     let started = Instant::now();
     let now = state.now();
     // A configured protected resource (RFC 9728): tokens must be issued for it (RFC 8707), and refusals
     // say where its metadata is.
-    let named = query_param(uri, "resource");
-    let resource = crate::oauth::resource::resource_for(state, named.as_deref(), headers, peer);
+    let named = query.resource.as_deref();
+    let resource = crate::oauth::resource::resource_for(state, named, headers, peer);
     let Some(secret) = presented_credential(headers) else {
-        let scope = resource.map(|_| required_scopes(headers, uri).join(" ")).filter(|s| !s.is_empty());
+        let scope = resource.map(|_| required_scopes(headers, query).join(" ")).filter(|s| !s.is_empty());
         return Ok(missing_credential(scope.as_deref(), resource));
     };
-    let required = required_scopes(headers, uri);
+    let required = required_scopes(headers, query);
     // A named resource is the audience even when it is not configured (fail closed).
-    let audience = query_param(uri, "audience").or(named).or_else(|| resource.map(str::to_owned));
+    let audience = query.audience.as_deref().or(named).or(resource);
     let dpop = forwarded_dpop(headers);
     let decision = decide_credential(
         state,
         secret,
         &required,
         Context { ip: client.ip, cost: 1, now_ms: now },
-        audience.as_deref(),
+        audience,
         dpop.as_ref(),
     )
     .await?;
-    if only_for_protected_resources(state, &decision, audience.as_deref()) {
+    if only_for_protected_resources(state, &decision, audience) {
         return Ok(wrong_audience());
     }
     if is_failure(&decision) {
@@ -379,33 +408,34 @@ pub(crate) fn wrong_audience() -> Response {
     resp
 }
 
-fn query_param(uri: &Uri, name: &str) -> Option<String> {
-    uri.query().and_then(|q| {
-        form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
-    })
-}
-
 /// Forward-auth and DPoP: the proof from the `DPoP` header, and the original request's method and URL
 /// from the proxy's headers (Traefik: `X-Forwarded-Method`/`-Proto`/`-Host`/`-Uri`; nginx:
 /// `X-Original-Method`, `X-Original-URL`).
 fn forwarded_dpop(headers: &HeaderMap) -> Option<DpopInput> {
-    let one = |n: &str| {
+    let one = |n: HeaderName| {
         let mut all = headers.get_all(n).iter();
         let first = all.next()?.to_str().ok();
         if all.next().is_some() { None } else { first }
     };
-    let proof = one("dpop")?;
+    let proof = one(crate::auth::DPOP)?;
     // Two sources of the original request that disagree: a client may have set one of them itself
     // (proxies pass client headers through), so neither is believed.
-    let method = match (one("x-forwarded-method"), one("x-original-method")) {
+    let method = match (
+        one(HeaderName::from_static("x-forwarded-method")),
+        one(HeaderName::from_static("x-original-method")),
+    ) {
         (Some(a), Some(b)) if a != b => return None,
         (a, b) => a.or(b)?,
     };
-    let forwarded = match (one("x-forwarded-proto"), one("x-forwarded-host"), one("x-forwarded-uri")) {
+    let forwarded = match (
+        one(HeaderName::from_static("x-forwarded-proto")),
+        one(HeaderName::from_static("x-forwarded-host")),
+        one(HeaderName::from_static("x-forwarded-uri")),
+    ) {
         (Some(p), Some(h), Some(u)) => Some(format!("{p}://{h}{u}")),
         _ => None,
     };
-    let url = match (forwarded, one("x-original-url")) {
+    let url = match (forwarded, one(HeaderName::from_static("x-original-url"))) {
         (Some(a), Some(b)) if a != b => return None,
         (a, b) => a.or(b.map(str::to_owned))?,
     };

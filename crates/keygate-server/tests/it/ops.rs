@@ -23,7 +23,23 @@ async fn metrics_count_decisions_and_requests() {
     let text = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(text.contains("keygate_verify_decisions_total{code=\"MALFORMED\"} 2"), "{text}");
     assert!(text.contains("keygate_verify_decisions_total{code=\"VALID\"} 1"), "{text}");
-    assert!(text.contains("keygate_verify_duration_seconds_bucket"), "{text}");
+    // The latency histogram: cumulative buckets ending in +Inf, a count of the three decisions, a sum.
+    assert!(text.contains("# TYPE keygate_verify_duration_seconds histogram"), "{text}");
+    assert!(text.contains("keygate_verify_duration_seconds_bucket{le=\"0.00001\"}"), "{text}");
+    assert!(text.contains("keygate_verify_duration_seconds_bucket{le=\"+Inf\"} 3"), "{text}");
+    assert!(text.contains("keygate_verify_duration_seconds_count 3"), "{text}");
+    let sum = text
+        .lines()
+        .find_map(|l| l.strip_prefix("keygate_verify_duration_seconds_sum "))
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(sum.is_some_and(|s| s > 0.0 && s < 10.0), "{text}");
+    let buckets: Vec<u64> = text
+        .lines()
+        .filter(|l| l.starts_with("keygate_verify_duration_seconds_bucket"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(buckets.len(), 13, "{text}");
+    assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "cumulative: {buckets:?}");
     assert!(
         text.contains("keygate_http_requests_total{method=\"POST\",route=\"/v1/verify\",status=\"200\"} 3"),
         "{text}"
