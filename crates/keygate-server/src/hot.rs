@@ -8,11 +8,13 @@
 //! router too, for the OpenAPI document and for everything the match below does not take (HEAD, other
 //! methods → 405, a bare `/v1/auth/` → 404).
 
+use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{DefaultBodyLimit, Request};
+use axum::body::Body;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request};
 use axum::handler::Handler;
 use axum::http::Method;
 use axum::response::Response;
@@ -80,7 +82,8 @@ impl HotRoutes {
         let deadline = tokio::time::Instant::from_std(started) + self.timeout;
         let handled = service.oneshot(req).map(|r| r.unwrap_or_else(|never| match never {}));
         match AssertUnwindSafe(OnConnTimer::new(handled, deadline, timer)).catch_unwind().await {
-            Ok(resp) => resp,
+            Ok(Some(resp)) => resp,
+            Ok(None) => crate::timeout::timed_out(),
             Err(panic) => crate::panic_response(panic),
         }
     }
@@ -112,33 +115,61 @@ fn hot_route(method: &Method, path: &str) -> Option<Hot> {
     }
 }
 
-/// A listener's service: the router, and on the public surface the hot routes before it.
+/// What a listener serves.
+#[derive(Clone)]
+enum Kind {
+    /// Everything through the router (the admin surface).
+    Router(axum::Router),
+    /// The hot routes first, then the router (the public surface).
+    Hot(axum::Router, Arc<HotRoutes>),
+    /// The gateway, called directly.
+    Gateway(crate::gateway::GatewayState),
+}
+
+/// A listener's service, and the copy of it that serves one connection ([`Served::for_connection`]).
 pub struct Served {
-    router: axum::Router,
-    hot: Option<Arc<HotRoutes>>,
-    /// The request timer of the connection this copy serves ([`Served::for_connection`]).
+    kind: Kind,
+    /// The connection's peer.
+    peer: SocketAddr,
+    /// The connection's request timer.
     timer: ConnRequestTimer,
 }
 
 impl Served {
-    /// Everything through the router (the admin surface, the gateway).
+    fn of(kind: Kind) -> Self {
+        Served { kind, peer: SocketAddr::from(([0, 0, 0, 0], 0)), timer: ConnRequestTimer::default() }
+    }
+
+    /// Everything through the router (the admin surface).
     pub fn router(router: axum::Router) -> Self {
-        Served { router, hot: None, timer: ConnRequestTimer::default() }
+        Served::of(Kind::Router(router))
     }
 
     /// The hot routes first, then the router.
     pub fn with_hot_routes(router: axum::Router, state: Arc<AppState>) -> Self {
-        Served { router, hot: Some(Arc::new(HotRoutes::new(state))), timer: ConnRequestTimer::default() }
+        Served::of(Kind::Hot(router, Arc::new(HotRoutes::new(state))))
     }
 
-    /// The service for one connection, with its own request timer.
-    pub fn for_connection(&self) -> Self {
-        Served { router: self.router.clone(), hot: self.hot.clone(), timer: ConnRequestTimer::default() }
+    /// The gateway.
+    pub fn gateway(gateway: crate::gateway::GatewayState) -> Self {
+        Served::of(Kind::Gateway(gateway))
+    }
+
+    /// The service for one connection from `peer`, with its own request timer.
+    pub fn for_connection(&self, peer: SocketAddr) -> Self {
+        Served { kind: self.kind.clone(), peer, timer: ConnRequestTimer::default() }
     }
 
     /// Serves one request; requests of one connection one at a time (HTTP/1).
-    pub async fn call(&self, req: Request) -> Response {
-        if let Some(hot) = &self.hot
+    pub async fn call(&self, req: hyper::Request<hyper::body::Incoming>) -> Response {
+        let mut req = req.map(Body::new);
+        let (router, hot) = match &self.kind {
+            Kind::Gateway(gateway) => return gateway.handle(self.peer, req, &self.timer).await,
+            Kind::Router(router) => (router, None),
+            Kind::Hot(router, hot) => (router, Some(hot)),
+        };
+        req.extensions_mut().insert(ConnectInfo(self.peer));
+        if let Some(hot) = hot
             && let Some(route) = hot_route(req.method(), req.uri().path())
         {
             let started = Instant::now();
@@ -148,7 +179,7 @@ impl Served {
             crate::record_hot_request(&hot.state, route.index(), method, route.template(), status, started);
             return resp;
         }
-        self.router.clone().oneshot(req).await.unwrap_or_else(|e| match e {})
+        router.clone().oneshot(req).await.unwrap_or_else(|e| match e {})
     }
 }
 

@@ -256,7 +256,12 @@ pub async fn launch_all(
         serve::serve(l, hot::Served::router(app_for(state.clone(), Surface::Admin)), stopped.clone(), options)
     });
     let gated = gateway.map(|(l, g)| {
-        serve::serve(l, hot::Served::router(gateway::router(state.clone(), g)), stopped.clone(), options)
+        serve::serve(
+            l,
+            hot::Served::gateway(gateway::GatewayState::new(state.clone(), g)),
+            stopped.clone(),
+            options,
+        )
     });
     let trigger = async move {
         shutdown.await;

@@ -8,15 +8,12 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
@@ -217,17 +214,16 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         // The connection's own handle on the service: cloned for each of its requests without touching
         // a reference count that every connection shares.
-        let app = Arc::new(app.for_connection());
+        let app = Arc::new(app.for_connection(addr));
         let mut stop = StopWait::new(active.clone());
         active.count.fetch_add(1, Ordering::SeqCst);
         // Counts the connection down however its task ends, a panic included.
         let guard = Leaving(active.clone());
         tokio::spawn(async move {
             let _guard = guard;
-            let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(addr));
+            let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
                 let app = app.clone();
-                async move { Ok::<_, Infallible>(app.call(req.map(Body::new)).await) }
+                async move { Ok::<_, Infallible>(app.call(req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(ConnTimer::new(options.header_read_timeout))

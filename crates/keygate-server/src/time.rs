@@ -7,7 +7,12 @@ use chrono::{DateTime, SecondsFormat, Utc};
 /// The wall clock, in ms since the epoch. Code that runs inside a server asks `AppState::now` instead,
 /// so that tests can move time.
 pub fn now_ms() -> i64 {
-    Utc::now().timestamp_millis()
+    // Straight from the system clock (chrono's `Utc::now` builds a calendar date on every call, and this
+    // runs several times a request).
+    match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(before) => -i64::try_from(before.duration().as_millis()).unwrap_or(i64::MAX),
+    }
 }
 
 /// Where a server reads the time: the system clock in production, a [`ManualClock`] in tests (expiry,

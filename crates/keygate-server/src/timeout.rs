@@ -110,8 +110,8 @@ pub(crate) fn timed_out() -> Response {
 pub(crate) struct ConnRequestTimer(std::sync::Mutex<Option<Pin<Box<Sleep>>>>);
 
 pin_project_lite::pin_project! {
-    /// `inner`, answered 503 `request_timeout` if it is still waiting at `deadline`, on the
-    /// connection's [`ConnRequestTimer`]. Requests on one HTTP/1 connection run one at a time.
+    /// `inner`'s output, or `None` if it is still waiting at `deadline`, on the connection's
+    /// [`ConnRequestTimer`]. Requests on one HTTP/1 connection run one at a time.
     pub(crate) struct OnConnTimer<'a, F> {
         #[pin]
         inner: F,
@@ -126,13 +126,13 @@ impl<'a, F> OnConnTimer<'a, F> {
     }
 }
 
-impl<F: Future<Output = Response>> Future for OnConnTimer<'_, F> {
-    type Output = Response;
+impl<F: Future> Future for OnConnTimer<'_, F> {
+    type Output = Option<F::Output>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<F::Output>> {
         let this = self.project();
         if let Poll::Ready(r) = this.inner.poll(cx) {
-            return Poll::Ready(r);
+            return Poll::Ready(Some(r));
         }
         let mut slot = this.timer.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let sleep = slot.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(*this.deadline)));
@@ -140,7 +140,7 @@ impl<F: Future<Output = Response>> Future for OnConnTimer<'_, F> {
             sleep.as_mut().reset(*this.deadline);
         }
         if sleep.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(timed_out());
+            return Poll::Ready(None);
         }
         Poll::Pending
     }

@@ -22,9 +22,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
+use std::panic::AssertUnwindSafe;
+
+use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, Version, header};
 use axum::response::{IntoResponse, Response};
+use futures_util::FutureExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -39,6 +42,7 @@ use crate::routes::verify::{
     only_for_protected_resources, rate_limit_headers, record, wrong_audience,
 };
 use crate::state::AppState;
+use crate::timeout::{ConnRequestTimer, OnConnTimer};
 use crate::verify::{Context, Decision};
 use routes::{Lookup, Route, Routes};
 
@@ -176,31 +180,32 @@ pub async fn watch(gateway: Arc<Gateway>) {
     }
 }
 
+/// The gateway listener's service: every request is decided and forwarded by [`GatewayState::handle`],
+/// called directly by the serving loop (no router: there is nothing to route but by the routes file).
 #[derive(Clone)]
-struct GatewayState {
+pub struct GatewayState {
     app: Arc<AppState>,
     gateway: Arc<Gateway>,
 }
 
-/// The gateway listener's router: every request goes through [`handle`].
-pub fn router(app: Arc<AppState>, gateway: Arc<Gateway>) -> axum::Router {
-    axum::Router::new()
-        .fallback(handle)
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(crate::panic_response))
-        .with_state(GatewayState { app, gateway })
-}
+impl GatewayState {
+    pub fn new(app: Arc<AppState>, gateway: Arc<Gateway>) -> Self {
+        GatewayState { app, gateway }
+    }
 
-async fn handle(
-    State(s): State<GatewayState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    req: Request,
-) -> Response {
-    let started = Instant::now();
-    let method = crate::metrics::method_label(req.method());
-    let loaded = s.gateway.current();
-    let (label, resp) = forward(&s.app, &loaded, peer, req).await;
-    crate::record_request(&s.app, method, label, resp.status().as_u16(), started);
-    resp
+    /// One request from `peer`, with the panic guard of every listener; `timer` is the connection's.
+    pub(crate) async fn handle(&self, peer: SocketAddr, req: Request, timer: &ConnRequestTimer) -> Response {
+        let started = Instant::now();
+        let method = crate::metrics::method_label(req.method());
+        let loaded = self.gateway.current();
+        let forwarded = AssertUnwindSafe(forward(&self.app, &loaded, peer, req, timer)).catch_unwind().await;
+        let (label, resp) = match forwarded {
+            Ok(r) => r,
+            Err(panic) => (UNMATCHED, crate::panic_response(panic)),
+        };
+        crate::record_request(&self.app, method, label, resp.status().as_u16(), started);
+        resp
+    }
 }
 
 const UNMATCHED: &str = "gateway:unmatched";
@@ -217,6 +222,7 @@ async fn forward<'a>(
     loaded: &'a Loaded,
     peer: SocketAddr,
     req: Request,
+    timer: &ConnRequestTimer,
 ) -> (&'a str, Response) {
     let started = Instant::now();
     let (mut parts, body) = req.into_parts();
@@ -270,11 +276,11 @@ async fn forward<'a>(
         }
     }
     forwarding_headers(&mut headers, peer, trusted, host.as_deref());
-    if !route.preserve_host {
-        // The client sets `Host` from the upstream's URL.
-        headers.remove(header::HOST);
-    }
     let upstream = route.upstream();
+    if !route.preserve_host {
+        // `Host` from the upstream's URL (as the HTTP client would set it, made once per route).
+        headers.insert(header::HOST, upstream.host_header.clone());
+    }
     let rest =
         if route.strip_path { strip_segments(parts.uri.path(), route.depth()) } else { parts.uri.path() };
     let mut path = String::with_capacity(upstream.base_path.len() + rest.len() + 1);
@@ -304,20 +310,21 @@ async fn forward<'a>(
     parts.version = Version::HTTP_11;
     parts.extensions = axum::http::Extensions::new();
     let sent = loaded.client.request(Request::from_parts(parts, body));
-    let resp = match tokio::time::timeout(route.timeout, sent).await {
-        Err(_) => {
+    let deadline = tokio::time::Instant::now() + route.timeout;
+    let resp = match OnConnTimer::new(sent, deadline, timer).await {
+        None => {
             let e = ApiError::new(
                 ErrorCode::UpstreamTimeout,
                 format!("the upstream did not answer within {} s", route.timeout.as_secs()),
             );
             return (label, e.into_response());
         }
-        Ok(Err(e)) => {
+        Some(Err(e)) => {
             tracing::warn!(route = %route.name, error = %e, connect = e.is_connect(), "upstream request failed");
             let e = ApiError::new(ErrorCode::UpstreamUnavailable, "the upstream could not be reached");
             return (label, e.into_response());
         }
-        Ok(Ok(resp)) => resp,
+        Some(Ok(resp)) => resp,
     };
     let (mut rp, incoming) = resp.into_parts();
     // The client's connection has its own version (an HTTP/1.0 upstream must not downgrade it).
@@ -656,11 +663,13 @@ fn forwarding_headers(h: &mut HeaderMap, peer: SocketAddr, trusted: bool, host: 
         let parts: Vec<&str> = h.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
         (!parts.is_empty()).then(|| parts.join(", "))
     };
-    let xff = match joined(h, &X_FORWARDED_FOR).filter(|_| trusted) {
-        Some(prior) => format!("{prior}, {ip}"),
-        None => ip.to_string(),
+    let ip_text = ip.to_string();
+    let prior = |name: &HeaderName| if trusted { joined(h, name) } else { None };
+    let xff = match prior(&X_FORWARDED_FOR) {
+        Some(prior) => format!("{prior}, {ip_text}"),
+        None => ip_text.clone(),
     };
-    let node = if ip.is_ipv6() { format!("\"[{ip}]\"") } else { ip.to_string() };
+    let node = if ip.is_ipv6() { format!("\"[{ip_text}]\"") } else { ip_text };
     // The scheme the client used: a trusted proxy's word, else this listener's (plain HTTP).
     let proto = match h.get(&X_FORWARDED_PROTO).and_then(|v| v.to_str().ok()).filter(|_| trusted) {
         Some("https") => "https",
@@ -670,7 +679,7 @@ fn forwarding_headers(h: &mut HeaderMap, peer: SocketAddr, trusted: bool, host: 
     if let Some(host) = host {
         this_hop.push_str(&format!(";host=\"{}\"", host.replace(['"', '\\'], "")));
     }
-    let forwarded = match joined(h, &header::FORWARDED).filter(|_| trusted) {
+    let forwarded = match prior(&header::FORWARDED) {
         Some(prior) => format!("{prior}, {this_hop}"),
         None => this_hop,
     };

@@ -151,6 +151,8 @@ pub struct Upstream {
     pub authority: Authority,
     /// The base URL's path without a trailing `/` (empty for the root).
     pub base_path: String,
+    /// `Host` for requests to it (the authority, as the HTTP client would write it), made once.
+    pub host_header: axum::http::HeaderValue,
 }
 
 /// A checked route.
@@ -505,7 +507,9 @@ fn upstream(url: &str) -> Result<Upstream, String> {
     };
     let authority = authority.parse::<Authority>().map_err(|_| format!("upstream {url:?}: bad host"))?;
     let base_path = parsed.path().trim_end_matches('/').to_string();
-    Ok(Upstream { scheme, authority, base_path })
+    let host_header = axum::http::HeaderValue::from_str(authority.as_str())
+        .map_err(|_| format!("upstream {url:?}: bad host"))?;
+    Ok(Upstream { scheme, authority, base_path, host_header })
 }
 
 fn compile_route(spec: RouteSpec, have_jwt: bool) -> Result<Route, String> {

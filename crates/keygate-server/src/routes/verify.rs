@@ -1,6 +1,7 @@
 //! `POST /v1/verify` (for services that check credentials themselves) and `GET /v1/auth` (forward-auth
 //! for nginx `auth_request`, Traefik `forwardAuth`, Envoy `ext_authz`).
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -191,25 +192,25 @@ pub async fn verify(
         .into_response())
 }
 
-/// What a forward-auth request's query says, read in one pass: the required scopes (`scope` or `scopes`,
-/// repeatable, each a space- or comma-separated list) and the first `limited_status`, `resource` and
-/// `audience`.
+/// What a forward-auth request's query says, read in one pass and borrowed from it where nothing was
+/// percent-decoded: the values of `scope` and `scopes` (repeatable, each a space- or comma-separated
+/// list) and the first `limited_status`, `resource` and `audience`.
 #[derive(Default)]
-struct ForwardQuery {
-    scopes: Vec<String>,
-    limited_status: Option<String>,
-    resource: Option<String>,
-    audience: Option<String>,
+struct ForwardQuery<'q> {
+    scopes: Vec<Cow<'q, str>>,
+    limited_status: Option<Cow<'q, str>>,
+    resource: Option<Cow<'q, str>>,
+    audience: Option<Cow<'q, str>>,
 }
 
-impl ForwardQuery {
-    fn parse(uri: &Uri) -> Self {
+impl<'q> ForwardQuery<'q> {
+    fn parse(uri: &'q Uri) -> Self {
         let mut q = ForwardQuery::default();
         let Some(query) = uri.query() else { return q };
         for (k, v) in form_urlencoded::parse(query.as_bytes()) {
             let first = match &*k {
                 "scope" | "scopes" => {
-                    push_scope_list(&mut q.scopes, &v);
+                    q.scopes.push(v);
                     continue;
                 }
                 "limited_status" => &mut q.limited_status,
@@ -218,29 +219,23 @@ impl ForwardQuery {
                 _ => continue,
             };
             if first.is_none() {
-                *first = Some(v.into_owned());
+                *first = Some(v);
             }
         }
         q
     }
 }
 
-fn push_scope_list(out: &mut Vec<String>, list: &str) {
-    out.extend(list.split([' ', ',']).filter(|s| !s.is_empty()).map(str::to_owned));
-}
-
 const REQUIRED_SCOPES: HeaderName = HeaderName::from_static("x-keygate-required-scopes");
 
-/// Required scopes of a forward-auth request: the `X-Keygate-Required-Scopes` header, each a space- or
-/// comma-separated list, then those of the query.
-fn required_scopes(headers: &HeaderMap, query: &ForwardQuery) -> Vec<String> {
+/// Required scopes of a forward-auth request: the `X-Keygate-Required-Scopes` header, then the query's,
+/// each a space- or comma-separated list.
+fn required_scopes<'a>(headers: &'a HeaderMap, query: &'a ForwardQuery<'_>) -> Vec<&'a str> {
     let mut out = Vec::new();
-    for v in headers.get_all(REQUIRED_SCOPES) {
-        if let Ok(v) = v.to_str() {
-            push_scope_list(&mut out, v);
-        }
+    let lists = headers.get_all(REQUIRED_SCOPES).into_iter().filter_map(|v| v.to_str().ok());
+    for list in lists.chain(query.scopes.iter().map(|v| &**v)) {
+        out.extend(list.split([' ', ',']).filter(|s| !s.is_empty()));
     }
-    out.extend(query.scopes.iter().cloned());
     out
 }
 
@@ -325,7 +320,7 @@ async fn decide_forward(
     client: crate::peer::Client,
     crate::auth::Peer(peer): crate::auth::Peer,
     headers: &HeaderMap,
-    query: &ForwardQuery,
+    query: &ForwardQuery<'_>,
 ) -> ApiResult<Response> {
     let started = Instant::now();
     let now = state.now();
