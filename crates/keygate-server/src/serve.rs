@@ -98,12 +98,13 @@ impl std::future::Future for StopWait {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(self.id, cx.waker().clone());
+        // Registered (so that dropping this removes it), whatever happens next.
+        self.registered = Some(cx.waker().clone());
         // `stop` sets the flag before it takes the waiters: a stop that took them before this insert is
         // seen here.
-        if signal.stopping.load(Ordering::SeqCst) {
+        if self.active.stop.stopping.load(Ordering::SeqCst) {
             return Poll::Ready(());
         }
-        self.registered = Some(cx.waker().clone());
         Poll::Pending
     }
 }

@@ -11,7 +11,8 @@ pub fn now_ms() -> i64 {
     // runs several times a request).
     match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
-        Err(before) => -i64::try_from(before.duration().as_millis()).unwrap_or(i64::MAX),
+        // Before the epoch: rounded down, as `timestamp_millis` did.
+        Err(before) => -i64::try_from(before.duration().as_nanos().div_ceil(1_000_000)).unwrap_or(i64::MAX),
     }
 }
 

@@ -198,10 +198,14 @@ impl GatewayState {
         let started = Instant::now();
         let method = crate::metrics::method_label(req.method());
         let loaded = self.gateway.current();
-        let forwarded = AssertUnwindSafe(forward(&self.app, &loaded, peer, req, timer)).catch_unwind().await;
+        // The route's label as soon as it is known, for a request whose handling panicked.
+        let mut matched = UNMATCHED;
+        let forwarded = AssertUnwindSafe(forward(&self.app, &loaded, peer, req, timer, &mut matched))
+            .catch_unwind()
+            .await;
         let (label, resp) = match forwarded {
             Ok(r) => r,
-            Err(panic) => (UNMATCHED, crate::panic_response(panic)),
+            Err(panic) => (matched, crate::panic_response(panic)),
         };
         crate::record_request(&self.app, method, label, resp.status().as_u16(), started);
         resp
@@ -223,6 +227,7 @@ async fn forward<'a>(
     peer: SocketAddr,
     req: Request,
     timer: &ConnRequestTimer,
+    matched: &mut &'a str,
 ) -> (&'a str, Response) {
     let started = Instant::now();
     let (mut parts, body) = req.into_parts();
@@ -256,6 +261,7 @@ async fn forward<'a>(
         }
     };
     let label = route.label.as_str();
+    *matched = label;
     let trusted = app.config.trusted_proxies.iter().any(|n| n.contains(&peer.ip()));
     let decision = if route.public {
         None
