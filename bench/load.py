@@ -10,8 +10,10 @@ root), builds Keygate in release mode, starts it on a temporary data directory a
 seeds a consumer and keys, then measures each target at 1 and 32 connections for a bounded time,
 alternating targets within each round (and reversing their order every other round) so that drift hits
 all of them alike. It prints requests/s, p50,
-p99, p99.9, errors and the ratio to the baseline measured in the same round, and exits non-zero if any
-request failed. Everything runs on loopback and stops by itself.
+p99, p99.9, errors and the ratio to the baseline measured in the same round, the serving process's CPU per
+request (user + system time of all its threads, from /proc, around each run: steadier than requests/s when
+wrk shares the machine) and the baseline's CPU per request over it, and exits non-zero if any request
+failed. Everything runs on loopback and stops by itself.
 """
 
 import argparse
@@ -211,6 +213,33 @@ end
     with open(p, "w") as f:
         f.write("\n".join(lines))
     return p
+
+
+def cpu_seconds(pids):
+    """User + system CPU seconds used so far by these processes (all their threads), from /proc."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid):
+    """The direct children of `pid` (nginx's workers)."""
+    out = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.split("/")[2]))
+    return out
 
 
 def run_wrk(url, script, conns, seconds):
@@ -873,31 +902,43 @@ def main():
             targets += seed_targets(kg, tmp, "", None, gateway)
 
         results = {}  # (target, conns) -> list of runs
+        # Whose CPU each target's requests use (none for the auth_request setup: nginx and Keygate both).
+        server_pids = {f"http://127.0.0.1:{nginx_port}": child_pids(nginx.pid), kg.url: [kg.proc.pid],
+                       gateway[0]: [kg.proc.pid]}
+        if before:
+            server_pids[before.url] = [before.proc.pid]
         if args.only_scale:
             targets, conns_list = [], []
         for rnd in range(args.rounds):
             for conns in conns_list:
-                baseline = None
+                baseline, baseline_cpu = None, float("nan")
                 # Odd rounds take the targets after the baseline in reverse order: whichever runs first in a
                 # round does measurably better (most at 1 connection), so no target, and neither side of a
                 # --before pair, is always first.
                 order = targets if rnd % 2 == 0 else targets[:1] + targets[:0:-1]
                 for name, url, script in order:
+                    pids = server_pids.get(url)
+                    used = cpu_seconds(pids) if pids else None
                     r = run_wrk(url, script, conns, args.seconds)
+                    # The serving process's CPU per request: steadier than req/s on a shared machine.
+                    r["cpu_us"] = ((cpu_seconds(pids) - used) * 1e6 / r["requests"]
+                                   if pids and r["requests"] else float("nan"))
                     if baseline is None:
                         baseline = r["rps"]
+                        baseline_cpu = r["cpu_us"]
                     r["ratio"] = r["rps"] / baseline if baseline else float("nan")
+                    r["cpu_ratio"] = baseline_cpu / r["cpu_us"] if r["cpu_us"] else float("nan")
                     results.setdefault((name, conns), []).append(r)
                     log(f"round {rnd + 1} c={conns:<3} {name:<46} {r['rps']:>9.0f} req/s  "
-                        f"p99 {fmt_us(r['p99_us'])}  ratio {r['ratio']:.2f}  errors {r['errors']} "
+                        f"p99 {fmt_us(r['p99_us'])}  ratio {r['ratio']:.2f}  cpu {r['cpu_us']:.1f} µs  errors {r['errors']} "
                         f"(connect {r['connect']}, read {r['read']}, write {r['write']}, "
                         f"non-2xx {r['status']}, timeout {r['timeout']})")
         rss = kg.rss_mib()
 
         print(f"\nMachine: {machine()}; {args.rounds} round(s) of {args.seconds} s per target; "
               f"wrk on the same machine; Keygate RSS after the run: {rss:.0f} MiB\n")
-        print("| target | conns | req/s | p50 | p99 | p99.9 | errors | vs baseline |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| target | conns | req/s | p50 | p99 | p99.9 | errors | vs baseline | server CPU a request | baseline's CPU / this |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         failed = False
         summary = []
         for conns in conns_list:
@@ -907,10 +948,15 @@ def main():
                 ratio = statistics.median(r["ratio"] for r in runs)
                 errors = sum(r["errors"] for r in runs)
                 failed |= errors > 0
+                cpu = statistics.median(r["cpu_us"] for r in runs)
+                cpu_ratio = statistics.median(r["cpu_ratio"] for r in runs)
+                cpu_text = "—" if cpu != cpu else f"{cpu:.1f} µs"
+                cpu_ratio_text = "—" if cpu_ratio != cpu_ratio else f"{cpu_ratio:.2f}×"
                 print(f"| {name} | {conns} | {med['rps']:,.0f} | {fmt_us(med['p50_us'])} | {fmt_us(med['p99_us'])} | "
-                      f"{fmt_us(med['p999_us'])} | {errors} | {ratio:.2f}× |")
+                      f"{fmt_us(med['p999_us'])} | {errors} | {ratio:.2f}× | {cpu_text} | {cpu_ratio_text} |")
                 summary.append({"target": name, "connections": conns, "rps": med["rps"], "p50_us": med["p50_us"],
-                                "p99_us": med["p99_us"], "p999_us": med["p999_us"], "errors": errors, "ratio": ratio})
+                                "p99_us": med["p99_us"], "p999_us": med["p999_us"], "errors": errors, "ratio": ratio,
+                                "cpu_us": cpu, "cpu_ratio": cpu_ratio})
         by = {(r["target"], r["connections"]): r for r in summary}
         base1 = by.get(("nginx return 200 (baseline)", 1))
         for name in ("gateway → nginx, public route (no credential)", "gateway → nginx, valid key",
