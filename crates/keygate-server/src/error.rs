@@ -231,6 +231,30 @@ where
     }
 }
 
+/// What a body over `body_limit` is told, in either error shape.
+pub(crate) const BODY_TOO_LARGE: &str = "the body is larger than the server accepts";
+
+/// The request body, with axum's rejections (over the body limit, cut off) in Keygate's error shape
+/// rather than as axum's plain text.
+pub struct ApiBytes(pub axum::body::Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for ApiBytes {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        axum::body::Bytes::from_request(req, state).await.map(ApiBytes).map_err(|r| {
+            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(ErrorCode::PayloadTooLarge, BODY_TOO_LARGE)
+            } else {
+                ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("the body could not be read: {}", r.body_text()),
+                )
+            }
+        })
+    }
+}
+
 fn json_rejection(r: JsonRejection) -> ApiError {
     match r {
         JsonRejection::JsonSyntaxError(e) => {
@@ -242,7 +266,7 @@ fn json_rejection(r: JsonRejection) -> ApiError {
             "send the body as JSON with the header 'Content-Type: application/json'",
         ),
         other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::new(ErrorCode::PayloadTooLarge, "the body is larger than the server accepts")
+            ApiError::new(ErrorCode::PayloadTooLarge, BODY_TOO_LARGE)
         }
         other => ApiError::new(ErrorCode::InvalidRequest, other.body_text()),
     }

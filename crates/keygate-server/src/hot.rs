@@ -58,6 +58,11 @@ impl Hot {
             Hot::Introspect => "/oauth2/introspect",
         }
     }
+
+    /// Whether it answers in RFC 6749's error shape (see [`crate::oauth::speaks_rfc6749`]).
+    fn oauth(self) -> bool {
+        crate::oauth::speaks_rfc6749(self.template())
+    }
 }
 
 impl HotRoutes {
@@ -73,6 +78,7 @@ impl HotRoutes {
         req: Request,
         started: Instant,
         timer: &ConnRequestTimer,
+        oauth: bool,
     ) -> Response
     where
         H: Handler<T, Arc<AppState>>,
@@ -83,18 +89,18 @@ impl HotRoutes {
         let handled = service.oneshot(req).map(|r| r.unwrap_or_else(|never| match never {}));
         match AssertUnwindSafe(OnConnTimer::new(handled, deadline, timer)).catch_unwind().await {
             Ok(Some(resp)) => resp,
-            Ok(None) => crate::timeout::timed_out(),
-            Err(panic) => crate::panic_response(panic),
+            Ok(None) => crate::timeout::timed_out(oauth),
+            Err(panic) => crate::panic_response(panic, oauth),
         }
     }
 
     async fn serve(&self, route: Hot, req: Request, started: Instant, timer: &ConnRequestTimer) -> Response {
         match route {
-            Hot::Verify => self.run(verify, req, started, timer).await,
-            Hot::Auth => self.run(forward_auth, req, started, timer).await,
-            Hot::AuthPath => self.run(forward_auth_path, req, started, timer).await,
-            Hot::Token => self.run(crate::oauth::token, req, started, timer).await,
-            Hot::Introspect => self.run(crate::oauth::introspect, req, started, timer).await,
+            Hot::Verify => self.run(verify, req, started, timer, route.oauth()).await,
+            Hot::Auth => self.run(forward_auth, req, started, timer, route.oauth()).await,
+            Hot::AuthPath => self.run(forward_auth_path, req, started, timer, route.oauth()).await,
+            Hot::Token => self.run(crate::oauth::token, req, started, timer, route.oauth()).await,
+            Hot::Introspect => self.run(crate::oauth::introspect, req, started, timer, route.oauth()).await,
         }
     }
 }

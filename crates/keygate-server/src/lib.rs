@@ -28,13 +28,14 @@ pub mod verify;
 pub mod webhooks;
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use futures_util::FutureExt;
 use tokio::net::TcpListener;
-use tower_http::catch_panic::CatchPanicLayer;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_swagger_ui::SwaggerUi;
 
@@ -82,9 +83,8 @@ pub fn app_for(state: Arc<AppState>, surface: Surface) -> axum::Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(timeout::RequestTimeoutLayer(timeout))
-        .layer(CatchPanicLayer::custom(panic_response))
-        // Outermost (the layers apply per route, so the matched path is known): a timed-out or
-        // panicked request is counted too, as on the hot routes.
+        // Outermost (the layers apply per route, so the matched path is known), with the panic guard:
+        // a timed-out or panicked request is counted too, as on the hot routes.
         .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests))
         .with_state(state)
 }
@@ -121,9 +121,16 @@ async fn method_not_allowed() -> ApiError {
     ApiError::new(ErrorCode::MethodNotAllowed, "this route does not take this method; see /docs for the API")
 }
 
-pub(crate) fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+/// The answer to a request whose handler panicked (`oauth`: in RFC 6749's error shape, see
+/// [`oauth::speaks_rfc6749`]).
+pub(crate) fn panic_response(_: Box<dyn std::any::Any + Send + 'static>, oauth: bool) -> Response {
     tracing::error!("a request handler panicked");
-    ApiError::new(ErrorCode::Internal, "internal error; the server log has the details").into_response()
+    const MESSAGE: &str = "internal error; the server log has the details";
+    if oauth {
+        oauth::OAuthError::new(oauth::OAuthErrorCode::ServerError, MESSAGE).into_response()
+    } else {
+        ApiError::new(ErrorCode::Internal, MESSAGE).into_response()
+    }
 }
 
 /// Counts every request in the metrics and logs one line for it at `info` (target `keygate::access`):
@@ -133,7 +140,11 @@ async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: 
     let started = std::time::Instant::now();
     let method = metrics::method_label(req.method());
     let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
-    let resp = next.run(req).await;
+    let oauth = oauth::speaks_rfc6749(req.uri().path());
+    let resp = match AssertUnwindSafe(next.run(req)).catch_unwind().await {
+        Ok(resp) => resp,
+        Err(panic) => panic_response(panic, oauth),
+    };
     record_request(&state, method, route.as_deref().unwrap_or("unmatched"), resp.status().as_u16(), started);
     resp
 }
@@ -396,4 +407,49 @@ async fn final_flush(state: &AppState) {
         }
     }
     tracing::error!("usage since the last successful flush could not be written");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn json_of(resp: Response) -> (u16, serde_json::Value, Option<String>) {
+        let status = resp.status().as_u16();
+        let cache = resp.headers().get("cache-control").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 16).await.expect("a body");
+        (status, serde_json::from_slice(&body).expect("JSON"), cache)
+    }
+
+    #[tokio::test]
+    async fn a_panic_answers_in_the_shape_of_its_endpoint() {
+        let (status, body, _) = json_of(panic_response(Box::new("boom"), false)).await;
+        assert_eq!((status, body["code"].as_str()), (500, Some("internal")));
+        let (status, body, cache) = json_of(panic_response(Box::new("boom"), true)).await;
+        assert_eq!((status, body["error"].as_str()), (500, Some("server_error")));
+        assert_eq!(cache.as_deref(), Some("no-store"));
+    }
+
+    #[test]
+    fn oauth_endpoints_for_programs_speak_rfc6749_and_browser_pages_do_not() {
+        for path in [
+            "/oauth2/token",
+            "/oauth2/introspect",
+            "/oauth2/revoke",
+            "/oauth2/device_authorization",
+            "/oauth2/register",
+            "/oauth2/register/cl_1",
+        ] {
+            assert!(oauth::speaks_rfc6749(path), "{path}");
+        }
+        for path in [
+            "/oauth2/authorize",
+            "/oauth2/authorize/login",
+            "/oauth2/device",
+            "/oauth2/",
+            "/v1/verify",
+            "/oauth2",
+        ] {
+            assert!(!oauth::speaks_rfc6749(path), "{path}");
+        }
+    }
 }

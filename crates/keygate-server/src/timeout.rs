@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use tokio::time::{Instant, Sleep};
 
 use crate::error::{ApiError, ErrorCode};
+use crate::oauth::{OAuthError, OAuthErrorCode};
 
 /// Answers 503 `request_timeout` when the inner service takes longer than the limit.
 #[derive(Debug, Clone, Copy)]
@@ -48,14 +49,15 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        TimeoutFuture::new(self.inner.call(req), Instant::now() + self.limit)
+        let oauth = crate::oauth::speaks_rfc6749(req.uri().path());
+        TimeoutFuture::new(self.inner.call(req), Instant::now() + self.limit, oauth)
     }
 }
 
 impl<F> TimeoutFuture<F> {
-    /// `inner`, answered 503 `request_timeout` if it is still waiting at `deadline`.
-    pub fn new(inner: F, deadline: Instant) -> Self {
-        TimeoutFuture { inner, deadline, sleep: None }
+    /// `inner`, answered 503 if it is still waiting at `deadline` (see [`timed_out`]).
+    pub fn new(inner: F, deadline: Instant, oauth: bool) -> Self {
+        TimeoutFuture { inner, deadline, oauth, sleep: None }
     }
 }
 
@@ -64,6 +66,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         deadline: Instant,
+        oauth: bool,
         #[pin]
         sleep: Option<Sleep>,
     }
@@ -86,20 +89,23 @@ where
         if let Some(sleep) = this.sleep.as_pin_mut()
             && sleep.poll(cx).is_ready()
         {
-            return Poll::Ready(Ok(timed_out()));
+            return Poll::Ready(Ok(timed_out(*this.oauth)));
         }
         Poll::Pending
     }
 }
 
-/// The answer to a request cut off at `request_timeout_seconds`.
-pub(crate) fn timed_out() -> Response {
-    ApiError::new(
-        ErrorCode::RequestTimeout,
-        "the request took longer than request_timeout_seconds (usually a slow database); \
-         a change may or may not have been made: check before retrying it",
-    )
-    .into_response()
+/// The answer to a request cut off at `request_timeout_seconds`: 503 `request_timeout`, or on an OAuth
+/// endpoint (`oauth`, see [`crate::oauth::speaks_rfc6749`]) 503 `temporarily_unavailable` in RFC 6749's
+/// shape.
+pub(crate) fn timed_out(oauth: bool) -> Response {
+    const MESSAGE: &str = "the request took longer than request_timeout_seconds (usually a slow database); \
+         a change may or may not have been made: check before retrying it";
+    if oauth {
+        OAuthError::new(OAuthErrorCode::TemporarilyUnavailable, MESSAGE).into_response()
+    } else {
+        ApiError::new(ErrorCode::RequestTimeout, MESSAGE).into_response()
+    }
 }
 
 /// One connection's request timer: the time limit of each of its requests, one tokio timer moved

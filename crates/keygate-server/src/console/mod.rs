@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
@@ -35,6 +35,7 @@ use subtle::ConstantTimeEq;
 use tower::ServiceExt;
 
 use crate::auth::{Actor, ClientIp, ConsoleActor, check_credential};
+use crate::error::ApiBytes;
 use crate::peer::Client;
 use crate::state::AppState;
 
@@ -640,7 +641,7 @@ async fn login(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Response {
     let Some(form) = Form::parse(&headers, &body) else {
         return login_form(&state, StatusCode::BAD_REQUEST, Some("Send the form as a browser does."));
@@ -769,7 +770,7 @@ async fn logout(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Response {
     sign_out(&state, Area::Console, client, &headers, &body).await
 }
@@ -1199,7 +1200,7 @@ async fn create_consumer(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Response {
     let signed = signed!(state, headers, client);
     let form = ok!(checked_form(&signed, &headers, &body));
@@ -1233,7 +1234,7 @@ async fn create_plan(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Response {
     let signed = signed!(state, headers, client);
     let form = ok!(checked_form(&signed, &headers, &body));
@@ -1275,7 +1276,7 @@ async fn create_user(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Response {
     let signed = signed!(state, headers, client);
     let form = ok!(checked_form(&signed, &headers, &body));
@@ -1312,7 +1313,7 @@ async fn action(
     ClientIp(client): ClientIp,
     headers: HeaderMap,
     Path((kind, id, act)): Path<(String, String, String)>,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Response {
     let signed = signed!(state, headers, client);
     let form = ok!(checked_form(&signed, &headers, &body));

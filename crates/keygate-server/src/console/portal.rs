@@ -17,7 +17,6 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -36,6 +35,7 @@ use super::{
     start_session, usage_query,
 };
 use crate::auth::{Actor, ClientIp};
+use crate::error::ApiBytes;
 use crate::peer::Client;
 use crate::state::{AppState, SignupMode};
 
@@ -241,7 +241,7 @@ async fn login(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Response {
     let refuse = |status: StatusCode, m: &str| public_form(&state, status, "portal/login.html", msg(m));
     let Some(form) = public_post(&state, &headers, &body) else {
@@ -283,7 +283,7 @@ async fn logout(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Response {
     sign_out(&state, Area::Portal, client, &headers, &body).await
 }
@@ -324,7 +324,7 @@ async fn signup(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Response {
     let Some(form) = public_post(&state, &headers, &body) else {
         return public_form(
@@ -481,7 +481,7 @@ async fn resend_verification(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Response {
     let dev = signed!(state, headers, client);
     ok!(checked_form(&dev.signed, &headers, &body));
@@ -506,7 +506,7 @@ async fn reset_request(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Response {
     let Some(form) = public_post(&state, &headers, &body) else {
         return public_form(
@@ -592,7 +592,7 @@ async fn reset_page(State(state): State<Arc<AppState>>, QueryOr(q): QueryOr<WhyQ
     public_form(&state, StatusCode::OK, "portal/reset.html", vec![("token", Ctx::from(token))])
 }
 
-async fn reset(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn reset(State(state): State<Arc<AppState>>, headers: HeaderMap, ApiBytes(body): ApiBytes) -> Response {
     let Some(form) = public_post(&state, &headers, &body) else {
         return message_page(
             StatusCode::FORBIDDEN,
@@ -846,7 +846,7 @@ async fn create_app(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Response {
     let dev = signed!(state, headers, client);
     let form = ok!(checked_form(&dev.signed, &headers, &body));
@@ -1049,7 +1049,7 @@ async fn action(
     ClientIp(client): ClientIp,
     headers: HeaderMap,
     Path((kind, id, act)): Path<(String, String, String)>,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Response {
     let dev = signed!(state, headers, client);
     let form = ok!(checked_form(&dev.signed, &headers, &body));

@@ -205,7 +205,7 @@ impl GatewayState {
             .await;
         let (label, resp) = match forwarded {
             Ok(r) => r,
-            Err(panic) => (matched, crate::panic_response(panic)),
+            Err(panic) => (matched, crate::panic_response(panic, false)),
         };
         crate::record_request(&self.app, method, label, resp.status().as_u16(), started);
         resp

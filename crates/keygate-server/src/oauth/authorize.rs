@@ -18,7 +18,6 @@
 
 use std::sync::{Arc, Mutex};
 
-use axum::body::Bytes;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
@@ -30,6 +29,7 @@ use subtle::ConstantTimeEq;
 
 use super::flows::{AuthRequest, CookieNames, SESSION_ABSOLUTE, Session, cookie_names};
 use crate::auth::{ClientIp, Peer};
+use crate::error::ApiBytes;
 use crate::state::AppState;
 
 /// How long an authorization code is valid.
@@ -648,7 +648,7 @@ pub async fn login(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Response {
     let now = state.now();
     let form = match form_body(&headers, &body) {
@@ -705,7 +705,11 @@ pub async fn login(
     request_body(content = String, content_type = "application/x-www-form-urlencoded", description = "request_id, csrf, decision=allow|deny (the consent page's form)"),
     responses((status = 303, description = "back to the redirect URI with a code (allow) or error=access_denied (deny)"),
         (status = 403, description = "missing or wrong CSRF token, or not the session that logged in", content_type = "text/html")))]
-pub async fn consent(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn consent(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    ApiBytes(body): ApiBytes,
+) -> Response {
     let now = state.now();
     let form = match form_body(&headers, &body) {
         Ok(f) => f,

@@ -9,7 +9,6 @@
 use std::sync::{Arc, Mutex};
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -21,8 +20,9 @@ use serde_json::json;
 
 use super::authorize::{cookie, error_page, form_body, login_page, names, page, proceed, usable_client};
 use super::flows::AuthRequest;
-use super::{Form, OAuthError, OAuthErrorCode, authenticate, no_store};
+use super::{Form, OAuthBody, OAuthError, OAuthErrorCode, authenticate, no_store};
 use crate::auth::ClientIp;
+use crate::error::ApiBytes;
 use crate::state::AppState;
 
 /// How long a device code is valid.
@@ -71,7 +71,7 @@ pub async fn device_authorization(
     State(state): State<Arc<AppState>>,
     ClientIp(peer): ClientIp,
     headers: HeaderMap,
-    body: Bytes,
+    OAuthBody(body): OAuthBody,
 ) -> Result<Response, OAuthError> {
     let now = state.now();
     let form = Form::parse(&headers, &body)?;
@@ -180,7 +180,7 @@ pub async fn device_entry(
     State(state): State<Arc<AppState>>,
     ClientIp(peer): ClientIp,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Response {
     let now = state.now();
     let form = match form_body(&headers, &body) {

@@ -43,12 +43,14 @@ pub enum OAuthErrorCode {
     InvalidToken,
     TemporarilyUnavailable,
     ServerError,
+    /// The body is over `body_limit`: `invalid_request`, answered 413.
+    BodyTooLarge,
 }
 
 impl OAuthErrorCode {
     pub fn as_str(self) -> &'static str {
         match self {
-            OAuthErrorCode::InvalidRequest => "invalid_request",
+            OAuthErrorCode::InvalidRequest | OAuthErrorCode::BodyTooLarge => "invalid_request",
             OAuthErrorCode::InvalidGrant => "invalid_grant",
             OAuthErrorCode::InvalidClient { .. } => "invalid_client",
             OAuthErrorCode::UnauthorizedClient => "unauthorized_client",
@@ -76,6 +78,7 @@ impl OAuthErrorCode {
             OAuthErrorCode::SlowDown => StatusCode::TOO_MANY_REQUESTS,
             OAuthErrorCode::TemporarilyUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             OAuthErrorCode::ServerError => StatusCode::INTERNAL_SERVER_ERROR,
+            OAuthErrorCode::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             _ => StatusCode::BAD_REQUEST,
         }
     }
@@ -109,6 +112,24 @@ impl OAuthError {
 
     pub fn invalid_client(basic: bool) -> Self {
         Self::new(OAuthErrorCode::InvalidClient { basic }, "client authentication failed")
+    }
+}
+
+/// The request body of an OAuth endpoint, with axum's rejections (over the body limit, cut off) in RFC
+/// 6749's error shape.
+pub struct OAuthBody(pub axum::body::Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for OAuthBody {
+    type Rejection = OAuthError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        axum::body::Bytes::from_request(req, state).await.map(OAuthBody).map_err(|r| {
+            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                OAuthError::new(OAuthErrorCode::BodyTooLarge, crate::error::BODY_TOO_LARGE)
+            } else {
+                OAuthError::invalid_request(format!("the body could not be read: {}", r.body_text()))
+            }
+        })
     }
 }
 

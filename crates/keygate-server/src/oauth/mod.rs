@@ -23,7 +23,6 @@ use std::sync::Arc;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -34,7 +33,7 @@ use crate::auth::{ClientIp, presented_credential};
 use crate::peer::Client;
 use crate::state::AppState;
 use crate::verify::Context;
-pub use error::{OAuthError, OAuthErrorCode};
+pub use error::{OAuthBody, OAuthError, OAuthErrorCode};
 
 pub fn router() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::new()
@@ -56,6 +55,15 @@ pub fn router() -> OpenApiRouter<Arc<AppState>> {
         ))
         .routes(routes!(resource::metadata_root))
         .routes(routes!(resource::metadata_path))
+}
+
+/// Whether a path's errors take RFC 6749's shape (`error`, `error_description`, `Cache-Control:
+/// no-store`) — the OAuth endpoints a client program calls, including RFC 7591/7592 registration — even
+/// when Keygate answers for the handler (a request cut off at the time limit, a panic). The pages a
+/// person's browser shows (`/oauth2/authorize…`, `/oauth2/device`) keep Keygate's shape.
+pub(crate) fn speaks_rfc6749(path: &str) -> bool {
+    path.strip_prefix("/oauth2/")
+        .is_some_and(|rest| !rest.is_empty() && !rest.starts_with("authorize") && rest != "device")
 }
 
 /// A form body, after checking its content type (the parsing rules are in `keygate_core::oauth`).
@@ -230,7 +238,7 @@ pub async fn token(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
     headers: HeaderMap,
-    body: Bytes,
+    OAuthBody(body): OAuthBody,
 ) -> Result<Response, OAuthError> {
     let now = state.now();
     let peer_ip = client.ip;
@@ -397,7 +405,7 @@ pub async fn introspect(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
     headers: HeaderMap,
-    body: Bytes,
+    OAuthBody(body): OAuthBody,
 ) -> Result<Response, OAuthError> {
     let now = state.now();
     let form = Form::parse(&headers, &body)?;
@@ -435,7 +443,7 @@ pub async fn revoke(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
     headers: HeaderMap,
-    body: Bytes,
+    OAuthBody(body): OAuthBody,
 ) -> Result<Response, OAuthError> {
     let now = state.now();
     let form = Form::parse(&headers, &body)?;

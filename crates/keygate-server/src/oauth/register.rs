@@ -287,7 +287,7 @@ pub async fn register(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    super::OAuthBody(body): super::OAuthBody,
 ) -> Result<Response, OAuthError> {
     let config = &state.config.registration;
     match config.mode {
@@ -413,7 +413,7 @@ pub async fn update_registration(
     ClientIp(client): ClientIp,
     Path(client_id): Path<String>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    super::OAuthBody(body): super::OAuthBody,
 ) -> Result<Response, OAuthError> {
     let current = managed(&state, &headers, &client_id, client.accountable).await?;
     let metadata: ClientMetadata = serde_json::from_slice(&body)

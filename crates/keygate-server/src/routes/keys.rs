@@ -540,7 +540,7 @@ pub async fn rotate_key(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
     Path(id): Path<String>,
-    body: axum::body::Bytes,
+    crate::error::ApiBytes(body): crate::error::ApiBytes,
 ) -> ApiResult<Json<KeyWithSecret>> {
     // The body is optional: no body means an overlap of 0.
     let req: RotateKey = optional_json(&body)?;

@@ -137,7 +137,7 @@ fn unauthorized(
 pub async fn receive_leaks(
     State(state): State<Arc<AppState>>,
     parts: axum::http::request::Parts,
-    body: axum::body::Bytes,
+    crate::error::ApiBytes(body): crate::error::ApiBytes,
 ) -> ApiResult<Json<Vec<Classification>>> {
     let peer = crate::auth::peer_ip(&parts);
     let headers = &parts.headers;

@@ -398,7 +398,7 @@ pub async fn rotate_webhook_secret(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
     Path(id): Path<String>,
-    body: axum::body::Bytes,
+    crate::error::ApiBytes(body): crate::error::ApiBytes,
 ) -> ApiResult<Json<WebhookWithSecret>> {
     let req: RotateWebhookSecret = optional_json(&body)?;
     if req.overlap_seconds > MAX_SECRET_OVERLAP {

@@ -109,6 +109,39 @@ async fn oversized_body_is_413() {
     assert_eq!(err["code"], "payload_too_large");
 }
 
+/// A body over the limit on an endpoint that reads it raw (forms, imports, registration) is a typed error
+/// too, never axum's plain text: RFC 6749's shape on the OAuth endpoints programs call, Keygate's
+/// elsewhere (the browser pages included).
+#[tokio::test]
+async fn oversized_raw_bodies_are_typed_errors_in_the_endpoints_shape() {
+    let app = TestApp::start().await;
+    let form = Some("application/x-www-form-urlencoded");
+    let big = || format!("grant_type=client_credentials&x={}", "y".repeat(100 * 1024)).into_bytes();
+    for path in ["/oauth2/token", "/oauth2/introspect", "/oauth2/revoke", "/oauth2/device_authorization"] {
+        let (status, err) = raw(&app, Method::POST, path, form, big()).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{path}: {err}");
+        assert_eq!(err["error"], "invalid_request", "{path}: {err}");
+        assert!(err["error_description"].as_str().is_some_and(|m| m.contains("larger")), "{path}: {err}");
+    }
+    let (status, err) = raw(&app, Method::POST, "/oauth2/register", Some("application/json"), big()).await;
+    assert_eq!(
+        (status, err["error"].as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, Some("invalid_request")),
+        "{err}"
+    );
+    for (path, ct) in [
+        ("/v1/keys/key_0/rotate", Some("application/json")),
+        ("/oauth2/authorize/login", form),
+        ("/oauth2/device", form),
+        ("/console/login", form),
+        ("/portal/login", form),
+    ] {
+        let (status, err) = raw(&app, Method::POST, path, ct, big()).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{path}: {err}");
+        assert_eq!(err["code"], "payload_too_large", "{path}: {err}");
+    }
+}
+
 #[tokio::test]
 async fn invalid_values_name_their_field() {
     let app = TestApp::start().await;

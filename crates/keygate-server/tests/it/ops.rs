@@ -138,6 +138,44 @@ async fn a_trickled_body_is_cut_off_at_the_request_limit() {
     assert!(metrics.contains(&format!("{line}\n")), "{metrics}");
 }
 
+/// On the OAuth endpoints the same cut-off answers in RFC 6749's shape (a client library reads `error`),
+/// through the hot path (`/oauth2/token`) and through the router (`/oauth2/revoke`), while the browser
+/// pages keep Keygate's.
+#[tokio::test]
+async fn a_trickled_oauth_request_is_cut_off_in_the_oauth_error_shape() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app =
+        TestApp::builder().config(|c| c.request_timeout = std::time::Duration::from_secs(1)).start().await;
+    for (path, shape) in [
+        ("/oauth2/token", "oauth"),
+        ("/oauth2/revoke", "oauth"),
+        ("/oauth2/register", "oauth"),
+        ("/oauth2/device", "keygate"),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://")).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\ngrant_type="
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]).to_string();
+        assert!(text.starts_with("HTTP/1.1 503"), "{path}: {text}");
+        let body: serde_json::Value =
+            serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).expect("a JSON body");
+        if shape == "oauth" {
+            assert_eq!(body["error"], "temporarily_unavailable", "{path}: {text}");
+            assert!(body["error_description"].as_str().unwrap().contains("request_timeout_seconds"));
+            assert!(text.to_ascii_lowercase().contains("cache-control: no-store"), "{path}: {text}");
+        } else {
+            assert_eq!(body["code"], "request_timeout", "{path}: {text}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn openapi_covers_every_route_and_docs_work_offline() {
     let app = TestApp::start().await;
