@@ -4,7 +4,7 @@
 //! at fault). Codes are stable: scripts match on them; messages are for people and may change.
 //! A 500 answers a generic body; the real error is logged (errors never hold secrets).
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -21,6 +21,8 @@ pub enum ErrorCode {
     InvalidRequest,
     /// 400: a query parameter is missing or has the wrong type.
     InvalidQuery,
+    /// 400: a path segment cannot be read (e.g. percent-encoded bytes that are not UTF-8).
+    InvalidPath,
     /// 400 (gateway): the path has a segment that could mean something else upstream (`..`, `//`, an
     /// encoded `/`); it is not forwarded.
     AmbiguousPath,
@@ -67,6 +69,7 @@ impl ErrorCode {
             ErrorCode::MalformedJson
             | ErrorCode::InvalidRequest
             | ErrorCode::InvalidQuery
+            | ErrorCode::InvalidPath
             | ErrorCode::AmbiguousPath => StatusCode::BAD_REQUEST,
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorCode::Forbidden => StatusCode::FORBIDDEN,
@@ -269,6 +272,27 @@ fn json_rejection(r: JsonRejection) -> ApiError {
             ApiError::new(ErrorCode::PayloadTooLarge, BODY_TOO_LARGE)
         }
         other => ApiError::new(ErrorCode::InvalidRequest, other.body_text()),
+    }
+}
+
+/// `axum::extract::Path` with rejections in our error shape (axum's are plain text).
+pub struct ApiPath<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiPath<T>
+where
+    axum::extract::Path<T>: FromRequestParts<S, Rejection = PathRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(ApiPath(v)),
+            Err(r) => Err(ApiError::new(ErrorCode::InvalidPath, r.body_text())),
+        }
     }
 }
 

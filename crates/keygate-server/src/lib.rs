@@ -61,8 +61,6 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
 
 /// Builds the router of one surface.
 pub fn app_for(state: Arc<AppState>, surface: Surface) -> axum::Router {
-    let body_limit = state.config.body_limit;
-    let timeout = state.config.request_timeout;
     let routes = match surface {
         Surface::All => public_routes().merge(admin_routes()),
         Surface::Public => public_routes(),
@@ -78,6 +76,13 @@ pub fn app_for(state: Arc<AppState>, surface: Surface) -> axum::Router {
         // The developer portal is for the API's audience: on the public listener.
         routes = routes.merge(console::portal::router());
     }
+    with_layers(routes, state)
+}
+
+/// The router's fallbacks and per-route layers around `routes`.
+fn with_layers(routes: axum::Router<Arc<AppState>>, state: Arc<AppState>) -> axum::Router {
+    let body_limit = state.config.body_limit;
+    let timeout = state.config.request_timeout;
     routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -117,8 +122,13 @@ async fn not_found() -> ApiError {
     ApiError::new(ErrorCode::NotFound, "no such route; see /docs for the API")
 }
 
-async fn method_not_allowed() -> ApiError {
-    ApiError::new(ErrorCode::MethodNotAllowed, "this route does not take this method; see /docs for the API")
+async fn method_not_allowed(uri: axum::http::Uri) -> Response {
+    const MESSAGE: &str = "this route does not take this method; see /docs for the API";
+    if oauth::speaks_rfc6749(uri.path()) {
+        oauth::OAuthError::new(oauth::OAuthErrorCode::MethodNotAllowed, MESSAGE).into_response()
+    } else {
+        ApiError::new(ErrorCode::MethodNotAllowed, MESSAGE).into_response()
+    }
 }
 
 /// The answer to a request whose handler panicked (`oauth`: in RFC 6749's error shape, see
@@ -420,13 +430,37 @@ mod tests {
         (status, serde_json::from_slice(&body).expect("JSON"), cache)
     }
 
+    /// Through the router's own layers: a handler that panics is answered in its endpoint's shape, and
+    /// counted.
     #[tokio::test]
     async fn a_panic_answers_in_the_shape_of_its_endpoint() {
-        let (status, body, _) = json_of(panic_response(Box::new("boom"), false)).await;
+        use tower::ServiceExt;
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let config = ServerConfig { data_dir: dir.path().to_path_buf(), ..ServerConfig::default() };
+        let state = AppState::new(open_store(&config).await.expect("a store"), config);
+        async fn boom() -> &'static str {
+            panic!("boom")
+        }
+        let routes = axum::Router::new()
+            .route("/oauth2/token", axum::routing::post(boom))
+            .route("/v1/boom", axum::routing::get(boom));
+        let app = with_layers(routes, state.clone());
+        let call = |method: &str, path: &str| {
+            let req = Request::builder().method(method).uri(path).body(axum::body::Body::empty());
+            app.clone().oneshot(req.expect("a request"))
+        };
+        let (status, body, _) = json_of(call("GET", "/v1/boom").await.expect("an answer")).await;
         assert_eq!((status, body["code"].as_str()), (500, Some("internal")));
-        let (status, body, cache) = json_of(panic_response(Box::new("boom"), true)).await;
+        let (status, body, cache) = json_of(call("POST", "/oauth2/token").await.expect("an answer")).await;
         assert_eq!((status, body["error"].as_str()), (500, Some("server_error")));
         assert_eq!(cache.as_deref(), Some("no-store"));
+        let metrics = state.metrics.render();
+        for line in [
+            r#"keygate_http_requests_total{method="GET",route="/v1/boom",status="500"} 1"#,
+            r#"keygate_http_requests_total{method="POST",route="/oauth2/token",status="500"} 1"#,
+        ] {
+            assert!(metrics.contains(line), "{line}\n{metrics}");
+        }
     }
 
     #[test]

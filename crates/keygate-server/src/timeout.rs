@@ -19,7 +19,7 @@ use tokio::time::{Instant, Sleep};
 use crate::error::{ApiError, ErrorCode};
 use crate::oauth::{OAuthError, OAuthErrorCode};
 
-/// Answers 503 `request_timeout` when the inner service takes longer than the limit.
+/// Answers 503 when the inner service takes longer than the limit (see [`timed_out`]).
 #[derive(Debug, Clone, Copy)]
 pub struct RequestTimeoutLayer(pub Duration);
 
@@ -56,7 +56,7 @@ where
 
 impl<F> TimeoutFuture<F> {
     /// `inner`, answered 503 if it is still waiting at `deadline` (see [`timed_out`]).
-    pub fn new(inner: F, deadline: Instant, oauth: bool) -> Self {
+    pub(crate) fn new(inner: F, deadline: Instant, oauth: bool) -> Self {
         TimeoutFuture { inner, deadline, oauth, sleep: None }
     }
 }

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -36,6 +36,7 @@ use tower::ServiceExt;
 
 use crate::auth::{Actor, ClientIp, ConsoleActor, check_credential};
 use crate::error::ApiBytes;
+use crate::error::ApiPath;
 use crate::peer::Client;
 use crate::state::AppState;
 
@@ -800,7 +801,7 @@ async fn sign_out(
     resp
 }
 
-async fn asset(Path(name): Path<String>) -> Response {
+async fn asset(ApiPath(name): ApiPath<String>) -> Response {
     let (body, ct) = match name.as_str() {
         "console.css" => (include_str!("../../assets/console.css"), "text/css; charset=utf-8"),
         "console.js" => (include_str!("../../assets/console.js"), "text/javascript; charset=utf-8"),
@@ -998,7 +999,7 @@ async fn consumer(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     QueryOr(q): QueryOr<RangeQuery>,
 ) -> Response {
     let signed = signed!(state, headers, client);
@@ -1050,7 +1051,7 @@ async fn key(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     QueryOr(q): QueryOr<RangeQuery>,
 ) -> Response {
     let signed = signed!(state, headers, client);
@@ -1079,7 +1080,7 @@ async fn client(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     QueryOr(q): QueryOr<RangeQuery>,
 ) -> Response {
     let signed = signed!(state, headers, client);
@@ -1091,7 +1092,7 @@ async fn user(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Response {
     let signed = signed!(state, headers, client);
     let u = ok!(read(&state, &signed, &format!("/v1/users/{}", enc(&id))).await);
@@ -1312,7 +1313,7 @@ async fn action(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
     headers: HeaderMap,
-    Path((kind, id, act)): Path<(String, String, String)>,
+    ApiPath((kind, id, act)): ApiPath<(String, String, String)>,
     ApiBytes(body): ApiBytes,
 ) -> Response {
     let signed = signed!(state, headers, client);

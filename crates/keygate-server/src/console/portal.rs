@@ -17,7 +17,7 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -36,6 +36,7 @@ use super::{
 };
 use crate::auth::{Actor, ClientIp};
 use crate::error::ApiBytes;
+use crate::error::ApiPath;
 use crate::peer::Client;
 use crate::state::{AppState, SignupMode};
 
@@ -892,7 +893,7 @@ async fn app(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     QueryOr(q): QueryOr<RangeQuery>,
 ) -> Response {
     let dev = signed!(state, headers, client);
@@ -930,7 +931,7 @@ async fn key(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     QueryOr(q): QueryOr<RangeQuery>,
 ) -> Response {
     let dev = signed!(state, headers, client);
@@ -974,7 +975,7 @@ async fn usage_csv(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     QueryOr(q): QueryOr<MonthQuery>,
 ) -> Response {
     let dev = signed!(state, headers, client);
@@ -1048,7 +1049,7 @@ async fn action(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
     headers: HeaderMap,
-    Path((kind, id, act)): Path<(String, String, String)>,
+    ApiPath((kind, id, act)): ApiPath<(String, String, String)>,
     ApiBytes(body): ApiBytes,
 ) -> Response {
     let dev = signed!(state, headers, client);

@@ -45,12 +45,16 @@ pub enum OAuthErrorCode {
     ServerError,
     /// The body is over `body_limit`: `invalid_request`, answered 413.
     BodyTooLarge,
+    /// The endpoint does not take this method: `invalid_request`, answered 405.
+    MethodNotAllowed,
 }
 
 impl OAuthErrorCode {
     pub fn as_str(self) -> &'static str {
         match self {
-            OAuthErrorCode::InvalidRequest | OAuthErrorCode::BodyTooLarge => "invalid_request",
+            OAuthErrorCode::InvalidRequest
+            | OAuthErrorCode::BodyTooLarge
+            | OAuthErrorCode::MethodNotAllowed => "invalid_request",
             OAuthErrorCode::InvalidGrant => "invalid_grant",
             OAuthErrorCode::InvalidClient { .. } => "invalid_client",
             OAuthErrorCode::UnauthorizedClient => "unauthorized_client",
@@ -79,6 +83,7 @@ impl OAuthErrorCode {
             OAuthErrorCode::TemporarilyUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             OAuthErrorCode::ServerError => StatusCode::INTERNAL_SERVER_ERROR,
             OAuthErrorCode::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            OAuthErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             _ => StatusCode::BAD_REQUEST,
         }
     }
@@ -130,6 +135,28 @@ impl<S: Send + Sync> axum::extract::FromRequest<S> for OAuthBody {
                 OAuthError::invalid_request(format!("the body could not be read: {}", r.body_text()))
             }
         })
+    }
+}
+
+/// `axum::extract::Path` on an OAuth endpoint, with rejections in RFC 6749's error shape.
+pub struct OAuthPath<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for OAuthPath<T>
+where
+    axum::extract::Path<T>:
+        axum::extract::FromRequestParts<S, Rejection = axum::extract::rejection::PathRejection>,
+    S: Send + Sync,
+{
+    type Rejection = OAuthError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(OAuthPath(v)),
+            Err(r) => Err(OAuthError::invalid_request(r.body_text())),
+        }
     }
 }
 

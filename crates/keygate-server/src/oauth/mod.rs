@@ -33,7 +33,7 @@ use crate::auth::{ClientIp, presented_credential};
 use crate::peer::Client;
 use crate::state::AppState;
 use crate::verify::Context;
-pub use error::{OAuthBody, OAuthError, OAuthErrorCode};
+pub use error::{OAuthBody, OAuthError, OAuthErrorCode, OAuthPath};
 
 pub fn router() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::new()

@@ -7,7 +7,9 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
+
+use super::OAuthPath;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use keygate_core::{PlainSecret, SecretHash, SecretKind};
@@ -397,7 +399,7 @@ async fn managed(
 pub async fn read_registration(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
-    Path(client_id): Path<String>,
+    OAuthPath(client_id): OAuthPath<String>,
     headers: HeaderMap,
 ) -> Result<Response, OAuthError> {
     let c = managed(&state, &headers, &client_id, client.accountable).await?;
@@ -411,7 +413,7 @@ pub async fn read_registration(
 pub async fn update_registration(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
-    Path(client_id): Path<String>,
+    OAuthPath(client_id): OAuthPath<String>,
     headers: HeaderMap,
     super::OAuthBody(body): super::OAuthBody,
 ) -> Result<Response, OAuthError> {
@@ -470,7 +472,7 @@ pub async fn update_registration(
 pub async fn delete_registration(
     State(state): State<Arc<AppState>>,
     ClientIp(client): ClientIp,
-    Path(client_id): Path<String>,
+    OAuthPath(client_id): OAuthPath<String>,
     headers: HeaderMap,
 ) -> Result<Response, OAuthError> {
     managed(&state, &headers, &client_id, client.accountable).await?;

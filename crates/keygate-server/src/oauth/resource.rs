@@ -7,11 +7,12 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use serde_json::{Value, json};
 use url::Url;
 
+use crate::error::ApiPath;
 use crate::error::{ApiError, ErrorCode};
 use crate::state::AppState;
 
@@ -152,7 +153,7 @@ pub async fn metadata_root(
     responses((status = 200, description = "RFC 9728 metadata"), (status = 404, description = "no such resource")))]
 pub async fn metadata_path(
     State(state): State<Arc<AppState>>,
-    Path(path): Path<String>,
+    ApiPath(path): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     metadata_for(&state, &format!("/{path}"), &headers).await

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use keygate_core::{PlainSecret, SecretKind};
 use keygate_store::{ClientPatch, GrantType, OAuthClient, StoredSecret, TokenFormat};
@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use utoipa::ToSchema;
 
 use crate::auth::{Actor, AdminCaller};
+use crate::error::ApiPath;
 use crate::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, ErrorCode};
 use crate::oauth::keys::{KeyAlg, MAX_TOKEN_LIFETIME_SECONDS};
 use crate::routes::common::{
@@ -487,7 +488,7 @@ pub async fn list_clients(
 pub async fn get_client(
     State(state): State<Arc<AppState>>,
     AdminCaller(_): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<ClientView>> {
     Ok(Json(load_client(&state, &id).await?.into()))
 }
@@ -518,7 +519,7 @@ pub(crate) async fn patch_client(
 pub async fn update_client(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<UpdateClient>,
 ) -> ApiResult<Json<ClientView>> {
     if let Some(n) = &req.name {
@@ -592,7 +593,7 @@ pub async fn update_client(
 pub async fn disable_client(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<ClientView>> {
     let patch = ClientPatch { disabled: Some(true), updated_at: state.now(), ..ClientPatch::default() };
     patch_client(&state, &actor, &id, patch, "client.disable", json!({})).await
@@ -604,7 +605,7 @@ pub async fn disable_client(
 pub async fn enable_client(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<ClientView>> {
     let patch = ClientPatch { disabled: Some(false), updated_at: state.now(), ..ClientPatch::default() };
     patch_client(&state, &actor, &id, patch, "client.enable", json!({})).await
@@ -616,7 +617,7 @@ pub async fn enable_client(
 pub async fn revoke_tokens(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<ClientView>> {
     // Tokens carry their issue time in milliseconds (JWTs in `kg_iat`): the cut-off is exactly now, so
     // a token issued after this call is never caught by it.
@@ -631,7 +632,7 @@ pub async fn revoke_tokens(
 pub async fn delete_client(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
     remove_client(&state, &actor, &id).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -655,7 +656,7 @@ pub(crate) async fn remove_client(state: &AppState, actor: &Actor, id: &str) -> 
 pub async fn rotate_secret(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<RotateSecret>,
 ) -> ApiResult<Json<ClientWithSecret>> {
     if req.overlap_seconds > MAX_OVERLAP_SECONDS {
@@ -801,7 +802,7 @@ pub async fn rotate_signing_key(
 pub async fn revoke_signing_key(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path(kid): Path<String>,
+    ApiPath(kid): ApiPath<String>,
 ) -> ApiResult<Json<Vec<SigningKeyView>>> {
     let now = state.now();
     let audit = audit(&actor, now, "signing_key.revoke", "signing_key", &kid, json!({}))?;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use keygate_core::limits::RateLimit;
 use keygate_store::{Consumer, ConsumerLookup, ConsumerPatch, ConsumersOf, LeakPolicy, Page};
@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::{Actor, AdminCaller};
+use crate::error::ApiPath;
 use crate::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, ErrorCode};
 use crate::routes::common::*;
 use crate::state::AppState;
@@ -370,7 +371,7 @@ pub async fn list_consumers(
 pub async fn get_consumer(
     State(state): State<Arc<AppState>>,
     AdminCaller(_): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<ConsumerView>> {
     Ok(Json(load_consumer(&state, &id).await?.into()))
 }
@@ -383,7 +384,7 @@ pub async fn get_consumer(
 pub async fn update_consumer(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<UpdateConsumer>,
 ) -> ApiResult<Json<ConsumerView>> {
     if req.name.is_none()
@@ -495,7 +496,7 @@ async fn set_consumer(
 pub async fn disable_consumer(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<ConsumerView>> {
     let consumer = load_consumer(&state, &id).await?;
     if consumer.system {
@@ -517,7 +518,7 @@ pub async fn disable_consumer(
 pub async fn enable_consumer(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<ConsumerView>> {
     let patch = ConsumerPatch { disabled: Some(false), updated_at: state.now(), ..ConsumerPatch::default() };
     set_consumer(&state, &actor, &id, patch, "consumer.enable", json!({})).await

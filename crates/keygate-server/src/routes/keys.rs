@@ -5,7 +5,7 @@ use std::sync::Arc;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use keygate_core::limits::{Quota, RateLimit};
 use keygate_core::{Environment, PlainSecret, SecretKind, scope};
@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::{Actor, AdminCaller};
+use crate::error::ApiPath;
 use crate::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, ErrorCode};
 use crate::routes::common::*;
 use crate::runtime::QuotaState;
@@ -342,7 +343,7 @@ pub async fn list_keys(
 pub async fn get_key(
     State(state): State<Arc<AppState>>,
     AdminCaller(_): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<KeyView>> {
     Ok(Json(key_view(&state, load_key(&state, &id).await?, state.now())))
 }
@@ -397,7 +398,7 @@ pub(crate) async fn patch_key(
 pub async fn update_key(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<UpdateKey>,
 ) -> ApiResult<Json<KeyView>> {
     let now = state.now();
@@ -493,7 +494,7 @@ pub async fn update_key(
 pub async fn disable_key(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<KeyView>> {
     let patch = KeyPatch { disabled: Some(true), updated_at: state.now(), ..KeyPatch::default() };
     patch_key(&state, &actor, &id, patch, "key.disable", json!({})).await
@@ -506,7 +507,7 @@ pub async fn disable_key(
 pub async fn enable_key(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<KeyView>> {
     let patch = KeyPatch { disabled: Some(false), updated_at: state.now(), ..KeyPatch::default() };
     patch_key(&state, &actor, &id, patch, "key.enable", json!({})).await
@@ -519,7 +520,7 @@ pub async fn enable_key(
 pub async fn revoke_key(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<KeyView>> {
     let now = state.now();
     // Revoking twice answers like the first time.
@@ -539,7 +540,7 @@ pub async fn revoke_key(
 pub async fn rotate_key(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     crate::error::ApiBytes(body): crate::error::ApiBytes,
 ) -> ApiResult<Json<KeyWithSecret>> {
     // The body is optional: no body means an overlap of 0.
@@ -583,7 +584,7 @@ pub async fn rotate_key(
 pub async fn change_quota(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<QuotaChange>,
 ) -> ApiResult<Json<KeyView>> {
     let reset = req.reset == Some(true);

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use keygate_core::limits::{Quota, RateLimit};
 use keygate_core::scope;
@@ -18,6 +18,7 @@ use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::auth::AdminCaller;
+use crate::error::ApiPath;
 use crate::error::{ApiError, ApiJson, ApiResult, ErrorBody, ErrorCode};
 use crate::routes::common::*;
 use crate::state::AppState;
@@ -325,7 +326,7 @@ pub async fn list_plans(
 pub async fn get_plan(
     State(state): State<Arc<AppState>>,
     AdminCaller(_): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<PlanView>> {
     if let Some(name) = id.strip_prefix("name:") {
         let plan = state.store.find_plan(name).await?.ok_or_else(|| ApiError::not_found("plan", &id))?;
@@ -343,7 +344,7 @@ pub async fn get_plan(
 pub async fn update_plan(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<UpdatePlan>,
 ) -> ApiResult<Json<PlanView>> {
     if let Some(n) = &req.name {
@@ -399,7 +400,7 @@ pub async fn update_plan(
 pub async fn delete_plan(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
     let now = state.now();
     let audit = audit(&actor, now, "plan.delete", "plan", &id, json!({}))?;

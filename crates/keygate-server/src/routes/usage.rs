@@ -5,12 +5,13 @@ use std::sync::Arc;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use keygate_store::{Granularity, KeyTotal, UsageQuery};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::AdminCaller;
+use crate::error::ApiPath;
 use crate::error::{ApiError, ApiQuery, ApiResult, ErrorBody};
 use crate::routes::common::{load_consumer, load_key};
 use crate::state::AppState;
@@ -130,7 +131,7 @@ async fn report(
 pub async fn key_usage(
     State(state): State<Arc<AppState>>,
     AdminCaller(_): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiQuery(p): ApiQuery<UsageParams>,
 ) -> ApiResult<Json<UsageReport>> {
     load_key(&state, &id).await?;
@@ -144,7 +145,7 @@ pub async fn key_usage(
 pub async fn consumer_usage(
     State(state): State<Arc<AppState>>,
     AdminCaller(_): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiQuery(p): ApiQuery<UsageParams>,
 ) -> ApiResult<Json<UsageReport>> {
     load_consumer(&state, &id).await?;

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use keygate_core::{PlainSecret, SecretKind};
 use keygate_store::{Grant, PersonalToken, User, UserPatch};
@@ -16,6 +16,7 @@ use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::auth::AdminCaller;
+use crate::error::ApiPath;
 use crate::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, ErrorCode};
 use crate::routes::common::*;
 use crate::state::AppState;
@@ -315,7 +316,7 @@ pub async fn list_users(
 pub async fn get_user(
     State(state): State<Arc<AppState>>,
     AdminCaller(_): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<UserView>> {
     if let Some(name) = id.strip_prefix("username:") {
         let user = state.store.find_user(name).await?.ok_or_else(|| ApiError::not_found("user", &id))?;
@@ -371,7 +372,7 @@ fn check_roles(mut roles: Vec<String>) -> ApiResult<Vec<String>> {
 pub async fn update_user(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<UpdateUser>,
 ) -> ApiResult<Json<UserView>> {
     if let Some(u) = &req.username {
@@ -410,7 +411,7 @@ pub async fn update_user(
 pub async fn disable_user(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<UserView>> {
     let patch = UserPatch { disabled: Some(true), updated_at: state.now(), ..UserPatch::default() };
     Ok(Json(patch_user(&state, &actor, &id, "user.disable", patch, json!({})).await?.into()))
@@ -423,7 +424,7 @@ pub async fn disable_user(
 pub async fn enable_user(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<UserView>> {
     let patch = UserPatch { disabled: Some(false), updated_at: state.now(), ..UserPatch::default() };
     Ok(Json(patch_user(&state, &actor, &id, "user.enable", patch, json!({})).await?.into()))
@@ -436,7 +437,7 @@ pub async fn enable_user(
 pub async fn set_password(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<SetPassword>,
 ) -> ApiResult<Json<UserView>> {
     let user = load_user(&state, &id).await?;
@@ -454,7 +455,7 @@ pub async fn set_password(
 pub async fn delete_user(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
     let now = state.now();
     let audit = audit(&actor, now, "user.delete", "user", &id, json!({}))?;
@@ -474,7 +475,7 @@ pub async fn delete_user(
 pub async fn list_grants(
     State(state): State<Arc<AppState>>,
     AdminCaller(_): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<GrantList>> {
     load_user(&state, &id).await?;
     let items = state.store.list_grants(&id).await?;
@@ -490,7 +491,7 @@ pub async fn list_grants(
 pub async fn revoke_grant(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path((id, grant_id)): Path<(String, String)>,
+    ApiPath((id, grant_id)): ApiPath<(String, String)>,
 ) -> ApiResult<StatusCode> {
     let now = state.now();
     let audit = audit(&actor, now, "grant.revoke", "grant", &grant_id, json!({"user_id": id}))?;
@@ -524,7 +525,7 @@ pub async fn list_scopes(
 pub async fn set_scope(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path(scope): Path<String>,
+    ApiPath(scope): ApiPath<String>,
     ApiJson(req): ApiJson<SetScope>,
 ) -> ApiResult<Json<ScopeView>> {
     let scope =
@@ -544,7 +545,7 @@ pub async fn set_scope(
 pub async fn delete_scope(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path(scope): Path<String>,
+    ApiPath(scope): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
     let now = state.now();
     let audit = audit(&actor, now, "scope.undescribe", "scope", &scope, json!({}))?;
@@ -683,7 +684,7 @@ fn pat_expiry(state: &AppState, req: &CreatePat, now: i64) -> ApiResult<Option<i
 pub async fn create_pat(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<CreatePat>,
 ) -> ApiResult<(StatusCode, Json<PatWithSecret>)> {
     check_name(&req.name)?;
@@ -742,7 +743,7 @@ pub async fn create_pat(
 pub async fn list_pats(
     State(state): State<Arc<AppState>>,
     AdminCaller(_): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<PatList>> {
     load_user(&state, &id).await?;
     // Uses not yet flushed are written first, so the list shows them.
@@ -769,7 +770,7 @@ async fn load_pat(state: &AppState, user: &str, id: &str) -> ApiResult<PersonalT
 pub async fn revoke_pat(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path((id, token_id)): Path<(String, String)>,
+    ApiPath((id, token_id)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<PatView>> {
     let pat = load_pat(&state, &id, &token_id).await?;
     let now = state.now();
@@ -795,7 +796,7 @@ pub async fn revoke_pat(
 pub async fn rotate_pat(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path((id, token_id)): Path<(String, String)>,
+    ApiPath((id, token_id)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<PatWithSecret>> {
     let pat = load_pat(&state, &id, &token_id).await?;
     if pat.revoked_at.is_some() {

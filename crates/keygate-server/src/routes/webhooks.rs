@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use keygate_core::events::{EVENT_TYPES, is_event_filter};
 use keygate_store::{Delivery, WebhookEndpoint, WebhookPatch};
@@ -13,6 +13,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::auth::AdminCaller;
+use crate::error::ApiPath;
 use crate::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, ErrorCode};
 use crate::routes::common::*;
 use crate::state::AppState;
@@ -310,7 +311,7 @@ pub async fn list_webhooks(
 pub async fn get_webhook(
     State(state): State<Arc<AppState>>,
     AdminCaller(_): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<WebhookView>> {
     Ok(Json(load_webhook(&state, &id).await?.into()))
 }
@@ -323,7 +324,7 @@ pub async fn get_webhook(
 pub async fn update_webhook(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<UpdateWebhook>,
 ) -> ApiResult<Json<WebhookView>> {
     if req.url.is_none() && req.events.is_none() && req.description.is_none() && req.enabled.is_none() {
@@ -367,7 +368,7 @@ pub async fn update_webhook(
 pub async fn delete_webhook(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
     let now = state.now();
     let audit = audit(&actor, now, "webhook.delete", "webhook", &id, json!({}))?;
@@ -397,7 +398,7 @@ const MAX_SECRET_OVERLAP: u64 = 7 * 86_400;
 pub async fn rotate_webhook_secret(
     State(state): State<Arc<AppState>>,
     AdminCaller(actor): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     crate::error::ApiBytes(body): crate::error::ApiBytes,
 ) -> ApiResult<Json<WebhookWithSecret>> {
     let req: RotateWebhookSecret = optional_json(&body)?;
@@ -434,7 +435,7 @@ pub async fn rotate_webhook_secret(
 pub async fn list_deliveries(
     State(state): State<Arc<AppState>>,
     AdminCaller(_): AdminCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<DeliveryQuery>,
 ) -> ApiResult<Json<DeliveryList>> {
     load_webhook(&state, &id).await?;

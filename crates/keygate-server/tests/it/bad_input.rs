@@ -142,6 +142,28 @@ async fn oversized_raw_bodies_are_typed_errors_in_the_endpoints_shape() {
     }
 }
 
+/// A path segment axum cannot decode, and a method a route does not take, are typed errors in the
+/// endpoint's shape too (axum's own path rejection is plain text).
+#[tokio::test]
+async fn unreadable_paths_and_wrong_methods_are_typed_errors_in_the_endpoints_shape() {
+    let app = TestApp::start().await;
+    for path in ["/v1/keys/%FF", "/v1/consumers/%C3%28/usage", "/v1/users/%FF"] {
+        let (status, err) = raw(&app, Method::GET, path, None, Vec::new()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {err}");
+        assert_eq!(err["code"], "invalid_path", "{path}: {err}");
+        assert!(err["message"].as_str().is_some_and(|m| m.contains("UTF-8")), "{path}: {err}");
+    }
+    let (status, err) = raw(&app, Method::GET, "/oauth2/register/%FF", None, Vec::new()).await;
+    assert_eq!((status, err["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_request")), "{err}");
+    let resp = app.client.get(app.url("/oauth2/token")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(resp.headers()["allow"], "POST");
+    assert_eq!(resp.headers()["cache-control"], "no-store");
+    assert_eq!(resp.json::<Value>().await.unwrap()["error"], "invalid_request");
+    let (status, err) = raw(&app, Method::GET, "/v1/verify", None, Vec::new()).await;
+    assert_eq!((status, err["code"].as_str()), (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed")));
+}
+
 #[tokio::test]
 async fn invalid_values_name_their_field() {
     let app = TestApp::start().await;
