@@ -492,6 +492,9 @@ def machine():
     return f"{os.cpu_count()} CPUs ({model})"
 
 
+FLOOR_GET = "hyper alone, GET (the HTTP library's floor)"
+FLOOR_POST = "hyper alone, POST of a verify's size, body read (its POST floor)"
+
 # The targets --before compares (the hot paths this repository's changes can move).
 COMPARE_TARGETS = ["GET /v1/auth, valid key", "POST /v1/verify, valid key", "POST /v1/verify, JWT access token",
                    "POST /oauth2/token, client credentials, JWT", "POST /oauth2/token, client credentials, opaque"]
@@ -876,10 +879,12 @@ def main():
     binary = os.path.join(ROOT, "target", "release", "keygate")
     if not args.no_build:
         log("building Keygate (release)")
-        subprocess.run(["cargo", "build", "--release", "--locked", "-p", "keygate"], cwd=ROOT, check=True)
+        subprocess.run(["cargo", "build", "--release", "--locked", "-p", "keygate", "--bin", "keygate",
+                        "--example", "http_floor"], cwd=ROOT, check=True)
+    floor_binary = os.path.join(ROOT, "target", "release", "examples", "http_floor")
 
     tmp = tempfile.mkdtemp(prefix="keygate-load-")
-    nginx = kg = before = None
+    nginx = kg = before = floor = None
     try:
         nginx_port, kg_port, gw_port, auth_port = free_port(), free_port(), free_port(), free_port()
         nginx = start_nginx(tmp, nginx_port, auth_request_conf(auth_port, kg_port, nginx_port))
@@ -892,6 +897,23 @@ def main():
         log(f"keygate on {kg.url}, nginx on 127.0.0.1:{nginx_port}; data in {tmp}")
 
         targets = [("nginx return 200 (baseline)", f"http://127.0.0.1:{nginx_port}", write_script(tmp, "nginx"))]
+        # The HTTP library's floor (examples/http_floor.rs): hyper alone, doing nothing. Keygate's cost above
+        # it is Keygate's own; the baseline's above it is the difference between nginx and hyper.
+        floor_url = None
+        if not before and os.path.exists(floor_binary):
+            floor_port = free_port()
+            floor = subprocess.Popen([floor_binary, f"127.0.0.1:{floor_port}"], stdout=subprocess.DEVNULL)
+            floor_url = f"http://127.0.0.1:{floor_port}"
+            wait_http(floor_url + "/")
+            like_verify = {"Authorization": f"Bearer {make_secret()}", "Content-Type": "application/json"}
+            targets += [
+                (FLOOR_GET, floor_url, write_script(tmp, "floor_get")),
+                (FLOOR_POST, floor_url, write_script(
+                    tmp, "floor_post", "POST", "/v1/verify", like_verify,
+                    json.dumps({"credential": make_secret(), "scopes": ["articles:read"]}))),
+            ]
+        elif not before:
+            log(f"{floor_binary} is missing (built without --no-build): no HTTP floor rows")
         if before:
             # The same targets on the old and the new binary, interleaved, so that drift hits both alike.
             old_targets = seed_targets(before, tmp, "before", COMPARE_TARGETS)
@@ -907,6 +929,8 @@ def main():
                        gateway[0]: [kg.proc.pid]}
         if before:
             server_pids[before.url] = [before.proc.pid]
+        if floor_url:
+            server_pids[floor_url] = [floor.pid]
         if args.only_scale:
             targets, conns_list = [], []
         for rnd in range(args.rounds):
@@ -966,6 +990,15 @@ def main():
                 print(f"\nAdded latency at 1 connection, p50 over calling nginx directly: {name}: "
                       f"{(r['p50_us'] - base1['p50_us']) / 1000:.3f} ms", end="")
         print()
+        for conns in conns_list:
+            rows = [by.get((name, conns)) for name in (FLOOR_GET, "GET /v1/auth, valid key", FLOOR_POST,
+                                                          "POST /v1/verify, valid key")]
+            if all(rows):
+                fg, auth, fp, verify = rows
+                print(f"HTTP floor, {conns} connection(s): hyper alone {fg['ratio']:.2f}× nginx on a GET, "
+                      f"{fp['ratio']:.2f}× on a POST; Keygate's forward-auth {auth['ratio']:.2f}× "
+                      f"({auth['rps'] / fg['rps']:.2f}× the GET floor), verify {verify['ratio']:.2f}× "
+                      f"({verify['rps'] / fp['rps']:.2f}× the POST floor)")
         gw32, ar32 = by.get(("gateway → nginx, valid key", 32)), by.get(("nginx auth_request → Keygate → nginx, valid key", 32))
         if gw32 and ar32:
             print(f"Gateway vs nginx auth_request → Keygate, 32 connections: {gw32['rps'] / ar32['rps']:.2f}× the throughput")
@@ -1041,6 +1074,9 @@ def main():
         if nginx:
             nginx.terminate()
             nginx.wait(timeout=10)
+        if floor:
+            floor.terminate()
+            floor.wait(timeout=10)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
