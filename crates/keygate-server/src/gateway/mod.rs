@@ -345,15 +345,21 @@ async fn forward<'a>(
 
 /// An upstream's response body that fails when no data arrives for `idle` (the route's timeout): a
 /// stalled upstream does not hold the client's connection, and the upstream's, forever.
+///
+/// The timer is made only when the body has to wait, and moved only when it waits again after data came:
+/// a small response, read with its headers, never touches the runtime's timer wheel (each registration
+/// and removal there takes the driver's lock).
 struct IdleTimeout {
     inner: hyper::body::Incoming,
     idle: Duration,
-    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// Data came since the timer was last set: the next wait starts a new idle period.
+    progressed: bool,
 }
 
 impl IdleTimeout {
     fn new(inner: hyper::body::Incoming, idle: Duration) -> Self {
-        IdleTimeout { inner, idle, sleep: Box::pin(tokio::time::sleep(idle)) }
+        IdleTimeout { inner, idle, sleep: None, progressed: false }
     }
 }
 
@@ -368,22 +374,29 @@ impl hyper::body::Body for IdleTimeout {
         use std::future::Future as _;
         use std::task::Poll;
         let this = self.get_mut();
-        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(frame) => {
-                let deadline = tokio::time::Instant::now() + this.idle;
-                this.sleep.as_mut().reset(deadline);
-                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
-            }
-            Poll::Pending => match this.sleep.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    tracing::warn!(
-                        idle_s = this.idle.as_secs(),
-                        "upstream response body stalled; closing it"
-                    );
-                    Poll::Ready(Some(Err("the upstream's response body stalled".into())))
+        if let Poll::Ready(frame) = std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            this.progressed = true;
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let idle = this.idle;
+        let sleep = match &mut this.sleep {
+            Some(sleep) => {
+                if std::mem::take(&mut this.progressed) {
+                    sleep.as_mut().reset(tokio::time::Instant::now() + idle);
                 }
-                Poll::Pending => Poll::Pending,
-            },
+                sleep
+            }
+            None => {
+                this.progressed = false;
+                this.sleep.insert(Box::pin(tokio::time::sleep(idle)))
+            }
+        };
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                tracing::warn!(idle_s = this.idle.as_secs(), "upstream response body stalled; closing it");
+                Poll::Ready(Some(Err("the upstream's response body stalled".into())))
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 

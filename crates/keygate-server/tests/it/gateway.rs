@@ -56,6 +56,19 @@ async fn echo(State(hits): State<Arc<AtomicUsize>>, req: Request) -> axum::respo
         }));
         return axum::response::Response::new(Body::from_stream(stream));
     }
+    if path.ends_with("/drip") {
+        // Four chunks 600 ms apart: longer than a 1 s timeout in all, never idle for 1 s.
+        let stream = futures_util::stream::unfold(0u8, |i| async move {
+            if i == 4 {
+                return None;
+            }
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(600)).await;
+            }
+            Some((Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'0' + i; 3])), i + 1))
+        });
+        return axum::response::Response::new(Body::from_stream(stream));
+    }
     if path.ends_with("/slow") {
         tokio::time::sleep(Duration::from_secs(3)).await;
         return "late".into_response();
@@ -318,6 +331,10 @@ async fn bodies_stream_both_ways_and_upstream_failures_are_502_and_504() {
     let started = std::time::Instant::now();
     assert!(resp.bytes().await.is_err(), "a stalled body ends in an error");
     assert!(started.elapsed() < Duration::from_secs(4), "cut after the 1 s timeout, not the 5 s stall");
+    // The timeout is for silence, not for the whole body: one that keeps flowing is passed on whole.
+    let resp = app.client.get(gw("/files/drip")).header("X-API-Key", &secret).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(&resp.bytes().await.expect("the whole dripped body")[..], b"000111222333");
     let resp = app.client.get(gw("/down")).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
     assert_eq!(resp.json::<Value>().await.unwrap()["code"], "upstream_unavailable");
