@@ -880,8 +880,8 @@ def main():
     if not args.no_build:
         log("building Keygate (release)")
         subprocess.run(["cargo", "build", "--release", "--locked", "-p", "keygate", "--bin", "keygate",
-                        "--example", "http_floor"], cwd=ROOT, check=True)
-    floor_binary = os.path.join(ROOT, "target", "release", "examples", "http_floor")
+                        "-p", "http-floor"], cwd=ROOT, check=True)
+    floor_binary = os.path.join(ROOT, "target", "release", "http-floor")
 
     tmp = tempfile.mkdtemp(prefix="keygate-load-")
     nginx = kg = before = floor = None
@@ -897,13 +897,16 @@ def main():
         log(f"keygate on {kg.url}, nginx on 127.0.0.1:{nginx_port}; data in {tmp}")
 
         targets = [("nginx return 200 (baseline)", f"http://127.0.0.1:{nginx_port}", write_script(tmp, "nginx"))]
-        # The HTTP library's floor (examples/http_floor.rs): hyper alone, doing nothing. Keygate's cost above
+        # The HTTP library's floor (crates/http-floor): hyper alone, doing nothing. Keygate's cost above
         # it is Keygate's own; the baseline's above it is the difference between nginx and hyper.
         floor_url = None
-        if not before and os.path.exists(floor_binary):
+        if not before and not args.only_scale and os.path.exists(floor_binary):
             floor_port = free_port()
             floor = subprocess.Popen([floor_binary, f"127.0.0.1:{floor_port}"], stdout=subprocess.DEVNULL)
             floor_url = f"http://127.0.0.1:{floor_port}"
+            time.sleep(0.2)
+            if floor.poll() is not None:
+                sys.exit(f"{floor_binary} exited at once ({floor.returncode}); is port {floor_port} free?")
             wait_http(floor_url + "/")
             like_verify = {"Authorization": f"Bearer {make_secret()}", "Content-Type": "application/json"}
             targets += [
@@ -912,8 +915,8 @@ def main():
                     tmp, "floor_post", "POST", "/v1/verify", like_verify,
                     json.dumps({"credential": make_secret(), "scopes": ["articles:read"]}))),
             ]
-        elif not before:
-            log(f"{floor_binary} is missing (built without --no-build): no HTTP floor rows")
+        elif not before and not args.only_scale:
+            log(f"{floor_binary} is missing (run with --no-build before it was built): no HTTP floor rows")
         if before:
             # The same targets on the old and the new binary, interleaved, so that drift hits both alike.
             old_targets = seed_targets(before, tmp, "before", COMPARE_TARGETS)
@@ -993,20 +996,24 @@ def main():
         for conns in conns_list:
             rows = [by.get((name, conns)) for name in (FLOOR_GET, "GET /v1/auth, valid key", FLOOR_POST,
                                                           "POST /v1/verify, valid key")]
-            if all(rows):
+            if all(rows) and rows[0]["rps"] and rows[2]["rps"]:
                 fg, auth, fp, verify = rows
                 print(f"HTTP floor, {conns} connection(s): hyper alone {fg['ratio']:.2f}× nginx on a GET, "
                       f"{fp['ratio']:.2f}× on a POST; Keygate's forward-auth {auth['ratio']:.2f}× "
                       f"({auth['rps'] / fg['rps']:.2f}× the GET floor), verify {verify['ratio']:.2f}× "
                       f"({verify['rps'] / fp['rps']:.2f}× the POST floor)")
         gw32, ar32 = by.get(("gateway → nginx, valid key", 32)), by.get(("nginx auth_request → Keygate → nginx, valid key", 32))
-        if gw32 and ar32:
+        if gw32 and ar32 and ar32["rps"]:
             print(f"Gateway vs nginx auth_request → Keygate, 32 connections: {gw32['rps'] / ar32['rps']:.2f}× the throughput")
         kg.stop()
         kg = None
         if before:
             before.stop()
             before = None
+        if floor:
+            floor.terminate()
+            floor.wait(timeout=10)
+            floor = None
         scale = []
         for n in [int(x) for x in args.scale.split(",") if x.strip()]:
             scale.append(measure_scale(binary, tmp, n, args.seconds, args.rounds))
@@ -1067,6 +1074,8 @@ def main():
             return 1
         return 0
     finally:
+        if floor:
+            floor.terminate()
         if kg:
             kg.stop()
         if before:
@@ -1074,9 +1083,6 @@ def main():
         if nginx:
             nginx.terminate()
             nginx.wait(timeout=10)
-        if floor:
-            floor.terminate()
-            floor.wait(timeout=10)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

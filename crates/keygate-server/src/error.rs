@@ -291,6 +291,10 @@ where
     ) -> Result<Self, Self::Rejection> {
         match axum::extract::Path::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Path(v)) => Ok(ApiPath(v)),
+            // A route and its extractor that do not match is Keygate's bug, not the client's.
+            Err(r) if r.status().is_server_error() => {
+                Err(ApiError::internal("the route's path parameters do not fit its handler", r.body_text()))
+            }
             Err(r) => Err(ApiError::new(ErrorCode::InvalidPath, r.body_text())),
         }
     }

@@ -155,6 +155,11 @@ where
     ) -> Result<Self, Self::Rejection> {
         match axum::extract::Path::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Path(v)) => Ok(OAuthPath(v)),
+            // A route and its extractor that do not match is Keygate's bug, not the client's.
+            Err(r) if r.status().is_server_error() => {
+                tracing::error!(error = %r.body_text(), "the route's path parameters do not fit its handler");
+                Err(OAuthError::new(OAuthErrorCode::ServerError, "internal error"))
+            }
             Err(r) => Err(OAuthError::invalid_request(r.body_text())),
         }
     }

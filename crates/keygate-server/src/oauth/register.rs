@@ -8,8 +8,6 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
-
-use super::OAuthPath;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use keygate_core::{PlainSecret, SecretHash, SecretKind};
@@ -18,7 +16,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
-use super::error::{OAuthError, OAuthErrorCode};
+use super::error::{OAuthError, OAuthErrorCode, OAuthPath};
 use crate::auth::{Actor, ClientIp};
 use crate::error::ApiError;
 use crate::routes::clients::{CreateClient, new_client};

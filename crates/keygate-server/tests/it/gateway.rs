@@ -57,13 +57,14 @@ async fn echo(State(hits): State<Arc<AtomicUsize>>, req: Request) -> axum::respo
         return axum::response::Response::new(Body::from_stream(stream));
     }
     if path.ends_with("/drip") {
-        // Four chunks 600 ms apart: longer than a 1 s timeout in all, never idle for 1 s.
+        // Four chunks 400 ms apart: longer than a 1 s timeout in all, never idle for 1 s (a timer that
+        // is never moved would cut the body at 1.0 s, before the last chunk at 1.2 s).
         let stream = futures_util::stream::unfold(0u8, |i| async move {
             if i == 4 {
                 return None;
             }
             if i > 0 {
-                tokio::time::sleep(Duration::from_millis(600)).await;
+                tokio::time::sleep(Duration::from_millis(400)).await;
             }
             Some((Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'0' + i; 3])), i + 1))
         });

@@ -4,7 +4,7 @@
 //! router, middleware, timers, metrics or credential check: what is left of a Keygate request's cost
 //! above this is Keygate's.
 //!
-//! `cargo run --release -p keygate --example http_floor -- 127.0.0.1:18090`
+//! `cargo run --release -p http-floor -- 127.0.0.1:18090`
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
