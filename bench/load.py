@@ -879,8 +879,9 @@ def main():
     binary = os.path.join(ROOT, "target", "release", "keygate")
     if not args.no_build:
         log("building Keygate (release)")
-        subprocess.run(["cargo", "build", "--release", "--locked", "-p", "keygate", "--bin", "keygate",
-                        "-p", "http-floor"], cwd=ROOT, check=True)
+        # (`--bin` selects among all the packages named: each binary is named.)
+        subprocess.run(["cargo", "build", "--release", "--locked", "-p", "keygate", "-p", "http-floor",
+                        "--bin", "keygate", "--bin", "http-floor"], cwd=ROOT, check=True)
     floor_binary = os.path.join(ROOT, "target", "release", "http-floor")
 
     tmp = tempfile.mkdtemp(prefix="keygate-load-")
