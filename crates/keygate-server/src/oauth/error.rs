@@ -120,31 +120,24 @@ impl OAuthError {
     }
 }
 
-/// The request body of an OAuth endpoint, with axum's rejections (over the body limit, cut off) in RFC
-/// 6749's error shape.
+/// The request body of an OAuth endpoint: [`ApiBytes`](crate::error::ApiBytes), rejected in RFC 6749's shape.
 pub struct OAuthBody(pub axum::body::Bytes);
 
 impl<S: Send + Sync> axum::extract::FromRequest<S> for OAuthBody {
     type Rejection = OAuthError;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
-        axum::body::Bytes::from_request(req, state).await.map(OAuthBody).map_err(|r| {
-            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                OAuthError::new(OAuthErrorCode::BodyTooLarge, crate::error::BODY_TOO_LARGE)
-            } else {
-                OAuthError::invalid_request(format!("the body could not be read: {}", r.body_text()))
-            }
-        })
+        let crate::error::ApiBytes(body) = crate::error::ApiBytes::from_request(req, state).await?;
+        Ok(OAuthBody(body))
     }
 }
 
-/// `axum::extract::Path` on an OAuth endpoint, with rejections in RFC 6749's error shape.
+/// A path parameter of an OAuth endpoint: [`ApiPath`](crate::error::ApiPath), rejected in RFC 6749's shape.
 pub struct OAuthPath<T>(pub T);
 
 impl<T, S> axum::extract::FromRequestParts<S> for OAuthPath<T>
 where
-    axum::extract::Path<T>:
-        axum::extract::FromRequestParts<S, Rejection = axum::extract::rejection::PathRejection>,
+    crate::error::ApiPath<T>: axum::extract::FromRequestParts<S, Rejection = crate::error::ApiError>,
     S: Send + Sync,
 {
     type Rejection = OAuthError;
@@ -153,15 +146,22 @@ where
         parts: &mut axum::http::request::Parts,
         state: &S,
     ) -> Result<Self, Self::Rejection> {
-        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
-            Ok(axum::extract::Path(v)) => Ok(OAuthPath(v)),
-            // A route and its extractor that do not match is Keygate's bug, not the client's.
-            Err(r) if r.status().is_server_error() => {
-                tracing::error!(error = %r.body_text(), "the route's path parameters do not fit its handler");
-                Err(OAuthError::new(OAuthErrorCode::ServerError, "internal error"))
-            }
-            Err(r) => Err(OAuthError::invalid_request(r.body_text())),
-        }
+        let crate::error::ApiPath(v) = crate::error::ApiPath::<T>::from_request_parts(parts, state).await?;
+        Ok(OAuthPath(v))
+    }
+}
+
+/// An unreadable request (body or path), said in RFC 6749's shape: the same status, `server_error` for
+/// Keygate's own faults, `invalid_request` for the client's.
+impl From<crate::error::ApiError> for OAuthError {
+    fn from(e: crate::error::ApiError) -> Self {
+        use crate::error::ErrorCode;
+        let code = match e.code {
+            ErrorCode::PayloadTooLarge => OAuthErrorCode::BodyTooLarge,
+            ErrorCode::Internal => OAuthErrorCode::ServerError,
+            _ => OAuthErrorCode::InvalidRequest,
+        };
+        OAuthError::new(code, e.message)
     }
 }
 
